@@ -1,0 +1,358 @@
+//! Mailroom's storage layer: the [`MailStore`] trait and its embedded SQLite backend.
+//!
+//! Purpose: keep every durable fact of the server (spooled messages and their queue
+//! entries, message bodies, mailboxes, the directory's recipients) behind one trait so
+//! that the protocol crates never know which engine holds them. The embedded backend
+//! ([`SqliteStore`]) keeps everything in one SQLite database in WAL mode inside the data
+//! folder; a PostgreSQL backend can implement the same trait later.
+//!
+//! Inputs: spool batches from the SMTP spool writer, delivery plans from inbound
+//! conversion, directory changes from the single directory writer, queries from the admin
+//! API. Outputs: durable rows, and the query results.
+//!
+//! Durability rules kept here (see `docs/storage.md`):
+//! - [`MailStore::spool`] commits a whole batch in one transaction with a full fsync before
+//!   it returns; only then may the SMTP layer send "250".
+//! - [`MailStore::deliver_inbound`] inserts every local delivery, every outbound entry and
+//!   removes the inbound entry in one transaction: a crash at any instant leaves either the
+//!   queue entry (delivered again later, exactly once) or the deliveries, never both.
+//! - Bodies are stored once by content hash; their reference counts change in the same
+//!   transaction as the rows that reference them.
+//!
+//! What it never does: parse mail, talk a protocol, or hold a lock while calling out.
+//! All methods are blocking; async callers use `spawn_blocking` or a dedicated thread.
+
+mod migrations;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch; every timestamp in the store uses this unit.
+pub type UnixMillis = i64;
+
+/// The database identity of a recipient, stable for its lifetime.
+pub type RecipientId = i64;
+
+/// Errors from the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database engine reported an error (I/O, corruption, constraint).
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A change conflicts with what is stored (for example an address already in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The named object does not exist (any more).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The schema is newer than this binary understands.
+    #[error(
+        "the data folder's schema version {found} is newer than this Mailroom supports ({supported}); run a newer Mailroom"
+    )]
+    SchemaTooNew {
+        /// The version found in the database.
+        found: i64,
+        /// The newest version this binary can migrate to.
+        supported: i64,
+    },
+}
+
+/// Result type of the storage layer.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The queues a message can sit in. Names are what administrators see in `queue list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueName {
+    /// Accepted over SMTP, awaiting inbound conversion.
+    Inbound,
+    /// Recipients in non-local domains, awaiting outbound delivery.
+    Outbound,
+    /// Messages whose conversion failed repeatedly; kept with the reason, never discarded.
+    Quarantine,
+    /// Recipients that could not be resolved at conversion time (for example deleted
+    /// between RCPT and conversion); kept for a non-delivery report.
+    Undeliverable,
+}
+
+impl QueueName {
+    /// Every queue, in the order administrators read them.
+    pub const ALL: [QueueName; 4] = [
+        QueueName::Inbound,
+        QueueName::Outbound,
+        QueueName::Quarantine,
+        QueueName::Undeliverable,
+    ];
+
+    /// The name stored in the database and shown to administrators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueName::Inbound => "inbound",
+            QueueName::Outbound => "outbound",
+            QueueName::Quarantine => "quarantine",
+            QueueName::Undeliverable => "undeliverable",
+        }
+    }
+
+    /// Parses a queue name as shown by [`QueueName::as_str`].
+    pub fn parse(name: &str) -> Option<QueueName> {
+        QueueName::ALL.into_iter().find(|q| q.as_str() == name)
+    }
+}
+
+/// One accepted message as the SMTP layer hands it to the spool.
+#[derive(Debug, Clone)]
+pub struct SpoolEntry {
+    /// The identifier printed in the Received header and in logs.
+    pub queue_id: String,
+    /// The envelope sender (empty for the null reverse-path).
+    pub mail_from: String,
+    /// The envelope recipients accepted at RCPT time.
+    pub recipients: Vec<String>,
+    /// The message bytes, with the trace header already prepended.
+    pub body: Vec<u8>,
+    /// When the final "250" is about to be sent.
+    pub received_at_ms: UnixMillis,
+    /// The client's address and HELO name, for the queue viewer.
+    pub client: String,
+}
+
+/// An inbound queue entry claimed by one conversion worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedItem {
+    /// Row identity of the queue entry.
+    pub id: i64,
+    /// The identifier from the Received header.
+    pub queue_id: String,
+    /// The envelope sender.
+    pub mail_from: String,
+    /// The envelope recipients.
+    pub recipients: Vec<String>,
+    /// The message bytes as spooled.
+    pub body: Vec<u8>,
+    /// When the message was accepted.
+    pub received_at_ms: UnixMillis,
+    /// How many times this entry has been claimed, this claim included.
+    pub attempts: u32,
+}
+
+/// What conversion learned about a message, stored once per body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MessageFacts {
+    /// The Message-ID header, without angle brackets.
+    pub message_id: Option<String>,
+    /// The From header's first address (or its raw text when it did not parse).
+    pub from: Option<String>,
+    /// The To header's addresses.
+    pub to: Vec<String>,
+    /// The Cc header's addresses.
+    pub cc: Vec<String>,
+    /// The decoded Subject header.
+    pub subject: Option<String>,
+    /// The Date header as Unix milliseconds, when it parsed.
+    pub date_ms: Option<UnixMillis>,
+    /// The MIME structure as a compact tree (JSON), for clients and diagnostics.
+    pub mime: serde_json::Value,
+    /// False when the MIME parser could not make sense of the message; it is delivered
+    /// byte for byte all the same.
+    pub parsed: bool,
+}
+
+/// Where inbound conversion decided a message goes.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryPlan {
+    /// What the parser found, stored with the body.
+    pub facts: MessageFacts,
+    /// Local recipients, de-duplicated: each gets one copy in its INBOX.
+    pub local: Vec<RecipientId>,
+    /// Addresses in non-local domains, for the outbound queue.
+    pub remote: Vec<String>,
+    /// Addresses that could not be resolved, with the reason, for a non-delivery report.
+    pub undeliverable: Vec<(String, String)>,
+}
+
+/// One copy placed in a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The recipient whose INBOX received it.
+    pub recipient: RecipientId,
+    /// Its UID in that folder.
+    pub uid: u32,
+}
+
+/// Depth and age of one queue, for `queue list`, metrics and the watchdog.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueSummary {
+    /// Queue name.
+    pub queue: QueueName,
+    /// Number of entries.
+    pub depth: u64,
+    /// Total message bytes of the entries.
+    pub bytes: u64,
+    /// When the oldest entry was accepted.
+    pub oldest_received_at_ms: Option<UnixMillis>,
+}
+
+/// One queue entry as the queue viewer shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueItemInfo {
+    /// Row identity.
+    pub id: i64,
+    /// Queue name.
+    pub queue: QueueName,
+    /// The identifier from the Received header.
+    pub queue_id: String,
+    /// Envelope sender.
+    pub mail_from: String,
+    /// Envelope recipients of this entry.
+    pub recipients: Vec<String>,
+    /// When the message was accepted.
+    pub received_at_ms: UnixMillis,
+    /// Conversion or delivery attempts so far.
+    pub attempts: u32,
+    /// The last error or the quarantine reason.
+    pub last_error: Option<String>,
+    /// Message size in bytes.
+    pub size: u64,
+    /// When the next attempt is due.
+    pub next_attempt_at_ms: UnixMillis,
+}
+
+/// One message in a mailbox folder, as `mailbox list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessageSummary {
+    /// UID within the folder.
+    pub uid: u32,
+    /// Message-ID header.
+    pub message_id: Option<String>,
+    /// From header.
+    pub from: Option<String>,
+    /// To header addresses.
+    pub to: Vec<String>,
+    /// Subject header.
+    pub subject: Option<String>,
+    /// Size in bytes as a client fetches it (Return-Path included).
+    pub size: u64,
+    /// When it was delivered to the folder.
+    pub received_at_ms: UnixMillis,
+    /// The envelope sender.
+    pub return_path: String,
+}
+
+/// One e-mail address of a recipient.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddressRecord {
+    /// The address, as entered.
+    pub address: String,
+    /// True for the one primary (reply) address.
+    pub primary: bool,
+}
+
+/// A recipient as the directory persists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecipientRecord {
+    /// Database identity.
+    pub id: RecipientId,
+    /// The mailbox name (the classic "Directory Name"); unique.
+    pub alias: String,
+    /// Display name.
+    pub display_name: String,
+    /// Every address; exactly one is primary.
+    pub addresses: Vec<AddressRecord>,
+    /// Argon2id PHC string, when a password is set.
+    pub password_hash: Option<String>,
+}
+
+/// A recipient to create.
+#[derive(Debug, Clone)]
+pub struct NewRecipient {
+    /// The mailbox name; unique.
+    pub alias: String,
+    /// Display name.
+    pub display_name: String,
+    /// Addresses; the first is primary.
+    pub addresses: Vec<String>,
+    /// Argon2id PHC string, when a password is set.
+    pub password_hash: Option<String>,
+}
+
+/// One change applied by the directory writer.
+#[derive(Debug, Clone)]
+pub enum DirectoryChange {
+    /// Create a mailbox recipient with its INBOX.
+    CreateRecipient(NewRecipient),
+    /// Replace a recipient's password hash.
+    SetPassword {
+        /// Whose password.
+        recipient: RecipientId,
+        /// The new Argon2id PHC string.
+        password_hash: String,
+    },
+}
+
+/// Everything Mailroom stores, behind one interface so that the engine can change.
+///
+/// Every method is blocking and runs its own transaction; none keeps a transaction open
+/// across calls, so callers can never hold the database while waiting on something else.
+pub trait MailStore: Send + Sync + 'static {
+    /// Makes a batch of accepted messages durable (one transaction, full fsync), each as
+    /// an inbound queue entry; returns their row identities in order.
+    fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>>;
+
+    /// Releases every claim left by a previous process; called once at start-up, while
+    /// no worker runs. Returns how many entries were released.
+    fn release_claims(&self) -> Result<u64>;
+
+    /// Claims the oldest due inbound entry, counting the attempt; `None` when none is due.
+    fn claim_inbound(&self, now_ms: UnixMillis) -> Result<Option<ClaimedItem>>;
+
+    /// Delivers a claimed entry by its plan and removes it from the inbound queue, in
+    /// one transaction.
+    fn deliver_inbound(
+        &self,
+        item: &ClaimedItem,
+        plan: &DeliveryPlan,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<Delivered>>;
+
+    /// Returns a claimed entry to the queue, to be tried again at `retry_at_ms`.
+    fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()>;
+
+    /// Moves a claimed entry to the quarantine queue with the reason.
+    fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()>;
+
+    /// Time of the earliest inbound entry that is not claimed, due or not.
+    fn next_inbound_due(&self) -> Result<Option<UnixMillis>>;
+
+    /// Depth, bytes and oldest entry of every queue.
+    fn queue_summaries(&self) -> Result<Vec<QueueSummary>>;
+
+    /// The entries of one queue (or all), oldest first, at most `limit`.
+    fn queue_items(&self, queue: Option<QueueName>, limit: u32) -> Result<Vec<QueueItemInfo>>;
+
+    /// Every recipient, for building the first directory snapshot.
+    fn load_recipients(&self) -> Result<Vec<RecipientRecord>>;
+
+    /// Applies a batch of directory changes in one transaction; returns the records as
+    /// stored, one per change.
+    fn apply_directory_changes(&self, changes: &[DirectoryChange]) -> Result<Vec<RecipientRecord>>;
+
+    /// The messages of a recipient's folder, by UID.
+    fn mailbox_messages(&self, recipient: RecipientId, folder: &str)
+    -> Result<Vec<MessageSummary>>;
+
+    /// The full bytes of one message as a client would fetch them.
+    fn message_raw(&self, recipient: RecipientId, folder: &str, uid: u32)
+    -> Result<Option<Vec<u8>>>;
+
+    /// Number of distinct bodies stored (single-instance storage makes this smaller than
+    /// the number of deliveries).
+    fn blob_count(&self) -> Result<u64>;
+}
+
+/// The header prepended to a delivered message: the envelope sender, per RFC 5321 4.4.
+pub fn return_path_header(mail_from: &str) -> String {
+    format!("Return-Path: <{mail_from}>\r\n")
+}

@@ -1,0 +1,95 @@
+//! Versioned schema migrations, applied in order at start-up.
+//!
+//! Why versioned: an upgrade must never break a data folder. Each entry moves the schema
+//! from version N-1 to N inside one transaction; `PRAGMA user_version` records where a
+//! database stands. Entries are append-only: never edit one that has shipped.
+
+use crate::{Result, StoreError};
+use rusqlite::Connection;
+
+/// The migrations, index 0 takes the schema to version 1.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: spool and queues, bodies, directory, mailboxes.
+    r#"
+    CREATE TABLE blobs (
+        id INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL UNIQUE,
+        refcount INTEGER NOT NULL CHECK (refcount >= 0),
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE TABLE blob_facts (
+        blob_id INTEGER PRIMARY KEY REFERENCES blobs(id) ON DELETE CASCADE,
+        facts TEXT NOT NULL
+    );
+    CREATE TABLE queue_items (
+        id INTEGER PRIMARY KEY,
+        queue TEXT NOT NULL,
+        queue_id TEXT NOT NULL,
+        blob_id INTEGER NOT NULL REFERENCES blobs(id),
+        mail_from TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at_ms INTEGER NOT NULL,
+        claimed INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        client TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX queue_items_due ON queue_items(queue, claimed, next_attempt_at_ms, id);
+    CREATE TABLE recipients (
+        id INTEGER PRIMARY KEY,
+        alias TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        display_name TEXT NOT NULL,
+        password_hash TEXT
+    );
+    CREATE TABLE recipient_addresses (
+        address TEXT PRIMARY KEY COLLATE NOCASE,
+        recipient_id INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+        is_primary INTEGER NOT NULL
+    );
+    CREATE INDEX recipient_addresses_recipient ON recipient_addresses(recipient_id);
+    CREATE TABLE folders (
+        id INTEGER PRIMARY KEY,
+        recipient_id INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        uidnext INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (recipient_id, name)
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        folder_id INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+        uid INTEGER NOT NULL,
+        blob_id INTEGER NOT NULL REFERENCES blobs(id),
+        return_path TEXT NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        flags TEXT NOT NULL DEFAULT '',
+        UNIQUE (folder_id, uid)
+    );
+    "#,
+];
+
+/// The newest schema version this binary knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SCHEMA_VERSION`], one transaction per step.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = index as i64 + 1;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!(version, "applied schema migration");
+    }
+    Ok(())
+}

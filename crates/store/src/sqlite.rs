@@ -1,0 +1,719 @@
+//! The embedded backend: one SQLite database in WAL mode holding metadata and bodies.
+//!
+//! Why bodies live in the database rather than in files: the spool's promise ("250" only
+//! once the message and its queue entry are on disk) then costs one WAL fsync for a whole
+//! batch of messages, with no per-file fsync, no directory fsync and no orphaned files
+//! after a crash; moving a message between queues and mailboxes is one transaction.
+//! `docs/storage.md` has the measurements and the trade-offs.
+//!
+//! Connections: a small pool. The pool's mutex guards only a `Vec` push or pop and is
+//! never held while a statement runs (rank 90, a leaf; see `docs/locking.md`).
+
+use crate::migrations::migrate;
+use crate::*;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Idle connections kept for reuse; more are opened on demand and closed after use.
+const POOL_IDLE_MAX: usize = 16;
+
+/// How long a writer waits for SQLite's write lock before giving up with an error.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The embedded SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    /// Idle connections. Rank 90 (leaf): held only to push or pop.
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates its schema.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        };
+        let mut conn = store.connect()?;
+        migrate(&mut conn)?;
+        store.checkin(conn);
+        Ok(store)
+    }
+
+    fn connect(&self) -> Result<Connection> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: every commit is atomic and survives a process crash; only a
+        // power loss can roll back the newest commits. The spool raises this to FULL for
+        // its own transactions (see `spool`).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(conn)
+    }
+
+    fn checkout(&self) -> Result<Connection> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(conn) => Ok(conn),
+            None => self.connect(),
+        }
+    }
+
+    fn checkin(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < POOL_IDLE_MAX {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs `f` with a pooled connection. The connection goes back to the pool only when
+    /// `f` succeeded, so a connection left in an odd state by an error is dropped.
+    fn with_conn<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let mut conn = self.checkout()?;
+        let result = f(&mut conn);
+        if result.is_ok() {
+            self.checkin(conn);
+        }
+        result
+    }
+}
+
+/// Inserts a body or takes one more reference to an identical stored body.
+fn put_blob(tx: &rusqlite::Transaction<'_>, body: &[u8]) -> Result<i64> {
+    let hash = blake3::hash(body);
+    let id = tx.query_row(
+        "INSERT INTO blobs (hash, refcount, size, data) VALUES (?1, 1, ?2, ?3)
+         ON CONFLICT (hash) DO UPDATE SET refcount = refcount + 1
+         RETURNING id",
+        params![hash.as_bytes(), body.len() as i64, body],
+        |r| r.get(0),
+    )?;
+    Ok(id)
+}
+
+/// Changes a body's reference count, deleting the body when nothing references it.
+fn adjust_blob_refs(tx: &rusqlite::Transaction<'_>, blob_id: i64, delta: i64) -> Result<()> {
+    let remaining: i64 = tx.query_row(
+        "UPDATE blobs SET refcount = refcount + ?2 WHERE id = ?1 RETURNING refcount",
+        params![blob_id, delta],
+        |r| r.get(0),
+    )?;
+    debug_assert!(remaining >= 0, "blob {blob_id} refcount went negative");
+    if remaining == 0 {
+        tx.execute("DELETE FROM blobs WHERE id = ?1", [blob_id])?;
+    }
+    Ok(())
+}
+
+fn inbox_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64) -> Result<i64> {
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM folders WHERE recipient_id = ?1 AND name = 'INBOX'",
+            [recipient],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    tx.execute(
+        "INSERT INTO folders (recipient_id, name, uidvalidity) VALUES (?1, 'INBOX', ?2)",
+        params![recipient, (now_ms / 1000) as u32],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_queue_item(
+    tx: &rusqlite::Transaction<'_>,
+    queue: QueueName,
+    queue_id: &str,
+    blob_id: i64,
+    mail_from: &str,
+    recipients: &[String],
+    received_at_ms: i64,
+    last_error: Option<&str>,
+    client: &str,
+) -> Result<i64> {
+    let recipients = serde_json::to_string(recipients).expect("strings serialise");
+    tx.execute(
+        "INSERT INTO queue_items
+           (queue, queue_id, blob_id, mail_from, recipients, received_at_ms,
+            next_attempt_at_ms, last_error, client)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
+        params![
+            queue.as_str(),
+            queue_id,
+            blob_id,
+            mail_from,
+            recipients,
+            received_at_ms,
+            last_error,
+            client
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn parse_recipients(json: String) -> Vec<String> {
+    serde_json::from_str(&json).unwrap_or_default()
+}
+
+fn load_recipient(conn: &Connection, id: RecipientId) -> Result<RecipientRecord> {
+    let (alias, display_name, password_hash) = conn.query_row(
+        "SELECT alias, display_name, password_hash FROM recipients WHERE id = ?1",
+        [id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        },
+    )?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT address, is_primary FROM recipient_addresses WHERE recipient_id = ?1
+         ORDER BY is_primary DESC, address",
+    )?;
+    let addresses = stmt
+        .query_map([id], |r| {
+            Ok(AddressRecord {
+                address: r.get(0)?,
+                primary: r.get(1)?,
+            })
+        })?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecipientRecord {
+        id,
+        alias,
+        display_name,
+        addresses,
+        password_hash,
+    })
+}
+
+fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM folders WHERE recipient_id = ?1 AND name = ?2",
+            params![recipient, folder],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+impl MailStore for SqliteStore {
+    fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
+        self.with_conn(|conn| {
+            // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut ids = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let blob_id = put_blob(&tx, &entry.body)?;
+                    ids.push(insert_queue_item(
+                        &tx,
+                        QueueName::Inbound,
+                        &entry.queue_id,
+                        blob_id,
+                        &entry.mail_from,
+                        &entry.recipients,
+                        entry.received_at_ms,
+                        None,
+                        &entry.client,
+                    )?);
+                }
+                tx.commit()?;
+                Ok(ids)
+            })();
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            result
+        })
+    }
+
+    fn release_claims(&self) -> Result<u64> {
+        self.with_conn(|conn| {
+            Ok(conn.execute("UPDATE queue_items SET claimed = 0 WHERE claimed = 1", [])? as u64)
+        })
+    }
+
+    fn claim_inbound(&self, now_ms: UnixMillis) -> Result<Option<ClaimedItem>> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let claimed = tx
+                .query_row(
+                    "UPDATE queue_items SET claimed = 1, attempts = attempts + 1
+                     WHERE id = (SELECT id FROM queue_items
+                                 WHERE queue = 'inbound' AND claimed = 0
+                                   AND next_attempt_at_ms <= ?1
+                                 ORDER BY next_attempt_at_ms, id LIMIT 1)
+                     RETURNING id, queue_id, mail_from, recipients, received_at_ms,
+                               attempts, blob_id",
+                    [now_ms],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, u32>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((id, queue_id, mail_from, recipients, received_at_ms, attempts, blob_id)) =
+                claimed
+            else {
+                return Ok(None);
+            };
+            let body: Vec<u8> =
+                tx.query_row("SELECT data FROM blobs WHERE id = ?1", [blob_id], |r| {
+                    r.get(0)
+                })?;
+            tx.commit()?;
+            Ok(Some(ClaimedItem {
+                id,
+                queue_id,
+                mail_from,
+                recipients: parse_recipients(recipients),
+                body,
+                received_at_ms,
+                attempts,
+            }))
+        })
+    }
+
+    fn deliver_inbound(
+        &self,
+        item: &ClaimedItem,
+        plan: &DeliveryPlan,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<Delivered>> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Removing the inbound entry first proves the claim is still ours: if it is
+            // gone, another delivery already happened and this one must not.
+            let removed: Option<(i64, String)> = tx
+                .query_row(
+                    "DELETE FROM queue_items WHERE id = ?1 AND queue = 'inbound' AND claimed = 1
+                     RETURNING blob_id, client",
+                    [item.id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((blob_id, client)) = removed else {
+                return Err(StoreError::NotFound(format!(
+                    "inbound queue entry {} (already delivered?)",
+                    item.id
+                )));
+            };
+            let facts = serde_json::to_string(&plan.facts).expect("facts serialise");
+            tx.execute(
+                "INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)",
+                params![blob_id, facts],
+            )?;
+            let size =
+                (item.body.len() + return_path_header(&item.mail_from).len()) as i64;
+            let mut delivered = Vec::with_capacity(plan.local.len());
+            for &recipient in &plan.local {
+                let folder = inbox_id(&tx, recipient, now_ms)?;
+                let uid: u32 = tx.query_row(
+                    "UPDATE folders SET uidnext = uidnext + 1 WHERE id = ?1
+                     RETURNING uidnext - 1",
+                    [folder],
+                    |r| r.get(0),
+                )?;
+                tx.execute(
+                    "INSERT INTO messages
+                       (folder_id, uid, blob_id, return_path, received_at_ms, size)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![folder, uid, blob_id, item.mail_from, now_ms, size],
+                )?;
+                delivered.push(Delivered { recipient, uid });
+            }
+            let mut references = plan.local.len() as i64 - 1;
+            if !plan.remote.is_empty() {
+                insert_queue_item(
+                    &tx,
+                    QueueName::Outbound,
+                    &item.queue_id,
+                    blob_id,
+                    &item.mail_from,
+                    &plan.remote,
+                    item.received_at_ms,
+                    None,
+                    &client,
+                )?;
+                references += 1;
+            }
+            if !plan.undeliverable.is_empty() {
+                let addresses: Vec<String> =
+                    plan.undeliverable.iter().map(|(a, _)| a.clone()).collect();
+                let reasons: Vec<String> = plan
+                    .undeliverable
+                    .iter()
+                    .map(|(a, why)| format!("{a}: {why}"))
+                    .collect();
+                insert_queue_item(
+                    &tx,
+                    QueueName::Undeliverable,
+                    &item.queue_id,
+                    blob_id,
+                    &item.mail_from,
+                    &addresses,
+                    item.received_at_ms,
+                    Some(&reasons.join("; ")),
+                    &client,
+                )?;
+                references += 1;
+            }
+            if references != 0 {
+                adjust_blob_refs(&tx, blob_id, references)?;
+            }
+            tx.commit()?;
+            Ok(delivered)
+        })
+    }
+
+    fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE queue_items SET claimed = 0, last_error = ?2, next_attempt_at_ms = ?3
+                 WHERE id = ?1 AND queue = 'inbound'",
+                params![id, error, retry_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE queue_items SET queue = 'quarantine', claimed = 0, last_error = ?2
+                 WHERE id = ?1 AND queue = 'inbound'",
+                params![id, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn next_inbound_due(&self) -> Result<Option<UnixMillis>> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT MIN(next_attempt_at_ms) FROM queue_items
+                 WHERE queue = 'inbound' AND claimed = 0",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn queue_summaries(&self) -> Result<Vec<QueueSummary>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT q.queue, COUNT(*), COALESCE(SUM(b.size), 0), MIN(q.received_at_ms)
+                 FROM queue_items q JOIN blobs b ON b.id = q.blob_id GROUP BY q.queue",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u64>(1)?,
+                        r.get::<_, u64>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(QueueName::ALL
+                .into_iter()
+                .map(|queue| {
+                    let row = rows.iter().find(|r| r.0 == queue.as_str());
+                    QueueSummary {
+                        queue,
+                        depth: row.map_or(0, |r| r.1),
+                        bytes: row.map_or(0, |r| r.2),
+                        oldest_received_at_ms: row.and_then(|r| r.3),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn queue_items(&self, queue: Option<QueueName>, limit: u32) -> Result<Vec<QueueItemInfo>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT q.id, q.queue, q.queue_id, q.mail_from, q.recipients, q.received_at_ms,
+                        q.attempts, q.last_error, b.size, q.next_attempt_at_ms
+                 FROM queue_items q JOIN blobs b ON b.id = q.blob_id
+                 WHERE ?1 IS NULL OR q.queue = ?1
+                 ORDER BY q.received_at_ms, q.id LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![queue.map(QueueName::as_str), limit], |r| {
+                    Ok(QueueItemInfo {
+                        id: r.get(0)?,
+                        queue: QueueName::parse(&r.get::<_, String>(1)?)
+                            .unwrap_or(QueueName::Quarantine),
+                        queue_id: r.get(2)?,
+                        mail_from: r.get(3)?,
+                        recipients: parse_recipients(r.get(4)?),
+                        received_at_ms: r.get(5)?,
+                        attempts: r.get(6)?,
+                        last_error: r.get(7)?,
+                        size: r.get(8)?,
+                        next_attempt_at_ms: r.get(9)?,
+                    })
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn load_recipients(&self) -> Result<Vec<RecipientRecord>> {
+        self.with_conn(|conn| {
+            let ids: Vec<i64> = conn
+                .prepare("SELECT id FROM recipients ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?;
+            ids.into_iter().map(|id| load_recipient(conn, id)).collect()
+        })
+    }
+
+    fn apply_directory_changes(&self, changes: &[DirectoryChange]) -> Result<Vec<RecipientRecord>> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut records = Vec::with_capacity(changes.len());
+            for change in changes {
+                let id = match change {
+                    DirectoryChange::CreateRecipient(new) => create_recipient(&tx, new)?,
+                    DirectoryChange::SetPassword {
+                        recipient,
+                        password_hash,
+                    } => {
+                        let n = tx.execute(
+                            "UPDATE recipients SET password_hash = ?2 WHERE id = ?1",
+                            params![recipient, password_hash],
+                        )?;
+                        if n == 0 {
+                            return Err(StoreError::NotFound(format!("recipient {recipient}")));
+                        }
+                        *recipient
+                    }
+                };
+                records.push(load_recipient(&tx, id)?);
+            }
+            tx.commit()?;
+            Ok(records)
+        })
+    }
+
+    fn mailbox_messages(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+    ) -> Result<Vec<MessageSummary>> {
+        self.with_conn(|conn| {
+            let Some(folder) = folder_id(conn, recipient, folder)? else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.uid, m.size, m.received_at_ms, m.return_path, f.facts
+                 FROM messages m LEFT JOIN blob_facts f ON f.blob_id = m.blob_id
+                 WHERE m.folder_id = ?1 ORDER BY m.uid",
+            )?;
+            let rows = stmt
+                .query_map([folder], |r| {
+                    let facts: Option<String> = r.get(4)?;
+                    let facts: MessageFacts = facts
+                        .and_then(|f| serde_json::from_str(&f).ok())
+                        .unwrap_or_default();
+                    Ok(MessageSummary {
+                        uid: r.get(0)?,
+                        size: r.get(1)?,
+                        received_at_ms: r.get(2)?,
+                        return_path: r.get(3)?,
+                        message_id: facts.message_id,
+                        from: facts.from,
+                        to: facts.to,
+                        subject: facts.subject,
+                    })
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn message_raw(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uid: u32,
+    ) -> Result<Option<Vec<u8>>> {
+        self.with_conn(|conn| {
+            let Some(folder) = folder_id(conn, recipient, folder)? else {
+                return Ok(None);
+            };
+            let row: Option<(String, Vec<u8>)> = conn
+                .query_row(
+                    "SELECT m.return_path, b.data FROM messages m JOIN blobs b ON b.id = m.blob_id
+                     WHERE m.folder_id = ?1 AND m.uid = ?2",
+                    params![folder, uid],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(row.map(|(return_path, data)| {
+                let mut out = return_path_header(&return_path).into_bytes();
+                out.extend_from_slice(&data);
+                out
+            }))
+        })
+    }
+
+    fn blob_count(&self) -> Result<u64> {
+        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))?))
+    }
+}
+
+fn create_recipient(tx: &rusqlite::Transaction<'_>, new: &NewRecipient) -> Result<RecipientId> {
+    let taken: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM recipients WHERE alias = ?1",
+            [&new.alias],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if taken.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "recipient {}: alias is already in use",
+            new.alias
+        )));
+    }
+    tx.execute(
+        "INSERT INTO recipients (alias, display_name, password_hash) VALUES (?1, ?2, ?3)",
+        params![new.alias, new.display_name, new.password_hash],
+    )?;
+    let id = tx.last_insert_rowid();
+    for (index, address) in new.addresses.iter().enumerate() {
+        let owner: Option<i64> = tx
+            .query_row(
+                "SELECT recipient_id FROM recipient_addresses WHERE address = ?1",
+                [address],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if owner.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "recipient {}: address {address} is already in use",
+                new.alias
+            )));
+        }
+        tx.execute(
+            "INSERT INTO recipient_addresses (address, recipient_id, is_primary)
+             VALUES (?1, ?2, ?3)",
+            params![address, id, index == 0],
+        )?;
+    }
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs());
+    tx.execute(
+        "INSERT INTO folders (recipient_id, name, uidvalidity) VALUES (?1, 'INBOX', ?2)",
+        params![id, now_s as u32],
+    )?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body: &[u8], rcpts: &[&str]) -> SpoolEntry {
+        SpoolEntry {
+            queue_id: "q1".into(),
+            mail_from: "a@b.example".into(),
+            recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+            body: body.to_vec(),
+            received_at_ms: 1000,
+            client: "127.0.0.1".into(),
+        }
+    }
+
+    fn recipient(store: &SqliteStore, alias: &str) -> RecipientId {
+        store
+            .apply_directory_changes(&[DirectoryChange::CreateRecipient(NewRecipient {
+                alias: alias.into(),
+                display_name: alias.into(),
+                addresses: vec![format!("{alias}@example.test")],
+                password_hash: None,
+            })])
+            .unwrap()[0]
+            .id
+    }
+
+    #[test]
+    fn delivery_moves_entry_and_shares_one_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        let b = recipient(&store, "b");
+        store.spool(&[entry(b"Subject: x\r\n\r\nhi\r\n", &["a@example.test"])]).unwrap();
+        let item = store.claim_inbound(2000).unwrap().expect("claimable");
+        assert_eq!(item.attempts, 1);
+        assert!(store.claim_inbound(2000).unwrap().is_none(), "claimed once only");
+        let plan = DeliveryPlan {
+            local: vec![a, b],
+            remote: vec!["x@remote.example".into()],
+            ..Default::default()
+        };
+        let delivered = store.deliver_inbound(&item, &plan, 3000).unwrap();
+        assert_eq!(delivered.len(), 2);
+        assert_eq!(store.blob_count().unwrap(), 1);
+        // The second delivery of the same claim must fail: exactly once.
+        assert!(store.deliver_inbound(&item, &plan, 3000).is_err());
+        let raw = store.message_raw(a, "INBOX", 1).unwrap().unwrap();
+        assert_eq!(raw, b"Return-Path: <a@b.example>\r\nSubject: x\r\n\r\nhi\r\n");
+        let summaries = store.queue_summaries().unwrap();
+        let depth = |q| summaries.iter().find(|s| s.queue == q).unwrap().depth;
+        assert_eq!(depth(QueueName::Inbound), 0);
+        assert_eq!(depth(QueueName::Outbound), 1);
+    }
+
+    #[test]
+    fn claims_are_released_and_quarantine_keeps_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        store.spool(&[entry(b"x", &["a@example.test"])]).unwrap();
+        let item = store.claim_inbound(2000).unwrap().unwrap();
+        assert_eq!(store.release_claims().unwrap(), 1);
+        let again = store.claim_inbound(2000).unwrap().unwrap();
+        assert_eq!(again.id, item.id);
+        assert_eq!(again.attempts, 2);
+        store.quarantine_inbound(again.id, "conversion panicked").unwrap();
+        let items = store.queue_items(Some(QueueName::Quarantine), 10).unwrap();
+        assert_eq!(items[0].last_error.as_deref(), Some("conversion panicked"));
+        assert!(store.claim_inbound(9999).unwrap().is_none());
+    }
+
+    #[test]
+    fn duplicate_address_is_a_conflict_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        recipient(&store, "a");
+        let err = store
+            .apply_directory_changes(&[DirectoryChange::CreateRecipient(NewRecipient {
+                alias: "other".into(),
+                display_name: "Other".into(),
+                addresses: vec!["A@example.test".into()],
+                password_hash: None,
+            })])
+            .unwrap_err();
+        assert!(err.to_string().contains("already in use"), "{err}");
+        assert_eq!(store.load_recipients().unwrap().len(), 1);
+    }
+}
