@@ -318,8 +318,9 @@ impl MailStore for SqliteStore {
                 "INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)",
                 params![blob_id, facts],
             )?;
-            let size =
-                (item.body.len() + return_path_header(&item.mail_from).len()) as i64;
+            let blob_size: i64 =
+                tx.query_row("SELECT size FROM blobs WHERE id = ?1", [blob_id], |r| r.get(0))?;
+            let size = blob_size + return_path_header(&item.mail_from).len() as i64;
             let mut delivered = Vec::with_capacity(plan.local.len());
             for &recipient in &plan.local {
                 let folder = inbox_id(&tx, recipient, now_ms)?;

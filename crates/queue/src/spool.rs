@@ -1,0 +1,243 @@
+//! The spool writer: group commit of accepted messages.
+
+use crate::Doorbell;
+use mailroom_store::{MailStore, SpoolEntry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Spool settings (the `[spool]` section of the config).
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Commit whatever is pending as one transaction (true), or one message per
+    /// transaction (false, for measurement only).
+    pub group_commit: bool,
+    /// Messages in one commit, at most.
+    pub batch_messages_max: usize,
+    /// Message bytes in one commit, at most (a batch always takes at least one message).
+    pub batch_bytes_max: usize,
+    /// Requests waiting for the writer before sessions wait to submit.
+    pub pending_max: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            group_commit: true,
+            batch_messages_max: 256,
+            batch_bytes_max: 32 << 20,
+            pending_max: 1024,
+        }
+    }
+}
+
+/// Why a message was not spooled; the session answers 451 and the client tries again.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// The store could not commit.
+    #[error("the spool could not be written: {0}")]
+    Store(String),
+    /// The spool writer has stopped (shutdown).
+    #[error("the spool writer has stopped")]
+    Stopped,
+}
+
+/// Counters an administrator reads to see group commit at work.
+#[derive(Clone)]
+pub struct SpoolStats {
+    /// Messages made durable.
+    pub messages: Counter,
+    /// Commits (fsyncs); messages / batches is the sharing factor.
+    pub batches: Counter,
+    /// Commits that failed.
+    pub failures: Counter,
+    /// Time of each commit, seconds.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for SpoolStats {
+    fn default() -> Self {
+        SpoolStats {
+            messages: Counter::default(),
+            batches: Counter::default(),
+            failures: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
+        }
+    }
+}
+
+impl SpoolStats {
+    /// Adds the counters to a Prometheus registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailroom_spool_messages",
+            "Messages made durable in the spool",
+            self.messages.clone(),
+        );
+        registry.register(
+            "mailroom_spool_commits",
+            "Spool transactions (fsyncs); group commit shares one among many messages",
+            self.batches.clone(),
+        );
+        registry.register(
+            "mailroom_spool_commit_failures",
+            "Spool transactions that failed (the clients were told 451)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "mailroom_spool_commit_seconds",
+            "Duration of each spool transaction",
+            self.commit_seconds.clone(),
+        );
+    }
+}
+
+struct SpoolRequest {
+    entry: SpoolEntry,
+    reply: oneshot::Sender<Result<i64, SpoolError>>,
+}
+
+/// The handle sessions submit through. The writer thread ends when every handle is gone.
+#[derive(Clone)]
+pub struct Spool {
+    requests: mpsc::Sender<SpoolRequest>,
+}
+
+impl Spool {
+    /// Starts the spool writer thread.
+    pub fn start(
+        store: Arc<dyn MailStore>,
+        config: SpoolConfig,
+        doorbell: Doorbell,
+        stats: SpoolStats,
+    ) -> std::io::Result<(Spool, std::thread::JoinHandle<()>)> {
+        let (requests, receiver) = mpsc::channel(config.pending_max.max(1));
+        let writer = Writer {
+            store,
+            config,
+            doorbell,
+            stats,
+            receiver,
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run())?;
+        Ok((Spool { requests }, thread))
+    }
+
+    /// Makes `entry` durable; returns its queue row once it is on disk.
+    pub async fn submit(&self, entry: SpoolEntry) -> Result<i64, SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(SpoolRequest { entry, reply })
+            .await
+            .map_err(|_| SpoolError::Stopped)?;
+        answer.await.map_err(|_| SpoolError::Stopped)?
+    }
+}
+
+struct Writer {
+    store: Arc<dyn MailStore>,
+    config: SpoolConfig,
+    doorbell: Doorbell,
+    stats: SpoolStats,
+    receiver: mpsc::Receiver<SpoolRequest>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Some(first) = self.receiver.blocking_recv() {
+            let mut bytes = first.entry.body.len();
+            let mut batch = vec![first];
+            while self.config.group_commit
+                && batch.len() < self.config.batch_messages_max
+                && bytes < self.config.batch_bytes_max
+            {
+                match self.receiver.try_recv() {
+                    Ok(request) => {
+                        bytes += request.entry.body.len();
+                        batch.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+        tracing::debug!("spool writer stopped");
+    }
+
+    fn commit(&self, batch: Vec<SpoolRequest>) {
+        let (entries, replies): (Vec<SpoolEntry>, Vec<_>) =
+            batch.into_iter().map(|r| (r.entry, r.reply)).unzip();
+        let started = Instant::now();
+        let result = self.store.spool(&entries);
+        self.stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.batches.inc();
+        match result {
+            Ok(ids) => {
+                debug_assert_eq!(ids.len(), replies.len());
+                self.stats.messages.inc_by(ids.len() as u64);
+                for (reply, id) in replies.into_iter().zip(ids) {
+                    let _ = reply.send(Ok(id));
+                }
+                self.doorbell.ring(entries.len());
+            }
+            Err(e) => {
+                self.stats.failures.inc();
+                tracing::error!(error = %e, messages = entries.len(), "spool commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(SpoolError::Store(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailroom_store::SqliteStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submissions_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        let stats = SpoolStats::default();
+        let (spool, _t) = Spool::start(
+            store.clone(),
+            SpoolConfig::default(),
+            Doorbell::default(),
+            stats.clone(),
+        )
+        .unwrap();
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    spool
+                        .submit(SpoolEntry {
+                            queue_id: format!("q{i}"),
+                            mail_from: "a@b".into(),
+                            recipients: vec!["c@d".into()],
+                            body: format!("Subject: {i}\r\n\r\nbody\r\n").into_bytes(),
+                            received_at_ms: 1,
+                            client: String::new(),
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(stats.messages.get(), 100);
+        assert!(stats.batches.get() <= 100);
+        let depth = store.queue_summaries().unwrap()[0].depth;
+        assert_eq!(depth, 100);
+    }
+}
