@@ -1,0 +1,298 @@
+//! The SMTP listener: accept loop, connection limit, one task per connection, shutdown.
+//!
+//! Shape after mini-redis: a listener that limits connections with a semaphore, a
+//! per-connection handler, and shutdown by a cancellation token plus a task tracker whose
+//! emptiness proves every handler finished.
+
+use crate::reply::Reply;
+use crate::session::{Session, SmtpLimits, Step};
+use ipnet::IpNet;
+use mailroom_directory::Directory;
+use mailroom_queue::Spool;
+use mailroom_store::SpoolEntry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Bytes read from a socket at once; with the line limit this bounds a session's input.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Counters and gauges of the SMTP service.
+#[derive(Clone, Default)]
+pub struct SmtpStats {
+    /// Connections accepted.
+    pub sessions: Counter,
+    /// Connections open now.
+    pub sessions_active: Gauge,
+    /// Messages accepted ("250" sent after the spool commit).
+    pub accepted: Counter,
+    /// Refusals by reason.
+    pub rejected: Family<Vec<(String, String)>, Counter>,
+}
+
+impl SmtpStats {
+    /// Adds the metrics to a Prometheus registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("mailroom_smtp_sessions", "SMTP connections accepted", self.sessions.clone());
+        registry.register(
+            "mailroom_smtp_sessions_active",
+            "SMTP connections open now",
+            self.sessions_active.clone(),
+        );
+        registry.register(
+            "mailroom_messages_accepted",
+            "Messages accepted over SMTP (durable before the 250)",
+            self.accepted.clone(),
+        );
+        registry.register(
+            "mailroom_smtp_rejected",
+            "SMTP commands or messages refused, by reason",
+            self.rejected.clone(),
+        );
+    }
+
+    fn reject(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+}
+
+/// Settings of the listener beyond the protocol limits.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Concurrent sessions, at most; more are answered 421 and closed.
+    pub sessions_max: usize,
+    /// A session idle this long is closed with 421.
+    pub idle_timeout: Duration,
+    /// A session open this long is closed with 421 (bounds slow-drip clients).
+    pub session_duration_max: Duration,
+    /// Client networks allowed to send to non-local domains. Empty: nobody relays.
+    pub relay_networks: Vec<IpNet>,
+}
+
+/// Everything a connection handler needs; shared by all connections.
+pub struct SmtpServer {
+    /// Protocol limits and identity.
+    pub limits: Arc<SmtpLimits>,
+    /// Listener settings.
+    pub config: ListenerConfig,
+    /// The directory, for one snapshot per transaction.
+    pub directory: Directory,
+    /// Where complete messages go.
+    pub spool: Spool,
+    /// Metrics.
+    pub stats: SmtpStats,
+    /// Source of unique connection ids (queue ids derive from them).
+    connection_ids: AtomicU64,
+}
+
+impl SmtpServer {
+    /// Bundles the parts a listener needs.
+    pub fn new(
+        limits: SmtpLimits,
+        config: ListenerConfig,
+        directory: Directory,
+        spool: Spool,
+        stats: SmtpStats,
+    ) -> Arc<SmtpServer> {
+        // Queue ids must not repeat across restarts: seed with the start time.
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            << 12;
+        Arc::new(SmtpServer {
+            limits: Arc::new(limits),
+            config,
+            directory,
+            spool,
+            stats,
+            connection_ids: AtomicU64::new(seed),
+        })
+    }
+
+    fn relay_allowed(&self, ip: IpAddr) -> bool {
+        self.config.relay_networks.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Accepts connections until `cancel` fires; connection tasks are spawned on
+    /// `tracker` so the caller can wait for them with a deadline.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.config.sessions_max.max(1)));
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "SMTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                self.stats.reject("too_many_connections");
+                tracker.spawn(async move {
+                    let _ = stream
+                        .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
+                        .await;
+                });
+                continue;
+            };
+            let server = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                server.stats.sessions.inc();
+                server.stats.sessions_active.inc();
+                if let Err(e) = server.handle(stream, peer, cancel).await {
+                    tracing::debug!(%peer, error = %e, "SMTP session ended with an error");
+                }
+                server.stats.sessions_active.dec();
+                drop(permit);
+            });
+        }
+    }
+
+    /// Runs one session over any byte stream (TLS can wrap it later).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let connection_id = self.connection_ids.fetch_add(1, Ordering::Relaxed);
+        let mut session = Session::new(
+            self.limits.clone(),
+            peer,
+            self.relay_allowed(peer.ip()),
+            connection_id,
+        );
+        let mut out = Vec::new();
+        session.greeting().render(&mut out);
+        let deadline = Instant::now() + self.config.session_duration_max;
+        let mut snapshot = self.directory.snapshot();
+        let mut buffer = vec![0u8; READ_CHUNK];
+        loop {
+            if !session.in_transaction() {
+                snapshot = self.directory.snapshot();
+            }
+            match session.advance(snapshot.as_ref(), now_ms()) {
+                Step::Reply(reply) => {
+                    self.count(&reply);
+                    reply.render(&mut out);
+                }
+                Step::Submit(submission) => {
+                    self.write(&mut stream, &mut out).await?;
+                    let queue_id = submission.queue_id.clone();
+                    let entry = SpoolEntry {
+                        queue_id: submission.queue_id,
+                        mail_from: submission.mail_from,
+                        recipients: submission.recipients,
+                        body: submission.body,
+                        received_at_ms: now_ms(),
+                        client: format!("{peer}"),
+                    };
+                    let outcome = self.spool.submit(entry).await;
+                    if let Err(e) = &outcome {
+                        tracing::error!(%peer, error = %e, "message not spooled");
+                        self.stats.reject("spool_failure");
+                    } else {
+                        self.stats.accepted.inc();
+                        tracing::debug!(%peer, %queue_id, "message accepted");
+                    }
+                    let reply =
+                        session.submitted(outcome.map(|_| ()).map_err(|e| e.to_string()), &queue_id);
+                    reply.render(&mut out);
+                }
+                Step::Close => {
+                    self.write(&mut stream, &mut out).await?;
+                    return stream.shutdown().await;
+                }
+                Step::NeedInput => {
+                    self.write(&mut stream, &mut out).await?;
+                    let read = tokio::select! {
+                        _ = cancel.cancelled() => Err("421 4.3.2 Service shutting down, try again later\r\n"),
+                        _ = tokio::time::sleep_until(deadline.into()) => Err("421 4.4.2 Session time limit exceeded, closing connection\r\n"),
+                        read = tokio::time::timeout(self.config.idle_timeout, stream.read(&mut buffer)) => match read {
+                            Ok(read) => Ok(read?),
+                            Err(_) => Err("421 4.4.2 Idle timeout, closing connection\r\n"),
+                        },
+                    };
+                    match read {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => session.receive(&buffer[..n]),
+                        Err(goodbye) => {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                stream.write_all(goodbye.as_bytes()),
+                            )
+                            .await;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.config.idle_timeout, stream.write_all(out)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                ));
+            }
+        }
+        out.clear();
+        Ok(())
+    }
+
+    fn count(&self, reply: &Reply) {
+        let reason = match (reply.code, reply.status) {
+            (550, Some((5, 1, 1))) => "unknown_recipient",
+            (550, Some((5, 7, 1))) => "relay_denied",
+            (452, Some((4, 5, 3))) => "too_many_recipients",
+            (552, _) => "message_too_big",
+            (550, Some((5, 6, 0))) => "bare_newline",
+            (421, Some((4, 7, 0))) => "too_many_errors",
+            (553, _) => "address_needs_smtputf8",
+            (500..=504, _) | (555, _) => "protocol_error",
+            _ => return,
+        };
+        self.stats.reject(reason);
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

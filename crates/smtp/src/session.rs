@@ -1,0 +1,784 @@
+//! The SMTP session as a sans-I/O state machine.
+//!
+//! The driver feeds received bytes with [`Session::receive`] and calls
+//! [`Session::advance`] until it returns [`Step::NeedInput`] (flush the replies, read
+//! more) or [`Step::Close`]. [`Step::Submit`] hands over a complete message; the driver
+//! makes it durable and passes the outcome to [`Session::submitted`], and only then does
+//! the session go on with pipelined commands behind it.
+//!
+//! Memory is bounded: a command line by `line_length_max`, a message by
+//! `message_size_max` (the rest of an oversized message is read and discarded), the
+//! input buffer by what the driver reads at once plus one line.
+
+use crate::reply::Reply;
+use mailroom_directory::{Resolution, Snapshot};
+use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
+use smtp_proto::{Error as ProtoError, MAIL_SMTPUTF8, Request};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Limits and identity of the SMTP service (the `[smtp]` section of the config).
+#[derive(Debug, Clone)]
+pub struct SmtpLimits {
+    /// The name this server gives itself in the greeting and Received headers.
+    pub hostname: String,
+    /// The primary mail domain; a bare `postmaster` recipient means postmaster here.
+    pub primary_domain: String,
+    /// Largest message accepted, in bytes (advertised with SIZE).
+    pub message_size_max: usize,
+    /// Largest header section accepted, in bytes.
+    pub header_size_max: usize,
+    /// Recipients per message, at most.
+    pub recipients_max: usize,
+    /// Longest command line, in bytes including CRLF.
+    pub line_length_max: usize,
+    /// Failed commands tolerated per session before it is closed.
+    pub errors_max: u32,
+}
+
+impl Default for SmtpLimits {
+    fn default() -> Self {
+        SmtpLimits {
+            hostname: "localhost".into(),
+            primary_domain: "localhost".into(),
+            message_size_max: 25 << 20,
+            header_size_max: 2 << 20,
+            recipients_max: 100,
+            line_length_max: 2048,
+            errors_max: 20,
+        }
+    }
+}
+
+/// How the session learns what a recipient address is. The driver passes the snapshot
+/// loaded for the current transaction; tests can pass anything.
+pub trait RecipientPolicy {
+    /// Local mailbox, unknown local address, or a remote domain.
+    fn resolve(&self, address: &str) -> Resolution;
+}
+
+impl RecipientPolicy for Snapshot {
+    fn resolve(&self, address: &str) -> Resolution {
+        Snapshot::resolve(self, address)
+    }
+}
+
+/// A complete message for the spool.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Identifier used in the Received header and logs.
+    pub queue_id: String,
+    /// Envelope sender ("" for the null reverse-path).
+    pub mail_from: String,
+    /// Accepted envelope recipients.
+    pub recipients: Vec<String>,
+    /// The message with the Received header prepended.
+    pub body: Vec<u8>,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this reply (it may be buffered until the next `NeedInput`).
+    Reply(Reply),
+    /// Make this message durable, then call [`Session::submitted`].
+    Submit(Submission),
+    /// Flush buffered replies and read more input.
+    NeedInput,
+    /// Flush buffered replies and close the connection.
+    Close,
+}
+
+/// Why a message being received will be refused at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    TooBig,
+    NoTransaction,
+}
+
+enum Phase {
+    Command,
+    /// Skipping the rest of an over-long command line.
+    SkipLine,
+    Data(DataReceiver),
+    DataDiscard(DummyDataReceiver, Refusal),
+    Bdat(BdatReceiver),
+    BdatDiscard(DummyDataReceiver, bool, Refusal),
+    AwaitingSpool,
+    Closed,
+}
+
+#[derive(Default)]
+struct Transaction {
+    mail_from: String,
+    smtputf8: bool,
+    recipients: Vec<String>,
+    data: Vec<u8>,
+    bdat_used: bool,
+    /// BDAT chunks of this transaction failed; the rest is discarded until LAST.
+    bdat_failed: Option<Refusal>,
+}
+
+/// One SMTP session; see the module documentation.
+pub struct Session {
+    limits: Arc<SmtpLimits>,
+    peer: SocketAddr,
+    relay_allowed: bool,
+    connection_id: u64,
+    messages: u32,
+    helo: Option<(String, bool)>,
+    transaction: Option<Transaction>,
+    phase: Phase,
+    input: Vec<u8>,
+    errors: u32,
+    /// The clock reading passed to the current `advance`.
+    now_ms: i64,
+}
+
+impl Session {
+    /// A new session for a client at `peer`. `relay_allowed` says whether this client may
+    /// send to non-local domains; `connection_id` makes queue ids unique.
+    pub fn new(
+        limits: Arc<SmtpLimits>,
+        peer: SocketAddr,
+        relay_allowed: bool,
+        connection_id: u64,
+    ) -> Session {
+        Session {
+            limits,
+            peer,
+            relay_allowed,
+            connection_id,
+            messages: 0,
+            helo: None,
+            transaction: None,
+            phase: Phase::Command,
+            input: Vec::new(),
+            errors: 0,
+            now_ms: 0,
+        }
+    }
+
+    /// The 220 greeting.
+    pub fn greeting(&self) -> Reply {
+        Reply::plain(
+            220,
+            vec![format!("{} ESMTP Mailroom ready", self.limits.hostname).into()],
+        )
+    }
+
+    /// True while a mail transaction is open; the driver keeps one directory snapshot
+    /// for the whole transaction and loads a fresh one only between transactions.
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+    }
+
+    /// Appends received bytes.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Runs the protocol over the buffered input; see [`Step`].
+    pub fn advance(&mut self, policy: &dyn RecipientPolicy, now_ms: i64) -> Step {
+        self.now_ms = now_ms;
+        loop {
+            let step = match &mut self.phase {
+                Phase::Closed => return Step::Close,
+                Phase::AwaitingSpool => {
+                    debug_assert!(false, "advance called while a submission is pending");
+                    return Step::NeedInput;
+                }
+                Phase::Command => self.command(policy),
+                Phase::SkipLine => self.skip_line(),
+                Phase::Data(_) | Phase::DataDiscard(..) => self.data(),
+                Phase::Bdat(_) | Phase::BdatDiscard(..) => self.bdat(),
+            };
+            if let Some(step) = step {
+                return self.count_errors(step);
+            }
+        }
+    }
+
+    /// The outcome of a [`Step::Submit`]: `Ok` once the message is durable.
+    pub fn submitted(&mut self, outcome: Result<(), String>, queue_id: &str) -> Reply {
+        debug_assert!(matches!(self.phase, Phase::AwaitingSpool));
+        self.phase = Phase::Command;
+        self.transaction = None;
+        match outcome {
+            Ok(()) => Reply::new(250, (2, 0, 0), format!("Ok: queued as {queue_id}")),
+            Err(_) => Reply::new(
+                451,
+                (4, 3, 0),
+                "Temporary failure storing the message; please try again later",
+            ),
+        }
+    }
+
+    fn count_errors(&mut self, step: Step) -> Step {
+        if let Step::Reply(reply) = &step
+            && reply.code >= 500
+            && !matches!(self.phase, Phase::Closed)
+        {
+            self.errors += 1;
+            if self.errors > self.limits.errors_max {
+                self.phase = Phase::Closed;
+                return Step::Reply(Reply::new(
+                    421,
+                    (4, 7, 0),
+                    format!("{} Too many errors, closing connection", self.limits.hostname),
+                ));
+            }
+        }
+        step
+    }
+
+    /// Removes `n` consumed bytes from the front of the input.
+    fn consume(&mut self, n: usize) {
+        self.input.drain(..n);
+    }
+
+    fn skip_line(&mut self) -> Option<Step> {
+        match self.input.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                self.consume(end + 1);
+                self.phase = Phase::Command;
+                None
+            }
+            None => {
+                self.input.clear();
+                Some(Step::NeedInput)
+            }
+        }
+    }
+
+    fn command(&mut self, policy: &dyn RecipientPolicy) -> Option<Step> {
+        let max = self.limits.line_length_max;
+        let Some(end) = self.input.iter().take(max).position(|&b| b == b'\n') else {
+            if self.input.len() >= max {
+                self.consume(max);
+                self.phase = Phase::SkipLine;
+                return Some(Step::Reply(Reply::new(500, (5, 5, 2), "Line too long")));
+            }
+            return Some(Step::NeedInput);
+        };
+        let line: Vec<u8> = self.input.drain(..=end).collect();
+        let request = Request::parse(&mut line.iter()).map(Request::into_owned);
+        Some(match request {
+            Ok(request) => self.request(request, policy),
+            Err(error) => Step::Reply(parse_error_reply(error)),
+        })
+    }
+
+    fn request(&mut self, request: Request<String>, policy: &dyn RecipientPolicy) -> Step {
+        let reply = match request {
+            Request::Ehlo { host } => self.hello(host, true),
+            Request::Helo { host } => self.hello(host, false),
+            Request::Lhlo { .. } => Reply::new(500, (5, 5, 1), "LHLO is for LMTP; use EHLO"),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to, policy),
+            Request::Data => self.data_command(),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => return self.bdat_command(chunk_size, is_last),
+            Request::Rset => {
+                self.transaction = None;
+                Reply::new(250, (2, 0, 0), "Ok")
+            }
+            Request::Noop { .. } => Reply::new(250, (2, 0, 0), "Ok"),
+            Request::Quit => {
+                self.phase = Phase::Closed;
+                Reply::new(221, (2, 0, 0), "Bye")
+            }
+            Request::Vrfy { .. } => Reply::new(
+                252,
+                (2, 5, 0),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Expn { .. } => Reply::new(502, (5, 5, 1), "EXPN is not available"),
+            Request::Help { .. } => Reply::new(
+                214,
+                (2, 0, 0),
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT",
+            ),
+            Request::StartTls => Reply::new(502, (5, 5, 1), "STARTTLS is not available here"),
+            Request::Auth { .. } => Reply::new(502, (5, 5, 1), "AUTH is not available here"),
+            Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                Reply::new(502, (5, 5, 1), "Command not implemented")
+            }
+        };
+        Step::Reply(reply)
+    }
+
+    fn hello(&mut self, host: String, extended: bool) -> Reply {
+        self.transaction = None;
+        let name = self.limits.hostname.clone();
+        self.helo = Some((host.clone(), extended));
+        if !extended {
+            return Reply::plain(250, vec![name.into()]);
+        }
+        Reply::plain(
+            250,
+            vec![
+                format!("{name} greets {host}").into(),
+                "PIPELINING".into(),
+                format!("SIZE {}", self.limits.message_size_max).into(),
+                "8BITMIME".into(),
+                "ENHANCEDSTATUSCODES".into(),
+                "SMTPUTF8".into(),
+                "CHUNKING".into(),
+                "HELP".into(),
+            ],
+        )
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Reply {
+        let Some((_, extended)) = &self.helo else {
+            return Reply::new(503, (5, 5, 1), "Send EHLO or HELO first");
+        };
+        if self.transaction.is_some() {
+            return Reply::new(503, (5, 5, 1), "Nested MAIL command; send RSET first");
+        }
+        if from.size > self.limits.message_size_max {
+            return Reply::new(
+                552,
+                (5, 3, 4),
+                format!("Message size exceeds the limit of {} bytes", self.limits.message_size_max),
+            );
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if smtputf8 && !extended {
+            return Reply::new(503, (5, 5, 1), "SMTPUTF8 needs EHLO");
+        }
+        if !from.address.is_ascii() && !smtputf8 {
+            return Reply::new(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8");
+        }
+        self.transaction = Some(Transaction {
+            mail_from: from.address,
+            smtputf8,
+            ..Transaction::default()
+        });
+        Reply::new(250, (2, 1, 0), "Sender ok")
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, policy: &dyn RecipientPolicy) -> Reply {
+        let relay_allowed = self.relay_allowed;
+        let primary_domain = self.limits.primary_domain.clone();
+        let recipients_max = self.limits.recipients_max;
+        let Some(transaction) = &mut self.transaction else {
+            return Reply::new(503, (5, 5, 1), "Send MAIL first");
+        };
+        if transaction.recipients.len() >= recipients_max {
+            return Reply::new(452, (4, 5, 3), "Too many recipients");
+        }
+        if !to.address.is_ascii() && !transaction.smtputf8 {
+            return Reply::new(553, (5, 6, 7), "Non-ASCII recipient address needs SMTPUTF8");
+        }
+        let mut address = to.address;
+        if address.eq_ignore_ascii_case("postmaster") {
+            address = format!("postmaster@{primary_domain}");
+        }
+        match policy.resolve(&address) {
+            Resolution::Local(_) => {}
+            Resolution::Remote if relay_allowed => {}
+            Resolution::UnknownLocal => {
+                return Reply::new(
+                    550,
+                    (5, 1, 1),
+                    format!("<{address}>: Recipient address rejected: no such user here"),
+                );
+            }
+            Resolution::Remote => {
+                return Reply::new(
+                    550,
+                    (5, 7, 1),
+                    format!("<{address}>: Relay access denied"),
+                );
+            }
+        }
+        transaction.recipients.push(address);
+        Reply::new(250, (2, 1, 5), "Recipient ok")
+    }
+
+    fn data_command(&mut self) -> Reply {
+        match &self.transaction {
+            None => Reply::new(503, (5, 5, 1), "Send MAIL first"),
+            Some(t) if t.bdat_used => Reply::new(503, (5, 5, 1), "DATA cannot follow BDAT"),
+            Some(t) if t.recipients.is_empty() => {
+                Reply::new(554, (5, 5, 1), "No valid recipients")
+            }
+            Some(_) => {
+                self.phase = Phase::Data(DataReceiver::new());
+                Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()])
+            }
+        }
+    }
+
+    fn bdat_command(&mut self, chunk_size: usize, is_last: bool) -> Step {
+        let refusal = match &mut self.transaction {
+            None => Some(Refusal::NoTransaction),
+            Some(t) if t.recipients.is_empty() => Some(Refusal::NoTransaction),
+            Some(t) => {
+                t.bdat_used = true;
+                if t.bdat_failed.is_none()
+                    && t.data.len() + chunk_size > self.limits.message_size_max
+                {
+                    t.bdat_failed = Some(Refusal::TooBig);
+                    t.data = Vec::new();
+                }
+                t.bdat_failed
+            }
+        };
+        self.phase = match refusal {
+            None => Phase::Bdat(BdatReceiver::new(chunk_size, is_last)),
+            Some(refusal) => {
+                Phase::BdatDiscard(DummyDataReceiver::new_bdat(chunk_size), is_last, refusal)
+            }
+        };
+        // The chunk's bytes follow at once; the reply comes after they are read.
+        match self.bdat() {
+            Some(step) => step,
+            None => Step::NeedInput,
+        }
+    }
+
+    fn data(&mut self) -> Option<Step> {
+        let size_max = self.limits.message_size_max;
+        let mut rest = self.input.iter();
+        let before = self.input.len();
+        let finished = match &mut self.phase {
+            Phase::Data(receiver) => {
+                let transaction = self.transaction.as_mut().expect("DATA has a transaction");
+                let done = receiver.ingest(&mut rest, &mut transaction.data);
+                let too_big = transaction.data.len() > size_max;
+                if too_big {
+                    transaction.data = Vec::new();
+                    if !done {
+                        let discard = DummyDataReceiver::new_data(receiver);
+                        self.phase = Phase::DataDiscard(discard, Refusal::TooBig);
+                    }
+                }
+                done.then_some(too_big.then_some(Refusal::TooBig))
+            }
+            Phase::DataDiscard(receiver, refusal) => {
+                receiver.ingest(&mut rest).then_some(Some(*refusal))
+            }
+            _ => unreachable!("data() only runs in a data phase"),
+        };
+        let consumed = before - rest.as_slice().len();
+        self.consume(consumed);
+        match finished {
+            None => Some(Step::NeedInput),
+            Some(refusal) => Some(self.end_of_message(refusal)),
+        }
+    }
+
+    fn bdat(&mut self) -> Option<Step> {
+        let mut rest = self.input.iter();
+        let before = self.input.len();
+        let finished = match &mut self.phase {
+            Phase::Bdat(receiver) => {
+                let transaction = self.transaction.as_mut().expect("BDAT has a transaction");
+                receiver
+                    .ingest(&mut rest, &mut transaction.data)
+                    .then_some((receiver.is_last, None))
+            }
+            Phase::BdatDiscard(receiver, is_last, refusal) => {
+                receiver.ingest(&mut rest).then_some((*is_last, Some(*refusal)))
+            }
+            _ => unreachable!("bdat() only runs in a BDAT phase"),
+        };
+        let consumed = before - rest.as_slice().len();
+        self.consume(consumed);
+        let (is_last, refusal) = finished?;
+        if is_last {
+            return Some(self.end_of_message(refusal));
+        }
+        self.phase = Phase::Command;
+        Some(Step::Reply(match refusal {
+            None => {
+                let size = self.transaction.as_ref().map_or(0, |t| t.data.len());
+                Reply::new(250, (2, 0, 0), format!("{size} octets received"))
+            }
+            Some(refusal) => refusal_reply(refusal, self.limits.message_size_max),
+        }))
+    }
+
+    fn end_of_message(&mut self, refusal: Option<Refusal>) -> Step {
+        self.phase = Phase::Command;
+        if let Some(refusal) = refusal {
+            if refusal != Refusal::NoTransaction {
+                self.transaction = None;
+            }
+            return Step::Reply(refusal_reply(refusal, self.limits.message_size_max));
+        }
+        let transaction = self.transaction.take().expect("end of message has a transaction");
+        if let Some(reply) = self.content_problem(&transaction.data) {
+            return Step::Reply(reply);
+        }
+        self.messages += 1;
+        let queue_id = format!("{:014X}{:04X}", self.connection_id, self.messages);
+        let mut body = self.received_header(&transaction, &queue_id, self.now_ms).into_bytes();
+        body.extend_from_slice(&transaction.data);
+        self.phase = Phase::AwaitingSpool;
+        Step::Submit(Submission {
+            queue_id,
+            mail_from: transaction.mail_from,
+            recipients: transaction.recipients,
+            body,
+        })
+    }
+
+    /// Refuses content that would be dangerous to store or relay.
+    fn content_problem(&self, data: &[u8]) -> Option<Reply> {
+        let header_end = find(data, b"\r\n\r\n").map_or(data.len(), |p| p + 2);
+        if header_end > self.limits.header_size_max {
+            return Some(Reply::new(
+                552,
+                (5, 3, 4),
+                format!(
+                    "Message header exceeds the limit of {} bytes",
+                    self.limits.header_size_max
+                ),
+            ));
+        }
+        // SMTP smuggling: a bare LF or CR could end this message early at a less careful
+        // server downstream. Refuse rather than guess (RFC 5321 2.3.8).
+        if has_bare_cr_or_lf(data) {
+            return Some(Reply::new(
+                550,
+                (5, 6, 0),
+                "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 2.3.8)",
+            ));
+        }
+        None
+    }
+
+    fn received_header(&self, transaction: &Transaction, queue_id: &str, now_ms: i64) -> String {
+        let (helo, extended) = self
+            .helo
+            .as_ref()
+            .map_or(("unknown", false), |(h, e)| (h.as_str(), *e));
+        let protocol = match (extended, transaction.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, _) => "SMTP",
+        };
+        let for_clause = match transaction.recipients.as_slice() {
+            [one] => format!("\r\n\tfor <{one}>"),
+            _ => String::new(),
+        };
+        let date = mail_builder::headers::date::Date::new(now_ms / 1000).to_rfc822();
+        format!(
+            "Received: from {helo} ([{ip}])\r\n\tby {host} (Mailroom) with {protocol} id {queue_id}{for_clause};\r\n\t{date}\r\n",
+            helo = sanitize(helo),
+            ip = self.peer.ip(),
+            host = self.limits.hostname,
+        )
+    }
+}
+
+fn refusal_reply(refusal: Refusal, size_max: usize) -> Reply {
+    match refusal {
+        Refusal::TooBig => Reply::new(
+            552,
+            (5, 3, 4),
+            format!("Message size exceeds the limit of {size_max} bytes"),
+        ),
+        Refusal::NoTransaction => Reply::new(503, (5, 5, 1), "Send MAIL and RCPT first"),
+    }
+}
+
+fn parse_error_reply(error: ProtoError) -> Reply {
+    match error {
+        ProtoError::UnknownCommand => Reply::new(500, (5, 5, 1), "Unknown command"),
+        ProtoError::InvalidSenderAddress => Reply::new(501, (5, 1, 7), "Bad sender address syntax"),
+        ProtoError::InvalidRecipientAddress => {
+            Reply::new(501, (5, 1, 3), "Bad recipient address syntax")
+        }
+        ProtoError::InvalidParameter { param } => {
+            Reply::new(501, (5, 5, 4), format!("Invalid parameter {param}"))
+        }
+        ProtoError::UnsupportedParameter { param } => {
+            Reply::new(555, (5, 5, 4), format!("Unsupported parameter {}", sanitize(&param)))
+        }
+        ProtoError::SyntaxError { syntax } => {
+            Reply::new(501, (5, 5, 4), format!("Syntax: {syntax}"))
+        }
+        ProtoError::ResponseTooLong => Reply::new(500, (5, 5, 2), "Line too long"),
+        ProtoError::NeedsMoreData { .. } | ProtoError::InvalidResponse { .. } => {
+            Reply::new(500, (5, 5, 2), "Syntax error")
+        }
+    }
+}
+
+/// Keeps client-supplied text out of headers and replies unless it is printable.
+fn sanitize(text: &str) -> Cow<'_, str> {
+    if text.chars().all(|c| !c.is_control() && c != '(' && c != ')') && text.len() <= 255 {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(
+            text.chars()
+                .filter(|c| !c.is_control() && *c != '(' && *c != ')')
+                .take(255)
+                .collect(),
+        )
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn has_bare_cr_or_lf(data: &[u8]) -> bool {
+    let mut previous = 0u8;
+    for (index, &byte) in data.iter().enumerate() {
+        match byte {
+            b'\n' if previous != b'\r' => return true,
+            b'\r' if data.get(index + 1) != Some(&b'\n') => return true,
+            _ => {}
+        }
+        previous = byte;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+    impl RecipientPolicy for Fixed {
+        fn resolve(&self, address: &str) -> Resolution {
+            if address.ends_with("@remote.test") {
+                Resolution::Remote
+            } else if address.starts_with("nobody@") {
+                Resolution::UnknownLocal
+            } else {
+                Resolution::Local(Arc::new(mailroom_directory::Recipient {
+                    id: 1,
+                    alias: "a".into(),
+                    display_name: String::new(),
+                    primary_address: address.into(),
+                    addresses: vec![address.into()],
+                    password_hash: None,
+                }))
+            }
+        }
+    }
+
+    /// Feeds `input`, answers every submission with success, returns the wire output and
+    /// the submissions.
+    fn run(limits: SmtpLimits, input: &[u8]) -> (String, Vec<Submission>) {
+        let mut session = Session::new(Arc::new(limits), "127.0.0.1:1".parse().unwrap(), false, 7);
+        let mut out = Vec::new();
+        let mut submissions = Vec::new();
+        session.receive(input);
+        loop {
+            match session.advance(&Fixed, 0) {
+                Step::Reply(r) => r.render(&mut out),
+                Step::Submit(s) => {
+                    let id = s.queue_id.clone();
+                    submissions.push(s);
+                    session.submitted(Ok(()), &id).render(&mut out);
+                }
+                Step::NeedInput | Step::Close => break,
+            }
+        }
+        (String::from_utf8(out).unwrap(), submissions)
+    }
+
+    fn codes(out: &str) -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_transaction() {
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nRCPT TO:<nobody@l.test>\r\n\
+RCPT TO:<b@remote.test>\r\nDATA\r\nSubject: t\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "550", "550", "354", "250", "221"]);
+        assert!(out.contains("550 5.1.1"));
+        assert!(out.contains("550 5.7.1"));
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].recipients, ["a@l.test"]);
+        let body = String::from_utf8(subs[0].body.clone()).unwrap();
+        assert!(body.starts_with("Received: from c ([127.0.0.1])\r\n\tby localhost (Mailroom) with ESMTP id "));
+        assert!(body.ends_with("\r\nSubject: t\r\n\r\n.dot\r\n"), "{body:?}");
+    }
+
+    #[test]
+    fn bdat_chunks_and_order_errors() {
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nBDAT 3\r\nabcMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 5\r\nhello\
+BDAT 8 LAST\r\n world\r\nDATA\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "503", "250", "250", "250", "250", "503"]);
+        assert_eq!(subs.len(), 1);
+        assert!(subs[0].body.ends_with(b"hello world\r\n"));
+    }
+
+    #[test]
+    fn oversize_data_is_discarded_and_refused() {
+        let limits = SmtpLimits {
+            message_size_max: 100,
+            ..SmtpLimits::default()
+        };
+        let mut input = b"EHLO c\r\nMAIL FROM:<s@x.test> SIZE=101\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 300));
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let (out, subs) = run(limits, &input);
+        assert_eq!(codes(&out), ["250", "552", "250", "250", "354", "552", "250"]);
+        assert!(subs.is_empty());
+    }
+
+    #[test]
+    fn smuggled_end_of_data_is_refused_and_makes_no_second_message() {
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: a\r\n\r\nx\n.\r\n\
+MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\n",
+        );
+        assert!(subs.is_empty(), "{out}");
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "550"]);
+        assert!(out.contains("bare CR or LF"));
+    }
+
+    #[test]
+    fn limits_on_lines_recipients_and_errors() {
+        let limits = SmtpLimits {
+            recipients_max: 1,
+            line_length_max: 64,
+            errors_max: 2,
+            ..SmtpLimits::default()
+        };
+        let mut input = b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nRCPT TO:<b@l.test>\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'A', 200));
+        input.extend_from_slice(b"\r\nFOO\r\nBAR\r\nNOOP\r\n");
+        let (out, _) = run(limits, &input);
+        assert_eq!(codes(&out), ["250", "250", "250", "452", "500", "500", "421"]);
+    }
+
+    #[test]
+    fn smtputf8_addresses_need_the_parameter() {
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            "EHLO c\r\nMAIL FROM:<jörg@x.test>\r\nMAIL FROM:<jörg@x.test> SMTPUTF8\r\nRCPT TO:<ñ@l.test>\r\nDATA\r\nSubject: é\r\n\r\nü\r\n.\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(codes(&out), ["250", "553", "250", "250", "354", "250"]);
+        assert!(String::from_utf8_lossy(&subs[0].body).contains("with UTF8SMTP"));
+    }
+}
