@@ -142,6 +142,13 @@ impl Workers {
         Ok(Workers { threads })
     }
 
+    /// Waits for every worker thread to return (after cancellation).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+
     /// True once every worker thread has returned.
     pub fn finished(&self) -> bool {
         self.threads.iter().all(JoinHandle::is_finished)

@@ -1,0 +1,90 @@
+//! The admin API client behind the CLI's subcommands.
+//!
+//! It finds a local server through the data folder (`admin.url`, `admin.token`, written
+//! by `serve` with owner-only permissions), or a remote one with `--server` and `--token`.
+
+use crate::server::{ADMIN_TOKEN_FILE, ADMIN_URL_FILE};
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// A client of one server's admin API.
+pub struct AdminClient {
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// A client for the API at `base` (e.g. `http://127.0.0.1:8025`).
+    pub fn new(base: &str, token: &str) -> AdminClient {
+        AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+        }
+    }
+
+    /// A client for the server whose data folder is `dir`.
+    pub fn from_data_dir(dir: &Path) -> anyhow::Result<AdminClient> {
+        let url = std::fs::read_to_string(dir.join(ADMIN_URL_FILE)).with_context(|| {
+            format!(
+                "no running Mailroom found in the data folder {} (is `mailroom serve` running? \
+                 use --data DIR, or --server URL --token T)",
+                dir.display()
+            )
+        })?;
+        let token = std::fs::read_to_string(dir.join(ADMIN_TOKEN_FILE)).with_context(|| {
+            format!("cannot read {} in {}", ADMIN_TOKEN_FILE, dir.display())
+        })?;
+        Ok(AdminClient::new(url.trim(), &token))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{}", self.base, path)
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        match result {
+            Ok(response) => Ok(response.into_json()?),
+            Err(ureq::Error::Status(code, response)) => {
+                let body: serde_json::Value = response.into_json().unwrap_or_default();
+                let message = body["error"].as_str().unwrap_or("no details").to_string();
+                bail!("the server refused ({code}): {message}")
+            }
+            Err(e) => bail!(
+                "cannot reach the Mailroom admin API at {}: {e} (is `mailroom serve` running?)",
+                self.base
+            ),
+        }
+    }
+
+    /// GET a JSON resource under `/api/v1`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let request = ureq::get(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        self.answer(request.call())
+    }
+
+    /// POST a JSON body to a resource under `/api/v1`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let request = ureq::post(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        self.answer(request.send_json(body))
+    }
+}
+
+/// Percent-encodes one URL path segment (addresses may hold any character).
+pub fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~@+".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,308 @@
+//! The configuration file: one TOML file, every setting with a default.
+//!
+//! Unknown keys are errors that name the key and the line (serde's
+//! `deny_unknown_fields` with the `toml` crate's spans); values out of range are errors
+//! that name the key and say what is allowed. `mailroom config example` prints
+//! [`EXAMPLE`], which a test keeps equal to the defaults.
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Identity, data folder, shutdown.
+    pub server: ServerSection,
+    /// The SMTP listener and its limits.
+    pub smtp: SmtpSection,
+    /// The durable spool.
+    pub spool: SpoolSection,
+    /// Inbound conversion.
+    pub conversion: ConversionSection,
+    /// The admin HTTP API.
+    pub admin: AdminSection,
+    /// Directory settings.
+    pub directory: DirectorySection,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// The name in the SMTP greeting and Received headers.
+    pub hostname: String,
+    /// The primary mail domain; `postmaster@` it is created at first start.
+    pub domain: String,
+    /// The data folder: database, credentials, lock.
+    pub data_dir: PathBuf,
+    /// Longest a shutdown may take before the process exits anyway.
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            hostname: "localhost".into(),
+            domain: "localhost".into(),
+            data_dir: PathBuf::from("mailroom-data"),
+            shutdown_deadline_ms: 5000,
+        }
+    }
+}
+
+/// `[smtp]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSection {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Largest message, bytes.
+    pub message_size_max_bytes: usize,
+    /// Largest header section, bytes.
+    pub header_size_max_bytes: usize,
+    /// Recipients per message.
+    pub recipients_per_message_max: usize,
+    /// Longest command line, bytes.
+    pub command_line_length_max_bytes: usize,
+    /// Failed commands before the session is closed.
+    pub errors_per_session_max: u32,
+    /// Concurrent sessions.
+    pub sessions_max: usize,
+    /// Idle time before a session is closed, seconds.
+    pub idle_timeout_secs: u64,
+    /// Longest session, seconds.
+    pub session_duration_max_secs: u64,
+    /// Client networks that may relay to non-local domains (CIDR).
+    pub relay_networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        SmtpSection {
+            listen: "127.0.0.1:2525".parse().expect("valid address"),
+            message_size_max_bytes: 25 << 20,
+            header_size_max_bytes: 2 << 20,
+            recipients_per_message_max: 100,
+            command_line_length_max_bytes: 2048,
+            errors_per_session_max: 20,
+            sessions_max: 500,
+            idle_timeout_secs: 300,
+            session_duration_max_secs: 3600,
+            relay_networks: Vec::new(),
+        }
+    }
+}
+
+/// `[spool]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSection {
+    /// Share one fsync among all messages pending at once.
+    pub group_commit: bool,
+    /// Messages per commit.
+    pub batch_messages_max: usize,
+    /// Bytes per commit.
+    pub batch_bytes_max: usize,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            group_commit: true,
+            batch_messages_max: 256,
+            batch_bytes_max: 32 << 20,
+        }
+    }
+}
+
+/// `[conversion]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversionSection {
+    /// Worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// Time budget of one message's conversion, milliseconds.
+    pub time_budget_ms: u64,
+    /// Attempts before quarantine.
+    pub attempts_max: u32,
+    /// First retry delay, milliseconds; doubles per attempt.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for ConversionSection {
+    fn default() -> Self {
+        ConversionSection {
+            workers: 0,
+            time_budget_ms: 30_000,
+            attempts_max: 5,
+            retry_delay_ms: 10_000,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Listen address of the admin HTTP API.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:8025".parse().expect("valid address"),
+        }
+    }
+}
+
+/// `[directory]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorySection {
+    /// Domains delivered locally besides `server.domain` and the domains of recipients'
+    /// addresses.
+    pub accepted_domains: Vec<String>,
+}
+
+/// The commented example printed by `mailroom config example`; equal to the defaults.
+pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
+# do not change. Command-line flags (--data, --domain, --smtp, --admin) override it.
+
+[server]
+# The name this server gives itself in the SMTP greeting and in Received headers.
+hostname = "localhost"
+# The primary mail domain. postmaster@<domain> is created at first start.
+domain = "localhost"
+# The data folder: the database (mail, queues, directory), the admin credential, a lock.
+data_dir = "mailroom-data"
+# On SIGTERM/SIGINT the process exits within this time, whatever is in flight.
+# Work not committed stays queued and resumes at the next start.
+shutdown_deadline_ms = 5000
+
+[smtp]
+# Where the SMTP server listens. Port 25 needs privileges; 2525 does not.
+listen = "127.0.0.1:2525"
+# Largest message accepted (advertised with SIZE; larger ones get 552 5.3.4).
+message_size_max_bytes = 26214400
+# Largest header section of a message (larger ones get 552 5.3.4).
+header_size_max_bytes = 2097152
+# Recipients per message; more get 452 4.5.3.
+recipients_per_message_max = 100
+# Longest SMTP command line (RFC 5321 requires at least 512).
+command_line_length_max_bytes = 2048
+# Failed commands tolerated per session before it is closed with 421.
+errors_per_session_max = 20
+# Concurrent SMTP sessions; more are answered 421 4.7.0 and closed.
+sessions_max = 500
+# A session silent for this long is closed with 421 4.4.2 (RFC 5321 suggests 5 minutes).
+idle_timeout_secs = 300
+# A session open for this long is closed with 421 4.4.2.
+session_duration_max_secs = 3600
+# Client networks allowed to send to non-local domains, e.g. ["127.0.0.0/8", "10.0.0.0/8"].
+# Empty: nobody may relay (never an open relay).
+relay_networks = []
+
+[spool]
+# Group commit: one fsync for every message waiting at that moment. Turn off only to
+# measure what it buys.
+group_commit = true
+# Messages per commit, at most.
+batch_messages_max = 256
+# Message bytes per commit, at most.
+batch_bytes_max = 33554432
+
+[conversion]
+# Inbound conversion threads; 0 means one per CPU core.
+workers = 0
+# Time one message's conversion may take before it counts as a failed attempt.
+time_budget_ms = 30000
+# Failed attempts before a message is quarantined (kept, with the reason).
+attempts_max = 5
+# Delay before the first retry of a failed conversion; doubles with every attempt.
+retry_delay_ms = 10000
+
+[admin]
+# The admin HTTP API (/api/v1, /health, /metrics). Loopback by default.
+listen = "127.0.0.1:8025"
+
+[directory]
+# Domains delivered here besides server.domain and the domains of recipients' addresses.
+accepted_domains = []
+"#;
+
+impl Config {
+    /// Reads and checks a config file; errors name the file, the key and the line.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in the config file {}", path.display()))
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense; errors name the key.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let smtp = &self.smtp;
+        let rules: [(&str, bool, &str); 10] = [
+            ("server.hostname", !self.server.hostname.trim().is_empty(), "must not be empty"),
+            ("server.domain", self.server.domain.contains(|c: char| c.is_alphanumeric()) && !self.server.domain.contains('@'), "must be a domain name such as example.com"),
+            ("server.shutdown_deadline_ms", self.server.shutdown_deadline_ms >= 100, "must be at least 100"),
+            ("smtp.message_size_max_bytes", smtp.message_size_max_bytes >= 1024, "must be at least 1024"),
+            ("smtp.header_size_max_bytes", smtp.header_size_max_bytes >= 1024, "must be at least 1024"),
+            ("smtp.recipients_per_message_max", smtp.recipients_per_message_max >= 1, "must be at least 1 (RFC 5321 asks for 100)"),
+            ("smtp.command_line_length_max_bytes", smtp.command_line_length_max_bytes >= 512, "must be at least 512 (RFC 5321 4.5.3.1.4)"),
+            ("smtp.sessions_max", smtp.sessions_max >= 1, "must be at least 1"),
+            ("spool.batch_messages_max", self.spool.batch_messages_max >= 1, "must be at least 1"),
+            ("conversion.attempts_max", self.conversion.attempts_max >= 1, "must be at least 1"),
+        ];
+        for (key, ok, what) in rules {
+            if !ok {
+                bail!("{key} {what}");
+            }
+        }
+        if smtp.idle_timeout_secs == 0 || smtp.session_duration_max_secs == 0 {
+            bail!("smtp.idle_timeout_secs and smtp.session_duration_max_secs must be at least 1");
+        }
+        if self.conversion.time_budget_ms == 0 {
+            bail!("conversion.time_budget_ms must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_the_defaults() {
+        assert_eq!(Config::parse(EXAMPLE).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[smtp]\nlisten = \"127.0.0.1:25\"\nsesions_max = 3\n").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("sesions_max"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::parse("[smtp]\nsessions_max = \"many\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("sessions_max"), "{err:#}");
+        let err = Config::parse("[smtp]\nsessions_max = 0\n").unwrap_err();
+        assert_eq!(err.to_string(), "smtp.sessions_max must be at least 1");
+        let err = Config::parse("[smtp]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+    }
+}

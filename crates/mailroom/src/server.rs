@@ -1,0 +1,307 @@
+//! Start-up and shutdown orchestration of `mailroom serve`.
+//!
+//! Start-up order follows the mail's path backwards, so that nothing accepts work before
+//! the part that takes it over is running: store, directory, spool writer, conversion
+//! workers, then the listeners. Shutdown runs it forwards, within one deadline: stop the
+//! listeners (open sessions get 421), let sessions that wait on the spool get their
+//! answer, let the spool writer drain, let each conversion worker finish its message.
+//! Whatever is not done by the deadline stays queued and resumes at the next start.
+
+use crate::config::Config;
+use anyhow::{Context, bail};
+use mailroom_admin::{AdminState, QueueGauges};
+use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Workers};
+use mailroom_directory::{Change, Directory, generate_password, hash_password};
+use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
+use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
+use mailroom_store::{MailStore, SqliteStore};
+use prometheus_client::registry::Registry;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// File in the data folder holding the admin API's URL.
+pub const ADMIN_URL_FILE: &str = "admin.url";
+/// File in the data folder holding the admin API's bearer token (owner-only).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+const LOCK_FILE: &str = "mailroom.lock";
+const DATABASE_FILE: &str = "mailroom.db";
+
+/// Things a test (never the config file) can add to a server.
+#[derive(Default, Clone)]
+pub struct ServerOptions {
+    /// Run before every message's conversion; tests make it panic or block.
+    pub conversion_hook: Option<ConversionHook>,
+}
+
+/// A running server.
+pub struct RunningServer {
+    /// Where SMTP listens (the real port when the config said 0).
+    pub smtp_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The admin API's bearer token.
+    pub admin_token: String,
+    /// The data folder.
+    pub data_dir: PathBuf,
+    /// The password of `postmaster@<domain>` when this start created it; shown once.
+    pub postmaster_password: Option<String>,
+    /// The store, for tests and tools in the same process.
+    pub store: Arc<dyn MailStore>,
+    /// The directory.
+    pub directory: Directory,
+    cancel: CancellationToken,
+    sessions: TaskTracker,
+    admin_task: tokio::task::JoinHandle<()>,
+    spool: Option<Spool>,
+    spool_thread: std::thread::JoinHandle<()>,
+    workers: Workers,
+    shutdown_deadline: Duration,
+    _lock: File,
+}
+
+/// What a shutdown achieved, for the log and for tests.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    /// How long it took.
+    pub elapsed: Duration,
+    /// True when every part stopped before the deadline.
+    pub clean: bool,
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        bail!(
+            "another Mailroom is already running on the data folder {}; stop it or use --data",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn admin_token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(token) = std::fs::read_to_string(&path)
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim().to_string());
+    }
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no random source: {e}"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Result<Option<String>> {
+    let address = format!("postmaster@{domain}");
+    if directory.snapshot().by_address(&address).is_some() {
+        return Ok(None);
+    }
+    let password = generate_password();
+    let hash = {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || hash_password(&password)).await?
+    };
+    directory
+        .apply(Change::CreateMailbox {
+            address,
+            display_name: "Postmaster".into(),
+            alias: Some("postmaster".into()),
+            password_hash: Some(hash),
+        })
+        .await
+        .context("cannot create the postmaster mailbox")?;
+    Ok(Some(password))
+}
+
+/// Starts every part of the server; see the module documentation for the order.
+pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<RunningServer> {
+    config.check()?;
+    let data_dir = config.server.data_dir.clone();
+    let lock = lock_data_dir(&data_dir)?;
+    let store: Arc<dyn MailStore> = Arc::new(
+        SqliteStore::open(&data_dir.join(DATABASE_FILE))
+            .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
+    );
+    let released = store.release_claims()?;
+    if released > 0 {
+        tracing::info!(released, "released claims left by the previous run");
+    }
+
+    let mut domains = vec![config.server.domain.clone()];
+    domains.extend(config.directory.accepted_domains.iter().cloned());
+    let (directory, _writer_thread) = Directory::start(store.clone(), &domains)?;
+    let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
+
+    let mut registry = Registry::default();
+    let spool_stats = SpoolStats::default();
+    let conversion_stats = ConversionStats::default();
+    let smtp_stats = SmtpStats::default();
+    let queue_gauges = QueueGauges::default();
+    spool_stats.register(&mut registry);
+    conversion_stats.register(&mut registry);
+    smtp_stats.register(&mut registry);
+    queue_gauges.register(&mut registry);
+
+    let doorbell = Doorbell::default();
+    let spool_config = SpoolConfig {
+        group_commit: config.spool.group_commit,
+        batch_messages_max: config.spool.batch_messages_max,
+        batch_bytes_max: config.spool.batch_bytes_max,
+        ..SpoolConfig::default()
+    };
+    let (spool, spool_thread) =
+        Spool::start(store.clone(), spool_config, doorbell.clone(), spool_stats)?;
+
+    let cancel = CancellationToken::new();
+    let workers = if config.conversion.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        config.conversion.workers
+    };
+    let workers = Workers::start(
+        store.clone(),
+        directory.clone(),
+        doorbell,
+        ConversionConfig {
+            workers,
+            time_budget: Duration::from_millis(config.conversion.time_budget_ms),
+            attempts_max: config.conversion.attempts_max,
+            retry_delay: Duration::from_millis(config.conversion.retry_delay_ms),
+            ..ConversionConfig::default()
+        },
+        options.conversion_hook,
+        cancel.clone(),
+        conversion_stats,
+    )?;
+
+    let smtp_listener = TcpListener::bind(config.smtp.listen)
+        .await
+        .with_context(|| format!("cannot listen for SMTP on {} (smtp.listen / --smtp)", config.smtp.listen))?;
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen for the admin API on {} (admin.listen / --admin)", config.admin.listen))?;
+    let smtp_addr = smtp_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let admin_token = admin_token(&data_dir)?;
+    write_private(&data_dir.join(ADMIN_URL_FILE), &format!("http://{admin_addr}"))?;
+
+    let smtp = SmtpServer::new(
+        SmtpLimits {
+            hostname: config.server.hostname.clone(),
+            primary_domain: config.server.domain.clone(),
+            message_size_max: config.smtp.message_size_max_bytes,
+            header_size_max: config.smtp.header_size_max_bytes,
+            recipients_max: config.smtp.recipients_per_message_max,
+            line_length_max: config.smtp.command_line_length_max_bytes,
+            errors_max: config.smtp.errors_per_session_max,
+        },
+        ListenerConfig {
+            sessions_max: config.smtp.sessions_max,
+            idle_timeout: Duration::from_secs(config.smtp.idle_timeout_secs),
+            session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
+            relay_networks: config.smtp.relay_networks.clone(),
+        },
+        directory.clone(),
+        spool.clone(),
+        smtp_stats,
+    );
+    let sessions = TaskTracker::new();
+    tokio::spawn(smtp.serve(smtp_listener, cancel.clone(), sessions.clone()));
+
+    let admin_state = Arc::new(AdminState {
+        store: store.clone(),
+        directory: directory.clone(),
+        registry,
+        queue_gauges,
+        token: admin_token.clone(),
+    });
+    let admin_cancel = cancel.clone();
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = mailroom_admin::serve(admin_listener, admin_state, admin_cancel).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+
+    Ok(RunningServer {
+        smtp_addr,
+        admin_addr,
+        admin_token,
+        data_dir,
+        postmaster_password,
+        store,
+        directory,
+        cancel,
+        sessions,
+        admin_task,
+        spool: Some(spool),
+        spool_thread,
+        workers,
+        shutdown_deadline: Duration::from_millis(config.server.shutdown_deadline_ms),
+        _lock: lock,
+    })
+}
+
+impl RunningServer {
+    /// Stops everything within the configured deadline; see the module documentation.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let started = Instant::now();
+        let deadline = started + self.shutdown_deadline;
+        self.cancel.cancel();
+        self.sessions.close();
+        let sessions_done =
+            tokio::time::timeout_at(deadline.into(), self.sessions.wait()).await.is_ok();
+        // The last spool handle goes; the writer commits what is pending and stops.
+        drop(self.spool.take());
+        let spool_thread = self.spool_thread;
+        let workers = self.workers;
+        let threads_done = tokio::time::timeout_at(
+            deadline.into(),
+            tokio::task::spawn_blocking(move || {
+                let _ = spool_thread.join();
+                workers.join();
+            }),
+        )
+        .await
+        .is_ok();
+        let admin_done = tokio::time::timeout_at(deadline.into(), &mut self.admin_task)
+            .await
+            .is_ok();
+        let report = ShutdownReport {
+            elapsed: started.elapsed(),
+            clean: sessions_done && threads_done && admin_done,
+        };
+        tracing::info!(elapsed_ms = report.elapsed.as_millis() as u64, clean = report.clean, "shutdown finished");
+        report
+    }
+}
