@@ -61,6 +61,8 @@ pub struct RunningServer {
     spool: Option<Spool>,
     spool_thread: std::thread::JoinHandle<()>,
     workers: Workers,
+    /// Rung at shutdown so idle workers notice the cancellation at once.
+    doorbell: Doorbell,
     shutdown_deadline: Duration,
     _lock: File,
 }
@@ -173,6 +175,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     queue_gauges.register(&mut registry);
 
     let doorbell = Doorbell::default();
+    let shutdown_bell = doorbell.clone();
     let spool_config = SpoolConfig {
         group_commit: config.spool.group_commit,
         batch_messages_max: config.spool.batch_messages_max,
@@ -267,6 +270,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         spool: Some(spool),
         spool_thread,
         workers,
+        doorbell: shutdown_bell,
         shutdown_deadline: Duration::from_millis(config.server.shutdown_deadline_ms),
         _lock: lock,
     })
@@ -278,6 +282,7 @@ impl RunningServer {
         let started = Instant::now();
         let deadline = started + self.shutdown_deadline;
         self.cancel.cancel();
+        self.doorbell.ring(usize::MAX);
         self.sessions.close();
         let sessions_done =
             tokio::time::timeout_at(deadline.into(), self.sessions.wait()).await.is_ok();

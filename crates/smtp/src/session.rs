@@ -268,7 +268,9 @@ impl Session {
             return Some(Step::NeedInput);
         };
         let line: Vec<u8> = self.input.drain(..=end).collect();
-        let request = Request::parse(&mut line.iter()).map(Request::into_owned);
+        let request = Request::parse(&mut line.iter())
+            .map(Request::into_owned)
+            .map(|request| bare_postmaster(request, &line));
         Some(match request {
             Ok(request) => self.request(request, policy),
             Err(error) => Step::Reply(parse_error_reply(error)),
@@ -381,6 +383,9 @@ impl Session {
             return Reply::new(553, (5, 6, 7), "Non-ASCII recipient address needs SMTPUTF8");
         }
         let mut address = to.address;
+        if address.is_empty() {
+            return Reply::new(501, (5, 1, 3), "Bad recipient address syntax");
+        }
         if address.eq_ignore_ascii_case("postmaster") {
             address = format!("postmaster@{primary_domain}");
         }
@@ -581,6 +586,21 @@ impl Session {
             ip = self.peer.ip(),
             host = self.limits.hostname,
         )
+    }
+}
+
+/// `RCPT TO:<Postmaster>` (no domain) must be accepted (RFC 5321 4.5.1); the parser
+/// returns it with an empty address, so recover it from the line.
+fn bare_postmaster(request: Request<String>, line: &[u8]) -> Request<String> {
+    match request {
+        Request::Rcpt { mut to } if to.address.is_empty() => {
+            let line = String::from_utf8_lossy(line).to_ascii_lowercase();
+            if line.contains("<postmaster>") {
+                to.address = "postmaster".into();
+            }
+            Request::Rcpt { to }
+        }
+        other => other,
     }
 }
 

@@ -1,0 +1,203 @@
+//! Shared helpers for the integration tests: a whole server on ephemeral loopback ports,
+//! the admin API client, raw SMTP for wire-level checks, and waiting on conditions with
+//! a deadline (never sleeping and hoping).
+
+#![allow(dead_code)]
+
+use mailroom::client::{AdminClient, path_segment};
+use mailroom::{Config, RunningServer, ServerOptions};
+use mailroom_store::MessageSummary;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A config for tests: ephemeral ports, the given data folder, domain example.test.
+pub fn test_config(data: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.data_dir = data.to_path_buf();
+    config.server.domain = "example.test".into();
+    config.server.hostname = "mx.example.test".into();
+    config.smtp.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.conversion.workers = 2;
+    config
+}
+
+/// A server in this process, with its data folder.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config), options: ServerOptions) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let server = mailroom::start(config, options).await.expect("server starts");
+        TestServer { server, dir }
+    }
+
+    pub fn smtp(&self) -> SocketAddr {
+        self.server.smtp_addr
+    }
+
+    pub fn client(&self) -> AdminClient {
+        AdminClient::new(
+            &format!("http://{}", self.server.admin_addr),
+            &self.server.admin_token,
+        )
+    }
+
+    /// Creates mailboxes through the admin API.
+    pub async fn add_recipients(&self, addresses: &[&str]) {
+        let client = self.client();
+        let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            for address in addresses {
+                let _: serde_json::Value = client
+                    .post(
+                        "/recipients",
+                        &serde_json::json!({"address": address, "display_name": "Test"}),
+                    )
+                    .expect("recipient created");
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The INBOX listing of `address`, through the admin API.
+    pub async fn mailbox(&self, address: &str) -> Vec<MessageSummary> {
+        let client = self.client();
+        let path = format!("/mailboxes/{}/messages", path_segment(address));
+        tokio::task::spawn_blocking(move || client.get(&path).expect("mailbox listing"))
+            .await
+            .unwrap()
+    }
+
+    /// The raw bytes of one message, through the admin API.
+    pub async fn raw(&self, address: &str, uid: u32) -> Vec<u8> {
+        let url = format!(
+            "http://{}/api/v1/mailboxes/{}/messages/{uid}/raw",
+            self.server.admin_addr,
+            path_segment(address)
+        );
+        let token = self.server.admin_token.clone();
+        tokio::task::spawn_blocking(move || {
+            let response = ureq_get(&url, &token);
+            let mut body = Vec::new();
+            response.into_reader().read_to_end(&mut body).unwrap();
+            body
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until `address` holds `count` messages; panics with the listing at the deadline.
+    pub async fn wait_for_messages(&self, address: &str, count: usize) -> Vec<MessageSummary> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let messages = self.mailbox(address).await;
+            if messages.len() >= count {
+                return messages;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{address} holds {} messages, expected {count}",
+                messages.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn queues(&self) -> serde_json::Value {
+        let client = self.client();
+        tokio::task::spawn_blocking(move || client.get("/queues").unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+fn ureq_get(url: &str, token: &str) -> ureq::Response {
+    ureq::get(url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .expect("GET succeeds")
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition().await
+}
+
+/// A blocking raw SMTP connection for wire-level checks (exact reply codes, pipelining,
+/// BDAT, smuggling). Real client libraries are used wherever they can express the test.
+pub struct RawSmtp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawSmtp {
+    pub fn connect(addr: SocketAddr) -> RawSmtp {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut raw = RawSmtp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = raw.reply();
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        raw
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply; returns it whole.
+    pub fn reply(&mut self) -> String {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "connection closed; got so far: {text:?}");
+            text.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return text;
+            }
+        }
+    }
+
+    /// Reads `n` replies and returns their codes.
+    pub fn codes(&mut self, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.reply()[..3].to_string()).collect()
+    }
+
+    /// True when the server closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}
+
+/// A message with a unique Message-ID, as raw CRLF text.
+pub fn message(from: &str, to: &str, id: &str, body: &str) -> String {
+    format!(
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: test {id}\r\nMessage-ID: <{id}>\r\n\
+Date: Sat, 28 Nov 2026 10:00:00 +0000\r\n\r\n{body}\r\n"
+    )
+}
