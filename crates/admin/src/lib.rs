@@ -42,13 +42,21 @@ pub struct QueueGauges {
 impl QueueGauges {
     /// Adds the gauges to a Prometheus registry.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("mailroom_queue_depth", "Entries per queue", self.depth.clone());
+        registry.register(
+            "mailroom_queue_depth",
+            "Entries per queue",
+            self.depth.clone(),
+        );
         registry.register(
             "mailroom_queue_oldest_age_seconds",
             "Age of the oldest entry per queue (0 when empty)",
             self.oldest_age_seconds.clone(),
         );
-        registry.register("mailroom_queue_bytes", "Message bytes per queue", self.bytes.clone());
+        registry.register(
+            "mailroom_queue_bytes",
+            "Message bytes per queue",
+            self.bytes.clone(),
+        );
     }
 
     fn update(&self, summaries: &[QueueSummary], now_ms: i64) {
@@ -222,7 +230,12 @@ fn find_recipient(state: &AdminState, address: &str) -> Result<Arc<Recipient>, A
         .snapshot()
         .by_address(address)
         .cloned()
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no recipient has the address {address}")))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no recipient has the address {address}"),
+            )
+        })
 }
 
 async fn show_recipient(
@@ -313,7 +326,9 @@ async fn list_messages(
     let recipient = find_recipient(&state, &address)?;
     let folder = query.folder.unwrap_or_else(|| "INBOX".into());
     let store = state.store.clone();
-    Ok(Json(blocking(move || store.mailbox_messages(recipient.id, &folder)).await?))
+    Ok(Json(
+        blocking(move || store.mailbox_messages(recipient.id, &folder)).await?,
+    ))
 }
 
 async fn raw_message(
@@ -389,5 +404,7 @@ async fn queue_items(
     })?;
     let limit = query.limit.unwrap_or(1000).min(100_000);
     let store = state.store.clone();
-    Ok(Json(blocking(move || store.queue_items(Some(name), limit)).await?))
+    Ok(Json(
+        blocking(move || store.queue_items(Some(name), limit)).await?,
+    ))
 }

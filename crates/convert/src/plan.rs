@@ -11,7 +11,11 @@ pub const UNKNOWN_LOCAL: &str =
 /// Resolves every envelope recipient with `snapshot`: local mailboxes de-duplicated (two
 /// addresses of one person give one copy), remote addresses kept for the outbound queue,
 /// and unknown local addresses kept with a reason. Nothing is dropped.
-pub fn delivery_plan(facts: MessageFacts, recipients: &[String], snapshot: &Snapshot) -> DeliveryPlan {
+pub fn delivery_plan(
+    facts: MessageFacts,
+    recipients: &[String],
+    snapshot: &Snapshot,
+) -> DeliveryPlan {
     let mut plan = DeliveryPlan {
         facts,
         ..DeliveryPlan::default()

@@ -76,12 +76,36 @@ impl ConversionStats {
     /// Adds the counters to a Prometheus registry.
     pub fn register(&self, registry: &mut Registry) {
         let pairs = [
-            ("mailroom_conversion_converted", "Inbound messages converted", &self.converted),
-            ("mailroom_messages_delivered", "Copies delivered to local mailboxes", &self.delivered),
-            ("mailroom_conversion_routed_remote", "Recipients recorded in the outbound queue", &self.routed_remote),
-            ("mailroom_conversion_failures", "Conversion attempts that failed", &self.failures),
-            ("mailroom_conversion_quarantined", "Messages moved to quarantine", &self.quarantined),
-            ("mailroom_conversion_abandoned", "Conversion threads abandoned after overrunning their time budget", &self.abandoned),
+            (
+                "mailroom_conversion_converted",
+                "Inbound messages converted",
+                &self.converted,
+            ),
+            (
+                "mailroom_messages_delivered",
+                "Copies delivered to local mailboxes",
+                &self.delivered,
+            ),
+            (
+                "mailroom_conversion_routed_remote",
+                "Recipients recorded in the outbound queue",
+                &self.routed_remote,
+            ),
+            (
+                "mailroom_conversion_failures",
+                "Conversion attempts that failed",
+                &self.failures,
+            ),
+            (
+                "mailroom_conversion_quarantined",
+                "Messages moved to quarantine",
+                &self.quarantined,
+            ),
+            (
+                "mailroom_conversion_abandoned",
+                "Conversion threads abandoned after overrunning their time budget",
+                &self.abandoned,
+            ),
         ];
         for (name, help, counter) in pairs {
             registry.register(name, help, counter.clone());
@@ -190,7 +214,10 @@ impl Worker {
             Err(Failure::OverBudget) => {
                 self.stats.abandoned.inc();
                 let budget = self.config.time_budget.as_millis();
-                self.fail(&item, &format!("conversion exceeded its time budget of {budget} ms"))
+                self.fail(
+                    &item,
+                    &format!("conversion exceeded its time budget of {budget} ms"),
+                )
             }
         }
     }
@@ -208,10 +235,12 @@ impl Worker {
                     }
                     message_facts(&body)
                 }));
-                let _ = done.send(outcome.map_err(|panic| panic_message(&panic)));
+                let _ = done.send(outcome.map_err(|panic| panic_message(&*panic)));
             });
         if let Err(e) = spawned {
-            return Err(Failure::Panicked(format!("cannot start a parse thread: {e}")));
+            return Err(Failure::Panicked(format!(
+                "cannot start a parse thread: {e}"
+            )));
         }
         match result.recv_timeout(self.config.time_budget) {
             Ok(Ok(facts)) => Ok(facts),
@@ -248,7 +277,10 @@ impl Worker {
     fn fail(&self, item: &ClaimedItem, reason: &str) {
         self.stats.failures.inc();
         if item.attempts >= self.config.attempts_max {
-            let reason = format!("{reason} (attempt {} of {})", item.attempts, self.config.attempts_max);
+            let reason = format!(
+                "{reason} (attempt {} of {})",
+                item.attempts, self.config.attempts_max
+            );
             return self.quarantine(item, &reason);
         }
         let backoff = self.config.retry_delay * 2u32.saturating_pow(item.attempts - 1).min(64);

@@ -1,7 +1,7 @@
 //! Password hashing: Argon2id PHC strings, so a stolen database yields no passwords.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// Hashes a password with Argon2id and a random salt.
 pub fn hash_password(password: &str) -> String {

@@ -214,7 +214,10 @@ mod tests {
         let snap = Snapshot::empty(&["Example.TEST".into()])
             .with_recipient(recipient(1, &["alice@example.test", "al@other.test"]));
         assert!(matches!(snap.resolve("ALICE@example.test"), Resolution::Local(r) if r.id == 1));
-        assert!(matches!(snap.resolve("al@other.test"), Resolution::Local(_)));
+        assert!(matches!(
+            snap.resolve("al@other.test"),
+            Resolution::Local(_)
+        ));
         assert_eq!(snap.resolve("bob@example.test"), Resolution::UnknownLocal);
         assert_eq!(snap.resolve("bob@other.test"), Resolution::UnknownLocal);
         assert_eq!(snap.resolve("bob@remote.test"), Resolution::Remote);

@@ -121,7 +121,9 @@ impl Directory {
         self.requests
             .blocking_send(Request { change, reply })
             .map_err(|_| DirectoryError::Stopped)?;
-        answer.blocking_recv().map_err(|_| DirectoryError::Stopped)?
+        answer
+            .blocking_recv()
+            .map_err(|_| DirectoryError::Stopped)?
     }
 }
 
@@ -208,7 +210,11 @@ impl Writer {
         let generation = base.generation() + 1;
         let next = Arc::new(next.with_generation(generation));
         self.current.store(next.clone());
-        tracing::debug!(generation, changes = valid.len(), "published directory snapshot");
+        tracing::debug!(
+            generation,
+            changes = valid.len(),
+            "published directory snapshot"
+        );
         for (one, recipient) in valid.into_iter().zip(applied) {
             let result = recipient.ok_or_else(|| DirectoryError::Store("lost a record".into()));
             let _ = one.reply.send(result);
@@ -254,18 +260,21 @@ fn validate(
                 ));
             }
             let alias = alias.unwrap_or_else(|| {
-                address.rsplit_once('@').map_or(address.clone(), |(l, _)| l.to_string())
+                address
+                    .rsplit_once('@')
+                    .map_or(address.clone(), |(l, _)| l.to_string())
             });
             let alias_key = alias.to_lowercase();
             if alias.trim().is_empty() {
                 return Err(invalid(&address, "alias", "must not be empty".into()));
             }
-            if snapshot.by_alias(&alias).is_some() || claimed.aliases.contains(&alias_key)
-            {
+            if snapshot.by_alias(&alias).is_some() || claimed.aliases.contains(&alias_key) {
                 return Err(invalid(
                     &address,
                     "alias",
-                    format!("{alias:?} is already used by another recipient; choose another with --alias"),
+                    format!(
+                        "{alias:?} is already used by another recipient; choose another with --alias"
+                    ),
                 ));
             }
             claimed.addresses.insert(key);
@@ -317,11 +326,16 @@ mod tests {
     fn a_change_publishes_a_new_generation_and_persists() {
         let (directory, dir) = start();
         let before = directory.snapshot();
-        let alice = directory.apply_blocking(create("alice@example.test")).unwrap();
+        let alice = directory
+            .apply_blocking(create("alice@example.test"))
+            .unwrap();
         assert_eq!(alice.alias, "alice");
         let after = directory.snapshot();
         assert_eq!(after.generation(), before.generation() + 1);
-        assert!(before.by_address("alice@example.test").is_none(), "old snapshot unchanged");
+        assert!(
+            before.by_address("alice@example.test").is_none(),
+            "old snapshot unchanged"
+        );
         assert_eq!(after.by_address("Alice@Example.test").unwrap().id, alice.id);
         drop(directory);
         // A restart loads what was stored.
@@ -333,17 +347,35 @@ mod tests {
     #[test]
     fn invalid_changes_name_the_field_and_leave_the_snapshot() {
         let (directory, _dir) = start();
-        directory.apply_blocking(create("alice@example.test")).unwrap();
+        directory
+            .apply_blocking(create("alice@example.test"))
+            .unwrap();
         let generation = directory.snapshot().generation();
-        let err = directory.apply_blocking(create("ALICE@example.test")).unwrap_err();
+        let err = directory
+            .apply_blocking(create("ALICE@example.test"))
+            .unwrap_err();
         assert!(
-            matches!(&err, DirectoryError::Invalid { field: "address", .. }),
+            matches!(
+                &err,
+                DirectoryError::Invalid {
+                    field: "address",
+                    ..
+                }
+            ),
             "{err}"
         );
         let err = directory.apply_blocking(create("no-at-sign")).unwrap_err();
-        assert_eq!(err.to_string(), "no-at-sign: field address: \"no-at-sign\" has no @");
-        let err = directory.apply_blocking(create("alice@other.test")).unwrap_err();
-        assert!(matches!(&err, DirectoryError::Invalid { field: "alias", .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "no-at-sign: field address: \"no-at-sign\" has no @"
+        );
+        let err = directory
+            .apply_blocking(create("alice@other.test"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, DirectoryError::Invalid { field: "alias", .. }),
+            "{err}"
+        );
         assert_eq!(directory.snapshot().generation(), generation);
     }
 
@@ -361,6 +393,9 @@ mod tests {
         }
         let snap = directory.snapshot();
         assert_eq!(snap.len(), 200);
-        assert!(snap.generation() <= 201, "at most one publication per change");
+        assert!(
+            snap.generation() <= 201,
+            "at most one publication per change"
+        );
     }
 }

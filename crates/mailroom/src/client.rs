@@ -33,9 +33,8 @@ impl AdminClient {
                 dir.display()
             )
         })?;
-        let token = std::fs::read_to_string(dir.join(ADMIN_TOKEN_FILE)).with_context(|| {
-            format!("cannot read {} in {}", ADMIN_TOKEN_FILE, dir.display())
-        })?;
+        let token = std::fs::read_to_string(dir.join(ADMIN_TOKEN_FILE))
+            .with_context(|| format!("cannot read {} in {}", ADMIN_TOKEN_FILE, dir.display()))?;
         Ok(AdminClient::new(url.trim(), &token))
     }
 
@@ -63,15 +62,19 @@ impl AdminClient {
 
     /// GET a JSON resource under `/api/v1`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let request = ureq::get(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request =
+            ureq::get(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
         self.answer(request.call())
     }
 
     /// POST a JSON body to a resource under `/api/v1`.
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let request = ureq::post(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let request =
+            ureq::post(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
         self.answer(request.send_json(body))
     }
 }

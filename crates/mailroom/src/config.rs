@@ -253,16 +253,57 @@ impl Config {
     pub fn check(&self) -> anyhow::Result<()> {
         let smtp = &self.smtp;
         let rules: [(&str, bool, &str); 10] = [
-            ("server.hostname", !self.server.hostname.trim().is_empty(), "must not be empty"),
-            ("server.domain", self.server.domain.contains(|c: char| c.is_alphanumeric()) && !self.server.domain.contains('@'), "must be a domain name such as example.com"),
-            ("server.shutdown_deadline_ms", self.server.shutdown_deadline_ms >= 100, "must be at least 100"),
-            ("smtp.message_size_max_bytes", smtp.message_size_max_bytes >= 1024, "must be at least 1024"),
-            ("smtp.header_size_max_bytes", smtp.header_size_max_bytes >= 1024, "must be at least 1024"),
-            ("smtp.recipients_per_message_max", smtp.recipients_per_message_max >= 1, "must be at least 1 (RFC 5321 asks for 100)"),
-            ("smtp.command_line_length_max_bytes", smtp.command_line_length_max_bytes >= 512, "must be at least 512 (RFC 5321 4.5.3.1.4)"),
-            ("smtp.sessions_max", smtp.sessions_max >= 1, "must be at least 1"),
-            ("spool.batch_messages_max", self.spool.batch_messages_max >= 1, "must be at least 1"),
-            ("conversion.attempts_max", self.conversion.attempts_max >= 1, "must be at least 1"),
+            (
+                "server.hostname",
+                !self.server.hostname.trim().is_empty(),
+                "must not be empty",
+            ),
+            (
+                "server.domain",
+                self.server.domain.contains(|c: char| c.is_alphanumeric())
+                    && !self.server.domain.contains('@'),
+                "must be a domain name such as example.com",
+            ),
+            (
+                "server.shutdown_deadline_ms",
+                self.server.shutdown_deadline_ms >= 100,
+                "must be at least 100",
+            ),
+            (
+                "smtp.message_size_max_bytes",
+                smtp.message_size_max_bytes >= 1024,
+                "must be at least 1024",
+            ),
+            (
+                "smtp.header_size_max_bytes",
+                smtp.header_size_max_bytes >= 1024,
+                "must be at least 1024",
+            ),
+            (
+                "smtp.recipients_per_message_max",
+                smtp.recipients_per_message_max >= 1,
+                "must be at least 1 (RFC 5321 asks for 100)",
+            ),
+            (
+                "smtp.command_line_length_max_bytes",
+                smtp.command_line_length_max_bytes >= 512,
+                "must be at least 512 (RFC 5321 4.5.3.1.4)",
+            ),
+            (
+                "smtp.sessions_max",
+                smtp.sessions_max >= 1,
+                "must be at least 1",
+            ),
+            (
+                "spool.batch_messages_max",
+                self.spool.batch_messages_max >= 1,
+                "must be at least 1",
+            ),
+            (
+                "conversion.attempts_max",
+                self.conversion.attempts_max >= 1,
+                "must be at least 1",
+            ),
         ];
         for (key, ok, what) in rules {
             if !ok {
@@ -290,7 +331,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = Config::parse("[smtp]\nlisten = \"127.0.0.1:25\"\nsesions_max = 3\n").unwrap_err();
+        let err =
+            Config::parse("[smtp]\nlisten = \"127.0.0.1:25\"\nsesions_max = 3\n").unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("sesions_max"), "{text}");
         assert!(text.contains("line 3"), "{text}");

@@ -14,7 +14,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "mailroom", version, about = "An all-in-one mail server that never wedges")]
+#[command(
+    name = "mailroom",
+    version,
+    about = "An all-in-one mail server that never wedges"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -200,7 +204,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("Mailroom is running.");
         println!("  data folder: {}", server.data_dir.display());
         println!("  SMTP:        {}", server.smtp_addr);
-        println!("  admin API:   http://{}  (token in {}/admin.token)", server.admin_addr, server.data_dir.display());
+        println!(
+            "  admin API:   http://{}  (token in {}/admin.token)",
+            server.admin_addr,
+            server.data_dir.display()
+        );
         println!("  mail domain: {}", config.server.domain);
         if let Some(password) = &server.postmaster_password {
             println!(
@@ -209,7 +217,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         wait_for_signal().await;
-        println!("Shutting down (deadline {} ms)...", config.server.shutdown_deadline_ms);
+        println!(
+            "Shutting down (deadline {} ms)...",
+            config.server.shutdown_deadline_ms
+        );
         Ok::<_, anyhow::Error>(server.shutdown().await)
     })?;
     println!("Stopped in {} ms.", report.elapsed.as_millis());
@@ -310,7 +321,10 @@ fn mailbox_list(address: &str, json: bool, target: &Target) -> anyhow::Result<()
         println!("{}", serde_json::to_string_pretty(&messages)?);
         return Ok(());
     }
-    println!("{:>6}  {:<20}  {:>8}  {:<30}  {:<40}  SUBJECT", "UID", "RECEIVED", "SIZE", "FROM", "MESSAGE-ID");
+    println!(
+        "{:>6}  {:<20}  {:>8}  {:<30}  {:<40}  SUBJECT",
+        "UID", "RECEIVED", "SIZE", "FROM", "MESSAGE-ID"
+    );
     for m in &messages {
         println!(
             "{:>6}  {:<20}  {:>8}  {:<30}  {:<40}  {}",
@@ -332,7 +346,10 @@ fn queue_list(json: bool, target: &Target) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{:<14} {:>8} {:>12} {:>12}", "QUEUE", "DEPTH", "BYTES", "OLDEST");
+    println!(
+        "{:<14} {:>8} {:>12} {:>12}",
+        "QUEUE", "DEPTH", "BYTES", "OLDEST"
+    );
     for q in &report.queues {
         let oldest = q
             .oldest_age_seconds

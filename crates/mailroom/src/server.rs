@@ -209,15 +209,28 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
 
     let smtp_listener = TcpListener::bind(config.smtp.listen)
         .await
-        .with_context(|| format!("cannot listen for SMTP on {} (smtp.listen / --smtp)", config.smtp.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for SMTP on {} (smtp.listen / --smtp)",
+                config.smtp.listen
+            )
+        })?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
-        .with_context(|| format!("cannot listen for the admin API on {} (admin.listen / --admin)", config.admin.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for the admin API on {} (admin.listen / --admin)",
+                config.admin.listen
+            )
+        })?;
     let smtp_addr = smtp_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
     let admin_token = admin_token(&data_dir)?;
-    write_private(&data_dir.join(ADMIN_URL_FILE), &format!("http://{admin_addr}"))?;
+    write_private(
+        &data_dir.join(ADMIN_URL_FILE),
+        &format!("http://{admin_addr}"),
+    )?;
 
     let smtp = SmtpServer::new(
         SmtpLimits {
@@ -284,8 +297,9 @@ impl RunningServer {
         self.cancel.cancel();
         self.doorbell.ring(usize::MAX);
         self.sessions.close();
-        let sessions_done =
-            tokio::time::timeout_at(deadline.into(), self.sessions.wait()).await.is_ok();
+        let sessions_done = tokio::time::timeout_at(deadline.into(), self.sessions.wait())
+            .await
+            .is_ok();
         // The last spool handle goes; the writer commits what is pending and stops.
         drop(self.spool.take());
         let spool_thread = self.spool_thread;
@@ -306,7 +320,11 @@ impl RunningServer {
             elapsed: started.elapsed(),
             clean: sessions_done && threads_done && admin_done,
         };
-        tracing::info!(elapsed_ms = report.elapsed.as_millis() as u64, clean = report.clean, "shutdown finished");
+        tracing::info!(
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            clean = report.clean,
+            "shutdown finished"
+        );
         report
     }
 }

@@ -42,7 +42,10 @@ async fn a_message_sent_with_lettre_lands_in_the_mailbox_with_its_fields() {
     let raw = server.raw("alice@example.test", 1).await;
     assert_eq!(raw.len() as u64, m.size);
     let text = String::from_utf8(raw.clone()).unwrap();
-    assert!(text.starts_with("Return-Path: <bob@remote.test>\r\nReceived: from "), "{text}");
+    assert!(
+        text.starts_with("Return-Path: <bob@remote.test>\r\nReceived: from "),
+        "{text}"
+    );
     assert!(text.contains("by mx.example.test (Mailroom) with ESMTP id "));
     // lettre always ends DATA with "\r\n.\r\n", so a message that ends in CRLF gains
     // one empty line on the wire; the server must keep exactly what was on the wire.
@@ -137,11 +140,8 @@ with smtplib.SMTP('127.0.0.1', {port}) as s:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_unknown_relay_and_oversize_with_lettre() {
-    let server = TestServer::start_with(
-        |c| c.smtp.message_size_max_bytes = 4096,
-        Default::default(),
-    )
-    .await;
+    let server =
+        TestServer::start_with(|c| c.smtp.message_size_max_bytes = 4096, Default::default()).await;
     server.add_recipients(&["alice@example.test"]).await;
     let transport = lettre_to(&server);
     let send = |to: &str, body: String| {
@@ -153,13 +153,23 @@ async fn refusals_unknown_relay_and_oversize_with_lettre() {
             .unwrap();
         transport.send(email)
     };
-    let unknown = send("nobody@example.test", "hi\n".into()).await.unwrap_err();
+    let unknown = send("nobody@example.test", "hi\n".into())
+        .await
+        .unwrap_err();
     assert!(unknown.to_string().contains("5.1.1"), "{unknown}");
     assert_eq!(unknown.status().map(|c| c.to_string()), Some("550".into()));
-    let relay = send("someone@elsewhere.test", "hi\n".into()).await.unwrap_err();
+    let relay = send("someone@elsewhere.test", "hi\n".into())
+        .await
+        .unwrap_err();
     assert!(relay.to_string().contains("5.7.1"), "{relay}");
-    let big = send("alice@example.test", "x".repeat(10_000)).await.unwrap_err();
-    assert_eq!(big.status().map(|c| c.to_string()), Some("552".into()), "{big}");
+    let big = send("alice@example.test", "x".repeat(10_000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        big.status().map(|c| c.to_string()),
+        Some("552".into()),
+        "{big}"
+    );
     // Nothing of the refused mail was stored.
     assert!(server.mailbox("alice@example.test").await.is_empty());
     server.server.shutdown().await;
@@ -175,13 +185,22 @@ async fn pipelining_too_many_recipients_and_oversize_data() {
         Default::default(),
     )
     .await;
-    server.add_recipients(&["a@example.test", "b@example.test", "c@example.test", "d@example.test"]).await;
+    server
+        .add_recipients(&[
+            "a@example.test",
+            "b@example.test",
+            "c@example.test",
+            "d@example.test",
+        ])
+        .await;
     let addr = server.smtp();
     let codes = tokio::task::spawn_blocking(move || {
         let mut smtp = RawSmtp::connect(addr);
         smtp.send(b"EHLO client.test\r\n");
         let ehlo = smtp.reply();
-        assert!(ehlo.contains("PIPELINING") && ehlo.contains("CHUNKING") && ehlo.contains("SIZE 2048"));
+        assert!(
+            ehlo.contains("PIPELINING") && ehlo.contains("CHUNKING") && ehlo.contains("SIZE 2048")
+        );
         // One write: the whole transaction, pipelined (RFC 2920).
         let mut batch = String::from("MAIL FROM:<s@remote.test>\r\n");
         for r in ["a", "b", "c", "d"] {
@@ -205,10 +224,15 @@ async fn pipelining_too_many_recipients_and_oversize_data() {
     .unwrap();
     assert_eq!(
         codes,
-        ["250", "250", "250", "250", "452", "354", "250", "250", "250", "354", "552", "250", "221"]
+        [
+            "250", "250", "250", "250", "452", "354", "250", "250", "250", "354", "552", "250",
+            "221"
+        ]
     );
     for r in ["a", "b", "c"] {
-        let m = server.wait_for_messages(&format!("{r}@example.test"), 1).await;
+        let m = server
+            .wait_for_messages(&format!("{r}@example.test"), 1)
+            .await;
         assert_eq!(m.len(), 1);
     }
     assert!(server.mailbox("d@example.test").await.is_empty());
@@ -220,7 +244,12 @@ async fn bdat_chunks_make_one_message() {
     let server = TestServer::start().await;
     server.add_recipients(&["alice@example.test"]).await;
     let addr = server.smtp();
-    let body = message("s@remote.test", "alice@example.test", "bdat@test", "line one\r\n.line two");
+    let body = message(
+        "s@remote.test",
+        "alice@example.test",
+        "bdat@test",
+        "line one\r\n.line two",
+    );
     let (first, second) = body.split_at(40);
     let (first, second) = (first.to_string(), second.to_string());
     let codes = tokio::task::spawn_blocking(move || {
@@ -240,18 +269,25 @@ async fn bdat_chunks_make_one_message() {
     assert_eq!(codes, ["250", "250", "250", "250", "250", "221"]);
     server.wait_for_messages("alice@example.test", 1).await;
     let raw = server.raw("alice@example.test", 1).await;
-    assert!(raw.ends_with(body.as_bytes()), "BDAT content is taken verbatim (no dot-unstuffing)");
+    assert!(
+        raw.ends_with(body.as_bytes()),
+        "BDAT content is taken verbatim (no dot-unstuffing)"
+    );
     server.server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempt_yields_no_second_message() {
     let server = TestServer::start().await;
-    server.add_recipients(&["alice@example.test", "victim@example.test"]).await;
+    server
+        .add_recipients(&["alice@example.test", "victim@example.test"])
+        .await;
     let addr = server.smtp();
     let replies = tokio::task::spawn_blocking(move || {
         let mut smtp = RawSmtp::connect(addr);
-        smtp.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
+        smtp.send(
+            b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+        );
         smtp.codes(4);
         // "<LF>.<CR><LF>" inside the data: a lax server ends the message there and runs
         // the rest as commands. Every variant in one message.
@@ -295,7 +331,7 @@ async fn command_protocol_replies() {
         let mut smtp = RawSmtp::connect(addr);
         let mut out = Vec::new();
         for command in [
-            "MAIL FROM:<a@b.test>",   // before EHLO
+            "MAIL FROM:<a@b.test>", // before EHLO
             "HELO client.test",
             "RCPT TO:<postmaster@example.test>", // before MAIL
             "DATA",
@@ -320,8 +356,18 @@ async fn command_protocol_replies() {
     assert_eq!(
         codes,
         [
-            "503 5.5.1", "250 mx.ex", "503 5.5.1", "503 5.5.1", "252 2.5.0", "214 2.0.0",
-            "250 2.0.0", "500 5.5.1", "250 2.1.0", "503 5.5.1", "250 2.1.5", "250 2.0.0",
+            "503 5.5.1",
+            "250 mx.ex",
+            "503 5.5.1",
+            "503 5.5.1",
+            "252 2.5.0",
+            "214 2.0.0",
+            "250 2.0.0",
+            "500 5.5.1",
+            "250 2.1.0",
+            "503 5.5.1",
+            "250 2.1.5",
+            "250 2.0.0",
             "221 2.0.0"
         ]
     );
@@ -350,7 +396,11 @@ async fn relay_networks_allow_remote_recipients_into_the_outbound_queue() {
     })
     .await;
     assert!(outbound, "{}", server.queues().await);
-    let items = server.server.store.queue_items(Some(mailroom_store::QueueName::Outbound), 10).unwrap();
+    let items = server
+        .server
+        .store
+        .queue_items(Some(mailroom_store::QueueName::Outbound), 10)
+        .unwrap();
     assert_eq!(items[0].recipients, ["friend@elsewhere.test"]);
     server.server.shutdown().await;
 }

@@ -19,6 +19,5 @@ pub mod reply;
 pub mod server;
 pub mod session;
 
-
 pub use server::{ListenerConfig, SmtpServer, SmtpStats};
 pub use session::{RecipientPolicy, Session, SmtpLimits, Step, Submission};

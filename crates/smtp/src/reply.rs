@@ -45,7 +45,10 @@ impl Reply {
             let separator = if index + 1 == count { ' ' } else { '-' };
             let text = match self.status {
                 Some((class, subject, detail)) => {
-                    format!("{}{separator}{class}.{subject}.{detail} {line}\r\n", self.code)
+                    format!(
+                        "{}{separator}{class}.{subject}.{detail} {line}\r\n",
+                        self.code
+                    )
                 }
                 None => format!("{}{separator}{line}\r\n", self.code),
             };

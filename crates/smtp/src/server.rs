@@ -43,7 +43,11 @@ pub struct SmtpStats {
 impl SmtpStats {
     /// Adds the metrics to a Prometheus registry.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("mailroom_smtp_sessions", "SMTP connections accepted", self.sessions.clone());
+        registry.register(
+            "mailroom_smtp_sessions",
+            "SMTP connections accepted",
+            self.sessions.clone(),
+        );
         registry.register(
             "mailroom_smtp_sessions_active",
             "SMTP connections open now",
@@ -122,7 +126,10 @@ impl SmtpServer {
     }
 
     fn relay_allowed(&self, ip: IpAddr) -> bool {
-        self.config.relay_networks.iter().any(|net| net.contains(&ip))
+        self.config
+            .relay_networks
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Accepts connections until `cancel` fires; connection tasks are spawned on
@@ -219,8 +226,8 @@ impl SmtpServer {
                         self.stats.accepted.inc();
                         tracing::debug!(%peer, %queue_id, "message accepted");
                     }
-                    let reply =
-                        session.submitted(outcome.map(|_| ()).map_err(|e| e.to_string()), &queue_id);
+                    let reply = session
+                        .submitted(outcome.map(|_| ()).map_err(|e| e.to_string()), &queue_id);
                     reply.render(&mut out);
                 }
                 Step::Close => {

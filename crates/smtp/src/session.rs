@@ -231,7 +231,10 @@ impl Session {
                 return Step::Reply(Reply::new(
                     421,
                     (4, 7, 0),
-                    format!("{} Too many errors, closing connection", self.limits.hostname),
+                    format!(
+                        "{} Too many errors, closing connection",
+                        self.limits.hostname
+                    ),
                 ));
             }
         }
@@ -351,7 +354,10 @@ impl Session {
             return Reply::new(
                 552,
                 (5, 3, 4),
-                format!("Message size exceeds the limit of {} bytes", self.limits.message_size_max),
+                format!(
+                    "Message size exceeds the limit of {} bytes",
+                    self.limits.message_size_max
+                ),
             );
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
@@ -400,11 +406,7 @@ impl Session {
                 );
             }
             Resolution::Remote => {
-                return Reply::new(
-                    550,
-                    (5, 7, 1),
-                    format!("<{address}>: Relay access denied"),
-                );
+                return Reply::new(550, (5, 7, 1), format!("<{address}>: Relay access denied"));
             }
         }
         transaction.recipients.push(address);
@@ -415,9 +417,7 @@ impl Session {
         match &self.transaction {
             None => Reply::new(503, (5, 5, 1), "Send MAIL first"),
             Some(t) if t.bdat_used => Reply::new(503, (5, 5, 1), "DATA cannot follow BDAT"),
-            Some(t) if t.recipients.is_empty() => {
-                Reply::new(554, (5, 5, 1), "No valid recipients")
-            }
+            Some(t) if t.recipients.is_empty() => Reply::new(554, (5, 5, 1), "No valid recipients"),
             Some(_) => {
                 self.phase = Phase::Data(DataReceiver::new());
                 Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()])
@@ -494,9 +494,9 @@ impl Session {
                     .ingest(&mut rest, &mut transaction.data)
                     .then_some((receiver.is_last, None))
             }
-            Phase::BdatDiscard(receiver, is_last, refusal) => {
-                receiver.ingest(&mut rest).then_some((*is_last, Some(*refusal)))
-            }
+            Phase::BdatDiscard(receiver, is_last, refusal) => receiver
+                .ingest(&mut rest)
+                .then_some((*is_last, Some(*refusal))),
             _ => unreachable!("bdat() only runs in a BDAT phase"),
         };
         let consumed = before - rest.as_slice().len();
@@ -523,13 +523,18 @@ impl Session {
             }
             return Step::Reply(refusal_reply(refusal, self.limits.message_size_max));
         }
-        let transaction = self.transaction.take().expect("end of message has a transaction");
+        let transaction = self
+            .transaction
+            .take()
+            .expect("end of message has a transaction");
         if let Some(reply) = self.content_problem(&transaction.data) {
             return Step::Reply(reply);
         }
         self.messages += 1;
         let queue_id = format!("{:014X}{:04X}", self.connection_id, self.messages);
-        let mut body = self.received_header(&transaction, &queue_id, self.now_ms).into_bytes();
+        let mut body = self
+            .received_header(&transaction, &queue_id, self.now_ms)
+            .into_bytes();
         body.extend_from_slice(&transaction.data);
         self.phase = Phase::AwaitingSpool;
         Step::Submit(Submission {
@@ -625,9 +630,11 @@ fn parse_error_reply(error: ProtoError) -> Reply {
         ProtoError::InvalidParameter { param } => {
             Reply::new(501, (5, 5, 4), format!("Invalid parameter {param}"))
         }
-        ProtoError::UnsupportedParameter { param } => {
-            Reply::new(555, (5, 5, 4), format!("Unsupported parameter {}", sanitize(&param)))
-        }
+        ProtoError::UnsupportedParameter { param } => Reply::new(
+            555,
+            (5, 5, 4),
+            format!("Unsupported parameter {}", sanitize(&param)),
+        ),
         ProtoError::SyntaxError { syntax } => {
             Reply::new(501, (5, 5, 4), format!("Syntax: {syntax}"))
         }
@@ -640,7 +647,11 @@ fn parse_error_reply(error: ProtoError) -> Reply {
 
 /// Keeps client-supplied text out of headers and replies unless it is printable.
 fn sanitize(text: &str) -> Cow<'_, str> {
-    if text.chars().all(|c| !c.is_control() && c != '(' && c != ')') && text.len() <= 255 {
+    if text
+        .chars()
+        .all(|c| !c.is_control() && c != '(' && c != ')')
+        && text.len() <= 255
+    {
         Cow::Borrowed(text)
     } else {
         Cow::Owned(
@@ -728,13 +739,18 @@ mod tests {
             b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nRCPT TO:<nobody@l.test>\r\n\
 RCPT TO:<b@remote.test>\r\nDATA\r\nSubject: t\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
         );
-        assert_eq!(codes(&out), ["250", "250", "250", "550", "550", "354", "250", "221"]);
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "550", "550", "354", "250", "221"]
+        );
         assert!(out.contains("550 5.1.1"));
         assert!(out.contains("550 5.7.1"));
         assert_eq!(subs.len(), 1);
         assert_eq!(subs[0].recipients, ["a@l.test"]);
         let body = String::from_utf8(subs[0].body.clone()).unwrap();
-        assert!(body.starts_with("Received: from c ([127.0.0.1])\r\n\tby localhost (Mailroom) with ESMTP id "));
+        assert!(body.starts_with(
+            "Received: from c ([127.0.0.1])\r\n\tby localhost (Mailroom) with ESMTP id "
+        ));
         assert!(body.ends_with("\r\nSubject: t\r\n\r\n.dot\r\n"), "{body:?}");
     }
 
@@ -745,7 +761,10 @@ RCPT TO:<b@remote.test>\r\nDATA\r\nSubject: t\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
             b"EHLO c\r\nBDAT 3\r\nabcMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 5\r\nhello\
 BDAT 8 LAST\r\n world\r\nDATA\r\n",
         );
-        assert_eq!(codes(&out), ["250", "503", "250", "250", "250", "250", "503"]);
+        assert_eq!(
+            codes(&out),
+            ["250", "503", "250", "250", "250", "250", "503"]
+        );
         assert_eq!(subs.len(), 1);
         assert!(subs[0].body.ends_with(b"hello world\r\n"));
     }
@@ -760,7 +779,10 @@ BDAT 8 LAST\r\n world\r\nDATA\r\n",
         input.extend(std::iter::repeat_n(b'x', 300));
         input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
         let (out, subs) = run(limits, &input);
-        assert_eq!(codes(&out), ["250", "552", "250", "250", "354", "552", "250"]);
+        assert_eq!(
+            codes(&out),
+            ["250", "552", "250", "250", "354", "552", "250"]
+        );
         assert!(subs.is_empty());
     }
 
@@ -784,11 +806,16 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
             errors_max: 2,
             ..SmtpLimits::default()
         };
-        let mut input = b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nRCPT TO:<b@l.test>\r\n".to_vec();
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nRCPT TO:<b@l.test>\r\n"
+                .to_vec();
         input.extend(std::iter::repeat_n(b'A', 200));
         input.extend_from_slice(b"\r\nFOO\r\nBAR\r\nNOOP\r\n");
         let (out, _) = run(limits, &input);
-        assert_eq!(codes(&out), ["250", "250", "250", "452", "500", "500", "421"]);
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "452", "500", "500", "421"]
+        );
     }
 
     #[test]

@@ -344,8 +344,12 @@ pub trait MailStore: Send + Sync + 'static {
     -> Result<Vec<MessageSummary>>;
 
     /// The full bytes of one message as a client would fetch them.
-    fn message_raw(&self, recipient: RecipientId, folder: &str, uid: u32)
-    -> Result<Option<Vec<u8>>>;
+    fn message_raw(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uid: u32,
+    ) -> Result<Option<Vec<u8>>>;
 
     /// Number of distinct bodies stored (single-instance storage makes this smaller than
     /// the number of deliveries).

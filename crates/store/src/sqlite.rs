@@ -319,7 +319,9 @@ impl MailStore for SqliteStore {
                 params![blob_id, facts],
             )?;
             let blob_size: i64 =
-                tx.query_row("SELECT size FROM blobs WHERE id = ?1", [blob_id], |r| r.get(0))?;
+                tx.query_row("SELECT size FROM blobs WHERE id = ?1", [blob_id], |r| {
+                    r.get(0)
+                })?;
             let size = blob_size + return_path_header(&item.mail_from).len() as i64;
             let mut delivered = Vec::with_capacity(plan.local.len());
             for &recipient in &plan.local {
@@ -663,10 +665,15 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let a = recipient(&store, "a");
         let b = recipient(&store, "b");
-        store.spool(&[entry(b"Subject: x\r\n\r\nhi\r\n", &["a@example.test"])]).unwrap();
+        store
+            .spool(&[entry(b"Subject: x\r\n\r\nhi\r\n", &["a@example.test"])])
+            .unwrap();
         let item = store.claim_inbound(2000).unwrap().expect("claimable");
         assert_eq!(item.attempts, 1);
-        assert!(store.claim_inbound(2000).unwrap().is_none(), "claimed once only");
+        assert!(
+            store.claim_inbound(2000).unwrap().is_none(),
+            "claimed once only"
+        );
         let plan = DeliveryPlan {
             local: vec![a, b],
             remote: vec!["x@remote.example".into()],
@@ -678,7 +685,10 @@ mod tests {
         // The second delivery of the same claim must fail: exactly once.
         assert!(store.deliver_inbound(&item, &plan, 3000).is_err());
         let raw = store.message_raw(a, "INBOX", 1).unwrap().unwrap();
-        assert_eq!(raw, b"Return-Path: <a@b.example>\r\nSubject: x\r\n\r\nhi\r\n");
+        assert_eq!(
+            raw,
+            b"Return-Path: <a@b.example>\r\nSubject: x\r\n\r\nhi\r\n"
+        );
         let summaries = store.queue_summaries().unwrap();
         let depth = |q| summaries.iter().find(|s| s.queue == q).unwrap().depth;
         assert_eq!(depth(QueueName::Inbound), 0);
@@ -695,7 +705,9 @@ mod tests {
         let again = store.claim_inbound(2000).unwrap().unwrap();
         assert_eq!(again.id, item.id);
         assert_eq!(again.attempts, 2);
-        store.quarantine_inbound(again.id, "conversion panicked").unwrap();
+        store
+            .quarantine_inbound(again.id, "conversion panicked")
+            .unwrap();
         let items = store.queue_items(Some(QueueName::Quarantine), 10).unwrap();
         assert_eq!(items[0].last_error.as_deref(), Some("conversion panicked"));
         assert!(store.claim_inbound(9999).unwrap().is_none());

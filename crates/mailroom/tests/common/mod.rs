@@ -39,7 +39,9 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         tweak(&mut config);
-        let server = mailroom::start(config, options).await.expect("server starts");
+        let server = mailroom::start(config, options)
+            .await
+            .expect("server starts");
         TestServer { server, dir }
     }
 
@@ -153,7 +155,9 @@ pub struct RawSmtp {
 impl RawSmtp {
     pub fn connect(addr: SocketAddr) -> RawSmtp {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let writer = stream.try_clone().unwrap();
         let mut raw = RawSmtp {
             reader: BufReader::new(stream),
