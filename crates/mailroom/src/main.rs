@@ -217,15 +217,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         wait_for_signal().await;
-        println!(
+        say(&format!(
             "Shutting down (deadline {} ms)...",
             config.server.shutdown_deadline_ms
-        );
+        ));
         Ok::<_, anyhow::Error>(server.shutdown().await)
     })?;
-    println!("Stopped in {} ms.", report.elapsed.as_millis());
+    say(&format!("Stopped in {} ms.", report.elapsed.as_millis()));
     // Threads abandoned at the deadline must not keep the process alive.
     std::process::exit(0);
+}
+
+/// Prints a status line; a closed stdout (a supervisor that went away) must not turn a
+/// clean shutdown into a panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 async fn wait_for_signal() {
