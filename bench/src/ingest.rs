@@ -76,7 +76,8 @@ fn start(binary: &Path, group_commit: bool) -> anyhow::Result<Server> {
         .spawn()
         .context("cannot start the server binary")?;
     let mut smtp_port = None;
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    for line in lines.by_ref() {
         let line = line?;
         if let Some(addr) = line.trim().strip_prefix("SMTP:") {
             smtp_port = Some(addr.trim().parse::<std::net::SocketAddr>()?.port());
@@ -85,6 +86,8 @@ fn start(binary: &Path, group_commit: bool) -> anyhow::Result<Server> {
             break;
         }
     }
+    // Keep reading so the server's later lines have somewhere to go.
+    std::thread::spawn(move || lines.for_each(drop));
     let Some(smtp_port) = smtp_port else {
         bail!("the server did not print its SMTP address");
     };

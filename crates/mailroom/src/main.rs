@@ -201,20 +201,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = runtime.block_on(async move {
         let server = mailroom::start(config.clone(), ServerOptions::default()).await?;
-        println!("Mailroom is running.");
-        println!("  data folder: {}", server.data_dir.display());
-        println!("  SMTP:        {}", server.smtp_addr);
-        println!(
+        say("Mailroom is running.");
+        say(&format!("  data folder: {}", server.data_dir.display()));
+        say(&format!("  SMTP:        {}", server.smtp_addr));
+        say(&format!(
             "  admin API:   http://{}  (token in {}/admin.token)",
             server.admin_addr,
             server.data_dir.display()
-        );
-        println!("  mail domain: {}", config.server.domain);
+        ));
+        say(&format!("  mail domain: {}", config.server.domain));
         if let Some(password) = &server.postmaster_password {
-            println!(
+            say(&format!(
                 "  created postmaster@{} with password {password}  (shown once; keep it)",
                 config.server.domain
-            );
+            ));
         }
         wait_for_signal().await;
         say(&format!(
