@@ -1,9 +1,11 @@
 //! The inbound conversion workers.
 //!
-//! Each worker is an OS thread that claims one inbound entry at a time. The parse runs
-//! on a helper thread with a time budget: a message that panics the parser, or takes
-//! longer than its budget, is deferred (and after `attempts_max` tries, quarantined with
-//! the reason) while the worker moves on to the next message. A helper that overruns its
+//! Each worker is an OS thread that claims a batch of due inbound entries (one
+//! transaction), parses each on its own helper thread with a time budget, and delivers
+//! the parsed ones together (one transaction). A message that panics the parser, or
+//! takes longer than its budget, is deferred (and after `attempts_max` tries,
+//! quarantined with the reason) while the others are delivered: a slow parse holds its
+//! batch-mates up by [`FLUSH_PATIENCE`] at most. A helper that overruns its
 //! budget is abandoned, not killed (Rust cannot kill a thread); it writes nothing, and the
 //! attempt limit bounds how many one poison message can leave behind
 //! (`mailroom_conversion_abandoned` counts them).
@@ -15,13 +17,13 @@ use crate::{delivery_plan, message_facts};
 use crossbeam_channel::{RecvTimeoutError, bounded};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
-use mailroom_store::{ClaimedItem, MailStore, MessageFacts};
+use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 /// A function run on every message before parsing; tests use it to make conversion
@@ -41,6 +43,8 @@ pub struct ConversionConfig {
     pub retry_delay: Duration,
     /// Longest a worker sleeps without a doorbell ring before looking for due retries.
     pub idle_poll: Duration,
+    /// Messages claimed, parsed in parallel and delivered in one transaction, at most.
+    pub batch_max: usize,
 }
 
 impl Default for ConversionConfig {
@@ -51,6 +55,7 @@ impl Default for ConversionConfig {
             attempts_max: 5,
             retry_delay: Duration::from_secs(10),
             idle_poll: Duration::from_millis(500),
+            batch_max: 32,
         }
     }
 }
@@ -179,17 +184,19 @@ impl Workers {
     }
 }
 
-enum Failure {
-    Panicked(String),
-    OverBudget,
-}
+/// How long a batch waits on a slow parse before delivering the messages that are ready;
+/// bounds how long a slow message holds up its batch-mates.
+const FLUSH_PATIENCE: Duration = Duration::from_millis(50);
 
 impl Worker {
     fn run(self) {
         while !self.cancel.is_cancelled() {
-            match self.store.claim_inbound(now_ms()) {
-                Ok(Some(item)) => self.convert(item),
-                Ok(None) => self.doorbell.wait(self.config.idle_poll),
+            match self
+                .store
+                .claim_inbound(now_ms(), self.config.batch_max.max(1))
+            {
+                Ok(items) if items.is_empty() => self.doorbell.wait(self.config.idle_poll),
+                Ok(items) => self.convert_batch(items),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim from the inbound queue");
                     self.doorbell.wait(self.config.idle_poll);
@@ -198,80 +205,137 @@ impl Worker {
         }
     }
 
-    fn convert(&self, item: ClaimedItem) {
-        if item.attempts > self.config.attempts_max {
-            let reason = format!(
-                "gave up after {} attempts (the process stopped during earlier ones)",
-                item.attempts - 1
-            );
-            return self.quarantine(&item, &reason);
-        }
-        match self.parse_within_budget(&item) {
-            Ok(facts) => self.deliver(item, facts),
-            Err(Failure::Panicked(message)) => {
-                self.fail(&item, &format!("conversion panicked: {message}"))
-            }
-            Err(Failure::OverBudget) => {
-                self.stats.abandoned.inc();
-                let budget = self.config.time_budget.as_millis();
-                self.fail(
-                    &item,
-                    &format!("conversion exceeded its time budget of {budget} ms"),
-                )
-            }
-        }
-    }
-
-    fn parse_within_budget(&self, item: &ClaimedItem) -> Result<MessageFacts, Failure> {
-        let body: Arc<[u8]> = Arc::from(item.body.as_slice());
-        let hook = self.hook.clone();
-        let (done, result) = bounded(1);
-        let spawned = std::thread::Builder::new()
-            .name(format!("parse-{}", item.queue_id))
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    if let Some(hook) = &hook {
-                        hook(&body);
-                    }
-                    message_facts(&body)
-                }));
-                let _ = done.send(outcome.map_err(|panic| panic_message(&*panic)));
-            });
-        if let Err(e) = spawned {
-            return Err(Failure::Panicked(format!(
-                "cannot start a parse thread: {e}"
-            )));
-        }
-        match result.recv_timeout(self.config.time_budget) {
-            Ok(Ok(facts)) => Ok(facts),
-            Ok(Err(message)) => Err(Failure::Panicked(message)),
-            Err(RecvTimeoutError::Timeout) => Err(Failure::OverBudget),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Failure::Panicked("the parse thread vanished".into()))
-            }
-        }
-    }
-
-    fn deliver(&self, item: ClaimedItem, facts: MessageFacts) {
-        // One snapshot for the whole message (DESIGN.md rule 1).
-        let snapshot = self.directory.snapshot();
-        let plan = delivery_plan(facts, &item.recipients, &snapshot);
-        match self.store.deliver_inbound(&item, &plan, now_ms()) {
-            Ok(delivered) => {
-                self.stats.converted.inc();
-                self.stats.delivered.inc_by(delivered.len() as u64);
-                self.stats.routed_remote.inc_by(plan.remote.len() as u64);
-                tracing::debug!(
-                    queue_id = %item.queue_id,
-                    local = delivered.len(),
-                    remote = plan.remote.len(),
-                    undeliverable = plan.undeliverable.len(),
-                    generation = snapshot.generation(),
-                    "delivered"
+    /// Parses every item on its own helper thread (in parallel), delivers the parsed
+    /// ones in as few transactions as patience allows, and fails the rest.
+    fn convert_batch(&self, items: Vec<ClaimedItem>) {
+        let mut slots: Vec<Option<ClaimedItem>> = Vec::with_capacity(items.len());
+        let (done, results) = bounded(items.len());
+        let mut outstanding = 0usize;
+        for item in items {
+            if item.attempts > self.config.attempts_max {
+                let reason = format!(
+                    "gave up after {} attempts (the process stopped during earlier ones)",
+                    item.attempts - 1
                 );
+                self.quarantine(&item, &reason);
+                continue;
             }
-            Err(e) => self.fail(&item, &format!("delivery to the store failed: {e}")),
+            let index = slots.len();
+            let body: Arc<[u8]> = Arc::from(item.body.as_slice());
+            let hook = self.hook.clone();
+            let done = done.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("parse-{}", item.queue_id))
+                .spawn(move || {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        if let Some(hook) = &hook {
+                            hook(&body);
+                        }
+                        message_facts(&body)
+                    }));
+                    let _ = done.send((index, outcome.map_err(|panic| panic_message(&*panic))));
+                });
+            match spawned {
+                Ok(_) => {
+                    slots.push(Some(item));
+                    outstanding += 1;
+                }
+                Err(e) => self.fail(&item, &format!("cannot start a parse thread: {e}")),
+            }
         }
+        drop(done);
+        let deadline = Instant::now() + self.config.time_budget;
+        let mut ready: Vec<(ClaimedItem, MessageFacts)> = Vec::new();
+        while outstanding > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = if ready.is_empty() {
+                left
+            } else {
+                left.min(FLUSH_PATIENCE)
+            };
+            match results.recv_timeout(wait) {
+                Ok((index, outcome)) => {
+                    outstanding -= 1;
+                    let item = slots[index].take().expect("each parse reports once");
+                    match outcome {
+                        Ok(facts) => ready.push((item, facts)),
+                        Err(message) => {
+                            self.fail(&item, &format!("conversion panicked: {message}"))
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    self.deliver(std::mem::take(&mut ready));
+                }
+                Err(_) => break,
+            }
+        }
+        self.deliver(ready);
+        let budget = self.config.time_budget.as_millis();
+        for item in slots.into_iter().flatten() {
+            self.stats.abandoned.inc();
+            self.fail(
+                &item,
+                &format!("conversion exceeded its time budget of {budget} ms"),
+            );
+        }
+    }
+
+    fn deliver(&self, mut ready: Vec<(ClaimedItem, MessageFacts)>) {
+        if ready.is_empty() {
+            return;
+        }
+        // Parses finish in any order; mailboxes get messages in the order they came.
+        ready.sort_by_key(|(item, _)| item.id);
+        // One snapshot for every message of the batch (DESIGN.md rule 1).
+        let snapshot = self.directory.snapshot();
+        let planned: Vec<(ClaimedItem, DeliveryPlan)> = ready
+            .into_iter()
+            .map(|(item, facts)| {
+                let plan = delivery_plan(facts, &item.recipients, &snapshot);
+                (item, plan)
+            })
+            .collect();
+        let batch: Vec<(&ClaimedItem, &DeliveryPlan)> =
+            planned.iter().map(|(item, plan)| (item, plan)).collect();
+        match self.store.deliver_inbound(&batch, now_ms()) {
+            Ok(results) => {
+                for ((item, plan), delivered) in planned.iter().zip(results) {
+                    self.delivered(item, plan, delivered.len(), snapshot.generation());
+                }
+            }
+            // A batch fails whole; try each alone so one bad entry cannot hold up the rest.
+            Err(_) if planned.len() > 1 => {
+                for (item, plan) in &planned {
+                    match self.store.deliver_inbound(&[(item, plan)], now_ms()) {
+                        Ok(results) => {
+                            let count = results.first().map_or(0, Vec::len);
+                            self.delivered(item, plan, count, snapshot.generation());
+                        }
+                        Err(e) => self.fail(item, &format!("delivery to the store failed: {e}")),
+                    }
+                }
+            }
+            Err(e) => {
+                for (item, _) in &planned {
+                    self.fail(item, &format!("delivery to the store failed: {e}"));
+                }
+            }
+        }
+    }
+
+    fn delivered(&self, item: &ClaimedItem, plan: &DeliveryPlan, copies: usize, generation: u64) {
+        self.stats.converted.inc();
+        self.stats.delivered.inc_by(copies as u64);
+        self.stats.routed_remote.inc_by(plan.remote.len() as u64);
+        tracing::debug!(
+            queue_id = %item.queue_id,
+            local = copies,
+            remote = plan.remote.len(),
+            undeliverable = plan.undeliverable.len(),
+            generation,
+            "delivered"
+        );
     }
 
     fn fail(&self, item: &ClaimedItem, reason: &str) {

@@ -130,6 +130,8 @@ pub struct ConversionSection {
     pub attempts_max: u32,
     /// First retry delay, milliseconds; doubles per attempt.
     pub retry_delay_ms: u64,
+    /// Messages one worker converts and delivers in one transaction, at most.
+    pub batch_max: usize,
 }
 
 impl Default for ConversionSection {
@@ -139,6 +141,7 @@ impl Default for ConversionSection {
             time_budget_ms: 30_000,
             attempts_max: 5,
             retry_delay_ms: 10_000,
+            batch_max: 32,
         }
     }
 }
@@ -224,6 +227,8 @@ time_budget_ms = 30000
 attempts_max = 5
 # Delay before the first retry of a failed conversion; doubles with every attempt.
 retry_delay_ms = 10000
+# Messages one worker claims, parses in parallel and delivers in one transaction.
+batch_max = 32
 
 [admin]
 # The admin HTTP API (/api/v1, /health, /metrics). Loopback by default.
@@ -252,7 +257,7 @@ impl Config {
     /// Checks values that parse but make no sense; errors name the key.
     pub fn check(&self) -> anyhow::Result<()> {
         let smtp = &self.smtp;
-        let rules: [(&str, bool, &str); 10] = [
+        let rules: [(&str, bool, &str); 11] = [
             (
                 "server.hostname",
                 !self.server.hostname.trim().is_empty(),
@@ -302,6 +307,11 @@ impl Config {
             (
                 "conversion.attempts_max",
                 self.conversion.attempts_max >= 1,
+                "must be at least 1",
+            ),
+            (
+                "conversion.batch_max",
+                self.conversion.batch_max >= 1,
                 "must be at least 1",
             ),
         ];

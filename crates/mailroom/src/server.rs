@@ -200,6 +200,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             time_budget: Duration::from_millis(config.conversion.time_budget_ms),
             attempts_max: config.conversion.attempts_max,
             retry_delay: Duration::from_millis(config.conversion.retry_delay_ms),
+            batch_max: config.conversion.batch_max,
             ..ConversionConfig::default()
         },
         options.conversion_hook,

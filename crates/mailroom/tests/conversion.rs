@@ -122,7 +122,8 @@ async fn poison_messages_are_quarantined_and_do_not_block_the_queue() {
 
     // With a single worker, the good messages behind the poison ones still arrive.
     let messages = server.wait_for_messages("alice@example.test", 5).await;
-    let subjects: Vec<_> = messages.iter().filter_map(|m| m.subject.clone()).collect();
+    let mut subjects: Vec<_> = messages.iter().filter_map(|m| m.subject.clone()).collect();
+    subjects.sort();
     assert_eq!(subjects, ["good 0", "good 1", "good 2", "good 3", "good 4"]);
 
     let quarantined = eventually(Duration::from_secs(20), async || {

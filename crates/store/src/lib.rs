@@ -305,17 +305,18 @@ pub trait MailStore: Send + Sync + 'static {
     /// no worker runs. Returns how many entries were released.
     fn release_claims(&self) -> Result<u64>;
 
-    /// Claims the oldest due inbound entry, counting the attempt; `None` when none is due.
-    fn claim_inbound(&self, now_ms: UnixMillis) -> Result<Option<ClaimedItem>>;
+    /// Claims up to `limit` of the oldest due inbound entries in one transaction,
+    /// counting an attempt for each; empty when none is due.
+    fn claim_inbound(&self, now_ms: UnixMillis, limit: usize) -> Result<Vec<ClaimedItem>>;
 
-    /// Delivers a claimed entry by its plan and removes it from the inbound queue, in
-    /// one transaction.
+    /// Delivers claimed entries by their plans and removes them from the inbound queue,
+    /// all in one transaction: if any entry is no longer claimed (already delivered),
+    /// nothing changes and the error says which.
     fn deliver_inbound(
         &self,
-        item: &ClaimedItem,
-        plan: &DeliveryPlan,
+        batch: &[(&ClaimedItem, &DeliveryPlan)],
         now_ms: UnixMillis,
-    ) -> Result<Vec<Delivered>>;
+    ) -> Result<Vec<Vec<Delivered>>>;
 
     /// Returns a claimed entry to the queue, to be tried again at `retry_at_ms`.
     fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()>;

@@ -110,11 +110,8 @@ fn adjust_blob_refs(tx: &rusqlite::Transaction<'_>, blob_id: i64, delta: i64) ->
 
 fn inbox_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64) -> Result<i64> {
     let existing: Option<i64> = tx
-        .query_row(
-            "SELECT id FROM folders WHERE recipient_id = ?1 AND name = 'INBOX'",
-            [recipient],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT id FROM folders WHERE recipient_id = ?1 AND name = 'INBOX'")?
+        .query_row([recipient], |r| r.get(0))
         .optional()?;
     if let Some(id) = existing {
         return Ok(id);
@@ -241,146 +238,62 @@ impl MailStore for SqliteStore {
         })
     }
 
-    fn claim_inbound(&self, now_ms: UnixMillis) -> Result<Option<ClaimedItem>> {
+    fn claim_inbound(&self, now_ms: UnixMillis, limit: usize) -> Result<Vec<ClaimedItem>> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let claimed = tx
-                .query_row(
+            let claimed = {
+                let mut claim = tx.prepare_cached(
                     "UPDATE queue_items SET claimed = 1, attempts = attempts + 1
-                     WHERE id = (SELECT id FROM queue_items
-                                 WHERE queue = 'inbound' AND claimed = 0
-                                   AND next_attempt_at_ms <= ?1
-                                 ORDER BY next_attempt_at_ms, id LIMIT 1)
+                     WHERE id IN (SELECT id FROM queue_items
+                                  WHERE queue = 'inbound' AND claimed = 0
+                                    AND next_attempt_at_ms <= ?1
+                                  ORDER BY next_attempt_at_ms, id LIMIT ?2)
                      RETURNING id, queue_id, mail_from, recipients, received_at_ms,
                                attempts, blob_id",
-                    [now_ms],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, i64>(4)?,
-                            r.get::<_, u32>(5)?,
-                            r.get::<_, i64>(6)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            let Some((id, queue_id, mail_from, recipients, received_at_ms, attempts, blob_id)) =
-                claimed
-            else {
-                return Ok(None);
-            };
-            let body: Vec<u8> =
-                tx.query_row("SELECT data FROM blobs WHERE id = ?1", [blob_id], |r| {
-                    r.get(0)
+                )?;
+                let rows = claim.query_map(params![now_ms, limit as i64], |r| {
+                    Ok((
+                        ClaimedItem {
+                            id: r.get(0)?,
+                            queue_id: r.get(1)?,
+                            mail_from: r.get(2)?,
+                            recipients: parse_recipients(r.get(3)?),
+                            body: Vec::new(),
+                            received_at_ms: r.get(4)?,
+                            attempts: r.get(5)?,
+                        },
+                        r.get::<_, i64>(6)?,
+                    ))
                 })?;
+                rows.collect::<std::result::Result<Vec<_>, _>>()?
+            };
+            let mut items = Vec::with_capacity(claimed.len());
+            {
+                let mut body = tx.prepare_cached("SELECT data FROM blobs WHERE id = ?1")?;
+                for (mut item, blob_id) in claimed {
+                    item.body = body.query_row([blob_id], |r| r.get(0))?;
+                    items.push(item);
+                }
+            }
             tx.commit()?;
-            Ok(Some(ClaimedItem {
-                id,
-                queue_id,
-                mail_from,
-                recipients: parse_recipients(recipients),
-                body,
-                received_at_ms,
-                attempts,
-            }))
+            items.sort_by_key(|item| item.id);
+            Ok(items)
         })
     }
 
     fn deliver_inbound(
         &self,
-        item: &ClaimedItem,
-        plan: &DeliveryPlan,
+        batch: &[(&ClaimedItem, &DeliveryPlan)],
         now_ms: UnixMillis,
-    ) -> Result<Vec<Delivered>> {
+    ) -> Result<Vec<Vec<Delivered>>> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // Removing the inbound entry first proves the claim is still ours: if it is
-            // gone, another delivery already happened and this one must not.
-            let removed: Option<(i64, String)> = tx
-                .query_row(
-                    "DELETE FROM queue_items WHERE id = ?1 AND queue = 'inbound' AND claimed = 1
-                     RETURNING blob_id, client",
-                    [item.id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((blob_id, client)) = removed else {
-                return Err(StoreError::NotFound(format!(
-                    "inbound queue entry {} (already delivered?)",
-                    item.id
-                )));
-            };
-            let facts = serde_json::to_string(&plan.facts).expect("facts serialise");
-            tx.execute(
-                "INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)",
-                params![blob_id, facts],
-            )?;
-            let blob_size: i64 =
-                tx.query_row("SELECT size FROM blobs WHERE id = ?1", [blob_id], |r| {
-                    r.get(0)
-                })?;
-            let size = blob_size + return_path_header(&item.mail_from).len() as i64;
-            let mut delivered = Vec::with_capacity(plan.local.len());
-            for &recipient in &plan.local {
-                let folder = inbox_id(&tx, recipient, now_ms)?;
-                let uid: u32 = tx.query_row(
-                    "UPDATE folders SET uidnext = uidnext + 1 WHERE id = ?1
-                     RETURNING uidnext - 1",
-                    [folder],
-                    |r| r.get(0),
-                )?;
-                tx.execute(
-                    "INSERT INTO messages
-                       (folder_id, uid, blob_id, return_path, received_at_ms, size)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![folder, uid, blob_id, item.mail_from, now_ms, size],
-                )?;
-                delivered.push(Delivered { recipient, uid });
-            }
-            let mut references = plan.local.len() as i64 - 1;
-            if !plan.remote.is_empty() {
-                insert_queue_item(
-                    &tx,
-                    QueueName::Outbound,
-                    &item.queue_id,
-                    blob_id,
-                    &item.mail_from,
-                    &plan.remote,
-                    item.received_at_ms,
-                    None,
-                    &client,
-                )?;
-                references += 1;
-            }
-            if !plan.undeliverable.is_empty() {
-                let addresses: Vec<String> =
-                    plan.undeliverable.iter().map(|(a, _)| a.clone()).collect();
-                let reasons: Vec<String> = plan
-                    .undeliverable
-                    .iter()
-                    .map(|(a, why)| format!("{a}: {why}"))
-                    .collect();
-                insert_queue_item(
-                    &tx,
-                    QueueName::Undeliverable,
-                    &item.queue_id,
-                    blob_id,
-                    &item.mail_from,
-                    &addresses,
-                    item.received_at_ms,
-                    Some(&reasons.join("; ")),
-                    &client,
-                )?;
-                references += 1;
-            }
-            if references != 0 {
-                adjust_blob_refs(&tx, blob_id, references)?;
+            let mut results = Vec::with_capacity(batch.len());
+            for (item, plan) in batch {
+                results.push(deliver_one(&tx, item, plan, now_ms)?);
             }
             tx.commit()?;
-            Ok(delivered)
+            Ok(results)
         })
     }
 
@@ -583,6 +496,91 @@ impl MailStore for SqliteStore {
     }
 }
 
+/// One entry's delivery inside the caller's transaction; see `deliver_inbound`.
+fn deliver_one(
+    tx: &rusqlite::Transaction<'_>,
+    item: &ClaimedItem,
+    plan: &DeliveryPlan,
+    now_ms: UnixMillis,
+) -> Result<Vec<Delivered>> {
+    // Removing the inbound entry first proves the claim is still ours: if it is gone,
+    // another delivery already happened and this one must not.
+    let removed: Option<(i64, String)> = tx
+        .prepare_cached(
+            "DELETE FROM queue_items WHERE id = ?1 AND queue = 'inbound' AND claimed = 1
+             RETURNING blob_id, client",
+        )?
+        .query_row([item.id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((blob_id, client)) = removed else {
+        return Err(StoreError::NotFound(format!(
+            "inbound queue entry {} ({}) is no longer claimed (already delivered?)",
+            item.id, item.queue_id
+        )));
+    };
+    let facts = serde_json::to_string(&plan.facts).expect("facts serialise");
+    tx.prepare_cached("INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)")?
+        .execute(params![blob_id, facts])?;
+    let blob_size: i64 = tx
+        .prepare_cached("SELECT size FROM blobs WHERE id = ?1")?
+        .query_row([blob_id], |r| r.get(0))?;
+    let size = blob_size + return_path_header(&item.mail_from).len() as i64;
+    let mut delivered = Vec::with_capacity(plan.local.len());
+    for &recipient in &plan.local {
+        let folder = inbox_id(tx, recipient, now_ms)?;
+        let uid: u32 = tx
+            .prepare_cached(
+                "UPDATE folders SET uidnext = uidnext + 1 WHERE id = ?1 RETURNING uidnext - 1",
+            )?
+            .query_row([folder], |r| r.get(0))?;
+        tx.prepare_cached(
+            "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![folder, uid, blob_id, item.mail_from, now_ms, size])?;
+        delivered.push(Delivered { recipient, uid });
+    }
+    let mut references = plan.local.len() as i64 - 1;
+    if !plan.remote.is_empty() {
+        insert_queue_item(
+            tx,
+            QueueName::Outbound,
+            &item.queue_id,
+            blob_id,
+            &item.mail_from,
+            &plan.remote,
+            item.received_at_ms,
+            None,
+            &client,
+        )?;
+        references += 1;
+    }
+    if !plan.undeliverable.is_empty() {
+        let addresses: Vec<String> = plan.undeliverable.iter().map(|(a, _)| a.clone()).collect();
+        let reasons: Vec<String> = plan
+            .undeliverable
+            .iter()
+            .map(|(a, why)| format!("{a}: {why}"))
+            .collect();
+        insert_queue_item(
+            tx,
+            QueueName::Undeliverable,
+            &item.queue_id,
+            blob_id,
+            &item.mail_from,
+            &addresses,
+            item.received_at_ms,
+            Some(&reasons.join("; ")),
+            &client,
+        )?;
+        references += 1;
+    }
+    if references != 0 {
+        adjust_blob_refs(tx, blob_id, references)?;
+    }
+    Ok(delivered)
+}
+
 fn create_recipient(tx: &rusqlite::Transaction<'_>, new: &NewRecipient) -> Result<RecipientId> {
     let taken: Option<i64> = tx
         .query_row(
@@ -668,10 +666,14 @@ mod tests {
         store
             .spool(&[entry(b"Subject: x\r\n\r\nhi\r\n", &["a@example.test"])])
             .unwrap();
-        let item = store.claim_inbound(2000).unwrap().expect("claimable");
+        let item = store
+            .claim_inbound(2000, 10)
+            .unwrap()
+            .pop()
+            .expect("claimable");
         assert_eq!(item.attempts, 1);
         assert!(
-            store.claim_inbound(2000).unwrap().is_none(),
+            store.claim_inbound(2000, 10).unwrap().is_empty(),
             "claimed once only"
         );
         let plan = DeliveryPlan {
@@ -679,11 +681,11 @@ mod tests {
             remote: vec!["x@remote.example".into()],
             ..Default::default()
         };
-        let delivered = store.deliver_inbound(&item, &plan, 3000).unwrap();
-        assert_eq!(delivered.len(), 2);
+        let delivered = store.deliver_inbound(&[(&item, &plan)], 3000).unwrap();
+        assert_eq!(delivered[0].len(), 2);
         assert_eq!(store.blob_count().unwrap(), 1);
         // The second delivery of the same claim must fail: exactly once.
-        assert!(store.deliver_inbound(&item, &plan, 3000).is_err());
+        assert!(store.deliver_inbound(&[(&item, &plan)], 3000).is_err());
         let raw = store.message_raw(a, "INBOX", 1).unwrap().unwrap();
         assert_eq!(
             raw,
@@ -696,13 +698,48 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_with_one_stale_entry_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        store
+            .spool(&[
+                entry(b"one", &["a@example.test"]),
+                entry(b"two", &["a@example.test"]),
+            ])
+            .unwrap();
+        let items = store.claim_inbound(2000, 10).unwrap();
+        assert_eq!(items.len(), 2);
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&items[0], &plan)], 3000).unwrap();
+        let err = store
+            .deliver_inbound(&[(&items[1], &plan), (&items[0], &plan)], 3000)
+            .unwrap_err();
+        assert!(err.to_string().contains("no longer claimed"), "{err}");
+        // The failed batch rolled back: the second entry is still queued, undelivered.
+        assert_eq!(store.mailbox_messages(a, "INBOX").unwrap().len(), 1);
+        assert_eq!(store.queue_summaries().unwrap()[0].depth, 1);
+        store.deliver_inbound(&[(&items[1], &plan)], 3000).unwrap();
+        let uids: Vec<u32> = store
+            .mailbox_messages(a, "INBOX")
+            .unwrap()
+            .iter()
+            .map(|m| m.uid)
+            .collect();
+        assert_eq!(uids, [1, 2]);
+    }
+
+    #[test]
     fn claims_are_released_and_quarantine_keeps_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         store.spool(&[entry(b"x", &["a@example.test"])]).unwrap();
-        let item = store.claim_inbound(2000).unwrap().unwrap();
+        let item = store.claim_inbound(2000, 10).unwrap().pop().unwrap();
         assert_eq!(store.release_claims().unwrap(), 1);
-        let again = store.claim_inbound(2000).unwrap().unwrap();
+        let again = store.claim_inbound(2000, 10).unwrap().pop().unwrap();
         assert_eq!(again.id, item.id);
         assert_eq!(again.attempts, 2);
         store
@@ -710,7 +747,7 @@ mod tests {
             .unwrap();
         let items = store.queue_items(Some(QueueName::Quarantine), 10).unwrap();
         assert_eq!(items[0].last_error.as_deref(), Some("conversion panicked"));
-        assert!(store.claim_inbound(9999).unwrap().is_none());
+        assert!(store.claim_inbound(9999, 10).unwrap().is_empty());
     }
 
     #[test]
