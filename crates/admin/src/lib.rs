@@ -184,6 +184,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Serialize)]
 struct HealthReport {
     status: &'static str,
+    organization: String,
+    site: String,
+    server: String,
     directory_generation: u64,
     recipients: usize,
     queues: Vec<QueueSummary>,
@@ -193,8 +196,12 @@ async fn health(State(state): State<Arc<AdminState>>) -> Result<Json<HealthRepor
     let store = state.store.clone();
     let queues = blocking(move || store.queue_summaries()).await?;
     let snapshot = state.directory.snapshot();
+    let topology = snapshot.topology().clone();
     Ok(Json(HealthReport {
         status: "ok",
+        organization: topology.organization,
+        site: topology.site,
+        server: topology.server,
         directory_generation: snapshot.generation(),
         recipients: snapshot.len(),
         queues,
@@ -257,6 +264,9 @@ pub struct NewRecipientRequest {
     /// Mailbox name; defaults to the address's local part.
     #[serde(default)]
     pub alias: Option<String>,
+    /// More addresses delivering to the same mailbox.
+    #[serde(default)]
+    pub secondary_addresses: Vec<String>,
     /// Initial password, if any.
     #[serde(default)]
     pub password: Option<String>,
@@ -280,6 +290,7 @@ async fn create_recipient(
             address: request.address,
             display_name: request.display_name,
             alias: request.alias,
+            secondary_addresses: request.secondary_addresses,
             password_hash,
         })
         .await?;

@@ -1,7 +1,7 @@
 //! The immutable directory snapshot every unit of work reads.
 
 use crate::{address_key, domain_of};
-use mailroom_store::{RecipientId, RecipientRecord};
+use mailroom_store::{RecipientId, RecipientRecord, Topology};
 use std::sync::Arc;
 
 /// A mailbox recipient as readers see it.
@@ -65,11 +65,25 @@ pub struct Snapshot {
     domain_refs: imbl::HashMap<String, u32>,
     /// Accepted domains named in the configuration, whether or not anyone uses them.
     configured_domains: Arc<[String]>,
+    /// The organization, site and server.
+    topology: Arc<Topology>,
 }
 
 impl Snapshot {
     /// An empty directory accepting the configured domains.
     pub fn empty(configured_domains: &[String]) -> Snapshot {
+        Snapshot::with_topology(
+            configured_domains,
+            Topology {
+                organization: String::new(),
+                site: String::new(),
+                server: String::new(),
+            },
+        )
+    }
+
+    /// An empty directory in the given organization, site and server.
+    pub fn with_topology(configured_domains: &[String], topology: Topology) -> Snapshot {
         Snapshot {
             generation: 0,
             recipients: imbl::HashMap::new(),
@@ -80,7 +94,13 @@ impl Snapshot {
                 .iter()
                 .map(|d| d.to_lowercase())
                 .collect(),
+            topology: Arc::new(topology),
         }
+    }
+
+    /// The organization, site and server this directory belongs to.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// The generation number: 0 for the empty directory, one more per publication.

@@ -3,7 +3,7 @@
 use crate::snapshot::{Recipient, Snapshot};
 use crate::{address_key, validate_address};
 use arc_swap::ArcSwap;
-use mailroom_store::{DirectoryChange, MailStore, NewRecipient, RecipientRecord};
+use mailroom_store::{DirectoryChange, MailStore, NewRecipient, RecipientRecord, Topology};
 use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +25,8 @@ pub enum Change {
         display_name: String,
         /// Mailbox name; defaults to the address's local part.
         alias: Option<String>,
+        /// More addresses delivering to the same mailbox.
+        secondary_addresses: Vec<String>,
         /// Argon2id PHC string, when a password is set.
         password_hash: Option<String>,
     },
@@ -78,11 +80,12 @@ impl Directory {
     pub fn start(
         store: Arc<dyn MailStore>,
         configured_domains: &[String],
+        topology: &Topology,
     ) -> Result<(Directory, std::thread::JoinHandle<()>), DirectoryError> {
-        let records = store
-            .load_recipients()
-            .map_err(|e| DirectoryError::Store(e.to_string()))?;
-        let mut snapshot = Snapshot::empty(configured_domains);
+        let store_error = |e: mailroom_store::StoreError| DirectoryError::Store(e.to_string());
+        let topology = store.ensure_topology(topology).map_err(store_error)?;
+        let records = store.load_recipients().map_err(store_error)?;
+        let mut snapshot = Snapshot::with_topology(configured_domains, topology);
         for record in records {
             snapshot = snapshot.with_recipient(record.into());
         }
@@ -247,17 +250,32 @@ fn validate(
             address,
             display_name,
             alias,
+            secondary_addresses,
             password_hash,
         } => {
             let address = address.trim().to_string();
-            validate_address(&address).map_err(|r| invalid(&address, "address", r))?;
-            let key = address_key(&address);
-            if snapshot.by_address(&address).is_some() || claimed.addresses.contains(&key) {
-                return Err(invalid(
-                    &address,
-                    "address",
-                    "is already used by another recipient".into(),
-                ));
+            let mut addresses = vec![address.clone()];
+            addresses.extend(secondary_addresses.iter().map(|a| a.trim().to_string()));
+            let mut keys = Vec::with_capacity(addresses.len());
+            for (index, one) in addresses.iter().enumerate() {
+                let field = if index == 0 {
+                    "address"
+                } else {
+                    "secondary_addresses"
+                };
+                validate_address(one).map_err(|r| invalid(&address, field, r))?;
+                let key = address_key(one);
+                if snapshot.by_address(one).is_some()
+                    || claimed.addresses.contains(&key)
+                    || keys.contains(&key)
+                {
+                    return Err(invalid(
+                        &address,
+                        field,
+                        format!("{one} is already used by another recipient"),
+                    ));
+                }
+                keys.push(key);
             }
             let alias = alias.unwrap_or_else(|| {
                 address
@@ -277,12 +295,12 @@ fn validate(
                     ),
                 ));
             }
-            claimed.addresses.insert(key);
+            claimed.addresses.extend(keys);
             claimed.aliases.insert(alias_key);
             Ok(DirectoryChange::CreateRecipient(NewRecipient {
                 alias,
                 display_name,
-                addresses: vec![address],
+                addresses,
                 password_hash,
             }))
         }
@@ -309,8 +327,17 @@ mod tests {
     fn start() -> (Directory, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-        let (directory, _thread) = Directory::start(store, &["example.test".into()]).unwrap();
+        let (directory, _thread) =
+            Directory::start(store, &["example.test".into()], &topology()).unwrap();
         (directory, dir)
+    }
+
+    fn topology() -> Topology {
+        Topology {
+            organization: "Org".into(),
+            site: "Site".into(),
+            server: "mx1".into(),
+        }
     }
 
     fn create(address: &str) -> Change {
@@ -318,8 +345,55 @@ mod tests {
             address: address.into(),
             display_name: "X".into(),
             alias: None,
+            secondary_addresses: Vec::new(),
             password_hash: None,
         }
+    }
+
+    #[test]
+    fn secondary_addresses_resolve_to_the_same_mailbox_and_must_be_free() {
+        let (directory, _dir) = start();
+        let alice = directory
+            .apply_blocking(Change::CreateMailbox {
+                address: "alice@example.test".into(),
+                display_name: "Alice".into(),
+                alias: None,
+                secondary_addresses: vec!["a.smith@example.test".into(), "alice@other.test".into()],
+                password_hash: None,
+            })
+            .unwrap();
+        let snap = directory.snapshot();
+        assert_eq!(
+            snap.by_address("A.Smith@example.test").unwrap().id,
+            alice.id
+        );
+        assert_eq!(snap.by_address("alice@other.test").unwrap().id, alice.id);
+        assert!(snap.is_local_domain("other.test"));
+        let err = directory
+            .apply_blocking(Change::CreateMailbox {
+                address: "bob@example.test".into(),
+                display_name: String::new(),
+                alias: None,
+                secondary_addresses: vec!["a.smith@example.test".into()],
+                password_hash: None,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                DirectoryError::Invalid {
+                    field: "secondary_addresses",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            directory
+                .snapshot()
+                .by_address("bob@example.test")
+                .is_none()
+        );
     }
 
     #[test]
@@ -340,8 +414,9 @@ mod tests {
         drop(directory);
         // A restart loads what was stored.
         let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-        let (again, _t) = Directory::start(store, &[]).unwrap();
+        let (again, _t) = Directory::start(store, &[], &topology()).unwrap();
         assert!(again.snapshot().by_address("alice@example.test").is_some());
+        assert_eq!(again.snapshot().topology(), &topology());
     }
 
     #[test]

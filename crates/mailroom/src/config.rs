@@ -36,6 +36,12 @@ pub struct ServerSection {
     pub hostname: String,
     /// The primary mail domain; `postmaster@` it is created at first start.
     pub domain: String,
+    /// The organization this server belongs to.
+    pub organization: String,
+    /// The site (a group of servers) this server belongs to.
+    pub site: String,
+    /// This server's name in the directory; empty means `hostname`.
+    pub server_name: String,
     /// The data folder: database, credentials, lock.
     pub data_dir: PathBuf,
     /// Longest a shutdown may take before the process exits anyway.
@@ -47,6 +53,9 @@ impl Default for ServerSection {
         ServerSection {
             hostname: "localhost".into(),
             domain: "localhost".into(),
+            organization: "Mailroom".into(),
+            site: "Default-Site".into(),
+            server_name: String::new(),
             data_dir: PathBuf::from("mailroom-data"),
             shutdown_deadline_ms: 5000,
         }
@@ -180,6 +189,12 @@ pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown wi
 hostname = "localhost"
 # The primary mail domain. postmaster@<domain> is created at first start.
 domain = "localhost"
+# The directory's hierarchy: organization -> site -> server. One of each is created at
+# first start; changing a name here renames it.
+organization = "Mailroom"
+site = "Default-Site"
+# This server's name in the directory; empty means the hostname above.
+server_name = ""
 # The data folder: the database (mail, queues, directory), the admin credential, a lock.
 data_dir = "mailroom-data"
 # On SIGTERM/SIGINT the process exits within this time, whatever is in flight.

@@ -107,6 +107,9 @@ enum RecipientCommand {
         /// Mailbox name (default: the address's local part).
         #[arg(long)]
         alias: Option<String>,
+        /// Another address for the same mailbox (repeat for more).
+        #[arg(long = "secondary", value_name = "ADDRESS")]
+        secondary_addresses: Vec<String>,
         /// Read an initial password from standard input.
         #[arg(long)]
         password_stdin: bool,
@@ -210,6 +213,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server.data_dir.display()
         ));
         say(&format!("  mail domain: {}", config.server.domain));
+        let topology = server.directory.snapshot().topology().clone();
+        say(&format!(
+            "  directory:   organization {:?}, site {:?}, server {:?}",
+            topology.organization, topology.site, topology.server
+        ));
         if let Some(password) = &server.postmaster_password {
             say(&format!(
                 "  created postmaster@{} with password {password}  (shown once; keep it)",
@@ -250,6 +258,7 @@ fn recipient(command: RecipientCommand) -> anyhow::Result<()> {
             address,
             name,
             alias,
+            secondary_addresses,
             password_stdin,
             target,
         } => {
@@ -269,6 +278,7 @@ fn recipient(command: RecipientCommand) -> anyhow::Result<()> {
                     address,
                     display_name: name,
                     alias,
+                    secondary_addresses,
                     password,
                 },
             )?;

@@ -14,7 +14,7 @@ use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Worker
 use mailroom_directory::{Change, Directory, generate_password, hash_password};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
-use mailroom_store::{MailStore, SqliteStore};
+use mailroom_store::{MailStore, SqliteStore, Topology};
 use prometheus_client::registry::Registry;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -138,6 +138,7 @@ async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Resul
             address,
             display_name: "Postmaster".into(),
             alias: Some("postmaster".into()),
+            secondary_addresses: Vec::new(),
             password_hash: Some(hash),
         })
         .await
@@ -161,7 +162,16 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
 
     let mut domains = vec![config.server.domain.clone()];
     domains.extend(config.directory.accepted_domains.iter().cloned());
-    let (directory, _writer_thread) = Directory::start(store.clone(), &domains)?;
+    let topology = Topology {
+        organization: config.server.organization.clone(),
+        site: config.server.site.clone(),
+        server: if config.server.server_name.is_empty() {
+            config.server.hostname.clone()
+        } else {
+            config.server.server_name.clone()
+        },
+    };
+    let (directory, _writer_thread) = Directory::start(store.clone(), &domains, &topology)?;
     let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
 
     let mut registry = Registry::default();

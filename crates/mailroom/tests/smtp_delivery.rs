@@ -404,3 +404,57 @@ async fn relay_networks_allow_remote_recipients_into_the_outbound_queue() {
     assert_eq!(items[0].recipients, ["friend@elsewhere.test"]);
     server.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_address_delivers_to_the_same_mailbox_once() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    tokio::task::spawn_blocking(move || {
+        let _: serde_json::Value = client
+            .post(
+                "/recipients",
+                &serde_json::json!({
+                    "address": "alice@example.test",
+                    "display_name": "Alice Smith",
+                    "secondary_addresses": ["a.smith@example.test", "alice@example.org"]
+                }),
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    // Addressed to all three addresses of one person: one copy.
+    let email = Message::builder()
+        .from("bob@remote.test".parse().unwrap())
+        .to("alice@example.test".parse().unwrap())
+        .to("a.smith@example.test".parse().unwrap())
+        .cc("alice@example.org".parse().unwrap())
+        .subject("one copy")
+        .body("x\n".to_string())
+        .unwrap();
+    lettre_to(&server).send(email).await.unwrap();
+    // And once to the secondary address alone (its domain became local).
+    let email = Message::builder()
+        .from("bob@remote.test".parse().unwrap())
+        .to("alice@example.org".parse().unwrap())
+        .subject("secondary")
+        .body("x\n".to_string())
+        .unwrap();
+    lettre_to(&server).send(email).await.unwrap();
+    let messages = server.wait_for_messages("alice@example.test", 2).await;
+    let subjects: Vec<_> = messages
+        .iter()
+        .filter_map(|m| m.subject.as_deref())
+        .collect();
+    assert_eq!(subjects, ["one copy", "secondary"]);
+    let health: serde_json::Value = {
+        let url = format!("http://{}/health", server.server.admin_addr);
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_json().unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(health["organization"], "Mailroom");
+    assert_eq!(health["site"], "Default-Site");
+    assert_eq!(health["server"], "mx.example.test");
+    server.server.shutdown().await;
+}

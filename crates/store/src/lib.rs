@@ -278,6 +278,18 @@ pub struct NewRecipient {
     pub password_hash: Option<String>,
 }
 
+/// The classic hierarchy this server lives in: organization -> site -> server. One of
+/// each is created at first start, named in the config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Topology {
+    /// Organization name.
+    pub organization: String,
+    /// Site name.
+    pub site: String,
+    /// This server's name.
+    pub server: String,
+}
+
 /// One change applied by the directory writer.
 #[derive(Debug, Clone)]
 pub enum DirectoryChange {
@@ -332,6 +344,10 @@ pub trait MailStore: Send + Sync + 'static {
 
     /// The entries of one queue (or all), oldest first, at most `limit`.
     fn queue_items(&self, queue: Option<QueueName>, limit: u32) -> Result<Vec<QueueItemInfo>>;
+
+    /// Records the organization, site and server (creating them at first start, renaming
+    /// them when the config names them differently); returns what is stored.
+    fn ensure_topology(&self, wanted: &Topology) -> Result<Topology>;
 
     /// Every recipient, for building the first directory snapshot.
     fn load_recipients(&self) -> Result<Vec<RecipientRecord>>;

@@ -69,6 +69,15 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (folder_id, uid)
     );
     "#,
+    // Version 2: the organization, site and server this data folder belongs to.
+    r#"
+    CREATE TABLE topology (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        organization TEXT NOT NULL,
+        site TEXT NOT NULL,
+        server TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The newest schema version this binary knows.

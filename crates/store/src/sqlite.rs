@@ -391,6 +391,37 @@ impl MailStore for SqliteStore {
         })
     }
 
+    fn ensure_topology(&self, wanted: &Topology) -> Result<Topology> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing: Option<Topology> = tx
+                .query_row(
+                    "SELECT organization, site, server FROM topology WHERE id = 1",
+                    [],
+                    |r| {
+                        Ok(Topology {
+                            organization: r.get(0)?,
+                            site: r.get(1)?,
+                            server: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?;
+            if existing.as_ref() != Some(wanted) {
+                if let Some(old) = &existing {
+                    tracing::info!(?old, new = ?wanted, "renaming organization, site or server");
+                }
+                tx.execute(
+                    "INSERT INTO topology (id, organization, site, server) VALUES (1, ?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET organization = ?1, site = ?2, server = ?3",
+                    params![wanted.organization, wanted.site, wanted.server],
+                )?;
+            }
+            tx.commit()?;
+            Ok(wanted.clone())
+        })
+    }
+
     fn load_recipients(&self) -> Result<Vec<RecipientRecord>> {
         self.with_conn(|conn| {
             let ids: Vec<i64> = conn
