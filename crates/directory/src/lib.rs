@@ -16,7 +16,9 @@
 //!
 //! What it never does: hold a lock, touch the network, or block a reader.
 
+pub mod addressing;
 mod password;
+pub mod routing;
 mod snapshot;
 mod writer;
 
