@@ -16,9 +16,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use mailroom_directory::{Change, Directory, DirectoryError, Recipient, hash_password};
+use mailroom_directory::jobs::{JobReport, Jobs, start_regeneration};
+use mailroom_directory::routing::Connector;
+use mailroom_directory::{
+    Change, Directory, DirectoryError, ProxyAddress, Quota, Recipient, RecipientFields,
+    RecipientKind, SiteChange, Snapshot, hash_password,
+};
 use mailroom_store::{MailStore, QueueName, QueueSummary};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -84,6 +89,8 @@ pub struct AdminState {
     pub queue_gauges: QueueGauges,
     /// The bearer token `/api/v1` requires.
     pub token: String,
+    /// Background directory jobs.
+    pub jobs: Arc<Jobs>,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -99,7 +106,9 @@ impl IntoResponse for ApiError {
 impl From<DirectoryError> for ApiError {
     fn from(e: DirectoryError) -> ApiError {
         let status = match &e {
-            DirectoryError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            DirectoryError::Invalid { .. } | DirectoryError::RolledBack => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             DirectoryError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             DirectoryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -131,8 +140,27 @@ fn now_ms() -> i64 {
 pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/recipients", get(list_recipients).post(create_recipient))
-        .route("/recipients/{address}", get(show_recipient))
+        .route(
+            "/recipients/{address}",
+            get(show_recipient)
+                .patch(modify_recipient)
+                .delete(delete_recipient),
+        )
         .route("/recipients/{address}/password", post(set_password))
+        .route("/site", get(show_site).post(change_site))
+        .route("/connectors", get(list_connectors).post(put_connector))
+        .route(
+            "/connectors/{name}",
+            get(show_connector).delete(delete_connector),
+        )
+        .route("/domains", get(list_domains).post(add_domain))
+        .route("/domains/{domain}", delete(remove_domain))
+        .route("/routing", get(show_routing))
+        .route("/routing/route", get(route_address))
+        .route("/protocols", get(show_protocols))
+        .route("/protocols/check", get(check_protocol))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{id}", get(show_job))
         .route("/mailboxes/{address}/messages", get(list_messages))
         .route("/mailboxes/{address}/messages/{uid}/raw", get(raw_message))
         .route("/queues", get(queues))
@@ -224,23 +252,96 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Result<Response, ApiEr
         .into_response())
 }
 
-async fn list_recipients(State(state): State<Arc<AdminState>>) -> Json<Vec<Recipient>> {
+/// A recipient as the API shows it: members and owner by alias.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecipientView {
+    /// Identity.
+    pub id: i64,
+    /// Mailbox, contact or list.
+    pub kind: RecipientKind,
+    /// Mailbox name.
+    pub alias: String,
+    /// Display name.
+    pub display_name: String,
+    /// Given name.
+    pub given_name: String,
+    /// Surname.
+    pub surname: String,
+    /// Initials.
+    pub initials: String,
+    /// The primary address.
+    pub primary_address: Option<String>,
+    /// Every address, with its primary and generated marks.
+    pub addresses: Vec<ProxyAddress>,
+    /// A contact's target.
+    pub target_address: Option<String>,
+    /// A list's members, by alias.
+    pub members: Vec<String>,
+    /// A list's owner, by alias.
+    pub owner: Option<String>,
+    /// Hidden from the address book.
+    pub hidden: bool,
+    /// Protocol overrides (`imap:off` ...).
+    pub protocols: Vec<String>,
+    /// Size limits.
+    pub quota: Quota,
+    /// True when a password is set.
+    pub has_password: bool,
+}
+
+/// The view of `r` in `snapshot`.
+pub fn view(snapshot: &Snapshot, r: &Recipient) -> RecipientView {
+    let alias_of = |id: i64| snapshot.recipient(id).map(|m| m.alias.clone());
+    RecipientView {
+        id: r.id,
+        kind: r.kind,
+        alias: r.alias.clone(),
+        display_name: r.display_name.clone(),
+        given_name: r.given_name.clone(),
+        surname: r.surname.clone(),
+        initials: r.initials.clone(),
+        primary_address: r.primary_address().map(str::to_string),
+        addresses: r.addresses.clone(),
+        target_address: r.target_address.clone(),
+        members: r.members.iter().filter_map(|m| alias_of(*m)).collect(),
+        owner: r.owner.and_then(alias_of),
+        hidden: r.hidden,
+        protocols: r.protocols.to_csv(),
+        quota: r.quota,
+        has_password: r.password_hash.is_some(),
+    }
+}
+
+#[derive(Deserialize)]
+struct KindQuery {
+    kind: Option<RecipientKind>,
+}
+
+async fn list_recipients(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<KindQuery>,
+) -> Json<Vec<RecipientView>> {
     let snapshot = state.directory.snapshot();
-    let mut recipients: Vec<Recipient> = snapshot.recipients().map(|r| (**r).clone()).collect();
-    recipients.sort_by(|a, b| a.primary_address.cmp(&b.primary_address));
-    Json(recipients)
+    Json(
+        snapshot
+            .recipients_by_alias()
+            .iter()
+            .filter(|r| query.kind.is_none_or(|k| r.kind == k))
+            .map(|r| view(&snapshot, r))
+            .collect(),
+    )
 }
 
 fn find_recipient(state: &AdminState, address: &str) -> Result<Arc<Recipient>, ApiError> {
     state
         .directory
         .snapshot()
-        .by_address(address)
+        .find(address)
         .cloned()
         .ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no recipient has the address {address}"),
+                format!("no recipient has the alias or address {address}"),
             )
         })
 }
@@ -248,53 +349,163 @@ fn find_recipient(state: &AdminState, address: &str) -> Result<Arc<Recipient>, A
 async fn show_recipient(
     State(state): State<Arc<AdminState>>,
     Path(address): Path<String>,
-) -> Result<Json<Recipient>, ApiError> {
-    Ok(Json((*find_recipient(&state, &address)?).clone()))
+) -> Result<Json<RecipientView>, ApiError> {
+    let recipient = find_recipient(&state, &address)?;
+    Ok(Json(view(&state.directory.snapshot(), &recipient)))
 }
 
-/// The body of `POST /api/v1/recipients`.
-#[derive(Debug, Deserialize, Serialize)]
+/// The body of `POST /api/v1/recipients` and `PATCH /api/v1/recipients/{alias}`: every
+/// field is optional on PATCH; absent fields are left as they are.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewRecipientRequest {
-    /// Primary SMTP address.
-    pub address: String,
-    /// Display name.
+pub struct RecipientRequest {
+    /// `mailbox` (default), `contact` or `list`.
     #[serde(default)]
-    pub display_name: String,
+    pub kind: Option<RecipientKind>,
+    /// Primary SMTP address (shorthand for the first of `addresses`).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// More addresses delivering to the same recipient.
+    #[serde(default)]
+    pub secondary_addresses: Vec<String>,
+    /// Every address in the classic form (`SMTP:` primary, `smtp:` secondary).
+    #[serde(default)]
+    pub addresses: Option<Vec<String>>,
     /// Mailbox name; defaults to the address's local part.
     #[serde(default)]
     pub alias: Option<String>,
-    /// More addresses delivering to the same mailbox.
+    /// Display name.
     #[serde(default)]
-    pub secondary_addresses: Vec<String>,
+    pub display_name: Option<String>,
+    /// Given name.
+    #[serde(default)]
+    pub given_name: Option<String>,
+    /// Surname.
+    #[serde(default)]
+    pub surname: Option<String>,
+    /// Initials.
+    #[serde(default)]
+    pub initials: Option<String>,
+    /// A contact's external address.
+    #[serde(default)]
+    pub target_address: Option<String>,
+    /// A list's members (aliases or addresses).
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+    /// A list's owner.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Hidden from the address book.
+    #[serde(default)]
+    pub hidden: Option<bool>,
+    /// Protocol overrides, `imap:off` etc.
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+    /// Quota warning, KB (0: none).
+    #[serde(default)]
+    pub quota_warning_kb: Option<u64>,
+    /// Quota prohibit send, KB (0: none).
+    #[serde(default)]
+    pub quota_prohibit_send_kb: Option<u64>,
+    /// Quota prohibit send and receive, KB (0: none).
+    #[serde(default)]
+    pub quota_prohibit_send_receive_kb: Option<u64>,
     /// Initial password, if any.
     #[serde(default)]
     pub password: Option<String>,
 }
 
-async fn create_recipient(
-    State(state): State<Arc<AdminState>>,
-    Json(request): Json<NewRecipientRequest>,
-) -> Result<(StatusCode, Json<Recipient>), ApiError> {
-    let password_hash = match request.password {
-        Some(password) => Some(
-            tokio::task::spawn_blocking(move || hash_password(&password))
-                .await
-                .map_err(internal)?,
-        ),
-        None => None,
-    };
-    let recipient = state
-        .directory
-        .apply(Change::CreateMailbox {
-            address: request.address,
-            display_name: request.display_name,
-            alias: request.alias,
-            secondary_addresses: request.secondary_addresses,
+impl RecipientRequest {
+    async fn into_fields(self) -> Result<RecipientFields, ApiError> {
+        let addresses = match (self.address, self.addresses) {
+            (Some(primary), None) => {
+                let mut all = vec![format!("SMTP:{primary}")];
+                all.extend(self.secondary_addresses.iter().map(|a| format!("smtp:{a}")));
+                Some(all)
+            }
+            (None, addresses) if self.secondary_addresses.is_empty() => addresses,
+            _ => {
+                return Err(ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "give either address (with secondary_addresses) or addresses, not both".into(),
+                ));
+            }
+        };
+        let password_hash = match self.password {
+            Some(password) => Some(
+                tokio::task::spawn_blocking(move || hash_password(&password))
+                    .await
+                    .map_err(internal)?,
+            ),
+            None => None,
+        };
+        Ok(RecipientFields {
+            kind: self.kind,
+            alias: self.alias,
+            display_name: self.display_name,
+            given_name: self.given_name,
+            surname: self.surname,
+            initials: self.initials,
+            addresses,
+            target_address: self.target_address,
+            members: self.members,
+            owner: self.owner,
+            hidden: self.hidden,
+            protocols: self.protocols,
+            quota_warning_kb: self.quota_warning_kb,
+            quota_prohibit_send_kb: self.quota_prohibit_send_kb,
+            quota_prohibit_send_receive_kb: self.quota_prohibit_send_receive_kb,
             password_hash,
         })
+    }
+}
+
+async fn create_recipient(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<RecipientRequest>,
+) -> Result<(StatusCode, Json<RecipientView>), ApiError> {
+    let mut fields = request.into_fields().await?;
+    fields.kind = Some(fields.kind.unwrap_or_default());
+    let applied = state
+        .directory
+        .apply(Change::CreateRecipient(fields))
         .await?;
-    Ok((StatusCode::CREATED, Json((*recipient).clone())))
+    let recipient = applied
+        .recipient
+        .ok_or_else(|| internal("no recipient returned"))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(view(&state.directory.snapshot(), &recipient)),
+    ))
+}
+
+async fn modify_recipient(
+    State(state): State<Arc<AdminState>>,
+    Path(alias): Path<String>,
+    Json(request): Json<RecipientRequest>,
+) -> Result<Json<RecipientView>, ApiError> {
+    find_recipient(&state, &alias)?;
+    let fields = request.into_fields().await?;
+    let applied = state
+        .directory
+        .apply(Change::ModifyRecipient { alias, fields })
+        .await?;
+    let recipient = applied
+        .recipient
+        .ok_or_else(|| internal("no recipient returned"))?;
+    Ok(Json(view(&state.directory.snapshot(), &recipient)))
+}
+
+async fn delete_recipient(
+    State(state): State<Arc<AdminState>>,
+    Path(alias): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    find_recipient(&state, &alias)?;
+    state
+        .directory
+        .apply(Change::DeleteRecipient { alias })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The body of `POST /api/v1/recipients/{address}/password`.
@@ -310,6 +521,7 @@ async fn set_password(
     Path(address): Path<String>,
     Json(request): Json<PasswordRequest>,
 ) -> Result<StatusCode, ApiError> {
+    find_recipient(&state, &address)?;
     let password = request.password;
     let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
         .await
@@ -322,6 +534,228 @@ async fn set_password(
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The answer to a site change: the job it started, if any.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SiteChangeReport {
+    /// The address regeneration job a template change started.
+    pub job: Option<u64>,
+    /// The site configuration now.
+    pub site: mailroom_directory::SiteConfig,
+}
+
+async fn show_site(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let snapshot = state.directory.snapshot();
+    Json(serde_json::json!({
+        "site": snapshot.site(),
+        "accepted_domains": snapshot.local_domains(),
+        "topology": snapshot.topology(),
+        "generation": snapshot.generation(),
+    }))
+}
+
+async fn change_site(
+    State(state): State<Arc<AdminState>>,
+    Json(change): Json<SiteChange>,
+) -> Result<Json<SiteChangeReport>, ApiError> {
+    let template_change = matches!(change, SiteChange::SetTemplate { .. });
+    state.directory.apply(Change::Site(change)).await?;
+    let job = template_change.then(|| start_regeneration(state.directory.clone(), &state.jobs).id);
+    Ok(Json(SiteChangeReport {
+        job,
+        site: state.directory.snapshot().site().clone(),
+    }))
+}
+
+async fn list_connectors(State(state): State<Arc<AdminState>>) -> Json<Vec<Connector>> {
+    Json(
+        state
+            .directory
+            .snapshot()
+            .site()
+            .connectors
+            .values()
+            .cloned()
+            .collect(),
+    )
+}
+
+async fn show_connector(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Connector>, ApiError> {
+    state
+        .directory
+        .snapshot()
+        .site()
+        .connectors
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no connector {name:?}")))
+}
+
+async fn put_connector(
+    State(state): State<Arc<AdminState>>,
+    Json(connector): Json<Connector>,
+) -> Result<Json<Connector>, ApiError> {
+    let name = connector.name.clone();
+    state
+        .directory
+        .apply(Change::Site(SiteChange::PutConnector { connector }))
+        .await?;
+    show_connector(State(state), Path(name)).await
+}
+
+async fn delete_connector(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .directory
+        .apply(Change::Site(SiteChange::DeleteConnector { name }))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_domains(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let snapshot = state.directory.snapshot();
+    Json(serde_json::json!({
+        "accepted": snapshot.local_domains(),
+        "explicit": snapshot.site().accepted_domains,
+    }))
+}
+
+/// The body of `POST /api/v1/domains`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRequest {
+    /// The domain to accept.
+    pub domain: String,
+}
+
+async fn add_domain(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<DomainRequest>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .directory
+        .apply(Change::Site(SiteChange::AddAcceptedDomain {
+            domain: request.domain,
+        }))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_domain(
+    State(state): State<Arc<AdminState>>,
+    Path(domain): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .directory
+        .apply(Change::Site(SiteChange::RemoveAcceptedDomain { domain }))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `GET /api/v1/routing`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoutingReport {
+    /// The table now, as text.
+    pub table: String,
+    /// The table before its last change.
+    pub previous: String,
+    /// What changed (`- ` left, `+ ` joined).
+    pub diff: String,
+    /// The directory generation of the table.
+    pub generation: u64,
+}
+
+async fn show_routing(State(state): State<Arc<AdminState>>) -> Json<RoutingReport> {
+    let snapshot = state.directory.snapshot();
+    let table = snapshot.routing().render();
+    Json(RoutingReport {
+        diff: mailroom_directory::routing::diff(snapshot.previous_routing(), &table),
+        previous: snapshot.previous_routing().to_string(),
+        table,
+        generation: snapshot.generation(),
+    })
+}
+
+#[derive(Deserialize)]
+struct AddressQuery {
+    address: String,
+}
+
+async fn route_address(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<AddressQuery>,
+) -> Result<Json<mailroom_directory::routing::Route>, ApiError> {
+    state
+        .directory
+        .snapshot()
+        .routing()
+        .route("SMTP", &query.address, 0)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no connector's address space matches {}", query.address),
+            )
+        })
+}
+
+async fn show_protocols(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let snapshot = state.directory.snapshot();
+    let site = snapshot.site();
+    Json(serde_json::json!({
+        "site": site.site_protocols,
+        "server": {
+            "name": snapshot.topology().server,
+            "use_site_defaults": site.server_uses_site_defaults,
+            "own": site.server_protocols,
+            "effective": site.server_effective(),
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+struct ProtocolQuery {
+    recipient: String,
+    protocol: String,
+}
+
+async fn check_protocol(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ProtocolQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let recipient = find_recipient(&state, &query.recipient)?;
+    let protocol = mailroom_directory::Protocol::parse(&query.protocol).ok_or_else(|| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("unknown protocol {:?} (smtp, imap, pop3)", query.protocol),
+        )
+    })?;
+    let allowed = state.directory.snapshot().may_use(recipient.id, protocol);
+    Ok(Json(
+        serde_json::json!({"recipient": recipient.alias, "protocol": protocol.name(), "allowed": allowed}),
+    ))
+}
+
+async fn list_jobs(State(state): State<Arc<AdminState>>) -> Json<Vec<JobReport>> {
+    Json(state.jobs.all().iter().map(|j| j.report()).collect())
+}
+
+async fn show_job(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<u64>,
+) -> Result<Json<JobReport>, ApiError> {
+    state
+        .jobs
+        .get(id)
+        .map(|j| Json(j.report()))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job {id}")))
 }
 
 #[derive(Deserialize)]

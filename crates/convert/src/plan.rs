@@ -1,42 +1,87 @@
 //! Where each envelope recipient goes, decided from one directory snapshot.
 
-use mailroom_directory::{Resolution, Snapshot, address_key};
-use mailroom_store::{DeliveryPlan, MessageFacts};
+use mailroom_directory::routing::ConnectorKind;
+use mailroom_directory::{Snapshot, Target, address_key};
+use mailroom_store::{DeliveryPlan, MessageFacts, RemoteRoute};
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 
-/// The reason recorded for a local address nobody owns any more.
-pub const UNKNOWN_LOCAL: &str =
-    "5.1.1 no such recipient here (it was removed after the message was accepted)";
+/// The reason recorded for a remote address no connector serves.
+pub const NO_ROUTE: &str = "5.4.4 no route: no connector's address space matches this address";
 
-/// Resolves every envelope recipient with `snapshot`: local mailboxes de-duplicated (two
-/// addresses of one person give one copy), remote addresses kept for the outbound queue,
-/// and unknown local addresses kept with a reason. Nothing is dropped.
+/// Resolves every envelope recipient with `snapshot`: distribution lists expanded,
+/// contacts replaced by their targets, local mailboxes de-duplicated (one copy per
+/// person however many of their addresses or lists were used), remote addresses routed
+/// by the routing table and grouped by connector, and anything unresolvable kept with a
+/// reason. Nothing is dropped. `queue_id` spreads equal-cost routes across messages.
 pub fn delivery_plan(
     facts: MessageFacts,
     recipients: &[String],
     snapshot: &Snapshot,
+    queue_id: &str,
 ) -> DeliveryPlan {
     let mut plan = DeliveryPlan {
         facts,
         ..DeliveryPlan::default()
     };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    queue_id.hash(&mut hasher);
+    let balance = hasher.finish();
     let mut seen_addresses = HashSet::new();
     let mut seen_mailboxes = HashSet::new();
+    let mut seen_remote = HashSet::new();
     for address in recipients {
         if !seen_addresses.insert(address_key(address)) {
             continue;
         }
-        match snapshot.resolve(address) {
-            Resolution::Local(recipient) => {
-                if seen_mailboxes.insert(recipient.id) {
-                    plan.local.push(recipient.id);
+        for target in snapshot.expand(address) {
+            match target {
+                Target::Mailbox(id) => {
+                    if seen_mailboxes.insert(id) {
+                        plan.local.push(id);
+                    }
                 }
+                Target::Remote(remote) => {
+                    if seen_remote.insert(address_key(&remote)) {
+                        route(&mut plan, snapshot, remote, balance);
+                    }
+                }
+                Target::Undeliverable(what, why) => plan.undeliverable.push((what, why)),
             }
-            Resolution::Remote => plan.remote.push(address.clone()),
-            Resolution::UnknownLocal => plan
-                .undeliverable
-                .push((address.clone(), UNKNOWN_LOCAL.to_string())),
         }
     }
     plan
+}
+
+fn route(plan: &mut DeliveryPlan, snapshot: &Snapshot, address: String, balance: u64) {
+    let Some(route) = snapshot.routing().route("SMTP", &address, balance) else {
+        plan.undeliverable.push((address, NO_ROUTE.to_string()));
+        return;
+    };
+    let local = snapshot
+        .site()
+        .connectors
+        .get(&route.connector)
+        .is_some_and(|c| c.kind == ConnectorKind::Local);
+    if local {
+        // Routed "here", yet nobody here has the address.
+        plan.undeliverable
+            .push((address, "5.1.1 no such recipient here".to_string()));
+        return;
+    }
+    if let Some(instead) = &route.instead_of {
+        tracing::info!(%address, connector = %route.connector, unavailable = %instead, "routed to a costlier connector");
+    }
+    match plan
+        .remote
+        .iter_mut()
+        .find(|r| r.connector == route.connector)
+    {
+        Some(group) => group.recipients.push(address),
+        None => plan.remote.push(RemoteRoute {
+            connector: route.connector,
+            generation: snapshot.generation(),
+            recipients: vec![address],
+        }),
+    }
 }

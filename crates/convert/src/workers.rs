@@ -292,7 +292,7 @@ impl Worker {
         let planned: Vec<(ClaimedItem, DeliveryPlan)> = ready
             .into_iter()
             .map(|(item, facts)| {
-                let plan = delivery_plan(facts, &item.recipients, &snapshot);
+                let plan = delivery_plan(facts, &item.recipients, &snapshot, &item.queue_id);
                 (item, plan)
             })
             .collect();
@@ -327,11 +327,12 @@ impl Worker {
     fn delivered(&self, item: &ClaimedItem, plan: &DeliveryPlan, copies: usize, generation: u64) {
         self.stats.converted.inc();
         self.stats.delivered.inc_by(copies as u64);
-        self.stats.routed_remote.inc_by(plan.remote.len() as u64);
+        let remote: usize = plan.remote.iter().map(|r| r.recipients.len()).sum();
+        self.stats.routed_remote.inc_by(remote as u64);
         tracing::debug!(
             queue_id = %item.queue_id,
             local = copies,
-            remote = plan.remote.len(),
+            remote,
             undeliverable = plan.undeliverable.len(),
             generation,
             "delivered"

@@ -14,17 +14,28 @@
 //! - Snapshots are persistent maps (`imbl`): publishing after one change copies a few
 //!   tree nodes, not the directory.
 //!
+//! The model (`model`): mailboxes, contacts and distribution lists with names, proxy
+//! addresses (generated or manual), protocol overrides and quotas; the site's addressing
+//! templates (`addressing`), accepted domains, protocol settings, and connectors with the
+//! compiled routing table (`routing`).
+//!
 //! What it never does: hold a lock, touch the network, or block a reader.
 
 pub mod addressing;
+pub mod jobs;
+pub mod model;
 mod password;
 pub mod routing;
 mod snapshot;
 mod writer;
 
+pub use model::{
+    Protocol, ProtocolOverrides, ProtocolSet, ProxyAddress, Quota, Recipient, RecipientKind,
+    SiteConfig,
+};
 pub use password::{generate_password, hash_password, verify_password};
-pub use snapshot::{Recipient, Resolution, Snapshot};
-pub use writer::{Change, Directory, DirectoryError};
+pub use snapshot::{Applied, Resolution, Snapshot, Target, strip_proxy_prefix};
+pub use writer::{Change, Directory, DirectoryError, RecipientFields, SiteChange, dry_run};
 
 /// Normalises an address for lookup: the whole address compared case-insensitively,
 /// as every mainstream server does in practice (RFC 5321 allows a case-sensitive local
@@ -63,3 +74,6 @@ pub fn validate_address(address: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,51 +1,26 @@
-//! The immutable directory snapshot every unit of work reads.
+//! The immutable directory snapshot, and [`Snapshot::apply`]: the one function that
+//! validates a change and produces the next snapshot.
+//!
+//! `apply` is pure: it returns the next snapshot and the rows to persist, or an error
+//! naming the object and field, and changes nothing. The writer uses it to apply changes,
+//! an import's dry run uses it on a private copy, and tests use it directly. Every update
+//! is incremental: persistent maps (`imbl`) copy a few nodes per changed recipient, and
+//! the derived parts (accepted domains, routing table) are rebuilt only when the site
+//! configuration changes.
 
-use crate::{address_key, domain_of};
-use mailroom_store::{RecipientId, RecipientRecord, Topology};
+use crate::addressing::{self, NameParts};
+use crate::model::*;
+use crate::routing::RoutingTable;
+use crate::writer::{Change, DirectoryError, RecipientFields};
+use crate::{address_key, domain_of, validate_address};
+use mailroom_store::{AddressRecord, DirectoryWrite, RecipientId, RecipientRow, Topology};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-
-/// A mailbox recipient as readers see it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Recipient {
-    /// Store identity.
-    pub id: RecipientId,
-    /// Mailbox name (the classic "Directory Name").
-    pub alias: String,
-    /// Display name.
-    pub display_name: String,
-    /// The primary (reply) address.
-    pub primary_address: String,
-    /// Every address, primary first.
-    pub addresses: Vec<String>,
-    /// Argon2id PHC string, when a password is set.
-    #[serde(skip)]
-    pub password_hash: Option<String>,
-}
-
-impl From<RecipientRecord> for Recipient {
-    fn from(record: RecipientRecord) -> Recipient {
-        let primary_address = record
-            .addresses
-            .iter()
-            .find(|a| a.primary)
-            .or(record.addresses.first())
-            .map(|a| a.address.clone())
-            .unwrap_or_default();
-        Recipient {
-            id: record.id,
-            alias: record.alias,
-            display_name: record.display_name,
-            primary_address,
-            addresses: record.addresses.into_iter().map(|a| a.address).collect(),
-            password_hash: record.password_hash,
-        }
-    }
-}
 
 /// What an envelope address means in one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
-    /// A local mailbox.
+    /// A local recipient (mailbox, contact or list).
     Local(Arc<Recipient>),
     /// The domain is ours but nobody has this address.
     UnknownLocal,
@@ -53,57 +28,103 @@ pub enum Resolution {
     Remote,
 }
 
+/// Where one envelope address finally goes, after lists and contacts are expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A local mailbox.
+    Mailbox(RecipientId),
+    /// An address to route out.
+    Remote(String),
+    /// Nowhere: the address and why.
+    Undeliverable(String, String),
+}
+
+/// What applying one change produced, for the caller's reply.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// The recipient created or changed, if the change was about one.
+    pub recipient: Option<Arc<Recipient>>,
+    /// Things the administrator should know (e.g. a generated address needed a suffix).
+    pub notes: Vec<String>,
+    /// Recipients changed (address regeneration counts them).
+    pub changed: usize,
+    /// Recipients that could not be changed, each with a note (address regeneration).
+    pub failed: usize,
+}
+
 /// One published state of the directory. Cloning is cheap (persistent maps).
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     generation: u64,
+    next_id: RecipientId,
     recipients: imbl::HashMap<RecipientId, Arc<Recipient>>,
     by_address: imbl::HashMap<String, RecipientId>,
-    /// Lower-cased alias to recipient; aliases are unique.
     by_alias: imbl::HashMap<String, RecipientId>,
-    /// How many addresses use each domain; a domain with a recipient is accepted.
-    domain_refs: imbl::HashMap<String, u32>,
-    /// Accepted domains named in the configuration, whether or not anyone uses them.
+    site: Arc<SiteConfig>,
     configured_domains: Arc<[String]>,
-    /// The organization, site and server.
+    /// Derived from the site and the configured domains.
+    accepted: Arc<BTreeSet<String>>,
+    /// Derived from the site's connectors.
+    routing: Arc<RoutingTable>,
+    /// The routing table's text before the last change to it (`routing diff`).
+    previous_routing: Arc<String>,
     topology: Arc<Topology>,
 }
+
+fn invalid(object: &str, field: &'static str, reason: impl Into<String>) -> DirectoryError {
+    DirectoryError::Invalid {
+        object: object.to_string(),
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Lists nested deeper than this are not expanded further (and say so).
+const LIST_DEPTH_MAX: usize = 32;
 
 impl Snapshot {
     /// An empty directory accepting the configured domains.
     pub fn empty(configured_domains: &[String]) -> Snapshot {
-        Snapshot::with_topology(
+        Snapshot::new(
             configured_domains,
             Topology {
                 organization: String::new(),
                 site: String::new(),
                 server: String::new(),
             },
+            SiteConfig::default(),
+            String::new(),
         )
     }
 
-    /// An empty directory in the given organization, site and server.
-    pub fn with_topology(configured_domains: &[String], topology: Topology) -> Snapshot {
-        Snapshot {
+    /// An empty directory with the given site configuration.
+    pub fn new(
+        configured_domains: &[String],
+        topology: Topology,
+        site: SiteConfig,
+        previous_routing: String,
+    ) -> Snapshot {
+        let mut snapshot = Snapshot {
             generation: 0,
+            next_id: 1,
             recipients: imbl::HashMap::new(),
             by_address: imbl::HashMap::new(),
             by_alias: imbl::HashMap::new(),
-            domain_refs: imbl::HashMap::new(),
+            site: Arc::new(SiteConfig::default()),
             configured_domains: configured_domains
                 .iter()
                 .map(|d| d.to_lowercase())
                 .collect(),
+            accepted: Arc::default(),
+            routing: Arc::default(),
+            previous_routing: Arc::new(previous_routing),
             topology: Arc::new(topology),
-        }
+        };
+        snapshot.set_site(site);
+        snapshot
     }
 
-    /// The organization, site and server this directory belongs to.
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
-    /// The generation number: 0 for the empty directory, one more per publication.
+    /// The generation number: one more per publication.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -123,7 +144,14 @@ impl Snapshot {
         self.recipients.values()
     }
 
-    /// The recipient with this store identity.
+    /// Every recipient sorted by alias (export order).
+    pub fn recipients_by_alias(&self) -> Vec<Arc<Recipient>> {
+        let mut all: Vec<Arc<Recipient>> = self.recipients.values().cloned().collect();
+        all.sort_by_key(|r| r.alias.to_lowercase());
+        all
+    }
+
+    /// The recipient with this identity.
     pub fn recipient(&self, id: RecipientId) -> Option<&Arc<Recipient>> {
         self.recipients.get(&id)
     }
@@ -135,30 +163,47 @@ impl Snapshot {
             .and_then(|id| self.recipients.get(id))
     }
 
-    /// The recipient with this alias (mailbox name), compared case-insensitively.
+    /// The recipient with this alias, compared case-insensitively.
     pub fn by_alias(&self, alias: &str) -> Option<&Arc<Recipient>> {
         self.by_alias
             .get(&alias.to_lowercase())
             .and_then(|id| self.recipients.get(id))
     }
 
-    /// True when mail for `domain` is delivered here rather than routed.
-    pub fn is_local_domain(&self, domain: &str) -> bool {
-        let domain = domain.to_lowercase();
-        self.configured_domains.contains(&domain) || self.domain_refs.contains_key(&domain)
+    /// The recipient with this alias or address.
+    pub fn find(&self, alias_or_address: &str) -> Option<&Arc<Recipient>> {
+        self.by_alias(alias_or_address)
+            .or_else(|| self.by_address(alias_or_address))
     }
 
-    /// Every accepted domain, sorted.
+    /// The site configuration.
+    pub fn site(&self) -> &SiteConfig {
+        &self.site
+    }
+
+    /// The organization, site and server this directory belongs to.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The compiled routing table.
+    pub fn routing(&self) -> &RoutingTable {
+        &self.routing
+    }
+
+    /// The routing table's text before its last change.
+    pub fn previous_routing(&self) -> &str {
+        &self.previous_routing
+    }
+
+    /// True when mail for `domain` is delivered here rather than routed.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.accepted.contains(&domain.to_lowercase())
+    }
+
+    /// Every accepted domain, sorted: configured, from templates, and explicit.
     pub fn local_domains(&self) -> Vec<String> {
-        let mut domains: Vec<String> = self
-            .configured_domains
-            .iter()
-            .cloned()
-            .chain(self.domain_refs.keys().cloned())
-            .collect();
-        domains.sort();
-        domains.dedup();
-        domains
+        self.accepted.iter().cloned().collect()
     }
 
     /// What an envelope address means here.
@@ -174,35 +219,90 @@ impl Snapshot {
         }
     }
 
-    /// The next snapshot: this one with `recipient` inserted or replaced. Costs a few
-    /// persistent-map node copies per address, independent of the directory's size.
-    pub(crate) fn with_recipient(&self, recipient: Recipient) -> Snapshot {
-        let mut next = self.clone();
-        if let Some(old) = next.recipients.get(&recipient.id).cloned() {
-            next.forget_addresses(&old);
-            next.by_alias.remove(&old.alias.to_lowercase());
+    /// "May this recipient use this protocol on this server?" Off at the server means
+    /// off for its mailboxes; otherwise the recipient's override, if any, decides.
+    pub fn may_use(&self, recipient: RecipientId, protocol: Protocol) -> bool {
+        if !self.site.server_effective().get(protocol) {
+            return false;
         }
-        next.by_alias
-            .insert(recipient.alias.to_lowercase(), recipient.id);
-        for address in &recipient.addresses {
-            next.by_address.insert(address_key(address), recipient.id);
-            if let Some(domain) = domain_of(address) {
-                *next.domain_refs.entry(domain).or_insert(0) += 1;
-            }
-        }
-        next.recipients.insert(recipient.id, Arc::new(recipient));
-        next
+        self.recipient(recipient)
+            .and_then(|r| r.protocols.get(protocol))
+            .unwrap_or(true)
     }
 
-    fn forget_addresses(&mut self, old: &Recipient) {
-        for address in &old.addresses {
-            self.by_address.remove(&address_key(address));
-            if let Some(domain) = domain_of(address) {
-                let remaining = self.domain_refs.get(&domain).copied().unwrap_or(1) - 1;
-                if remaining == 0 {
-                    self.domain_refs.remove(&domain);
-                } else {
-                    self.domain_refs.insert(domain, remaining);
+    /// Where mail to `address` goes: lists expanded (nested, loop-safe), contacts
+    /// replaced by their targets, everything de-duplicated by the caller.
+    pub fn expand(&self, address: &str) -> Vec<Target> {
+        let mut out = Vec::new();
+        match self.resolve(address) {
+            Resolution::Remote => out.push(Target::Remote(address.to_string())),
+            Resolution::UnknownLocal => out.push(Target::Undeliverable(
+                address.to_string(),
+                "5.1.1 no such recipient here".into(),
+            )),
+            Resolution::Local(recipient) => {
+                let mut visited = HashSet::new();
+                self.expand_recipient(&recipient, &mut visited, 0, &mut out);
+                if out.is_empty() {
+                    out.push(Target::Undeliverable(
+                        address.to_string(),
+                        format!(
+                            "5.1.1 the distribution list {} has no members",
+                            recipient.alias
+                        ),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn expand_recipient(
+        &self,
+        recipient: &Recipient,
+        visited: &mut HashSet<RecipientId>,
+        depth: usize,
+        out: &mut Vec<Target>,
+    ) {
+        if !visited.insert(recipient.id) {
+            return; // a loop, or a member reached twice: once is enough
+        }
+        match recipient.kind {
+            RecipientKind::Mailbox => out.push(Target::Mailbox(recipient.id)),
+            RecipientKind::Contact => {
+                let Some(target) = &recipient.target_address else {
+                    out.push(Target::Undeliverable(
+                        recipient.alias.clone(),
+                        "5.1.10 the contact has no target address".into(),
+                    ));
+                    return;
+                };
+                match self.resolve(target) {
+                    Resolution::Remote => out.push(Target::Remote(target.clone())),
+                    Resolution::Local(local) => {
+                        self.expand_recipient(&local, visited, depth + 1, out)
+                    }
+                    Resolution::UnknownLocal => out.push(Target::Undeliverable(
+                        target.clone(),
+                        format!(
+                            "5.1.1 the target of contact {} does not exist",
+                            recipient.alias
+                        ),
+                    )),
+                }
+            }
+            RecipientKind::List => {
+                if depth >= LIST_DEPTH_MAX {
+                    out.push(Target::Undeliverable(
+                        recipient.alias.clone(),
+                        format!("5.3.0 lists nested deeper than {LIST_DEPTH_MAX} levels"),
+                    ));
+                    return;
+                }
+                for member in &recipient.members {
+                    if let Some(member) = self.recipients.get(member) {
+                        self.expand_recipient(member, visited, depth + 1, out);
+                    }
                 }
             }
         }
@@ -212,45 +312,605 @@ impl Snapshot {
         self.generation = generation;
         self
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    fn set_site(&mut self, site: SiteConfig) {
+        let mut accepted: BTreeSet<String> = self.configured_domains.iter().cloned().collect();
+        accepted.extend(site.accepted_domains.iter().map(|d| d.to_lowercase()));
+        accepted.extend(
+            site.addressing
+                .values()
+                .filter_map(|t| addressing::template_domain(t)),
+        );
+        let routing = RoutingTable::compile(&site.connectors, site.only_least_cost_routes);
+        if routing != *self.routing {
+            self.previous_routing = Arc::new(self.routing.render());
+        }
+        self.accepted = Arc::new(accepted);
+        self.routing = Arc::new(routing);
+        self.site = Arc::new(site);
+    }
 
-    fn recipient(id: i64, addresses: &[&str]) -> Recipient {
-        Recipient {
-            id,
-            alias: format!("r{id}"),
-            display_name: String::new(),
-            primary_address: addresses[0].into(),
-            addresses: addresses.iter().map(|a| a.to_string()).collect(),
-            password_hash: None,
+    /// Loads a stored recipient (start-up); ids stay as stored.
+    pub(crate) fn load(&mut self, recipient: Recipient) {
+        self.next_id = self.next_id.max(recipient.id + 1);
+        self.put(recipient);
+    }
+
+    /// Inserts or replaces a recipient, keeping every index in step.
+    fn put(&mut self, recipient: Recipient) {
+        if let Some(old) = self.recipients.get(&recipient.id).cloned() {
+            self.forget(&old);
+        }
+        for address in &recipient.addresses {
+            self.by_address
+                .insert(address_key(&address.address), recipient.id);
+        }
+        self.by_alias
+            .insert(recipient.alias.to_lowercase(), recipient.id);
+        self.recipients.insert(recipient.id, Arc::new(recipient));
+    }
+
+    fn forget(&mut self, old: &Recipient) {
+        for address in &old.addresses {
+            self.by_address.remove(&address_key(&address.address));
+        }
+        self.by_alias.remove(&old.alias.to_lowercase());
+    }
+
+    fn remove(&mut self, id: RecipientId) {
+        if let Some(old) = self.recipients.remove(&id) {
+            self.forget(&old);
         }
     }
 
-    #[test]
-    fn resolution_by_address_and_domain() {
-        let snap = Snapshot::empty(&["Example.TEST".into()])
-            .with_recipient(recipient(1, &["alice@example.test", "al@other.test"]));
-        assert!(matches!(snap.resolve("ALICE@example.test"), Resolution::Local(r) if r.id == 1));
-        assert!(matches!(
-            snap.resolve("al@other.test"),
-            Resolution::Local(_)
-        ));
-        assert_eq!(snap.resolve("bob@example.test"), Resolution::UnknownLocal);
-        assert_eq!(snap.resolve("bob@other.test"), Resolution::UnknownLocal);
-        assert_eq!(snap.resolve("bob@remote.test"), Resolution::Remote);
-        assert_eq!(snap.local_domains(), vec!["example.test", "other.test"]);
+    /// Applies one change: the next snapshot (same generation; the writer numbers
+    /// publications), the rows to persist, and what happened. Changes nothing on error.
+    pub fn apply(
+        &self,
+        change: &Change,
+    ) -> Result<(Snapshot, Vec<DirectoryWrite>, Applied), DirectoryError> {
+        let mut next = self.clone();
+        let mut writes = Vec::new();
+        let mut applied = Applied::default();
+        match change {
+            Change::CreateRecipient(fields) => {
+                let recipient = next.build(None, fields, &mut applied)?;
+                applied.recipient = Some(next.commit(recipient, &mut writes));
+            }
+            Change::UpsertRecipient(fields) => {
+                let alias = fields.alias.as_deref().unwrap_or("");
+                let existing = next.by_alias(alias).cloned();
+                let recipient = next.build(existing.as_deref(), fields, &mut applied)?;
+                applied.recipient = Some(next.commit(recipient, &mut writes));
+            }
+            Change::ModifyRecipient { alias, fields } => {
+                let existing = next.find(alias).cloned().ok_or_else(|| {
+                    invalid(alias, "alias", "no recipient has this alias or address")
+                })?;
+                let recipient = next.build(Some(&existing), fields, &mut applied)?;
+                applied.recipient = Some(next.commit(recipient, &mut writes));
+            }
+            Change::DeleteRecipient { alias } => {
+                let existing = next.find(alias).cloned().ok_or_else(|| {
+                    invalid(alias, "alias", "no recipient has this alias or address")
+                })?;
+                next.delete(&existing, &mut writes);
+                applied.recipient = Some(existing);
+            }
+            Change::SetPassword {
+                address,
+                password_hash,
+            } => {
+                let existing = next
+                    .find(address)
+                    .cloned()
+                    .ok_or_else(|| invalid(address, "address", "no recipient has this address"))?;
+                if existing.kind != RecipientKind::Mailbox {
+                    return Err(invalid(
+                        address,
+                        "password",
+                        "only mailboxes have passwords",
+                    ));
+                }
+                let mut recipient = (*existing).clone();
+                recipient.password_hash = Some(password_hash.clone());
+                applied.recipient = Some(next.commit(recipient, &mut writes));
+            }
+            Change::RegenerateAddresses { ids } => {
+                // Oldest first, so collisions resolve the same way every time.
+                let mut ids = ids.clone();
+                ids.sort_unstable();
+                for id in &ids {
+                    if let Some(existing) = next.recipients.get(id).cloned() {
+                        match next.regenerate(&existing) {
+                            Ok(Some((recipient, note))) => {
+                                applied.notes.extend(note);
+                                applied.changed += 1;
+                                next.commit(recipient, &mut writes);
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                applied.failed += 1;
+                                applied.notes.push(e.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            Change::Site(site_change) => {
+                let mut site = (*next.site).clone();
+                site_change.apply_to(&mut site)?;
+                if site != *next.site {
+                    next.set_site(site);
+                    writes.push(next.site_write());
+                }
+            }
+        }
+        Ok((next, writes, applied))
     }
 
-    #[test]
-    fn replacing_a_recipient_forgets_its_old_addresses_and_domains() {
-        let snap = Snapshot::empty(&[])
-            .with_recipient(recipient(1, &["a@one.test"]))
-            .with_recipient(recipient(1, &["a@two.test"]));
-        assert_eq!(snap.resolve("a@one.test"), Resolution::Remote);
-        assert!(matches!(snap.resolve("a@two.test"), Resolution::Local(_)));
-        assert_eq!(snap.len(), 1);
+    fn site_write(&self) -> DirectoryWrite {
+        DirectoryWrite::PutSettings {
+            site: serde_json::to_string(&*self.site).expect("site serialises"),
+            previous_routing: (*self.previous_routing).clone(),
+        }
     }
+
+    /// Stores `recipient` in this snapshot and records the row to persist.
+    fn commit(&mut self, recipient: Recipient, writes: &mut Vec<DirectoryWrite>) -> Arc<Recipient> {
+        writes.push(DirectoryWrite::PutRecipient(row_of(&recipient)));
+        let id = recipient.id;
+        self.next_id = self.next_id.max(id + 1);
+        self.put(recipient);
+        self.recipients[&id].clone()
+    }
+
+    fn delete(&mut self, existing: &Recipient, writes: &mut Vec<DirectoryWrite>) {
+        // Lists that name it as a member or owner lose the reference.
+        let referencing: Vec<Arc<Recipient>> = self
+            .recipients
+            .values()
+            .filter(|r| {
+                r.kind == RecipientKind::List
+                    && (r.members.contains(&existing.id) || r.owner == Some(existing.id))
+            })
+            .cloned()
+            .collect();
+        for list in referencing {
+            let mut list = (*list).clone();
+            list.members.retain(|m| *m != existing.id);
+            if list.owner == Some(existing.id) {
+                list.owner = None;
+            }
+            self.commit(list, writes);
+        }
+        self.remove(existing.id);
+        writes.push(DirectoryWrite::DeleteRecipient(existing.id));
+    }
+
+    /// Builds the recipient `fields` describe, on top of `existing` when modifying.
+    fn build(
+        &self,
+        existing: Option<&Recipient>,
+        fields: &RecipientFields,
+        applied: &mut Applied,
+    ) -> Result<Recipient, DirectoryError> {
+        let object = fields
+            .alias
+            .clone()
+            .or_else(|| existing.map(|e| e.alias.clone()))
+            .or_else(|| fields.addresses.as_ref().and_then(|a| a.first().cloned()))
+            .unwrap_or_else(|| "(new recipient)".into());
+        let mut r = match existing {
+            Some(e) => e.clone(),
+            None => Recipient {
+                id: self.next_id,
+                kind: fields.kind.unwrap_or_default(),
+                alias: String::new(),
+                display_name: String::new(),
+                given_name: String::new(),
+                surname: String::new(),
+                initials: String::new(),
+                addresses: Vec::new(),
+                target_address: None,
+                members: Vec::new(),
+                owner: None,
+                hidden: false,
+                protocols: ProtocolOverrides::default(),
+                quota: Quota::default(),
+                password_hash: None,
+            },
+        };
+        if let (Some(kind), Some(e)) = (fields.kind, existing)
+            && kind != e.kind
+        {
+            return Err(invalid(
+                &object,
+                "kind",
+                format!("is a {:?}; delete it and create a {kind:?} instead", e.kind),
+            ));
+        }
+        // Alias: given, or kept, or the local part of the first address.
+        if let Some(alias) = &fields.alias {
+            r.alias = alias.trim().to_string();
+        }
+        if r.alias.is_empty() {
+            r.alias = fields
+                .addresses
+                .as_ref()
+                .and_then(|a| a.first())
+                .map(|a| strip_proxy_prefix(a).0)
+                .map(|a| a.split_once('@').map_or(a.clone(), |(l, _)| l.to_string()))
+                .unwrap_or_default();
+        }
+        if r.alias.is_empty() {
+            return Err(invalid(
+                &object,
+                "alias",
+                "is required (or give an address)",
+            ));
+        }
+        if r.alias
+            .chars()
+            .any(|c| c.is_control() || c == '%' || c == ',')
+            || r.alias.len() > 256
+        {
+            return Err(invalid(
+                &object,
+                "alias",
+                "must be printable, without % or commas, at most 256 characters",
+            ));
+        }
+        let set = |target: &mut String, value: &Option<String>| {
+            if let Some(v) = value {
+                *target = v.trim().to_string();
+            }
+        };
+        set(&mut r.display_name, &fields.display_name);
+        set(&mut r.given_name, &fields.given_name);
+        set(&mut r.surname, &fields.surname);
+        set(&mut r.initials, &fields.initials);
+        if let Some(hidden) = fields.hidden {
+            r.hidden = hidden;
+        }
+        if let Some(hash) = &fields.password_hash {
+            r.password_hash = Some(hash.clone());
+        }
+        if let Some(entries) = &fields.protocols {
+            let mut overrides = ProtocolOverrides::default();
+            for entry in entries {
+                overrides
+                    .apply_csv(entry)
+                    .map_err(|reason| invalid(&object, "protocols", reason))?;
+            }
+            r.protocols = overrides;
+        }
+        if let Some(q) = fields.quota_warning_kb {
+            r.quota.warning_kb = (q > 0).then_some(q);
+        }
+        if let Some(q) = fields.quota_prohibit_send_kb {
+            r.quota.prohibit_send_kb = (q > 0).then_some(q);
+        }
+        if let Some(q) = fields.quota_prohibit_send_receive_kb {
+            r.quota.prohibit_send_receive_kb = (q > 0).then_some(q);
+        }
+        self.build_kind_fields(&mut r, fields, &object)?;
+        self.build_addresses(&mut r, fields.addresses.as_deref(), &object, applied)?;
+        if let Some(other) = self.by_alias(&r.alias)
+            && other.id != r.id
+        {
+            return Err(invalid(
+                &object,
+                "alias",
+                format!("{:?} is already used by another recipient", r.alias),
+            ));
+        }
+        Ok(r)
+    }
+
+    fn build_kind_fields(
+        &self,
+        r: &mut Recipient,
+        fields: &RecipientFields,
+        object: &str,
+    ) -> Result<(), DirectoryError> {
+        if let Some(target) = &fields.target_address {
+            let target = strip_proxy_prefix(target).0;
+            r.target_address = (!target.is_empty()).then_some(target);
+        }
+        if let Some(members) = &fields.members {
+            if r.kind != RecipientKind::List && !members.is_empty() {
+                return Err(invalid(
+                    object,
+                    "members",
+                    "only distribution lists have members",
+                ));
+            }
+            let mut ids = Vec::with_capacity(members.len());
+            for member in members {
+                let found = self.find(member.trim()).ok_or_else(|| {
+                    invalid(object, "members", format!("no recipient {member:?}"))
+                })?;
+                if found.id == r.id {
+                    return Err(invalid(object, "members", "a list cannot contain itself"));
+                }
+                if !ids.contains(&found.id) {
+                    ids.push(found.id);
+                }
+            }
+            r.members = ids;
+        }
+        if let Some(owner) = &fields.owner {
+            r.owner = if owner.trim().is_empty() {
+                None
+            } else {
+                Some(
+                    self.find(owner.trim())
+                        .ok_or_else(|| invalid(object, "owner", format!("no recipient {owner:?}")))?
+                        .id,
+                )
+            };
+        }
+        match r.kind {
+            RecipientKind::Contact => {
+                let target = r.target_address.as_deref().ok_or_else(|| {
+                    invalid(object, "target_address", "a contact needs a target address")
+                })?;
+                validate_address(target)
+                    .map_err(|reason| invalid(object, "target_address", reason))?;
+            }
+            _ if r.target_address.is_some() => {
+                return Err(invalid(
+                    object,
+                    "target_address",
+                    "only contacts have a target address",
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn build_addresses(
+        &self,
+        r: &mut Recipient,
+        given: Option<&[String]>,
+        object: &str,
+        applied: &mut Applied,
+    ) -> Result<(), DirectoryError> {
+        let template = self.site.addressing.get("SMTP");
+        let generated_now =
+            template.and_then(|t| addressing::expand(t, &name_parts(r)).ok().flatten());
+        if let Some(entries) = given {
+            let mut addresses: Vec<ProxyAddress> = Vec::with_capacity(entries.len());
+            for entry in entries.iter().filter(|e| !e.trim().is_empty()) {
+                let (address, primary) = strip_proxy_prefix(entry);
+                validate_address(&address)
+                    .map_err(|reason| invalid(object, "addresses", reason))?;
+                let domain = domain_of(&address).unwrap_or_default();
+                if !self.is_local_domain(&domain) {
+                    return Err(invalid(
+                        object,
+                        "addresses",
+                        format!(
+                            "{domain} is not an accepted domain; add it first (mailroom domain add {domain})"
+                        ),
+                    ));
+                }
+                if addresses
+                    .iter()
+                    .any(|a| a.address.eq_ignore_ascii_case(&address))
+                {
+                    continue;
+                }
+                let generated = generated_now
+                    .as_deref()
+                    .is_some_and(|g| g.eq_ignore_ascii_case(&address));
+                addresses.push(ProxyAddress {
+                    address,
+                    primary: primary == Some(true),
+                    generated,
+                });
+            }
+            match addresses.iter().filter(|a| a.primary).count() {
+                0 => {
+                    if let Some(first) = addresses.first_mut() {
+                        first.primary = true;
+                    }
+                }
+                1 => {}
+                _ => {
+                    return Err(invalid(
+                        object,
+                        "addresses",
+                        "more than one primary (SMTP:) address",
+                    ));
+                }
+            }
+            r.addresses = addresses;
+        }
+        if r.addresses.is_empty() {
+            let Some(address) = generated_now else {
+                return Err(invalid(
+                    object,
+                    "addresses",
+                    match template {
+                        None => "no address given and no site addressing template to generate one"
+                            .to_string(),
+                        Some(t) => format!(
+                            "the template {t} gives no address for this recipient (empty names?)"
+                        ),
+                    },
+                ));
+            };
+            let (address, suffixed) = addressing::first_free(&address, |a| {
+                self.by_address(a).is_some_and(|other| other.id != r.id)
+            });
+            if suffixed {
+                applied.notes.push(format!(
+                    "{}: generated address taken, used {address}",
+                    r.alias
+                ));
+            }
+            r.addresses.push(ProxyAddress {
+                address,
+                primary: true,
+                generated: true,
+            });
+        }
+        for address in &r.addresses {
+            if let Some(other) = self.by_address(&address.address)
+                && other.id != r.id
+            {
+                return Err(invalid(
+                    object,
+                    "addresses",
+                    format!("{} is already used by {}", address.address, other.alias),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The recipient with its generated primary address renewed from the current
+    /// template, or `None` when nothing changes. The old address stays as a manual
+    /// secondary address, so mail to it still arrives.
+    fn regenerate(
+        &self,
+        existing: &Recipient,
+    ) -> Result<Option<(Recipient, Option<String>)>, DirectoryError> {
+        let Some(template) = self.site.addressing.get("SMTP") else {
+            return Ok(None);
+        };
+        let Some(current) = existing.addresses.iter().find(|a| a.primary && a.generated) else {
+            return Ok(None); // manual primary addresses are never touched
+        };
+        let Some(wanted) = addressing::expand(template, &name_parts(existing))
+            .ok()
+            .flatten()
+        else {
+            return Err(invalid(
+                &existing.alias,
+                "addresses",
+                format!("the template {template} gives no address"),
+            ));
+        };
+        if wanted.eq_ignore_ascii_case(&current.address) {
+            return Ok(None);
+        }
+        let (address, suffixed) = addressing::first_free(&wanted, |a| {
+            self.by_address(a)
+                .is_some_and(|other| other.id != existing.id)
+        });
+        if address.eq_ignore_ascii_case(&current.address) {
+            return Ok(None); // already what the template gives, after collisions
+        }
+        let mut r = existing.clone();
+        for a in &mut r.addresses {
+            if a.primary {
+                a.primary = false;
+                a.generated = false; // the old address stays, as a manual secondary
+            }
+        }
+        r.addresses
+            .retain(|a| !a.address.eq_ignore_ascii_case(&address));
+        r.addresses.insert(
+            0,
+            ProxyAddress {
+                address: address.clone(),
+                primary: true,
+                generated: true,
+            },
+        );
+        let note =
+            suffixed.then(|| format!("{}: generated address taken, used {address}", r.alias));
+        Ok(Some((r, note)))
+    }
+
+    /// Snapshot loading helper for the writer: the stored site and routing text.
+    pub(crate) fn restore_site(&mut self, site: SiteConfig, previous_routing: String) {
+        self.set_site(site);
+        self.previous_routing = Arc::new(previous_routing);
+    }
+}
+
+/// The template inputs of a recipient.
+pub(crate) fn name_parts(r: &Recipient) -> NameParts<'_> {
+    NameParts {
+        given_name: &r.given_name,
+        surname: &r.surname,
+        initials: &r.initials,
+        display_name: &r.display_name,
+        alias: &r.alias,
+    }
+}
+
+/// `SMTP:a@b` -> (`a@b`, Some(true)); `smtp:a@b` -> (`a@b`, Some(false)); `a@b` -> (`a@b`, None).
+pub fn strip_proxy_prefix(entry: &str) -> (String, Option<bool>) {
+    let entry = entry.trim();
+    match entry.split_once(':') {
+        Some((kind, address)) if kind.eq_ignore_ascii_case("smtp") => {
+            (address.trim().to_string(), Some(kind == "SMTP"))
+        }
+        _ => (entry.to_string(), None),
+    }
+}
+
+/// The stored row of a recipient.
+pub(crate) fn row_of(r: &Recipient) -> RecipientRow {
+    RecipientRow {
+        id: r.id,
+        alias: r.alias.clone(),
+        kind: serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        display_name: r.display_name.clone(),
+        addresses: r
+            .addresses
+            .iter()
+            .map(|a| AddressRecord {
+                address: a.address.clone(),
+                primary: a.primary,
+                generated: a.generated,
+            })
+            .collect(),
+        doc: serde_json::to_string(r).expect("recipient serialises"),
+        password_hash: r.password_hash.clone(),
+    }
+}
+
+/// A recipient from its stored row (rows written before documents existed have `{}`).
+pub(crate) fn from_row(row: RecipientRow) -> Recipient {
+    let mut r: Recipient = serde_json::from_str(&row.doc).unwrap_or(Recipient {
+        id: row.id,
+        kind: RecipientKind::Mailbox,
+        alias: row.alias.clone(),
+        display_name: row.display_name.clone(),
+        given_name: String::new(),
+        surname: String::new(),
+        initials: String::new(),
+        addresses: Vec::new(),
+        target_address: None,
+        members: Vec::new(),
+        owner: None,
+        hidden: false,
+        protocols: ProtocolOverrides::default(),
+        quota: Quota::default(),
+        password_hash: None,
+    });
+    r.id = row.id;
+    r.alias = row.alias;
+    r.display_name = row.display_name;
+    r.addresses = row
+        .addresses
+        .into_iter()
+        .map(|a| ProxyAddress {
+            address: a.address,
+            primary: a.primary,
+            generated: a.generated,
+        })
+        .collect();
+    r.password_hash = row.password_hash;
+    r
 }

@@ -1,42 +1,272 @@
 //! The single directory writer and the handle readers and admins hold.
+//!
+//! Every change (API, CLI, import, address regeneration) arrives here over one bounded
+//! channel. The writer drains what is pending, applies each change with
+//! [`Snapshot::apply`] on a working copy, persists every resulting row in one store
+//! transaction, and only then publishes the new snapshot (one generation for the whole
+//! batch) and answers each requester. Readers never wait for it.
 
-use crate::snapshot::{Recipient, Snapshot};
-use crate::{address_key, validate_address};
+use crate::model::{Protocol, SiteConfig};
+use crate::routing::Connector;
+use crate::snapshot::{Applied, Snapshot, from_row};
+use crate::{addressing, validate_address};
 use arc_swap::ArcSwap;
-use mailroom_store::{DirectoryChange, MailStore, NewRecipient, RecipientRecord, Topology};
-use std::collections::HashSet;
+use mailroom_store::{DirectoryWrite, MailStore, RecipientId, Topology};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-/// Pending changes the writer accepts before senders wait (bounded, DESIGN.md rule 5).
+/// Pending requests the writer accepts before senders wait (bounded, DESIGN.md rule 5).
 const REQUESTS_MAX: usize = 1024;
 
-/// Changes applied in one store transaction and one publication, at most.
-const BATCH_MAX: usize = 512;
+/// Changes applied in one store transaction and one publication, at most (an atomic
+/// request is never split, whatever its size).
+const BATCH_CHANGES_MAX: usize = 2048;
 
-/// A change to the directory, as the admin API and CLI express it.
-#[derive(Debug, Clone)]
-pub enum Change {
-    /// Create a mailbox recipient.
-    CreateMailbox {
-        /// Its primary SMTP address.
-        address: String,
-        /// Display name; may be empty.
-        display_name: String,
-        /// Mailbox name; defaults to the address's local part.
-        alias: Option<String>,
-        /// More addresses delivering to the same mailbox.
-        secondary_addresses: Vec<String>,
-        /// Argon2id PHC string, when a password is set.
-        password_hash: Option<String>,
+/// The fields of a recipient a change sets; `None` leaves a field as it is (or at its
+/// default for a new recipient). Empty strings and lists clear; a quota of 0 means none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipientFields {
+    /// Mailbox, contact or list (required to create; cannot change).
+    #[serde(default)]
+    pub kind: Option<crate::model::RecipientKind>,
+    /// The mailbox name; defaults to the first address's local part.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Display name.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Given name.
+    #[serde(default)]
+    pub given_name: Option<String>,
+    /// Surname.
+    #[serde(default)]
+    pub surname: Option<String>,
+    /// Initials.
+    #[serde(default)]
+    pub initials: Option<String>,
+    /// Addresses: `SMTP:a@b` marks the primary, `smtp:a@b` a secondary; plain
+    /// addresses are allowed (the first is primary). Replaces the whole list; none on a
+    /// new mailbox means "generate from site addressing".
+    #[serde(default)]
+    pub addresses: Option<Vec<String>>,
+    /// A contact's external address.
+    #[serde(default)]
+    pub target_address: Option<String>,
+    /// A list's members by alias or address; replaces the whole list.
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+    /// A list's owner by alias or address; empty clears.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Hidden from the address book.
+    #[serde(default)]
+    pub hidden: Option<bool>,
+    /// Protocol overrides as `protocol:on|off|default`; replaces all overrides.
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+    /// Quota warning, KB (0: none).
+    #[serde(default)]
+    pub quota_warning_kb: Option<u64>,
+    /// Quota prohibit send, KB (0: none).
+    #[serde(default)]
+    pub quota_prohibit_send_kb: Option<u64>,
+    /// Quota prohibit send and receive, KB (0: none).
+    #[serde(default)]
+    pub quota_prohibit_send_receive_kb: Option<u64>,
+    /// Argon2id PHC string (never a plain password).
+    #[serde(skip)]
+    pub password_hash: Option<String>,
+}
+
+/// A change to the site configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum SiteChange {
+    /// Set (or with `None` remove) the site addressing template of an address type.
+    SetTemplate {
+        /// Address type, `SMTP`.
+        address_type: String,
+        /// The template, e.g. `%g.%s@example.com`.
+        template: Option<String>,
     },
-    /// Set the password of the recipient owning `address`.
+    /// Accept mail for a domain.
+    AddAcceptedDomain {
+        /// The domain.
+        domain: String,
+    },
+    /// Stop accepting mail for an explicitly added domain.
+    RemoveAcceptedDomain {
+        /// The domain.
+        domain: String,
+    },
+    /// Turn a protocol on or off at site level.
+    SetSiteProtocol {
+        /// Which protocol.
+        protocol: Protocol,
+        /// On or off.
+        enabled: bool,
+    },
+    /// This server: use the site defaults, or its own setting for a protocol.
+    SetServerProtocol {
+        /// Use the site defaults (true) or the server's own settings (false).
+        use_site_defaults: bool,
+        /// The server's own setting for one protocol, when given.
+        protocol: Option<(Protocol, bool)>,
+    },
+    /// Create or replace a connector.
+    PutConnector {
+        /// The connector.
+        connector: Connector,
+    },
+    /// Delete a connector.
+    DeleteConnector {
+        /// Its name.
+        name: String,
+    },
+    /// Never use a costlier route when the cheapest is unavailable.
+    SetOnlyLeastCostRoutes {
+        /// On or off.
+        enabled: bool,
+    },
+}
+
+impl SiteChange {
+    pub(crate) fn apply_to(&self, site: &mut SiteConfig) -> Result<(), DirectoryError> {
+        let bad = |object: &str, field: &'static str, reason: String| DirectoryError::Invalid {
+            object: object.to_string(),
+            field,
+            reason,
+        };
+        match self {
+            SiteChange::SetTemplate {
+                address_type,
+                template,
+            } => {
+                let address_type = address_type.to_ascii_uppercase();
+                if address_type != "SMTP" {
+                    return Err(bad(
+                        "site addressing",
+                        "address_type",
+                        format!("{address_type} is not supported (SMTP)"),
+                    ));
+                }
+                match template {
+                    Some(t) => {
+                        addressing::check_template(t)
+                            .map_err(|e| bad("site addressing", "template", e.to_string()))?;
+                        site.addressing.insert(address_type, t.trim().to_string());
+                    }
+                    None => {
+                        site.addressing.remove(&address_type);
+                    }
+                }
+            }
+            SiteChange::AddAcceptedDomain { domain } => {
+                let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+                validate_address(&format!("x@{domain}"))
+                    .map_err(|_| bad(&domain, "domain", "is not a valid domain name".into()))?;
+                site.accepted_domains.insert(domain);
+            }
+            SiteChange::RemoveAcceptedDomain { domain } => {
+                if !site.accepted_domains.remove(&domain.to_ascii_lowercase()) {
+                    return Err(bad(
+                        domain,
+                        "domain",
+                        "is not an explicitly accepted domain".into(),
+                    ));
+                }
+            }
+            SiteChange::SetSiteProtocol { protocol, enabled } => {
+                site.site_protocols.set(*protocol, *enabled);
+            }
+            SiteChange::SetServerProtocol {
+                use_site_defaults,
+                protocol,
+            } => {
+                if !use_site_defaults && !site.server_uses_site_defaults && protocol.is_none() {
+                    return Ok(());
+                }
+                if !*use_site_defaults && site.server_uses_site_defaults {
+                    // Switching to own settings starts from what the site gave.
+                    site.server_protocols = site.site_protocols;
+                }
+                site.server_uses_site_defaults = *use_site_defaults;
+                if let Some((p, on)) = protocol {
+                    site.server_protocols.set(*p, *on);
+                }
+            }
+            SiteChange::PutConnector { connector } => {
+                let name = connector.name.trim();
+                if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(bad(name, "name", "must be a non-empty word".into()));
+                }
+                for space in &connector.address_spaces {
+                    space
+                        .check()
+                        .map_err(|reason| bad(name, "address_spaces", reason))?;
+                }
+                if let crate::routing::ConnectorKind::SmartHost { host } = &connector.kind
+                    && host
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .is_none()
+                {
+                    return Err(bad(
+                        name,
+                        "smart_host",
+                        format!("{host:?} must be host:port"),
+                    ));
+                }
+                site.connectors.insert(name.to_string(), connector.clone());
+            }
+            SiteChange::DeleteConnector { name } => {
+                if site.connectors.remove(name).is_none() {
+                    return Err(bad(name, "name", "no such connector".into()));
+                }
+            }
+            SiteChange::SetOnlyLeastCostRoutes { enabled } => {
+                site.only_least_cost_routes = *enabled
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A change to the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Create a recipient (error if the alias exists).
+    CreateRecipient(RecipientFields),
+    /// Create, or modify the given fields of, the recipient with this alias.
+    UpsertRecipient(RecipientFields),
+    /// Modify the given fields of an existing recipient (found by alias or address).
+    ModifyRecipient {
+        /// Alias or any address of the recipient.
+        alias: String,
+        /// What to change.
+        fields: RecipientFields,
+    },
+    /// Delete a recipient (found by alias or address); lists drop it as a member.
+    DeleteRecipient {
+        /// Alias or any address of the recipient.
+        alias: String,
+    },
+    /// Set the password of the mailbox owning `address`.
     SetPassword {
-        /// Any address of the recipient.
+        /// Alias or any address of the recipient.
         address: String,
         /// The new Argon2id PHC string.
         password_hash: String,
     },
+    /// Renew generated addresses from the current template (a regeneration job's step).
+    RegenerateAddresses {
+        /// Which recipients.
+        ids: Vec<RecipientId>,
+    },
+    /// A site configuration change.
+    Site(SiteChange),
 }
 
 /// Why a change was not applied.
@@ -52,6 +282,9 @@ pub enum DirectoryError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// Valid, but not applied because another change of the same atomic request failed.
+    #[error("not applied: another change of this all-or-nothing request failed")]
+    RolledBack,
     /// The store failed; the change was not applied.
     #[error("the directory could not be saved: {0}")]
     Store(String),
@@ -60,9 +293,12 @@ pub enum DirectoryError {
     Stopped,
 }
 
+type Results = Vec<Result<Applied, DirectoryError>>;
+
 struct Request {
-    change: Change,
-    reply: oneshot::Sender<Result<Arc<Recipient>, DirectoryError>>,
+    changes: Vec<Change>,
+    atomic: bool,
+    reply: oneshot::Sender<Results>,
 }
 
 /// The directory as the rest of the server holds it: read snapshots, submit changes.
@@ -75,19 +311,41 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// Loads the directory from the store, publishes generation 1 and starts the writer
-    /// thread. The thread ends when the last `Directory` handle is dropped.
+    /// Loads the directory from the store (or, on a new data folder, starts from
+    /// `initial_site`), publishes it and starts the writer thread. The thread ends when
+    /// the last `Directory` handle is dropped.
     pub fn start(
         store: Arc<dyn MailStore>,
         configured_domains: &[String],
         topology: &Topology,
+        initial_site: SiteConfig,
     ) -> Result<(Directory, std::thread::JoinHandle<()>), DirectoryError> {
         let store_error = |e: mailroom_store::StoreError| DirectoryError::Store(e.to_string());
         let topology = store.ensure_topology(topology).map_err(store_error)?;
-        let records = store.load_recipients().map_err(store_error)?;
-        let mut snapshot = Snapshot::with_topology(configured_domains, topology);
-        for record in records {
-            snapshot = snapshot.with_recipient(record.into());
+        let stored = store.load_directory().map_err(store_error)?;
+        let site = match &stored.site {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                DirectoryError::Store(format!("the stored site settings do not parse: {e}"))
+            })?,
+            None => initial_site,
+        };
+        let mut snapshot = Snapshot::new(
+            configured_domains,
+            topology,
+            SiteConfig::default(),
+            String::new(),
+        );
+        snapshot.restore_site(site, stored.previous_routing.clone());
+        for row in stored.recipients {
+            snapshot.load(from_row(row));
+        }
+        if stored.site.is_none() {
+            // First start: persist the initial site so later config edits do not matter.
+            let write = DirectoryWrite::PutSettings {
+                site: serde_json::to_string(snapshot.site()).expect("site serialises"),
+                previous_routing: String::new(),
+            };
+            store.write_directory(&[write]).map_err(store_error)?;
         }
         let current = Arc::new(ArcSwap::from_pointee(snapshot.with_generation(1)));
         let (requests, receiver) = mpsc::channel(REQUESTS_MAX);
@@ -108,25 +366,61 @@ impl Directory {
         self.current.load_full()
     }
 
-    /// Submits a change and waits until it is applied and published (or rejected).
-    pub async fn apply(&self, change: Change) -> Result<Arc<Recipient>, DirectoryError> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request { change, reply })
+    /// Submits one change and waits until it is applied and published (or rejected).
+    pub async fn apply(&self, change: Change) -> Result<Applied, DirectoryError> {
+        self.apply_all(vec![change], false)
             .await
-            .map_err(|_| DirectoryError::Stopped)?;
-        answer.await.map_err(|_| DirectoryError::Stopped)?
+            .pop()
+            .unwrap_or(Err(DirectoryError::Stopped))
+    }
+
+    /// Submits changes in order; with `atomic`, all are applied or none. One result per
+    /// change.
+    pub async fn apply_all(&self, changes: Vec<Change>, atomic: bool) -> Results {
+        let count = changes.len();
+        let (reply, answer) = oneshot::channel();
+        if self
+            .requests
+            .send(Request {
+                changes,
+                atomic,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return vec![Err(DirectoryError::Stopped); count];
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| vec![Err(DirectoryError::Stopped); count])
     }
 
     /// [`Directory::apply`] for threads outside the async runtime.
-    pub fn apply_blocking(&self, change: Change) -> Result<Arc<Recipient>, DirectoryError> {
+    pub fn apply_blocking(&self, change: Change) -> Result<Applied, DirectoryError> {
+        self.apply_all_blocking(vec![change], false)
+            .pop()
+            .unwrap_or(Err(DirectoryError::Stopped))
+    }
+
+    /// [`Directory::apply_all`] for threads outside the async runtime.
+    pub fn apply_all_blocking(&self, changes: Vec<Change>, atomic: bool) -> Results {
+        let count = changes.len();
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .blocking_send(Request { change, reply })
-            .map_err(|_| DirectoryError::Stopped)?;
+        if self
+            .requests
+            .blocking_send(Request {
+                changes,
+                atomic,
+                reply,
+            })
+            .is_err()
+        {
+            return vec![Err(DirectoryError::Stopped); count];
+        }
         answer
             .blocking_recv()
-            .map_err(|_| DirectoryError::Stopped)?
+            .unwrap_or_else(|_| vec![Err(DirectoryError::Stopped); count])
     }
 }
 
@@ -136,19 +430,17 @@ struct Writer {
     receiver: mpsc::Receiver<Request>,
 }
 
-/// A change that passed validation, waiting for the store.
-struct Valid {
-    change: DirectoryChange,
-    reply: oneshot::Sender<Result<Arc<Recipient>, DirectoryError>>,
-}
-
 impl Writer {
     fn run(mut self) {
         while let Some(first) = self.receiver.blocking_recv() {
+            let mut size = first.changes.len();
             let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
+            while size < BATCH_CHANGES_MAX {
                 match self.receiver.try_recv() {
-                    Ok(request) => batch.push(request),
+                    Ok(request) => {
+                        size += request.changes.len();
+                        batch.push(request);
+                    }
                     Err(_) => break,
                 }
             }
@@ -159,318 +451,102 @@ impl Writer {
 
     fn apply_batch(&self, batch: Vec<Request>) {
         let base = self.current.load_full();
-        let mut claimed = Claimed::default();
-        let mut valid = Vec::with_capacity(batch.len());
+        let mut working = (*base).clone();
+        let mut writes = Vec::new();
+        let mut answers = Vec::with_capacity(batch.len());
         for request in batch {
-            match validate(&base, &mut claimed, request.change) {
-                Ok(change) => valid.push(Valid {
-                    change,
-                    reply: request.reply,
-                }),
-                Err(error) => {
-                    let _ = request.reply.send(Err(error));
+            let results = if request.atomic {
+                apply_atomic(&mut working, &mut writes, &request.changes)
+            } else {
+                request
+                    .changes
+                    .iter()
+                    .map(|change| {
+                        let (next, more, applied) = working.apply(change)?;
+                        working = next;
+                        writes.extend(more);
+                        Ok(applied)
+                    })
+                    .collect()
+            };
+            answers.push((request.reply, results));
+        }
+        if !writes.is_empty() {
+            if let Err(e) = self.store.write_directory(&writes) {
+                tracing::error!(error = %e, "directory changes could not be saved");
+                let error = DirectoryError::Store(e.to_string());
+                for (reply, results) in answers {
+                    let failed = results
+                        .into_iter()
+                        .map(|r| r.and(Err(error.clone())))
+                        .collect();
+                    let _ = reply.send(failed);
                 }
+                return;
             }
+            let generation = base.generation() + 1;
+            self.current
+                .store(Arc::new(working.with_generation(generation)));
+            tracing::debug!(
+                generation,
+                rows = writes.len(),
+                "published directory snapshot"
+            );
         }
-        if valid.is_empty() {
-            return;
+        for (reply, results) in answers {
+            let _ = reply.send(results);
         }
-        let changes: Vec<DirectoryChange> = valid.iter().map(|v| v.change.clone()).collect();
-        match self.store.apply_directory_changes(&changes) {
-            Ok(records) => self.publish(&base, valid, records),
-            // One transaction failed: try each change alone so one bad change cannot
-            // take unrelated ones down with it.
-            Err(_) if valid.len() > 1 => {
-                for one in valid {
-                    let change = [one.change.clone()];
-                    match self.store.apply_directory_changes(&change) {
-                        Ok(records) => {
-                            let base = self.current.load_full();
-                            self.publish(&base, vec![one], records);
-                        }
-                        Err(e) => {
-                            let _ = one.reply.send(Err(DirectoryError::Store(e.to_string())));
-                        }
-                    }
-                }
+    }
+}
+
+/// Applies all of `changes` to `working`, or none of them.
+fn apply_atomic(
+    working: &mut Snapshot,
+    writes: &mut Vec<DirectoryWrite>,
+    changes: &[Change],
+) -> Results {
+    let mut trial = working.clone();
+    let mut trial_writes = Vec::new();
+    let mut results: Results = Vec::with_capacity(changes.len());
+    let mut failed = false;
+    for change in changes {
+        match trial.apply(change) {
+            Ok((next, more, applied)) => {
+                trial = next;
+                trial_writes.extend(more);
+                results.push(Ok(applied));
             }
             Err(e) => {
-                for one in valid {
-                    let _ = one.reply.send(Err(DirectoryError::Store(e.to_string())));
-                }
+                failed = true;
+                results.push(Err(e));
             }
         }
     }
-
-    fn publish(&self, base: &Snapshot, valid: Vec<Valid>, records: Vec<RecipientRecord>) {
-        let mut next = base.clone();
-        let mut applied = Vec::with_capacity(records.len());
-        for record in records {
-            let id = record.id;
-            next = next.with_recipient(record.into());
-            applied.push(next.recipient(id).cloned());
-        }
-        let generation = base.generation() + 1;
-        let next = Arc::new(next.with_generation(generation));
-        self.current.store(next.clone());
-        tracing::debug!(
-            generation,
-            changes = valid.len(),
-            "published directory snapshot"
-        );
-        for (one, recipient) in valid.into_iter().zip(applied) {
-            let result = recipient.ok_or_else(|| DirectoryError::Store("lost a record".into()));
-            let _ = one.reply.send(result);
-        }
-    }
-}
-
-/// Addresses and aliases taken by earlier changes of the same batch.
-#[derive(Default)]
-struct Claimed {
-    addresses: HashSet<String>,
-    aliases: HashSet<String>,
-}
-
-fn invalid(object: &str, field: &'static str, reason: String) -> DirectoryError {
-    DirectoryError::Invalid {
-        object: object.to_string(),
-        field,
-        reason,
-    }
-}
-
-fn validate(
-    snapshot: &Snapshot,
-    claimed: &mut Claimed,
-    change: Change,
-) -> Result<DirectoryChange, DirectoryError> {
-    match change {
-        Change::CreateMailbox {
-            address,
-            display_name,
-            alias,
-            secondary_addresses,
-            password_hash,
-        } => {
-            let address = address.trim().to_string();
-            let mut addresses = vec![address.clone()];
-            addresses.extend(secondary_addresses.iter().map(|a| a.trim().to_string()));
-            let mut keys = Vec::with_capacity(addresses.len());
-            for (index, one) in addresses.iter().enumerate() {
-                let field = if index == 0 {
-                    "address"
-                } else {
-                    "secondary_addresses"
-                };
-                validate_address(one).map_err(|r| invalid(&address, field, r))?;
-                let key = address_key(one);
-                if snapshot.by_address(one).is_some()
-                    || claimed.addresses.contains(&key)
-                    || keys.contains(&key)
-                {
-                    return Err(invalid(
-                        &address,
-                        field,
-                        format!("{one} is already used by another recipient"),
-                    ));
-                }
-                keys.push(key);
-            }
-            let alias = alias.unwrap_or_else(|| {
-                address
-                    .rsplit_once('@')
-                    .map_or(address.clone(), |(l, _)| l.to_string())
-            });
-            let alias_key = alias.to_lowercase();
-            if alias.trim().is_empty() {
-                return Err(invalid(&address, "alias", "must not be empty".into()));
-            }
-            if snapshot.by_alias(&alias).is_some() || claimed.aliases.contains(&alias_key) {
-                return Err(invalid(
-                    &address,
-                    "alias",
-                    format!(
-                        "{alias:?} is already used by another recipient; choose another with --alias"
-                    ),
-                ));
-            }
-            claimed.addresses.extend(keys);
-            claimed.aliases.insert(alias_key);
-            Ok(DirectoryChange::CreateRecipient(NewRecipient {
-                alias,
-                display_name,
-                addresses,
-                password_hash,
-            }))
-        }
-        Change::SetPassword {
-            address,
-            password_hash,
-        } => {
-            let recipient = snapshot.by_address(&address).ok_or_else(|| {
-                invalid(&address, "address", "no recipient has this address".into())
-            })?;
-            Ok(DirectoryChange::SetPassword {
-                recipient: recipient.id,
-                password_hash,
-            })
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use mailroom_store::SqliteStore;
-
-    fn start() -> (Directory, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-        let (directory, _thread) =
-            Directory::start(store, &["example.test".into()], &topology()).unwrap();
-        (directory, dir)
-    }
-
-    fn topology() -> Topology {
-        Topology {
-            organization: "Org".into(),
-            site: "Site".into(),
-            server: "mx1".into(),
-        }
-    }
-
-    fn create(address: &str) -> Change {
-        Change::CreateMailbox {
-            address: address.into(),
-            display_name: "X".into(),
-            alias: None,
-            secondary_addresses: Vec::new(),
-            password_hash: None,
-        }
-    }
-
-    #[test]
-    fn secondary_addresses_resolve_to_the_same_mailbox_and_must_be_free() {
-        let (directory, _dir) = start();
-        let alice = directory
-            .apply_blocking(Change::CreateMailbox {
-                address: "alice@example.test".into(),
-                display_name: "Alice".into(),
-                alias: None,
-                secondary_addresses: vec!["a.smith@example.test".into(), "alice@other.test".into()],
-                password_hash: None,
-            })
-            .unwrap();
-        let snap = directory.snapshot();
-        assert_eq!(
-            snap.by_address("A.Smith@example.test").unwrap().id,
-            alice.id
-        );
-        assert_eq!(snap.by_address("alice@other.test").unwrap().id, alice.id);
-        assert!(snap.is_local_domain("other.test"));
-        let err = directory
-            .apply_blocking(Change::CreateMailbox {
-                address: "bob@example.test".into(),
-                display_name: String::new(),
-                alias: None,
-                secondary_addresses: vec!["a.smith@example.test".into()],
-                password_hash: None,
-            })
-            .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                DirectoryError::Invalid {
-                    field: "secondary_addresses",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            directory
-                .snapshot()
-                .by_address("bob@example.test")
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn a_change_publishes_a_new_generation_and_persists() {
-        let (directory, dir) = start();
-        let before = directory.snapshot();
-        let alice = directory
-            .apply_blocking(create("alice@example.test"))
-            .unwrap();
-        assert_eq!(alice.alias, "alice");
-        let after = directory.snapshot();
-        assert_eq!(after.generation(), before.generation() + 1);
-        assert!(
-            before.by_address("alice@example.test").is_none(),
-            "old snapshot unchanged"
-        );
-        assert_eq!(after.by_address("Alice@Example.test").unwrap().id, alice.id);
-        drop(directory);
-        // A restart loads what was stored.
-        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-        let (again, _t) = Directory::start(store, &[], &topology()).unwrap();
-        assert!(again.snapshot().by_address("alice@example.test").is_some());
-        assert_eq!(again.snapshot().topology(), &topology());
-    }
-
-    #[test]
-    fn invalid_changes_name_the_field_and_leave_the_snapshot() {
-        let (directory, _dir) = start();
-        directory
-            .apply_blocking(create("alice@example.test"))
-            .unwrap();
-        let generation = directory.snapshot().generation();
-        let err = directory
-            .apply_blocking(create("ALICE@example.test"))
-            .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                DirectoryError::Invalid {
-                    field: "address",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = directory.apply_blocking(create("no-at-sign")).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "no-at-sign: field address: \"no-at-sign\" has no @"
-        );
-        let err = directory
-            .apply_blocking(create("alice@other.test"))
-            .unwrap_err();
-        assert!(
-            matches!(&err, DirectoryError::Invalid { field: "alias", .. }),
-            "{err}"
-        );
-        assert_eq!(directory.snapshot().generation(), generation);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_changes_are_batched_and_all_applied() {
-        let (directory, _dir) = start();
-        let tasks: Vec<_> = (0..200)
-            .map(|i| {
-                let d = directory.clone();
-                tokio::spawn(async move { d.apply(create(&format!("u{i}@example.test"))).await })
-            })
+    if failed {
+        return results
+            .into_iter()
+            .map(|r| r.and(Err(DirectoryError::RolledBack)))
             .collect();
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-        let snap = directory.snapshot();
-        assert_eq!(snap.len(), 200);
-        assert!(
-            snap.generation() <= 201,
-            "at most one publication per change"
-        );
     }
+    *working = trial;
+    writes.extend(trial_writes);
+    results
+}
+
+/// Applies `changes` to a private copy of `snapshot` without saving anything: the
+/// results a real run would give (an import's dry run).
+pub fn dry_run(snapshot: &Snapshot, changes: &[Change], atomic: bool) -> Results {
+    let mut working = snapshot.clone();
+    let mut writes = Vec::new();
+    if atomic {
+        return apply_atomic(&mut working, &mut writes, changes);
+    }
+    changes
+        .iter()
+        .map(|change| {
+            let (next, _, applied) = working.apply(change)?;
+            working = next;
+            Ok(applied)
+        })
+        .collect()
 }

@@ -67,6 +67,37 @@ impl AdminClient {
         self.answer(request.call())
     }
 
+    /// PATCH a resource under `/api/v1` with a JSON body.
+    pub fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let request = ureq::request("PATCH", &self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        self.answer(request.send_json(body))
+    }
+
+    /// DELETE a resource under `/api/v1`.
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let request =
+            ureq::delete(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        match request.call() {
+            Ok(_) => Ok(()),
+            Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
+        }
+    }
+
+    /// POST a JSON body and ignore an empty answer.
+    pub fn post_no_content<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
+        let request =
+            ureq::post(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        match request.send_json(body) {
+            Ok(_) => Ok(()),
+            Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
+        }
+    }
+
     /// POST a JSON body to a resource under `/api/v1`.
     pub fn post<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -3,13 +3,12 @@
 //! Every subcommand but `serve` and `config` talks to a running server over the admin
 //! API, so the CLI and the API can never disagree.
 
+mod commands;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mailroom::client::{AdminClient, path_segment};
+use commands::*;
 use mailroom::{Config, ServerOptions};
-use mailroom_admin::{NewRecipientRequest, QueuesReport};
-use mailroom_store::MessageSummary;
-use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -31,9 +30,33 @@ enum Command {
     /// Show or check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Manage recipients.
+    /// Manage recipients (mailboxes, contacts, lists).
     #[command(subcommand)]
     Recipient(RecipientCommand),
+    /// Manage contacts (custom recipients with an external target address).
+    #[command(subcommand)]
+    Contact(ContactCommand),
+    /// Manage distribution lists.
+    #[command(subcommand)]
+    List(ListCommand),
+    /// Manage accepted (local) domains.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Site addressing: the templates that generate addresses.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Protocol settings: site, server, recipient.
+    #[command(subcommand)]
+    Protocol(ProtocolCommand),
+    /// Connectors and their address spaces.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// The routing table (GWART).
+    #[command(subcommand)]
+    Routing(RoutingCommand),
+    /// Background jobs (address regeneration, imports).
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Look into mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
@@ -72,86 +95,6 @@ enum ConfigCommand {
     },
 }
 
-/// How the CLI reaches a server.
-#[derive(Args)]
-struct Target {
-    /// Data folder of a local server (finds its admin API there).
-    #[arg(long, default_value = "mailroom-data", global = true)]
-    data: PathBuf,
-    /// Admin API URL of a remote server (with --token).
-    #[arg(long, global = true, requires = "token")]
-    server: Option<String>,
-    /// Admin API token of a remote server.
-    #[arg(long, global = true, env = "MAILROOM_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-}
-
-impl Target {
-    fn client(&self) -> anyhow::Result<AdminClient> {
-        match (&self.server, &self.token) {
-            (Some(server), Some(token)) => Ok(AdminClient::new(server, token)),
-            _ => AdminClient::from_data_dir(&self.data),
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum RecipientCommand {
-    /// Create a mailbox recipient.
-    Add {
-        /// Primary SMTP address.
-        address: String,
-        /// Display name.
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Mailbox name (default: the address's local part).
-        #[arg(long)]
-        alias: Option<String>,
-        /// Another address for the same mailbox (repeat for more).
-        #[arg(long = "secondary", value_name = "ADDRESS")]
-        secondary_addresses: Vec<String>,
-        /// Read an initial password from standard input.
-        #[arg(long)]
-        password_stdin: bool,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// List recipients.
-    List {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        target: Target,
-    },
-}
-
-#[derive(Subcommand)]
-enum MailboxCommand {
-    /// List the messages in a recipient's INBOX.
-    List {
-        /// Any address of the recipient.
-        address: String,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        target: Target,
-    },
-}
-
-#[derive(Subcommand)]
-enum QueueCommand {
-    /// Each queue's depth and oldest entry, and the quarantined messages.
-    List {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        target: Target,
-    },
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -164,12 +107,16 @@ fn main() {
             print!("{}", toml::to_string(&config).unwrap_or_default());
         }),
         Command::Recipient(command) => recipient(command),
-        Command::Mailbox(MailboxCommand::List {
-            address,
-            json,
-            target,
-        }) => mailbox_list(&address, json, &target),
-        Command::Queue(QueueCommand::List { json, target }) => queue_list(json, &target),
+        Command::Contact(command) => contact(command),
+        Command::List(command) => list(command),
+        Command::Domain(command) => domain(command),
+        Command::Template(command) => template(command),
+        Command::Protocol(command) => protocol(command),
+        Command::Connector(command) => connector(command),
+        Command::Routing(command) => routing(command),
+        Command::Job(command) => job(command),
+        Command::Mailbox(command) => mailbox(command),
+        Command::Queue(command) => queue(command),
     };
     if let Err(e) = result {
         eprintln!("mailroom: {e:#}");
@@ -250,147 +197,4 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-fn recipient(command: RecipientCommand) -> anyhow::Result<()> {
-    match command {
-        RecipientCommand::Add {
-            address,
-            name,
-            alias,
-            secondary_addresses,
-            password_stdin,
-            target,
-        } => {
-            let password = if password_stdin {
-                let mut text = String::new();
-                if std::io::stdin().is_terminal() {
-                    eprint!("Password: ");
-                }
-                std::io::stdin().read_to_string(&mut text)?;
-                Some(text.trim_end_matches(['\r', '\n']).to_string())
-            } else {
-                None
-            };
-            let created: serde_json::Value = target.client()?.post(
-                "/recipients",
-                &NewRecipientRequest {
-                    address,
-                    display_name: name,
-                    alias,
-                    secondary_addresses,
-                    password,
-                },
-            )?;
-            println!(
-                "created {} (alias {})",
-                created["primary_address"].as_str().unwrap_or("?"),
-                created["alias"].as_str().unwrap_or("?")
-            );
-            Ok(())
-        }
-        RecipientCommand::List { json, target } => {
-            let recipients: Vec<serde_json::Value> = target.client()?.get("/recipients")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&recipients)?);
-                return Ok(());
-            }
-            println!("{:<40} {:<20} DISPLAY NAME", "ADDRESS", "ALIAS");
-            for r in recipients {
-                println!(
-                    "{:<40} {:<20} {}",
-                    r["primary_address"].as_str().unwrap_or(""),
-                    r["alias"].as_str().unwrap_or(""),
-                    r["display_name"].as_str().unwrap_or("")
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-fn format_time(ms: i64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn mailbox_list(address: &str, json: bool, target: &Target) -> anyhow::Result<()> {
-    let messages: Vec<MessageSummary> = target
-        .client()?
-        .get(&format!("/mailboxes/{}/messages", path_segment(address)))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&messages)?);
-        return Ok(());
-    }
-    println!(
-        "{:>6}  {:<20}  {:>8}  {:<30}  {:<40}  SUBJECT",
-        "UID", "RECEIVED", "SIZE", "FROM", "MESSAGE-ID"
-    );
-    for m in &messages {
-        println!(
-            "{:>6}  {:<20}  {:>8}  {:<30}  {:<40}  {}",
-            m.uid,
-            format_time(m.received_at_ms),
-            m.size,
-            m.from.as_deref().unwrap_or(""),
-            m.message_id.as_deref().unwrap_or(""),
-            m.subject.as_deref().unwrap_or("")
-        );
-    }
-    println!("{} message(s)", messages.len());
-    Ok(())
-}
-
-fn queue_list(json: bool, target: &Target) -> anyhow::Result<()> {
-    let report: QueuesReport = target.client()?.get("/queues")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!(
-        "{:<14} {:>8} {:>12} {:>12}",
-        "QUEUE", "DEPTH", "BYTES", "OLDEST"
-    );
-    for q in &report.queues {
-        let oldest = q
-            .oldest_age_seconds
-            .map_or("-".to_string(), |s| format!("{s:.1}s"));
-        println!(
-            "{:<14} {:>8} {:>12} {:>12}",
-            q.summary.queue.as_str(),
-            q.summary.depth,
-            q.summary.bytes,
-            oldest
-        );
-    }
-    if !report.quarantine.is_empty() {
-        println!("\nQuarantined:");
-        for item in &report.quarantine {
-            println!(
-                "  {}  from <{}>  received {}  attempts {}\n    reason: {}",
-                item.queue_id,
-                item.mail_from,
-                format_time(item.received_at_ms),
-                item.attempts,
-                item.last_error.as_deref().unwrap_or("")
-            );
-        }
-    }
-    Ok(())
 }

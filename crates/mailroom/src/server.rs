@@ -11,7 +11,11 @@ use crate::config::Config;
 use anyhow::{Context, bail};
 use mailroom_admin::{AdminState, QueueGauges};
 use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Workers};
-use mailroom_directory::{Change, Directory, generate_password, hash_password};
+use mailroom_directory::jobs::Jobs;
+use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
+use mailroom_directory::{
+    Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
+};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
 use mailroom_store::{MailStore, SqliteStore, Topology};
@@ -134,16 +138,33 @@ async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Resul
         tokio::task::spawn_blocking(move || hash_password(&password)).await?
     };
     directory
-        .apply(Change::CreateMailbox {
-            address,
-            display_name: "Postmaster".into(),
+        .apply(Change::CreateRecipient(RecipientFields {
+            kind: Some(RecipientKind::Mailbox),
             alias: Some("postmaster".into()),
-            secondary_addresses: Vec::new(),
+            display_name: Some("Postmaster".into()),
+            addresses: Some(vec![address]),
             password_hash: Some(hash),
-        })
+            ..RecipientFields::default()
+        }))
         .await
         .context("cannot create the postmaster mailbox")?;
     Ok(Some(password))
+}
+
+/// The site settings of a new data folder: one connector for the Internet, as the
+/// classic Internet Mail Service had (`SMTP:*`, cost 1, by DNS MX).
+fn initial_site() -> SiteConfig {
+    let mut site = SiteConfig::default();
+    site.connectors.insert(
+        "internet".into(),
+        Connector {
+            name: "internet".into(),
+            kind: ConnectorKind::Mx,
+            address_spaces: vec![AddressSpace::parse("SMTP:*", 1).expect("valid address space")],
+            enabled: true,
+        },
+    );
+    site
 }
 
 /// Starts every part of the server; see the module documentation for the order.
@@ -171,7 +192,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             config.server.server_name.clone()
         },
     };
-    let (directory, _writer_thread) = Directory::start(store.clone(), &domains, &topology)?;
+    let (directory, _writer_thread) =
+        Directory::start(store.clone(), &domains, &topology, initial_site())?;
     let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
 
     let mut registry = Registry::default();
@@ -272,6 +294,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         registry,
         queue_gauges,
         token: admin_token.clone(),
+        jobs: Arc::new(Jobs::default()),
     });
     let admin_cancel = cancel.clone();
     let admin_task = tokio::spawn(async move {

@@ -694,10 +694,23 @@ mod tests {
             } else {
                 Resolution::Local(Arc::new(mailroom_directory::Recipient {
                     id: 1,
+                    kind: mailroom_directory::RecipientKind::Mailbox,
                     alias: "a".into(),
                     display_name: String::new(),
-                    primary_address: address.into(),
-                    addresses: vec![address.into()],
+                    given_name: String::new(),
+                    surname: String::new(),
+                    initials: String::new(),
+                    addresses: vec![mailroom_directory::ProxyAddress {
+                        address: address.into(),
+                        primary: true,
+                        generated: false,
+                    }],
+                    target_address: None,
+                    members: Vec::new(),
+                    owner: None,
+                    hidden: false,
+                    protocols: Default::default(),
+                    quota: Default::default(),
                     password_hash: None,
                 }))
             }

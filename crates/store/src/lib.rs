@@ -167,10 +167,21 @@ pub struct DeliveryPlan {
     pub facts: MessageFacts,
     /// Local recipients, de-duplicated: each gets one copy in its INBOX.
     pub local: Vec<RecipientId>,
-    /// Addresses in non-local domains, for the outbound queue.
-    pub remote: Vec<String>,
+    /// Addresses to route out, grouped by the connector the routing table chose.
+    pub remote: Vec<RemoteRoute>,
     /// Addresses that could not be resolved, with the reason, for a non-delivery report.
     pub undeliverable: Vec<(String, String)>,
+}
+
+/// Remote recipients that share a connector: one outbound queue entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRoute {
+    /// The connector chosen by the routing table.
+    pub connector: String,
+    /// The directory generation whose routing table chose it.
+    pub generation: u64,
+    /// The recipients.
+    pub recipients: Vec<String>,
 }
 
 /// One copy placed in a mailbox.
@@ -218,6 +229,10 @@ pub struct QueueItemInfo {
     pub size: u64,
     /// When the next attempt is due.
     pub next_attempt_at_ms: UnixMillis,
+    /// Outbound entries: the connector the routing table chose.
+    pub connector: Option<String>,
+    /// Outbound entries: the directory generation that routed it.
+    pub generation: Option<u64>,
 }
 
 /// One message in a mailbox folder, as `mailbox list` shows it.
@@ -248,34 +263,40 @@ pub struct AddressRecord {
     pub address: String,
     /// True for the one primary (reply) address.
     pub primary: bool,
+    /// True when site addressing generated it.
+    #[serde(default)]
+    pub generated: bool,
 }
 
-/// A recipient as the directory persists it.
+/// A recipient as the directory persists it: indexed columns plus a JSON document the
+/// directory owns (the store does not interpret it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RecipientRecord {
-    /// Database identity.
+pub struct RecipientRow {
+    /// Identity, assigned by the directory writer.
     pub id: RecipientId,
     /// The mailbox name (the classic "Directory Name"); unique.
     pub alias: String,
+    /// `mailbox`, `contact` or `list`.
+    pub kind: String,
     /// Display name.
     pub display_name: String,
-    /// Every address; exactly one is primary.
+    /// Every address; unique across recipients.
     pub addresses: Vec<AddressRecord>,
+    /// Everything else, as the directory serialised it.
+    pub doc: String,
     /// Argon2id PHC string, when a password is set.
     pub password_hash: Option<String>,
 }
 
-/// A recipient to create.
-#[derive(Debug, Clone)]
-pub struct NewRecipient {
-    /// The mailbox name; unique.
-    pub alias: String,
-    /// Display name.
-    pub display_name: String,
-    /// Addresses; the first is primary.
-    pub addresses: Vec<String>,
-    /// Argon2id PHC string, when a password is set.
-    pub password_hash: Option<String>,
+/// What the directory stored, loaded at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct StoredDirectory {
+    /// Every recipient.
+    pub recipients: Vec<RecipientRow>,
+    /// The site settings document, if ever saved.
+    pub site: Option<String>,
+    /// The routing table's text before its last change.
+    pub previous_routing: String,
 }
 
 /// The classic hierarchy this server lives in: organization -> site -> server. One of
@@ -290,17 +311,19 @@ pub struct Topology {
     pub server: String,
 }
 
-/// One change applied by the directory writer.
+/// One row-level write of the directory writer.
 #[derive(Debug, Clone)]
-pub enum DirectoryChange {
-    /// Create a mailbox recipient with its INBOX.
-    CreateRecipient(NewRecipient),
-    /// Replace a recipient's password hash.
-    SetPassword {
-        /// Whose password.
-        recipient: RecipientId,
-        /// The new Argon2id PHC string.
-        password_hash: String,
+pub enum DirectoryWrite {
+    /// Create or replace a recipient (and its addresses).
+    PutRecipient(RecipientRow),
+    /// Delete a recipient with its folders and messages.
+    DeleteRecipient(RecipientId),
+    /// Replace the site settings.
+    PutSettings {
+        /// The site document.
+        site: String,
+        /// The routing table's text before its last change.
+        previous_routing: String,
     },
 }
 
@@ -349,12 +372,11 @@ pub trait MailStore: Send + Sync + 'static {
     /// them when the config names them differently); returns what is stored.
     fn ensure_topology(&self, wanted: &Topology) -> Result<Topology>;
 
-    /// Every recipient, for building the first directory snapshot.
-    fn load_recipients(&self) -> Result<Vec<RecipientRecord>>;
+    /// Everything the directory stored, for building the first snapshot.
+    fn load_directory(&self) -> Result<StoredDirectory>;
 
-    /// Applies a batch of directory changes in one transaction; returns the records as
-    /// stored, one per change.
-    fn apply_directory_changes(&self, changes: &[DirectoryChange]) -> Result<Vec<RecipientRecord>>;
+    /// Applies the directory writer's writes in one transaction.
+    fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()>;
 
     /// The messages of a recipient's folder, by UID.
     fn mailbox_messages(&self, recipient: RecipientId, folder: &str)

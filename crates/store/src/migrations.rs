@@ -78,6 +78,16 @@ const MIGRATIONS: &[&str] = &[
         server TEXT NOT NULL
     );
     "#,
+    // Version 3: the full directory (kinds, documents, generated addresses, site
+    // settings) and routed outbound entries.
+    r#"
+    ALTER TABLE recipients ADD COLUMN kind TEXT NOT NULL DEFAULT 'mailbox';
+    ALTER TABLE recipients ADD COLUMN doc TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recipient_addresses ADD COLUMN generated INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE directory_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    ALTER TABLE queue_items ADD COLUMN connector TEXT;
+    ALTER TABLE queue_items ADD COLUMN generation INTEGER;
+    "#,
 ];
 
 /// The newest schema version this binary knows.

@@ -134,24 +134,27 @@ fn insert_queue_item(
     received_at_ms: i64,
     last_error: Option<&str>,
     client: &str,
+    route: Option<(&str, u64)>,
 ) -> Result<i64> {
     let recipients = serde_json::to_string(recipients).expect("strings serialise");
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO queue_items
            (queue, queue_id, blob_id, mail_from, recipients, received_at_ms,
-            next_attempt_at_ms, last_error, client)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
-        params![
-            queue.as_str(),
-            queue_id,
-            blob_id,
-            mail_from,
-            recipients,
-            received_at_ms,
-            last_error,
-            client
-        ],
-    )?;
+            next_attempt_at_ms, last_error, client, connector, generation)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        queue.as_str(),
+        queue_id,
+        blob_id,
+        mail_from,
+        recipients,
+        received_at_ms,
+        last_error,
+        client,
+        route.map(|r| r.0),
+        route.map(|r| r.1 as i64)
+    ])?;
     Ok(tx.last_insert_rowid())
 }
 
@@ -159,37 +162,107 @@ fn parse_recipients(json: String) -> Vec<String> {
     serde_json::from_str(&json).unwrap_or_default()
 }
 
-fn load_recipient(conn: &Connection, id: RecipientId) -> Result<RecipientRecord> {
-    let (alias, display_name, password_hash) = conn.query_row(
-        "SELECT alias, display_name, password_hash FROM recipients WHERE id = ?1",
-        [id],
-        |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-            ))
-        },
-    )?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT address, is_primary FROM recipient_addresses WHERE recipient_id = ?1
-         ORDER BY is_primary DESC, address",
-    )?;
-    let addresses = stmt
-        .query_map([id], |r| {
-            Ok(AddressRecord {
-                address: r.get(0)?,
-                primary: r.get(1)?,
+fn load_rows(conn: &Connection) -> Result<Vec<RecipientRow>> {
+    let mut rows: Vec<RecipientRow> = conn
+        .prepare(
+            "SELECT id, alias, kind, display_name, doc, password_hash FROM recipients ORDER BY id",
+        )?
+        .query_map([], |r| {
+            Ok(RecipientRow {
+                id: r.get(0)?,
+                alias: r.get(1)?,
+                kind: r.get(2)?,
+                display_name: r.get(3)?,
+                addresses: Vec::new(),
+                doc: r.get(4)?,
+                password_hash: r.get(5)?,
             })
         })?
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(RecipientRecord {
-        id,
-        alias,
-        display_name,
-        addresses,
-        password_hash,
-    })
+        .collect::<std::result::Result<_, _>>()?;
+    let mut index = std::collections::HashMap::new();
+    for (position, row) in rows.iter().enumerate() {
+        index.insert(row.id, position);
+    }
+    let mut stmt = conn.prepare(
+        "SELECT recipient_id, address, is_primary, generated FROM recipient_addresses
+         ORDER BY recipient_id, is_primary DESC, rowid",
+    )?;
+    let addresses = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            AddressRecord {
+                address: r.get(1)?,
+                primary: r.get(2)?,
+                generated: r.get(3)?,
+            },
+        ))
+    })?;
+    for address in addresses {
+        let (id, address) = address?;
+        if let Some(&position) = index.get(&id) {
+            rows[position].addresses.push(address);
+        }
+    }
+    Ok(rows)
+}
+
+fn put_recipient(tx: &rusqlite::Transaction<'_>, row: &RecipientRow) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO recipients (id, alias, kind, display_name, doc, password_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET alias = ?2, kind = ?3, display_name = ?4, doc = ?5,
+                                        password_hash = ?6",
+    )?
+    .execute(params![
+        row.id,
+        row.alias,
+        row.kind,
+        row.display_name,
+        row.doc,
+        row.password_hash
+    ])?;
+    tx.prepare_cached("DELETE FROM recipient_addresses WHERE recipient_id = ?1")?
+        .execute([row.id])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO recipient_addresses (address, recipient_id, is_primary, generated)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for address in &row.addresses {
+        insert
+            .execute(params![
+                address.address,
+                row.id,
+                address.primary,
+                address.generated
+            ])
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError::Conflict(format!("address {} is already in use", address.address))
+                }
+                other => other.into(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Deletes a recipient: its messages release their bodies first, then the cascade
+/// removes addresses, folders and messages.
+fn delete_recipient(tx: &rusqlite::Transaction<'_>, id: RecipientId) -> Result<()> {
+    let bodies: Vec<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT m.blob_id, COUNT(*) FROM messages m JOIN folders f ON f.id = m.folder_id
+             WHERE f.recipient_id = ?1 GROUP BY m.blob_id",
+        )?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<std::result::Result<_, _>>()?;
+    tx.prepare_cached("DELETE FROM recipients WHERE id = ?1")?
+        .execute([id])?;
+    for (blob_id, count) in bodies {
+        adjust_blob_refs(tx, blob_id, -count)?;
+    }
+    Ok(())
 }
 
 fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<Option<i64>> {
@@ -222,6 +295,7 @@ impl MailStore for SqliteStore {
                         entry.received_at_ms,
                         None,
                         &entry.client,
+                        None,
                     )?);
                 }
                 tx.commit()?;
@@ -365,7 +439,8 @@ impl MailStore for SqliteStore {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT q.id, q.queue, q.queue_id, q.mail_from, q.recipients, q.received_at_ms,
-                        q.attempts, q.last_error, b.size, q.next_attempt_at_ms
+                        q.attempts, q.last_error, b.size, q.next_attempt_at_ms,
+                        q.connector, q.generation
                  FROM queue_items q JOIN blobs b ON b.id = q.blob_id
                  WHERE ?1 IS NULL OR q.queue = ?1
                  ORDER BY q.received_at_ms, q.id LIMIT ?2",
@@ -384,6 +459,8 @@ impl MailStore for SqliteStore {
                         last_error: r.get(7)?,
                         size: r.get(8)?,
                         next_attempt_at_ms: r.get(9)?,
+                        connector: r.get(10)?,
+                        generation: r.get::<_, Option<i64>>(11)?.map(|g| g as u64),
                     })
                 })?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -422,41 +499,48 @@ impl MailStore for SqliteStore {
         })
     }
 
-    fn load_recipients(&self) -> Result<Vec<RecipientRecord>> {
+    fn load_directory(&self) -> Result<StoredDirectory> {
         self.with_conn(|conn| {
-            let ids: Vec<i64> = conn
-                .prepare("SELECT id FROM recipients ORDER BY id")?
-                .query_map([], |r| r.get(0))?
-                .collect::<std::result::Result<_, _>>()?;
-            ids.into_iter().map(|id| load_recipient(conn, id)).collect()
+            let recipients = load_rows(conn)?;
+            let setting = |key: &str| -> Result<Option<String>> {
+                Ok(conn
+                    .query_row(
+                        "SELECT value FROM directory_settings WHERE key = ?1",
+                        [key],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            };
+            Ok(StoredDirectory {
+                recipients,
+                site: setting("site")?,
+                previous_routing: setting("routing.previous")?.unwrap_or_default(),
+            })
         })
     }
 
-    fn apply_directory_changes(&self, changes: &[DirectoryChange]) -> Result<Vec<RecipientRecord>> {
+    fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut records = Vec::with_capacity(changes.len());
-            for change in changes {
-                let id = match change {
-                    DirectoryChange::CreateRecipient(new) => create_recipient(&tx, new)?,
-                    DirectoryChange::SetPassword {
-                        recipient,
-                        password_hash,
+            for write in writes {
+                match write {
+                    DirectoryWrite::PutRecipient(row) => put_recipient(&tx, row)?,
+                    DirectoryWrite::DeleteRecipient(id) => delete_recipient(&tx, *id)?,
+                    DirectoryWrite::PutSettings {
+                        site,
+                        previous_routing,
                     } => {
-                        let n = tx.execute(
-                            "UPDATE recipients SET password_hash = ?2 WHERE id = ?1",
-                            params![recipient, password_hash],
+                        let mut put = tx.prepare_cached(
+                            "INSERT INTO directory_settings (key, value) VALUES (?1, ?2)
+                             ON CONFLICT (key) DO UPDATE SET value = ?2",
                         )?;
-                        if n == 0 {
-                            return Err(StoreError::NotFound(format!("recipient {recipient}")));
-                        }
-                        *recipient
+                        put.execute(params!["site", site])?;
+                        put.execute(params!["routing.previous", previous_routing])?;
                     }
-                };
-                records.push(load_recipient(&tx, id)?);
+                }
             }
             tx.commit()?;
-            Ok(records)
+            Ok(())
         })
     }
 
@@ -572,17 +656,18 @@ fn deliver_one(
         delivered.push(Delivered { recipient, uid });
     }
     let mut references = plan.local.len() as i64 - 1;
-    if !plan.remote.is_empty() {
+    for route in &plan.remote {
         insert_queue_item(
             tx,
             QueueName::Outbound,
             &item.queue_id,
             blob_id,
             &item.mail_from,
-            &plan.remote,
+            &route.recipients,
             item.received_at_ms,
             None,
             &client,
+            Some((&route.connector, route.generation)),
         )?;
         references += 1;
     }
@@ -603,6 +688,7 @@ fn deliver_one(
             item.received_at_ms,
             Some(&reasons.join("; ")),
             &client,
+            None,
         )?;
         references += 1;
     }
@@ -610,55 +696,6 @@ fn deliver_one(
         adjust_blob_refs(tx, blob_id, references)?;
     }
     Ok(delivered)
-}
-
-fn create_recipient(tx: &rusqlite::Transaction<'_>, new: &NewRecipient) -> Result<RecipientId> {
-    let taken: Option<i64> = tx
-        .query_row(
-            "SELECT id FROM recipients WHERE alias = ?1",
-            [&new.alias],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if taken.is_some() {
-        return Err(StoreError::Conflict(format!(
-            "recipient {}: alias is already in use",
-            new.alias
-        )));
-    }
-    tx.execute(
-        "INSERT INTO recipients (alias, display_name, password_hash) VALUES (?1, ?2, ?3)",
-        params![new.alias, new.display_name, new.password_hash],
-    )?;
-    let id = tx.last_insert_rowid();
-    for (index, address) in new.addresses.iter().enumerate() {
-        let owner: Option<i64> = tx
-            .query_row(
-                "SELECT recipient_id FROM recipient_addresses WHERE address = ?1",
-                [address],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if owner.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "recipient {}: address {address} is already in use",
-                new.alias
-            )));
-        }
-        tx.execute(
-            "INSERT INTO recipient_addresses (address, recipient_id, is_primary)
-             VALUES (?1, ?2, ?3)",
-            params![address, id, index == 0],
-        )?;
-    }
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs());
-    tx.execute(
-        "INSERT INTO folders (recipient_id, name, uidvalidity) VALUES (?1, 'INBOX', ?2)",
-        params![id, now_s as u32],
-    )?;
-    Ok(id)
 }
 
 #[cfg(test)]
@@ -676,16 +713,32 @@ mod tests {
         }
     }
 
+    fn row(id: RecipientId, alias: &str, address: &str) -> RecipientRow {
+        RecipientRow {
+            id,
+            alias: alias.into(),
+            kind: "mailbox".into(),
+            display_name: alias.into(),
+            addresses: vec![AddressRecord {
+                address: address.into(),
+                primary: true,
+                generated: false,
+            }],
+            doc: "{}".into(),
+            password_hash: None,
+        }
+    }
+
     fn recipient(store: &SqliteStore, alias: &str) -> RecipientId {
+        let id = store.load_directory().unwrap().recipients.len() as i64 + 1;
         store
-            .apply_directory_changes(&[DirectoryChange::CreateRecipient(NewRecipient {
-                alias: alias.into(),
-                display_name: alias.into(),
-                addresses: vec![format!("{alias}@example.test")],
-                password_hash: None,
-            })])
-            .unwrap()[0]
-            .id
+            .write_directory(&[DirectoryWrite::PutRecipient(row(
+                id,
+                alias,
+                &format!("{alias}@example.test"),
+            ))])
+            .unwrap();
+        id
     }
 
     #[test]
@@ -709,7 +762,11 @@ mod tests {
         );
         let plan = DeliveryPlan {
             local: vec![a, b],
-            remote: vec!["x@remote.example".into()],
+            remote: vec![RemoteRoute {
+                connector: "internet".into(),
+                generation: 7,
+                recipients: vec!["x@remote.example".into()],
+            }],
             ..Default::default()
         };
         let delivered = store.deliver_inbound(&[(&item, &plan)], 3000).unwrap();
@@ -726,6 +783,9 @@ mod tests {
         let depth = |q| summaries.iter().find(|s| s.queue == q).unwrap().depth;
         assert_eq!(depth(QueueName::Inbound), 0);
         assert_eq!(depth(QueueName::Outbound), 1);
+        let outbound = store.queue_items(Some(QueueName::Outbound), 10).unwrap();
+        assert_eq!(outbound[0].connector.as_deref(), Some("internet"));
+        assert_eq!(outbound[0].generation, Some(7));
     }
 
     #[test]
@@ -787,14 +847,42 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         recipient(&store, "a");
         let err = store
-            .apply_directory_changes(&[DirectoryChange::CreateRecipient(NewRecipient {
-                alias: "other".into(),
-                display_name: "Other".into(),
-                addresses: vec!["A@example.test".into()],
-                password_hash: None,
-            })])
+            .write_directory(&[DirectoryWrite::PutRecipient(row(
+                2,
+                "other",
+                "A@example.test",
+            ))])
             .unwrap_err();
         assert!(err.to_string().contains("already in use"), "{err}");
-        assert_eq!(store.load_recipients().unwrap().len(), 1);
+        assert_eq!(store.load_directory().unwrap().recipients.len(), 1);
+    }
+
+    #[test]
+    fn deleting_a_recipient_releases_its_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        let b = recipient(&store, "b");
+        store
+            .spool(&[entry(b"shared", &["a@example.test"])])
+            .unwrap();
+        let item = store.claim_inbound(2000, 10).unwrap().pop().unwrap();
+        let plan = DeliveryPlan {
+            local: vec![a, b],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&item, &plan)], 3000).unwrap();
+        store
+            .write_directory(&[DirectoryWrite::DeleteRecipient(a)])
+            .unwrap();
+        assert_eq!(store.blob_count().unwrap(), 1, "b still holds the body");
+        store
+            .write_directory(&[DirectoryWrite::DeleteRecipient(b)])
+            .unwrap();
+        assert_eq!(
+            store.blob_count().unwrap(),
+            0,
+            "the last reference freed it"
+        );
     }
 }

@@ -1,0 +1,238 @@
+//! Background directory jobs (address regeneration, imports) with progress.
+//!
+//! A job runs on its own thread and submits its work to the single writer in chunks, so
+//! mail keeps flowing and other administrators' changes interleave with it. Progress is
+//! a set of atomics the API reads at any time; the registry of jobs is an `arc-swap`
+//! list (no lock). Only the job's own thread writes its counters and its error list.
+
+use crate::writer::{Change, Directory};
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Jobs kept for inspection; older finished ones are forgotten.
+const JOBS_KEPT: usize = 100;
+
+/// Row errors kept per job; beyond that only the count grows.
+const ERRORS_KEPT: usize = 10_000;
+
+/// Recipients per regeneration step (one writer request each).
+const REGENERATION_CHUNK: usize = 500;
+
+/// A job's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Still working.
+    Running,
+    /// Finished (some rows may have failed; see the counts).
+    Done,
+    /// Stopped by an error that affects the whole job.
+    Failed,
+}
+
+/// One background job and its progress.
+#[derive(Debug)]
+pub struct Job {
+    /// Identity, unique in this process.
+    pub id: u64,
+    /// What it does (`regenerate addresses`, `import people.csv`).
+    pub kind: String,
+    started_at_ms: i64,
+    state: AtomicU8,
+    total: AtomicU64,
+    scanned: AtomicU64,
+    updated: AtomicU64,
+    failed: AtomicU64,
+    errors: ArcSwap<Vec<String>>,
+    summary: ArcSwap<String>,
+}
+
+/// What the API shows of a job.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct JobReport {
+    /// Identity.
+    pub id: u64,
+    /// What it does.
+    pub kind: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// When it started (Unix ms).
+    pub started_at_ms: i64,
+    /// Items to process, when known (0 when not).
+    pub total: u64,
+    /// Items looked at so far.
+    pub scanned: u64,
+    /// Items changed.
+    pub updated: u64,
+    /// Items that failed.
+    pub failed: u64,
+    /// The first failures, each naming its item (line, attribute, reason for imports).
+    pub errors: Vec<String>,
+    /// A closing line.
+    pub summary: String,
+}
+
+impl Job {
+    fn new(id: u64, kind: String) -> Job {
+        Job {
+            id,
+            kind,
+            started_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            state: AtomicU8::new(0),
+            total: AtomicU64::new(0),
+            scanned: AtomicU64::new(0),
+            updated: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            errors: ArcSwap::from_pointee(Vec::new()),
+            summary: ArcSwap::from_pointee(String::new()),
+        }
+    }
+
+    /// The job's state now.
+    pub fn state(&self) -> JobState {
+        match self.state.load(Ordering::Acquire) {
+            0 => JobState::Running,
+            1 => JobState::Done,
+            _ => JobState::Failed,
+        }
+    }
+
+    /// Sets how many items there are.
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// Counts progress.
+    pub fn progress(&self, scanned: u64, updated: u64, failed: u64) {
+        self.scanned.fetch_add(scanned, Ordering::Relaxed);
+        self.updated.fetch_add(updated, Ordering::Relaxed);
+        self.failed.fetch_add(failed, Ordering::Relaxed);
+    }
+
+    /// Records failures (only the job's thread calls this).
+    pub fn record_errors(&self, errors: Vec<String>) {
+        if errors.is_empty() {
+            return;
+        }
+        let mut all = (**self.errors.load()).clone();
+        let room = ERRORS_KEPT.saturating_sub(all.len());
+        all.extend(errors.into_iter().take(room));
+        self.errors.store(Arc::new(all));
+    }
+
+    /// Marks the job finished.
+    pub fn finish(&self, ok: bool, summary: String) {
+        self.summary.store(Arc::new(summary));
+        self.state.store(if ok { 1 } else { 2 }, Ordering::Release);
+    }
+
+    /// A consistent-enough copy for the API.
+    pub fn report(&self) -> JobReport {
+        let state = match self.state() {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        };
+        JobReport {
+            id: self.id,
+            kind: self.kind.clone(),
+            state: state.into(),
+            started_at_ms: self.started_at_ms,
+            total: self.total.load(Ordering::Relaxed),
+            scanned: self.scanned.load(Ordering::Relaxed),
+            updated: self.updated.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            errors: (**self.errors.load()).clone(),
+            summary: (**self.summary.load()).clone(),
+        }
+    }
+}
+
+/// Every job of this process, newest last.
+#[derive(Default)]
+pub struct Jobs {
+    next_id: AtomicU64,
+    list: ArcSwap<Vec<Arc<Job>>>,
+}
+
+impl Jobs {
+    /// Registers a new running job.
+    pub fn create(&self, kind: impl Into<String>) -> Arc<Job> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let job = Arc::new(Job::new(id, kind.into()));
+        self.list.rcu(|list| {
+            let mut list: Vec<Arc<Job>> = (**list).clone();
+            list.push(job.clone());
+            let excess = list.len().saturating_sub(JOBS_KEPT);
+            list.drain(..excess);
+            list
+        });
+        job
+    }
+
+    /// The job with this identity.
+    pub fn get(&self, id: u64) -> Option<Arc<Job>> {
+        self.list.load().iter().find(|j| j.id == id).cloned()
+    }
+
+    /// Every job kept.
+    pub fn all(&self) -> Vec<Arc<Job>> {
+        (**self.list.load()).clone()
+    }
+}
+
+/// Starts the background job that renews every generated address from the current
+/// template, in chunks through the writer.
+pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
+    let job = jobs.create("regenerate addresses");
+    let handle = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("job-{}", job.id))
+        .spawn(move || regenerate(directory, &handle));
+    if let Err(e) = spawned {
+        job.finish(false, format!("cannot start the job: {e}"));
+    }
+    job
+}
+
+fn regenerate(directory: Directory, job: &Job) {
+    let snapshot = directory.snapshot();
+    let mut ids: Vec<i64> = snapshot
+        .recipients()
+        .filter(|r| r.addresses.iter().any(|a| a.primary && a.generated))
+        .map(|r| r.id)
+        .collect();
+    ids.sort_unstable();
+    job.set_total(ids.len() as u64);
+    for chunk in ids.chunks(REGENERATION_CHUNK) {
+        match directory.apply_blocking(Change::RegenerateAddresses {
+            ids: chunk.to_vec(),
+        }) {
+            Ok(applied) => {
+                job.progress(
+                    chunk.len() as u64,
+                    applied.changed as u64,
+                    applied.failed as u64,
+                );
+                job.record_errors(applied.notes);
+            }
+            Err(e) => {
+                job.finish(false, format!("stopped: {e}"));
+                return;
+            }
+        }
+    }
+    let r = job.report();
+    job.finish(
+        true,
+        format!(
+            "scanned {}, updated {}, failed {}",
+            r.scanned, r.updated, r.failed
+        ),
+    );
+}
