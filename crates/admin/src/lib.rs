@@ -18,7 +18,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use mailroom_directory::jobs::{JobReport, Jobs, start_regeneration};
+use mailroom_directory::bulk::Format;
+use mailroom_directory::jobs::{ImportOptions, JobReport, Jobs, start_import, start_regeneration};
 use mailroom_directory::routing::Connector;
 use mailroom_directory::{
     Change, Directory, DirectoryError, ProxyAddress, Quota, Recipient, RecipientFields,
@@ -91,6 +92,8 @@ pub struct AdminState {
     pub token: String,
     /// Background directory jobs.
     pub jobs: Arc<Jobs>,
+    /// Where uploads (imports) are written while their job runs.
+    pub upload_dir: std::path::PathBuf,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -159,6 +162,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/routing/route", get(route_address))
         .route("/protocols", get(show_protocols))
         .route("/protocols/check", get(check_protocol))
+        .route("/directory/import", post(import_directory))
+        .route("/directory/export", get(export_directory))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{id}", get(show_job))
         .route("/mailboxes/{address}/messages", get(list_messages))
@@ -449,6 +454,10 @@ impl RecipientRequest {
             addresses,
             target_address: self.target_address,
             members: self.members,
+            add_addresses: Vec::new(),
+            remove_addresses: Vec::new(),
+            add_members: Vec::new(),
+            remove_members: Vec::new(),
             owner: self.owner,
             hidden: self.hidden,
             protocols: self.protocols,
@@ -741,6 +750,99 @@ async fn check_protocol(
     Ok(Json(
         serde_json::json!({"recipient": recipient.alias, "protocol": protocol.name(), "allowed": allowed}),
     ))
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    format: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    atomic: bool,
+}
+
+fn format_of(format: Option<&str>, name: Option<&str>) -> Result<Format, ApiError> {
+    let from_name = name.and_then(|n| Format::from_path(std::path::Path::new(n)));
+    match format {
+        Some(f) => Format::parse(f).ok_or_else(|| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("format {f:?}: say csv or ldif"),
+            )
+        }),
+        None => from_name.ok_or_else(|| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "say format=csv or format=ldif (or give a name ending in .csv or .ldif)".into(),
+            )
+        }),
+    }
+}
+
+/// `POST /api/v1/directory/import?format=csv|ldif&dry_run=&atomic=&name=`: the body is
+/// the file, streamed to disk; the answer names the job that imports it.
+async fn import_directory(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ImportQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<JobReport>), ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let format = format_of(query.format.as_deref(), query.name.as_deref())?;
+    std::fs::create_dir_all(&state.upload_dir).map_err(internal)?;
+    let (file, path) = tempfile::Builder::new()
+        .prefix("import-")
+        .tempfile_in(&state.upload_dir)
+        .map_err(internal)?
+        .keep()
+        .map_err(internal)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("upload interrupted: {e}"),
+                ));
+            }
+        };
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    let name = query.name.unwrap_or_else(|| "upload".into());
+    let options = ImportOptions {
+        format,
+        dry_run: query.dry_run,
+        atomic: query.atomic,
+    };
+    let job = start_import(state.directory.clone(), &state.jobs, path, &name, options);
+    Ok((StatusCode::ACCEPTED, Json(job.report())))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+}
+
+async fn export_directory(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let format = format_of(Some(query.format.as_deref().unwrap_or("csv")), None)?;
+    let snapshot = state.directory.snapshot();
+    let text =
+        tokio::task::spawn_blocking(move || mailroom_directory::bulk::export(format, &snapshot))
+            .await
+            .map_err(internal)?;
+    let content_type = match format {
+        Format::Csv => "text/csv; charset=utf-8",
+        Format::Ldif => "text/x-ldif; charset=utf-8",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 async fn list_jobs(State(state): State<Arc<AdminState>>) -> Json<Vec<JobReport>> {

@@ -236,3 +236,207 @@ fn regenerate(directory: Directory, job: &Job) {
         ),
     );
 }
+
+/// How an import runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct ImportOptions {
+    /// The file's format.
+    pub format: crate::bulk::Format,
+    /// Only validate; apply nothing.
+    pub dry_run: bool,
+    /// Apply every row or none.
+    pub atomic: bool,
+}
+
+/// Rows per writer request in a non-atomic import: big enough to batch, small enough
+/// that mail and other administrators' changes interleave.
+const IMPORT_CHUNK: usize = 1000;
+
+/// Starts an import of `file` (deleted when the job ends) as a background job.
+pub fn start_import(
+    directory: Directory,
+    jobs: &Jobs,
+    file: std::path::PathBuf,
+    name: &str,
+    options: ImportOptions,
+) -> Arc<Job> {
+    let verb = if options.dry_run {
+        "validate"
+    } else {
+        "import"
+    };
+    let job = jobs.create(format!("{verb} {name}"));
+    let handle = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("job-{}", job.id))
+        .spawn(move || {
+            import(&directory, &handle, &file, options);
+            let _ = std::fs::remove_file(&file);
+        });
+    if let Err(e) = spawned {
+        job.finish(false, format!("cannot start the job: {e}"));
+    }
+    job
+}
+
+/// Counts records cheaply for the progress bar (an estimate for CSV fields that hold
+/// newlines).
+fn count_records(file: &std::path::Path, format: crate::bulk::Format) -> u64 {
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open(file) else {
+        return 0;
+    };
+    let lines = std::io::BufReader::new(f).lines().map_while(Result::ok);
+    match format {
+        crate::bulk::Format::Csv => lines
+            .filter(|l| !l.trim().is_empty())
+            .count()
+            .saturating_sub(1) as u64,
+        crate::bulk::Format::Ldif => lines
+            .filter(|l| l.to_ascii_lowercase().starts_with("dn:"))
+            .count() as u64,
+    }
+}
+
+/// Counts an import's outcome and keeps the lines that failed, so that a failed
+/// record's deferred membership change is not tried (and reported) again.
+struct Tally<'a> {
+    job: &'a Job,
+    format: crate::bulk::Format,
+    failed_lines: std::collections::HashSet<u64>,
+}
+
+impl Tally<'_> {
+    fn parse_error(&mut self, error: crate::bulk::RowError) {
+        self.failed_lines.insert(error.line);
+        self.job.progress(1, 0, 1);
+        self.job.record_errors(vec![error.to_string()]);
+    }
+
+    /// Records the results of `rows`: `updated` counts applied records, `failed` counts
+    /// records with any failure (a list whose members failed counts in both).
+    fn results(
+        &mut self,
+        rows: &[crate::bulk::Row],
+        results: Vec<Result<crate::Applied, crate::DirectoryError>>,
+    ) {
+        let (mut scanned, mut updated, mut failed) = (0u64, 0u64, 0u64);
+        let mut errors = Vec::new();
+        for (row, result) in rows.iter().zip(results) {
+            scanned += u64::from(!row.deferred);
+            match result {
+                Ok(_) => updated += u64::from(!row.deferred),
+                // Valid, but an all-or-nothing run failed elsewhere: not this row's fault.
+                Err(crate::DirectoryError::RolledBack) => {}
+                Err(e) => {
+                    if self.failed_lines.insert(row.line) {
+                        failed += 1;
+                    }
+                    errors.push(crate::bulk::row_error(row, &e, self.format).to_string());
+                }
+            }
+        }
+        self.job.progress(scanned, updated, failed);
+        self.job.record_errors(errors);
+    }
+
+    /// Drops deferred rows whose record already failed.
+    fn keep(&self, rows: &mut Vec<crate::bulk::Row>) {
+        rows.retain(|row| !(row.deferred && self.failed_lines.contains(&row.line)));
+    }
+}
+
+fn import(directory: &Directory, job: &Job, file: &std::path::Path, options: ImportOptions) {
+    job.set_total(count_records(file, options.format));
+    let reader = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => return job.finish(false, format!("cannot read the upload: {e}")),
+    };
+    let mut tally = Tally {
+        job,
+        format: options.format,
+        failed_lines: Default::default(),
+    };
+    let rows = crate::bulk::parse(options.format, reader);
+    if !(options.atomic || options.dry_run) {
+        let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
+        for row in rows {
+            match row {
+                Ok(row) => chunk.push(row),
+                Err(e) => tally.parse_error(e),
+            }
+            if chunk.len() >= IMPORT_CHUNK {
+                apply_chunk(directory, &mut tally, &mut chunk);
+            }
+        }
+        apply_chunk(directory, &mut tally, &mut chunk);
+        let r = job.report();
+        return job.finish(
+            true,
+            format!(
+                "scanned {}, applied {}, failed {}",
+                r.scanned, r.updated, r.failed
+            ),
+        );
+    }
+    // All-or-nothing and dry runs read every row first.
+    let mut all = Vec::new();
+    let mut parse_failures = 0;
+    for row in rows {
+        match row {
+            Ok(row) => all.push(row),
+            Err(e) => {
+                parse_failures += 1;
+                tally.parse_error(e);
+            }
+        }
+    }
+    let changes: Vec<Change> = all.iter().map(|r| r.change.clone()).collect();
+    if options.dry_run {
+        let results = crate::writer::dry_run(&directory.snapshot(), &changes, options.atomic);
+        tally.results(&all, results);
+        let r = job.report();
+        return job.finish(
+            true,
+            format!(
+                "dry run: {} record(s) would apply, {} fail; nothing was changed",
+                r.updated, r.failed
+            ),
+        );
+    }
+    if parse_failures > 0 {
+        return job.finish(
+            false,
+            format!("nothing applied: {parse_failures} record(s) do not parse and the import is all-or-nothing"),
+        );
+    }
+    let results = directory.apply_all_blocking(changes, true);
+    let rolled_back = results.iter().any(Result::is_err);
+    tally.results(&all, results);
+    let r = job.report();
+    if rolled_back {
+        job.finish(
+            false,
+            format!(
+                "nothing applied: {} record(s) failed and the import is all-or-nothing",
+                r.failed
+            ),
+        );
+    } else {
+        job.finish(
+            true,
+            format!("scanned {}, applied {}, failed 0", r.scanned, r.updated),
+        );
+    }
+}
+
+fn apply_chunk(directory: &Directory, tally: &mut Tally<'_>, chunk: &mut Vec<crate::bulk::Row>) {
+    tally.keep(chunk);
+    if chunk.is_empty() {
+        return;
+    }
+    let changes: Vec<Change> = chunk.iter().map(|r| r.change.clone()).collect();
+    let results = directory.apply_all_blocking(changes, false);
+    tally.results(chunk, results);
+    chunk.clear();
+}

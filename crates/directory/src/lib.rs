@@ -22,6 +22,7 @@
 //! What it never does: hold a lock, touch the network, or block a reader.
 
 pub mod addressing;
+pub mod bulk;
 pub mod jobs;
 pub mod model;
 mod password;

@@ -595,7 +595,8 @@ impl Snapshot {
             r.quota.prohibit_send_receive_kb = (q > 0).then_some(q);
         }
         self.build_kind_fields(&mut r, fields, &object)?;
-        self.build_addresses(&mut r, fields.addresses.as_deref(), &object, applied)?;
+        let addresses = relative_addresses(&r, fields);
+        self.build_addresses(&mut r, addresses.as_deref(), &object, applied)?;
         if let Some(other) = self.by_alias(&r.alias)
             && other.id != r.id
         {
@@ -618,7 +619,8 @@ impl Snapshot {
             let target = strip_proxy_prefix(target).0;
             r.target_address = (!target.is_empty()).then_some(target);
         }
-        if let Some(members) = &fields.members {
+        let members = relative_members(self, r, fields);
+        if let Some(members) = &members {
             if r.kind != RecipientKind::List && !members.is_empty() {
                 return Err(invalid(
                     object,
@@ -703,9 +705,16 @@ impl Snapshot {
                 {
                     continue;
                 }
-                let generated = generated_now
-                    .as_deref()
-                    .is_some_and(|g| g.eq_ignore_ascii_case(&address));
+                let kept = r
+                    .addresses
+                    .iter()
+                    .find(|a| a.address.eq_ignore_ascii_case(&address))
+                    .map(|a| a.generated);
+                let generated = kept.unwrap_or_else(|| {
+                    generated_now
+                        .as_deref()
+                        .is_some_and(|g| g.eq_ignore_ascii_case(&address))
+                });
                 addresses.push(ProxyAddress {
                     address,
                     primary: primary == Some(true),
@@ -832,6 +841,65 @@ impl Snapshot {
         self.set_site(site);
         self.previous_routing = Arc::new(previous_routing);
     }
+}
+
+/// The address list a change asks for: `addresses` (or the current ones) with
+/// `add_addresses` added and `remove_addresses` removed; `None` when none is given.
+fn relative_addresses(r: &Recipient, fields: &RecipientFields) -> Option<Vec<String>> {
+    if fields.addresses.is_none()
+        && fields.add_addresses.is_empty()
+        && fields.remove_addresses.is_empty()
+    {
+        return None;
+    }
+    let mut list: Vec<String> = match &fields.addresses {
+        Some(given) => given.clone(),
+        None => r
+            .addresses
+            .iter()
+            .map(|a| format!("{}:{}", if a.primary { "SMTP" } else { "smtp" }, a.address))
+            .collect(),
+    };
+    list.extend(fields.add_addresses.iter().cloned());
+    let removed: Vec<String> = fields
+        .remove_addresses
+        .iter()
+        .map(|a| strip_proxy_prefix(a).0.to_lowercase())
+        .collect();
+    list.retain(|a| !removed.contains(&strip_proxy_prefix(a).0.to_lowercase()));
+    Some(list)
+}
+
+/// The member list a change asks for, like [`relative_addresses`].
+fn relative_members(
+    snapshot: &Snapshot,
+    r: &Recipient,
+    fields: &RecipientFields,
+) -> Option<Vec<String>> {
+    if fields.members.is_none() && fields.add_members.is_empty() && fields.remove_members.is_empty()
+    {
+        return None;
+    }
+    let mut list: Vec<String> = match &fields.members {
+        Some(given) => given.clone(),
+        None => r
+            .members
+            .iter()
+            .filter_map(|id| snapshot.recipient(*id).map(|m| m.alias.clone()))
+            .collect(),
+    };
+    list.extend(fields.add_members.iter().cloned());
+    let removed: Vec<i64> = fields
+        .remove_members
+        .iter()
+        .filter_map(|m| snapshot.find(m.trim()).map(|f| f.id))
+        .collect();
+    list.retain(|m| {
+        snapshot
+            .find(m.trim())
+            .is_none_or(|f| !removed.contains(&f.id))
+    });
+    Some(list)
 }
 
 /// The template inputs of a recipient.

@@ -51,12 +51,24 @@ pub struct RecipientFields {
     /// new mailbox means "generate from site addressing".
     #[serde(default)]
     pub addresses: Option<Vec<String>>,
+    /// Addresses to add to the current ones (applied after `addresses`).
+    #[serde(default)]
+    pub add_addresses: Vec<String>,
+    /// Addresses to remove from the current ones.
+    #[serde(default)]
+    pub remove_addresses: Vec<String>,
     /// A contact's external address.
     #[serde(default)]
     pub target_address: Option<String>,
     /// A list's members by alias or address; replaces the whole list.
     #[serde(default)]
     pub members: Option<Vec<String>>,
+    /// Members to add (applied after `members`).
+    #[serde(default)]
+    pub add_members: Vec<String>,
+    /// Members to remove.
+    #[serde(default)]
+    pub remove_members: Vec<String>,
     /// A list's owner by alias or address; empty clears.
     #[serde(default)]
     pub owner: Option<String>,

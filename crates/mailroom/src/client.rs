@@ -98,6 +98,30 @@ impl AdminClient {
         }
     }
 
+    /// POST a stream (a file being imported) to a resource under `/api/v1`.
+    pub fn post_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: impl std::io::Read,
+    ) -> anyhow::Result<T> {
+        let request = ureq::post(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .set("Content-Type", "application/octet-stream");
+        self.answer(request.send(body))
+    }
+
+    /// GET a text resource under `/api/v1`.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let request =
+            ureq::get(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        match request.call() {
+            Ok(response) => Ok(response.into_string()?),
+            Err(e) => self
+                .answer::<serde_json::Value>(Err(e))
+                .map(|_| String::new()),
+        }
+    }
+
     /// POST a JSON body to a resource under `/api/v1`.
     pub fn post<B: Serialize, T: DeserializeOwned>(
         &self,

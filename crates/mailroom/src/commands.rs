@@ -969,6 +969,102 @@ pub fn routing(command: RoutingCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `mailroom directory ...`
+#[derive(Subcommand)]
+pub enum DirectoryCommand {
+    /// Import recipients from a CSV or LDIF file (applies every valid row and reports
+    /// the rest, unless --atomic).
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// csv or ldif (default: from the file's extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// Only validate: report what would fail, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply every row or none.
+        #[arg(long)]
+        atomic: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Export every recipient (to standard output, or --output FILE).
+    Export {
+        /// csv (default) or ldif.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// `mailroom directory ...`
+pub fn directory(command: DirectoryCommand) -> anyhow::Result<()> {
+    match command {
+        DirectoryCommand::Import {
+            file,
+            format,
+            dry_run,
+            atomic,
+            target,
+        } => {
+            let format = match format {
+                Some(f) => f,
+                None => mailroom_directory::bulk::Format::from_path(&file)
+                    .map(|f| {
+                        if f == mailroom_directory::bulk::Format::Csv {
+                            "csv"
+                        } else {
+                            "ldif"
+                        }
+                        .to_string()
+                    })
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{}: say --format csv or --format ldif", file.display())
+                    })?,
+            };
+            let reader = std::fs::File::open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("upload");
+            let path = format!(
+                "/directory/import?format={format}&dry_run={dry_run}&atomic={atomic}&name={}",
+                path_segment(name)
+            );
+            let started: JobReport = target
+                .client()?
+                .post_stream(&path, std::io::BufReader::new(reader))?;
+            let report = follow_job(&target, started.id)?;
+            if report.failed > 0 || report.state != "done" {
+                bail!("{} record(s) failed", report.failed);
+            }
+            Ok(())
+        }
+        DirectoryCommand::Export {
+            format,
+            output,
+            target,
+        } => {
+            let text = target.client()?.get_text(&format!(
+                "/directory/export?format={}",
+                path_segment(&format)
+            ))?;
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `mailroom job ...`
 #[derive(Subcommand)]
 pub enum JobCommand {

@@ -54,6 +54,9 @@ enum Command {
     /// The routing table (GWART).
     #[command(subcommand)]
     Routing(RoutingCommand),
+    /// Bulk import and export (CSV, LDIF).
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
     /// Background jobs (address regeneration, imports).
     #[command(subcommand)]
     Job(JobCommand),
@@ -115,6 +118,7 @@ fn main() {
         Command::Connector(command) => connector(command),
         Command::Routing(command) => routing(command),
         Command::Job(command) => job(command),
+        Command::Directory(command) => directory(command),
         Command::Mailbox(command) => mailbox(command),
         Command::Queue(command) => queue(command),
     };

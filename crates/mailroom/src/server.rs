@@ -176,6 +176,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         SqliteStore::open(&data_dir.join(DATABASE_FILE))
             .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
     );
+    // Uploads belong to import jobs, which do not survive a restart.
+    let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
     let released = store.release_claims()?;
     if released > 0 {
         tracing::info!(released, "released claims left by the previous run");
@@ -295,6 +297,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         queue_gauges,
         token: admin_token.clone(),
         jobs: Arc::new(Jobs::default()),
+        upload_dir: data_dir.join("uploads"),
     });
     let admin_cancel = cancel.clone();
     let admin_task = tokio::spawn(async move {
