@@ -568,7 +568,13 @@ async fn change_site(
     State(state): State<Arc<AdminState>>,
     Json(change): Json<SiteChange>,
 ) -> Result<Json<SiteChangeReport>, ApiError> {
-    let template_change = matches!(change, SiteChange::SetTemplate { .. });
+    let template_change = matches!(
+        change,
+        SiteChange::SetTemplate {
+            template: Some(_),
+            ..
+        }
+    );
     state.directory.apply(Change::Site(change)).await?;
     let job = template_change.then(|| start_regeneration(state.directory.clone(), &state.jobs).id);
     Ok(Json(SiteChangeReport {

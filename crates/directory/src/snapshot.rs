@@ -60,6 +60,9 @@ pub struct Snapshot {
     recipients: imbl::HashMap<RecipientId, Arc<Recipient>>,
     by_address: imbl::HashMap<String, RecipientId>,
     by_alias: imbl::HashMap<String, RecipientId>,
+    /// Recipient -> the lists that name it as a member or owner (so deleting it does not
+    /// scan the directory).
+    referenced_by: imbl::HashMap<RecipientId, imbl::OrdSet<RecipientId>>,
     site: Arc<SiteConfig>,
     configured_domains: Arc<[String]>,
     /// Derived from the site and the configured domains.
@@ -110,6 +113,7 @@ impl Snapshot {
             recipients: imbl::HashMap::new(),
             by_address: imbl::HashMap::new(),
             by_alias: imbl::HashMap::new(),
+            referenced_by: imbl::HashMap::new(),
             site: Arc::new(SiteConfig::default()),
             configured_domains: configured_domains
                 .iter()
@@ -347,6 +351,12 @@ impl Snapshot {
         }
         self.by_alias
             .insert(recipient.alias.to_lowercase(), recipient.id);
+        for referenced in recipient.members.iter().chain(recipient.owner.iter()) {
+            self.referenced_by
+                .entry(*referenced)
+                .or_default()
+                .insert(recipient.id);
+        }
         self.recipients.insert(recipient.id, Arc::new(recipient));
     }
 
@@ -355,6 +365,14 @@ impl Snapshot {
             self.by_address.remove(&address_key(&address.address));
         }
         self.by_alias.remove(&old.alias.to_lowercase());
+        for referenced in old.members.iter().chain(old.owner.iter()) {
+            if let Some(lists) = self.referenced_by.get_mut(referenced) {
+                lists.remove(&old.id);
+                if lists.is_empty() {
+                    self.referenced_by.remove(referenced);
+                }
+            }
+        }
     }
 
     fn remove(&mut self, id: RecipientId) {
@@ -468,14 +486,15 @@ impl Snapshot {
     fn delete(&mut self, existing: &Recipient, writes: &mut Vec<DirectoryWrite>) {
         // Lists that name it as a member or owner lose the reference.
         let referencing: Vec<Arc<Recipient>> = self
-            .recipients
-            .values()
-            .filter(|r| {
-                r.kind == RecipientKind::List
-                    && (r.members.contains(&existing.id) || r.owner == Some(existing.id))
+            .referenced_by
+            .get(&existing.id)
+            .map(|lists| {
+                lists
+                    .iter()
+                    .filter_map(|id| self.recipients.get(id).cloned())
+                    .collect()
             })
-            .cloned()
-            .collect();
+            .unwrap_or_default();
         for list in referencing {
             let mut list = (*list).clone();
             list.members.retain(|m| *m != existing.id);

@@ -548,6 +548,11 @@ pub enum TemplateCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Remove the SMTP template (new recipients then need an address).
+    Remove {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// `mailroom template ...`
@@ -560,6 +565,17 @@ pub fn template(command: TemplateCommand) -> anyhow::Result<()> {
                     println!("{kind}: {}", template.as_str().unwrap_or(""));
                 }
             })
+        }
+        TemplateCommand::Remove { target } => {
+            site_change(
+                &target,
+                SiteChange::SetTemplate {
+                    address_type: "SMTP".into(),
+                    template: None,
+                },
+            )?;
+            println!("SMTP template removed; existing addresses are unchanged");
+            Ok(())
         }
         TemplateCommand::Set {
             template,
