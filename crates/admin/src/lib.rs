@@ -292,6 +292,10 @@ pub struct RecipientView {
     pub quota: Quota,
     /// True when a password is set.
     pub has_password: bool,
+    /// What the administrator should know about the change just made (for example a
+    /// generated address that needed a numeric suffix).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The view of `r` in `snapshot`.
@@ -314,6 +318,7 @@ pub fn view(snapshot: &Snapshot, r: &Recipient) -> RecipientView {
         protocols: r.protocols.to_csv(),
         quota: r.quota,
         has_password: r.password_hash.is_some(),
+        notes: Vec::new(),
     }
 }
 
@@ -482,10 +487,9 @@ async fn create_recipient(
     let recipient = applied
         .recipient
         .ok_or_else(|| internal("no recipient returned"))?;
-    Ok((
-        StatusCode::CREATED,
-        Json(view(&state.directory.snapshot(), &recipient)),
-    ))
+    let mut shown = view(&state.directory.snapshot(), &recipient);
+    shown.notes = applied.notes;
+    Ok((StatusCode::CREATED, Json(shown)))
 }
 
 async fn modify_recipient(

@@ -325,7 +325,15 @@ impl Tally<'_> {
         for (row, result) in rows.iter().zip(results) {
             scanned += u64::from(!row.deferred);
             match result {
-                Ok(_) => updated += u64::from(!row.deferred),
+                Ok(applied) => {
+                    updated += u64::from(!row.deferred);
+                    errors.extend(
+                        applied
+                            .notes
+                            .iter()
+                            .map(|n| format!("line {}: note: {n}", row.line)),
+                    );
+                }
                 // Valid, but an all-or-nothing run failed elsewhere: not this row's fault.
                 Err(crate::DirectoryError::RolledBack) => {}
                 Err(e) => {

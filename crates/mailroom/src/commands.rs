@@ -238,7 +238,10 @@ fn created(target: &Target, r: RecipientView) -> anyhow::Result<()> {
             "created {} (alias {})",
             r.primary_address.as_deref().unwrap_or("?"),
             r.alias
-        )
+        );
+        for note in &r.notes {
+            println!("  note: {note}");
+        }
     })
 }
 

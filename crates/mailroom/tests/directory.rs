@@ -82,12 +82,36 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
     .await;
     assert!(out.contains("created Mark.Clark@example.test"), "{out}");
     send(&server, &["Mark.Clark@example.test"], "before").await;
+    // A namesake collides: a numeric suffix, and a note saying so.
+    let out = cli(
+        &server,
+        &[
+            "recipient",
+            "add",
+            "--alias",
+            "mclark2",
+            "--given",
+            "Mark",
+            "--surname",
+            "Clark",
+        ],
+    )
+    .await;
+    assert!(out.contains("created Mark.Clark2@example.test"), "{out}");
+    assert!(
+        out.contains("note: mclark2: generated address taken, used Mark.Clark2@example.test"),
+        "{out}"
+    );
 
     // The new template: its domain becomes local, and every generated address moves
     // (postmaster's address was entered by hand, so it is not even scanned).
     let out = cli(&server, &["template", "set", "%1g%s@corp.test"]).await;
     assert!(
-        out.contains("done: scanned 1, updated 1, failed 0"),
+        out.contains("done: scanned 2, updated 2, failed 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("generated address taken, used MClark2@corp.test"),
         "{out}"
     );
     let show = cli(&server, &["recipient", "show", "mclark"]).await;
