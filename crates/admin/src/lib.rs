@@ -94,6 +94,8 @@ pub struct AdminState {
     pub jobs: Arc<Jobs>,
     /// Where uploads (imports) are written while their job runs.
     pub upload_dir: std::path::PathBuf,
+    /// The watchdog's probes and verdict.
+    pub watch: Arc<mailroom_watch::Registry>,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -214,31 +216,56 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Serialize)]
-struct HealthReport {
-    status: &'static str,
-    organization: String,
-    site: String,
-    server: String,
-    directory_generation: u64,
-    recipients: usize,
-    queues: Vec<QueueSummary>,
+/// The body of `GET /health`: 200 when healthy, 503 when a queue is stalled or a
+/// deadlock was found.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// `ok` or `unhealthy`.
+    pub status: String,
+    /// The organization.
+    pub organization: String,
+    /// The site.
+    pub site: String,
+    /// This server.
+    pub server: String,
+    /// The directory generation.
+    pub directory_generation: u64,
+    /// Recipients.
+    pub recipients: usize,
+    /// Stalled queues, by name.
+    pub stalled: Vec<mailroom_watch::StalledQueue>,
+    /// Deadlock cycles found.
+    pub deadlocks: u64,
+    /// Every watched queue: depth, oldest item, progress.
+    pub queues: Vec<mailroom_watch::QueueHealth>,
+    /// What every worker is doing.
+    pub workers: Vec<mailroom_watch::WorkerReport>,
 }
 
-async fn health(State(state): State<Arc<AdminState>>) -> Result<Json<HealthReport>, ApiError> {
-    let store = state.store.clone();
-    let queues = blocking(move || store.queue_summaries()).await?;
+async fn health(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<HealthReport>) {
+    let verdict = state.watch.health();
     let snapshot = state.directory.snapshot();
     let topology = snapshot.topology().clone();
-    Ok(Json(HealthReport {
-        status: "ok",
-        organization: topology.organization,
-        site: topology.site,
-        server: topology.server,
-        directory_generation: snapshot.generation(),
-        recipients: snapshot.len(),
-        queues,
-    }))
+    let status = if verdict.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(HealthReport {
+            status: if verdict.healthy { "ok" } else { "unhealthy" }.into(),
+            organization: topology.organization,
+            site: topology.site,
+            server: topology.server,
+            directory_generation: snapshot.generation(),
+            recipients: snapshot.len(),
+            stalled: verdict.stalled.clone(),
+            deadlocks: verdict.deadlocks,
+            queues: verdict.queues.clone(),
+            workers: verdict.workers.clone(),
+        }),
+    )
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Result<Response, ApiError> {

@@ -18,6 +18,7 @@ use crossbeam_channel::{RecvTimeoutError, bounded};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
 use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
+use mailroom_watch::{Activity, Probe};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use std::panic::AssertUnwindSafe;
@@ -121,6 +122,7 @@ impl ConversionStats {
 /// The running workers.
 pub struct Workers {
     threads: Vec<JoinHandle<()>>,
+    activities: Vec<Arc<Activity>>,
 }
 
 struct Worker {
@@ -131,6 +133,10 @@ struct Worker {
     hook: Option<ConversionHook>,
     cancel: CancellationToken,
     stats: ConversionStats,
+    /// Counts every finished attempt (delivered, deferred, quarantined).
+    probe: Arc<Probe>,
+    /// What this worker is doing, for the watchdog's report.
+    activity: Arc<Activity>,
 }
 
 fn now_ms() -> i64 {
@@ -141,7 +147,8 @@ fn now_ms() -> i64 {
 
 impl Workers {
     /// Starts `config.workers` threads. They stop, after the message in hand, once
-    /// `cancel` fires.
+    /// `cancel` fires. Every finished attempt counts as progress on `probe`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<dyn MailStore>,
         directory: Directory,
@@ -150,10 +157,16 @@ impl Workers {
         hook: Option<ConversionHook>,
         cancel: CancellationToken,
         stats: ConversionStats,
+        probe: Arc<Probe>,
     ) -> std::io::Result<Workers> {
         let mut threads = Vec::new();
+        let mut activities = Vec::new();
         for index in 0..config.workers.max(1) {
+            let activity = Activity::new(format!("conversion-{index}"));
+            activities.push(activity.clone());
             let worker = Worker {
+                probe: probe.clone(),
+                activity,
                 store: store.clone(),
                 directory: directory.clone(),
                 doorbell: doorbell.clone(),
@@ -168,7 +181,15 @@ impl Workers {
                     .spawn(move || worker.run())?,
             );
         }
-        Ok(Workers { threads })
+        Ok(Workers {
+            threads,
+            activities,
+        })
+    }
+
+    /// What each worker is doing (register them with the watchdog).
+    pub fn activities(&self) -> &[Arc<Activity>] {
+        &self.activities
     }
 
     /// Waits for every worker thread to return (after cancellation).
@@ -195,8 +216,19 @@ impl Worker {
                 .store
                 .claim_inbound(now_ms(), self.config.batch_max.max(1))
             {
-                Ok(items) if items.is_empty() => self.doorbell.wait(self.config.idle_poll),
-                Ok(items) => self.convert_batch(items),
+                Ok(items) if items.is_empty() => {
+                    self.activity.idle();
+                    self.doorbell.wait(self.config.idle_poll)
+                }
+                Ok(items) => {
+                    self.activity.set(format!(
+                        "converting {} message(s), first {} (attempt {})",
+                        items.len(),
+                        items[0].queue_id,
+                        items[0].attempts
+                    ));
+                    self.convert_batch(items)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim from the inbound queue");
                     self.doorbell.wait(self.config.idle_poll);
@@ -289,6 +321,11 @@ impl Worker {
         ready.sort_by_key(|(item, _)| item.id);
         // One snapshot for every message of the batch (DESIGN.md rule 1).
         let snapshot = self.directory.snapshot();
+        self.activity.set(format!(
+            "delivering {} message(s), first {}",
+            ready.len(),
+            ready[0].0.queue_id
+        ));
         let planned: Vec<(ClaimedItem, DeliveryPlan)> = ready
             .into_iter()
             .map(|(item, facts)| {
@@ -325,6 +362,7 @@ impl Worker {
     }
 
     fn delivered(&self, item: &ClaimedItem, plan: &DeliveryPlan, copies: usize, generation: u64) {
+        self.probe.progressed(1);
         self.stats.converted.inc();
         self.stats.delivered.inc_by(copies as u64);
         let remote: usize = plan.remote.iter().map(|r| r.recipients.len()).sum();
@@ -350,6 +388,7 @@ impl Worker {
         }
         let backoff = self.config.retry_delay * 2u32.saturating_pow(item.attempts - 1).min(64);
         let retry_at = now_ms() + backoff.as_millis() as i64;
+        self.probe.progressed(1);
         tracing::warn!(queue_id = %item.queue_id, attempt = item.attempts, %reason, "conversion deferred");
         if let Err(e) = self.store.defer_inbound(item.id, reason, retry_at) {
             tracing::error!(queue_id = %item.queue_id, error = %e, "cannot defer; the claim is released at restart");
@@ -357,6 +396,7 @@ impl Worker {
     }
 
     fn quarantine(&self, item: &ClaimedItem, reason: &str) {
+        self.probe.progressed(1);
         self.stats.quarantined.inc();
         tracing::error!(queue_id = %item.queue_id, %reason, "message quarantined");
         if let Err(e) = self.store.quarantine_inbound(item.id, reason) {

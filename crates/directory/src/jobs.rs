@@ -7,6 +7,7 @@
 
 use crate::writer::{Change, Directory};
 use arc_swap::ArcSwap;
+use mailroom_watch::{Activity, Probe, Registry};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -34,7 +35,6 @@ pub enum JobState {
 }
 
 /// One background job and its progress.
-#[derive(Debug)]
 pub struct Job {
     /// Identity, unique in this process.
     pub id: u64,
@@ -48,6 +48,11 @@ pub struct Job {
     failed: AtomicU64,
     errors: ArcSwap<Vec<String>>,
     summary: ArcSwap<String>,
+    /// The jobs queue's probe: a running job is one item; rows scanned are progress.
+    probe: Arc<Probe>,
+    /// What the job's thread is doing, listed with the watchdog while it runs.
+    activity: Arc<Activity>,
+    registry: Option<Arc<Registry>>,
 }
 
 /// What the API shows of a job.
@@ -76,9 +81,18 @@ pub struct JobReport {
 }
 
 impl Job {
-    fn new(id: u64, kind: String) -> Job {
+    fn new(id: u64, kind: String, probe: Arc<Probe>, registry: Option<Arc<Registry>>) -> Job {
+        let activity = Activity::new(format!("job-{id}"));
+        activity.set(format!("{kind}: starting"));
+        if let Some(registry) = &registry {
+            registry.add_activity(activity.clone());
+        }
+        probe.enqueued(1);
         Job {
             id,
+            activity,
+            probe,
+            registry,
             kind,
             started_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -109,7 +123,13 @@ impl Job {
 
     /// Counts progress.
     pub fn progress(&self, scanned: u64, updated: u64, failed: u64) {
-        self.scanned.fetch_add(scanned, Ordering::Relaxed);
+        self.probe.progressed(scanned);
+        let done = self.scanned.fetch_add(scanned, Ordering::Relaxed) + scanned;
+        self.activity.set(format!(
+            "{}: {done} of {} record(s)",
+            self.kind,
+            self.total.load(Ordering::Relaxed)
+        ));
         self.updated.fetch_add(updated, Ordering::Relaxed);
         self.failed.fetch_add(failed, Ordering::Relaxed);
     }
@@ -129,6 +149,10 @@ impl Job {
     pub fn finish(&self, ok: bool, summary: String) {
         self.summary.store(Arc::new(summary));
         self.state.store(if ok { 1 } else { 2 }, Ordering::Release);
+        self.probe.finished(1);
+        if let Some(registry) = &self.registry {
+            registry.remove_activity(&self.activity);
+        }
     }
 
     /// A consistent-enough copy for the API.
@@ -154,17 +178,44 @@ impl Job {
 }
 
 /// Every job of this process, newest last.
-#[derive(Default)]
 pub struct Jobs {
     next_id: AtomicU64,
     list: ArcSwap<Vec<Arc<Job>>>,
+    probe: Arc<Probe>,
+    registry: Option<Arc<Registry>>,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs::new(None)
+    }
 }
 
 impl Jobs {
+    /// The job list; with a watchdog registry, running jobs are listed as workers there.
+    pub fn new(registry: Option<Arc<Registry>>) -> Jobs {
+        Jobs {
+            next_id: AtomicU64::new(0),
+            list: ArcSwap::from_pointee(Vec::new()),
+            probe: Probe::new("directory jobs"),
+            registry,
+        }
+    }
+
+    /// The jobs queue's probe (register it with the watchdog).
+    pub fn probe(&self) -> Arc<Probe> {
+        self.probe.clone()
+    }
+
     /// Registers a new running job.
     pub fn create(&self, kind: impl Into<String>) -> Arc<Job> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let job = Arc::new(Job::new(id, kind.into()));
+        let job = Arc::new(Job::new(
+            id,
+            kind.into(),
+            self.probe.clone(),
+            self.registry.clone(),
+        ));
         self.list.rcu(|list| {
             let mut list: Vec<Arc<Job>> = (**list).clone();
             list.push(job.clone());

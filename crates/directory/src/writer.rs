@@ -12,6 +12,7 @@ use crate::snapshot::{Applied, Snapshot, from_row};
 use crate::{addressing, validate_address};
 use arc_swap::ArcSwap;
 use mailroom_store::{DirectoryWrite, MailStore, RecipientId, Topology};
+use mailroom_watch::{Activity, Probe, now_ms};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -310,6 +311,7 @@ type Results = Vec<Result<Applied, DirectoryError>>;
 struct Request {
     changes: Vec<Change>,
     atomic: bool,
+    enqueued_ms: i64,
     reply: oneshot::Sender<Results>,
 }
 
@@ -320,6 +322,10 @@ pub struct Directory {
     current: Arc<ArcSwap<Snapshot>>,
     /// The writer's input (bounded).
     requests: mpsc::Sender<Request>,
+    /// The writer's input queue: depth, oldest request, progress.
+    probe: Arc<Probe>,
+    /// What the writer thread is doing.
+    activity: Arc<Activity>,
 }
 
 impl Directory {
@@ -361,16 +367,38 @@ impl Directory {
         }
         let current = Arc::new(ArcSwap::from_pointee(snapshot.with_generation(1)));
         let (requests, receiver) = mpsc::channel(REQUESTS_MAX);
+        let probe = Probe::new("directory writer");
+        let activity = Activity::new("directory-writer");
         let writer = Writer {
             store,
             current: current.clone(),
             receiver,
+            probe: probe.clone(),
+            activity: activity.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("directory-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| DirectoryError::Store(format!("cannot start the writer: {e}")))?;
-        Ok((Directory { current, requests }, thread))
+        Ok((
+            Directory {
+                current,
+                requests,
+                probe,
+                activity,
+            },
+            thread,
+        ))
+    }
+
+    /// The writer's input queue probe (register it with the watchdog).
+    pub fn probe(&self) -> Arc<Probe> {
+        self.probe.clone()
+    }
+
+    /// The writer thread's activity (register it with the watchdog).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     /// The current snapshot. Load once per unit of work and use only that value.
@@ -391,16 +419,15 @@ impl Directory {
     pub async fn apply_all(&self, changes: Vec<Change>, atomic: bool) -> Results {
         let count = changes.len();
         let (reply, answer) = oneshot::channel();
-        if self
-            .requests
-            .send(Request {
-                changes,
-                atomic,
-                reply,
-            })
-            .await
-            .is_err()
-        {
+        self.probe.enqueued(1);
+        let request = Request {
+            changes,
+            atomic,
+            enqueued_ms: now_ms(),
+            reply,
+        };
+        if self.requests.send(request).await.is_err() {
+            self.probe.finished(1);
             return vec![Err(DirectoryError::Stopped); count];
         }
         answer
@@ -419,15 +446,15 @@ impl Directory {
     pub fn apply_all_blocking(&self, changes: Vec<Change>, atomic: bool) -> Results {
         let count = changes.len();
         let (reply, answer) = oneshot::channel();
-        if self
-            .requests
-            .blocking_send(Request {
-                changes,
-                atomic,
-                reply,
-            })
-            .is_err()
-        {
+        self.probe.enqueued(1);
+        let request = Request {
+            changes,
+            atomic,
+            enqueued_ms: now_ms(),
+            reply,
+        };
+        if self.requests.blocking_send(request).is_err() {
+            self.probe.finished(1);
             return vec![Err(DirectoryError::Stopped); count];
         }
         answer
@@ -440,6 +467,8 @@ struct Writer {
     store: Arc<dyn MailStore>,
     current: Arc<ArcSwap<Snapshot>>,
     receiver: mpsc::Receiver<Request>,
+    probe: Arc<Probe>,
+    activity: Arc<Activity>,
 }
 
 impl Writer {
@@ -456,7 +485,16 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let requests = batch.len() as u64;
+            self.probe
+                .working_on(batch.iter().map(|r| r.enqueued_ms).min());
+            self.activity.set(format!(
+                "applying {size} change(s) from {requests} request(s)"
+            ));
             self.apply_batch(batch);
+            self.probe.finished(requests);
+            self.probe.working_on(None);
+            self.activity.idle();
         }
         tracing::debug!("directory writer stopped");
     }

@@ -26,6 +26,30 @@ pub struct Config {
     pub admin: AdminSection,
     /// Directory settings.
     pub directory: DirectorySection,
+    /// The stall watchdog and the deadlock detector.
+    pub watchdog: WatchdogSection,
+}
+
+/// `[watchdog]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogSection {
+    /// A queue non-empty without progress for this long is stalled.
+    pub stall_after_ms: u64,
+    /// How often the watchdog looks.
+    pub check_interval_ms: u64,
+    /// How often the deadlock detector looks; 0 turns it off.
+    pub deadlock_check_ms: u64,
+}
+
+impl Default for WatchdogSection {
+    fn default() -> Self {
+        WatchdogSection {
+            stall_after_ms: 10_000,
+            check_interval_ms: 250,
+            deadlock_check_ms: 1_000,
+        }
+    }
 }
 
 /// `[server]`
@@ -175,8 +199,8 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DirectorySection {
-    /// Domains delivered locally besides `server.domain` and the domains of recipients'
-    /// addresses.
+    /// Domains delivered locally besides `server.domain`, the templates' domains and those
+    /// added at run time.
     pub accepted_domains: Vec<String>,
 }
 
@@ -250,8 +274,20 @@ batch_max = 32
 listen = "127.0.0.1:8025"
 
 [directory]
-# Domains delivered here besides server.domain and the domains of recipients' addresses.
+# Domains delivered here besides server.domain, the site addressing templates' domains
+# and those added with `mailroom domain add`.
 accepted_domains = []
+
+[watchdog]
+# A queue (spool, inbound conversion, directory writer, directory jobs) that holds work
+# and makes no progress for this long is stalled: /health turns unhealthy (503) and
+# names it, mailroom_watchdog_stalls_total counts it, and the log says what every worker
+# was doing.
+stall_after_ms = 10000
+# How often the watchdog looks.
+check_interval_ms = 250
+# How often the deadlock detector looks for threads blocked in a cycle; 0 turns it off.
+deadlock_check_ms = 1000
 "#;
 
 impl Config {
@@ -337,6 +373,11 @@ impl Config {
         }
         if smtp.idle_timeout_secs == 0 || smtp.session_duration_max_secs == 0 {
             bail!("smtp.idle_timeout_secs and smtp.session_duration_max_secs must be at least 1");
+        }
+        if self.watchdog.stall_after_ms < 100 || self.watchdog.check_interval_ms == 0 {
+            bail!(
+                "watchdog.stall_after_ms must be at least 100 and watchdog.check_interval_ms at least 1"
+            );
         }
         if self.conversion.time_budget_ms == 0 {
             bail!("conversion.time_budget_ms must be at least 1");

@@ -18,7 +18,8 @@ use mailroom_directory::{
 };
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
-use mailroom_store::{MailStore, SqliteStore, Topology};
+use mailroom_store::{MailStore, QueueName, SqliteStore, Topology};
+use mailroom_watch::{Probe, Registry as WatchRegistry, Sample, Watchdog, now_ms};
 use prometheus_client::registry::Registry;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub struct RunningServer {
     pub store: Arc<dyn MailStore>,
     /// The directory.
     pub directory: Directory,
+    /// Probes, activities and the watchdog's verdict.
+    pub watch: Arc<WatchRegistry>,
     cancel: CancellationToken,
     sessions: TaskTracker,
     admin_task: tokio::task::JoinHandle<()>,
@@ -198,6 +201,15 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         Directory::start(store.clone(), &domains, &topology, initial_site())?;
     let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
 
+    let watch = Arc::new(WatchRegistry::default());
+    if config.watchdog.deadlock_check_ms > 0 {
+        watch.set_deadlock_report(mailroom_watch::start_deadlock_detector(
+            Duration::from_millis(config.watchdog.deadlock_check_ms),
+        ));
+    }
+    watch.add_probe(directory.probe());
+    watch.add_activity(directory.activity());
+
     let mut registry = Registry::default();
     let spool_stats = SpoolStats::default();
     let conversion_stats = ConversionStats::default();
@@ -218,6 +230,31 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     };
     let (spool, spool_thread) =
         Spool::start(store.clone(), spool_config, doorbell.clone(), spool_stats)?;
+    watch.add_probe(spool.probe());
+    watch.add_activity(spool.activity());
+    let conversion_probe = {
+        let store = store.clone();
+        Probe::sampled("inbound conversion", true, move || {
+            let (depth, oldest_ms) = store.inbound_due(now_ms()).ok()?;
+            Some(Sample { depth, oldest_ms })
+        })
+    };
+    watch.add_probe(conversion_probe.clone());
+    // Nothing delivers outbound mail yet: reported, never called stalled.
+    watch.add_probe({
+        let store = store.clone();
+        Probe::sampled("outbound", false, move || {
+            let summary = store
+                .queue_summaries()
+                .ok()?
+                .into_iter()
+                .find(|q| q.queue == QueueName::Outbound)?;
+            Some(Sample {
+                depth: summary.depth,
+                oldest_ms: summary.oldest_received_at_ms,
+            })
+        })
+    });
 
     let cancel = CancellationToken::new();
     let workers = if config.conversion.workers == 0 {
@@ -240,7 +277,23 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         options.conversion_hook,
         cancel.clone(),
         conversion_stats,
+        conversion_probe,
     )?;
+    for activity in workers.activities() {
+        watch.add_activity(activity.clone());
+    }
+    let jobs = Arc::new(Jobs::new(Some(watch.clone())));
+    watch.add_probe(jobs.probe());
+    watch.register(&mut registry);
+    {
+        let cancel = cancel.clone();
+        Watchdog::start(
+            watch.clone(),
+            Duration::from_millis(config.watchdog.stall_after_ms),
+            Duration::from_millis(config.watchdog.check_interval_ms),
+            move || cancel.is_cancelled(),
+        )?;
+    }
 
     let smtp_listener = TcpListener::bind(config.smtp.listen)
         .await
@@ -296,7 +349,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         registry,
         queue_gauges,
         token: admin_token.clone(),
-        jobs: Arc::new(Jobs::default()),
+        jobs,
+        watch: watch.clone(),
         upload_dir: data_dir.join("uploads"),
     });
     let admin_cancel = cancel.clone();
@@ -314,6 +368,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         postmaster_password,
         store,
         directory,
+        watch,
         cancel,
         sessions,
         admin_task,

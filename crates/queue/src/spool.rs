@@ -2,6 +2,7 @@
 
 use crate::Doorbell;
 use mailroom_store::{MailStore, SpoolEntry};
+use mailroom_watch::{Activity, Probe, now_ms};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -97,6 +98,7 @@ impl SpoolStats {
 
 struct SpoolRequest {
     entry: SpoolEntry,
+    enqueued_ms: i64,
     reply: oneshot::Sender<Result<i64, SpoolError>>,
 }
 
@@ -104,6 +106,10 @@ struct SpoolRequest {
 #[derive(Clone)]
 pub struct Spool {
     requests: mpsc::Sender<SpoolRequest>,
+    /// The spool queue's depth, oldest request and progress, for the watchdog.
+    probe: Arc<Probe>,
+    /// What the writer thread is doing.
+    activity: Arc<Activity>,
 }
 
 impl Spool {
@@ -115,26 +121,53 @@ impl Spool {
         stats: SpoolStats,
     ) -> std::io::Result<(Spool, std::thread::JoinHandle<()>)> {
         let (requests, receiver) = mpsc::channel(config.pending_max.max(1));
+        let probe = Probe::new("spool");
+        let activity = Activity::new("spool-writer");
         let writer = Writer {
             store,
             config,
             doorbell,
             stats,
             receiver,
+            probe: probe.clone(),
+            activity: activity.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run())?;
-        Ok((Spool { requests }, thread))
+        Ok((
+            Spool {
+                requests,
+                probe,
+                activity,
+            },
+            thread,
+        ))
+    }
+
+    /// The spool queue's probe (register it with the watchdog).
+    pub fn probe(&self) -> Arc<Probe> {
+        self.probe.clone()
+    }
+
+    /// The writer thread's activity (register it with the watchdog).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     /// Makes `entry` durable; returns its queue row once it is on disk.
     pub async fn submit(&self, entry: SpoolEntry) -> Result<i64, SpoolError> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(SpoolRequest { entry, reply })
-            .await
-            .map_err(|_| SpoolError::Stopped)?;
+        self.probe.enqueued(1);
+        let request = SpoolRequest {
+            entry,
+            enqueued_ms: now_ms(),
+            reply,
+        };
+        if self.requests.send(request).await.is_err() {
+            self.probe.finished(1);
+            return Err(SpoolError::Stopped);
+        }
         answer.await.map_err(|_| SpoolError::Stopped)?
     }
 }
@@ -145,6 +178,8 @@ struct Writer {
     doorbell: Doorbell,
     stats: SpoolStats,
     receiver: mpsc::Receiver<SpoolRequest>,
+    probe: Arc<Probe>,
+    activity: Arc<Activity>,
 }
 
 impl Writer {
@@ -170,6 +205,11 @@ impl Writer {
     }
 
     fn commit(&self, batch: Vec<SpoolRequest>) {
+        let count = batch.len() as u64;
+        self.probe
+            .working_on(batch.iter().map(|r| r.enqueued_ms).min());
+        self.activity
+            .set(format!("committing {count} message(s) to the spool"));
         let (entries, replies): (Vec<SpoolEntry>, Vec<_>) =
             batch.into_iter().map(|r| (r.entry, r.reply)).unzip();
         let started = Instant::now();
@@ -195,6 +235,9 @@ impl Writer {
                 }
             }
         }
+        self.probe.finished(count);
+        self.probe.working_on(None);
+        self.activity.idle();
     }
 }
 

@@ -359,6 +359,10 @@ pub trait MailStore: Send + Sync + 'static {
     /// Moves a claimed entry to the quarantine queue with the reason.
     fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()>;
 
+    /// Inbound entries due now (claimed ones included: they are work in progress) and
+    /// when the oldest of them was accepted; what the stall watchdog watches.
+    fn inbound_due(&self, now_ms: UnixMillis) -> Result<(u64, Option<UnixMillis>)>;
+
     /// Time of the earliest inbound entry that is not claimed, due or not.
     fn next_inbound_due(&self) -> Result<Option<UnixMillis>>;
 

@@ -11,9 +11,9 @@
 
 use crate::migrations::migrate;
 use crate::*;
+use mailroom_watch::RankedMutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Idle connections kept for reuse; more are opened on demand and closed after use.
@@ -26,7 +26,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SqliteStore {
     path: PathBuf,
     /// Idle connections. Rank 90 (leaf): held only to push or pop.
-    idle: Mutex<Vec<Connection>>,
+    idle: RankedMutex<Vec<Connection>>,
 }
 
 impl SqliteStore {
@@ -34,7 +34,7 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let store = SqliteStore {
             path: path.to_path_buf(),
-            idle: Mutex::new(Vec::new()),
+            idle: RankedMutex::new(90, "store connection pool", Vec::new()),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -55,7 +55,7 @@ impl SqliteStore {
     }
 
     fn checkout(&self) -> Result<Connection> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self.idle.lock().pop();
         match pooled {
             Some(conn) => Ok(conn),
             None => self.connect(),
@@ -63,7 +63,7 @@ impl SqliteStore {
     }
 
     fn checkin(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock();
         if idle.len() < POOL_IDLE_MAX {
             idle.push(conn);
         }
@@ -390,6 +390,17 @@ impl MailStore for SqliteStore {
                 params![id, reason],
             )?;
             Ok(())
+        })
+    }
+
+    fn inbound_due(&self, now_ms: UnixMillis) -> Result<(u64, Option<UnixMillis>)> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*), MIN(received_at_ms) FROM queue_items
+                 WHERE queue = 'inbound' AND next_attempt_at_ms <= ?1",
+                [now_ms],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
         })
     }
 

@@ -1,0 +1,35 @@
+//! Mailroom's never-wedge machinery, shared by every part that owns a queue or a lock.
+//!
+//! Purpose: make a wedge impossible to miss. The classic server's conversion queue
+//! silently backed up until a restart; here every queue reports its depth, the age of
+//! its oldest item and a progress counter ([`Probe`]), every worker says what it is doing
+//! and since when ([`Activity`]), and a watchdog on its own OS thread ([`Watchdog`]) marks
+//! a queue stalled when it is non-empty and has made no progress for a configured time:
+//! health turns red and names the queue, a metric counts the stall, and the log says what
+//! each worker was last doing.
+//!
+//! Locks: the few that exist are [`RankedMutex`]es. In debug and test builds taking one
+//! while holding one of equal or higher rank panics with both names (the classic wedge was
+//! two threads taking two critical sections in opposite order); [`start_deadlock_detector`]
+//! reports threads blocked in a cycle on any `parking_lot` lock.
+//!
+//! What it never does: block the parts it watches. Probes and activities are atomics and
+//! `arc-swap` values; the watchdog only reads them (and, for database-backed queues, runs
+//! the sampler the queue's owner registered, on the watchdog's own thread).
+
+mod deadlock;
+mod probe;
+mod ranked;
+mod watchdog;
+
+pub use deadlock::{DeadlockReport, start_deadlock_detector};
+pub use probe::{Activity, Probe, Sample};
+pub use ranked::{RankedGuard, RankedMutex};
+pub use watchdog::{Health, QueueHealth, Registry, StalledQueue, Watchdog, WorkerReport};
+
+/// Milliseconds since the Unix epoch (wall clock), the unit every probe uses.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,151 @@
+//! Probes (depth, oldest item, progress of one queue) and activities (what one worker is
+//! doing).
+
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// A reading of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sample {
+    /// Items waiting or in progress.
+    pub depth: u64,
+    /// When the oldest of them was enqueued (Unix ms).
+    pub oldest_ms: Option<i64>,
+}
+
+type Sampler = Box<dyn Fn() -> Option<Sample> + Send + Sync>;
+
+/// One queue's depth, oldest item and progress.
+///
+/// In-memory queues keep depth and oldest item in the probe's atomics; a queue that lives
+/// in the database registers a sampler instead (run by the watchdog on its own thread).
+/// Progress is a counter the consumer bumps for every item it finishes (delivered,
+/// deferred or quarantined: any outcome is progress).
+pub struct Probe {
+    name: &'static str,
+    /// False for a queue nothing consumes yet (it is reported, never called stalled).
+    watched: bool,
+    depth: AtomicI64,
+    oldest_ms: AtomicI64,
+    progress: AtomicU64,
+    sampler: Option<Sampler>,
+}
+
+impl Probe {
+    /// A probe for an in-memory queue.
+    pub fn new(name: &'static str) -> Arc<Probe> {
+        Arc::new(Probe {
+            name,
+            watched: true,
+            depth: AtomicI64::new(0),
+            oldest_ms: AtomicI64::new(0),
+            progress: AtomicU64::new(0),
+            sampler: None,
+        })
+    }
+
+    /// A probe whose depth and oldest item come from `sampler` (`None` when it cannot
+    /// tell right now).
+    pub fn sampled(
+        name: &'static str,
+        watched: bool,
+        sampler: impl Fn() -> Option<Sample> + Send + Sync + 'static,
+    ) -> Arc<Probe> {
+        Arc::new(Probe {
+            name,
+            watched,
+            depth: AtomicI64::new(0),
+            oldest_ms: AtomicI64::new(0),
+            progress: AtomicU64::new(0),
+            sampler: Some(Box::new(sampler)),
+        })
+    }
+
+    /// The queue's name, as `/health` and the metrics show it.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether the watchdog may call this queue stalled.
+    pub fn watched(&self) -> bool {
+        self.watched
+    }
+
+    /// `n` items joined the queue.
+    pub fn enqueued(&self, n: u64) {
+        self.depth.fetch_add(n as i64, Ordering::Relaxed);
+    }
+
+    /// `n` items left the queue, finished one way or another.
+    pub fn finished(&self, n: u64) {
+        self.depth.fetch_sub(n as i64, Ordering::Relaxed);
+        self.progress.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts progress without changing the depth (a sampled queue's consumer).
+    pub fn progressed(&self, n: u64) {
+        self.progress.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The consumer took items enqueued at `oldest_ms` and later; `None` when it holds
+    /// nothing.
+    pub fn working_on(&self, oldest_ms: Option<i64>) {
+        self.oldest_ms
+            .store(oldest_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The progress counter.
+    pub fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// The current depth and oldest item.
+    pub fn sample(&self) -> Option<Sample> {
+        if let Some(sampler) = &self.sampler {
+            return sampler();
+        }
+        let depth = self.depth.load(Ordering::Relaxed).max(0) as u64;
+        let oldest = self.oldest_ms.load(Ordering::Relaxed);
+        Some(Sample {
+            depth,
+            oldest_ms: (depth > 0 && oldest > 0).then_some(oldest),
+        })
+    }
+}
+
+/// What one worker is doing and since when (Unix ms).
+pub struct Activity {
+    worker: String,
+    current: ArcSwap<(String, i64)>,
+}
+
+impl Activity {
+    /// An idle worker called `worker`.
+    pub fn new(worker: impl Into<String>) -> Arc<Activity> {
+        Arc::new(Activity {
+            worker: worker.into(),
+            current: ArcSwap::from_pointee(("idle".to_string(), crate::now_ms())),
+        })
+    }
+
+    /// The worker's name.
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    /// The worker starts doing `what`.
+    pub fn set(&self, what: impl Into<String>) {
+        self.current.store(Arc::new((what.into(), crate::now_ms())));
+    }
+
+    /// The worker waits for work.
+    pub fn idle(&self) {
+        self.set("idle");
+    }
+
+    /// What it is doing and since when (Unix ms).
+    pub fn current(&self) -> (String, i64) {
+        (**self.current.load()).clone()
+    }
+}

@@ -1,0 +1,369 @@
+//! The stall watchdog: an OS thread that reads every probe and activity, decides what is
+//! stalled, and publishes the verdict for `/health`.
+
+use crate::{Activity, DeadlockReport, Probe, now_ms};
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Labels = Vec<(String, String)>;
+
+/// One queue as `/health` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueHealth {
+    /// Queue name.
+    pub queue: String,
+    /// Items waiting or in progress.
+    pub depth: u64,
+    /// Age of the oldest item, seconds.
+    pub oldest_age_seconds: Option<f64>,
+    /// The progress counter.
+    pub progress: u64,
+    /// Seconds since the progress counter last moved while the queue was non-empty.
+    pub no_progress_seconds: f64,
+    /// Whether the watchdog judges it (queues nothing consumes yet are only reported).
+    pub watched: bool,
+    /// Non-empty without progress for longer than the stall time.
+    pub stalled: bool,
+}
+
+/// A stalled queue, named in `/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StalledQueue {
+    /// Queue name.
+    pub queue: String,
+    /// Items waiting.
+    pub depth: u64,
+    /// Seconds without progress.
+    pub no_progress_seconds: f64,
+}
+
+/// What one worker is doing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerReport {
+    /// Worker name.
+    pub worker: String,
+    /// What it is doing.
+    pub doing: String,
+    /// For how long, seconds.
+    pub for_seconds: f64,
+}
+
+/// The watchdog's verdict.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Health {
+    /// No stalled queue and no deadlock.
+    pub healthy: bool,
+    /// The stalled queues.
+    pub stalled: Vec<StalledQueue>,
+    /// Every queue.
+    pub queues: Vec<QueueHealth>,
+    /// Every worker.
+    pub workers: Vec<WorkerReport>,
+    /// Deadlock cycles found so far.
+    pub deadlocks: u64,
+    /// When this verdict was reached (Unix ms).
+    pub checked_at_ms: i64,
+}
+
+/// Every probe and activity of the server, and the watchdog's latest verdict.
+pub struct Registry {
+    probes: ArcSwap<Vec<Arc<Probe>>>,
+    activities: ArcSwap<Vec<Arc<Activity>>>,
+    health: ArcSwap<Health>,
+    deadlocks: ArcSwap<Option<Arc<DeadlockReport>>>,
+    stalls: Family<Labels, Counter>,
+    depth: Family<Labels, Gauge>,
+    progress: Family<Labels, Gauge>,
+    deadlock_count: Gauge,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            probes: ArcSwap::from_pointee(Vec::new()),
+            activities: ArcSwap::from_pointee(Vec::new()),
+            health: ArcSwap::from_pointee(Health {
+                healthy: true,
+                ..Health::default()
+            }),
+            deadlocks: ArcSwap::from_pointee(None),
+            stalls: Family::default(),
+            depth: Family::default(),
+            progress: Family::default(),
+            deadlock_count: Gauge::default(),
+        }
+    }
+}
+
+impl Registry {
+    /// Watches a queue.
+    pub fn add_probe(&self, probe: Arc<Probe>) {
+        self.probes.rcu(|all| {
+            let mut all: Vec<Arc<Probe>> = (**all).clone();
+            all.push(probe.clone());
+            all
+        });
+    }
+
+    /// Lists a worker.
+    pub fn add_activity(&self, activity: Arc<Activity>) {
+        self.activities.rcu(|all| {
+            let mut all: Vec<Arc<Activity>> = (**all).clone();
+            all.push(activity.clone());
+            all
+        });
+    }
+
+    /// Forgets a worker that ended (a job thread).
+    pub fn remove_activity(&self, activity: &Arc<Activity>) {
+        self.activities.rcu(|all| {
+            all.iter()
+                .filter(|a| !Arc::ptr_eq(a, activity))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// Includes the deadlock detector's findings in the verdict.
+    pub fn set_deadlock_report(&self, report: Arc<DeadlockReport>) {
+        self.deadlocks.store(Arc::new(Some(report)));
+    }
+
+    /// The latest verdict.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.load_full()
+    }
+
+    /// The probe called `name`.
+    pub fn probe(&self, name: &str) -> Option<Arc<Probe>> {
+        self.probes
+            .load()
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+    }
+
+    /// Adds the watchdog's metrics to a Prometheus registry.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "mailroom_watchdog_stalls",
+            "Times a queue was found non-empty without progress for the stall time",
+            self.stalls.clone(),
+        );
+        registry.register(
+            "mailroom_watch_depth",
+            "Items per watched queue",
+            self.depth.clone(),
+        );
+        registry.register(
+            "mailroom_watch_progress",
+            "Progress counter per watched queue (items finished)",
+            self.progress.clone(),
+        );
+        registry.register(
+            "mailroom_deadlocks",
+            "Deadlock cycles found by the detector",
+            self.deadlock_count.clone(),
+        );
+    }
+}
+
+/// The watchdog thread.
+pub struct Watchdog;
+
+struct Track {
+    progress: u64,
+    since_ms: i64,
+    stalled: bool,
+}
+
+impl Watchdog {
+    /// Starts the watchdog on its own OS thread: every `interval` it samples every
+    /// probe; a queue non-empty with no progress for `stall_after` is stalled.
+    /// The thread ends once `stop` returns true.
+    pub fn start(
+        registry: Arc<Registry>,
+        stall_after: Duration,
+        interval: Duration,
+        stop: impl Fn() -> bool + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                let mut tracks: HashMap<&'static str, Track> = HashMap::new();
+                while !stop() {
+                    check(&registry, &mut tracks, stall_after.as_millis() as i64);
+                    std::thread::sleep(interval);
+                }
+            })
+    }
+}
+
+fn seconds(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
+}
+
+fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_after_ms: i64) {
+    let now = now_ms();
+    let workers: Vec<WorkerReport> = registry
+        .activities
+        .load()
+        .iter()
+        .map(|a| {
+            let (doing, since) = a.current();
+            WorkerReport {
+                worker: a.worker().to_string(),
+                doing,
+                for_seconds: seconds(now - since),
+            }
+        })
+        .collect();
+    let mut queues = Vec::new();
+    let mut stalled = Vec::new();
+    for probe in registry.probes.load().iter() {
+        let sample = probe.sample().unwrap_or_default();
+        let progress = probe.progress();
+        let track = tracks.entry(probe.name()).or_insert(Track {
+            progress,
+            since_ms: now,
+            stalled: false,
+        });
+        if progress != track.progress || sample.depth == 0 {
+            track.progress = progress;
+            track.since_ms = now;
+        }
+        let idle_ms = now - track.since_ms;
+        let is_stalled = probe.watched() && sample.depth > 0 && idle_ms >= stall_after_ms;
+        if is_stalled && !track.stalled {
+            registry
+                .stalls
+                .get_or_create(&vec![("queue".to_string(), probe.name().to_string())])
+                .inc();
+            let doing: Vec<String> = workers
+                .iter()
+                .map(|w| format!("{}: {} (for {:.1} s)", w.worker, w.doing, w.for_seconds))
+                .collect();
+            tracing::error!(
+                queue = probe.name(),
+                depth = sample.depth,
+                no_progress_seconds = seconds(idle_ms),
+                "STALL: the {} queue holds {} item(s) and has made no progress for {:.1} s; workers:\n  {}",
+                probe.name(),
+                sample.depth,
+                seconds(idle_ms),
+                doing.join("\n  ")
+            );
+        } else if !is_stalled && track.stalled {
+            tracing::warn!(
+                queue = probe.name(),
+                "the {} queue is moving again",
+                probe.name()
+            );
+        }
+        track.stalled = is_stalled;
+        let labels = vec![("queue".to_string(), probe.name().to_string())];
+        registry
+            .depth
+            .get_or_create(&labels)
+            .set(sample.depth as i64);
+        registry
+            .progress
+            .get_or_create(&labels)
+            .set(progress as i64);
+        if is_stalled {
+            stalled.push(StalledQueue {
+                queue: probe.name().to_string(),
+                depth: sample.depth,
+                no_progress_seconds: seconds(idle_ms),
+            });
+        }
+        queues.push(QueueHealth {
+            queue: probe.name().to_string(),
+            depth: sample.depth,
+            oldest_age_seconds: sample.oldest_ms.map(|t| seconds(now - t)),
+            progress,
+            no_progress_seconds: if sample.depth > 0 {
+                seconds(idle_ms)
+            } else {
+                0.0
+            },
+            watched: probe.watched(),
+            stalled: is_stalled,
+        });
+    }
+    let deadlocks = registry
+        .deadlocks
+        .load()
+        .as_ref()
+        .as_ref()
+        .map_or(0, |r| r.count());
+    registry.deadlock_count.set(deadlocks as i64);
+    registry.health.store(Arc::new(Health {
+        healthy: stalled.is_empty() && deadlocks == 0,
+        stalled,
+        queues,
+        workers,
+        deadlocks,
+        checked_at_ms: now,
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_without_progress_is_stalled_until_it_moves() {
+        let registry = Registry::default();
+        let probe = Probe::new("conversion");
+        let idle_probe = Probe::sampled("outbound", false, || {
+            Some(crate::Sample {
+                depth: 5,
+                oldest_ms: Some(0),
+            })
+        });
+        registry.add_probe(probe.clone());
+        registry.add_probe(idle_probe);
+        let worker = Activity::new("conversion-0");
+        registry.add_activity(worker.clone());
+        let mut tracks = HashMap::new();
+        check(&registry, &mut tracks, 0);
+        assert!(registry.health().healthy, "empty queues are not stalled");
+
+        probe.enqueued(3);
+        worker.set("converting Q1");
+        check(&registry, &mut tracks, 1_000_000);
+        assert!(
+            registry.health().healthy,
+            "not yet: the stall time has not passed"
+        );
+        check(&registry, &mut tracks, 0);
+        let health = registry.health();
+        assert!(!health.healthy);
+        assert_eq!(
+            health.stalled.len(),
+            1,
+            "an unwatched queue is never stalled"
+        );
+        assert_eq!(health.stalled[0].queue, "conversion");
+        assert_eq!(health.workers[0].doing, "converting Q1");
+        assert_eq!(
+            registry
+                .stalls
+                .get_or_create(&vec![("queue".into(), "conversion".into())])
+                .get(),
+            1
+        );
+
+        // Progress restarts the clock: with a realistic stall time it is healthy again.
+        probe.finished(1);
+        check(&registry, &mut tracks, 10_000);
+        assert!(registry.health().healthy, "progress clears the stall");
+    }
+}
