@@ -581,6 +581,8 @@ async fn set_password(
 pub struct SiteChangeReport {
     /// The address regeneration job a template change started.
     pub job: Option<u64>,
+    /// The directory generation that published the change (0: nothing changed).
+    pub generation: u64,
     /// The site configuration now.
     pub site: mailroom_directory::SiteConfig,
 }
@@ -606,10 +608,11 @@ async fn change_site(
             ..
         }
     );
-    state.directory.apply(Change::Site(change)).await?;
+    let applied = state.directory.apply(Change::Site(change)).await?;
     let job = template_change.then(|| start_regeneration(state.directory.clone(), &state.jobs).id);
     Ok(Json(SiteChangeReport {
         job,
+        generation: applied.generation,
         site: state.directory.snapshot().site().clone(),
     }))
 }

@@ -137,6 +137,11 @@ struct Worker {
     probe: Arc<Probe>,
     /// What this worker is doing, for the watchdog's report.
     activity: Arc<Activity>,
+    /// Parse threads that overran their budget; joined once they finish. A helper's
+    /// `JoinHandle` is never dropped while the thread may be exiting: glibc's
+    /// `pthread_detach` races with a concurrently exiting thread and can read freed
+    /// memory (we saw it crash the server under churn). Joining avoids detaching.
+    overrun: std::cell::RefCell<Vec<JoinHandle<()>>>,
 }
 
 fn now_ms() -> i64 {
@@ -167,6 +172,7 @@ impl Workers {
             let worker = Worker {
                 probe: probe.clone(),
                 activity,
+                overrun: std::cell::RefCell::new(Vec::new()),
                 store: store.clone(),
                 directory: directory.clone(),
                 doorbell: doorbell.clone(),
@@ -212,6 +218,7 @@ const FLUSH_PATIENCE: Duration = Duration::from_millis(50);
 impl Worker {
     fn run(self) {
         while !self.cancel.is_cancelled() {
+            self.reap_overrun();
             match self
                 .store
                 .claim_inbound(now_ms(), self.config.batch_max.max(1))
@@ -235,12 +242,33 @@ impl Worker {
                 }
             }
         }
+        // Helpers still running at shutdown are left to the process exit: detaching them
+        // could race with their exit (see `overrun`), and joining could wait forever.
+        for handle in self.overrun.take() {
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                std::mem::forget(handle);
+            }
+        }
+    }
+
+    /// Joins overrun parse threads that have finished since.
+    fn reap_overrun(&self) {
+        let mut overrun = self.overrun.borrow_mut();
+        let (finished, running): (Vec<_>, Vec<_>) =
+            overrun.drain(..).partition(|h| h.is_finished());
+        *overrun = running;
+        drop(overrun);
+        for handle in finished {
+            let _ = handle.join();
+        }
     }
 
     /// Parses every item on its own helper thread (in parallel), delivers the parsed
     /// ones in as few transactions as patience allows, and fails the rest.
     fn convert_batch(&self, items: Vec<ClaimedItem>) {
-        let mut slots: Vec<Option<ClaimedItem>> = Vec::with_capacity(items.len());
+        let mut slots: Vec<Option<(ClaimedItem, JoinHandle<()>)>> = Vec::with_capacity(items.len());
         let (done, results) = bounded(items.len());
         let mut outstanding = 0usize;
         for item in items {
@@ -268,8 +296,8 @@ impl Worker {
                     let _ = done.send((index, outcome.map_err(|panic| panic_message(&*panic))));
                 });
             match spawned {
-                Ok(_) => {
-                    slots.push(Some(item));
+                Ok(handle) => {
+                    slots.push(Some((item, handle)));
                     outstanding += 1;
                 }
                 Err(e) => self.fail(&item, &format!("cannot start a parse thread: {e}")),
@@ -288,7 +316,9 @@ impl Worker {
             match results.recv_timeout(wait) {
                 Ok((index, outcome)) => {
                     outstanding -= 1;
-                    let item = slots[index].take().expect("each parse reports once");
+                    let (item, handle) = slots[index].take().expect("each parse reports once");
+                    // It has sent its result: it is returning, so the join is immediate.
+                    let _ = handle.join();
                     match outcome {
                         Ok(facts) => ready.push((item, facts)),
                         Err(message) => {
@@ -304,7 +334,8 @@ impl Worker {
         }
         self.deliver(ready);
         let budget = self.config.time_budget.as_millis();
-        for item in slots.into_iter().flatten() {
+        for (item, handle) in slots.into_iter().flatten() {
+            self.overrun.borrow_mut().push(handle);
             self.stats.abandoned.inc();
             self.fail(
                 &item,

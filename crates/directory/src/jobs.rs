@@ -7,7 +7,7 @@
 
 use crate::writer::{Change, Directory};
 use arc_swap::ArcSwap;
-use mailroom_watch::{Activity, Probe, Registry};
+use mailroom_watch::{Activity, Probe, RankedMutex, Registry};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -183,6 +183,10 @@ pub struct Jobs {
     list: ArcSwap<Vec<Arc<Job>>>,
     probe: Arc<Probe>,
     registry: Option<Arc<Registry>>,
+    /// Job threads, joined once finished (never detached: glibc's `pthread_detach`
+    /// races with a thread that is exiting). Rank 80, a leaf: held to push and to join
+    /// threads that have already finished.
+    threads: RankedMutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Default for Jobs {
@@ -199,6 +203,20 @@ impl Jobs {
             list: ArcSwap::from_pointee(Vec::new()),
             probe: Probe::new("directory jobs"),
             registry,
+            threads: RankedMutex::new(80, "directory job threads", Vec::new()),
+        }
+    }
+
+    /// Keeps a job's thread; joins the ones that have finished.
+    fn keep(&self, handle: std::thread::JoinHandle<()>) {
+        let mut threads = self.threads.lock();
+        let (finished, running): (Vec<_>, Vec<_>) =
+            threads.drain(..).partition(|h| h.is_finished());
+        *threads = running;
+        threads.push(handle);
+        drop(threads);
+        for handle in finished {
+            let _ = handle.join();
         }
     }
 
@@ -245,8 +263,9 @@ pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
     let spawned = std::thread::Builder::new()
         .name(format!("job-{}", job.id))
         .spawn(move || regenerate(directory, &handle));
-    if let Err(e) = spawned {
-        job.finish(false, format!("cannot start the job: {e}"));
+    match spawned {
+        Ok(thread) => jobs.keep(thread),
+        Err(e) => job.finish(false, format!("cannot start the job: {e}")),
     }
     job
 }
@@ -324,8 +343,9 @@ pub fn start_import(
             import(&directory, &handle, &file, options);
             let _ = std::fs::remove_file(&file);
         });
-    if let Err(e) = spawned {
-        job.finish(false, format!("cannot start the job: {e}"));
+    match spawned {
+        Ok(thread) => jobs.keep(thread),
+        Err(e) => job.finish(false, format!("cannot start the job: {e}")),
     }
     job
 }

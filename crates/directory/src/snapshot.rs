@@ -50,6 +50,8 @@ pub struct Applied {
     pub changed: usize,
     /// Recipients that could not be changed, each with a note (address regeneration).
     pub failed: usize,
+    /// The snapshot generation that published the change (0 when nothing changed).
+    pub generation: u64,
 }
 
 /// One published state of the directory. Cloning is cheap (persistent maps).

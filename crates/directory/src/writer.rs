@@ -537,6 +537,11 @@ impl Writer {
             let generation = base.generation() + 1;
             self.current
                 .store(Arc::new(working.with_generation(generation)));
+            for (_, results) in &mut answers {
+                for applied in results.iter_mut().flatten() {
+                    applied.generation = generation;
+                }
+            }
             tracing::debug!(
                 generation,
                 rows = writes.len(),

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 
 /// A client of one server's admin API.
+#[derive(Clone)]
 pub struct AdminClient {
     base: String,
     token: String,
@@ -57,6 +58,15 @@ impl AdminClient {
                 "cannot reach the Mailroom admin API at {}: {e} (is `mailroom serve` running?)",
                 self.base
             ),
+        }
+    }
+
+    /// `GET /health`: the report whether healthy (200) or not (503).
+    pub fn health(&self) -> anyhow::Result<serde_json::Value> {
+        match ureq::get(&format!("{}/health", self.base)).call() {
+            Ok(response) => Ok(response.into_json()?),
+            Err(ureq::Error::Status(503, response)) => Ok(response.into_json()?),
+            Err(e) => bail!("cannot reach {}/health: {e}", self.base),
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod server;
+pub mod stress;
 
 pub use config::Config;
 pub use server::{RunningServer, ServerOptions, ShutdownReport, start};

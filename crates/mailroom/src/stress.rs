@@ -1,0 +1,979 @@
+//! `mailroom stress churn`: the classic wedge, replayed under load, with every promise
+//! checked.
+//!
+//! It starts `mailroom serve` as a child process on a temporary data folder and loopback
+//! ports and runs, at once: SMTP load (multipart, 8-bit and encoded bodies, attachments,
+//! non-ASCII headers, nested messages) to stable mailboxes, to a stable distribution list
+//! and to a remote domain routed by the routing table; a bulk import of thousands of
+//! small create/modify/delete rows (the classic trigger); an administrator loop changing
+//! protocol settings, the addressing template (which regenerates addresses) and the
+//! connectors that route the remote domain every few milliseconds; and readers
+//! (protocol-permission checks and admin API reads).
+//!
+//! It asserts: no lock-order violation or deadlock report; the watchdog never fires;
+//! inbound conversion progresses in every one-second window of the churn; every queue
+//! drains after the load; every accepted message reached each stable recipient exactly
+//! once; every routed message sits in the outbound queue with a connector that was
+//! enabled and serving its address in the snapshot generation that routed it; the final
+//! directory is what the changes say; and SIGTERM during churn exits within the shutdown
+//! deadline, after which a restart drains the rest (repeated `rounds` times).
+//! Any failed promise ends the run with an error that says which.
+
+use crate::client::AdminClient;
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+/// The shape of a run.
+#[derive(Debug, Clone)]
+pub struct ChurnOptions {
+    /// The `mailroom` binary to run as the server.
+    pub binary: PathBuf,
+    /// Load without churn, for the baseline.
+    pub baseline: Duration,
+    /// Load with churn.
+    pub churn: Duration,
+    /// Concurrent SMTP sessions.
+    pub sessions: usize,
+    /// Stable mailboxes that receive the load.
+    pub stable: usize,
+    /// Recipients the bulk import creates (it also modifies each and deletes a third).
+    pub import_recipients: usize,
+    /// Pause between administrator changes.
+    pub admin_interval: Duration,
+    /// SIGTERM-during-churn rounds.
+    pub rounds: usize,
+    /// The server's shutdown deadline.
+    pub shutdown_deadline: Duration,
+}
+
+/// What a run measured.
+#[derive(Debug, Default)]
+pub struct ChurnReport {
+    /// Messages accepted per second without churn.
+    pub accepted_per_s_baseline: f64,
+    /// Messages accepted per second with churn.
+    pub accepted_per_s_churn: f64,
+    /// Messages converted per second without churn.
+    pub converted_per_s_baseline: f64,
+    /// Messages converted per second with churn.
+    pub converted_per_s_churn: f64,
+    /// Conversion latency (accepted -> in the mailbox), p50 and p99, ms, without churn.
+    pub latency_ms_baseline: (f64, f64),
+    /// The same with churn.
+    pub latency_ms_churn: (f64, f64),
+    /// Directory changes applied per second during churn (import rows and admin changes).
+    pub changes_per_s: f64,
+    /// Administrator change round trip (submit -> published), p50 and p99, ms.
+    pub publish_ms: (f64, f64),
+    /// Messages accepted in all.
+    pub accepted: usize,
+    /// Import rows applied.
+    pub import_rows: u64,
+    /// Administrator changes applied.
+    pub admin_changes: usize,
+    /// Admin API and permission reads done.
+    pub reads: u64,
+    /// Time from SIGTERM to exit, each round, ms.
+    pub shutdown_ms: Vec<u128>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+impl fmt::Display for ChurnReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "| measure | without churn | with churn | ratio |")?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        writeln!(
+            f,
+            "| accepted msg/s | {:.0} | {:.0} | {:.2} |",
+            self.accepted_per_s_baseline,
+            self.accepted_per_s_churn,
+            ratio(self.accepted_per_s_churn, self.accepted_per_s_baseline)
+        )?;
+        writeln!(
+            f,
+            "| converted msg/s | {:.0} | {:.0} | {:.2} |",
+            self.converted_per_s_baseline,
+            self.converted_per_s_churn,
+            ratio(self.converted_per_s_churn, self.converted_per_s_baseline)
+        )?;
+        writeln!(
+            f,
+            "| conversion latency p50 / p99 ms | {:.0} / {:.0} | {:.0} / {:.0} | |",
+            self.latency_ms_baseline.0,
+            self.latency_ms_baseline.1,
+            self.latency_ms_churn.0,
+            self.latency_ms_churn.1
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "directory changes applied: {:.0}/s ({} import rows, {} administrator changes)",
+            self.changes_per_s, self.import_rows, self.admin_changes
+        )?;
+        writeln!(
+            f,
+            "administrator change published in: p50 {:.1} ms, p99 {:.1} ms",
+            self.publish_ms.0, self.publish_ms.1
+        )?;
+        writeln!(
+            f,
+            "messages accepted: {}; reads: {}",
+            self.accepted, self.reads
+        )?;
+        writeln!(
+            f,
+            "shutdown (SIGTERM to exit) per round: {:?} ms",
+            self.shutdown_ms
+        )
+    }
+}
+
+/// A `mailroom serve` child process.
+struct Server {
+    child: Child,
+    smtp: SocketAddr,
+    client: AdminClient,
+    log: PathBuf,
+}
+
+const DOMAIN: &str = "churn.test";
+const REMOTE: &str = "partner.churn.example";
+
+fn write_config(dir: &Path, deadline: Duration) -> anyhow::Result<PathBuf> {
+    let path = dir.join("mailroom.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nshutdown_deadline_ms = {}\n[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\nsessions_max = 2000\n[watchdog]\nstall_after_ms = 10000\ncheck_interval_ms = 200\n",
+            deadline.as_millis()
+        ),
+    )?;
+    Ok(path)
+}
+
+fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Server> {
+    let data = dir.join("data");
+    let log = dir.join(format!("server-{round}.log"));
+    let mut child = Command::new(binary)
+        .args([
+            "serve",
+            "--domain",
+            DOMAIN,
+            "--smtp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(dir.join("mailroom.toml"))
+        .arg("--data")
+        .arg(&data)
+        .env("MAILROOM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut smtp = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(addr) = line.trim().strip_prefix("SMTP:") {
+            smtp = Some(addr.trim().parse()?);
+        }
+        if line.contains("admin API:") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let smtp = smtp.with_context(|| format!("the server did not start; see {}", log.display()))?;
+    Ok(Server {
+        child,
+        smtp,
+        client: AdminClient::from_data_dir(&data)?,
+        log,
+    })
+}
+
+/// Runs a blocking admin call off the async runtime.
+async fn call<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+fn client_of(server: &Server) -> AdminClient {
+    server.client.clone()
+}
+
+/// A realistic message: multipart/mixed with 8-bit text, HTML, an attachment and a nested
+/// message, a non-ASCII subject.
+fn message(id: &str, to: &[String]) -> Vec<u8> {
+    use mail_builder::MessageBuilder;
+    let inner = MessageBuilder::new()
+        .from(("Ünïcode Sender", "inner@remote.test"))
+        .to("someone@remote.test")
+        .subject("Forwarded: Grüße")
+        .text_body("Inner body — with 8-bit text: ñ ü ß\n")
+        .write_to_vec()
+        .expect("building to memory");
+    let mut builder = MessageBuilder::new()
+        .from(("Zoë Load", "load@remote.test"))
+        .subject(format!("Churn {id} — Grüße, ¿qué tal? 日本"))
+        .message_id(id.to_string())
+        .text_body("Plain part. Ångström, café, naïve, 8-bit: ½ ¾ ✓\n".repeat(8))
+        .html_body("<p>HTML part with <b>bold</b> and non-ASCII: €</p>\n".repeat(4))
+        .attachment(
+            "application/octet-stream",
+            "data.bin",
+            (0u8..=255).cycle().take(3000).collect::<Vec<u8>>(),
+        )
+        .attachment("message/rfc822", "forwarded.eml", inner);
+    for address in to {
+        builder = builder.to(address.as_str());
+    }
+    builder.write_to_vec().expect("building to memory")
+}
+
+/// Dot-stuffs and terminates a message for DATA.
+fn for_data(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut line_start = true;
+    for &b in message {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// One accepted message.
+#[derive(Debug, Clone)]
+struct Sent {
+    id: String,
+    stable: Vec<String>,
+    accepted_ms: i64,
+    baseline: bool,
+}
+
+/// SMTP load: each session sends until `stop`; returns what got "250".
+async fn smtp_load(
+    smtp: SocketAddr,
+    sessions: usize,
+    stable: usize,
+    stop: Arc<AtomicBool>,
+    baseline: Arc<AtomicBool>,
+    counter: Arc<AtomicU64>,
+) -> Vec<Sent> {
+    let tasks: Vec<_> = (0..sessions)
+        .map(|session| {
+            let stop = stop.clone();
+            let baseline = baseline.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                let _ = session_loop(smtp, session, stable, &stop, &baseline, &counter, &mut sent)
+                    .await;
+                sent
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap_or_default());
+    }
+    all
+}
+
+async fn session_loop(
+    smtp: SocketAddr,
+    session: usize,
+    stable: usize,
+    stop: &AtomicBool,
+    baseline: &AtomicBool,
+    counter: &AtomicU64,
+    sent: &mut Vec<Sent>,
+) -> anyhow::Result<()> {
+    let stream = tokio::net::TcpStream::connect(smtp).await?;
+    stream.set_nodelay(true)?;
+    let (read, mut write) = stream.into_split();
+    let mut replies = tokio::io::BufReader::new(read);
+    async fn reply(
+        r: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    ) -> anyhow::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            ensure!(r.read_line(&mut line).await? > 0, "connection closed");
+            all.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return Ok(all);
+            }
+        }
+    }
+    ensure!(reply(&mut replies).await?.starts_with("220"));
+    write.write_all(b"EHLO churn.client\r\n").await?;
+    ensure!(reply(&mut replies).await?.starts_with("250"));
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let id = format!("s{session}.{n}.{}@churn.client", crate::stress::unique());
+        let direct = format!("stable{}@{DOMAIN}", (session + n) % stable);
+        let to = vec![
+            direct.clone(),
+            format!("stable-list@{DOMAIN}"),
+            format!("user{session}.{n}@{REMOTE}"),
+        ];
+        let body = for_data(&message(&id, &to));
+        let mut envelope = String::from("MAIL FROM:<load@remote.test> SMTPUTF8\r\n");
+        for address in &to {
+            envelope.push_str(&format!("RCPT TO:<{address}>\r\n"));
+        }
+        envelope.push_str("DATA\r\n");
+        write.write_all(envelope.as_bytes()).await?;
+        for _ in 0..to.len() + 2 {
+            let r = reply(&mut replies).await?;
+            ensure!(r.starts_with('2') || r.starts_with('3'), "refused: {r}");
+        }
+        write.write_all(&body).await?;
+        let r = reply(&mut replies).await?;
+        ensure!(r.starts_with("250"), "message refused: {r}");
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut stable_targets = vec![direct];
+        stable_targets.extend((0..5.min(stable)).map(|i| format!("stable{i}@{DOMAIN}")));
+        sent.push(Sent {
+            id,
+            stable: stable_targets,
+            accepted_ms: mailroom_watch::now_ms(),
+            baseline: baseline.load(Ordering::Relaxed),
+        });
+    }
+    write.write_all(b"QUIT\r\n").await?;
+    Ok(())
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+fn unique() -> u64 {
+    UNIQUE.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The administrator loop's record of what it made the routing table say.
+#[derive(Debug, Clone)]
+struct RoutingEra {
+    generation: u64,
+    /// Enabled connectors serving the remote domain at that generation.
+    serving: HashSet<String>,
+}
+
+/// The connectors the loop plays with; `internet` (SMTP:*) always serves as a fallback.
+fn churn_connector(name: &str, cost: u8, enabled: bool) -> Value {
+    json!({
+        "name": name,
+        "kind": "smart_host",
+        "host": "127.0.0.1:9",
+        "address_spaces": [{"address_type": "SMTP", "pattern": format!("*@{REMOTE}"), "cost": cost}],
+        "enabled": enabled,
+    })
+}
+
+/// Serving connectors in a site document: enabled ones whose address space matches the
+/// remote domain (all of the loop's do; `internet` matches everything).
+fn serving(site: &Value) -> HashSet<String> {
+    site["connectors"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c["enabled"] != false)
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+struct AdminOutcome {
+    changes: usize,
+    publish_ms: Vec<f64>,
+    eras: Vec<RoutingEra>,
+    final_site: Value,
+}
+
+/// Changes protocols, the template and the connectors until `stop`.
+fn admin_loop(
+    client: AdminClient,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<AdminOutcome> {
+    let mut outcome = AdminOutcome {
+        changes: 0,
+        publish_ms: Vec::new(),
+        eras: Vec::new(),
+        final_site: Value::Null,
+    };
+    let mut step = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        step += 1;
+        let change = match step % 6 {
+            0 => {
+                json!({"change": "set_site_protocol", "protocol": "imap", "enabled": step.is_multiple_of(12)})
+            }
+            1 => {
+                json!({"change": "set_server_protocol", "use_site_defaults": step % 4 == 1, "protocol": ["pop3", step.is_multiple_of(3)]})
+            }
+            2 => {
+                json!({"change": "set_template", "address_type": "SMTP", "template": if step % 4 == 2 { "%m@churn.test" } else { "%m.x@churn.test" }})
+            }
+            3 => {
+                json!({"change": "put_connector", "connector": churn_connector("churn-a", (step % 7 + 1) as u8, step % 5 != 3)})
+            }
+            4 => {
+                json!({"change": "put_connector", "connector": churn_connector("churn-b", (step % 5 + 1) as u8, true)})
+            }
+            _ => {
+                if step % 4 == 1 {
+                    json!({"change": "delete_connector", "name": "churn-b"})
+                } else {
+                    json!({"change": "set_only_least_cost_routes", "enabled": step % 8 == 5})
+                }
+            }
+        };
+        let t = Instant::now();
+        let result: anyhow::Result<Value> = client.post("/site", &change);
+        match result {
+            Ok(report) => {
+                outcome.publish_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                outcome.changes += 1;
+                let generation = report["generation"].as_u64().unwrap_or(0);
+                if generation > 0 {
+                    outcome.eras.push(RoutingEra {
+                        generation,
+                        serving: serving(&report["site"]),
+                    });
+                }
+                outcome.final_site = report["site"].clone();
+            }
+            // Deleting a connector that is already gone is refused; that is fine.
+            Err(e) if e.to_string().contains("no such connector") => {}
+            Err(e) => return Err(e.context(format!("administrator change {change}"))),
+        }
+        std::thread::sleep(interval);
+    }
+    Ok(outcome)
+}
+
+/// Permission checks and admin reads until `stop`; returns how many succeeded.
+fn readers(client: AdminClient, stable: usize, stop: Arc<AtomicBool>) -> anyhow::Result<u64> {
+    let mut reads = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let who = format!("stable{}", reads as usize % stable);
+        let _: Value = client.get(&format!("/protocols/check?recipient={who}&protocol=imap"))?;
+        let _: Value = client.get(&format!("/recipients/{who}"))?;
+        let _: Value = client.get("/routing")?;
+        reads += 3;
+    }
+    Ok(reads)
+}
+
+/// The import file: create every churn recipient, modify each, delete every third.
+/// Returns the file and the final state it implies (alias -> display name).
+fn import_file(dir: &Path, count: usize) -> anyhow::Result<(PathBuf, BTreeMap<String, String>)> {
+    let mut text = String::from("Obj-Class,Mode,Directory Name,Display Name,E-mail Addresses\n");
+    let mut expected = BTreeMap::new();
+    for i in 0..count {
+        text.push_str(&format!(
+            "Mailbox,Create,churn{i},Churn {i},SMTP:churn{i}@{DOMAIN}\n"
+        ));
+        expected.insert(format!("churn{i}"), format!("Churn {i}"));
+    }
+    for i in 0..count {
+        text.push_str(&format!("Mailbox,Modify,churn{i},Changed {i},\n"));
+        expected.insert(format!("churn{i}"), format!("Changed {i}"));
+    }
+    for i in (0..count).step_by(3) {
+        text.push_str(&format!("Mailbox,Delete,churn{i},,\n"));
+        expected.remove(&format!("churn{i}"));
+    }
+    let path = dir.join("churn.csv");
+    std::fs::write(&path, text)?;
+    Ok((path, expected))
+}
+
+fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+async fn inbound(client: &AdminClient) -> anyhow::Result<(u64, u64, bool)> {
+    let c = client.clone();
+    let health: Value = call(move || c.health()).await?;
+    // Before the watchdog's first look the report lists no queues: not an answer yet.
+    let queue = health["queues"]
+        .as_array()
+        .and_then(|q| {
+            q.iter()
+                .find(|q| q["queue"] == "inbound conversion")
+                .cloned()
+        })
+        .context("the watchdog has not reported yet")?;
+    Ok((
+        queue["depth"].as_u64().unwrap_or(0),
+        queue["progress"].as_u64().unwrap_or(0),
+        health["status"] == "ok",
+    ))
+}
+
+/// Waits until the inbound queue is empty (within `bound`), as the store says (the
+/// watchdog's report may be a moment old).
+async fn drain(client: &AdminClient, bound: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let c = client.clone();
+        let queues: Value = call(move || c.get("/queues")).await?;
+        let depth = queues["queues"]
+            .as_array()
+            .and_then(|q| q.iter().find(|q| q["queue"] == "inbound"))
+            .and_then(|q| q["depth"].as_u64())
+            .context("no inbound queue in /queues")?;
+        if depth == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > bound {
+            bail!(
+                "the inbound conversion queue still holds {depth} message(s) {bound:?} after the load stopped"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every stable recipient holds each message meant for it exactly once. Returns each
+/// message's conversion latency (accepted -> in its direct recipient's mailbox), marked
+/// baseline or churn.
+async fn check_deliveries(
+    client: &AdminClient,
+    sent: &[Sent],
+    stable: usize,
+) -> anyhow::Result<Vec<(bool, f64)>> {
+    let mut expected: HashMap<String, HashSet<String>> = HashMap::new();
+    for s in sent {
+        for r in &s.stable {
+            expected.entry(r.clone()).or_default().insert(s.id.clone());
+        }
+    }
+    let accepted_at: HashMap<&str, &Sent> = sent.iter().map(|s| (s.id.as_str(), s)).collect();
+    let mut latencies = Vec::new();
+    for i in 0..stable {
+        let address = format!("stable{i}@{DOMAIN}");
+        let c = client.clone();
+        let path = format!("/mailboxes/{address}/messages");
+        let messages: Vec<Value> = call(move || c.get(&path)).await?;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for m in &messages {
+            let id = m["message_id"].as_str().unwrap_or("").to_string();
+            if let Some(s) = accepted_at.get(id.as_str())
+                && address == s.stable[0]
+            {
+                let latency = m["received_at_ms"].as_i64().unwrap_or(0) - s.accepted_ms;
+                latencies.push((s.baseline, latency.max(0) as f64));
+            }
+            *seen.entry(id).or_default() += 1;
+        }
+        if let Some((id, n)) = seen.iter().find(|(_, n)| **n > 1) {
+            bail!("{address} holds message {id} {n} times");
+        }
+        for id in expected.get(&address).into_iter().flatten() {
+            ensure!(
+                seen.contains_key(id),
+                "{address} never received accepted message {id}"
+            );
+        }
+    }
+    Ok(latencies)
+}
+
+/// Every routed message is in the outbound queue once, via a connector that served the
+/// remote domain in the generation that routed it.
+async fn check_outbound(
+    client: &AdminClient,
+    sent: &[Sent],
+    eras: &[RoutingEra],
+    initial: &HashSet<String>,
+) -> anyhow::Result<()> {
+    let c = client.clone();
+    let items: Vec<Value> = call(move || c.get("/queues/outbound/items?limit=100000")).await?;
+    let mut per_message: HashMap<String, usize> = HashMap::new();
+    for item in &items {
+        let generation = item["generation"]
+            .as_u64()
+            .context("an outbound entry without a generation")?;
+        let connector = item["connector"]
+            .as_str()
+            .context("an outbound entry without a connector")?;
+        // The routing table at `generation`: the last administrator change at or before it.
+        let serving = eras
+            .iter()
+            .rev()
+            .find(|e| e.generation <= generation)
+            .map_or(initial, |e| &e.serving);
+        if !serving.contains(connector) {
+            let near: Vec<String> = eras
+                .iter()
+                .filter(|e| e.generation + 40 >= generation && e.generation <= generation + 40)
+                .map(|e| format!("{}: {:?}", e.generation, e.serving))
+                .collect();
+            bail!(
+                "an outbound entry (queue id {}) was routed via {connector} at generation {generation}, which did not serve {REMOTE} then (serving: {serving:?}); administrator changes near it: {near:?}",
+                item["queue_id"]
+            );
+        }
+        *per_message
+            .entry(item["queue_id"].as_str().unwrap_or("").to_string())
+            .or_default() += 1;
+    }
+    ensure!(
+        items.len() == sent.len(),
+        "{} message(s) accepted for {REMOTE}, {} outbound entries",
+        sent.len(),
+        items.len()
+    );
+    ensure!(
+        per_message.values().all(|n| *n == 1),
+        "a message was routed out twice"
+    );
+    Ok(())
+}
+
+fn scan_log(log: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for marker in ["lock order violation", "DEADLOCK", "STALL:", "panicked"] {
+        if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+            bail!("the server log ({}) reports: {line}", log.display());
+        }
+    }
+    Ok(())
+}
+
+fn sigterm(server: &mut Server, deadline: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -TERM failed");
+    loop {
+        if let Some(exit) = server.child.try_wait()? {
+            ensure!(
+                exit.success(),
+                "the server exited with {exit} after SIGTERM"
+            );
+            return Ok(started.elapsed());
+        }
+        // The process must be gone by the deadline; allow one second for process exit.
+        if started.elapsed() > deadline + Duration::from_secs(1) {
+            let _ = server.child.kill();
+            bail!(
+                "the server was still running {:?} after SIGTERM (deadline {deadline:?})",
+                started.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs the whole scenario; see the module documentation. On failure the data folder
+/// and the server logs are kept, and the error says where.
+pub async fn churn(options: ChurnOptions) -> anyhow::Result<ChurnReport> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().to_path_buf();
+    match run(options, &path).await {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            let kept = dir.keep();
+            Err(e.context(format!(
+                "data folder and server logs kept in {}",
+                kept.display()
+            )))
+        }
+    }
+}
+
+async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
+    write_config(dir, options.shutdown_deadline)?;
+    let mut server = start_server(&options.binary, dir, 0)?;
+    let client = client_of(&server);
+    let mut report = ChurnReport::default();
+
+    // The stable world: mailboxes, a list of the first five, and the remote connector.
+    {
+        let c = client.clone();
+        let stable = options.stable;
+        call(move || {
+            for i in 0..stable {
+                let _: Value = c.post("/recipients", &json!({"address": format!("stable{i}@{DOMAIN}"), "alias": format!("stable{i}")}))?;
+            }
+            let members: Vec<String> = (0..5.min(stable)).map(|i| format!("stable{i}")).collect();
+            let _: Value = c.post("/recipients", &json!({"kind": "list", "alias": "stable-list", "address": format!("stable-list@{DOMAIN}"), "members": members}))?;
+            let _: Value = c.post("/site", &json!({"change": "put_connector", "connector": churn_connector("churn-a", 1, true)}))?;
+            Ok(())
+        })
+        .await?;
+    }
+    let initial: HashSet<String> = {
+        let c = client.clone();
+        let site: Value = call(move || c.get("/site")).await?;
+        serving(&site["site"])
+    };
+
+    // Phase 1: load without churn.
+    let stop = Arc::new(AtomicBool::new(false));
+    let baseline = Arc::new(AtomicBool::new(true));
+    let counter = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn(smtp_load(
+        server.smtp,
+        options.sessions,
+        options.stable,
+        stop.clone(),
+        baseline.clone(),
+        counter.clone(),
+    ));
+    let (_, progress0, _) = first_report(&client).await?;
+    tokio::time::sleep(options.baseline).await;
+    let accepted_baseline = counter.load(Ordering::Relaxed);
+    let (_, progress1, healthy) = inbound(&client).await?;
+    ensure!(healthy, "unhealthy before any churn");
+    report.accepted_per_s_baseline = accepted_baseline as f64 / options.baseline.as_secs_f64();
+    report.converted_per_s_baseline =
+        (progress1 - progress0) as f64 / options.baseline.as_secs_f64();
+
+    // Phase 2: the same load, with churn.
+    baseline.store(false, Ordering::Relaxed);
+    let churn_started = Instant::now();
+    let (file, expected_directory) = import_file(dir, options.import_recipients)?;
+    let import = {
+        let c = client.clone();
+        call(move || {
+            let reader = std::fs::File::open(&file)?;
+            let job: Value = c.post_stream(
+                "/directory/import?format=csv&name=churn.csv",
+                std::io::BufReader::new(reader),
+            )?;
+            job["id"].as_u64().context("no job id")
+        })
+        .await?
+    };
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    let admin = {
+        let (c, stop, interval) = (client.clone(), admin_stop.clone(), options.admin_interval);
+        tokio::task::spawn_blocking(move || admin_loop(c, interval, stop))
+    };
+    let reading = {
+        let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
+        tokio::task::spawn_blocking(move || readers(c, stable, stop))
+    };
+    // Inbound conversion must progress in every one-second window, and stay healthy.
+    let (_, mut last_progress, _) = inbound(&client).await?;
+    let progress_churn_start = last_progress;
+    while churn_started.elapsed() < options.churn {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (depth, progress, healthy) = inbound(&client).await?;
+        ensure!(
+            healthy,
+            "the server turned unhealthy during churn: {}",
+            server_health(&client).await
+        );
+        ensure!(
+            progress > last_progress || depth == 0,
+            "inbound conversion made no progress for a second with {depth} message(s) waiting"
+        );
+        last_progress = progress;
+    }
+    let churn_elapsed = churn_started.elapsed();
+    let accepted_churn = counter.load(Ordering::Relaxed) - accepted_baseline;
+    report.accepted_per_s_churn = accepted_churn as f64 / churn_elapsed.as_secs_f64();
+    report.converted_per_s_churn =
+        (last_progress - progress_churn_start) as f64 / churn_elapsed.as_secs_f64();
+
+    stop.store(true, Ordering::Relaxed);
+    let sent = load.await?;
+    // Let the import finish before the administrator loop stops, then stop it.
+    let job = wait_job(&client, import).await?;
+    admin_stop.store(true, Ordering::Relaxed);
+    let admin = admin.await??;
+    report.reads = reading.await??;
+    report.import_rows = job["scanned"].as_u64().unwrap_or(0);
+    report.admin_changes = admin.changes;
+    report.publish_ms = percentiles(admin.publish_ms.clone());
+    report.changes_per_s =
+        (report.import_rows as f64 + admin.changes as f64) / churn_started.elapsed().as_secs_f64();
+    ensure!(job["failed"] == 0, "import rows failed: {}", job["errors"]);
+    drain(&client, Duration::from_secs(60)).await?;
+    report.accepted = sent.len();
+
+    // Every promise, checked.
+    let latencies = check_deliveries(&client, &sent, options.stable).await?;
+    let pick = |baseline: bool| {
+        latencies
+            .iter()
+            .filter(|(b, _)| *b == baseline)
+            .map(|(_, l)| *l)
+            .collect()
+    };
+    report.latency_ms_baseline = percentiles(pick(true));
+    report.latency_ms_churn = percentiles(pick(false));
+    check_outbound(&client, &sent, &admin.eras, &initial).await?;
+    check_directory(&client, &expected_directory, &admin.final_site).await?;
+    scan_log(&server.log)?;
+    ensure!(
+        server_deadlocks(&client).await? == 0,
+        "the deadlock detector reported a cycle"
+    );
+
+    // Phase 3: SIGTERM during churn, restart, drain; `rounds` times.
+    let mut all_sent = sent;
+    for round in 1..=options.rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counter = Arc::new(AtomicU64::new(0));
+        let load = tokio::spawn(smtp_load(
+            server.smtp,
+            options.sessions,
+            options.stable,
+            stop.clone(),
+            Arc::new(AtomicBool::new(false)),
+            counter.clone(),
+        ));
+        let admin_stop = Arc::new(AtomicBool::new(false));
+        let admin = {
+            let (c, stop, interval) = (
+                client_of(&server),
+                admin_stop.clone(),
+                options.admin_interval,
+            );
+            tokio::task::spawn_blocking(move || admin_loop(c, interval, stop))
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let deadline = options.shutdown_deadline;
+        let elapsed = tokio::task::block_in_place(|| sigterm(&mut server, deadline))?;
+        report.shutdown_ms.push(elapsed.as_millis());
+        stop.store(true, Ordering::Relaxed);
+        admin_stop.store(true, Ordering::Relaxed);
+        let sent = load.await?;
+        let _ = admin.await?; // its last call may have failed with the server gone
+        scan_log(&server.log)?;
+        server = start_server(&options.binary, dir, round)?;
+        let client = client_of(&server);
+        drain(&client, Duration::from_secs(60)).await?;
+        all_sent.extend(sent);
+        check_deliveries(&client, &all_sent, options.stable)
+            .await
+            .with_context(|| format!("after SIGTERM round {round} and restart"))?;
+    }
+    let _ = sigterm(&mut server, options.shutdown_deadline)?;
+    scan_log(&server.log)?;
+    Ok(report)
+}
+
+/// The first watchdog report after a start (it looks every few hundred ms).
+async fn first_report(client: &AdminClient) -> anyhow::Result<(u64, u64, bool)> {
+    let started = Instant::now();
+    loop {
+        match inbound(client).await {
+            Ok(report) => return Ok(report),
+            Err(e) if started.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn server_health(client: &AdminClient) -> String {
+    let c = client.clone();
+    call(move || c.health())
+        .await
+        .map(|v| v.to_string())
+        .unwrap_or_else(|e| e.to_string())
+}
+
+async fn server_deadlocks(client: &AdminClient) -> anyhow::Result<u64> {
+    let c = client.clone();
+    let health = call(move || c.health()).await?;
+    Ok(health["deadlocks"].as_u64().unwrap_or(0))
+}
+
+async fn wait_job(client: &AdminClient, id: u64) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    loop {
+        let c = client.clone();
+        let job: Value = call(move || c.get(&format!("/jobs/{id}"))).await?;
+        if job["state"] != "running" {
+            return Ok(job);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "the import job did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The directory holds exactly the churn recipients the import leaves, with their last
+/// display names, and the site is what the administrator loop last made it.
+async fn check_directory(
+    client: &AdminClient,
+    expected: &BTreeMap<String, String>,
+    final_site: &Value,
+) -> anyhow::Result<()> {
+    let c = client.clone();
+    let recipients: Vec<Value> = call(move || c.get("/recipients?kind=mailbox")).await?;
+    let actual: BTreeMap<String, String> = recipients
+        .iter()
+        .filter(|r| r["alias"].as_str().is_some_and(|a| a.starts_with("churn")))
+        .map(|r| {
+            (
+                r["alias"].as_str().unwrap_or("").to_string(),
+                r["display_name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    if &actual != expected {
+        let missing: Vec<_> = expected
+            .keys()
+            .filter(|k| !actual.contains_key(*k))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = actual
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .take(5)
+            .collect();
+        bail!(
+            "the directory differs from the changes applied: missing {missing:?}, unexpected {extra:?}"
+        );
+    }
+    let c = client.clone();
+    let site: Value = call(move || c.get("/site")).await?;
+    ensure!(
+        &site["site"] == final_site,
+        "the site differs from the administrator's last change:\n{}\nvs\n{}",
+        site["site"],
+        final_site
+    );
+    Ok(())
+}
