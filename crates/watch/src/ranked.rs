@@ -17,7 +17,10 @@ thread_local! {
 
 /// A `parking_lot` mutex with a rank and a name.
 pub struct RankedMutex<T> {
+    /// Only debug builds check it; release builds keep it for debuggers.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     rank: u32,
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     name: &'static str,
     inner: Mutex<T>,
 }
