@@ -78,3 +78,6 @@ pub fn validate_address(address: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod handoff_model;
