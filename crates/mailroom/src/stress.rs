@@ -54,6 +54,10 @@ pub struct ChurnOptions {
     pub rounds: usize,
     /// The server's shutdown deadline.
     pub shutdown_deadline: Duration,
+    /// A running server to target instead of starting one: its admin API URL, token and
+    /// SMTP address. It must allow relaying from this host; the run adds `churn.test` as
+    /// an accepted domain. No SIGTERM rounds are run against it.
+    pub target: Option<(String, String, SocketAddr)>,
 }
 
 /// What a run measured.
@@ -143,10 +147,22 @@ impl fmt::Display for ChurnReport {
 
 /// A `mailroom serve` child process.
 struct Server {
-    child: Child,
+    /// The child process and its log; `None` when targeting a running server.
+    child: Option<(Child, PathBuf)>,
     smtp: SocketAddr,
     client: AdminClient,
-    log: PathBuf,
+}
+
+impl Drop for Server {
+    /// A run that fails must not leave its server running.
+    fn drop(&mut self) {
+        if let Some((child, _)) = &mut self.child
+            && child.try_wait().ok().flatten().is_none()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 const DOMAIN: &str = "churn.test";
@@ -200,10 +216,9 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
     std::thread::spawn(move || lines.for_each(drop));
     let smtp = smtp.with_context(|| format!("the server did not start; see {}", log.display()))?;
     Ok(Server {
-        child,
+        child: Some((child, log)),
         smtp,
         client: AdminClient::from_data_dir(&data)?,
-        log,
     })
 }
 
@@ -335,12 +350,12 @@ async fn session_loop(
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let id = format!("s{session}.{n}.{}@churn.client", crate::stress::unique());
+        let id = format!("s{session}.{n}.{}.{}@churn.client", unique(), tag());
         let direct = format!("stable{}@{DOMAIN}", (session + n) % stable);
         let to = vec![
             direct.clone(),
             format!("stable-list@{DOMAIN}"),
-            format!("user{session}.{n}@{REMOTE}"),
+            format!("user{}.{session}.{n}@{REMOTE}", tag()),
         ];
         let body = for_data(&message(&id, &to));
         let mut envelope = String::from("MAIL FROM:<load@remote.test> SMTPUTF8\r\n");
@@ -371,6 +386,13 @@ async fn session_loop(
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// A tag for this run's names (message ids, imported recipients, remote addresses), so
+/// that runs against one server never collide.
+fn tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| format!("{:x}", mailroom_watch::now_ms() % 0xffffff))
+}
 
 fn unique() -> u64 {
     UNIQUE.fetch_add(1, Ordering::Relaxed)
@@ -497,17 +519,18 @@ fn import_file(dir: &Path, count: usize) -> anyhow::Result<(PathBuf, BTreeMap<St
     let mut expected = BTreeMap::new();
     for i in 0..count {
         text.push_str(&format!(
-            "Mailbox,Create,churn{i},Churn {i},SMTP:churn{i}@{DOMAIN}\n"
+            "Mailbox,Create,churn{t}-{i},Churn {i},SMTP:churn{t}-{i}@{DOMAIN}\n",
+            t = tag()
         ));
-        expected.insert(format!("churn{i}"), format!("Churn {i}"));
+        expected.insert(format!("churn{}-{i}", tag()), format!("Churn {i}"));
     }
     for i in 0..count {
-        text.push_str(&format!("Mailbox,Modify,churn{i},Changed {i},\n"));
-        expected.insert(format!("churn{i}"), format!("Changed {i}"));
+        text.push_str(&format!("Mailbox,Modify,churn{}-{i},Changed {i},\n", tag()));
+        expected.insert(format!("churn{}-{i}", tag()), format!("Changed {i}"));
     }
     for i in (0..count).step_by(3) {
-        text.push_str(&format!("Mailbox,Delete,churn{i},,\n"));
-        expected.remove(&format!("churn{i}"));
+        text.push_str(&format!("Mailbox,Delete,churn{}-{i},,\n", tag()));
+        expected.remove(&format!("churn{}-{i}", tag()));
     }
     let path = dir.join("churn.csv");
     std::fs::write(&path, text)?;
@@ -596,7 +619,9 @@ async fn check_deliveries(
                 let latency = m["received_at_ms"].as_i64().unwrap_or(0) - s.accepted_ms;
                 latencies.push((s.baseline, latency.max(0) as f64));
             }
-            *seen.entry(id).or_default() += 1;
+            if accepted_at.contains_key(id.as_str()) {
+                *seen.entry(id).or_default() += 1;
+            }
         }
         if let Some((id, n)) = seen.iter().find(|(_, n)| **n > 1) {
             bail!("{address} holds message {id} {n} times");
@@ -620,7 +645,17 @@ async fn check_outbound(
     initial: &HashSet<String>,
 ) -> anyhow::Result<()> {
     let c = client.clone();
-    let items: Vec<Value> = call(move || c.get("/queues/outbound/items?limit=100000")).await?;
+    let all: Vec<Value> = call(move || c.get("/queues/outbound/items?limit=1000000")).await?;
+    // This run's entries only (a targeted server may hold others).
+    let mine = format!("user{}.", tag());
+    let items: Vec<&Value> = all
+        .iter()
+        .filter(|i| {
+            i["recipients"][0]
+                .as_str()
+                .is_some_and(|r| r.starts_with(&mine))
+        })
+        .collect();
     let mut per_message: HashMap<String, usize> = HashMap::new();
     for item in &items {
         let generation = item["generation"]
@@ -663,7 +698,10 @@ async fn check_outbound(
     Ok(())
 }
 
-fn scan_log(log: &Path) -> anyhow::Result<()> {
+fn scan_log(server: &Server) -> anyhow::Result<()> {
+    let Some((_, log)) = &server.child else {
+        return Ok(());
+    };
     let text = std::fs::read_to_string(log).unwrap_or_default();
     for marker in ["lock order violation", "DEADLOCK", "STALL:", "panicked"] {
         if let Some(line) = text.lines().find(|l| l.contains(marker)) {
@@ -674,13 +712,16 @@ fn scan_log(log: &Path) -> anyhow::Result<()> {
 }
 
 fn sigterm(server: &mut Server, deadline: Duration) -> anyhow::Result<Duration> {
+    let Some((child, _)) = &mut server.child else {
+        bail!("SIGTERM needs a server this run started");
+    };
     let started = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status()?;
     ensure!(status.success(), "kill -TERM failed");
     loop {
-        if let Some(exit) = server.child.try_wait()? {
+        if let Some(exit) = child.try_wait()? {
             ensure!(
                 exit.success(),
                 "the server exited with {exit} after SIGTERM"
@@ -689,7 +730,7 @@ fn sigterm(server: &mut Server, deadline: Duration) -> anyhow::Result<Duration> 
         }
         // The process must be gone by the deadline; allow one second for process exit.
         if started.elapsed() > deadline + Duration::from_secs(1) {
-            let _ = server.child.kill();
+            let _ = child.kill();
             bail!(
                 "the server was still running {:?} after SIGTERM (deadline {deadline:?})",
                 started.elapsed()
@@ -717,8 +758,17 @@ pub async fn churn(options: ChurnOptions) -> anyhow::Result<ChurnReport> {
 }
 
 async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
-    write_config(dir, options.shutdown_deadline)?;
-    let mut server = start_server(&options.binary, dir, 0)?;
+    let mut server = match &options.target {
+        Some((url, token, smtp)) => Server {
+            child: None,
+            smtp: *smtp,
+            client: AdminClient::new(url, token),
+        },
+        None => {
+            write_config(dir, options.shutdown_deadline)?;
+            start_server(&options.binary, dir, 0)?
+        }
+    };
     let client = client_of(&server);
     let mut report = ChurnReport::default();
 
@@ -727,11 +777,19 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         let c = client.clone();
         let stable = options.stable;
         call(move || {
+            // On a targeted server these may exist from an earlier run: that is fine.
+            let exists = |r: anyhow::Result<Value>| match r {
+                Err(e) if !e.to_string().contains("already used") => Err(e),
+                _ => Ok(()),
+            };
+            if let Err(e) = c.post_no_content("/domains", &json!({"domain": DOMAIN})) {
+                tracing::debug!(error = %e, "adding the domain");
+            }
             for i in 0..stable {
-                let _: Value = c.post("/recipients", &json!({"address": format!("stable{i}@{DOMAIN}"), "alias": format!("stable{i}")}))?;
+                exists(c.post("/recipients", &json!({"address": format!("stable{i}@{DOMAIN}"), "alias": format!("stable{i}")})))?;
             }
             let members: Vec<String> = (0..5.min(stable)).map(|i| format!("stable{i}")).collect();
-            let _: Value = c.post("/recipients", &json!({"kind": "list", "alias": "stable-list", "address": format!("stable-list@{DOMAIN}"), "members": members}))?;
+            exists(c.post("/recipients", &json!({"kind": "list", "alias": "stable-list", "address": format!("stable-list@{DOMAIN}"), "members": members})))?;
             let _: Value = c.post("/site", &json!({"change": "put_connector", "connector": churn_connector("churn-a", 1, true)}))?;
             Ok(())
         })
@@ -841,7 +899,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     report.latency_ms_churn = percentiles(pick(false));
     check_outbound(&client, &sent, &admin.eras, &initial).await?;
     check_directory(&client, &expected_directory, &admin.final_site).await?;
-    scan_log(&server.log)?;
+    scan_log(&server)?;
     ensure!(
         server_deadlocks(&client).await? == 0,
         "the deadlock detector reported a cycle"
@@ -849,7 +907,13 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
 
     // Phase 3: SIGTERM during churn, restart, drain; `rounds` times.
     let mut all_sent = sent;
-    for round in 1..=options.rounds {
+    // SIGTERM rounds need a server this run started.
+    let rounds = if server.child.is_some() {
+        options.rounds
+    } else {
+        0
+    };
+    for round in 1..=rounds {
         let stop = Arc::new(AtomicBool::new(false));
         let counter = Arc::new(AtomicU64::new(0));
         let load = tokio::spawn(smtp_load(
@@ -877,7 +941,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         admin_stop.store(true, Ordering::Relaxed);
         let sent = load.await?;
         let _ = admin.await?; // its last call may have failed with the server gone
-        scan_log(&server.log)?;
+        scan_log(&server)?;
         server = start_server(&options.binary, dir, round)?;
         let client = client_of(&server);
         drain(&client, Duration::from_secs(60)).await?;
@@ -886,8 +950,10 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
             .await
             .with_context(|| format!("after SIGTERM round {round} and restart"))?;
     }
-    let _ = sigterm(&mut server, options.shutdown_deadline)?;
-    scan_log(&server.log)?;
+    if server.child.is_some() {
+        let _ = sigterm(&mut server, options.shutdown_deadline)?;
+    }
+    scan_log(&server)?;
     Ok(report)
 }
 
@@ -944,7 +1010,11 @@ async fn check_directory(
     let recipients: Vec<Value> = call(move || c.get("/recipients?kind=mailbox")).await?;
     let actual: BTreeMap<String, String> = recipients
         .iter()
-        .filter(|r| r["alias"].as_str().is_some_and(|a| a.starts_with("churn")))
+        .filter(|r| {
+            r["alias"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("churn{}-", tag())))
+        })
         .map(|r| {
             (
                 r["alias"].as_str().unwrap_or("").to_string(),

@@ -48,3 +48,79 @@ fn directory_churn_under_load_never_wedges() {
         "SIGTERM took longer than the deadline: {rounds}"
     );
 }
+
+#[test]
+fn churn_against_a_running_server_twice() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailroom.toml");
+    std::fs::write(&config, "[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\n").unwrap();
+    let data = dir.path().join("data");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args([
+            "serve",
+            "--smtp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut smtp = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(addr) = line.trim().strip_prefix("SMTP:") {
+            smtp = addr.trim().to_string();
+        }
+        if line.contains("admin API:") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = std::fs::read_to_string(data.join("admin.url")).unwrap();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    // Twice against the same server: runs must not collide with each other's data.
+    for _ in 0..2 {
+        let output = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args([
+                "stress",
+                "churn",
+                "--server",
+                url.trim(),
+                "--token",
+                token.trim(),
+                "--smtp",
+                &smtp,
+                "--baseline-secs",
+                "1",
+                "--churn-secs",
+                "4",
+                "--sessions",
+                "4",
+                "--stable",
+                "6",
+                "--import",
+                "500",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("no SIGTERM rounds (a targeted server)"),
+            "{stdout}"
+        );
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
