@@ -258,6 +258,27 @@ pub struct Recipient {
 }
 
 impl Recipient {
+    /// A recipient with nothing but an identity, a kind and an alias.
+    pub fn new(id: RecipientId, kind: RecipientKind, alias: &str) -> Recipient {
+        Recipient {
+            id,
+            kind,
+            alias: alias.to_string(),
+            display_name: String::new(),
+            given_name: String::new(),
+            surname: String::new(),
+            initials: String::new(),
+            addresses: Vec::new(),
+            target_address: None,
+            members: Vec::new(),
+            owner: None,
+            hidden: false,
+            protocols: ProtocolOverrides::default(),
+            quota: Quota::default(),
+            password_hash: None,
+        }
+    }
+
     /// The primary address, if the recipient has any address.
     pub fn primary_address(&self) -> Option<&str> {
         self.addresses

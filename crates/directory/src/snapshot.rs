@@ -524,23 +524,7 @@ impl Snapshot {
             .unwrap_or_else(|| "(new recipient)".into());
         let mut r = match existing {
             Some(e) => e.clone(),
-            None => Recipient {
-                id: self.next_id,
-                kind: fields.kind.unwrap_or_default(),
-                alias: String::new(),
-                display_name: String::new(),
-                given_name: String::new(),
-                surname: String::new(),
-                initials: String::new(),
-                addresses: Vec::new(),
-                target_address: None,
-                members: Vec::new(),
-                owner: None,
-                hidden: false,
-                protocols: ProtocolOverrides::default(),
-                quota: Quota::default(),
-                password_hash: None,
-            },
+            None => Recipient::new(self.next_id, fields.kind.unwrap_or_default(), ""),
         };
         if let (Some(kind), Some(e)) = (fields.kind, existing)
             && kind != e.kind
@@ -971,23 +955,8 @@ pub(crate) fn row_of(r: &Recipient) -> RecipientRow {
 
 /// A recipient from its stored row (rows written before documents existed have `{}`).
 pub(crate) fn from_row(row: RecipientRow) -> Recipient {
-    let mut r: Recipient = serde_json::from_str(&row.doc).unwrap_or(Recipient {
-        id: row.id,
-        kind: RecipientKind::Mailbox,
-        alias: row.alias.clone(),
-        display_name: row.display_name.clone(),
-        given_name: String::new(),
-        surname: String::new(),
-        initials: String::new(),
-        addresses: Vec::new(),
-        target_address: None,
-        members: Vec::new(),
-        owner: None,
-        hidden: false,
-        protocols: ProtocolOverrides::default(),
-        quota: Quota::default(),
-        password_hash: None,
-    });
+    let mut r: Recipient = serde_json::from_str(&row.doc)
+        .unwrap_or_else(|_| Recipient::new(row.id, RecipientKind::Mailbox, &row.alias));
     r.id = row.id;
     r.alias = row.alias;
     r.display_name = row.display_name;

@@ -68,6 +68,7 @@ fn churn_against_a_running_server_twice() {
         .arg(&config)
         .arg("--data")
         .arg(&data)
+        .env("MAILROOM_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
