@@ -240,6 +240,9 @@ pub struct HealthReport {
     pub queues: Vec<mailroom_watch::QueueHealth>,
     /// What every worker is doing.
     pub workers: Vec<mailroom_watch::WorkerReport>,
+    /// When the watchdog reached this verdict (Unix ms); a verdict that stops moving
+    /// means the watchdog itself fell behind.
+    pub checked_at_ms: i64,
 }
 
 async fn health(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<HealthReport>) {
@@ -264,6 +267,7 @@ async fn health(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Healt
             deadlocks: verdict.deadlocks,
             queues: verdict.queues.clone(),
             workers: verdict.workers.clone(),
+            checked_at_ms: verdict.checked_at_ms,
         }),
     )
 }

@@ -546,7 +546,9 @@ fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
-async fn inbound(client: &AdminClient) -> anyhow::Result<(u64, u64, bool)> {
+/// Depth and progress of inbound conversion, health, and when the watchdog reached
+/// that verdict (Unix ms).
+async fn inbound_at(client: &AdminClient) -> anyhow::Result<(u64, u64, bool, i64)> {
     let c = client.clone();
     let health: Value = call(move || c.health()).await?;
     // Before the watchdog's first look the report lists no queues: not an answer yet.
@@ -562,7 +564,13 @@ async fn inbound(client: &AdminClient) -> anyhow::Result<(u64, u64, bool)> {
         queue["depth"].as_u64().unwrap_or(0),
         queue["progress"].as_u64().unwrap_or(0),
         health["status"] == "ok",
+        health["checked_at_ms"].as_i64().unwrap_or(0),
     ))
+}
+
+async fn inbound(client: &AdminClient) -> anyhow::Result<(u64, u64, bool)> {
+    let (depth, progress, healthy, _) = inbound_at(client).await?;
+    Ok((depth, progress, healthy))
 }
 
 /// Waits until the inbound queue is empty (within `bound`), as the store says (the
@@ -852,15 +860,23 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     let progress_churn_start = last_progress;
     while churn_started.elapsed() < options.churn {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (depth, progress, healthy) = inbound(&client).await?;
+        let (depth, progress, healthy, checked_at) = inbound_at(&client).await?;
         ensure!(
             healthy,
             "the server turned unhealthy during churn: {}",
             server_health(&client).await
         );
+        // The progress counter comes from the watchdog's verdict; if that verdict is
+        // more than a second old, it is the watchdog (its database sample) that fell
+        // behind, and the message says so instead of blaming conversion.
+        let verdict_age_ms = mailroom_watch::now_ms() - checked_at;
+        ensure!(
+            verdict_age_ms <= 1000,
+            "the watchdog's verdict is {verdict_age_ms} ms old: its sample of the inbound queue ({depth} waiting) fell behind"
+        );
         ensure!(
             progress > last_progress || depth == 0,
-            "inbound conversion made no progress for a second with {depth} message(s) waiting"
+            "inbound conversion made no progress for a second with {depth} message(s) waiting (watchdog verdict {verdict_age_ms} ms old)"
         );
         last_progress = progress;
     }
