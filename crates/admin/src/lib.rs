@@ -960,7 +960,7 @@ async fn queues(State(state): State<Arc<AdminState>>) -> Result<Json<QueuesRepor
     let (summaries, quarantine) = blocking(move || {
         Ok((
             store.queue_summaries()?,
-            store.queue_items(Some(QueueName::Quarantine), 1000)?,
+            store.queue_items(Some(QueueName::Quarantine), None, 1000)?,
         ))
     })
     .await?;
@@ -977,9 +977,12 @@ async fn queues(State(state): State<Arc<AdminState>>) -> Result<Json<QueuesRepor
     Ok(Json(QueuesReport { queues, quarantine }))
 }
 
+/// A page of a queue: at most `limit` entries (default 1,000, at most 100,000) after the
+/// entry whose `id` is `after`.
 #[derive(Deserialize)]
 struct LimitQuery {
     limit: Option<u32>,
+    after: Option<i64>,
 }
 
 async fn queue_items(
@@ -996,6 +999,6 @@ async fn queue_items(
     let limit = query.limit.unwrap_or(1000).min(100_000);
     let store = state.store.clone();
     Ok(Json(
-        blocking(move || store.queue_items(Some(name), limit)).await?,
+        blocking(move || store.queue_items(Some(name), query.after, limit)).await?,
     ))
 }

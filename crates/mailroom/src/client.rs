@@ -70,6 +70,14 @@ impl AdminClient {
         }
     }
 
+    /// The server's `/metrics` (OpenMetrics text).
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        match ureq::get(&format!("{}/metrics", self.base)).call() {
+            Ok(response) => Ok(response.into_string()?),
+            Err(e) => bail!("cannot reach {}/metrics: {e}", self.base),
+        }
+    }
+
     /// GET a JSON resource under `/api/v1`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let request =

@@ -175,10 +175,11 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     config.check()?;
     let data_dir = config.server.data_dir.clone();
     let lock = lock_data_dir(&data_dir)?;
-    let store: Arc<dyn MailStore> = Arc::new(
+    let sqlite = Arc::new(
         SqliteStore::open(&data_dir.join(DATABASE_FILE))
             .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
     );
+    let store: Arc<dyn MailStore> = sqlite.clone();
     // Uploads belong to import jobs, which do not survive a restart.
     let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
     let released = store.release_claims()?;
@@ -215,6 +216,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let conversion_stats = ConversionStats::default();
     let smtp_stats = SmtpStats::default();
     let queue_gauges = QueueGauges::default();
+    sqlite.register_metrics(&mut registry);
     spool_stats.register(&mut registry);
     conversion_stats.register(&mut registry);
     smtp_stats.register(&mut registry);

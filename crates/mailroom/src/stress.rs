@@ -89,6 +89,41 @@ pub struct ChurnReport {
     pub reads: u64,
     /// Time from SIGTERM to exit, each round, ms.
     pub shutdown_ms: Vec<u128>,
+    /// During the churn, per database writer (spool, claim, deliver, directory ...):
+    /// seconds it held the write turn and seconds it waited for it, summed over its
+    /// transactions. Where the shared write lock's time went.
+    pub write_turns: Vec<(String, f64, f64)>,
+}
+
+/// Sums of the store's write-turn histograms by caller, from `/metrics` text:
+/// caller -> (held seconds, waited seconds).
+fn write_turn_sums(metrics: &str) -> HashMap<String, (f64, f64)> {
+    let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+    for line in metrics.lines() {
+        let (held, rest) =
+            if let Some(rest) = line.strip_prefix("mailroom_store_write_hold_seconds_sum{") {
+                (true, rest)
+            } else if let Some(rest) = line.strip_prefix("mailroom_store_write_wait_seconds_sum{") {
+                (false, rest)
+            } else {
+                continue;
+            };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let caller = labels
+            .trim_start_matches("caller=\"")
+            .trim_end_matches('"')
+            .to_string();
+        let value: f64 = value.trim().parse().unwrap_or(0.0);
+        let entry = sums.entry(caller).or_default();
+        if held {
+            entry.0 = value;
+        } else {
+            entry.1 = value;
+        }
+    }
+    sums
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -141,7 +176,19 @@ impl fmt::Display for ChurnReport {
             f,
             "shutdown (SIGTERM to exit) per round: {:?} ms",
             self.shutdown_ms
-        )
+        )?;
+        if !self.write_turns.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "| database writer (during churn) | held the write turn, s | waited for it, s |"
+            )?;
+            writeln!(f, "|---|---:|---:|")?;
+            for (caller, held, waited) in &self.write_turns {
+                writeln!(f, "| {caller} | {held:.1} | {waited:.1} |")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -653,7 +700,21 @@ async fn check_outbound(
     initial: &HashSet<String>,
 ) -> anyhow::Result<()> {
     let c = client.clone();
-    let all: Vec<Value> = call(move || c.get("/queues/outbound/items?limit=1000000")).await?;
+    let all: Vec<Value> = call(move || {
+        // Page through the queue: a long run leaves more entries than one page holds.
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page: Vec<Value> =
+                c.get(&format!("/queues/outbound/items?limit=10000&after={after}"))?;
+            let Some(last) = page.last() else {
+                return Ok(all);
+            };
+            after = last["id"].as_i64().context("a queue entry without an id")?;
+            all.extend(page);
+        }
+    })
+    .await?;
     // This run's entries only (a targeted server may hold others).
     let mine = format!("user{}.", tag());
     let items: Vec<&Value> = all
@@ -855,6 +916,10 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
         tokio::task::spawn_blocking(move || readers(c, stable, stop))
     };
+    let turns_before = {
+        let c = client.clone();
+        write_turn_sums(&call(move || c.metrics()).await?)
+    };
     // Inbound conversion must progress in every one-second window, and stay healthy.
     let (_, mut last_progress, _) = inbound(&client).await?;
     let progress_churn_start = last_progress;
@@ -881,6 +946,19 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         last_progress = progress;
     }
     let churn_elapsed = churn_started.elapsed();
+    {
+        let c = client.clone();
+        let after = write_turn_sums(&call(move || c.metrics()).await?);
+        let mut turns: Vec<(String, f64, f64)> = after
+            .into_iter()
+            .map(|(caller, (held, waited))| {
+                let (held0, waited0) = turns_before.get(&caller).copied().unwrap_or_default();
+                (caller, held - held0, waited - waited0)
+            })
+            .collect();
+        turns.sort_by(|a, b| b.1.total_cmp(&a.1));
+        report.write_turns = turns;
+    }
     let accepted_churn = counter.load(Ordering::Relaxed) - accepted_baseline;
     report.accepted_per_s_churn = accepted_churn as f64 / churn_elapsed.as_secs_f64();
     report.converted_per_s_churn =

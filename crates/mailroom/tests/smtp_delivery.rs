@@ -399,7 +399,7 @@ async fn relay_networks_allow_remote_recipients_into_the_outbound_queue() {
     let items = server
         .server
         .store
-        .queue_items(Some(mailroom_store::QueueName::Outbound), 10)
+        .queue_items(Some(mailroom_store::QueueName::Outbound), None, 10)
         .unwrap();
     assert_eq!(items[0].recipients, ["friend@elsewhere.test"]);
     server.server.shutdown().await;

@@ -369,8 +369,15 @@ pub trait MailStore: Send + Sync + 'static {
     /// Depth, bytes and oldest entry of every queue.
     fn queue_summaries(&self) -> Result<Vec<QueueSummary>>;
 
-    /// The entries of one queue (or all), oldest first, at most `limit`.
-    fn queue_items(&self, queue: Option<QueueName>, limit: u32) -> Result<Vec<QueueItemInfo>>;
+    /// The entries of one queue (or all) in the order they were queued, at most `limit`,
+    /// starting after the entry `after` (its `id`): pages that stay stable while the
+    /// queue changes.
+    fn queue_items(
+        &self,
+        queue: Option<QueueName>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<QueueItemInfo>>;
 
     /// Records the organization, site and server (creating them at first start, renaming
     /// them when the config names them differently); returns what is stored.

@@ -11,10 +11,12 @@
 
 use crate::migrations::migrate;
 use crate::*;
-use mailroom_watch::RankedMutex;
+use mailroom_watch::{RankedMutex, TicketLock};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Idle connections kept for reuse; more are opened on demand and closed after use.
 const POOL_IDLE_MAX: usize = 16;
@@ -27,7 +29,34 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Idle connections. Rank 90 (leaf): held only to push or pop.
     idle: RankedMutex<Vec<Connection>>,
+    /// Whose turn it is to write. SQLite has one write lock per database and makes
+    /// waiting writers poll it; taking turns here first, in arrival order, means no
+    /// writer of ours ever polls (and so never starves). Rank 95: held for one
+    /// transaction, nothing ranked is taken inside it.
+    write_turn: TicketLock,
+    write_stats: WriteStats,
 }
+
+/// How long writers wait for their turn and hold it, per caller.
+#[derive(Clone)]
+struct WriteStats {
+    waited: Family<Vec<(String, String)>, Histogram>,
+    held: Family<Vec<(String, String)>, Histogram>,
+}
+
+impl Default for WriteStats {
+    fn default() -> Self {
+        let buckets = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        WriteStats {
+            waited: Family::new_with_constructor(buckets),
+            held: Family::new_with_constructor(buckets),
+        }
+    }
+}
+
+/// A write turn held longer than this is logged (with its caller): every other writer,
+/// conversion included, waited behind it.
+const SLOW_WRITE: Duration = Duration::from_millis(500);
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates its schema.
@@ -35,6 +64,8 @@ impl SqliteStore {
         let store = SqliteStore {
             path: path.to_path_buf(),
             idle: RankedMutex::new(90, "store connection pool", Vec::new()),
+            write_turn: TicketLock::new(95, "store write turn"),
+            write_stats: WriteStats::default(),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -78,6 +109,55 @@ impl SqliteStore {
             self.checkin(conn);
         }
         result
+    }
+
+    /// Runs `f`, which writes, with a pooled connection in this writer's turn (see
+    /// `write_turn`). `caller` labels the wait and hold metrics.
+    fn write<R>(
+        &self,
+        caller: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<R>,
+    ) -> Result<R> {
+        self.with_conn(|conn| {
+            let turn = self.write_turn.lock();
+            let started = Instant::now();
+            let result = f(conn);
+            let held = started.elapsed();
+            let waited = turn.waited();
+            drop(turn);
+            let labels = vec![("caller".to_string(), caller.to_string())];
+            self.write_stats
+                .waited
+                .get_or_create(&labels)
+                .observe(waited.as_secs_f64());
+            self.write_stats
+                .held
+                .get_or_create(&labels)
+                .observe(held.as_secs_f64());
+            if held > SLOW_WRITE {
+                tracing::warn!(
+                    caller,
+                    held_ms = held.as_millis() as u64,
+                    "a database write held the write turn for {} ms; every other writer waited",
+                    held.as_millis()
+                );
+            }
+            result
+        })
+    }
+
+    /// Adds the write-turn metrics to a Prometheus registry.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "mailroom_store_write_wait_seconds",
+            "Time a database writer waited for its turn, by caller",
+            self.write_stats.waited.clone(),
+        );
+        registry.register(
+            "mailroom_store_write_hold_seconds",
+            "Time a database writer held its turn (one transaction), by caller",
+            self.write_stats.held.clone(),
+        );
     }
 }
 
@@ -277,7 +357,7 @@ fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<
 
 impl MailStore for SqliteStore {
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
-        self.with_conn(|conn| {
+        self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             conn.pragma_update(None, "synchronous", "FULL")?;
             let result = (|| {
@@ -307,13 +387,13 @@ impl MailStore for SqliteStore {
     }
 
     fn release_claims(&self) -> Result<u64> {
-        self.with_conn(|conn| {
+        self.write("release", |conn| {
             Ok(conn.execute("UPDATE queue_items SET claimed = 0 WHERE claimed = 1", [])? as u64)
         })
     }
 
     fn claim_inbound(&self, now_ms: UnixMillis, limit: usize) -> Result<Vec<ClaimedItem>> {
-        self.with_conn(|conn| {
+        self.write("claim", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let claimed = {
                 let mut claim = tx.prepare_cached(
@@ -360,7 +440,7 @@ impl MailStore for SqliteStore {
         batch: &[(&ClaimedItem, &DeliveryPlan)],
         now_ms: UnixMillis,
     ) -> Result<Vec<Vec<Delivered>>> {
-        self.with_conn(|conn| {
+        self.write("deliver", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
             for (item, plan) in batch {
@@ -372,7 +452,7 @@ impl MailStore for SqliteStore {
     }
 
     fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()> {
-        self.with_conn(|conn| {
+        self.write("defer", |conn| {
             conn.execute(
                 "UPDATE queue_items SET claimed = 0, last_error = ?2, next_attempt_at_ms = ?3
                  WHERE id = ?1 AND queue = 'inbound'",
@@ -383,7 +463,7 @@ impl MailStore for SqliteStore {
     }
 
     fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()> {
-        self.with_conn(|conn| {
+        self.write("quarantine", |conn| {
             conn.execute(
                 "UPDATE queue_items SET queue = 'quarantine', claimed = 0, last_error = ?2
                  WHERE id = ?1 AND queue = 'inbound'",
@@ -446,41 +526,49 @@ impl MailStore for SqliteStore {
         })
     }
 
-    fn queue_items(&self, queue: Option<QueueName>, limit: u32) -> Result<Vec<QueueItemInfo>> {
+    fn queue_items(
+        &self,
+        queue: Option<QueueName>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<QueueItemInfo>> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT q.id, q.queue, q.queue_id, q.mail_from, q.recipients, q.received_at_ms,
                         q.attempts, q.last_error, b.size, q.next_attempt_at_ms,
                         q.connector, q.generation
                  FROM queue_items q JOIN blobs b ON b.id = q.blob_id
-                 WHERE ?1 IS NULL OR q.queue = ?1
-                 ORDER BY q.received_at_ms, q.id LIMIT ?2",
+                 WHERE (?1 IS NULL OR q.queue = ?1) AND q.id > ?3
+                 ORDER BY q.id LIMIT ?2",
             )?;
             let rows = stmt
-                .query_map(params![queue.map(QueueName::as_str), limit], |r| {
-                    Ok(QueueItemInfo {
-                        id: r.get(0)?,
-                        queue: QueueName::parse(&r.get::<_, String>(1)?)
-                            .unwrap_or(QueueName::Quarantine),
-                        queue_id: r.get(2)?,
-                        mail_from: r.get(3)?,
-                        recipients: parse_recipients(r.get(4)?),
-                        received_at_ms: r.get(5)?,
-                        attempts: r.get(6)?,
-                        last_error: r.get(7)?,
-                        size: r.get(8)?,
-                        next_attempt_at_ms: r.get(9)?,
-                        connector: r.get(10)?,
-                        generation: r.get::<_, Option<i64>>(11)?.map(|g| g as u64),
-                    })
-                })?
+                .query_map(
+                    params![queue.map(QueueName::as_str), limit, after.unwrap_or(0)],
+                    |r| {
+                        Ok(QueueItemInfo {
+                            id: r.get(0)?,
+                            queue: QueueName::parse(&r.get::<_, String>(1)?)
+                                .unwrap_or(QueueName::Quarantine),
+                            queue_id: r.get(2)?,
+                            mail_from: r.get(3)?,
+                            recipients: parse_recipients(r.get(4)?),
+                            received_at_ms: r.get(5)?,
+                            attempts: r.get(6)?,
+                            last_error: r.get(7)?,
+                            size: r.get(8)?,
+                            next_attempt_at_ms: r.get(9)?,
+                            connector: r.get(10)?,
+                            generation: r.get::<_, Option<i64>>(11)?.map(|g| g as u64),
+                        })
+                    },
+                )?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
     fn ensure_topology(&self, wanted: &Topology) -> Result<Topology> {
-        self.with_conn(|conn| {
+        self.write("topology", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<Topology> = tx
                 .query_row(
@@ -531,7 +619,7 @@ impl MailStore for SqliteStore {
     }
 
     fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()> {
-        self.with_conn(|conn| {
+        self.write("directory", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for write in writes {
                 match write {
@@ -794,9 +882,40 @@ mod tests {
         let depth = |q| summaries.iter().find(|s| s.queue == q).unwrap().depth;
         assert_eq!(depth(QueueName::Inbound), 0);
         assert_eq!(depth(QueueName::Outbound), 1);
-        let outbound = store.queue_items(Some(QueueName::Outbound), 10).unwrap();
+        let outbound = store
+            .queue_items(Some(QueueName::Outbound), None, 10)
+            .unwrap();
         assert_eq!(outbound[0].connector.as_deref(), Some("internet"));
         assert_eq!(outbound[0].generation, Some(7));
+    }
+
+    #[test]
+    fn queue_pages_cover_every_entry_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let entries: Vec<SpoolEntry> = (0..25)
+            .map(|i| entry(format!("m{i}").as_bytes(), &["a@example.test"]))
+            .collect();
+        store.spool(&entries).unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .queue_items(Some(QueueName::Inbound), after, 10)
+                .unwrap();
+            assert!(page.len() <= 10);
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            seen.extend(page.iter().map(|i| i.id));
+        }
+        assert_eq!(seen.len(), 25, "every entry once");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in queue order");
+        assert!(
+            store
+                .queue_items(Some(QueueName::Outbound), None, 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -847,7 +966,9 @@ mod tests {
         store
             .quarantine_inbound(again.id, "conversion panicked")
             .unwrap();
-        let items = store.queue_items(Some(QueueName::Quarantine), 10).unwrap();
+        let items = store
+            .queue_items(Some(QueueName::Quarantine), None, 10)
+            .unwrap();
         assert_eq!(items[0].last_error.as_deref(), Some("conversion panicked"));
         assert!(store.claim_inbound(9999, 10).unwrap().is_empty());
     }

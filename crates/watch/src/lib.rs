@@ -15,16 +15,20 @@
 //!
 //! What it never does: block the parts it watches. Probes and activities are atomics and
 //! `arc-swap` values; the watchdog only reads them (and, for database-backed queues, runs
-//! the sampler the queue's owner registered, on the watchdog's own thread).
+//! the sampler the queue's owner registered, on a sampler thread of the watchdog's, so a
+//! slow database read never delays the verdict). [`TicketLock`] serves threads that take
+//! turns at one resource (the database's write lock) in arrival order.
 
 mod deadlock;
 mod probe;
 mod ranked;
+mod ticket;
 mod watchdog;
 
 pub use deadlock::{DeadlockReport, start_deadlock_detector};
 pub use probe::{Activity, Probe, Sample};
 pub use ranked::{RankedGuard, RankedMutex};
+pub use ticket::{TicketGuard, TicketLock};
 pub use watchdog::{Health, QueueHealth, Registry, StalledQueue, Watchdog, WorkerReport};
 
 /// Milliseconds since the Unix epoch (wall clock), the unit every probe uses.

@@ -30,6 +30,8 @@ pub struct Probe {
     oldest_ms: AtomicI64,
     progress: AtomicU64,
     sampler: Option<Sampler>,
+    /// When the sampler last answered (Unix ms; 0: never).
+    sampled_at_ms: AtomicI64,
 }
 
 impl Probe {
@@ -42,6 +44,7 @@ impl Probe {
             oldest_ms: AtomicI64::new(0),
             progress: AtomicU64::new(0),
             sampler: None,
+            sampled_at_ms: AtomicI64::new(0),
         })
     }
 
@@ -59,6 +62,7 @@ impl Probe {
             oldest_ms: AtomicI64::new(0),
             progress: AtomicU64::new(0),
             sampler: Some(Box::new(sampler)),
+            sampled_at_ms: AtomicI64::new(0),
         })
     }
 
@@ -100,10 +104,40 @@ impl Probe {
         self.progress.load(Ordering::Relaxed)
     }
 
-    /// The current depth and oldest item.
+    /// Whether depth and oldest item come from a sampler (see [`Probe::refresh`]).
+    pub fn is_sampled(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Runs the sampler (if any) and keeps its answer for [`Probe::sample`].
+    ///
+    /// The watchdog's sampler thread calls this, never the watchdog itself: a sampler
+    /// reads the database, and a watchdog that waits on the database cannot report the
+    /// database being stuck (nor keep its verdict fresh when the machine is saturated).
+    pub fn refresh(&self) {
+        let Some(sampler) = &self.sampler else {
+            return;
+        };
+        if let Some(sample) = sampler() {
+            self.depth.store(sample.depth as i64, Ordering::Relaxed);
+            self.oldest_ms
+                .store(sample.oldest_ms.unwrap_or(0), Ordering::Relaxed);
+            self.sampled_at_ms.store(crate::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When the sampler last answered (Unix ms): `None` for an in-memory probe (always
+    /// current) and for a sampler that has not answered yet.
+    pub fn sampled_at(&self) -> Option<i64> {
+        let at = self.sampled_at_ms.load(Ordering::Relaxed);
+        (self.sampler.is_some() && at > 0).then_some(at)
+    }
+
+    /// The current depth and oldest item: for a sampled probe, the sampler's last answer
+    /// (`None` before its first).
     pub fn sample(&self) -> Option<Sample> {
-        if let Some(sampler) = &self.sampler {
-            return sampler();
+        if self.sampler.is_some() && self.sampled_at().is_none() {
+            return None;
         }
         let depth = self.depth.load(Ordering::Relaxed).max(0) as u64;
         let oldest = self.oldest_ms.load(Ordering::Relaxed);

@@ -45,21 +45,9 @@ impl<T> RankedMutex<T> {
     /// Takes the lock. Panics in debug builds when the calling thread holds a ranked lock
     /// of equal or higher rank.
     pub fn lock(&self) -> RankedGuard<'_, T> {
-        #[cfg(debug_assertions)]
-        HELD.with(|held| {
-            let held = held.borrow();
-            if let Some(&(rank, name)) = held.iter().max_by_key(|(rank, _)| *rank)
-                && rank >= self.rank
-            {
-                panic!(
-                    "lock order violation: taking {} (rank {}) while holding {} (rank {}); see docs/locking.md",
-                    self.name, self.rank, name, rank
-                );
-            }
-        });
+        check_rank(self.rank, self.name);
         let guard = self.inner.lock();
-        #[cfg(debug_assertions)]
-        HELD.with(|held| held.borrow_mut().push((self.rank, self.name)));
+        entered_rank(self.rank, self.name);
         RankedGuard {
             guard,
             #[cfg(debug_assertions)]
@@ -84,13 +72,44 @@ impl<T> DerefMut for RankedGuard<'_, T> {
 #[cfg(debug_assertions)]
 impl<T> Drop for RankedGuard<'_, T> {
     fn drop(&mut self) {
-        HELD.with(|held| {
-            let mut held = held.borrow_mut();
-            if let Some(position) = held.iter().rposition(|(rank, _)| *rank == self.rank) {
-                held.remove(position);
-            }
-        });
+        left_rank(self.rank);
     }
+}
+
+/// Panics (debug builds) when the calling thread holds a ranked lock of rank `rank` or
+/// higher: taking `name` now would break the lock order.
+#[cfg_attr(not(debug_assertions), allow(unused_variables))]
+pub(crate) fn check_rank(rank: u32, name: &'static str) {
+    #[cfg(debug_assertions)]
+    HELD.with(|held| {
+        let held = held.borrow();
+        if let Some(&(held_rank, held_name)) = held.iter().max_by_key(|(rank, _)| *rank)
+            && held_rank >= rank
+        {
+            panic!(
+                "lock order violation: taking {name} (rank {rank}) while holding {held_name} (rank {held_rank}); see docs/locking.md"
+            );
+        }
+    });
+}
+
+/// Records (debug builds) that the calling thread now holds `name`.
+#[cfg_attr(not(debug_assertions), allow(unused_variables))]
+pub(crate) fn entered_rank(rank: u32, name: &'static str) {
+    #[cfg(debug_assertions)]
+    HELD.with(|held| held.borrow_mut().push((rank, name)));
+}
+
+/// Records (debug builds) that the calling thread released its lock of `rank`.
+#[cfg_attr(not(debug_assertions), allow(unused_variables))]
+pub(crate) fn left_rank(rank: u32) {
+    #[cfg(debug_assertions)]
+    HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        if let Some(position) = held.iter().rposition(|(r, _)| *r == rank) {
+            held.remove(position);
+        }
+    });
 }
 
 #[cfg(all(test, debug_assertions))]

@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 type Labels = Vec<(String, String)>;
@@ -28,6 +29,11 @@ pub struct QueueHealth {
     pub no_progress_seconds: f64,
     /// Whether the watchdog judges it (queues nothing consumes yet are only reported).
     pub watched: bool,
+    /// For a queue that lives in the database: seconds since its depth was last read
+    /// (`null` for in-memory queues, always current). A read older than the stall time
+    /// counts as a stall: the database is not answering.
+    #[serde(default)]
+    pub sample_age_seconds: Option<f64>,
     /// Non-empty without progress for longer than the stall time.
     pub stalled: bool,
 }
@@ -196,11 +202,36 @@ impl Watchdog {
         std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
+                // Database reads happen on a thread of their own, so this one only ever
+                // reads atomics: its verdict stays fresh even while a sample is slow.
+                let stopped = Arc::new(AtomicBool::new(false));
+                let sampler = {
+                    let (registry, stopped) = (registry.clone(), stopped.clone());
+                    std::thread::Builder::new()
+                        .name("watch-sampler".into())
+                        .spawn(move || {
+                            while !stopped.load(Ordering::Relaxed) {
+                                for probe in registry.probes.load().iter() {
+                                    probe.refresh();
+                                }
+                                std::thread::sleep(interval);
+                            }
+                        })
+                };
+                if let Err(e) = &sampler {
+                    tracing::error!("cannot start the watchdog's sampler thread: {e}");
+                }
                 let mut tracks: HashMap<&'static str, Track> = HashMap::new();
                 while !stop() {
                     check(&registry, &mut tracks, stall_after.as_millis() as i64);
                     std::thread::sleep(interval);
                 }
+                // Not joined: a sampler stuck in the database must not hold up shutdown.
+                // Detached before it is told to stop, so it cannot be exiting while
+                // detached (glibc's pthread_detach races with an exiting thread, see
+                // docs/locking.md).
+                drop(sampler);
+                stopped.store(true, Ordering::Relaxed);
             })
     }
 }
@@ -228,6 +259,7 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
     let mut stalled = Vec::new();
     for probe in registry.probes.load().iter() {
         let sample = probe.sample().unwrap_or_default();
+        let sample_age_ms = probe.sampled_at().map(|at| now - at);
         let progress = probe.progress();
         let track = tracks.entry(probe.name()).or_insert(Track {
             progress,
@@ -239,7 +271,9 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
             track.since_ms = now;
         }
         let idle_ms = now - track.since_ms;
-        let is_stalled = probe.watched() && sample.depth > 0 && idle_ms >= stall_after_ms;
+        let unanswered = sample_age_ms.is_some_and(|age| age >= stall_after_ms);
+        let is_stalled =
+            probe.watched() && ((sample.depth > 0 && idle_ms >= stall_after_ms) || unanswered);
         if is_stalled && !track.stalled {
             registry
                 .stalls
@@ -249,16 +283,28 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
                 .iter()
                 .map(|w| format!("{}: {} (for {:.1} s)", w.worker, w.doing, w.for_seconds))
                 .collect();
-            tracing::error!(
-                queue = probe.name(),
-                depth = sample.depth,
-                no_progress_seconds = seconds(idle_ms),
-                "STALL: the {} queue holds {} item(s) and has made no progress for {:.1} s; workers:\n  {}",
-                probe.name(),
-                sample.depth,
-                seconds(idle_ms),
-                doing.join("\n  ")
-            );
+            if unanswered {
+                tracing::error!(
+                    queue = probe.name(),
+                    sample_age_seconds = sample_age_ms.map(seconds),
+                    "STALL: the {} queue's depth could not be read from the database for {:.1} s (last seen: {} item(s)); workers:\n  {}",
+                    probe.name(),
+                    sample_age_ms.map_or(0.0, seconds),
+                    sample.depth,
+                    doing.join("\n  ")
+                );
+            } else {
+                tracing::error!(
+                    queue = probe.name(),
+                    depth = sample.depth,
+                    no_progress_seconds = seconds(idle_ms),
+                    "STALL: the {} queue holds {} item(s) and has made no progress for {:.1} s; workers:\n  {}",
+                    probe.name(),
+                    sample.depth,
+                    seconds(idle_ms),
+                    doing.join("\n  ")
+                );
+            }
         } else if !is_stalled && track.stalled {
             tracing::warn!(
                 queue = probe.name(),
@@ -294,6 +340,7 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
                 0.0
             },
             watched: probe.watched(),
+            sample_age_seconds: sample_age_ms.map(seconds),
             stalled: is_stalled,
         });
     }
@@ -328,6 +375,7 @@ mod tests {
                 oldest_ms: Some(0),
             })
         });
+        idle_probe.refresh();
         registry.add_probe(probe.clone());
         registry.add_probe(idle_probe);
         let worker = Activity::new("conversion-0");
@@ -365,5 +413,65 @@ mod tests {
         probe.finished(1);
         check(&registry, &mut tracks, 10_000);
         assert!(registry.health().healthy, "progress clears the stall");
+    }
+
+    #[test]
+    fn a_slow_sampler_never_delays_the_verdict_and_a_silent_one_is_a_stall() {
+        use std::sync::mpsc;
+        let registry = Arc::new(Registry::default());
+        let (release, blocked) = mpsc::channel::<()>();
+        let blocked = parking_lot::Mutex::new(blocked);
+        let answers = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let probe = {
+            let answers = answers.clone();
+            Probe::sampled("inbound conversion", true, move || {
+                // The first answer is immediate; later ones wait until released, like a
+                // database read stuck behind a busy disk.
+                if answers.fetch_add(1, Ordering::SeqCst) > 0 {
+                    let _ = blocked.lock().recv();
+                }
+                Some(crate::Sample {
+                    depth: 2,
+                    oldest_ms: Some(crate::now_ms()),
+                })
+            })
+        };
+        registry.add_probe(probe.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let stop = stop.clone();
+            Watchdog::start(
+                registry.clone(),
+                Duration::from_millis(300),
+                Duration::from_millis(10),
+                move || stop.load(Ordering::Relaxed),
+            )
+            .unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Progress keeps moving, so only the silent sampler can make it unhealthy.
+        let health = loop {
+            probe.progressed(1);
+            let health = registry.health();
+            if !health.healthy || std::time::Instant::now() > deadline {
+                break health;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            !health.healthy,
+            "a sampler silent for the stall time is a stall"
+        );
+        let queue = &health.queues[0];
+        assert!(queue.stalled);
+        assert!(queue.sample_age_seconds.unwrap() >= 0.3);
+        assert_eq!(queue.depth, 2, "the last answer is still reported");
+        assert!(
+            crate::now_ms() - health.checked_at_ms < 1_000,
+            "the verdict kept being renewed while the sampler was blocked"
+        );
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap();
+        drop(release);
     }
 }
