@@ -24,6 +24,7 @@
 pub mod addressing;
 pub mod bulk;
 pub mod jobs;
+pub mod login;
 pub mod model;
 mod password;
 pub mod routing;

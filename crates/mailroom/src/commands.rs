@@ -72,8 +72,12 @@ pub struct NameArgs {
 fn read_password() -> anyhow::Result<String> {
     let mut text = String::new();
     if std::io::stdin().is_terminal() {
-        eprint!("Password: ");
-        std::io::stdin().read_line(&mut text)?;
+        // On a terminal: not echoed, asked twice.
+        text = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Again: ")?;
+        if again != text {
+            bail!("the two passwords differ; nothing changed");
+        }
     } else {
         std::io::stdin().read_to_string(&mut text)?;
     }

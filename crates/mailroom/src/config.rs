@@ -28,6 +28,69 @@ pub struct Config {
     pub directory: DirectorySection,
     /// The stall watchdog and the deadlock detector.
     pub watchdog: WatchdogSection,
+    /// The POP3 listener.
+    pub pop3: Pop3Section,
+    /// Logins to the mailbox protocols (POP3, IMAP).
+    pub login: LoginSection,
+}
+
+/// Where plaintext passwords are accepted (`plaintext_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextAuth {
+    /// From every client (only behind a TLS-terminating proxy or on a trusted network).
+    Always,
+    /// Only from loopback clients.
+    Loopback,
+    /// Never.
+    Never,
+}
+
+/// `[pop3]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Section {
+    /// Listen address; `--pop3` overrides it.
+    pub listen: SocketAddr,
+    /// Concurrent POP3 sessions, at most.
+    pub sessions_max: usize,
+    /// A session silent this long is closed, nothing deleted.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Pop3Section {
+    fn default() -> Self {
+        Pop3Section {
+            listen: "127.0.0.1:1110".parse().expect("valid address"),
+            sessions_max: 500,
+            idle_timeout_secs: 600,
+        }
+    }
+}
+
+/// `[login]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginSection {
+    /// Where passwords may be sent in the clear: "always", "loopback" or "never".
+    pub plaintext_auth: PlaintextAuth,
+    /// Failed logins from one client address before it is refused for the window.
+    pub failures_per_client: u32,
+    /// Failed logins for one account before it is refused for the window.
+    pub failures_per_account: u32,
+    /// The window, seconds.
+    pub failure_window_secs: u64,
+}
+
+impl Default for LoginSection {
+    fn default() -> Self {
+        LoginSection {
+            plaintext_auth: PlaintextAuth::Loopback,
+            failures_per_client: 10,
+            failures_per_account: 5,
+            failure_window_secs: 300,
+        }
+    }
 }
 
 /// `[watchdog]`
@@ -206,7 +269,7 @@ pub struct DirectorySection {
 
 /// The commented example printed by `mailroom config example`; equal to the defaults.
 pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
-# do not change. Command-line flags (--data, --domain, --smtp, --admin) override it.
+# do not change. Command-line flags (--data, --domain, --smtp, --pop3, --admin) override it.
 
 [server]
 # The name this server gives itself in the SMTP greeting and in Received headers.
@@ -288,6 +351,29 @@ stall_after_ms = 10000
 check_interval_ms = 250
 # How often the deadlock detector looks for threads blocked in a cycle; 0 turns it off.
 deadlock_check_ms = 1000
+
+[pop3]
+# Where the POP3 server listens (RFC 1939; the standard port 110 needs privileges).
+listen = "127.0.0.1:1110"
+# Concurrent POP3 sessions; more are refused with -ERR [SYS/TEMP].
+sessions_max = 500
+# A session silent this long is closed and nothing it marked is deleted (RFC 1939 asks
+# for at least 10 minutes).
+idle_timeout_secs = 600
+
+[login]
+# Where passwords may be sent in the clear (POP3 USER/PASS and AUTH PLAIN, IMAP LOGIN
+# and AUTHENTICATE PLAIN): "loopback" (clients on this machine only), "always" or
+# "never". There is no TLS yet, so "always" sends passwords readable on the network.
+plaintext_auth = "loopback"
+# After this many failed logins from one client address within the window, that client
+# is refused (without checking passwords) until the window ends.
+failures_per_client = 10
+# After this many failed logins for one account (from anywhere), the account is refused
+# for the rest of the window.
+failures_per_account = 5
+# The window, seconds.
+failure_window_secs = 300
 "#;
 
 impl Config {
@@ -377,6 +463,17 @@ impl Config {
         if self.watchdog.stall_after_ms < 100 || self.watchdog.check_interval_ms == 0 {
             bail!(
                 "watchdog.stall_after_ms must be at least 100 and watchdog.check_interval_ms at least 1"
+            );
+        }
+        if self.pop3.sessions_max == 0 || self.pop3.idle_timeout_secs == 0 {
+            bail!("pop3.sessions_max and pop3.idle_timeout_secs must be at least 1");
+        }
+        if self.login.failures_per_client == 0
+            || self.login.failures_per_account == 0
+            || self.login.failure_window_secs == 0
+        {
+            bail!(
+                "login.failures_per_client, login.failures_per_account and login.failure_window_secs must be at least 1"
             );
         }
         if self.conversion.time_budget_ms == 0 {

@@ -128,6 +128,9 @@ struct ServeArgs {
     /// SMTP listen address (overrides smtp.listen).
     #[arg(long)]
     smtp: Option<SocketAddr>,
+    /// POP3 listen address (overrides pop3.listen).
+    #[arg(long)]
+    pop3: Option<SocketAddr>,
     /// Admin API listen address (overrides admin.listen).
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -222,6 +225,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(smtp) = args.smtp {
         config.smtp.listen = smtp;
     }
+    if let Some(pop3) = args.pop3 {
+        config.pop3.listen = pop3;
+    }
     if let Some(admin) = args.admin {
         config.admin.listen = admin;
     }
@@ -231,6 +237,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         say("Mailroom is running.");
         say(&format!("  data folder: {}", server.data_dir.display()));
         say(&format!("  SMTP:        {}", server.smtp_addr));
+        say(&format!("  POP3:        {}", server.pop3_addr));
         say(&format!(
             "  admin API:   http://{}  (token in {}/admin.token)",
             server.admin_addr,

@@ -8,14 +8,17 @@
 //! Whatever is not done by the deadline stays queued and resumes at the next start.
 
 use crate::config::Config;
+use crate::config::PlaintextAuth;
 use anyhow::{Context, bail};
 use mailroom_admin::{AdminState, QueueGauges};
 use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Workers};
 use mailroom_directory::jobs::Jobs;
+use mailroom_directory::login::{LoginLimiter, LoginLimits};
 use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
 use mailroom_directory::{
     Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
 };
+use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
 use mailroom_store::{MailStore, QueueName, SqliteStore, Topology};
@@ -48,6 +51,8 @@ pub struct ServerOptions {
 pub struct RunningServer {
     /// Where SMTP listens (the real port when the config said 0).
     pub smtp_addr: SocketAddr,
+    /// Where POP3 listens.
+    pub pop3_addr: SocketAddr,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
     /// The admin API's bearer token.
@@ -215,11 +220,13 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let spool_stats = SpoolStats::default();
     let conversion_stats = ConversionStats::default();
     let smtp_stats = SmtpStats::default();
+    let pop3_stats = Pop3Stats::default();
     let queue_gauges = QueueGauges::default();
     sqlite.register_metrics(&mut registry);
     spool_stats.register(&mut registry);
     conversion_stats.register(&mut registry);
     smtp_stats.register(&mut registry);
+    pop3_stats.register(&mut registry);
     queue_gauges.register(&mut registry);
 
     let doorbell = Doorbell::default();
@@ -305,6 +312,14 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.smtp.listen
             )
         })?;
+    let pop3_listener = TcpListener::bind(config.pop3.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for POP3 on {} (pop3.listen / --pop3)",
+                config.pop3.listen
+            )
+        })?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| {
@@ -314,6 +329,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             )
         })?;
     let smtp_addr = smtp_listener.local_addr()?;
+    let pop3_addr = pop3_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
     let admin_token = admin_token(&data_dir)?;
@@ -345,6 +361,30 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let sessions = TaskTracker::new();
     tokio::spawn(smtp.serve(smtp_listener, cancel.clone(), sessions.clone()));
 
+    let limiter = Arc::new(LoginLimiter::new(LoginLimits {
+        per_client: config.login.failures_per_client,
+        per_account: config.login.failures_per_account,
+        window: Duration::from_secs(config.login.failure_window_secs),
+    }));
+    let plaintext = match config.login.plaintext_auth {
+        PlaintextAuth::Always => PlaintextPolicy::Always,
+        PlaintextAuth::Loopback => PlaintextPolicy::Loopback,
+        PlaintextAuth::Never => PlaintextPolicy::Never,
+    };
+    let pop3 = Pop3Server::new(
+        Pop3Config {
+            hostname: config.server.hostname.clone(),
+            sessions_max: config.pop3.sessions_max,
+            idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
+            plaintext,
+        },
+        directory.clone(),
+        store.clone(),
+        limiter.clone(),
+        pop3_stats,
+    );
+    tokio::spawn(pop3.serve(pop3_listener, cancel.clone(), sessions.clone()));
+
     let admin_state = Arc::new(AdminState {
         store: store.clone(),
         directory: directory.clone(),
@@ -364,6 +404,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
 
     Ok(RunningServer {
         smtp_addr,
+        pop3_addr,
         admin_addr,
         admin_token,
         data_dir,

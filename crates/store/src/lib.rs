@@ -256,6 +256,22 @@ pub struct MessageSummary {
     pub return_path: String,
 }
 
+/// A folder's identity and counters (IMAP's STATUS items; POP3's unique ids use the
+/// UIDVALIDITY).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FolderStatus {
+    /// Changes whenever UIDs of this folder name could be reused (a new folder).
+    pub uidvalidity: u32,
+    /// The UID the next message will get.
+    pub uidnext: u32,
+    /// The highest modification sequence of any change in the folder.
+    pub highestmodseq: u64,
+    /// Messages in the folder.
+    pub messages: u32,
+    /// Sum of their sizes, bytes.
+    pub bytes: u64,
+}
+
 /// One e-mail address of a recipient.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AddressRecord {
@@ -404,6 +420,14 @@ pub trait MailStore: Send + Sync + 'static {
     /// Number of distinct bodies stored (single-instance storage makes this smaller than
     /// the number of deliveries).
     fn blob_count(&self) -> Result<u64>;
+
+    /// A folder's identity and counters; `None` when the folder does not exist (INBOX
+    /// exists once the first message arrived).
+    fn folder_status(&self, recipient: RecipientId, folder: &str) -> Result<Option<FolderStatus>>;
+
+    /// Removes the messages `uids` from a folder (those still there), releasing their
+    /// bodies, in one transaction. Returns how many were removed.
+    fn expunge(&self, recipient: RecipientId, folder: &str, uids: &[u32]) -> Result<u64>;
 }
 
 /// The header prepended to a delivered message: the envelope sender, per RFC 5321 4.4.

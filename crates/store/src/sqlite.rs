@@ -708,6 +708,64 @@ impl MailStore for SqliteStore {
     fn blob_count(&self) -> Result<u64> {
         self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM blobs", [], |r| r.get(0))?))
     }
+
+    fn folder_status(&self, recipient: RecipientId, folder: &str) -> Result<Option<FolderStatus>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT f.uidvalidity, f.uidnext, f.highestmodseq,
+                            (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
+                            (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id)
+                     FROM folders f WHERE f.recipient_id = ?1 AND f.name = ?2",
+                    params![recipient, folder],
+                    |r| {
+                        Ok(FolderStatus {
+                            uidvalidity: r.get(0)?,
+                            uidnext: r.get(1)?,
+                            highestmodseq: r.get::<_, i64>(2)? as u64,
+                            messages: r.get(3)?,
+                            bytes: r.get::<_, i64>(4)? as u64,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+    }
+
+    fn expunge(&self, recipient: RecipientId, folder: &str, uids: &[u32]) -> Result<u64> {
+        if uids.is_empty() {
+            return Ok(0);
+        }
+        self.write("expunge", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(folder) = folder_id(&tx, recipient, folder)? else {
+                return Ok(0);
+            };
+            let mut removed = 0;
+            {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM messages WHERE folder_id = ?1 AND uid = ?2 RETURNING blob_id",
+                )?;
+                for &uid in uids {
+                    let blob: Option<i64> = delete
+                        .query_row(params![folder, uid], |r| r.get(0))
+                        .optional()?;
+                    if let Some(blob) = blob {
+                        adjust_blob_refs(&tx, blob, -1)?;
+                        removed += 1;
+                    }
+                }
+            }
+            if removed > 0 {
+                tx.execute(
+                    "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1",
+                    [folder],
+                )?;
+            }
+            tx.commit()?;
+            Ok(removed)
+        })
+    }
 }
 
 /// One entry's delivery inside the caller's transaction; see `deliver_inbound`.
@@ -742,16 +800,26 @@ fn deliver_one(
     let mut delivered = Vec::with_capacity(plan.local.len());
     for &recipient in &plan.local {
         let folder = inbox_id(tx, recipient, now_ms)?;
-        let uid: u32 = tx
+        let (uid, modseq): (u32, i64) = tx
             .prepare_cached(
-                "UPDATE folders SET uidnext = uidnext + 1 WHERE id = ?1 RETURNING uidnext - 1",
+                "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
+                 WHERE id = ?1 RETURNING uidnext - 1, highestmodseq",
             )?
-            .query_row([folder], |r| r.get(0))?;
+            .query_row([folder], |r| Ok((r.get(0)?, r.get(1)?)))?;
         tx.prepare_cached(
-            "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size,
+                                   modseq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![folder, uid, blob_id, item.mail_from, now_ms, size])?;
+        .execute(params![
+            folder,
+            uid,
+            blob_id,
+            item.mail_from,
+            now_ms,
+            size,
+            modseq
+        ])?;
         delivered.push(Delivered { recipient, uid });
     }
     let mut references = plan.local.len() as i64 - 1;
@@ -1016,5 +1084,43 @@ mod tests {
             0,
             "the last reference freed it"
         );
+    }
+
+    #[test]
+    fn expunge_removes_messages_releases_bodies_and_moves_the_modseq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        assert_eq!(store.folder_status(a, "INBOX").unwrap(), None);
+        store
+            .spool(&[
+                entry(b"one", &["a@example.test"]),
+                entry(b"two", &["a@example.test"]),
+            ])
+            .unwrap();
+        let items = store.claim_inbound(2000, 10).unwrap();
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        let batch: Vec<_> = items.iter().map(|i| (i, &plan)).collect();
+        store.deliver_inbound(&batch, 3000).unwrap();
+        let before = store.folder_status(a, "INBOX").unwrap().unwrap();
+        assert_eq!((before.messages, before.uidnext), (2, 3));
+        assert_eq!(store.blob_count().unwrap(), 2);
+        // UID 1 goes; 7 never existed and is ignored.
+        assert_eq!(store.expunge(a, "INBOX", &[1, 7]).unwrap(), 1);
+        let after = store.folder_status(a, "INBOX").unwrap().unwrap();
+        assert_eq!(after.messages, 1);
+        assert_eq!(after.uidnext, 3, "UIDs are never reused");
+        assert_eq!(after.uidvalidity, before.uidvalidity);
+        assert!(after.highestmodseq > before.highestmodseq);
+        assert_eq!(
+            store.blob_count().unwrap(),
+            1,
+            "the body of UID 1 is released"
+        );
+        assert_eq!(store.mailbox_messages(a, "INBOX").unwrap()[0].uid, 2);
+        assert_eq!(store.expunge(a, "INBOX", &[1]).unwrap(), 0);
     }
 }

@@ -1,0 +1,449 @@
+//! The POP3 listener: accept loop, connection limit, one task per connection, the login,
+//! the maildrop lock, store access and shutdown.
+//!
+//! Store reads and password checks (Argon2id, tens of milliseconds of CPU) run on the
+//! blocking pool, never on a runtime worker. No lock is held across an `.await`: the
+//! maildrop lock is a set membership whose guard only removes the entry when dropped.
+
+use crate::session::{Action, DropMessage, Maildrop, Session};
+use mailroom_directory::Directory;
+use mailroom_directory::login::{LoginError, LoginLimiter, authenticate};
+use mailroom_directory::model::Protocol;
+use mailroom_store::{MailStore, RecipientId};
+use mailroom_watch::RankedMutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest command line accepted (RFC 2449 allows 255 octets; AUTH PLAIN initial
+/// responses can be longer).
+const LINE_MAX: usize = 4096;
+
+/// Where plaintext passwords (USER/PASS, AUTH PLAIN) are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaintextPolicy {
+    /// From every client.
+    Always,
+    /// Only from loopback clients (the default until TLS exists).
+    Loopback,
+    /// Never.
+    Never,
+}
+
+impl PlaintextPolicy {
+    /// Whether a client at `ip` may send a password in the clear.
+    pub fn allows(self, ip: IpAddr) -> bool {
+        match self {
+            PlaintextPolicy::Always => true,
+            PlaintextPolicy::Loopback => ip.is_loopback(),
+            PlaintextPolicy::Never => false,
+        }
+    }
+}
+
+/// Settings of the POP3 listener.
+#[derive(Debug, Clone)]
+pub struct Pop3Config {
+    /// The name in the greeting.
+    pub hostname: String,
+    /// Concurrent sessions, at most; more get `-ERR [SYS/TEMP]` and are closed.
+    pub sessions_max: usize,
+    /// A session silent this long is closed (RFC 1939 asks for at least 10 minutes).
+    pub idle_timeout: Duration,
+    /// Where plaintext passwords are accepted.
+    pub plaintext: PlaintextPolicy,
+}
+
+/// Counters and gauges of the POP3 service.
+#[derive(Clone, Default)]
+pub struct Pop3Stats {
+    /// Connections accepted.
+    pub sessions: Counter,
+    /// Connections open now.
+    pub sessions_active: Gauge,
+    /// Login attempts by result (`ok`, `invalid`, `disabled`, `limited`, `in_use`).
+    pub logins: Family<Vec<(String, String)>, Counter>,
+    /// Messages sent by RETR.
+    pub retrieved: Counter,
+    /// Messages removed at QUIT.
+    pub deleted: Counter,
+}
+
+impl Pop3Stats {
+    /// Adds the metrics to a Prometheus registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailroom_pop3_sessions",
+            "POP3 connections accepted",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "mailroom_pop3_sessions_active",
+            "POP3 connections open now",
+            self.sessions_active.clone(),
+        );
+        registry.register(
+            "mailroom_pop3_logins",
+            "POP3 login attempts by result",
+            self.logins.clone(),
+        );
+        registry.register(
+            "mailroom_pop3_retrieved",
+            "Messages sent by POP3 RETR",
+            self.retrieved.clone(),
+        );
+        registry.register(
+            "mailroom_pop3_deleted",
+            "Messages removed by POP3 at QUIT",
+            self.deleted.clone(),
+        );
+    }
+
+    fn login(&self, result: &str) {
+        self.logins
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
+    }
+}
+
+/// Maildrops in use: one POP3 session per recipient at a time (RFC 1939 section 8).
+pub struct MaildropLocks {
+    /// Rank 86 (leaf): held for one insert or remove.
+    held: RankedMutex<HashSet<RecipientId>>,
+}
+
+impl Default for MaildropLocks {
+    fn default() -> Self {
+        MaildropLocks {
+            held: RankedMutex::new(86, "POP3 maildrop locks", HashSet::new()),
+        }
+    }
+}
+
+/// Holds a maildrop until dropped.
+pub struct MaildropGuard {
+    locks: Arc<MaildropLocks>,
+    recipient: RecipientId,
+}
+
+impl MaildropLocks {
+    /// Locks `recipient`'s maildrop, or `None` when another session holds it.
+    pub fn try_lock(self: &Arc<Self>, recipient: RecipientId) -> Option<MaildropGuard> {
+        self.held.lock().insert(recipient).then(|| MaildropGuard {
+            locks: self.clone(),
+            recipient,
+        })
+    }
+}
+
+impl Drop for MaildropGuard {
+    fn drop(&mut self) {
+        self.locks.held.lock().remove(&self.recipient);
+    }
+}
+
+/// Everything a POP3 connection needs; shared by all connections.
+pub struct Pop3Server {
+    config: Pop3Config,
+    directory: Directory,
+    store: Arc<dyn MailStore>,
+    limiter: Arc<LoginLimiter>,
+    locks: Arc<MaildropLocks>,
+    stats: Pop3Stats,
+}
+
+impl Pop3Server {
+    /// Bundles the parts a listener needs. `limiter` is shared with the IMAP listener.
+    pub fn new(
+        config: Pop3Config,
+        directory: Directory,
+        store: Arc<dyn MailStore>,
+        limiter: Arc<LoginLimiter>,
+        stats: Pop3Stats,
+    ) -> Arc<Pop3Server> {
+        Arc::new(Pop3Server {
+            config,
+            directory,
+            store,
+            limiter,
+            locks: Arc::new(MaildropLocks::default()),
+            stats,
+        })
+    }
+
+    /// Accepts connections until `cancel` fires; connection tasks are spawned on
+    /// `tracker` so the caller can wait for them with a deadline.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.config.sessions_max.max(1)));
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "POP3 accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracker.spawn(async move {
+                    let _ = stream
+                        .write_all(b"-ERR [SYS/TEMP] too many connections, try again later\r\n")
+                        .await;
+                });
+                continue;
+            };
+            let server = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                server.stats.sessions.inc();
+                server.stats.sessions_active.inc();
+                if let Err(e) = server.handle(stream, peer, cancel).await {
+                    tracing::debug!(%peer, error = %e, "POP3 session ended with an error");
+                }
+                server.stats.sessions_active.dec();
+                drop(permit);
+            });
+        }
+    }
+
+    /// Runs one session over any byte stream (TLS can wrap it later).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let mut session = Session::new(self.config.plaintext.allows(peer.ip()));
+        let mut out = Session::greeting(&self.config.hostname);
+        let mut input: Vec<u8> = Vec::new();
+        let mut buffer = vec![0u8; 16 * 1024];
+        // Held for the whole TRANSACTION state; dropped when the session ends.
+        let mut maildrop_lock: Option<MaildropGuard> = None;
+        loop {
+            // Every complete line already received (pipelining), in order.
+            while let Some(end) = input.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = input.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                let mut action = session.line(&line);
+                loop {
+                    match action {
+                        Action::Reply(reply) => {
+                            out.extend_from_slice(&reply);
+                            break;
+                        }
+                        Action::Close(reply) => {
+                            out.extend_from_slice(&reply);
+                            self.write(&mut stream, &mut out).await?;
+                            return stream.shutdown().await;
+                        }
+                        Action::Login { user, password } => {
+                            match self.login(peer.ip(), user, password).await {
+                                Ok((guard, maildrop)) => {
+                                    maildrop_lock = Some(guard);
+                                    out.extend_from_slice(&session.logged_in(maildrop));
+                                    break;
+                                }
+                                Err(reply) => action = session.login_failed(reply),
+                            }
+                        }
+                        Action::Fetch { uid, lines } => {
+                            let recipient = self.recipient_of(&maildrop_lock);
+                            let store = self.store.clone();
+                            let raw = tokio::task::spawn_blocking(move || {
+                                store.message_raw(recipient, "INBOX", uid)
+                            })
+                            .await
+                            .map_err(std::io::Error::other)?;
+                            match raw {
+                                Ok(raw) => {
+                                    if lines.is_none() && raw.is_some() {
+                                        self.stats.retrieved.inc();
+                                    }
+                                    out.extend_from_slice(&session.message(raw.as_deref(), lines));
+                                }
+                                Err(e) => {
+                                    tracing::error!(%peer, error = %e, "POP3 could not read a message");
+                                    out.extend_from_slice(
+                                        b"-ERR [SYS/TEMP] the message cannot be read right now\r\n",
+                                    );
+                                }
+                            }
+                            break;
+                        }
+                        Action::Update { recipient, uids } => {
+                            let store = self.store.clone();
+                            let marked = uids.len() as u64;
+                            let result = tokio::task::spawn_blocking(move || {
+                                store.expunge(recipient, "INBOX", &uids)
+                            })
+                            .await
+                            .map_err(std::io::Error::other)?;
+                            let result = match result {
+                                Ok(removed) => {
+                                    self.stats.deleted.inc_by(removed);
+                                    tracing::debug!(%peer, removed, marked, "POP3 update");
+                                    Ok(())
+                                }
+                                Err(e) => {
+                                    tracing::error!(%peer, error = %e, "POP3 deletions failed");
+                                    Err(e.to_string())
+                                }
+                            };
+                            out.extend_from_slice(&Session::quit_reply(result));
+                            self.write(&mut stream, &mut out).await?;
+                            return stream.shutdown().await;
+                        }
+                    }
+                }
+            }
+            if input.len() > LINE_MAX {
+                out.extend_from_slice(b"-ERR line too long, closing\r\n");
+                self.write(&mut stream, &mut out).await?;
+                return stream.shutdown().await;
+            }
+            self.write(&mut stream, &mut out).await?;
+            let read = tokio::select! {
+                _ = cancel.cancelled() => Err("-ERR [SYS/TEMP] server shutting down; nothing was deleted\r\n"),
+                read = tokio::time::timeout(self.config.idle_timeout, stream.read(&mut buffer)) => match read {
+                    Ok(read) => Ok(read?),
+                    Err(_) => Err("-ERR autologout timer expired; nothing was deleted\r\n"),
+                },
+            };
+            match read {
+                Ok(0) => return Ok(()),
+                Ok(n) => input.extend_from_slice(&buffer[..n]),
+                Err(goodbye) => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        stream.write_all(goodbye.as_bytes()),
+                    )
+                    .await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn recipient_of(&self, guard: &Option<MaildropGuard>) -> RecipientId {
+        guard.as_ref().map_or(0, |g| g.recipient)
+    }
+
+    /// Checks the limiter and the credentials, locks and loads the maildrop; on failure
+    /// returns the `-ERR` line.
+    async fn login(
+        &self,
+        client: IpAddr,
+        user: String,
+        password: String,
+    ) -> Result<(MaildropGuard, Maildrop), Vec<u8>> {
+        let refuse = |e: &LoginError| format!("-ERR [AUTH] {e}\r\n").into_bytes();
+        if let Err(e) = self.limiter.check(client, &user) {
+            self.stats.login("limited");
+            return Err(refuse(&e));
+        }
+        let snapshot = self.directory.snapshot();
+        let checked_user = user.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            authenticate(&snapshot, &checked_user, &password, Protocol::Pop3)
+        })
+        .await
+        .map_err(|_| b"-ERR [SYS/TEMP] login failed, try again\r\n".to_vec())?;
+        let recipient = match result {
+            Ok(id) => id,
+            Err(e @ LoginError::ProtocolDisabled(_)) => {
+                self.stats.login("disabled");
+                return Err(refuse(&e));
+            }
+            Err(e) => {
+                self.limiter.record(client, &user, false);
+                self.stats.login("invalid");
+                tracing::info!(%client, user, "POP3 login failed");
+                return Err(refuse(&e));
+            }
+        };
+        self.limiter.record(client, &user, true);
+        let Some(guard) = self.locks.try_lock(recipient) else {
+            self.stats.login("in_use");
+            return Err(
+                b"-ERR [IN-USE] the maildrop is in use by another POP3 session\r\n".to_vec(),
+            );
+        };
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let status = store.folder_status(recipient, "INBOX")?;
+            let messages = store.mailbox_messages(recipient, "INBOX")?;
+            Ok::<_, mailroom_store::StoreError>((status, messages))
+        })
+        .await;
+        let (status, messages) = match loaded {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(e)) => {
+                tracing::error!(%client, error = %e, "POP3 could not load a maildrop");
+                return Err(b"-ERR [SYS/TEMP] the maildrop cannot be read right now\r\n".to_vec());
+            }
+            Err(_) => {
+                return Err(b"-ERR [SYS/TEMP] the maildrop cannot be read right now\r\n".to_vec());
+            }
+        };
+        self.stats.login("ok");
+        Ok((
+            guard,
+            Maildrop {
+                recipient,
+                uidvalidity: status.map_or(0, |s| s.uidvalidity),
+                messages: messages
+                    .into_iter()
+                    .map(|m| DropMessage {
+                        uid: m.uid,
+                        size: m.size,
+                        deleted: false,
+                    })
+                    .collect(),
+            },
+        ))
+    }
+
+    async fn write<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.config.idle_timeout, stream.write_all(out)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                ));
+            }
+        }
+        out.clear();
+        Ok(())
+    }
+}
