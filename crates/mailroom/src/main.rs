@@ -111,6 +111,9 @@ enum StressCommand {
         /// The targeted server's SMTP address.
         #[arg(long)]
         smtp: Option<std::net::SocketAddr>,
+        /// The targeted server's POP3 address (for the POP3 readers).
+        #[arg(long, requires = "server")]
+        pop3: Option<std::net::SocketAddr>,
     },
 }
 
@@ -182,7 +185,9 @@ fn main() {
             server,
             token,
             smtp,
+            pop3,
         }) => stress_churn(mailroom::stress::ChurnOptions {
+            target_pop3: pop3,
             target: match (server, token, smtp) {
                 (Some(server), Some(token), Some(smtp)) => Some((server, token, smtp)),
                 _ => None,

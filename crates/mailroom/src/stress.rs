@@ -58,6 +58,9 @@ pub struct ChurnOptions {
     /// SMTP address. It must allow relaying from this host; the run adds `churn.test` as
     /// an accepted domain. No SIGTERM rounds are run against it.
     pub target: Option<(String, String, SocketAddr)>,
+    /// The targeted server's POP3 address, for the POP3 readers (without it a targeted
+    /// run has none).
+    pub target_pop3: Option<SocketAddr>,
 }
 
 /// What a run measured.
@@ -87,6 +90,10 @@ pub struct ChurnReport {
     pub admin_changes: usize,
     /// Admin API and permission reads done.
     pub reads: u64,
+    /// POP3 logins that got in (STAT and UIDL read the maildrop).
+    pub pop3_logins: u64,
+    /// POP3 logins refused because the administrator loop had POP3 off at that moment.
+    pub pop3_refused: u64,
     /// Time from SIGTERM to exit, each round, ms.
     pub shutdown_ms: Vec<u128>,
     /// During the churn, per database writer (spool, claim, deliver, directory ...):
@@ -169,8 +176,8 @@ impl fmt::Display for ChurnReport {
         )?;
         writeln!(
             f,
-            "messages accepted: {}; reads: {}",
-            self.accepted, self.reads
+            "messages accepted: {}; reads: {}; POP3 logins: {} in, {} refused by protocol settings",
+            self.accepted, self.reads, self.pop3_logins, self.pop3_refused
         )?;
         writeln!(
             f,
@@ -197,6 +204,7 @@ struct Server {
     /// The child process and its log; `None` when targeting a running server.
     child: Option<(Child, PathBuf)>,
     smtp: SocketAddr,
+    pop3: Option<SocketAddr>,
     client: AdminClient,
 }
 
@@ -253,10 +261,14 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
         .with_context(|| format!("cannot start {}", binary.display()))?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut smtp = None;
+    let mut pop3 = None;
     for line in lines.by_ref() {
         let line = line?;
         if let Some(addr) = line.trim().strip_prefix("SMTP:") {
             smtp = Some(addr.trim().parse()?);
+        }
+        if let Some(addr) = line.trim().strip_prefix("POP3:") {
+            pop3 = Some(addr.trim().parse()?);
         }
         if line.contains("admin API:") {
             break;
@@ -267,6 +279,7 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
     Ok(Server {
         child: Some((child, log)),
         smtp,
+        pop3,
         client: AdminClient::from_data_dir(&data)?,
     })
 }
@@ -546,6 +559,65 @@ fn admin_loop(
         std::thread::sleep(interval);
     }
     Ok(outcome)
+}
+
+/// Stable mailboxes the POP3 readers log in to (one thread each: a maildrop takes one
+/// session at a time).
+const POP3_READERS: usize = 2;
+const POP3_PASSWORD: &str = "churn reader password";
+const POP3_PAUSE: Duration = Duration::from_millis(100);
+
+/// Logs in to `mailbox` over POP3 again and again until `stop`: STAT, UIDL, QUIT, never
+/// a deletion (the exactly-once check counts the mailboxes afterwards). A refusal because
+/// POP3 is off right then (the administrator loop toggles it) is counted, not an error;
+/// anything else is. Returns (logins in, logins refused by protocol settings).
+fn pop3_reader(
+    addr: SocketAddr,
+    mailbox: String,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, Write};
+    let (mut logins, mut refused) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let mut reply = |reader: &mut BufReader<std::net::TcpStream>| -> anyhow::Result<String> {
+            line.clear();
+            reader.read_line(&mut line)?;
+            Ok(line.trim_end().to_string())
+        };
+        ensure!(reply(&mut reader)?.starts_with("+OK"), "POP3 greeting");
+        write!(writer, "USER {mailbox}\r\nPASS {POP3_PASSWORD}\r\n")?;
+        ensure!(reply(&mut reader)?.starts_with("+OK"), "POP3 USER");
+        let pass = reply(&mut reader)?;
+        if pass.starts_with("-ERR [AUTH] POP3 is disabled") {
+            refused += 1;
+            writer.write_all(b"QUIT\r\n")?;
+            std::thread::sleep(POP3_PAUSE);
+            continue;
+        }
+        ensure!(
+            pass.starts_with("+OK"),
+            "POP3 login of {mailbox} refused: {pass}"
+        );
+        writer.write_all(b"STAT\r\nUIDL\r\nQUIT\r\n")?;
+        ensure!(reply(&mut reader)?.starts_with("+OK"), "POP3 STAT");
+        ensure!(reply(&mut reader)?.starts_with("+OK"), "POP3 UIDL");
+        loop {
+            if reply(&mut reader)? == "." {
+                break;
+            }
+        }
+        ensure!(reply(&mut reader)?.starts_with("+OK"), "POP3 QUIT");
+        logins += 1;
+        // Pacing, not synchronisation: each login costs an Argon2id check (tens of ms of
+        // CPU), and a client logging in ten times a second is plenty of reader load.
+        std::thread::sleep(POP3_PAUSE);
+    }
+    Ok((logins, refused))
 }
 
 /// Permission checks and admin reads until `stop`; returns how many succeeded.
@@ -833,6 +905,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         Some((url, token, smtp)) => Server {
             child: None,
             smtp: *smtp,
+            pop3: options.target_pop3,
             client: AdminClient::new(url, token),
         },
         None => {
@@ -858,6 +931,12 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
             }
             for i in 0..stable {
                 exists(c.post("/recipients", &json!({"address": format!("stable{i}@{DOMAIN}"), "alias": format!("stable{i}")})))?;
+            }
+            for i in 0..POP3_READERS.min(stable) {
+                c.post_no_content(
+                    &format!("/recipients/stable{i}/password"),
+                    &json!({"password": POP3_PASSWORD}),
+                )?;
             }
             let members: Vec<String> = (0..5.min(stable)).map(|i| format!("stable{i}")).collect();
             exists(c.post("/recipients", &json!({"kind": "list", "alias": "stable-list", "address": format!("stable-list@{DOMAIN}"), "members": members})))?;
@@ -918,6 +997,15 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
         tokio::task::spawn_blocking(move || readers(c, stable, stop))
     };
+    let pop3_reading: Vec<_> = match server.pop3 {
+        Some(addr) => (0..POP3_READERS.min(options.stable))
+            .map(|i| {
+                let stop = admin_stop.clone();
+                tokio::task::spawn_blocking(move || pop3_reader(addr, format!("stable{i}"), stop))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let turns_before = {
         let c = client.clone();
         write_turn_sums(&call(move || c.metrics()).await?)
@@ -973,6 +1061,11 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     admin_stop.store(true, Ordering::Relaxed);
     let admin = admin.await??;
     report.reads = reading.await??;
+    for reader in pop3_reading {
+        let (logins, refused) = reader.await??;
+        report.pop3_logins += logins;
+        report.pop3_refused += refused;
+    }
     report.import_rows = job["scanned"].as_u64().unwrap_or(0);
     report.admin_changes = admin.changes;
     report.publish_ms = percentiles(admin.publish_ms.clone());

@@ -34,6 +34,15 @@ fn directory_churn_under_load_never_wedges() {
     assert!(stdout.contains("PASS: no deadlock, no stall"), "{stdout}");
     // 3,000 created, 3,000 modified, 1,000 deleted: every row applied.
     assert!(stdout.contains("(7000 import rows,"), "{stdout}");
+    // The POP3 readers logged in throughout (the administrator loop turns POP3 off at
+    // times; those refusals are counted apart).
+    let logins: u64 = stdout
+        .split("POP3 logins: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a POP3 login count");
+    assert!(logins > 0, "no POP3 login got in: {stdout}");
     let rounds = stdout
         .lines()
         .find(|l| l.starts_with("shutdown (SIGTERM to exit) per round:"))
