@@ -22,9 +22,11 @@
 //! What it never does: parse mail, talk a protocol, or hold a lock while calling out.
 //! All methods are blocking; async callers use `spawn_blocking` or a dedicated thread.
 
+mod mailbox;
 mod migrations;
 mod sqlite;
 
+pub use mailbox::{Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState};
 pub use sqlite::SqliteStore;
 
 use serde::{Deserialize, Serialize};
@@ -347,7 +349,7 @@ pub enum DirectoryWrite {
 ///
 /// Every method is blocking and runs its own transaction; none keeps a transaction open
 /// across calls, so callers can never hold the database while waiting on something else.
-pub trait MailStore: Send + Sync + 'static {
+pub trait MailStore: Mailboxes + Send + Sync + 'static {
     /// Makes a batch of accepted messages durable (one transaction, full fsync), each as
     /// an inbound queue entry; returns their row identities in order.
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>>;

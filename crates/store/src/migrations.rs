@@ -89,12 +89,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE queue_items ADD COLUMN generation INTEGER;
     "#,
     // Version 4: mailbox access (IMAP, POP3): modification sequences per folder and
-    // message, subscriptions, special-use folders.
+    // message, subscriptions, special-use folders, and whether a Return-Path is prepended
+    // at fetch (`trace`: 0 for APPENDed messages).
     r#"
     ALTER TABLE folders ADD COLUMN highestmodseq INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE folders ADD COLUMN subscribed INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE folders ADD COLUMN special_use TEXT;
     ALTER TABLE messages ADD COLUMN modseq INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE messages ADD COLUMN trace INTEGER NOT NULL DEFAULT 1;
     "#,
 ];
 

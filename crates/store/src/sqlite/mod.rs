@@ -9,12 +9,15 @@
 //! Connections: a small pool. The pool's mutex guards only a `Vec` push or pop and is
 //! never held while a statement runs (rank 90, a leaf; see `docs/locking.md`).
 
+mod mailbox;
+
 use crate::migrations::migrate;
 use crate::*;
 use mailroom_watch::{RankedMutex, TicketLock};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,9 @@ pub struct SqliteStore {
     /// transaction, nothing ranked is taken inside it.
     write_turn: TicketLock,
     write_stats: WriteStats,
+    /// Each mailbox's change bell (see `Mailboxes::watch_mailbox`). Rank 92 (leaf): held
+    /// for one map lookup; rung after the write turn is released.
+    bells: RankedMutex<HashMap<RecipientId, tokio::sync::watch::Sender<u64>>>,
 }
 
 /// How long writers wait for their turn and hold it, per caller.
@@ -66,6 +72,7 @@ impl SqliteStore {
             idle: RankedMutex::new(90, "store connection pool", Vec::new()),
             write_turn: TicketLock::new(95, "store write turn"),
             write_stats: WriteStats::default(),
+            bells: RankedMutex::new(92, "mailbox change bells", HashMap::new()),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -146,6 +153,21 @@ impl SqliteStore {
         })
     }
 
+    /// Rings the change bells of these mailboxes (after their change committed). A bell
+    /// nobody listens to any more is forgotten.
+    fn ring(&self, recipients: &[RecipientId]) {
+        let mut bells = self.bells.lock();
+        for recipient in recipients {
+            if let Some(bell) = bells.get(recipient) {
+                if bell.receiver_count() == 0 {
+                    bells.remove(recipient);
+                } else {
+                    bell.send_modify(|n| *n += 1);
+                }
+            }
+        }
+    }
+
     /// Adds the write-turn metrics to a Prometheus registry.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
@@ -198,7 +220,7 @@ fn inbox_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64)
     }
     tx.execute(
         "INSERT INTO folders (recipient_id, name, uidvalidity) VALUES (?1, 'INBOX', ?2)",
-        params![recipient, (now_ms / 1000) as u32],
+        params![recipient, mailbox::next_uidvalidity(tx, now_ms)?],
     )?;
     Ok(tx.last_insert_rowid())
 }
@@ -440,7 +462,7 @@ impl MailStore for SqliteStore {
         batch: &[(&ClaimedItem, &DeliveryPlan)],
         now_ms: UnixMillis,
     ) -> Result<Vec<Vec<Delivered>>> {
-        self.write("deliver", |conn| {
+        let results = self.write("deliver", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
             for (item, plan) in batch {
@@ -448,7 +470,13 @@ impl MailStore for SqliteStore {
             }
             tx.commit()?;
             Ok(results)
-        })
+        })?;
+        let touched: Vec<RecipientId> = batch
+            .iter()
+            .flat_map(|(_, plan)| plan.local.iter().copied())
+            .collect();
+        self.ring(&touched);
+        Ok(results)
     }
 
     fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()> {
@@ -689,15 +717,19 @@ impl MailStore for SqliteStore {
             let Some(folder) = folder_id(conn, recipient, folder)? else {
                 return Ok(None);
             };
-            let row: Option<(String, Vec<u8>)> = conn
+            let row: Option<(String, Vec<u8>, bool)> = conn
                 .query_row(
-                    "SELECT m.return_path, b.data FROM messages m JOIN blobs b ON b.id = m.blob_id
+                    "SELECT m.return_path, b.data, m.trace FROM messages m
+                     JOIN blobs b ON b.id = m.blob_id
                      WHERE m.folder_id = ?1 AND m.uid = ?2",
                     params![folder, uid],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            Ok(row.map(|(return_path, data)| {
+            Ok(row.map(|(return_path, data, trace)| {
+                if !trace {
+                    return data;
+                }
                 let mut out = return_path_header(&return_path).into_bytes();
                 out.extend_from_slice(&data);
                 out
@@ -764,6 +796,11 @@ impl MailStore for SqliteStore {
             }
             tx.commit()?;
             Ok(removed)
+        })
+        .inspect(|removed| {
+            if *removed > 0 {
+                self.ring(&[recipient]);
+            }
         })
     }
 }
@@ -1122,5 +1159,115 @@ mod tests {
         );
         assert_eq!(store.mailbox_messages(a, "INBOX").unwrap()[0].uid, 2);
         assert_eq!(store.expunge(a, "INBOX", &[1]).unwrap(), 0);
+    }
+
+    #[test]
+    fn folders_flags_copy_move_append_and_the_change_bell() {
+        use crate::{FlagOperation, Mailboxes};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        let bell = store.watch_mailbox(a);
+        store.ensure_folder(a, "INBOX", None).unwrap();
+        store.ensure_folder(a, "INBOX", None).unwrap();
+        store
+            .create_folder(a, "Archive", Some("\\Archive"))
+            .unwrap();
+        assert!(matches!(
+            store.create_folder(a, "Archive", None),
+            Err(StoreError::Conflict(_))
+        ));
+        store
+            .spool(&[
+                entry(b"one", &["a@example.test"]),
+                entry(b"two", &["a@example.test"]),
+            ])
+            .unwrap();
+        let items = store.claim_inbound(2000, 10).unwrap();
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        let batch: Vec<_> = items.iter().map(|i| (i, &plan)).collect();
+        let rung = *bell.borrow();
+        store.deliver_inbound(&batch, 3000).unwrap();
+        assert!(*bell.borrow() > rung, "delivery rings the bell");
+
+        let seen = vec!["\\Seen".to_string()];
+        let before = store.folder_messages(a, "INBOX").unwrap();
+        let result = store
+            .store_flags(a, "INBOX", &[1], FlagOperation::Add, &seen, None)
+            .unwrap();
+        assert_eq!(result.changed.len(), 1);
+        assert_eq!(result.changed[0].flags, seen);
+        assert!(result.changed[0].modseq > before[0].modseq);
+        // UNCHANGEDSINCE below the message's MODSEQ refuses the change.
+        let refused = store
+            .store_flags(a, "INBOX", &[1], FlagOperation::Remove, &seen, Some(1))
+            .unwrap();
+        assert_eq!(refused.modified, vec![1]);
+        let inbox = store
+            .folders(a)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.name == "INBOX")
+            .unwrap();
+        assert_eq!((inbox.messages, inbox.unseen), (2, 1));
+
+        let copied = store
+            .copy_messages(a, "INBOX", &[1, 2, 9], "Archive", false)
+            .unwrap();
+        assert_eq!(copied.uids, vec![(1, 1), (2, 2)]);
+        assert_eq!(store.blob_count().unwrap(), 2, "copies share bodies");
+        let moved = store
+            .copy_messages(a, "INBOX", &[2], "Archive", true)
+            .unwrap();
+        assert_eq!(moved.uids, vec![(2, 3)]);
+        assert_eq!(store.folder_messages(a, "INBOX").unwrap().len(), 1);
+        let archive = store.folder_messages(a, "Archive").unwrap();
+        assert_eq!(
+            archive.iter().map(|m| m.uid).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(archive[0].flags, seen, "flags travel with a copy");
+
+        let appended = store
+            .append(
+                a,
+                "Archive",
+                &["$Important".to_string()],
+                42_000,
+                b"Subject: a\r\n\r\nx\r\n",
+            )
+            .unwrap();
+        assert_eq!(appended.uids, vec![(0, 4)]);
+        assert_eq!(
+            store.message_raw(a, "Archive", 4).unwrap().unwrap(),
+            b"Subject: a\r\n\r\nx\r\n",
+            "an appended message gets no Return-Path"
+        );
+
+        // Renaming INBOX moves its messages and leaves it empty.
+        store.rename_folder(a, "INBOX", "Old").unwrap();
+        assert_eq!(store.folder_messages(a, "INBOX").unwrap().len(), 0);
+        assert_eq!(store.folder_messages(a, "Old").unwrap().len(), 1);
+        store.create_folder(a, "Archive/2026", None).unwrap();
+        store.rename_folder(a, "Archive", "Kept").unwrap();
+        let names: Vec<String> = store
+            .folders(a)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(names, vec!["INBOX", "Kept", "Kept/2026", "Old"]);
+        let bytes = store.mailbox_bytes(a).unwrap();
+        store.delete_folder(a, "Kept").unwrap();
+        assert!(store.mailbox_bytes(a).unwrap() < bytes);
+        assert!(matches!(
+            store.delete_folder(a, "INBOX"),
+            Err(StoreError::Conflict(_))
+        ));
+        store.delete_folder(a, "Old").unwrap();
+        assert_eq!(store.blob_count().unwrap(), 0, "every body released");
     }
 }

@@ -1,0 +1,157 @@
+//! Mailbox access for IMAP and POP3: folders, per-message state (UID, MODSEQ, flags),
+//! flag changes, copy, move, append, and change notification.
+//!
+//! Why a trait of its own: the access protocols need a different slice of the store than
+//! the pipeline, and keeping it apart keeps `MailStore` readable. Every method is one
+//! transaction; every change to a mailbox bumps the folder's HIGHESTMODSEQ and rings the
+//! mailbox's change bell ([`Mailboxes::watch_mailbox`]) after it commits, so IMAP
+//! sessions learn about new mail, flag changes and expunges without polling.
+
+use crate::{RecipientId, Result, UnixMillis};
+use serde::{Deserialize, Serialize};
+
+/// One folder of a mailbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FolderInfo {
+    /// Full name, hierarchy separated by "/". "INBOX" is the inbox.
+    pub name: String,
+    /// Changes whenever UIDs of this name could be reused.
+    pub uidvalidity: u32,
+    /// The UID the next message will get.
+    pub uidnext: u32,
+    /// The highest modification sequence in the folder.
+    pub highestmodseq: u64,
+    /// Subscribed (LSUB, LIST (SUBSCRIBED)).
+    pub subscribed: bool,
+    /// The special-use attribute (RFC 6154), e.g. "\\Sent".
+    pub special_use: Option<String>,
+    /// Messages in the folder.
+    pub messages: u32,
+    /// Messages without the \Seen flag.
+    pub unseen: u32,
+    /// Sum of their sizes, bytes.
+    pub bytes: u64,
+}
+
+/// One message's state in a folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageState {
+    /// UID in the folder.
+    pub uid: u32,
+    /// Modification sequence of its last change.
+    pub modseq: u64,
+    /// System flags ("\\Seen" ...) and keywords, in stored order.
+    pub flags: Vec<String>,
+    /// IMAP internal date (delivery or APPEND time), Unix ms.
+    pub internal_date_ms: UnixMillis,
+    /// Size as fetched (Return-Path included), bytes.
+    pub size: u64,
+}
+
+/// How a STORE changes flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagOperation {
+    /// FLAGS: replace.
+    Replace,
+    /// +FLAGS: add.
+    Add,
+    /// -FLAGS: remove.
+    Remove,
+}
+
+/// The result of a STORE.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagResult {
+    /// Messages whose flags changed, with their new state.
+    pub changed: Vec<MessageState>,
+    /// UIDs refused because their MODSEQ was above UNCHANGEDSINCE (RFC 7162).
+    pub modified: Vec<u32>,
+}
+
+/// The result of a COPY, MOVE or APPEND: the target's UIDVALIDITY and (source UID,
+/// new UID) pairs, for UIDPLUS (RFC 4315).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// The target folder's UIDVALIDITY.
+    pub uidvalidity: u32,
+    /// (source UID, target UID), in source order.
+    pub uids: Vec<(u32, u32)>,
+}
+
+/// Mailbox access; implemented by every store backend.
+pub trait Mailboxes {
+    /// Every folder of a mailbox, by name.
+    fn folders(&self, recipient: RecipientId) -> Result<Vec<FolderInfo>>;
+
+    /// Creates a folder. `Conflict` when it exists.
+    fn create_folder(
+        &self,
+        recipient: RecipientId,
+        name: &str,
+        special_use: Option<&str>,
+    ) -> Result<()>;
+
+    /// Creates a folder unless it exists.
+    fn ensure_folder(
+        &self,
+        recipient: RecipientId,
+        name: &str,
+        special_use: Option<&str>,
+    ) -> Result<()>;
+
+    /// Deletes a folder and its messages. `NotFound` when it does not exist; INBOX cannot
+    /// be deleted (`Conflict`).
+    fn delete_folder(&self, recipient: RecipientId, name: &str) -> Result<()>;
+
+    /// Renames a folder and its children ("a" -> "b" also moves "a/x" to "b/x"). Renaming
+    /// INBOX moves its messages into a new folder and leaves INBOX empty (RFC 9051 6.3.6).
+    fn rename_folder(&self, recipient: RecipientId, from: &str, to: &str) -> Result<()>;
+
+    /// Sets a folder's subscription. Subscribing a folder that does not exist is
+    /// `NotFound`.
+    fn subscribe(&self, recipient: RecipientId, name: &str, subscribed: bool) -> Result<()>;
+
+    /// The messages of a folder in UID order; `NotFound` when it does not exist.
+    fn folder_messages(&self, recipient: RecipientId, folder: &str) -> Result<Vec<MessageState>>;
+
+    /// Changes the flags of `uids` (those still present). With `unchanged_since`, a
+    /// message whose MODSEQ is above it is left alone and listed in `modified`.
+    fn store_flags(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+        operation: FlagOperation,
+        flags: &[String],
+        unchanged_since: Option<u64>,
+    ) -> Result<FlagResult>;
+
+    /// Copies `uids` (those present) to `to`; with `remove`, also removes them from
+    /// `from` (MOVE), in the same transaction.
+    fn copy_messages(
+        &self,
+        recipient: RecipientId,
+        from: &str,
+        uids: &[u32],
+        to: &str,
+        remove: bool,
+    ) -> Result<Copied>;
+
+    /// Stores a new message in a folder (APPEND). The bytes are stored as given: no
+    /// trace header is added.
+    fn append(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        flags: &[String],
+        internal_date_ms: UnixMillis,
+        body: &[u8],
+    ) -> Result<Copied>;
+
+    /// Bytes stored for a mailbox, all folders (quota usage).
+    fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64>;
+
+    /// A bell that rings (its value grows) after every committed change to the mailbox:
+    /// delivery, flags, expunge, copy, move, append, folder changes.
+    fn watch_mailbox(&self, recipient: RecipientId) -> tokio::sync::watch::Receiver<u64>;
+}

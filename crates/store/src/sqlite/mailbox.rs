@@ -1,0 +1,480 @@
+//! [`Mailboxes`] for the SQLite store.
+
+use super::{SqliteStore, adjust_blob_refs, folder_id, put_blob};
+use crate::mailbox::*;
+use crate::{RecipientId, Result, StoreError, UnixMillis};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+fn parse_flags(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_string).collect()
+}
+
+fn join_flags(flags: &[String]) -> String {
+    let mut out: Vec<&str> = Vec::with_capacity(flags.len());
+    for f in flags {
+        if !out.iter().any(|o| o.eq_ignore_ascii_case(f)) {
+            out.push(f);
+        }
+    }
+    out.join(" ")
+}
+
+/// A new folder's UIDVALIDITY: the current time in seconds, but always above every
+/// UIDVALIDITY handed out before, so a folder deleted and re-created at once never
+/// repeats one (RFC 9051 2.3.1.1).
+pub(super) fn next_uidvalidity(tx: &rusqlite::Transaction<'_>, now_ms: i64) -> Result<u32> {
+    let highest: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(uidvalidity), 0) FROM folders",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(((now_ms / 1000).max(highest + 1)) as u32)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn require_folder(tx: &rusqlite::Connection, recipient: RecipientId, name: &str) -> Result<i64> {
+    folder_id(tx, recipient, name)?.ok_or_else(|| StoreError::NotFound(format!("folder {name}")))
+}
+
+/// Bumps a folder's HIGHESTMODSEQ and returns the new value.
+fn bump_modseq(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1
+             RETURNING highestmodseq",
+        )?
+        .query_row([folder], |r| r.get(0))?)
+}
+
+/// Takes the next UID of a folder (and a new MODSEQ for the message).
+fn next_uid(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<(u32, i64)> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
+             WHERE id = ?1 RETURNING uidnext - 1, highestmodseq",
+        )?
+        .query_row([folder], |r| Ok((r.get(0)?, r.get(1)?)))?)
+}
+
+fn uidvalidity_of(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<u32> {
+    Ok(tx.query_row(
+        "SELECT uidvalidity FROM folders WHERE id = ?1",
+        [folder],
+        |r| r.get(0),
+    )?)
+}
+
+fn insert_folder(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: RecipientId,
+    name: &str,
+    special_use: Option<&str>,
+) -> Result<i64> {
+    let uidvalidity = next_uidvalidity(tx, now_ms())?;
+    tx.execute(
+        "INSERT INTO folders (recipient_id, name, uidvalidity, special_use) VALUES (?1, ?2, ?3, ?4)",
+        params![recipient, name, uidvalidity, special_use],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+impl Mailboxes for SqliteStore {
+    fn folders(&self, recipient: RecipientId) -> Result<Vec<FolderInfo>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT f.name, f.uidvalidity, f.uidnext, f.highestmodseq, f.subscribed,
+                        f.special_use,
+                        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
+                        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id
+                            AND (' ' || m.flags || ' ') NOT LIKE '% \\Seen %'),
+                        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id)
+                 FROM folders f WHERE f.recipient_id = ?1 ORDER BY f.name",
+            )?;
+            let rows = stmt
+                .query_map([recipient], |r| {
+                    Ok(FolderInfo {
+                        name: r.get(0)?,
+                        uidvalidity: r.get(1)?,
+                        uidnext: r.get(2)?,
+                        highestmodseq: r.get::<_, i64>(3)? as u64,
+                        subscribed: r.get(4)?,
+                        special_use: r.get(5)?,
+                        messages: r.get(6)?,
+                        unseen: r.get(7)?,
+                        bytes: r.get::<_, i64>(8)? as u64,
+                    })
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn create_folder(
+        &self,
+        recipient: RecipientId,
+        name: &str,
+        special_use: Option<&str>,
+    ) -> Result<()> {
+        self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if folder_id(&tx, recipient, name)?.is_some() {
+                return Err(StoreError::Conflict(format!("folder {name} exists")));
+            }
+            insert_folder(&tx, recipient, name, special_use)?;
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.ring(&[recipient]);
+        Ok(())
+    }
+
+    fn ensure_folder(
+        &self,
+        recipient: RecipientId,
+        name: &str,
+        special_use: Option<&str>,
+    ) -> Result<()> {
+        match self.create_folder(recipient, name, special_use) {
+            Err(StoreError::Conflict(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn delete_folder(&self, recipient: RecipientId, name: &str) -> Result<()> {
+        if name.eq_ignore_ascii_case("INBOX") {
+            return Err(StoreError::Conflict("INBOX cannot be deleted".into()));
+        }
+        self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, name)?;
+            let bodies: Vec<(i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT blob_id, COUNT(*) FROM messages WHERE folder_id = ?1 GROUP BY blob_id",
+                )?
+                .query_map([folder], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<std::result::Result<_, _>>()?;
+            tx.execute("DELETE FROM messages WHERE folder_id = ?1", [folder])?;
+            tx.execute("DELETE FROM folders WHERE id = ?1", [folder])?;
+            for (blob, count) in bodies {
+                adjust_blob_refs(&tx, blob, -count)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.ring(&[recipient]);
+        Ok(())
+    }
+
+    fn rename_folder(&self, recipient: RecipientId, from: &str, to: &str) -> Result<()> {
+        self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let source = require_folder(&tx, recipient, from)?;
+            if folder_id(&tx, recipient, to)?.is_some() {
+                return Err(StoreError::Conflict(format!("folder {to} exists")));
+            }
+            if from.eq_ignore_ascii_case("INBOX") {
+                // RFC 9051 6.3.6: the messages move to a new folder; INBOX stays, empty.
+                let target = insert_folder(&tx, recipient, to, None)?;
+                let uids: Vec<(i64, i64)> = tx
+                    .prepare_cached(
+                        "SELECT id, uid FROM messages WHERE folder_id = ?1 ORDER BY uid",
+                    )?
+                    .query_map([source], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<std::result::Result<_, _>>()?;
+                for (id, _) in uids {
+                    let (uid, modseq) = next_uid(&tx, target)?;
+                    tx.execute(
+                        "UPDATE messages SET folder_id = ?2, uid = ?3, modseq = ?4 WHERE id = ?1",
+                        params![id, target, uid, modseq],
+                    )?;
+                }
+                bump_modseq(&tx, source)?;
+            } else {
+                let uidvalidity = next_uidvalidity(&tx, now_ms())?;
+                // The folder and its children; each renamed folder gets a new
+                // UIDVALIDITY, since its UIDs now live under a name they never had.
+                let children: Vec<(i64, String)> = tx
+                    .prepare_cached(
+                        "SELECT id, name FROM folders WHERE recipient_id = ?1
+                         AND (name = ?2 OR substr(name, 1, length(?2) + 1) = ?2 || '/')",
+                    )?
+                    .query_map(params![recipient, from], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<std::result::Result<_, _>>()?;
+                for (i, (id, name)) in children.into_iter().enumerate() {
+                    let renamed = format!("{to}{}", &name[from.len()..]);
+                    if folder_id(&tx, recipient, &renamed)?.is_some() {
+                        return Err(StoreError::Conflict(format!("folder {renamed} exists")));
+                    }
+                    tx.execute(
+                        "UPDATE folders SET name = ?2, uidvalidity = ?3 WHERE id = ?1",
+                        params![id, renamed, uidvalidity + i as u32],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.ring(&[recipient]);
+        Ok(())
+    }
+
+    fn subscribe(&self, recipient: RecipientId, name: &str, subscribed: bool) -> Result<()> {
+        self.write("mailbox", |conn| {
+            let changed = conn.execute(
+                "UPDATE folders SET subscribed = ?3 WHERE recipient_id = ?1 AND name = ?2",
+                params![recipient, name, subscribed],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("folder {name}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn folder_messages(&self, recipient: RecipientId, folder: &str) -> Result<Vec<MessageState>> {
+        self.with_conn(|conn| {
+            let folder = require_folder(conn, recipient, folder)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT uid, modseq, flags, received_at_ms, size FROM messages
+                 WHERE folder_id = ?1 ORDER BY uid",
+            )?;
+            let rows = stmt
+                .query_map([folder], |r| {
+                    Ok(MessageState {
+                        uid: r.get(0)?,
+                        modseq: r.get::<_, i64>(1)? as u64,
+                        flags: parse_flags(&r.get::<_, String>(2)?),
+                        internal_date_ms: r.get(3)?,
+                        size: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn store_flags(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+        operation: FlagOperation,
+        flags: &[String],
+        unchanged_since: Option<u64>,
+    ) -> Result<FlagResult> {
+        let result = self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, folder)?;
+            let mut result = FlagResult::default();
+            let mut modseq = None;
+            {
+                let mut read = tx.prepare_cached(
+                    "SELECT flags, modseq, received_at_ms, size FROM messages
+                     WHERE folder_id = ?1 AND uid = ?2",
+                )?;
+                let mut update = tx.prepare_cached(
+                    "UPDATE messages SET flags = ?3, modseq = ?4 WHERE folder_id = ?1 AND uid = ?2",
+                )?;
+                for &uid in uids {
+                    let Some((current, old_modseq, date, size)) = read
+                        .query_row(params![folder, uid], |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, i64>(3)?,
+                            ))
+                        })
+                        .optional()?
+                    else {
+                        continue;
+                    };
+                    if unchanged_since.is_some_and(|since| old_modseq as u64 > since) {
+                        result.modified.push(uid);
+                        continue;
+                    }
+                    let current = parse_flags(&current);
+                    let has =
+                        |set: &[String], f: &str| set.iter().any(|c| c.eq_ignore_ascii_case(f));
+                    let next: Vec<String> = match operation {
+                        FlagOperation::Replace => flags.to_vec(),
+                        FlagOperation::Add => {
+                            let mut next = current.clone();
+                            next.extend(flags.iter().filter(|f| !has(&current, f)).cloned());
+                            next
+                        }
+                        FlagOperation::Remove => {
+                            current.iter().filter(|c| !has(flags, c)).cloned().collect()
+                        }
+                    };
+                    let same = next.len() == current.len() && next.iter().all(|f| has(&current, f));
+                    if same && unchanged_since.is_none() {
+                        continue;
+                    }
+                    let m = match modseq {
+                        Some(m) => m,
+                        None => {
+                            let m = bump_modseq(&tx, folder)?;
+                            modseq = Some(m);
+                            m
+                        }
+                    };
+                    let joined = join_flags(&next);
+                    update.execute(params![folder, uid, joined, m])?;
+                    result.changed.push(MessageState {
+                        uid,
+                        modseq: m as u64,
+                        flags: parse_flags(&joined),
+                        internal_date_ms: date,
+                        size: size as u64,
+                    });
+                }
+            }
+            tx.commit()?;
+            Ok(result)
+        })?;
+        if !result.changed.is_empty() {
+            self.ring(&[recipient]);
+        }
+        Ok(result)
+    }
+
+    fn copy_messages(
+        &self,
+        recipient: RecipientId,
+        from: &str,
+        uids: &[u32],
+        to: &str,
+        remove: bool,
+    ) -> Result<Copied> {
+        let copied = self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let source = require_folder(&tx, recipient, from)?;
+            let target = require_folder(&tx, recipient, to)?;
+            let mut copied = Copied {
+                uidvalidity: uidvalidity_of(&tx, target)?,
+                uids: Vec::new(),
+            };
+            {
+                let mut read = tx.prepare_cached(
+                    "SELECT blob_id, return_path, received_at_ms, size, flags, trace FROM messages
+                     WHERE folder_id = ?1 AND uid = ?2",
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms,
+                                           size, flags, modseq, trace)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for &uid in uids {
+                    let Some((blob, return_path, date, size, flags, trace)) = read
+                        .query_row(params![source, uid], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, i64>(3)?,
+                                r.get::<_, String>(4)?,
+                                r.get::<_, i64>(5)?,
+                            ))
+                        })
+                        .optional()?
+                    else {
+                        continue;
+                    };
+                    let (new_uid, modseq) = next_uid(&tx, target)?;
+                    insert.execute(params![
+                        target,
+                        new_uid,
+                        blob,
+                        return_path,
+                        date,
+                        size,
+                        flags,
+                        modseq,
+                        trace
+                    ])?;
+                    if remove {
+                        tx.execute(
+                            "DELETE FROM messages WHERE folder_id = ?1 AND uid = ?2",
+                            params![source, uid],
+                        )?;
+                    } else {
+                        adjust_blob_refs(&tx, blob, 1)?;
+                    }
+                    copied.uids.push((uid, new_uid));
+                }
+            }
+            if remove && !copied.uids.is_empty() {
+                bump_modseq(&tx, source)?;
+            }
+            tx.commit()?;
+            Ok(copied)
+        })?;
+        self.ring(&[recipient]);
+        Ok(copied)
+    }
+
+    fn append(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        flags: &[String],
+        internal_date_ms: UnixMillis,
+        body: &[u8],
+    ) -> Result<Copied> {
+        let copied = self.write("mailbox", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, folder)?;
+            let blob = put_blob(&tx, body)?;
+            let (uid, modseq) = next_uid(&tx, folder)?;
+            // trace = 0: an APPENDed message brings its own headers, and `message_raw`
+            // prepends no Return-Path to it.
+            tx.execute(
+                "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size,
+                                       flags, modseq, trace)
+                 VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 0)",
+                params![
+                    folder,
+                    uid,
+                    blob,
+                    internal_date_ms,
+                    body.len() as i64,
+                    join_flags(flags),
+                    modseq
+                ],
+            )?;
+            let copied = Copied {
+                uidvalidity: uidvalidity_of(&tx, folder)?,
+                uids: vec![(0, uid)],
+            };
+            tx.commit()?;
+            Ok(copied)
+        })?;
+        self.ring(&[recipient]);
+        Ok(copied)
+    }
+
+    fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT COALESCE(SUM(m.size), 0) FROM messages m JOIN folders f ON f.id = m.folder_id
+                 WHERE f.recipient_id = ?1",
+                [recipient],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        })
+    }
+
+    fn watch_mailbox(&self, recipient: RecipientId) -> tokio::sync::watch::Receiver<u64> {
+        let mut bells = self.bells.lock();
+        bells
+            .entry(recipient)
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+}
