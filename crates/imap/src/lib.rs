@@ -5,4 +5,6 @@
 //! [`mime`] derives ENVELOPE, BODYSTRUCTURE and sections from the stored bytes,
 //! [`response`] writes the wire format, and the session drives them over a socket.
 
+pub mod mime;
 pub mod parse;
+pub mod response;

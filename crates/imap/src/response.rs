@@ -1,0 +1,117 @@
+//! Writing IMAP's wire format: strings (quoted or literal), NIL, lists, dates.
+//!
+//! Rule: a value is quoted only when it is short printable ASCII without `"`-breaking
+//! bytes; anything else (8-bit, CR/LF, long) goes out as a literal, which every IMAP4rev1
+//! and IMAP4rev2 client reads. So no input can break the framing of a response.
+
+/// Appends `bytes` as a string: quoted when safe, a literal otherwise.
+pub fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+    let quotable = bytes.len() <= 1024 && bytes.iter().all(|b| (0x20..0x7f).contains(b));
+    if quotable {
+        out.push(b'"');
+        for &b in bytes {
+            if b == b'"' || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        out.push(b'"');
+    } else {
+        literal(out, bytes);
+    }
+}
+
+/// Appends a literal `{n}` CRLF bytes.
+pub fn literal(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends a string or NIL.
+pub fn nstring(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        Some(v) => string(out, v),
+        None => out.extend_from_slice(b"NIL"),
+    }
+}
+
+/// Appends a string or NIL from text.
+pub fn nstr(out: &mut Vec<u8>, value: Option<&str>) {
+    nstring(out, value.map(str::as_bytes));
+}
+
+/// Appends a mailbox name (INBOX as an atom, others as strings).
+pub fn mailbox(out: &mut Vec<u8>, name: &str) {
+    if name == "INBOX" {
+        out.extend_from_slice(b"INBOX");
+    } else {
+        string(out, name.as_bytes());
+    }
+}
+
+/// Appends `(f1 f2 ...)`.
+pub fn flags(out: &mut Vec<u8>, flags: &[String]) {
+    out.push(b'(');
+    out.extend_from_slice(flags.join(" ").as_bytes());
+    out.push(b')');
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// (year, month, day) of a day count since the epoch (Howard Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719468;
+    let era = if z >= 0 { z } else { z - 146096 } / 146097;
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// An INTERNALDATE: `"dd-Mon-yyyy hh:mm:ss +0000"` (UTC).
+pub fn internal_date(out: &mut Vec<u8>, unix_ms: i64) {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
+    out.extend_from_slice(
+        format!(
+            "\"{d:02}-{}-{y:04} {:02}:{:02}:{:02} +0000\"",
+            MONTHS[(m - 1) as usize],
+            rest / 3600,
+            rest % 3600 / 60,
+            rest % 60
+        )
+        .as_bytes(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_that_could_break_framing_become_literals() {
+        let mut out = Vec::new();
+        string(&mut out, b"plain \"quoted\" \\");
+        assert_eq!(out, b"\"plain \\\"quoted\\\" \\\\\"");
+        out.clear();
+        string(&mut out, "Zoë".as_bytes());
+        assert_eq!(out, "{4}\r\nZoë".as_bytes());
+        out.clear();
+        string(&mut out, b"a\r\nb");
+        assert_eq!(out, b"{4}\r\na\r\nb");
+        out.clear();
+        internal_date(&mut out, 1_772_704_800_000);
+        assert_eq!(out, b"\"05-Mar-2026 10:00:00 +0000\"");
+        assert_eq!(
+            civil_from_days(crate::parse::days_from_civil(2024, 2, 29)),
+            (2024, 2, 29)
+        );
+    }
+}
