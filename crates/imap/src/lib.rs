@@ -8,3 +8,4 @@
 pub mod mime;
 pub mod parse;
 pub mod response;
+pub mod search;

@@ -526,7 +526,9 @@ impl<'a> Cursor<'a> {
                 Ok(String::from_utf8_lossy(&self.string()?).into_owned())
             }
             _ => {
-                let atom = self.take_while(|b| is_atom_char(b) || b == b']');
+                // Lenient: 8-bit bytes in an atom are taken as UTF-8 (clients that
+                // enabled UTF8=ACCEPT or speak IMAP4rev2 send them unquoted).
+                let atom = self.take_while(|b| is_atom_char(b) || b == b']' || b >= 0x80);
                 if atom.is_empty() {
                     return Err(format!("expected a string at offset {}", self.at));
                 }

@@ -1,0 +1,256 @@
+//! SEARCH evaluation (RFC 9051 6.4.4): every criterion, UTF-8 text matching.
+//!
+//! Text criteria match case-insensitively as substrings, against both the raw header
+//! value and its decoded form (RFC 2047 words, addresses), so `FROM "Zoë"` finds a name
+//! that arrived encoded. Body criteria search the decoded text parts and fall back to
+//! the raw body.
+
+use crate::parse::{Range, STAR, SearchKey, days_from_civil};
+use mail_parser::{Address, HeaderValue, Message};
+use mailroom_store::MessageState;
+
+/// One message as SEARCH sees it.
+pub struct Candidate<'a> {
+    /// Sequence number.
+    pub seq: u32,
+    /// Its state (UID, flags, dates, size, MODSEQ).
+    pub state: &'a MessageState,
+    /// The parsed message, when the key needs content.
+    pub message: Option<&'a Message<'a>>,
+}
+
+/// Whether any part of `key` needs the message's content.
+pub fn needs_content(key: &SearchKey) -> bool {
+    match key {
+        SearchKey::Header(..)
+        | SearchKey::Body(_)
+        | SearchKey::Text(_)
+        | SearchKey::SentBefore(_)
+        | SearchKey::SentOn(_)
+        | SearchKey::SentSince(_) => true,
+        SearchKey::Not(k) => needs_content(k),
+        SearchKey::Or(a, b) => needs_content(a) || needs_content(b),
+        SearchKey::And(keys) => keys.iter().any(needs_content),
+        _ => false,
+    }
+}
+
+/// Whether `key` uses MODSEQ (the response then carries the highest MODSEQ).
+pub fn uses_modseq(key: &SearchKey) -> bool {
+    match key {
+        SearchKey::ModSeq(_) => true,
+        SearchKey::Not(k) => uses_modseq(k),
+        SearchKey::Or(a, b) => uses_modseq(a) || uses_modseq(b),
+        SearchKey::And(keys) => keys.iter().any(uses_modseq),
+        _ => false,
+    }
+}
+
+/// Whether `n` is in `set`, with `*` meaning `max`.
+pub fn in_set(set: &[Range], n: u32, max: u32) -> bool {
+    set.iter().any(|Range(a, b)| {
+        let a = if *a == STAR { max } else { *a };
+        let b = if *b == STAR { max } else { *b };
+        (a.min(b)..=a.max(b)).contains(&n)
+    })
+}
+
+fn contains(haystack: &str, needle: &str) -> bool {
+    needle.is_empty() || haystack.to_lowercase().contains(&needle.to_lowercase())
+}
+
+fn address_text(address: &Address<'_>) -> String {
+    let mut out = String::new();
+    for a in address.iter() {
+        if let Some(name) = &a.name {
+            out.push_str(name);
+            out.push(' ');
+        }
+        if let Some(addr) = &a.address {
+            out.push_str(addr);
+            out.push(' ');
+        }
+    }
+    out
+}
+
+/// Raw and decoded text of every header named `name`.
+fn header_text(m: &Message<'_>, name: &str) -> Option<String> {
+    let mut found = false;
+    let mut text = String::new();
+    for header in m.headers() {
+        if !header.name().eq_ignore_ascii_case(name) {
+            continue;
+        }
+        found = true;
+        let raw = &m.raw_message[header.offset_start as usize..header.offset_end as usize];
+        text.push_str(&String::from_utf8_lossy(raw));
+        text.push(' ');
+        match header.value() {
+            HeaderValue::Address(a) => text.push_str(&address_text(a)),
+            HeaderValue::Text(t) => text.push_str(t),
+            HeaderValue::TextList(list) => {
+                for t in list {
+                    text.push_str(t);
+                    text.push(' ');
+                }
+            }
+            _ => {}
+        }
+    }
+    found.then_some(text)
+}
+
+fn body_text(m: &Message<'_>) -> String {
+    let mut text = String::new();
+    for i in 0..m.text_body_count() {
+        if let Some(t) = m.body_text(i) {
+            text.push_str(&t);
+            text.push('\n');
+        }
+    }
+    for i in 0..m.html_body_count() {
+        if let Some(t) = m.body_html(i) {
+            text.push_str(&t);
+            text.push('\n');
+        }
+    }
+    if text.is_empty() {
+        let start = m.parts.first().map_or(0, |p| p.offset_body as usize);
+        text =
+            String::from_utf8_lossy(&m.raw_message[start.min(m.raw_message.len())..]).into_owned();
+    }
+    text
+}
+
+fn sent_day(m: &Message<'_>) -> Option<i64> {
+    let d = m.date()?;
+    Some(days_from_civil(d.year as i64, d.month as u32, d.day as u32))
+}
+
+/// Whether the candidate matches `key`. `max_seq` and `max_uid` give `*` its value.
+pub fn matches(key: &SearchKey, c: &Candidate<'_>, max_seq: u32, max_uid: u32) -> bool {
+    let has = |flag: &str| c.state.flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
+    let day = c.state.internal_date_ms.div_euclid(86_400_000);
+    match key {
+        SearchKey::All => true,
+        SearchKey::Flag(f) => has(f),
+        SearchKey::NotFlag(f) => !has(f),
+        // No message is \Recent here: RECENT and NEW match nothing, OLD everything.
+        SearchKey::New | SearchKey::Recent => false,
+        SearchKey::Old => true,
+        SearchKey::Header(name, text) => c
+            .message
+            .and_then(|m| header_text(m, name))
+            .is_some_and(|h| contains(&h, text)),
+        SearchKey::Body(text) => c.message.is_some_and(|m| contains(&body_text(m), text)),
+        SearchKey::Text(text) => c.message.is_some_and(|m| {
+            let header_end = m.parts.first().map_or(0, |p| p.offset_body as usize);
+            let header =
+                String::from_utf8_lossy(&m.raw_message[..header_end.min(m.raw_message.len())]);
+            let decoded: String = ["subject", "from", "to", "cc"]
+                .iter()
+                .filter_map(|h| header_text(m, h))
+                .collect();
+            contains(&header, text) || contains(&decoded, text) || contains(&body_text(m), text)
+        }),
+        SearchKey::Before(d) => day < *d,
+        SearchKey::On(d) => day == *d,
+        SearchKey::Since(d) => day >= *d,
+        SearchKey::SentBefore(d) => c.message.and_then(sent_day).is_some_and(|s| s < *d),
+        SearchKey::SentOn(d) => c.message.and_then(sent_day).is_some_and(|s| s == *d),
+        SearchKey::SentSince(d) => c.message.and_then(sent_day).is_some_and(|s| s >= *d),
+        SearchKey::Larger(n) => c.state.size > *n,
+        SearchKey::Smaller(n) => c.state.size < *n,
+        SearchKey::Sequence(set) => in_set(set, c.seq, max_seq),
+        SearchKey::Uid(set) => in_set(set, c.state.uid, max_uid),
+        SearchKey::ModSeq(n) => c.state.modseq >= *n,
+        SearchKey::Not(k) => !matches(k, c, max_seq, max_uid),
+        SearchKey::Or(a, b) => matches(a, c, max_seq, max_uid) || matches(b, c, max_seq, max_uid),
+        SearchKey::And(keys) => keys.iter().all(|k| matches(k, c, max_seq, max_uid)),
+    }
+}
+
+/// Formats numbers as a compact sequence set ("1:3,7").
+pub fn compact(numbers: &[u32]) -> String {
+    let mut sorted = numbers.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{CommandKind, parse_command};
+
+    fn key(text: &str) -> SearchKey {
+        match parse_command(format!("t SEARCH {text}").as_bytes())
+            .unwrap()
+            .kind
+        {
+            CommandKind::Search { key, .. } => key,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn criteria_match_flags_dates_sizes_headers_and_text() {
+        let raw = "From: =?utf-8?q?Zo=C3=AB?= <zoe@x.test>\r\nTo: a@example.test\r\nSubject: Quarterly =?utf-8?q?n=C3=BAmeros?=\r\nDate: Thu, 5 Mar 2026 10:00:00 +0100\r\n\r\nThe Body text, with café.\r\n".as_bytes();
+        let message = crate::mime::parse(raw);
+        let state = MessageState {
+            uid: 7,
+            modseq: 12,
+            flags: vec!["\\Seen".into(), "$Work".into()],
+            internal_date_ms: (days_from_civil(2026, 3, 6) * 86400 + 3600) * 1000,
+            size: raw.len() as u64,
+        };
+        let c = Candidate {
+            seq: 3,
+            state: &state,
+            message: Some(&message),
+        };
+        let yes = |k: &str| assert!(matches(&key(k), &c, 5, 9), "should match: {k}");
+        let no = |k: &str| assert!(!matches(&key(k), &c, 5, 9), "should not match: {k}");
+        yes("SEEN KEYWORD $Work");
+        no("UNSEEN");
+        yes("FROM zoë");
+        yes("FROM ZOE@X");
+        yes("SUBJECT números");
+        yes("HEADER To example");
+        no("HEADER Cc \"\"");
+        yes("BODY CAFÉ");
+        yes("TEXT quarterly");
+        yes("ON 6-Mar-2026 SENTON 5-Mar-2026");
+        yes("SINCE 6-Mar-2026 BEFORE 7-Mar-2026");
+        no("SENTSINCE 6-Mar-2026");
+        yes(&format!("LARGER {} SMALLER 1000", raw.len() - 1));
+        yes("3 UID 7,9:*");
+        no("4:*");
+        yes("OR DELETED (SEEN) OR SEEN DRAFT");
+        no("OR DELETED (FLAGGED) OR SEEN DRAFT");
+        yes("NOT OR DELETED DRAFT");
+        yes("MODSEQ 12 OLD");
+        no("NEW");
+        assert_eq!(compact(&[5, 1, 2, 3, 9, 10]), "1:3,5,9:10");
+    }
+}
