@@ -64,6 +64,8 @@ fn start(binary: &Path, group_commit: bool) -> anyhow::Result<Server> {
             "bench.test",
             "--smtp",
             "127.0.0.1:0",
+            "--imap",
+            "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
             "--admin",

@@ -9,3 +9,7 @@ pub mod mime;
 pub mod parse;
 pub mod response;
 pub mod search;
+pub mod server;
+pub mod session;
+
+pub use server::{ImapConfig, ImapServer, ImapStats, Plaintext};

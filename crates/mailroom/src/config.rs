@@ -30,6 +30,8 @@ pub struct Config {
     pub watchdog: WatchdogSection,
     /// The POP3 listener.
     pub pop3: Pop3Section,
+    /// The IMAP listener.
+    pub imap: ImapSection,
     /// Logins to the mailbox protocols (POP3, IMAP).
     pub login: LoginSection,
 }
@@ -64,6 +66,31 @@ impl Default for Pop3Section {
             listen: "127.0.0.1:1110".parse().expect("valid address"),
             sessions_max: 500,
             idle_timeout_secs: 600,
+        }
+    }
+}
+
+/// `[imap]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImapSection {
+    /// Listen address; `--imap` overrides it.
+    pub listen: SocketAddr,
+    /// Concurrent IMAP sessions, at most.
+    pub sessions_max: usize,
+    /// A session silent this long is logged out.
+    pub idle_timeout_secs: u64,
+    /// Largest message APPEND accepts (APPENDLIMIT), bytes.
+    pub append_limit_bytes: u64,
+}
+
+impl Default for ImapSection {
+    fn default() -> Self {
+        ImapSection {
+            listen: "127.0.0.1:1143".parse().expect("valid address"),
+            sessions_max: 1000,
+            idle_timeout_secs: 1800,
+            append_limit_bytes: 26_214_400,
         }
     }
 }
@@ -269,7 +296,8 @@ pub struct DirectorySection {
 
 /// The commented example printed by `mailroom config example`; equal to the defaults.
 pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
-# do not change. Command-line flags (--data, --domain, --smtp, --pop3, --admin) override it.
+# do not change. Command-line flags (--data, --domain, --smtp, --imap, --pop3, --admin) override
+# it.
 
 [server]
 # The name this server gives itself in the SMTP greeting and in Received headers.
@@ -360,6 +388,17 @@ sessions_max = 500
 # A session silent this long is closed and nothing it marked is deleted (RFC 1939 asks
 # for at least 10 minutes).
 idle_timeout_secs = 600
+
+[imap]
+# Where the IMAP server listens (IMAP4rev2 and IMAP4rev1; the standard port 143 needs
+# privileges).
+listen = "127.0.0.1:1143"
+# Concurrent IMAP sessions; more get * BYE [UNAVAILABLE].
+sessions_max = 1000
+# A session silent this long is logged out (RFC 9051 asks for at least 30 minutes).
+idle_timeout_secs = 1800
+# Largest message APPEND accepts, advertised as APPENDLIMIT; larger ones get [TOOBIG].
+append_limit_bytes = 26214400
 
 [login]
 # Where passwords may be sent in the clear (POP3 USER/PASS and AUTH PLAIN, IMAP LOGIN
@@ -464,6 +503,12 @@ impl Config {
             bail!(
                 "watchdog.stall_after_ms must be at least 100 and watchdog.check_interval_ms at least 1"
             );
+        }
+        if self.imap.sessions_max == 0 || self.imap.idle_timeout_secs == 0 {
+            bail!("imap.sessions_max and imap.idle_timeout_secs must be at least 1");
+        }
+        if self.imap.append_limit_bytes < 1024 {
+            bail!("imap.append_limit_bytes must be at least 1024");
         }
         if self.pop3.sessions_max == 0 || self.pop3.idle_timeout_secs == 0 {
             bail!("pop3.sessions_max and pop3.idle_timeout_secs must be at least 1");

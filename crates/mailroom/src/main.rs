@@ -131,6 +131,9 @@ struct ServeArgs {
     /// SMTP listen address (overrides smtp.listen).
     #[arg(long)]
     smtp: Option<SocketAddr>,
+    /// IMAP listen address (overrides imap.listen).
+    #[arg(long)]
+    imap: Option<SocketAddr>,
     /// POP3 listen address (overrides pop3.listen).
     #[arg(long)]
     pop3: Option<SocketAddr>,
@@ -230,6 +233,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(smtp) = args.smtp {
         config.smtp.listen = smtp;
     }
+    if let Some(imap) = args.imap {
+        config.imap.listen = imap;
+    }
     if let Some(pop3) = args.pop3 {
         config.pop3.listen = pop3;
     }
@@ -242,6 +248,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         say("Mailroom is running.");
         say(&format!("  data folder: {}", server.data_dir.display()));
         say(&format!("  SMTP:        {}", server.smtp_addr));
+        say(&format!("  IMAP:        {}", server.imap_addr));
         say(&format!("  POP3:        {}", server.pop3_addr));
         say(&format!(
             "  admin API:   http://{}  (token in {}/admin.token)",

@@ -18,6 +18,7 @@ use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
 use mailroom_directory::{
     Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
 };
+use mailroom_imap::{ImapConfig, ImapServer, ImapStats, Plaintext};
 use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
@@ -53,6 +54,8 @@ pub struct RunningServer {
     pub smtp_addr: SocketAddr,
     /// Where POP3 listens.
     pub pop3_addr: SocketAddr,
+    /// Where IMAP listens.
+    pub imap_addr: SocketAddr,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
     /// The admin API's bearer token.
@@ -221,12 +224,14 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let conversion_stats = ConversionStats::default();
     let smtp_stats = SmtpStats::default();
     let pop3_stats = Pop3Stats::default();
+    let imap_stats = ImapStats::default();
     let queue_gauges = QueueGauges::default();
     sqlite.register_metrics(&mut registry);
     spool_stats.register(&mut registry);
     conversion_stats.register(&mut registry);
     smtp_stats.register(&mut registry);
     pop3_stats.register(&mut registry);
+    imap_stats.register(&mut registry);
     queue_gauges.register(&mut registry);
 
     let doorbell = Doorbell::default();
@@ -312,6 +317,14 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.smtp.listen
             )
         })?;
+    let imap_listener = TcpListener::bind(config.imap.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for IMAP on {} (imap.listen / --imap)",
+                config.imap.listen
+            )
+        })?;
     let pop3_listener = TcpListener::bind(config.pop3.listen)
         .await
         .with_context(|| {
@@ -330,6 +343,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         })?;
     let smtp_addr = smtp_listener.local_addr()?;
     let pop3_addr = pop3_listener.local_addr()?;
+    let imap_addr = imap_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
     let admin_token = admin_token(&data_dir)?;
@@ -384,6 +398,24 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         pop3_stats,
     );
     tokio::spawn(pop3.serve(pop3_listener, cancel.clone(), sessions.clone()));
+    let imap = ImapServer::new(
+        ImapConfig {
+            hostname: config.server.hostname.clone(),
+            sessions_max: config.imap.sessions_max,
+            idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
+            plaintext: match config.login.plaintext_auth {
+                PlaintextAuth::Always => Plaintext::Always,
+                PlaintextAuth::Loopback => Plaintext::Loopback,
+                PlaintextAuth::Never => Plaintext::Never,
+            },
+            append_limit: config.imap.append_limit_bytes,
+        },
+        directory.clone(),
+        store.clone(),
+        limiter.clone(),
+        imap_stats,
+    );
+    tokio::spawn(imap.serve(imap_listener, cancel.clone(), sessions.clone()));
 
     let admin_state = Arc::new(AdminState {
         store: store.clone(),
@@ -405,6 +437,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     Ok(RunningServer {
         smtp_addr,
         pop3_addr,
+        imap_addr,
         admin_addr,
         admin_token,
         data_dir,

@@ -245,6 +245,8 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
             DOMAIN,
             "--smtp",
             "127.0.0.1:0",
+            "--imap",
+            "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
             "--admin",

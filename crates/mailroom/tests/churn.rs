@@ -70,6 +70,8 @@ fn churn_against_a_running_server_twice() {
             "serve",
             "--smtp",
             "127.0.0.1:0",
+            "--imap",
+            "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
             "--admin",

@@ -33,6 +33,8 @@ fn start(data: &Path) -> Process {
             "example.test",
             "--smtp",
             "127.0.0.1:0",
+            "--imap",
+            "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
             "--admin",

@@ -20,6 +20,7 @@ pub fn test_config(data: &Path) -> Config {
     config.server.hostname = "mx.example.test".into();
     config.smtp.listen = "127.0.0.1:0".parse().unwrap();
     config.pop3.listen = "127.0.0.1:0".parse().unwrap();
+    config.imap.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.conversion.workers = 2;
     config

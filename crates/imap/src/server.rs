@@ -1,0 +1,344 @@
+//! The IMAP listener and connection framing: accept loop with a connection limit, one task
+//! per connection, command framing with literals (synchronising and LITERAL+), shutdown.
+
+use crate::session::{Session, SessionEnd};
+use mailroom_directory::Directory;
+use mailroom_directory::login::LoginLimiter;
+use mailroom_store::MailStore;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Where plaintext passwords are accepted (LOGIN, AUTHENTICATE PLAIN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plaintext {
+    /// From every client.
+    Always,
+    /// Only from loopback clients.
+    Loopback,
+    /// Never (LOGINDISABLED).
+    Never,
+}
+
+impl Plaintext {
+    /// Whether a client at `ip` may send a password in the clear.
+    pub fn allows(self, ip: IpAddr) -> bool {
+        match self {
+            Plaintext::Always => true,
+            Plaintext::Loopback => ip.is_loopback(),
+            Plaintext::Never => false,
+        }
+    }
+}
+
+/// Settings of the IMAP listener.
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    /// The name in the greeting.
+    pub hostname: String,
+    /// Concurrent sessions, at most.
+    pub sessions_max: usize,
+    /// A session silent this long is logged out (RFC 9051 asks for at least 30 minutes).
+    pub idle_timeout: Duration,
+    /// Where plaintext passwords are accepted.
+    pub plaintext: Plaintext,
+    /// Largest message APPEND accepts (APPENDLIMIT), bytes.
+    pub append_limit: u64,
+}
+
+/// Counters and gauges of the IMAP service.
+#[derive(Clone, Default)]
+pub struct ImapStats {
+    /// Connections accepted.
+    pub sessions: Counter,
+    /// Connections open now.
+    pub sessions_active: Gauge,
+    /// Login attempts by result.
+    pub logins: Family<Vec<(String, String)>, Counter>,
+    /// Commands by name.
+    pub commands: Family<Vec<(String, String)>, Counter>,
+}
+
+impl ImapStats {
+    /// Adds the metrics to a Prometheus registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailroom_imap_sessions",
+            "IMAP connections accepted",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "mailroom_imap_sessions_active",
+            "IMAP connections open now",
+            self.sessions_active.clone(),
+        );
+        registry.register(
+            "mailroom_imap_logins",
+            "IMAP login attempts by result",
+            self.logins.clone(),
+        );
+        registry.register(
+            "mailroom_imap_commands",
+            "IMAP commands by name",
+            self.commands.clone(),
+        );
+    }
+
+    pub(crate) fn login(&self, result: &str) {
+        self.logins
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
+    }
+}
+
+/// Everything an IMAP connection needs; shared by all connections.
+pub struct ImapServer {
+    pub(crate) config: ImapConfig,
+    pub(crate) directory: Directory,
+    pub(crate) store: Arc<dyn MailStore>,
+    pub(crate) limiter: Arc<LoginLimiter>,
+    pub(crate) stats: ImapStats,
+}
+
+/// Longest command line without literals.
+const LINE_MAX: usize = 64 * 1024;
+
+impl ImapServer {
+    /// Bundles the parts a listener needs. `limiter` is shared with POP3.
+    pub fn new(
+        config: ImapConfig,
+        directory: Directory,
+        store: Arc<dyn MailStore>,
+        limiter: Arc<LoginLimiter>,
+        stats: ImapStats,
+    ) -> Arc<ImapServer> {
+        Arc::new(ImapServer {
+            config,
+            directory,
+            store,
+            limiter,
+            stats,
+        })
+    }
+
+    /// Accepts connections until `cancel` fires; connection tasks are spawned on
+    /// `tracker` so the caller can wait for them with a deadline.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.config.sessions_max.max(1)));
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "IMAP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracker.spawn(async move {
+                    let _ = stream
+                        .write_all(b"* BYE [UNAVAILABLE] too many connections, try again later\r\n")
+                        .await;
+                });
+                continue;
+            };
+            let server = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                server.stats.sessions.inc();
+                server.stats.sessions_active.inc();
+                if let Err(e) = server.handle(stream, peer, cancel).await {
+                    tracing::debug!(%peer, error = %e, "IMAP session ended with an error");
+                }
+                server.stats.sessions_active.dec();
+                drop(permit);
+            });
+        }
+    }
+
+    /// Runs one session over any byte stream (TLS can wrap it later).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let mut conn = Connection {
+            stream,
+            input: Vec::new(),
+            server: self.clone(),
+        };
+        let mut session = Session::new(self.clone(), peer, cancel);
+        let greeting = session.greeting();
+        conn.write(&greeting).await?;
+        match session.run(&mut conn).await {
+            Ok(SessionEnd::Logout) | Ok(SessionEnd::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One connection's byte stream, with command framing.
+pub struct Connection<S> {
+    stream: S,
+    input: Vec<u8>,
+    server: Arc<ImapServer>,
+}
+
+/// What reading a command produced.
+pub enum Input {
+    /// One complete command, literals inline, without the final CRLF.
+    Command(Vec<u8>),
+    /// A command whose literal is too large: its tag, and the size asked for. Nothing of
+    /// the literal was accepted (or it was read and dropped, for LITERAL+).
+    TooBig(String, u64),
+    /// The line limit was exceeded.
+    TooLong,
+    /// The client closed the connection.
+    Closed,
+}
+
+/// `{n}` or `{n+}` at the end of a line: (n, non-synchronising).
+fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
+    let body = line.strip_suffix(b"}")?;
+    let open = body.iter().rposition(|b| *b == b'{')?;
+    let inner = &body[open + 1..];
+    let (digits, plus) = match inner.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (inner, false),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, plus))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Writes and flushes, with the idle timeout as the limit.
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(
+            self.server.config.idle_timeout,
+            self.stream.write_all(bytes),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut buffer = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut buffer).await?;
+        self.input.extend_from_slice(&buffer[..n]);
+        Ok(n > 0)
+    }
+
+    /// Reads one line (without CRLF), or `None` at end of stream.
+    pub async fn read_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(end) = self.input.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.input.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(Some(line));
+            }
+            if self.input.len() > LINE_MAX {
+                self.input.clear();
+                return Ok(Some(Vec::new()));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads one complete command: lines joined with their literals. Sends the
+    /// continuation request for synchronising literals.
+    pub async fn read_command(&mut self) -> std::io::Result<Input> {
+        let mut command = Vec::new();
+        loop {
+            let Some(line) = self.read_line().await? else {
+                return Ok(Input::Closed);
+            };
+            if command.len() + line.len() > LINE_MAX + self.server.config.append_limit as usize {
+                return Ok(Input::TooLong);
+            }
+            command.extend_from_slice(&line);
+            let Some((size, non_sync)) = literal_at_end(&line) else {
+                return Ok(Input::Command(command));
+            };
+            let tag = String::from_utf8_lossy(command.split(|b| *b == b' ').next().unwrap_or(b"*"))
+                .into_owned();
+            if size > self.server.config.append_limit + LINE_MAX as u64 {
+                if non_sync {
+                    // The client sends it anyway: read and drop it, then the rest of
+                    // the command line.
+                    let mut left = size as usize;
+                    while left > 0 {
+                        if self.input.is_empty() && !self.fill().await? {
+                            return Ok(Input::Closed);
+                        }
+                        let take = left.min(self.input.len());
+                        self.input.drain(..take);
+                        left -= take;
+                    }
+                    let _ = self.read_line().await?;
+                }
+                return Ok(Input::TooBig(tag, size));
+            }
+            if !non_sync {
+                self.write(b"+ Ready for literal data\r\n").await?;
+            }
+            command.extend_from_slice(b"\r\n");
+            let size = size as usize;
+            while self.input.len() < size {
+                if !self.fill().await? {
+                    return Ok(Input::Closed);
+                }
+            }
+            command.extend(self.input.drain(..size));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_markers() {
+        assert_eq!(literal_at_end(b"a LOGIN {5}"), Some((5, false)));
+        assert_eq!(literal_at_end(b"a APPEND x {12+}"), Some((12, true)));
+        assert_eq!(literal_at_end(b"a LOGIN {}"), None);
+        assert_eq!(literal_at_end(b"a SEARCH SUBJECT {x}"), None);
+        assert_eq!(literal_at_end(b"a NOOP"), None);
+    }
+}

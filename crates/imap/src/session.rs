@@ -1,0 +1,1548 @@
+//! One IMAP session: states (not authenticated, authenticated, selected, logout), every
+//! command's semantics, and the untagged updates other sessions' changes cause.
+//!
+//! Store calls run on the blocking pool. Changes made elsewhere (deliveries, other
+//! sessions) arrive through the mailbox's change bell: the session compares the folder
+//! with its view and sends EXISTS, EXPUNGE and FETCH FLAGS, never polling.
+
+use crate::mime;
+use crate::parse::{
+    CommandKind, FetchItem, ListOptions, STAR, SearchKey, Section, SectionText, SequenceSet,
+    StatusItem, StoreMode, parse_command,
+};
+use crate::response::{flags as write_flags, internal_date, literal, mailbox as write_mailbox};
+use crate::search::{self, Candidate, compact, in_set};
+use crate::server::{Connection, ImapServer, Input};
+use base64::Engine;
+use mailroom_directory::login::{LoginError, authenticate};
+use mailroom_directory::model::Protocol;
+use mailroom_store::{FlagOperation, FolderInfo, MailStore, MessageState, RecipientId, StoreError};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+/// The special-use folders every mailbox gets at first login (RFC 6154).
+const SPECIAL: [(&str, &str); 5] = [
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+    ("Archive", "\\Archive"),
+];
+
+/// How a session ended.
+pub enum SessionEnd {
+    /// LOGOUT.
+    Logout,
+    /// The client went away, the server shut down, or the session timed out.
+    Closed,
+}
+
+/// The selected folder as this session knows it.
+struct View {
+    name: String,
+    read_only: bool,
+    messages: Vec<MessageState>,
+}
+
+impl View {
+    fn max_uid(&self) -> u32 {
+        self.messages.last().map_or(0, |m| m.uid)
+    }
+
+    fn seq_of(&self, uid: u32) -> Option<u32> {
+        self.messages
+            .binary_search_by_key(&uid, |m| m.uid)
+            .ok()
+            .map(|i| i as u32 + 1)
+    }
+
+    /// Indexes of the messages a set names (by sequence number or UID).
+    fn select(&self, set: &SequenceSet, uid: bool) -> Vec<usize> {
+        let max_seq = self.messages.len() as u32;
+        let max_uid = self.max_uid();
+        self.messages
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                if uid {
+                    in_set(set, m.uid, max_uid)
+                } else {
+                    in_set(set, *i as u32 + 1, max_seq)
+                }
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+struct User {
+    recipient: RecipientId,
+}
+
+/// One session.
+pub struct Session {
+    server: Arc<ImapServer>,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+    user: Option<User>,
+    selected: Option<View>,
+    bell: Option<tokio::sync::watch::Receiver<u64>>,
+    condstore: bool,
+    enabled: HashSet<String>,
+}
+
+/// A command's outcome: the tagged status line's status and text.
+type Outcome = Result<String, (String, String)>;
+
+fn ok(text: impl Into<String>) -> Outcome {
+    Ok(text.into())
+}
+
+fn no(text: impl Into<String>) -> Outcome {
+    Err(("NO".into(), text.into()))
+}
+
+fn bad(text: impl Into<String>) -> Outcome {
+    Err(("BAD".into(), text.into()))
+}
+
+fn store_no(e: StoreError) -> (String, String) {
+    match e {
+        StoreError::NotFound(what) => ("NO".into(), format!("[NONEXISTENT] no {what}")),
+        StoreError::Conflict(what) => ("NO".into(), format!("[ALREADYEXISTS] {what}")),
+        other => {
+            tracing::error!(error = %other, "IMAP store error");
+            (
+                "NO".into(),
+                "[SERVERBUG] the store failed; try again".into(),
+            )
+        }
+    }
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn MailStore>,
+    f: impl FnOnce(&dyn MailStore) -> mailroom_store::Result<T> + Send + 'static,
+) -> Result<T, (String, String)> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(result) => result.map_err(store_no),
+        Err(_) => Err(("NO".into(), "[SERVERBUG] the store call failed".into())),
+    }
+}
+
+/// `*` and `%` matching of a LIST pattern against a name ("/" separated).
+fn pattern_matches(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| pattern_matches(rest, &name[i..])),
+        Some((b'%', rest)) => (0..=name.len())
+            .take_while(|i| *i == 0 || name[i - 1] != b'/')
+            .any(|i| pattern_matches(rest, &name[i..])),
+        Some((p, rest)) => name.split_first().is_some_and(|(n, name_rest)| {
+            n.eq_ignore_ascii_case(p) && pattern_matches(rest, name_rest)
+        }),
+    }
+}
+
+impl Session {
+    /// A new session for a client at `peer`.
+    pub fn new(server: Arc<ImapServer>, peer: SocketAddr, cancel: CancellationToken) -> Session {
+        Session {
+            server,
+            peer,
+            cancel,
+            user: None,
+            selected: None,
+            bell: None,
+            condstore: false,
+            enabled: HashSet::new(),
+        }
+    }
+
+    fn plaintext_allowed(&self) -> bool {
+        self.server.config.plaintext.allows(self.peer.ip())
+    }
+
+    fn capabilities(&self) -> String {
+        let mut caps = String::from(
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE",
+        );
+        caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
+        if self.user.is_none() {
+            if self.plaintext_allowed() {
+                caps.push_str(" SASL-IR AUTH=PLAIN");
+            } else {
+                caps.push_str(" LOGINDISABLED");
+            }
+        }
+        caps
+    }
+
+    /// The greeting.
+    pub fn greeting(&self) -> Vec<u8> {
+        format!(
+            "* OK [CAPABILITY {}] {} Mailroom IMAP ready\r\n",
+            self.capabilities(),
+            self.server.config.hostname
+        )
+        .into_bytes()
+    }
+
+    /// Reads and answers commands until LOGOUT, the client leaves, or shutdown.
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+    ) -> std::io::Result<SessionEnd> {
+        loop {
+            let input = tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
+                    return Ok(SessionEnd::Closed);
+                }
+                read = tokio::time::timeout(self.server.config.idle_timeout, conn.read_command()) => match read {
+                    Ok(input) => input?,
+                    Err(_) => {
+                        conn.write(b"* BYE autologout: idle for too long\r\n").await?;
+                        return Ok(SessionEnd::Closed);
+                    }
+                },
+            };
+            let bytes = match input {
+                Input::Command(bytes) => bytes,
+                Input::Closed => return Ok(SessionEnd::Closed),
+                Input::TooLong => {
+                    conn.write(b"* BYE command line too long\r\n").await?;
+                    return Ok(SessionEnd::Closed);
+                }
+                Input::TooBig(tag, size) => {
+                    conn.write(
+                        format!(
+                            "{tag} NO [TOOBIG] {size} octets is above the limit of {}\r\n",
+                            self.server.config.append_limit
+                        )
+                        .as_bytes(),
+                    )
+                    .await?;
+                    continue;
+                }
+            };
+            if bytes.is_empty() {
+                continue;
+            }
+            let command = match parse_command(&bytes) {
+                Ok(c) => c,
+                Err(e) => {
+                    let tag = e.tag.unwrap_or_else(|| "*".into());
+                    conn.write(format!("{tag} BAD {}\r\n", e.message).as_bytes())
+                        .await?;
+                    continue;
+                }
+            };
+            let name = command_name(&command.kind);
+            self.server
+                .stats
+                .commands
+                .get_or_create(&vec![("command".to_string(), name.to_string())])
+                .inc();
+            let mut out = Vec::new();
+            let tag = command.tag.clone();
+            let outcome = match command.kind {
+                CommandKind::Logout => {
+                    out.extend_from_slice(b"* BYE logging out\r\n");
+                    out.extend_from_slice(format!("{tag} OK LOGOUT completed\r\n").as_bytes());
+                    conn.write(&out).await?;
+                    return Ok(SessionEnd::Logout);
+                }
+                CommandKind::Idle => match self.idle(conn, &tag).await? {
+                    Some(outcome) => outcome,
+                    None => return Ok(SessionEnd::Closed),
+                },
+                CommandKind::Authenticate(mechanism, initial) => {
+                    self.authenticate(conn, &mechanism, initial, &mut out)
+                        .await?
+                }
+                kind => self.execute(kind, &tag, &mut out).await,
+            };
+            match outcome {
+                Ok(text) => out.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes()),
+                Err((status, text)) => {
+                    out.extend_from_slice(format!("{tag} {status} {text}\r\n").as_bytes())
+                }
+            }
+            conn.write(&out).await?;
+        }
+    }
+
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<Outcome> {
+        if self.user.is_some() {
+            return Ok(bad("already authenticated"));
+        }
+        if mechanism != "PLAIN" {
+            return Ok(no("unsupported mechanism; use PLAIN"));
+        }
+        if !self.plaintext_allowed() {
+            return Ok(no(
+                "[PRIVACYREQUIRED] plaintext passwords are not allowed on this connection",
+            ));
+        }
+        let response = match initial {
+            Some(r) => r,
+            None => {
+                conn.write(b"+ \r\n").await?;
+                match conn.read_line().await? {
+                    Some(line) => line,
+                    None => return Ok(bad("connection closed")),
+                }
+            }
+        };
+        if response == b"*" {
+            return Ok(bad("authentication cancelled"));
+        }
+        let decoded = if response == b"=" {
+            Vec::new()
+        } else {
+            match base64::engine::general_purpose::STANDARD.decode(&response) {
+                Ok(d) => d,
+                Err(_) => return Ok(bad("the response is not base64")),
+            }
+        };
+        let parts: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
+        let [authz, user, password] = parts.as_slice() else {
+            return Ok(bad("malformed PLAIN response"));
+        };
+        let user = String::from_utf8_lossy(user).into_owned();
+        let authz = String::from_utf8_lossy(authz).into_owned();
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(&user) {
+            return Ok(no(
+                "[AUTHORIZATIONFAILED] acting as another user is not allowed",
+            ));
+        }
+        let password = String::from_utf8_lossy(password).into_owned();
+        Ok(self.login(user, password, out).await)
+    }
+
+    async fn login(&mut self, user: String, password: String, out: &mut Vec<u8>) -> Outcome {
+        if self.user.is_some() {
+            return bad("already authenticated");
+        }
+        if !self.plaintext_allowed() {
+            return no("[PRIVACYREQUIRED] plaintext passwords are not allowed on this connection");
+        }
+        let server = self.server.clone();
+        let client = self.peer.ip();
+        if let Err(e) = server.limiter.check(client, &user) {
+            server.stats.login("limited");
+            return no(format!("[UNAVAILABLE] {e}"));
+        }
+        let snapshot = server.directory.snapshot();
+        let checked = user.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            authenticate(&snapshot, &checked, &password, Protocol::Imap)
+        })
+        .await
+        .unwrap_or(Err(LoginError::Invalid));
+        let recipient = match result {
+            Ok(id) => id,
+            Err(e @ LoginError::ProtocolDisabled(_)) => {
+                server.stats.login("disabled");
+                return no(format!("[AUTHORIZATIONFAILED] {e}"));
+            }
+            Err(e) => {
+                server.limiter.record(client, &user, false);
+                server.stats.login("invalid");
+                tracing::info!(%client, user, "IMAP login failed");
+                return no(format!("[AUTHENTICATIONFAILED] {e}"));
+            }
+        };
+        server.limiter.record(client, &user, true);
+        // INBOX and the special-use folders exist from the first login on.
+        let created = blocking(&server.store, move |store| {
+            store.ensure_folder(recipient, "INBOX", None)?;
+            for (name, usage) in SPECIAL {
+                store.ensure_folder(recipient, name, Some(usage))?;
+            }
+            Ok(())
+        })
+        .await;
+        created?;
+        server.stats.login("ok");
+        self.bell = Some(server.store.watch_mailbox(recipient));
+        tracing::debug!(client = %self.peer, user, "IMAP login");
+        self.user = Some(User { recipient });
+        out.extend_from_slice(format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes());
+        ok("[CAPABILITY] logged in")
+    }
+
+    fn recipient(&self) -> Result<RecipientId, (String, String)> {
+        self.user
+            .as_ref()
+            .map(|u| u.recipient)
+            .ok_or_else(|| ("BAD".into(), "log in first".into()))
+    }
+
+    async fn execute(&mut self, kind: CommandKind, tag: &str, out: &mut Vec<u8>) -> Outcome {
+        match kind {
+            CommandKind::Capability => {
+                out.extend_from_slice(
+                    format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes(),
+                );
+                ok("CAPABILITY completed")
+            }
+            CommandKind::Noop | CommandKind::Check => {
+                self.sync(out, true).await;
+                ok("done")
+            }
+            CommandKind::StartTls => bad("STARTTLS is not available yet (no TLS configured)"),
+            CommandKind::Id => {
+                out.extend_from_slice(b"* ID (\"name\" \"Mailroom\" \"vendor\" \"Mailroom\")\r\n");
+                ok("ID completed")
+            }
+            CommandKind::Login(user, password) => self.login(user, password, out).await,
+            CommandKind::Logout | CommandKind::Idle | CommandKind::Authenticate(..) => {
+                unreachable!("handled by the caller")
+            }
+            other => {
+                let recipient = self.recipient()?;
+                self.authenticated(other, tag, recipient, out).await
+            }
+        }
+    }
+
+    async fn authenticated(
+        &mut self,
+        kind: CommandKind,
+        tag: &str,
+        recipient: RecipientId,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let store = self.server.store.clone();
+        match kind {
+            CommandKind::Enable(caps) => {
+                let mut enabled = Vec::new();
+                for cap in caps {
+                    if matches!(cap.as_str(), "CONDSTORE" | "IMAP4REV2" | "UTF8=ACCEPT")
+                        && self.enabled.insert(cap.clone())
+                    {
+                        if cap == "CONDSTORE" {
+                            self.condstore = true;
+                        }
+                        enabled.push(cap);
+                    }
+                }
+                out.extend_from_slice(
+                    format!("* ENABLED {}\r\n", enabled.join(" "))
+                        .trim_end()
+                        .as_bytes(),
+                );
+                out.extend_from_slice(b"\r\n");
+                ok("ENABLE completed")
+            }
+            CommandKind::Namespace => {
+                out.extend_from_slice(b"* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n");
+                ok("NAMESPACE completed")
+            }
+            CommandKind::Select {
+                mailbox,
+                read_only,
+                condstore,
+            } => {
+                self.selected = None;
+                if condstore {
+                    self.condstore = true;
+                }
+                let name = mailbox.clone();
+                let (folders, messages) = blocking(&store, move |s| {
+                    Ok((s.folders(recipient)?, s.folder_messages(recipient, &name)?))
+                })
+                .await?;
+                let info = folders
+                    .into_iter()
+                    .find(|f| f.name == mailbox)
+                    .ok_or_else(|| ("NO".into(), "[NONEXISTENT] no such folder".into()))?;
+                if let Some(bell) = &mut self.bell {
+                    bell.borrow_and_update();
+                }
+                let unseen = messages
+                    .iter()
+                    .position(|m| !m.flags.iter().any(|f| f == "\\Seen"));
+                out.extend_from_slice(format!("* {} EXISTS\r\n", messages.len()).as_bytes());
+                out.extend_from_slice(b"* 0 RECENT\r\n");
+                out.extend_from_slice(
+                    b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n",
+                );
+                out.extend_from_slice(
+                    if read_only {
+                        b"* OK [PERMANENTFLAGS ()] read-only\r\n".as_slice()
+                    } else {
+                        b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] flags allowed\r\n".as_slice()
+                    },
+                );
+                if let Some(i) = unseen {
+                    out.extend_from_slice(
+                        format!("* OK [UNSEEN {}] first unseen\r\n", i + 1).as_bytes(),
+                    );
+                }
+                out.extend_from_slice(
+                    format!("* OK [UIDVALIDITY {}] UIDs valid\r\n", info.uidvalidity).as_bytes(),
+                );
+                out.extend_from_slice(
+                    format!("* OK [UIDNEXT {}] predicted next UID\r\n", info.uidnext).as_bytes(),
+                );
+                out.extend_from_slice(
+                    format!("* OK [HIGHESTMODSEQ {}] highest\r\n", info.highestmodseq).as_bytes(),
+                );
+                out.extend_from_slice(b"* LIST () \"/\" ");
+                write_mailbox(out, &info.name);
+                out.extend_from_slice(b"\r\n");
+                self.selected = Some(View {
+                    name: info.name,
+                    read_only,
+                    messages,
+                });
+                ok(if read_only {
+                    "[READ-ONLY] EXAMINE completed"
+                } else {
+                    "[READ-WRITE] SELECT completed"
+                })
+            }
+            CommandKind::Create(name) => {
+                let name = name.trim_end_matches('/').to_string();
+                if name.is_empty() || name.contains("//") {
+                    return no("[CANNOT] not a valid folder name");
+                }
+                if name == "INBOX" {
+                    return no("[ALREADYEXISTS] INBOX exists");
+                }
+                blocking(&store, move |s| {
+                    // Parents are created on the way (RFC 9051 6.3.4).
+                    let mut path = String::new();
+                    let parts: Vec<&str> = name.split('/').collect();
+                    for (i, part) in parts.iter().enumerate() {
+                        if i > 0 {
+                            path.push('/');
+                        }
+                        path.push_str(part);
+                        if i + 1 < parts.len() {
+                            s.ensure_folder(recipient, &path, None)?;
+                        }
+                    }
+                    s.create_folder(recipient, &name, None)
+                })
+                .await?;
+                ok("CREATE completed")
+            }
+            CommandKind::Delete(name) => {
+                if self.selected.as_ref().is_some_and(|v| v.name == name) {
+                    self.selected = None;
+                }
+                blocking(&store, move |s| s.delete_folder(recipient, &name)).await?;
+                ok("DELETE completed")
+            }
+            CommandKind::Rename(from, to) => {
+                blocking(&store, move |s| s.rename_folder(recipient, &from, &to)).await?;
+                ok("RENAME completed")
+            }
+            CommandKind::Subscribe(name) => {
+                blocking(&store, move |s| s.subscribe(recipient, &name, true)).await?;
+                ok("SUBSCRIBE completed")
+            }
+            CommandKind::Unsubscribe(name) => {
+                blocking(&store, move |s| s.subscribe(recipient, &name, false)).await?;
+                ok("UNSUBSCRIBE completed")
+            }
+            CommandKind::List {
+                reference,
+                patterns,
+                options,
+            } => {
+                self.list(recipient, &reference, &patterns, &options, out)
+                    .await?;
+                ok(if options.lsub {
+                    "LSUB completed"
+                } else {
+                    "LIST completed"
+                })
+            }
+            CommandKind::Status(name, items) => {
+                let folders = blocking(&store, move |s| s.folders(recipient)).await?;
+                let info = folders
+                    .into_iter()
+                    .find(|f| f.name == name)
+                    .ok_or_else(|| ("NO".into(), "[NONEXISTENT] no such folder".into()))?;
+                self.status_line(recipient, &info, &items, out).await?;
+                ok("STATUS completed")
+            }
+            CommandKind::Append(name, message) => {
+                let size = message.message.len() as u64;
+                if size > self.server.config.append_limit {
+                    return no("[TOOBIG] the message is above APPENDLIMIT");
+                }
+                if let Some(limit) = self.hard_quota_kb(recipient) {
+                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    if used + size > limit * 1024 {
+                        return no("[OVERQUOTA] the mailbox is over its quota");
+                    }
+                }
+                let flags: Vec<String> = message
+                    .flags
+                    .into_iter()
+                    .filter(|f| f != "\\Recent")
+                    .collect();
+                let date = message.date_ms.unwrap_or_else(mailroom_watch::now_ms);
+                let folder = name.clone();
+                let appended = blocking(&store, move |s| {
+                    s.append(recipient, &folder, &flags, date, &message.message)
+                })
+                .await
+                .map_err(|(status, text)| {
+                    if text.starts_with("[NONEXISTENT]") {
+                        (
+                            status,
+                            "[TRYCREATE] no such folder; create it first".to_string(),
+                        )
+                    } else {
+                        (status, text)
+                    }
+                })?;
+                self.sync(out, true).await;
+                ok(format!(
+                    "[APPENDUID {} {}] APPEND completed",
+                    appended.uidvalidity, appended.uids[0].1
+                ))
+            }
+            CommandKind::GetQuotaRoot(name) => {
+                out.extend_from_slice(b"* QUOTAROOT ");
+                write_mailbox(out, &name);
+                if let Some(limit) = self.hard_quota_kb(recipient) {
+                    out.extend_from_slice(b" \"\"\r\n");
+                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    out.extend_from_slice(
+                        format!("* QUOTA \"\" (STORAGE {} {limit})\r\n", used.div_ceil(1024))
+                            .as_bytes(),
+                    );
+                } else {
+                    out.extend_from_slice(b"\r\n");
+                }
+                ok("GETQUOTAROOT completed")
+            }
+            CommandKind::GetQuota(root) => {
+                let limit = self.hard_quota_kb(recipient);
+                match (root.is_empty(), limit) {
+                    (true, Some(limit)) => {
+                        let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                        out.extend_from_slice(
+                            format!("* QUOTA \"\" (STORAGE {} {limit})\r\n", used.div_ceil(1024))
+                                .as_bytes(),
+                        );
+                        ok("GETQUOTA completed")
+                    }
+                    _ => no("[NONEXISTENT] no such quota root"),
+                }
+            }
+            CommandKind::SetQuota => {
+                no("[NOPERM] quotas are set in the directory by the administrator")
+            }
+            other => self.selected_command(other, tag, recipient, out).await,
+        }
+    }
+
+    /// The directory's hard limit for the mailbox (prohibit send and receive), KB.
+    fn hard_quota_kb(&self, recipient: RecipientId) -> Option<u64> {
+        let snapshot = self.server.directory.snapshot();
+        let r = snapshot.recipient(recipient)?;
+        r.quota.prohibit_send_receive_kb.filter(|kb| *kb > 0)
+    }
+
+    async fn status_line(
+        &self,
+        recipient: RecipientId,
+        info: &FolderInfo,
+        items: &[StatusItem],
+        out: &mut Vec<u8>,
+    ) -> Result<(), (String, String)> {
+        let deleted = if items.contains(&StatusItem::Deleted) {
+            let name = info.name.clone();
+            let messages = blocking(&self.server.store, move |s| {
+                s.folder_messages(recipient, &name)
+            })
+            .await?;
+            messages
+                .iter()
+                .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                .count()
+        } else {
+            0
+        };
+        let values: Vec<String> = items
+            .iter()
+            .map(|item| match item {
+                StatusItem::Messages => format!("MESSAGES {}", info.messages),
+                StatusItem::UidNext => format!("UIDNEXT {}", info.uidnext),
+                StatusItem::UidValidity => format!("UIDVALIDITY {}", info.uidvalidity),
+                StatusItem::Unseen => format!("UNSEEN {}", info.unseen),
+                StatusItem::Deleted => format!("DELETED {deleted}"),
+                StatusItem::Size => format!("SIZE {}", info.bytes),
+                StatusItem::Recent => "RECENT 0".to_string(),
+                StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", info.highestmodseq),
+                StatusItem::AppendLimit => {
+                    format!("APPENDLIMIT {}", self.server.config.append_limit)
+                }
+            })
+            .collect();
+        out.extend_from_slice(b"* STATUS ");
+        write_mailbox(out, &info.name);
+        out.extend_from_slice(format!(" ({})\r\n", values.join(" ")).as_bytes());
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        recipient: RecipientId,
+        reference: &str,
+        patterns: &[String],
+        options: &ListOptions,
+        out: &mut Vec<u8>,
+    ) -> Result<(), (String, String)> {
+        let keyword = if options.lsub { "LSUB" } else { "LIST" };
+        if patterns.len() == 1 && patterns[0].is_empty() {
+            // The hierarchy delimiter and root (RFC 9051 6.3.9).
+            out.extend_from_slice(format!("* {keyword} (\\Noselect) \"/\" \"\"\r\n").as_bytes());
+            return Ok(());
+        }
+        let folders = blocking(&self.server.store, move |s| s.folders(recipient)).await?;
+        let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
+        for folder in &folders {
+            let full_patterns: Vec<String> =
+                patterns.iter().map(|p| format!("{reference}{p}")).collect();
+            let matched = full_patterns.iter().any(|p| {
+                if folder.name == "INBOX" {
+                    pattern_matches(p.to_ascii_uppercase().as_bytes(), b"INBOX")
+                } else {
+                    pattern_matches(p.as_bytes(), folder.name.as_bytes())
+                }
+            });
+            if !matched {
+                continue;
+            }
+            if (options.subscribed || options.lsub) && !folder.subscribed {
+                continue;
+            }
+            if options.special_use_only && folder.special_use.is_none() {
+                continue;
+            }
+            let prefix = format!("{}/", folder.name);
+            let children = names.iter().any(|n| n.starts_with(&prefix));
+            let mut attributes = vec![
+                if children {
+                    "\\HasChildren"
+                } else {
+                    "\\HasNoChildren"
+                }
+                .to_string(),
+            ];
+            if let Some(usage) = &folder.special_use
+                && !options.lsub
+            {
+                attributes.push(usage.clone());
+            }
+            if (options.return_subscribed || options.subscribed) && folder.subscribed {
+                attributes.push("\\Subscribed".into());
+            }
+            out.extend_from_slice(
+                format!("* {keyword} ({}) \"/\" ", attributes.join(" ")).as_bytes(),
+            );
+            write_mailbox(out, &folder.name);
+            out.extend_from_slice(b"\r\n");
+            if let Some(items) = &options.status {
+                self.status_line(recipient, folder, items, out).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn selected_command(
+        &mut self,
+        kind: CommandKind,
+        tag: &str,
+        recipient: RecipientId,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        if self.selected.is_none() {
+            return bad("select a folder first");
+        }
+        let store = self.server.store.clone();
+        match kind {
+            CommandKind::Close | CommandKind::Unselect => {
+                let view = self.selected.take().expect("checked");
+                if matches!(kind, CommandKind::Close) && !view.read_only {
+                    let uids: Vec<u32> = view
+                        .messages
+                        .iter()
+                        .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                        .map(|m| m.uid)
+                        .collect();
+                    let name = view.name.clone();
+                    blocking(&store, move |s| s.expunge(recipient, &name, &uids)).await?;
+                }
+                if let Some(bell) = &mut self.bell {
+                    bell.borrow_and_update();
+                }
+                ok(if matches!(kind, CommandKind::Close) {
+                    "CLOSE completed"
+                } else {
+                    "UNSELECT completed"
+                })
+            }
+            CommandKind::Expunge(uid_set) => {
+                let view = self.selected.as_ref().expect("checked");
+                if view.read_only {
+                    return no("[READ-ONLY] the folder is read-only");
+                }
+                let max_uid = view.max_uid();
+                let uids: Vec<u32> = view
+                    .messages
+                    .iter()
+                    .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                    .filter(|m| {
+                        uid_set
+                            .as_ref()
+                            .is_none_or(|set| in_set(set, m.uid, max_uid))
+                    })
+                    .map(|m| m.uid)
+                    .collect();
+                let name = view.name.clone();
+                let targets = uids.clone();
+                blocking(&store, move |s| s.expunge(recipient, &name, &targets)).await?;
+                self.remove_from_view(&uids, out);
+                self.sync(out, true).await;
+                ok("EXPUNGE completed")
+            }
+            CommandKind::Search { uid, ret, key } => {
+                self.sync(out, uid).await;
+                let results = self.search(recipient, &key).await?;
+                let view = self.selected.as_ref().expect("checked");
+                let numbers: Vec<u32> = results
+                    .iter()
+                    .map(|&i| {
+                        if uid {
+                            view.messages[i].uid
+                        } else {
+                            i as u32 + 1
+                        }
+                    })
+                    .collect();
+                let highest = results.iter().map(|&i| view.messages[i].modseq).max();
+                if ret.extended {
+                    let mut line = format!("* ESEARCH (TAG \"{tag}\")");
+                    if uid {
+                        line.push_str(" UID");
+                    }
+                    if !numbers.is_empty() {
+                        if ret.min {
+                            line.push_str(&format!(
+                                " MIN {}",
+                                numbers.iter().min().expect("non-empty")
+                            ));
+                        }
+                        if ret.max {
+                            line.push_str(&format!(
+                                " MAX {}",
+                                numbers.iter().max().expect("non-empty")
+                            ));
+                        }
+                        if ret.all {
+                            line.push_str(&format!(" ALL {}", compact(&numbers)));
+                        }
+                    }
+                    if ret.count {
+                        line.push_str(&format!(" COUNT {}", numbers.len()));
+                    }
+                    if search::uses_modseq(&key)
+                        && let Some(m) = highest
+                    {
+                        line.push_str(&format!(" MODSEQ {m}"));
+                    }
+                    out.extend_from_slice(line.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    let mut line = String::from("* SEARCH");
+                    for n in &numbers {
+                        line.push_str(&format!(" {n}"));
+                    }
+                    if search::uses_modseq(&key)
+                        && let Some(m) = highest
+                    {
+                        line.push_str(&format!(" (MODSEQ {m})"));
+                    }
+                    out.extend_from_slice(line.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                ok("SEARCH completed")
+            }
+            CommandKind::Fetch {
+                uid,
+                set,
+                items,
+                modifiers,
+            } => {
+                self.sync(out, uid).await;
+                self.fetch(recipient, uid, &set, items, modifiers.changed_since, out)
+                    .await
+            }
+            CommandKind::Store {
+                uid,
+                set,
+                mode,
+                silent,
+                flags,
+                unchanged_since,
+            } => {
+                self.sync(out, uid).await;
+                let view = self.selected.as_ref().expect("checked");
+                if view.read_only {
+                    return no("[READ-ONLY] the folder is read-only");
+                }
+                if unchanged_since.is_some() {
+                    self.condstore = true;
+                }
+                let uids: Vec<u32> = view
+                    .select(&set, uid)
+                    .iter()
+                    .map(|&i| view.messages[i].uid)
+                    .collect();
+                let flags: Vec<String> = flags.into_iter().filter(|f| f != "\\Recent").collect();
+                let operation = match mode {
+                    StoreMode::Replace => FlagOperation::Replace,
+                    StoreMode::Add => FlagOperation::Add,
+                    StoreMode::Remove => FlagOperation::Remove,
+                };
+                let name = view.name.clone();
+                let result = blocking(&store, move |s| {
+                    s.store_flags(recipient, &name, &uids, operation, &flags, unchanged_since)
+                })
+                .await?;
+                let condstore = self.condstore;
+                let view = self.selected.as_mut().expect("checked");
+                for changed in &result.changed {
+                    let Some(seq) = view.seq_of(changed.uid) else {
+                        continue;
+                    };
+                    view.messages[seq as usize - 1] = changed.clone();
+                    if !silent || unchanged_since.is_some() {
+                        let mut line = format!("* {seq} FETCH (");
+                        if uid {
+                            line.push_str(&format!("UID {} ", changed.uid));
+                        }
+                        line.push_str(&format!("FLAGS ({})", changed.flags.join(" ")));
+                        if condstore {
+                            line.push_str(&format!(" MODSEQ ({})", changed.modseq));
+                        }
+                        line.push_str(")\r\n");
+                        out.extend_from_slice(line.as_bytes());
+                    }
+                }
+                if let Some(bell) = &mut self.bell {
+                    bell.borrow_and_update();
+                }
+                if result.modified.is_empty() {
+                    ok("STORE completed")
+                } else {
+                    let view = self.selected.as_ref().expect("checked");
+                    let numbers: Vec<u32> = if uid {
+                        result.modified.clone()
+                    } else {
+                        result
+                            .modified
+                            .iter()
+                            .filter_map(|u| view.seq_of(*u))
+                            .collect()
+                    };
+                    ok(format!(
+                        "[MODIFIED {}] conditional STORE failed for some",
+                        compact(&numbers)
+                    ))
+                }
+            }
+            CommandKind::Copy {
+                uid,
+                set,
+                mailbox,
+                remove,
+            } => {
+                self.sync(out, uid).await;
+                let view = self.selected.as_ref().expect("checked");
+                if remove && view.read_only {
+                    return no("[READ-ONLY] the folder is read-only");
+                }
+                let uids: Vec<u32> = view
+                    .select(&set, uid)
+                    .iter()
+                    .map(|&i| view.messages[i].uid)
+                    .collect();
+                if uids.is_empty() {
+                    return ok(if remove {
+                        "MOVE completed (nothing to move)"
+                    } else {
+                        "COPY completed (nothing to copy)"
+                    });
+                }
+                let from = view.name.clone();
+                let target = mailbox.clone();
+                if let Some(limit) = self.hard_quota_kb(recipient).filter(|_| !remove) {
+                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    let adding: u64 = view
+                        .messages
+                        .iter()
+                        .filter(|m| uids.contains(&m.uid))
+                        .map(|m| m.size)
+                        .sum();
+                    if used + adding > limit * 1024 {
+                        return no("[OVERQUOTA] the mailbox is over its quota");
+                    }
+                }
+                let copied = blocking(&store, move |s| {
+                    s.copy_messages(recipient, &from, &uids, &target, remove)
+                })
+                .await
+                .map_err(|(status, text)| {
+                    if text.starts_with("[NONEXISTENT]") {
+                        (
+                            status,
+                            "[TRYCREATE] no such folder; create it first".to_string(),
+                        )
+                    } else {
+                        (status, text)
+                    }
+                })?;
+                let sources: Vec<u32> = copied.uids.iter().map(|p| p.0).collect();
+                let targets: Vec<u32> = copied.uids.iter().map(|p| p.1).collect();
+                let code = format!(
+                    "COPYUID {} {} {}",
+                    copied.uidvalidity,
+                    sources
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    targets
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                if remove {
+                    out.extend_from_slice(format!("* OK [{code}] moved\r\n").as_bytes());
+                    self.remove_from_view(&sources, out);
+                    self.sync(out, true).await;
+                    ok("MOVE completed")
+                } else {
+                    self.sync(out, uid).await;
+                    ok(format!("[{code}] COPY completed"))
+                }
+            }
+            _ => bad("command not valid in this state"),
+        }
+    }
+
+    /// Removes expunged UIDs from the view, sending EXPUNGE for each (highest first, so
+    /// every sequence number is right when the client reads it).
+    fn remove_from_view(&mut self, uids: &[u32], out: &mut Vec<u8>) {
+        let Some(view) = self.selected.as_mut() else {
+            return;
+        };
+        let mut seqs: Vec<u32> = uids.iter().filter_map(|u| view.seq_of(*u)).collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        for seq in seqs {
+            view.messages.remove(seq as usize - 1);
+            out.extend_from_slice(format!("* {seq} EXPUNGE\r\n").as_bytes());
+        }
+        if let Some(bell) = &mut self.bell {
+            bell.borrow_and_update();
+        }
+    }
+
+    /// Brings the view up to date with the store when the mailbox's bell rang: EXPUNGE
+    /// (only where allowed), EXISTS, and FETCH FLAGS for changed messages.
+    async fn sync(&mut self, out: &mut Vec<u8>, allow_expunge: bool) {
+        let Some(bell) = &mut self.bell else {
+            return;
+        };
+        if !bell.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(view) = &self.selected else {
+            bell.borrow_and_update();
+            return;
+        };
+        let Ok(recipient) = self.recipient() else {
+            return;
+        };
+        let name = view.name.clone();
+        let Ok(current) = blocking(&self.server.store, move |s| {
+            s.folder_messages(recipient, &name)
+        })
+        .await
+        else {
+            return;
+        };
+        if let Some(bell) = &mut self.bell {
+            bell.borrow_and_update();
+        }
+        let condstore = self.condstore;
+        let view = self.selected.as_mut().expect("checked");
+        let present: HashSet<u32> = current.iter().map(|m| m.uid).collect();
+        if allow_expunge {
+            let gone: Vec<u32> = view
+                .messages
+                .iter()
+                .filter(|m| !present.contains(&m.uid))
+                .map(|m| m.uid)
+                .collect();
+            if !gone.is_empty() {
+                self.remove_from_view(&gone, out);
+            }
+        }
+        let view = self.selected.as_mut().expect("checked");
+        for (i, m) in view.messages.iter_mut().enumerate() {
+            if let Some(now) = current.iter().find(|c| c.uid == m.uid)
+                && now.modseq != m.modseq
+            {
+                *m = now.clone();
+                let mut line = format!(
+                    "* {} FETCH (UID {} FLAGS ({})",
+                    i + 1,
+                    m.uid,
+                    m.flags.join(" ")
+                );
+                if condstore {
+                    line.push_str(&format!(" MODSEQ ({})", m.modseq));
+                }
+                line.push_str(")\r\n");
+                out.extend_from_slice(line.as_bytes());
+            }
+        }
+        let max = view.max_uid();
+        let new: Vec<MessageState> = current.into_iter().filter(|m| m.uid > max).collect();
+        if !new.is_empty() {
+            view.messages.extend(new);
+            out.extend_from_slice(format!("* {} EXISTS\r\n", view.messages.len()).as_bytes());
+        }
+    }
+
+    async fn search(
+        &self,
+        recipient: RecipientId,
+        key: &SearchKey,
+    ) -> Result<Vec<usize>, (String, String)> {
+        let view = self.selected.as_ref().expect("checked");
+        let max_seq = view.messages.len() as u32;
+        let max_uid = view.max_uid();
+        let mut results = Vec::new();
+        let content = search::needs_content(key);
+        for (i, state) in view.messages.iter().enumerate() {
+            let raw = if content {
+                let (name, uid) = (view.name.clone(), state.uid);
+                blocking(&self.server.store, move |s| {
+                    s.message_raw(recipient, &name, uid)
+                })
+                .await?
+            } else {
+                None
+            };
+            let parsed = raw.as_deref().map(mime::parse);
+            let candidate = Candidate {
+                seq: i as u32 + 1,
+                state,
+                message: parsed.as_ref(),
+            };
+            if search::matches(key, &candidate, max_seq, max_uid) {
+                results.push(i);
+            }
+        }
+        Ok(results)
+    }
+
+    async fn fetch(
+        &mut self,
+        recipient: RecipientId,
+        uid: bool,
+        set: &SequenceSet,
+        mut items: Vec<FetchItem>,
+        changed_since: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        if uid && !items.contains(&FetchItem::Uid) {
+            items.insert(0, FetchItem::Uid);
+        }
+        if changed_since.is_some() || items.contains(&FetchItem::ModSeq) {
+            self.condstore = true;
+            if !items.contains(&FetchItem::ModSeq) {
+                items.push(FetchItem::ModSeq);
+            }
+        }
+        let view = self.selected.as_ref().expect("checked");
+        let read_only = view.read_only;
+        let name = view.name.clone();
+        let mut indexes = view.select(set, uid);
+        if let Some(since) = changed_since {
+            indexes.retain(|&i| view.messages[i].modseq > since);
+        }
+        if indexes.is_empty() && !uid && !set.iter().all(|r| r.0 == STAR || r.1 == STAR) {
+            return bad("no such message");
+        }
+        let needs_content = items.iter().any(|i| {
+            matches!(
+                i,
+                FetchItem::Envelope
+                    | FetchItem::BodyStructure
+                    | FetchItem::Body
+                    | FetchItem::Rfc822
+                    | FetchItem::Rfc822Header
+                    | FetchItem::Rfc822Text
+                    | FetchItem::BodySection { .. }
+                    | FetchItem::Binary { .. }
+                    | FetchItem::BinarySize(_)
+            )
+        });
+        // Reading a body without PEEK sets \Seen (RFC 9051 6.4.5), once, before the
+        // responses, which then carry the new flags.
+        let sets_seen = !read_only
+            && items.iter().any(|i| {
+                matches!(i, FetchItem::Rfc822 | FetchItem::Rfc822Text)
+                    || matches!(
+                        i,
+                        FetchItem::BodySection { peek: false, .. }
+                            | FetchItem::Binary { peek: false, .. }
+                    )
+            });
+        if sets_seen {
+            let unseen: Vec<u32> = indexes
+                .iter()
+                .map(|&i| &view.messages[i])
+                .filter(|m| !m.flags.iter().any(|f| f == "\\Seen"))
+                .map(|m| m.uid)
+                .collect();
+            if !unseen.is_empty() {
+                let folder = name.clone();
+                let result = blocking(&self.server.store, move |s| {
+                    s.store_flags(
+                        recipient,
+                        &folder,
+                        &unseen,
+                        FlagOperation::Add,
+                        &["\\Seen".to_string()],
+                        None,
+                    )
+                })
+                .await?;
+                let view = self.selected.as_mut().expect("checked");
+                for changed in result.changed {
+                    if let Some(seq) = view.seq_of(changed.uid) {
+                        view.messages[seq as usize - 1] = changed;
+                    }
+                }
+                if !items.contains(&FetchItem::Flags) {
+                    items.push(FetchItem::Flags);
+                }
+                if let Some(bell) = &mut self.bell {
+                    bell.borrow_and_update();
+                }
+            }
+        }
+        let view = self.selected.as_ref().expect("checked");
+        for i in indexes {
+            let state = view.messages[i].clone();
+            let raw = if needs_content {
+                let (folder, uid) = (name.clone(), state.uid);
+                match blocking(&self.server.store, move |s| {
+                    s.message_raw(recipient, &folder, uid)
+                })
+                .await?
+                {
+                    Some(raw) => Some(raw),
+                    // Expunged by another session since this one's view: nothing to send.
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            let parsed = raw.as_deref().map(mime::parse);
+            let mut line = format!("* {} FETCH (", i + 1).into_bytes();
+            let mut unknown_cte = false;
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    line.push(b' ');
+                }
+                match fetch_item(&mut line, item, &state, raw.as_deref(), parsed.as_ref()) {
+                    Ok(()) => {}
+                    Err(FetchError::UnknownCte) => unknown_cte = true,
+                }
+            }
+            line.extend_from_slice(b")\r\n");
+            if unknown_cte {
+                return no("[UNKNOWN-CTE] a part has an unknown Content-Transfer-Encoding");
+            }
+            out.extend_from_slice(&line);
+        }
+        ok("FETCH completed")
+    }
+
+    /// IDLE (RFC 2177): updates as they happen until DONE. Returns `None` when the
+    /// session must end.
+    async fn idle<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        tag: &str,
+    ) -> std::io::Result<Option<Outcome>> {
+        if self.user.is_none() {
+            return Ok(Some(bad("log in first")));
+        }
+        let mut out = Vec::new();
+        self.sync(&mut out, true).await;
+        out.extend_from_slice(b"+ idling\r\n");
+        conn.write(&out).await?;
+        let _ = tag;
+        let mut bell = self.bell.clone();
+        loop {
+            let changed = async {
+                match &mut bell {
+                    Some(b) => b.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
+                    return Ok(None);
+                }
+                alive = changed => {
+                    if !alive {
+                        bell = None;
+                        continue;
+                    }
+                    let mut out = Vec::new();
+                    self.sync(&mut out, true).await;
+                    conn.write(&out).await?;
+                }
+                line = tokio::time::timeout(Duration::from_secs(30 * 60), conn.read_line()) => {
+                    return match line {
+                        Ok(Ok(Some(line))) if line.eq_ignore_ascii_case(b"DONE") => Ok(Some(ok("IDLE terminated"))),
+                        Ok(Ok(Some(_))) => Ok(Some(bad("expected DONE"))),
+                        Ok(Ok(None)) => Ok(None),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => {
+                            conn.write(b"* BYE idle for too long\r\n").await?;
+                            Ok(None)
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+enum FetchError {
+    UnknownCte,
+}
+
+fn partial(bytes: &[u8], partial: Option<(u32, u32)>) -> &[u8] {
+    match partial {
+        None => bytes,
+        Some((origin, count)) => {
+            let start = (origin as usize).min(bytes.len());
+            let end = start.saturating_add(count as usize).min(bytes.len());
+            &bytes[start..end]
+        }
+    }
+}
+
+fn section_name(section: &Section) -> String {
+    let mut name: String = section
+        .part
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(".");
+    let text = match &section.text {
+        SectionText::Full => String::new(),
+        SectionText::Header => "HEADER".into(),
+        SectionText::Text => "TEXT".into(),
+        SectionText::Mime => "MIME".into(),
+        SectionText::HeaderFields(names) => format!("HEADER.FIELDS ({})", names.join(" ")),
+        SectionText::HeaderFieldsNot(names) => format!("HEADER.FIELDS.NOT ({})", names.join(" ")),
+    };
+    if !text.is_empty() {
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.push_str(&text);
+    }
+    name
+}
+
+fn fetch_item(
+    out: &mut Vec<u8>,
+    item: &FetchItem,
+    state: &MessageState,
+    raw: Option<&[u8]>,
+    parsed: Option<&mail_parser::Message<'_>>,
+) -> Result<(), FetchError> {
+    match item {
+        FetchItem::Uid => out.extend_from_slice(format!("UID {}", state.uid).as_bytes()),
+        FetchItem::Flags => {
+            out.extend_from_slice(b"FLAGS ");
+            write_flags(out, &state.flags);
+        }
+        FetchItem::ModSeq => out.extend_from_slice(format!("MODSEQ ({})", state.modseq).as_bytes()),
+        FetchItem::InternalDate => {
+            out.extend_from_slice(b"INTERNALDATE ");
+            internal_date(out, state.internal_date_ms);
+        }
+        FetchItem::Rfc822Size => {
+            out.extend_from_slice(format!("RFC822.SIZE {}", state.size).as_bytes())
+        }
+        FetchItem::Envelope => {
+            out.extend_from_slice(b"ENVELOPE ");
+            if let Some(m) = parsed {
+                mime::envelope(out, m);
+            }
+        }
+        FetchItem::BodyStructure | FetchItem::Body => {
+            out.extend_from_slice(if matches!(item, FetchItem::Body) {
+                b"BODY ".as_slice()
+            } else {
+                b"BODYSTRUCTURE ".as_slice()
+            });
+            if let Some(m) = parsed {
+                mime::body_structure(out, m, matches!(item, FetchItem::BodyStructure));
+            }
+        }
+        FetchItem::Rfc822 => {
+            out.extend_from_slice(b"RFC822 ");
+            literal(out, raw.unwrap_or_default());
+        }
+        FetchItem::Rfc822Header | FetchItem::Rfc822Text => {
+            let (name, text) = if matches!(item, FetchItem::Rfc822Header) {
+                ("RFC822.HEADER ", SectionText::Header)
+            } else {
+                ("RFC822.TEXT ", SectionText::Text)
+            };
+            out.extend_from_slice(name.as_bytes());
+            let bytes = parsed
+                .and_then(|m| mime::section(m, &Section { part: vec![], text }))
+                .unwrap_or_default();
+            literal(out, &bytes);
+        }
+        FetchItem::BodySection {
+            section,
+            partial: p,
+            ..
+        } => {
+            out.extend_from_slice(format!("BODY[{}]", section_name(section)).as_bytes());
+            if let Some((origin, _)) = p {
+                out.extend_from_slice(format!("<{origin}>").as_bytes());
+            }
+            out.push(b' ');
+            match parsed.and_then(|m| mime::section(m, section)) {
+                Some(bytes) => literal(out, partial(&bytes, *p)),
+                // A part that does not exist is empty (RFC 9051 6.4.5).
+                None => out.extend_from_slice(b"\"\""),
+            }
+        }
+        FetchItem::Binary {
+            part, partial: p, ..
+        } => {
+            let name: Vec<String> = part.iter().map(u32::to_string).collect();
+            out.extend_from_slice(format!("BINARY[{}]", name.join(".")).as_bytes());
+            if let Some((origin, _)) = p {
+                out.extend_from_slice(format!("<{origin}>").as_bytes());
+            }
+            out.push(b' ');
+            match parsed.map(|m| mime::binary(m, part)) {
+                Some(Ok(bytes)) => {
+                    let bytes = partial(&bytes, *p);
+                    if bytes.contains(&0) {
+                        // literal8 (RFC 3516) for content with NUL bytes.
+                        out.push(b'~');
+                    }
+                    literal(out, bytes);
+                }
+                Some(Err(mime::BinaryError::UnknownCte)) => return Err(FetchError::UnknownCte),
+                _ => out.extend_from_slice(b"NIL"),
+            }
+        }
+        FetchItem::BinarySize(part) => {
+            let name: Vec<String> = part.iter().map(u32::to_string).collect();
+            out.extend_from_slice(format!("BINARY.SIZE[{}] ", name.join(".")).as_bytes());
+            match parsed.map(|m| mime::binary(m, part)) {
+                Some(Ok(bytes)) => out.extend_from_slice(bytes.len().to_string().as_bytes()),
+                Some(Err(mime::BinaryError::UnknownCte)) => return Err(FetchError::UnknownCte),
+                _ => out.extend_from_slice(b"NIL"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn command_name(kind: &CommandKind) -> &'static str {
+    match kind {
+        CommandKind::Capability => "capability",
+        CommandKind::Noop => "noop",
+        CommandKind::Logout => "logout",
+        CommandKind::StartTls => "starttls",
+        CommandKind::Login(..) => "login",
+        CommandKind::Authenticate(..) => "authenticate",
+        CommandKind::Enable(_) => "enable",
+        CommandKind::Select { .. } => "select",
+        CommandKind::Create(_) => "create",
+        CommandKind::Delete(_) => "delete",
+        CommandKind::Rename(..) => "rename",
+        CommandKind::Subscribe(_) => "subscribe",
+        CommandKind::Unsubscribe(_) => "unsubscribe",
+        CommandKind::List { .. } => "list",
+        CommandKind::Namespace => "namespace",
+        CommandKind::Status(..) => "status",
+        CommandKind::Append(..) => "append",
+        CommandKind::Idle => "idle",
+        CommandKind::Check => "check",
+        CommandKind::Close => "close",
+        CommandKind::Unselect => "unselect",
+        CommandKind::Expunge(_) => "expunge",
+        CommandKind::Search { .. } => "search",
+        CommandKind::Fetch { .. } => "fetch",
+        CommandKind::Store { .. } => "store",
+        CommandKind::Copy { remove: false, .. } => "copy",
+        CommandKind::Copy { remove: true, .. } => "move",
+        CommandKind::Id => "id",
+        CommandKind::GetQuota(_) => "getquota",
+        CommandKind::GetQuotaRoot(_) => "getquotaroot",
+        CommandKind::SetQuota => "setquota",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_patterns() {
+        assert!(pattern_matches(b"*", b"Archive/2026"));
+        assert!(!pattern_matches(b"%", b"Archive/2026"));
+        assert!(pattern_matches(b"Archive/%", b"Archive/2026"));
+        assert!(pattern_matches(b"%", b"Archive"));
+        assert!(pattern_matches(b"A*6", b"Archive/2026"));
+        assert!(!pattern_matches(b"Sent", b"Sent/x"));
+    }
+}
