@@ -114,6 +114,9 @@ enum StressCommand {
         /// The targeted server's POP3 address (for the POP3 readers).
         #[arg(long, requires = "server")]
         pop3: Option<std::net::SocketAddr>,
+        /// The targeted server's IMAP address (for the IMAP readers).
+        #[arg(long, requires = "server")]
+        imap: Option<std::net::SocketAddr>,
     },
 }
 
@@ -189,8 +192,10 @@ fn main() {
             token,
             smtp,
             pop3,
+            imap,
         }) => stress_churn(mailroom::stress::ChurnOptions {
             target_pop3: pop3,
+            target_imap: imap,
             target: match (server, token, smtp) {
                 (Some(server), Some(token), Some(smtp)) => Some((server, token, smtp)),
                 _ => None,

@@ -371,7 +371,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         directory.clone(),
         spool.clone(),
         smtp_stats,
-    );
+    )
+    .with_quotas(store.clone());
     let sessions = TaskTracker::new();
     tokio::spawn(smtp.serve(smtp_listener, cancel.clone(), sessions.clone()));
 

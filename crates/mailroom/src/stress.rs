@@ -61,6 +61,8 @@ pub struct ChurnOptions {
     /// The targeted server's POP3 address, for the POP3 readers (without it a targeted
     /// run has none).
     pub target_pop3: Option<SocketAddr>,
+    /// The targeted server's IMAP address, for the IMAP readers.
+    pub target_imap: Option<SocketAddr>,
 }
 
 /// What a run measured.
@@ -94,6 +96,10 @@ pub struct ChurnReport {
     pub pop3_logins: u64,
     /// POP3 logins refused because the administrator loop had POP3 off at that moment.
     pub pop3_refused: u64,
+    /// IMAP logins that got in (SELECT INBOX, then LOGOUT).
+    pub imap_logins: u64,
+    /// IMAP logins refused because IMAP was off at that moment.
+    pub imap_refused: u64,
     /// Time from SIGTERM to exit, each round, ms.
     pub shutdown_ms: Vec<u128>,
     /// During the churn, per database writer (spool, claim, deliver, directory ...):
@@ -176,8 +182,13 @@ impl fmt::Display for ChurnReport {
         )?;
         writeln!(
             f,
-            "messages accepted: {}; reads: {}; POP3 logins: {} in, {} refused by protocol settings",
-            self.accepted, self.reads, self.pop3_logins, self.pop3_refused
+            "messages accepted: {}; reads: {}; POP3 logins: {} in, {} refused by protocol settings; IMAP logins: {} in, {} refused by protocol settings",
+            self.accepted,
+            self.reads,
+            self.pop3_logins,
+            self.pop3_refused,
+            self.imap_logins,
+            self.imap_refused
         )?;
         writeln!(
             f,
@@ -205,6 +216,7 @@ struct Server {
     child: Option<(Child, PathBuf)>,
     smtp: SocketAddr,
     pop3: Option<SocketAddr>,
+    imap: Option<SocketAddr>,
     client: AdminClient,
 }
 
@@ -264,6 +276,7 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut smtp = None;
     let mut pop3 = None;
+    let mut imap = None;
     for line in lines.by_ref() {
         let line = line?;
         if let Some(addr) = line.trim().strip_prefix("SMTP:") {
@@ -271,6 +284,9 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
         }
         if let Some(addr) = line.trim().strip_prefix("POP3:") {
             pop3 = Some(addr.trim().parse()?);
+        }
+        if let Some(addr) = line.trim().strip_prefix("IMAP:") {
+            imap = Some(addr.trim().parse()?);
         }
         if line.contains("admin API:") {
             break;
@@ -282,6 +298,7 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
         child: Some((child, log)),
         smtp,
         pop3,
+        imap,
         client: AdminClient::from_data_dir(&data)?,
     })
 }
@@ -622,6 +639,60 @@ fn pop3_reader(
     Ok((logins, refused))
 }
 
+/// Logs in to `mailbox` over IMAP again and again until `stop`: LOGIN, SELECT INBOX,
+/// LOGOUT. A refusal because IMAP is off right then (the administrator loop toggles it
+/// at site level) is counted, not an error; anything else is. Returns (in, refused).
+fn imap_reader(
+    addr: SocketAddr,
+    mailbox: String,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, Write};
+    let (mut logins, mut refused) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        // Reads lines until the one tagged `tag`; returns it.
+        let tagged =
+            |reader: &mut BufReader<std::net::TcpStream>, tag: &str| -> anyhow::Result<String> {
+                loop {
+                    let mut line = String::new();
+                    ensure!(
+                        reader.read_line(&mut line)? > 0,
+                        "the IMAP server closed the connection"
+                    );
+                    if line.starts_with(&format!("{tag} ")) {
+                        return Ok(line.trim_end().to_string());
+                    }
+                }
+            };
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        ensure!(greeting.starts_with("* OK"), "IMAP greeting: {greeting}");
+        write!(writer, "a LOGIN {mailbox} \"{POP3_PASSWORD}\"\r\n")?;
+        let login = tagged(&mut reader, "a")?;
+        if login.contains("IMAP is disabled") {
+            refused += 1;
+            writer.write_all(b"z LOGOUT\r\n")?;
+            std::thread::sleep(POP3_PAUSE);
+            continue;
+        }
+        ensure!(
+            login.starts_with("a OK"),
+            "IMAP login of {mailbox} refused: {login}"
+        );
+        writer.write_all(b"b SELECT INBOX\r\nc LOGOUT\r\n")?;
+        let select = tagged(&mut reader, "b")?;
+        ensure!(select.starts_with("b OK"), "IMAP SELECT: {select}");
+        ensure!(tagged(&mut reader, "c")?.starts_with("c OK"), "IMAP LOGOUT");
+        logins += 1;
+        std::thread::sleep(POP3_PAUSE);
+    }
+    Ok((logins, refused))
+}
+
 /// Permission checks and admin reads until `stop`; returns how many succeeded.
 fn readers(client: AdminClient, stable: usize, stop: Arc<AtomicBool>) -> anyhow::Result<u64> {
     let mut reads = 0u64;
@@ -908,6 +979,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
             child: None,
             smtp: *smtp,
             pop3: options.target_pop3,
+            imap: options.target_imap,
             client: AdminClient::new(url, token),
         },
         None => {
@@ -934,7 +1006,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
             for i in 0..stable {
                 exists(c.post("/recipients", &json!({"address": format!("stable{i}@{DOMAIN}"), "alias": format!("stable{i}")})))?;
             }
-            for i in 0..POP3_READERS.min(stable) {
+            for i in 0..(2 * POP3_READERS).min(stable) {
                 c.post_no_content(
                     &format!("/recipients/stable{i}/password"),
                     &json!({"password": POP3_PASSWORD}),
@@ -1008,6 +1080,17 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
             .collect(),
         None => Vec::new(),
     };
+    // IMAP readers use the mailboxes after the POP3 readers' (both have the password).
+    let imap_reading: Vec<_> = match server.imap {
+        Some(addr) => (POP3_READERS..2 * POP3_READERS)
+            .filter(|i| *i < options.stable)
+            .map(|i| {
+                let stop = admin_stop.clone();
+                tokio::task::spawn_blocking(move || imap_reader(addr, format!("stable{i}"), stop))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let turns_before = {
         let c = client.clone();
         write_turn_sums(&call(move || c.metrics()).await?)
@@ -1067,6 +1150,11 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         let (logins, refused) = reader.await??;
         report.pop3_logins += logins;
         report.pop3_refused += refused;
+    }
+    for reader in imap_reading {
+        let (logins, refused) = reader.await??;
+        report.imap_logins += logins;
+        report.imap_refused += refused;
     }
     report.import_rows = job["scanned"].as_u64().unwrap_or(0);
     report.admin_changes = admin.changes;

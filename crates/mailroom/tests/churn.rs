@@ -43,6 +43,13 @@ fn directory_churn_under_load_never_wedges() {
         .and_then(|n| n.parse().ok())
         .expect("a POP3 login count");
     assert!(logins > 0, "no POP3 login got in: {stdout}");
+    let imap_logins: u64 = stdout
+        .split("IMAP logins: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("an IMAP login count");
+    assert!(imap_logins > 0, "no IMAP login got in: {stdout}");
     let rounds = stdout
         .lines()
         .find(|l| l.starts_with("shutdown (SIGTERM to exit) per round:"))

@@ -324,6 +324,23 @@ async fn quota_refusal_disabled_recipient_and_wrong_password() {
         .unwrap();
     s.logout().await.unwrap();
 
+    // Delivery: under the quota a message is accepted (and may take the mailbox over);
+    // once over, RCPT gets 452 4.2.2 and the sender keeps the message to retry.
+    send_raw(&server, "small@example.test", big.as_bytes()).await;
+    server.wait_for_messages("small@example.test", 2).await;
+    let smtp = server.smtp();
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut raw = common::RawSmtp::connect(smtp);
+        raw.send(b"EHLO client.test\r\n");
+        raw.reply();
+        raw.send(b"MAIL FROM:<bob@remote.test>\r\nRCPT TO:<small@example.test>\r\n");
+        (raw.reply(), raw.reply())
+    })
+    .await
+    .unwrap();
+    assert!(replies.0.starts_with("250"), "{replies:?}");
+    assert!(replies.1.starts_with("452 4.2.2"), "{replies:?}");
+
     let denied = connect(&server)
         .await
         .login("noimap@example.test", PASSWORD)

@@ -5,11 +5,12 @@
 //! emptiness proves every handler finished.
 
 use crate::reply::Reply;
-use crate::session::{Session, SmtpLimits, Step};
+use crate::session::{RecipientPolicy, Session, SmtpLimits, Step};
 use ipnet::IpNet;
 use mailroom_directory::Directory;
+use mailroom_directory::{Resolution, Snapshot};
 use mailroom_queue::Spool;
-use mailroom_store::SpoolEntry;
+use mailroom_store::{MailStore, SpoolEntry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -99,6 +100,43 @@ pub struct SmtpServer {
     pub stats: SmtpStats,
     /// Source of unique connection ids (queue ids derive from them).
     connection_ids: AtomicU64,
+    /// Where mailbox sizes are read for the quota check at RCPT (none: no check).
+    quota_store: Option<Arc<dyn MailStore>>,
+}
+
+/// The directory snapshot plus mailbox sizes: RCPT's view of recipients and quotas.
+struct QuotaPolicy<'a> {
+    snapshot: &'a Snapshot,
+    store: Option<&'a Arc<dyn MailStore>>,
+}
+
+impl RecipientPolicy for QuotaPolicy<'_> {
+    fn resolve(&self, address: &str) -> Resolution {
+        self.snapshot.resolve(address)
+    }
+
+    fn over_quota(&self, recipient: &mailroom_directory::Recipient) -> bool {
+        let Some(limit_kb) = recipient
+            .quota
+            .prohibit_send_receive_kb
+            .filter(|kb| *kb > 0)
+        else {
+            return false;
+        };
+        let Some(store) = self.store else {
+            return false;
+        };
+        // Only recipients with a hard quota cost a query (one indexed sum). A store
+        // error lets the message through: refusing mail because a read failed would
+        // turn a glitch into bounces.
+        match store.mailbox_bytes(recipient.id) {
+            Ok(bytes) => bytes >= limit_kb * 1024,
+            Err(e) => {
+                tracing::warn!(error = %e, "quota check failed; accepting");
+                false
+            }
+        }
+    }
 }
 
 impl SmtpServer {
@@ -122,7 +160,17 @@ impl SmtpServer {
             spool,
             stats,
             connection_ids: AtomicU64::new(seed),
+            quota_store: None,
         })
+    }
+
+    /// Checks "prohibit send and receive" quotas at RCPT against mailbox sizes in `store`.
+    pub fn with_quotas(self: Arc<Self>, store: Arc<dyn MailStore>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_quotas is called right after new, before the server is shared")
+        });
+        server.quota_store = Some(store);
+        Arc::new(server)
     }
 
     fn relay_allowed(&self, ip: IpAddr) -> bool {
@@ -202,7 +250,11 @@ impl SmtpServer {
             if !session.in_transaction() {
                 snapshot = self.directory.snapshot();
             }
-            match session.advance(snapshot.as_ref(), now_ms()) {
+            let policy = QuotaPolicy {
+                snapshot: snapshot.as_ref(),
+                store: self.quota_store.as_ref(),
+            };
+            match session.advance(&policy, now_ms()) {
                 Step::Reply(reply) => {
                     self.count(&reply);
                     reply.render(&mut out);

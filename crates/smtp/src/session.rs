@@ -56,6 +56,12 @@ impl Default for SmtpLimits {
 pub trait RecipientPolicy {
     /// Local mailbox, unknown local address, or a remote domain.
     fn resolve(&self, address: &str) -> Resolution;
+
+    /// Whether a local recipient is over its "prohibit send and receive" quota, so RCPT
+    /// is refused with 452 4.2.2 (the sender retries; nothing is lost).
+    fn over_quota(&self, _recipient: &mailroom_directory::Recipient) -> bool {
+        false
+    }
 }
 
 impl RecipientPolicy for Snapshot {
@@ -396,6 +402,13 @@ impl Session {
             address = format!("postmaster@{primary_domain}");
         }
         match policy.resolve(&address) {
+            Resolution::Local(recipient) if policy.over_quota(&recipient) => {
+                return Reply::new(
+                    452,
+                    (4, 2, 2),
+                    format!("<{address}>: Mailbox full, try again later"),
+                );
+            }
             Resolution::Local(_) => {}
             Resolution::Remote if relay_allowed => {}
             Resolution::UnknownLocal => {
