@@ -467,3 +467,109 @@ print(json.dumps(out))
     assert_eq!(server.mailbox("carol@example.test").await.len(), 1);
     server.server.shutdown().await;
 }
+
+/// mbsync (Debian's isync, installed by .ci/run) mirrors the mailbox into a Maildir and
+/// back: every message arrives byte for byte, and a flag set locally reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mbsync_mirrors_the_mailbox_both_ways() {
+    if std::process::Command::new("mbsync")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mbsync is missing; .ci/run installs it (Debian package isync)"
+        );
+        eprintln!("skipped: mbsync is not installed (apt-get install isync)");
+        return;
+    }
+    let server = TestServer::start().await;
+    add_mailbox(&server, "dora@example.test", serde_json::json!({})).await;
+    send_raw(&server, "dora@example.test", SIMPLE).await;
+    send_raw(&server, "dora@example.test", NESTED).await;
+    server.wait_for_messages("dora@example.test", 2).await;
+    let stored = [
+        server.raw("dora@example.test", 1).await,
+        server.raw("dora@example.test", 2).await,
+    ];
+    let home = tempfile::tempdir().unwrap();
+    let mail = home.path().join("mail");
+    std::fs::create_dir_all(&mail).unwrap();
+    let rc = home.path().join("mbsyncrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "IMAPAccount test\nHost 127.0.0.1\nPort {port}\nUser dora@example.test\nPass \"{PASSWORD}\"\nSSLType None\nAuthMechs LOGIN\n\n\
+             IMAPStore remote\nAccount test\n\n\
+             MaildirStore local\nPath {dir}/\nInbox {dir}/INBOX\nSubFolders Verbatim\n\n\
+             Channel sync\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\nSync All\nSyncState *\n",
+            port = server.server.imap_addr.port(),
+            dir = mail.display()
+        ),
+    )
+    .unwrap();
+    let run = |rc: std::path::PathBuf, home: std::path::PathBuf| async move {
+        let output = tokio::process::Command::new("mbsync")
+            .arg("-c")
+            .arg(&rc)
+            .arg("-a")
+            .env("HOME", &home)
+            .output()
+            .await
+            .expect("mbsync runs");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "mbsync failed:\n{log}");
+    };
+    run(rc.clone(), home.path().to_path_buf()).await;
+    let inbox_files: Vec<std::path::PathBuf> = ["new", "cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(mail.join("INBOX").join(d)).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(inbox_files.len(), 2, "{inbox_files:?}");
+    let contents: Vec<Vec<u8>> = inbox_files
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    // mbsync stores Maildir files with LF line ends and adds its own X-TUID header
+    // (a tracking id) at the end of the header; apart from those, byte for byte.
+    let without_tuid = |c: &Vec<u8>| -> String {
+        String::from_utf8_lossy(c)
+            .split_inclusive('\n')
+            .filter(|l| !l.starts_with("X-TUID: "))
+            .collect()
+    };
+    for original in &stored {
+        let lf = String::from_utf8_lossy(original).replace("\r\n", "\n");
+        assert!(
+            contents.iter().any(|c| without_tuid(c) == lf),
+            "no Maildir file equals the stored message:\n{lf}\n---\n{}",
+            contents
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).to_string())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+    }
+    for folder in ["Sent", "Drafts", "Trash", "Junk", "Archive"] {
+        assert!(mail.join(folder).exists(), "{folder} was not mirrored");
+    }
+    // Flag one message as seen locally (Maildir info ":2,S") and sync back.
+    let file = &inbox_files[0];
+    let cur = mail.join("INBOX").join("cur");
+    let name = file.file_name().unwrap().to_string_lossy().to_string();
+    let base = name.split(":2,").next().unwrap().to_string();
+    std::fs::rename(file, cur.join(format!("{base}:2,S"))).unwrap();
+    run(rc, home.path().to_path_buf()).await;
+    let mut session = login(&server, "dora@example.test").await;
+    session.select("INBOX").await.unwrap();
+    let seen = session.search("SEEN").await.unwrap();
+    assert_eq!(seen.len(), 1, "the local \\Seen reached the server");
+    session.logout().await.unwrap();
+    server.server.shutdown().await;
+}
