@@ -16,7 +16,9 @@ use crate::server::{Connection, ImapServer, Input};
 use base64::Engine;
 use mailroom_directory::login::{LoginError, authenticate};
 use mailroom_directory::model::Protocol;
-use mailroom_store::{FlagOperation, FolderInfo, MailStore, MessageState, RecipientId, StoreError};
+use mailroom_store::{
+    FlagOperation, FolderInfo, MailStore, MessageState, RecipientId, StoreError, Structure,
+};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -1202,13 +1204,16 @@ impl Session {
         if indexes.is_empty() && !uid && !set.iter().all(|r| r.0 == STAR || r.1 == STAR) {
             return bad("no such message");
         }
+        let wants_structure = items.iter().any(|i| {
+            matches!(
+                i,
+                FetchItem::Envelope | FetchItem::BodyStructure | FetchItem::Body
+            )
+        });
         let needs_content = items.iter().any(|i| {
             matches!(
                 i,
-                FetchItem::Envelope
-                    | FetchItem::BodyStructure
-                    | FetchItem::Body
-                    | FetchItem::Rfc822
+                FetchItem::Rfc822
                     | FetchItem::Rfc822Header
                     | FetchItem::Rfc822Text
                     | FetchItem::BodySection { .. }
@@ -1262,9 +1267,23 @@ impl Session {
             }
         }
         let view = self.selected.as_ref().expect("checked");
+        // ENVELOPE and BODYSTRUCTURE come from the per-body cache; only messages without
+        // one are read and parsed (and then cached).
+        let mut cache = if wants_structure {
+            let uids: Vec<u32> = indexes.iter().map(|&i| view.messages[i].uid).collect();
+            let folder = name.clone();
+            blocking(&self.server.store, move |s| {
+                s.cached_structures(recipient, &folder, &uids)
+            })
+            .await?
+        } else {
+            std::collections::HashMap::new()
+        };
+        let mut fresh = Vec::new();
         for i in indexes {
             let state = view.messages[i].clone();
-            let raw = if needs_content {
+            let missing_structure = wants_structure && !cache.contains_key(&state.uid);
+            let raw = if needs_content || missing_structure {
                 let (folder, uid) = (name.clone(), state.uid);
                 match blocking(&self.server.store, move |s| {
                     s.message_raw(recipient, &folder, uid)
@@ -1279,13 +1298,33 @@ impl Session {
                 None
             };
             let parsed = raw.as_deref().map(mime::parse);
+            if missing_structure && let Some(m) = &parsed {
+                let mut structure = Structure {
+                    envelope: Vec::new(),
+                    bodystructure: Vec::new(),
+                    body: Vec::new(),
+                };
+                mime::envelope(&mut structure.envelope, m);
+                mime::body_structure(&mut structure.bodystructure, m, true);
+                mime::body_structure(&mut structure.body, m, false);
+                cache.insert(state.uid, structure.clone());
+                fresh.push((state.uid, structure));
+            }
+            let structure = cache.get(&state.uid);
             let mut line = format!("* {} FETCH (", i + 1).into_bytes();
             let mut unknown_cte = false;
             for (n, item) in items.iter().enumerate() {
                 if n > 0 {
                     line.push(b' ');
                 }
-                match fetch_item(&mut line, item, &state, raw.as_deref(), parsed.as_ref()) {
+                match fetch_item(
+                    &mut line,
+                    item,
+                    &state,
+                    raw.as_deref(),
+                    parsed.as_ref(),
+                    structure,
+                ) {
                     Ok(()) => {}
                     Err(FetchError::UnknownCte) => unknown_cte = true,
                 }
@@ -1295,6 +1334,16 @@ impl Session {
                 return no("[UNKNOWN-CTE] a part has an unknown Content-Transfer-Encoding");
             }
             out.extend_from_slice(&line);
+        }
+        if !fresh.is_empty() {
+            let folder = name.clone();
+            if let Err((_, e)) = blocking(&self.server.store, move |s| {
+                s.cache_structures(recipient, &folder, &fresh)
+            })
+            .await
+            {
+                tracing::warn!(error = e, "could not cache message structures");
+            }
         }
         ok("FETCH completed")
     }
@@ -1398,6 +1447,7 @@ fn fetch_item(
     state: &MessageState,
     raw: Option<&[u8]>,
     parsed: Option<&mail_parser::Message<'_>>,
+    structure: Option<&Structure>,
 ) -> Result<(), FetchError> {
     match item {
         FetchItem::Uid => out.extend_from_slice(format!("UID {}", state.uid).as_bytes()),
@@ -1415,18 +1465,24 @@ fn fetch_item(
         }
         FetchItem::Envelope => {
             out.extend_from_slice(b"ENVELOPE ");
-            if let Some(m) = parsed {
-                mime::envelope(out, m);
+            match (structure, parsed) {
+                (Some(s), _) => out.extend_from_slice(&s.envelope),
+                (None, Some(m)) => mime::envelope(out, m),
+                (None, None) => out.extend_from_slice(b"NIL"),
             }
         }
         FetchItem::BodyStructure | FetchItem::Body => {
-            out.extend_from_slice(if matches!(item, FetchItem::Body) {
-                b"BODY ".as_slice()
-            } else {
+            let extended = matches!(item, FetchItem::BodyStructure);
+            out.extend_from_slice(if extended {
                 b"BODYSTRUCTURE ".as_slice()
+            } else {
+                b"BODY ".as_slice()
             });
-            if let Some(m) = parsed {
-                mime::body_structure(out, m, matches!(item, FetchItem::BodyStructure));
+            match (structure, parsed) {
+                (Some(s), _) if extended => out.extend_from_slice(&s.bodystructure),
+                (Some(s), _) => out.extend_from_slice(&s.body),
+                (None, Some(m)) => mime::body_structure(out, m, extended),
+                (None, None) => out.extend_from_slice(b"NIL"),
             }
         }
         FetchItem::Rfc822 => {

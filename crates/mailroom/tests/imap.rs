@@ -381,6 +381,8 @@ typ, data = m.select('INBOX')
 out['select'] = [typ, data[0].decode()]
 typ, data = m.fetch('1', '(BODYSTRUCTURE)')
 out['bodystructure'] = data[0].decode() if isinstance(data[0], bytes) else repr(data)
+typ, again = m.fetch('1', '(BODYSTRUCTURE)')
+out['bodystructure_again'] = again[0].decode() if isinstance(again[0], bytes) else repr(again)
 typ, data = m.uid('SEARCH', None, 'SUBJECT', 'simple')
 out['uid_search'] = data[0].decode()
 def raw(line):
@@ -422,6 +424,10 @@ print(json.dumps(out))
     let structure = out["bodystructure"].as_str().unwrap();
     assert!(structure.contains("\"quoted-printable\""), "{structure}");
     assert!(structure.contains("\"mixed\""), "{structure}");
+    assert_eq!(
+        out["bodystructure_again"], out["bodystructure"],
+        "the cached BODYSTRUCTURE equals the computed one"
+    );
     assert_eq!(out["uid_search"], "2");
     let lines = |k: &str| -> Vec<String> {
         out[k]

@@ -26,7 +26,9 @@ mod mailbox;
 mod migrations;
 mod sqlite;
 
-pub use mailbox::{Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState};
+pub use mailbox::{
+    Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, Structure,
+};
 pub use sqlite::SqliteStore;
 
 use serde::{Deserialize, Serialize};

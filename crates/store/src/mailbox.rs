@@ -78,6 +78,18 @@ pub struct Copied {
     pub uids: Vec<(u32, u32)>,
 }
 
+/// IMAP's ENVELOPE, BODYSTRUCTURE and BODY of one body, as the IMAP server writes them.
+/// Cached per body (single-instance: every copy shares it) so FETCH need not re-parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Structure {
+    /// The ENVELOPE value.
+    pub envelope: Vec<u8>,
+    /// The BODYSTRUCTURE value.
+    pub bodystructure: Vec<u8>,
+    /// The BODY value (no extension data).
+    pub body: Vec<u8>,
+}
+
 /// Mailbox access; implemented by every store backend.
 pub trait Mailboxes {
     /// Every folder of a mailbox, by name.
@@ -147,6 +159,22 @@ pub trait Mailboxes {
         internal_date_ms: UnixMillis,
         body: &[u8],
     ) -> Result<Copied>;
+
+    /// The cached structures of these messages (those that have one).
+    fn cached_structures(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Structure>>;
+
+    /// Caches structures computed for these messages (kept until the body goes).
+    fn cache_structures(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        structures: &[(u32, Structure)],
+    ) -> Result<()>;
 
     /// Bytes stored for a mailbox, all folders (quota usage).
     fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64>;

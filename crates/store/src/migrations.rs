@@ -90,13 +90,20 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // Version 4: mailbox access (IMAP, POP3): modification sequences per folder and
     // message, subscriptions, special-use folders, and whether a Return-Path is prepended
-    // at fetch (`trace`: 0 for APPENDed messages).
+    // at fetch (`trace`: 0 for APPENDed messages), and IMAP's ENVELOPE / BODYSTRUCTURE /
+    // BODY per body (computed at first FETCH, shared by every copy).
     r#"
     ALTER TABLE folders ADD COLUMN highestmodseq INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE folders ADD COLUMN subscribed INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE folders ADD COLUMN special_use TEXT;
     ALTER TABLE messages ADD COLUMN modseq INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE messages ADD COLUMN trace INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE blob_imap (
+        blob_id INTEGER PRIMARY KEY REFERENCES blobs(id) ON DELETE CASCADE,
+        envelope BLOB NOT NULL,
+        bodystructure BLOB NOT NULL,
+        body BLOB NOT NULL
+    );
     "#,
 ];
 

@@ -459,6 +459,64 @@ impl Mailboxes for SqliteStore {
         Ok(copied)
     }
 
+    fn cached_structures(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Structure>> {
+        self.with_conn(|conn| {
+            let folder = require_folder(conn, recipient, folder)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT i.envelope, i.bodystructure, i.body FROM messages m
+                 JOIN blob_imap i ON i.blob_id = m.blob_id
+                 WHERE m.folder_id = ?1 AND m.uid = ?2",
+            )?;
+            let mut found = std::collections::HashMap::new();
+            for &uid in uids {
+                if let Some(structure) = stmt
+                    .query_row(params![folder, uid], |r| {
+                        Ok(Structure {
+                            envelope: r.get(0)?,
+                            bodystructure: r.get(1)?,
+                            body: r.get(2)?,
+                        })
+                    })
+                    .optional()?
+                {
+                    found.insert(uid, structure);
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn cache_structures(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        structures: &[(u32, Structure)],
+    ) -> Result<()> {
+        if structures.is_empty() {
+            return Ok(());
+        }
+        self.write("imap-cache", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, folder)?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blob_imap (blob_id, envelope, bodystructure, body)
+                     SELECT blob_id, ?3, ?4, ?5 FROM messages WHERE folder_id = ?1 AND uid = ?2",
+                )?;
+                for (uid, s) in structures {
+                    put.execute(params![folder, uid, s.envelope, s.bodystructure, s.body])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64> {
         self.with_conn(|conn| {
             Ok(conn.query_row(

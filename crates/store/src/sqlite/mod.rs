@@ -1267,7 +1267,22 @@ mod tests {
             store.delete_folder(a, "INBOX"),
             Err(StoreError::Conflict(_))
         ));
+        let structure = crate::Structure {
+            envelope: b"(NIL)".to_vec(),
+            bodystructure: b"(\"text\")".to_vec(),
+            body: b"(\"text\")".to_vec(),
+        };
+        store
+            .cache_structures(a, "Old", &[(1, structure.clone())])
+            .unwrap();
+        let cached = store.cached_structures(a, "Old", &[1, 2]).unwrap();
+        assert_eq!(cached.len(), 1);
+        assert_eq!(cached[&1], structure);
         store.delete_folder(a, "Old").unwrap();
         assert_eq!(store.blob_count().unwrap(), 0, "every body released");
+        let cached_rows: i64 = store
+            .with_conn(|c| Ok(c.query_row("SELECT COUNT(*) FROM blob_imap", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(cached_rows, 0, "the cache goes with the body");
     }
 }

@@ -1,0 +1,307 @@
+//! IMAP benchmark: operations/s with many concurrent clients (LOGIN, SELECT, FETCH,
+//! SEARCH, STORE) and memory per connection, Mailroom against Dovecot, on the same
+//! mailbox contents, side by side in one run.
+//!
+//! This binary drives one server at a time (the `bench/imap` script starts both and
+//! alternates): `load` APPENDs the corpus, `run` measures. The client is a minimal one of
+//! our own (like Postfix's smtp-source for SMTP): it sends one command, reads to its
+//! tagged answer, and skips literals by their announced length, so the client's own cost
+//! stays small and equal for both servers.
+
+use anyhow::{Context, bail, ensure};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Print Mailroom's Argon2id hash of a password (PHC string), so the peer can check
+    /// the same hash at the same cost.
+    Hash {
+        #[arg(long)]
+        password: String,
+    },
+    /// APPEND `messages` realistic messages to INBOX.
+    Load {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+    },
+    /// Run the operation mix with `clients` concurrent clients for `secs` seconds; then
+    /// hold `idle` connections logged in and print operations/s (JSON).
+    Run {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Messages in the INBOX (as loaded).
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+    },
+    /// Open `count` connections, log in and SELECT on each, then wait for a line on
+    /// standard input (the script measures the server's memory meanwhile).
+    Hold {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
+}
+
+struct Client {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    tag: u64,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        let mut client = Client {
+            reader: BufReader::new(r),
+            writer: w,
+            tag: 0,
+        };
+        let mut greeting = String::new();
+        client.reader.read_line(&mut greeting).await?;
+        ensure!(greeting.starts_with("* OK"), "greeting: {greeting}");
+        Ok(client)
+    }
+
+    /// Sends a command (with optional literal payload after a `{n}` line) and reads to
+    /// its tagged answer; returns the untagged lines' count and the tagged line.
+    async fn command(
+        &mut self,
+        text: &str,
+        literal: Option<&[u8]>,
+    ) -> anyhow::Result<(usize, String)> {
+        self.tag += 1;
+        let tag = format!("b{}", self.tag);
+        match literal {
+            None => {
+                self.writer
+                    .write_all(format!("{tag} {text}\r\n").as_bytes())
+                    .await?
+            }
+            Some(data) => {
+                self.writer
+                    .write_all(format!("{tag} {text} {{{}}}\r\n", data.len()).as_bytes())
+                    .await?;
+                let mut line = String::new();
+                self.reader.read_line(&mut line).await?;
+                ensure!(line.starts_with('+'), "no continuation: {line}");
+                self.writer.write_all(data).await?;
+                self.writer.write_all(b"\r\n").await?;
+            }
+        }
+        let mut untagged = 0;
+        loop {
+            let mut line = Vec::new();
+            let n = self.reader.read_until(b'\n', &mut line).await?;
+            ensure!(n > 0, "connection closed during {text}");
+            // Skip a literal announced at the end of the line, then keep reading.
+            let mut current = line;
+            loop {
+                let trimmed = current.strip_suffix(b"\r\n").unwrap_or(&current);
+                let Some(open) = trimmed.iter().rposition(|b| *b == b'{') else {
+                    break;
+                };
+                let Some(size) = trimmed
+                    .strip_suffix(b"}")
+                    .and_then(|t| std::str::from_utf8(&t[open + 1..]).ok())
+                    .and_then(|n| n.parse::<usize>().ok())
+                else {
+                    break;
+                };
+                let mut skip = vec![0u8; size];
+                self.reader.read_exact(&mut skip).await?;
+                current.clear();
+                self.reader.read_until(b'\n', &mut current).await?;
+            }
+            let text_line = String::from_utf8_lossy(&current).to_string();
+            if text_line.starts_with(&format!("{tag} ")) {
+                return Ok((untagged, text_line.trim_end().to_string()));
+            }
+            untagged += 1;
+        }
+    }
+
+    async fn ok(&mut self, text: &str) -> anyhow::Result<usize> {
+        let (untagged, tagged) = self.command(text, None).await?;
+        ensure!(tagged.split(' ').nth(1) == Some("OK"), "{text}: {tagged}");
+        Ok(untagged)
+    }
+}
+
+fn corpus(i: usize) -> Vec<u8> {
+    let subject = if i % 10 == 0 {
+        "quarterly report"
+    } else {
+        "status update"
+    };
+    format!(
+        "From: Sender {i} <sender{i}@remote.test>\r\nTo: user@example.test\r\nSubject: {subject} {i}\r\nMessage-ID: <{i}@bench.test>\r\nDate: Thu, 05 Mar 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b{i}\"\r\n\r\n--b{i}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{}\r\n--b{i}\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>{}</p>\r\n--b{i}--\r\n",
+        "Plain text line with caf=C3=A9 and numbers.\r\n".repeat(20),
+        "HTML line.".repeat(40)
+    )
+    .into_bytes()
+}
+
+#[derive(Default)]
+struct Counts {
+    login: u64,
+    select: u64,
+    fetch: u64,
+    search: u64,
+    store: u64,
+}
+
+async fn client_loop(
+    server: SocketAddr,
+    user: String,
+    password: String,
+    until: Instant,
+    messages: u32,
+) -> anyhow::Result<Counts> {
+    let mut counts = Counts::default();
+    let mut round = 0u32;
+    while Instant::now() < until {
+        let mut c = Client::connect(server).await?;
+        c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+        counts.login += 1;
+        c.ok("SELECT INBOX").await?;
+        counts.select += 1;
+        // A session does some work before it leaves, as a client would.
+        for _ in 0..5 {
+            round += 1;
+            let start = 1 + (round * 37) % messages.saturating_sub(50).max(1);
+            c.ok(&format!(
+                "FETCH {start}:{} (FLAGS ENVELOPE RFC822.SIZE)",
+                start + 49
+            ))
+            .await?;
+            counts.fetch += 1;
+            c.ok("UID SEARCH SUBJECT quarterly").await?;
+            counts.search += 1;
+            c.ok(&format!(
+                "STORE {start} {}FLAGS (\\Flagged)",
+                if round % 2 == 0 { "+" } else { "-" }
+            ))
+            .await?;
+            counts.store += 1;
+        }
+        c.ok("LOGOUT").await?;
+    }
+    Ok(counts)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Mode::Hash { password } => println!("{}", mailroom_directory::hash_password(&password)),
+        Mode::Load {
+            server,
+            user,
+            password,
+            messages,
+        } => {
+            let mut c = Client::connect(server).await?;
+            c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+            for i in 0..messages {
+                let (_, tagged) = c.command("APPEND INBOX ()", Some(&corpus(i))).await?;
+                ensure!(tagged.contains(" OK"), "APPEND: {tagged}");
+            }
+            c.ok("LOGOUT").await?;
+        }
+        Mode::Run {
+            server,
+            user,
+            password,
+            clients,
+            secs,
+            messages,
+        } => {
+            let started = Instant::now();
+            let until = started + Duration::from_secs(secs);
+            let tasks: Vec<_> = (0..clients)
+                .map(|_| {
+                    tokio::spawn(client_loop(
+                        server,
+                        user.clone(),
+                        password.clone(),
+                        until,
+                        messages as u32,
+                    ))
+                })
+                .collect();
+            let mut total = Counts::default();
+            for t in tasks {
+                let c = t.await?.context("a client failed")?;
+                total.login += c.login;
+                total.select += c.select;
+                total.fetch += c.fetch;
+                total.search += c.search;
+                total.store += c.store;
+            }
+            let s = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "login": total.login as f64 / s,
+                    "select": total.select as f64 / s,
+                    "fetch": total.fetch as f64 / s,
+                    "search": total.search as f64 / s,
+                    "store": total.store as f64 / s,
+                    "all": (total.login + total.select + total.fetch + total.search + total.store) as f64 / s,
+                })
+            );
+        }
+        Mode::Hold {
+            server,
+            user,
+            password,
+            count,
+        } => {
+            let mut held = Vec::new();
+            for _ in 0..count {
+                let mut c = Client::connect(server).await?;
+                c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+                c.ok("SELECT INBOX").await?;
+                held.push(c);
+            }
+            println!("holding {}", held.len());
+            let mut line = String::new();
+            let mut stdin = BufReader::new(tokio::io::stdin());
+            stdin.read_line(&mut line).await?;
+            if held.len() != count {
+                bail!("lost connections");
+            }
+        }
+    }
+    Ok(())
+}
