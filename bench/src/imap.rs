@@ -159,7 +159,7 @@ impl Client {
 }
 
 fn corpus(i: usize) -> Vec<u8> {
-    let subject = if i % 10 == 0 {
+    let subject = if i.is_multiple_of(10) {
         "quarterly report"
     } else {
         "status update"
@@ -210,7 +210,7 @@ async fn client_loop(
             counts.search += 1;
             c.ok(&format!(
                 "STORE {start} {}FLAGS (\\Flagged)",
-                if round % 2 == 0 { "+" } else { "-" }
+                if round.is_multiple_of(2) { "+" } else { "-" }
             ))
             .await?;
             counts.store += 1;
