@@ -35,6 +35,17 @@ pub fn needs_content(key: &SearchKey) -> bool {
     }
 }
 
+/// Whether any part of `key` needs the message body (not just its header).
+pub fn needs_body(key: &SearchKey) -> bool {
+    match key {
+        SearchKey::Body(_) | SearchKey::Text(_) => true,
+        SearchKey::Not(k) => needs_body(k),
+        SearchKey::Or(a, b) => needs_body(a) || needs_body(b),
+        SearchKey::And(keys) => keys.iter().any(needs_body),
+        _ => false,
+    }
+}
+
 /// Whether `key` uses MODSEQ (the response then carries the highest MODSEQ).
 pub fn uses_modseq(key: &SearchKey) -> bool {
     match key {

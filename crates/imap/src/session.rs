@@ -1153,24 +1153,33 @@ impl Session {
         let max_uid = view.max_uid();
         let mut results = Vec::new();
         let content = search::needs_content(key);
-        for (i, state) in view.messages.iter().enumerate() {
-            let raw = if content {
-                let (name, uid) = (view.name.clone(), state.uid);
+        // Header-only keys read only the header of each message; messages are read in
+        // chunks, one store call per chunk.
+        let header_only = !search::needs_body(key);
+        const CHUNK: usize = 500;
+        for (chunk_index, chunk) in view.messages.chunks(CHUNK).enumerate() {
+            let raws: std::collections::HashMap<u32, Vec<u8>> = if content {
+                let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+                let name = view.name.clone();
                 blocking(&self.server.store, move |s| {
-                    s.message_raw(recipient, &name, uid)
+                    s.messages_raw(recipient, &name, &uids, header_only)
                 })
                 .await?
+                .into_iter()
+                .collect()
             } else {
-                None
+                std::collections::HashMap::new()
             };
-            let parsed = raw.as_deref().map(mime::parse);
-            let candidate = Candidate {
-                seq: i as u32 + 1,
-                state,
-                message: parsed.as_ref(),
-            };
-            if search::matches(key, &candidate, max_seq, max_uid) {
-                results.push(i);
+            for (j, state) in chunk.iter().enumerate() {
+                let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+                let candidate = Candidate {
+                    seq: (chunk_index * CHUNK + j) as u32 + 1,
+                    state,
+                    message: parsed.as_ref(),
+                };
+                if search::matches(key, &candidate, max_seq, max_uid) {
+                    results.push(chunk_index * CHUNK + j);
+                }
             }
         }
         Ok(results)

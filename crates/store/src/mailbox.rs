@@ -160,6 +160,17 @@ pub trait Mailboxes {
         body: &[u8],
     ) -> Result<Copied>;
 
+    /// The bytes of several messages as a client would fetch them (like
+    /// `MailStore::message_raw`), in one query: with `header_only`, only up to and
+    /// including the blank line that ends the header. Messages gone are left out.
+    fn messages_raw(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+        header_only: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>>;
+
     /// The cached structures of these messages (those that have one).
     fn cached_structures(
         &self,

@@ -459,6 +459,44 @@ impl Mailboxes for SqliteStore {
         Ok(copied)
     }
 
+    fn messages_raw(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+        header_only: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>> {
+        self.with_conn(|conn| {
+            let folder = require_folder(conn, recipient, folder)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.return_path, m.trace,
+                        CASE WHEN ?3 AND instr(b.data, X'0D0A0D0A') > 0
+                             THEN substr(b.data, 1, instr(b.data, X'0D0A0D0A') + 3)
+                             ELSE b.data END
+                 FROM messages m JOIN blobs b ON b.id = m.blob_id
+                 WHERE m.folder_id = ?1 AND m.uid = ?2",
+            )?;
+            let mut out = Vec::with_capacity(uids.len());
+            for &uid in uids {
+                let row: Option<(String, bool, Vec<u8>)> = stmt
+                    .query_row(params![folder, uid, header_only], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                if let Some((return_path, trace, data)) = row {
+                    if trace {
+                        let mut bytes = crate::return_path_header(&return_path).into_bytes();
+                        bytes.extend_from_slice(&data);
+                        out.push((uid, bytes));
+                    } else {
+                        out.push((uid, data));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn cached_structures(
         &self,
         recipient: RecipientId,
