@@ -3,7 +3,7 @@
 
 use crate::session::{Session, SessionEnd};
 use mailroom_directory::Directory;
-use mailroom_directory::login::LoginLimiter;
+use mailroom_directory::login::{LoginLimiter, Verifier};
 use mailroom_store::MailStore;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -106,6 +106,7 @@ pub struct ImapServer {
     pub(crate) directory: Directory,
     pub(crate) store: Arc<dyn MailStore>,
     pub(crate) limiter: Arc<LoginLimiter>,
+    pub(crate) verifier: Arc<Verifier>,
     pub(crate) stats: ImapStats,
 }
 
@@ -113,12 +114,13 @@ pub struct ImapServer {
 const LINE_MAX: usize = 64 * 1024;
 
 impl ImapServer {
-    /// Bundles the parts a listener needs. `limiter` is shared with POP3.
+    /// Bundles the parts a listener needs. `limiter` and `verifier` are shared with POP3.
     pub fn new(
         config: ImapConfig,
         directory: Directory,
         store: Arc<dyn MailStore>,
         limiter: Arc<LoginLimiter>,
+        verifier: Arc<Verifier>,
         stats: ImapStats,
     ) -> Arc<ImapServer> {
         Arc::new(ImapServer {
@@ -126,6 +128,7 @@ impl ImapServer {
             directory,
             store,
             limiter,
+            verifier,
             stats,
         })
     }

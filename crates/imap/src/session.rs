@@ -14,7 +14,7 @@ use crate::response::{flags as write_flags, internal_date, literal, mailbox as w
 use crate::search::{self, Candidate, compact, in_set};
 use crate::server::{Connection, ImapServer, Input};
 use base64::Engine;
-use mailroom_directory::login::{LoginError, authenticate};
+use mailroom_directory::login::{LoginError, authenticate_async};
 use mailroom_directory::model::Protocol;
 use mailroom_store::{
     FlagOperation, FolderInfo, MailStore, MessageState, RecipientId, StoreError, Structure,
@@ -349,14 +349,14 @@ impl Session {
             return no(format!("[UNAVAILABLE] {e}"));
         }
         let snapshot = server.directory.snapshot();
-        let checked = user.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            authenticate(&snapshot, &checked, &password, Protocol::Imap)
-        })
-        .await
-        .unwrap_or(Err(LoginError::Invalid));
+        let result =
+            authenticate_async(&snapshot, &user, password, Protocol::Imap, &server.verifier).await;
         let recipient = match result {
             Ok(id) => id,
+            Err(e @ LoginError::Busy) => {
+                server.stats.login("busy");
+                return no(format!("[UNAVAILABLE] {e}"));
+            }
             Err(e @ LoginError::ProtocolDisabled(_)) => {
                 server.stats.login("disabled");
                 return no(format!("[AUTHORIZATIONFAILED] {e}"));

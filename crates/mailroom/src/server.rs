@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use mailroom_admin::{AdminState, QueueGauges};
 use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Workers};
 use mailroom_directory::jobs::Jobs;
-use mailroom_directory::login::{LoginLimiter, LoginLimits};
+use mailroom_directory::login::{LoginLimiter, LoginLimits, Verifier};
 use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
 use mailroom_directory::{
     Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
@@ -381,6 +381,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         per_account: config.login.failures_per_account,
         window: Duration::from_secs(config.login.failure_window_secs),
     }));
+    // Password checks run on a few threads of their own (bounded memory and CPU).
+    let verifier = Arc::new(Verifier::start(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    )?);
     let plaintext = match config.login.plaintext_auth {
         PlaintextAuth::Always => PlaintextPolicy::Always,
         PlaintextAuth::Loopback => PlaintextPolicy::Loopback,
@@ -396,6 +400,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         directory.clone(),
         store.clone(),
         limiter.clone(),
+        verifier.clone(),
         pop3_stats,
     );
     tokio::spawn(pop3.serve(pop3_listener, cancel.clone(), sessions.clone()));
@@ -414,6 +419,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         directory.clone(),
         store.clone(),
         limiter.clone(),
+        verifier.clone(),
         imap_stats,
     );
     tokio::spawn(imap.serve(imap_listener, cancel.clone(), sessions.clone()));

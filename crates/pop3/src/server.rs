@@ -7,7 +7,7 @@
 
 use crate::session::{Action, DropMessage, Maildrop, Session};
 use mailroom_directory::Directory;
-use mailroom_directory::login::{LoginError, LoginLimiter, authenticate};
+use mailroom_directory::login::{LoginError, LoginLimiter, Verifier, authenticate_async};
 use mailroom_directory::model::Protocol;
 use mailroom_store::{MailStore, RecipientId};
 use mailroom_watch::RankedMutex;
@@ -158,17 +158,20 @@ pub struct Pop3Server {
     directory: Directory,
     store: Arc<dyn MailStore>,
     limiter: Arc<LoginLimiter>,
+    verifier: Arc<Verifier>,
     locks: Arc<MaildropLocks>,
     stats: Pop3Stats,
 }
 
 impl Pop3Server {
-    /// Bundles the parts a listener needs. `limiter` is shared with the IMAP listener.
+    /// Bundles the parts a listener needs. `limiter` and `verifier` are shared with the
+    /// IMAP listener.
     pub fn new(
         config: Pop3Config,
         directory: Directory,
         store: Arc<dyn MailStore>,
         limiter: Arc<LoginLimiter>,
+        verifier: Arc<Verifier>,
         stats: Pop3Stats,
     ) -> Arc<Pop3Server> {
         Arc::new(Pop3Server {
@@ -176,6 +179,7 @@ impl Pop3Server {
             directory,
             store,
             limiter,
+            verifier,
             locks: Arc::new(MaildropLocks::default()),
             stats,
         })
@@ -365,14 +369,17 @@ impl Pop3Server {
             return Err(refuse(&e));
         }
         let snapshot = self.directory.snapshot();
-        let checked_user = user.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            authenticate(&snapshot, &checked_user, &password, Protocol::Pop3)
-        })
-        .await
-        .map_err(|_| b"-ERR [SYS/TEMP] login failed, try again\r\n".to_vec())?;
+        let result =
+            authenticate_async(&snapshot, &user, password, Protocol::Pop3, &self.verifier).await;
         let recipient = match result {
             Ok(id) => id,
+            Err(LoginError::Busy) => {
+                self.stats.login("busy");
+                return Err(
+                    b"-ERR [SYS/TEMP] the server is busy checking other logins; try again\r\n"
+                        .to_vec(),
+                );
+            }
             Err(e @ LoginError::ProtocolDisabled(_)) => {
                 self.stats.login("disabled");
                 return Err(refuse(&e));
