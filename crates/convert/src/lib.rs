@@ -16,6 +16,7 @@
 
 pub mod facts;
 pub mod plan;
+pub mod quota;
 pub mod workers;
 
 pub use facts::message_facts;

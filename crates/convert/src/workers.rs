@@ -371,6 +371,13 @@ impl Worker {
                 for ((item, plan), delivered) in planned.iter().zip(results) {
                     self.delivered(item, plan, delivered.len(), snapshot.generation());
                 }
+                let mut added: std::collections::HashMap<_, u64> = Default::default();
+                for (item, plan) in &planned {
+                    for &recipient in &plan.local {
+                        *added.entry(recipient).or_default() += item.body.len() as u64;
+                    }
+                }
+                crate::quota::warn_crossings(self.store.as_ref(), &snapshot, &added, now_ms());
             }
             // A batch fails whole; try each alone so one bad entry cannot hold up the rest.
             Err(_) if planned.len() > 1 => {

@@ -579,3 +579,62 @@ async fn mbsync_mirrors_the_mailbox_both_ways() {
     session.logout().await.unwrap();
     server.server.shutdown().await;
 }
+
+/// The quota's warning limit: the delivery that crosses it leaves a notice in the INBOX,
+/// once; deliveries below it or already above it do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crossing_the_warning_limit_leaves_one_notice() {
+    let server = TestServer::start().await;
+    add_mailbox(
+        &server,
+        "erin@example.test",
+        serde_json::json!({"quota_warning_kb": 2}),
+    )
+    .await;
+    let body = |n: usize| format!("Subject: filler {n}\r\n\r\n{}\r\n", "y".repeat(900));
+    send_raw(&server, "erin@example.test", body(1).as_bytes()).await;
+    server.wait_for_messages("erin@example.test", 1).await;
+    send_raw(&server, "erin@example.test", body(2).as_bytes()).await;
+    // Message 2 takes the mailbox over 2 KB: the notice arrives right after it.
+    let messages = server.wait_for_messages("erin@example.test", 3).await;
+    assert_eq!(
+        messages[2].uid, 3,
+        "the notice follows the message that crossed"
+    );
+    let notice = String::from_utf8(server.raw("erin@example.test", 3).await).unwrap();
+    assert!(
+        notice.contains("Subject: Your mailbox is almost full"),
+        "{notice}"
+    );
+    assert!(
+        notice.contains("above its warning limit of 2 KB"),
+        "{notice}"
+    );
+    send_raw(&server, "erin@example.test", body(3).as_bytes()).await;
+    server.wait_for_messages("erin@example.test", 4).await;
+    let mut s = login(&server, "erin@example.test").await;
+    s.select("INBOX").await.unwrap();
+    let found = s.search("SUBJECT \"almost full\"").await.unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "the notice reads like any message over IMAP"
+    );
+    s.logout().await.unwrap();
+    // After shutdown every worker has finished what follows a delivery: still one notice.
+    let store = server.server.store.clone();
+    let erin = server
+        .server
+        .directory
+        .snapshot()
+        .find("erin@example.test")
+        .unwrap()
+        .id;
+    server.server.shutdown().await;
+    let all = store.folder_messages(erin, "INBOX").unwrap();
+    assert_eq!(
+        all.len(),
+        4,
+        "no second notice while already above the limit"
+    );
+}
