@@ -480,7 +480,10 @@ impl Session {
                     .iter()
                     .position(|m| !m.flags.iter().any(|f| f == "\\Seen"));
                 out.extend_from_slice(format!("* {} EXISTS\r\n", messages.len()).as_bytes());
-                out.extend_from_slice(b"* 0 RECENT\r\n");
+                // IMAP4rev1 clients expect RECENT; IMAP4rev2 removed it (RFC 9051 E).
+                if !self.enabled.contains("IMAP4REV2") {
+                    out.extend_from_slice(b"* 0 RECENT\r\n");
+                }
                 out.extend_from_slice(
                     b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n",
                 );
@@ -546,6 +549,9 @@ impl Session {
                 ok("CREATE completed")
             }
             CommandKind::Delete(name) => {
+                if name == "INBOX" {
+                    return no("[CANNOT] INBOX cannot be deleted");
+                }
                 if self.selected.as_ref().is_some_and(|v| v.name == name) {
                     self.selected = None;
                 }
