@@ -9,45 +9,11 @@ mod common;
 use async_imap::Session;
 use common::TestServer;
 use futures_util::TryStreamExt;
-use lettre::address::Envelope;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::Value;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
 const PASSWORD: &str = "imap test password";
-
-async fn add_mailbox(server: &TestServer, address: &str, extra: Value) {
-    let client = server.client();
-    let mut request = serde_json::json!({
-        "address": address, "display_name": "Test", "password": PASSWORD
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        request[k] = v.clone();
-    }
-    tokio::task::spawn_blocking(move || {
-        let _: Value = client
-            .post("/recipients", &request)
-            .expect("recipient created");
-    })
-    .await
-    .unwrap();
-}
-
-async fn send_raw(server: &TestServer, to: &str, bytes: &[u8]) {
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
-        .port(server.smtp().port())
-        .build();
-    let envelope = Envelope::new(
-        Some("bob@remote.test".parse().unwrap()),
-        vec![to.parse().unwrap()],
-    )
-    .unwrap();
-    transport
-        .send_raw(&envelope, bytes)
-        .await
-        .expect("accepted");
-}
 
 async fn connect(server: &TestServer) -> async_imap::Client<TcpStream> {
     let stream = TcpStream::connect(server.server.imap_addr).await.unwrap();
@@ -76,9 +42,11 @@ const NESTED: &[u8] = b"From: =?utf-8?q?Zo=C3=AB?= <zoe@remote.test>\r\nTo: alic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_search_store_copy_move_expunge_and_idle_with_async_imap() {
     let server = TestServer::start().await;
-    add_mailbox(&server, "alice@example.test", serde_json::json!({})).await;
-    send_raw(&server, "alice@example.test", SIMPLE).await;
-    send_raw(&server, "alice@example.test", NESTED).await;
+    server
+        .add_mailbox("alice@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server.send_raw("alice@example.test", SIMPLE).await;
+    server.send_raw("alice@example.test", NESTED).await;
     server.wait_for_messages("alice@example.test", 2).await;
     let stored = [
         server.raw("alice@example.test", 1).await,
@@ -256,7 +224,7 @@ async fn fetch_search_store_copy_move_expunge_and_idle_with_async_imap() {
     idle.init().await.unwrap();
     let (wait, _stop) = idle.wait_with_timeout(Duration::from_secs(30));
     let deliver = async {
-        send_raw(&server, "alice@example.test", SIMPLE).await;
+        server.send_raw("alice@example.test", SIMPLE).await;
     };
     let (woken, ()) = tokio::join!(wait, deliver);
     match woken.unwrap() {
@@ -300,18 +268,20 @@ async fn fetch_search_store_copy_move_expunge_and_idle_with_async_imap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_refusal_disabled_recipient_and_wrong_password() {
     let server = TestServer::start().await;
-    add_mailbox(
-        &server,
-        "small@example.test",
-        serde_json::json!({"quota_prohibit_send_receive_kb": 1}),
-    )
-    .await;
-    add_mailbox(
-        &server,
-        "noimap@example.test",
-        serde_json::json!({"protocols": ["imap:off"]}),
-    )
-    .await;
+    server
+        .add_mailbox(
+            "small@example.test",
+            PASSWORD,
+            serde_json::json!({"quota_prohibit_send_receive_kb": 1}),
+        )
+        .await;
+    server
+        .add_mailbox(
+            "noimap@example.test",
+            PASSWORD,
+            serde_json::json!({"protocols": ["imap:off"]}),
+        )
+        .await;
     let mut s = login(&server, "small@example.test").await;
     let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(2000));
     let refused = s
@@ -326,7 +296,7 @@ async fn quota_refusal_disabled_recipient_and_wrong_password() {
 
     // Delivery: under the quota a message is accepted (and may take the mailbox over);
     // once over, RCPT gets 452 4.2.2 and the sender keeps the message to retry.
-    send_raw(&server, "small@example.test", big.as_bytes()).await;
+    server.send_raw("small@example.test", big.as_bytes()).await;
     server.wait_for_messages("small@example.test", 2).await;
     let smtp = server.smtp();
     let replies = tokio::task::spawn_blocking(move || {
@@ -367,9 +337,11 @@ async fn quota_refusal_disabled_recipient_and_wrong_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imaplib_and_the_extensions_on_the_wire() {
     let server = TestServer::start().await;
-    add_mailbox(&server, "carol@example.test", serde_json::json!({})).await;
-    send_raw(&server, "carol@example.test", NESTED).await;
-    send_raw(&server, "carol@example.test", SIMPLE).await;
+    server
+        .add_mailbox("carol@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server.send_raw("carol@example.test", NESTED).await;
+    server.send_raw("carol@example.test", SIMPLE).await;
     server.wait_for_messages("carol@example.test", 2).await;
     let script = format!(
         r#"
@@ -491,9 +463,11 @@ async fn mbsync_mirrors_the_mailbox_both_ways() {
         return;
     }
     let server = TestServer::start().await;
-    add_mailbox(&server, "dora@example.test", serde_json::json!({})).await;
-    send_raw(&server, "dora@example.test", SIMPLE).await;
-    send_raw(&server, "dora@example.test", NESTED).await;
+    server
+        .add_mailbox("dora@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server.send_raw("dora@example.test", SIMPLE).await;
+    server.send_raw("dora@example.test", NESTED).await;
     server.wait_for_messages("dora@example.test", 2).await;
     let stored = [
         server.raw("dora@example.test", 1).await,
@@ -585,16 +559,21 @@ async fn mbsync_mirrors_the_mailbox_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crossing_the_warning_limit_leaves_one_notice() {
     let server = TestServer::start().await;
-    add_mailbox(
-        &server,
-        "erin@example.test",
-        serde_json::json!({"quota_warning_kb": 2}),
-    )
-    .await;
+    server
+        .add_mailbox(
+            "erin@example.test",
+            PASSWORD,
+            serde_json::json!({"quota_warning_kb": 2}),
+        )
+        .await;
     let body = |n: usize| format!("Subject: filler {n}\r\n\r\n{}\r\n", "y".repeat(900));
-    send_raw(&server, "erin@example.test", body(1).as_bytes()).await;
+    server
+        .send_raw("erin@example.test", body(1).as_bytes())
+        .await;
     server.wait_for_messages("erin@example.test", 1).await;
-    send_raw(&server, "erin@example.test", body(2).as_bytes()).await;
+    server
+        .send_raw("erin@example.test", body(2).as_bytes())
+        .await;
     // Message 2 takes the mailbox over 2 KB: the notice arrives right after it.
     let messages = server.wait_for_messages("erin@example.test", 3).await;
     assert_eq!(
@@ -610,7 +589,9 @@ async fn crossing_the_warning_limit_leaves_one_notice() {
         notice.contains("above its warning limit of 2 KB"),
         "{notice}"
     );
-    send_raw(&server, "erin@example.test", body(3).as_bytes()).await;
+    server
+        .send_raw("erin@example.test", body(3).as_bytes())
+        .await;
     server.wait_for_messages("erin@example.test", 4).await;
     let mut s = login(&server, "erin@example.test").await;
     s.select("INBOX").await.unwrap();

@@ -6,8 +6,6 @@
 mod common;
 
 use common::TestServer;
-use lettre::address::Envelope;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::Value;
 
 const PASSWORD: &str = "correct horse battery";
@@ -36,38 +34,6 @@ async fn poplib(server: &TestServer, body: &str) -> Value {
             String::from_utf8_lossy(&output.stdout)
         )
     })
-}
-
-async fn add_mailbox(server: &TestServer, address: &str, extra: Value) {
-    let client = server.client();
-    let mut request = serde_json::json!({
-        "address": address, "display_name": "Test", "password": PASSWORD
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        request[k] = v.clone();
-    }
-    tokio::task::spawn_blocking(move || {
-        let _: Value = client
-            .post("/recipients", &request)
-            .expect("recipient created");
-    })
-    .await
-    .unwrap();
-}
-
-async fn send_raw(server: &TestServer, to: &str, bytes: &[u8]) {
-    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
-        .port(server.smtp().port())
-        .build();
-    let envelope = Envelope::new(
-        Some("bob@remote.test".parse().unwrap()),
-        vec![to.parse().unwrap()],
-    )
-    .unwrap();
-    transport
-        .send_raw(&envelope, bytes)
-        .await
-        .expect("accepted");
 }
 
 fn messages() -> Vec<Vec<u8>> {
@@ -107,10 +73,12 @@ fn assert_sent_plus_trace(fetched: &[u8], sent: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrieve_top_uidl_and_delete_at_quit_with_poplib() {
     let server = TestServer::start().await;
-    add_mailbox(&server, "alice@example.test", serde_json::json!({})).await;
+    server
+        .add_mailbox("alice@example.test", PASSWORD, serde_json::json!({}))
+        .await;
     let sent = messages();
     for m in &sent {
-        send_raw(&server, "alice@example.test", m).await;
+        server.send_raw("alice@example.test", m).await;
     }
     server.wait_for_messages("alice@example.test", 3).await;
     let stored: Vec<Vec<u8>> = {
@@ -241,15 +209,20 @@ p.quit()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_use_lock_auth_plain_disabled_recipient_and_failed_login_limit() {
     let server = TestServer::start().await;
-    add_mailbox(&server, "carol@example.test", serde_json::json!({})).await;
-    add_mailbox(
-        &server,
-        "dave@example.test",
-        serde_json::json!({"protocols": ["pop3:off"]}),
-    )
-    .await;
-    add_mailbox(&server, "erin@example.test", serde_json::json!({})).await;
-    send_raw(&server, "carol@example.test", &messages()[0]).await;
+    server
+        .add_mailbox("carol@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server
+        .add_mailbox(
+            "dave@example.test",
+            PASSWORD,
+            serde_json::json!({"protocols": ["pop3:off"]}),
+        )
+        .await;
+    server
+        .add_mailbox("erin@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server.send_raw("carol@example.test", &messages()[0]).await;
     server.wait_for_messages("carol@example.test", 1).await;
 
     let out = poplib(
@@ -349,10 +322,12 @@ async fn fetchmail_takes_every_message_home() {
         return;
     }
     let server = TestServer::start().await;
-    add_mailbox(&server, "frank@example.test", serde_json::json!({})).await;
+    server
+        .add_mailbox("frank@example.test", PASSWORD, serde_json::json!({}))
+        .await;
     let sent = messages();
     for m in &sent {
-        send_raw(&server, "frank@example.test", m).await;
+        server.send_raw("frank@example.test", m).await;
     }
     server.wait_for_messages("frank@example.test", 3).await;
     let mut stored = Vec::new();

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -193,41 +192,33 @@ impl Pop3Server {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let permits = Arc::new(Semaphore::new(self.config.sessions_max.max(1)));
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (mut stream, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "POP3 accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+        let limits = mailroom_listen::Limits {
+            protocol: "POP3",
+            connections_max: self.config.sessions_max,
+            refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+        };
+        let refused = || {};
+        let handler_cancel = cancel.clone();
+        mailroom_listen::serve(
+            listener,
+            limits,
+            cancel,
+            tracker,
+            refused,
+            move |stream, peer| {
+                let server = self.clone();
+                let cancel = handler_cancel.clone();
+                async move {
+                    server.stats.sessions.inc();
+                    server.stats.sessions_active.inc();
+                    if let Err(e) = server.handle(stream, peer, cancel).await {
+                        tracing::debug!(%peer, error = %e, "POP3 session ended with an error");
+                    }
+                    server.stats.sessions_active.dec();
                 }
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracker.spawn(async move {
-                    let _ = stream
-                        .write_all(b"-ERR [SYS/TEMP] too many connections, try again later\r\n")
-                        .await;
-                });
-                continue;
-            };
-            let server = self.clone();
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                server.stats.sessions.inc();
-                server.stats.sessions_active.inc();
-                if let Err(e) = server.handle(stream, peer, cancel).await {
-                    tracing::debug!(%peer, error = %e, "POP3 session ended with an error");
-                }
-                server.stats.sessions_active.dec();
-                drop(permit);
-            });
-        }
+            },
+        )
+        .await;
     }
 
     /// Runs one session over any byte stream (TLS can wrap it later).

@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -188,43 +187,36 @@ impl SmtpServer {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let permits = Arc::new(Semaphore::new(self.config.sessions_max.max(1)));
-        loop {
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (mut stream, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "SMTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                self.stats.reject("too_many_connections");
-                tracker.spawn(async move {
-                    let _ = stream
-                        .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
-                        .await;
-                });
-                continue;
-            };
+        let limits = mailroom_listen::Limits {
+            protocol: "SMTP",
+            connections_max: self.config.sessions_max,
+            refusal: b"421 4.7.0 Too many connections, try again later\r\n",
+        };
+        let refused = {
             let server = self.clone();
-            let cancel = cancel.clone();
-            tracker.spawn(async move {
-                server.stats.sessions.inc();
-                server.stats.sessions_active.inc();
-                if let Err(e) = server.handle(stream, peer, cancel).await {
-                    tracing::debug!(%peer, error = %e, "SMTP session ended with an error");
+            move || server.stats.reject("too_many_connections")
+        };
+        let handler_cancel = cancel.clone();
+        mailroom_listen::serve(
+            listener,
+            limits,
+            cancel,
+            tracker,
+            refused,
+            move |stream, peer| {
+                let server = self.clone();
+                let cancel = handler_cancel.clone();
+                async move {
+                    server.stats.sessions.inc();
+                    server.stats.sessions_active.inc();
+                    if let Err(e) = server.handle(stream, peer, cancel).await {
+                        tracing::debug!(%peer, error = %e, "SMTP session ended with an error");
+                    }
+                    server.stats.sessions_active.dec();
                 }
-                server.stats.sessions_active.dec();
-                drop(permit);
-            });
-        }
+            },
+        )
+        .await;
     }
 
     /// Runs one session over any byte stream (TLS can wrap it later).

@@ -76,6 +76,43 @@ impl TestServer {
         .unwrap();
     }
 
+    /// Creates a mailbox with a password through the admin API; `extra` adds request
+    /// fields (protocols, quotas).
+    pub async fn add_mailbox(&self, address: &str, password: &str, extra: serde_json::Value) {
+        let client = self.client();
+        let mut request = serde_json::json!({
+            "address": address, "display_name": "Test", "password": password
+        });
+        for (k, v) in extra.as_object().expect("an object") {
+            request[k] = v.clone();
+        }
+        tokio::task::spawn_blocking(move || {
+            let _: serde_json::Value = client
+                .post("/recipients", &request)
+                .expect("recipient created");
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Sends `bytes` from bob@remote.test to `to` with lettre (a client we did not write).
+    pub async fn send_raw(&self, to: &str, bytes: &[u8]) {
+        use lettre::AsyncTransport;
+        let transport =
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+                .port(self.smtp().port())
+                .build();
+        let envelope = lettre::address::Envelope::new(
+            Some("bob@remote.test".parse().unwrap()),
+            vec![to.parse().unwrap()],
+        )
+        .unwrap();
+        transport
+            .send_raw(&envelope, bytes)
+            .await
+            .expect("accepted");
+    }
+
     /// The INBOX listing of `address`, through the admin API.
     pub async fn mailbox(&self, address: &str) -> Vec<MessageSummary> {
         let client = self.client();

@@ -1,0 +1,128 @@
+//! The accept loop shared by the SMTP, IMAP and POP3 listeners.
+//!
+//! Why one copy: each listener needs the same four things, and getting any of them wrong
+//! is how a server wedges or dies under load: a connection limit (beyond it the client
+//! gets the protocol's "try later" line and is closed, never queued without bound), one
+//! task per connection spawned on a `TaskTracker` (so shutdown can wait for them with a
+//! deadline), back-off when `accept` fails (out of file descriptors must not spin), and
+//! stopping at once when the cancellation token fires. Shape after mini-redis.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a listener accepts.
+pub struct Limits {
+    /// The protocol's name, for logs.
+    pub protocol: &'static str,
+    /// Concurrent connections, at most.
+    pub connections_max: usize,
+    /// What a client beyond the limit is told before the connection closes.
+    pub refusal: &'static [u8],
+}
+
+/// Accepts connections until `cancel` fires and runs `handle` for each on `tracker`.
+/// `refused` is called for each connection turned away at the limit (for metrics).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    refused: impl Fn(),
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "{} accept failed", limits.protocol);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused();
+            let refusal = limits.refusal;
+            tracker.spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), stream.write_all(refusal)).await;
+            });
+            continue;
+        };
+        let connection = handle(stream, peer);
+        tracker.spawn(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_refused_and_shutdown_stops_accepting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let server = {
+            let (cancel, tracker, release) = (cancel.clone(), tracker.clone(), release.clone());
+            tokio::spawn(async move {
+                serve(
+                    listener,
+                    Limits {
+                        protocol: "test",
+                        connections_max: 1,
+                        refusal: b"busy\r\n",
+                    },
+                    cancel,
+                    tracker,
+                    || {},
+                    move |mut stream, _| {
+                        let release = release.clone();
+                        async move {
+                            let _ = stream.write_all(b"hello\r\n").await;
+                            release.notified().await;
+                        }
+                    },
+                )
+                .await
+            })
+        };
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut line = [0u8; 7];
+        first.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"hello\r\n");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let mut refusal = Vec::new();
+        second.read_to_end(&mut refusal).await.unwrap();
+        assert_eq!(refusal, b"busy\r\n");
+        cancel.cancel();
+        server.await.unwrap();
+        release.notify_waiters();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("every connection task finished");
+    }
+}
