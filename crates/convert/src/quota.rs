@@ -55,7 +55,8 @@ pub fn warn_crossings(
             ))
             .write_to_vec()
             .unwrap_or_default();
-        match store.append(recipient, "INBOX", &[], now_ms, &notice) {
+        let facts = crate::facts::message_facts(&notice);
+        match store.append(recipient, "INBOX", &[], now_ms, &notice, Some(&facts)) {
             Ok(_) => tracing::info!(recipient = %address, after, limit, "quota warning delivered"),
             Err(e) => {
                 tracing::warn!(recipient = %address, error = %e, "quota warning not delivered")

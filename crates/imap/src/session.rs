@@ -611,7 +611,15 @@ impl Session {
                 let date = message.date_ms.unwrap_or_else(mailroom_watch::now_ms);
                 let folder = name.clone();
                 let appended = blocking(&store, move |s| {
-                    s.append(recipient, &folder, &flags, date, &message.message)
+                    let facts = mailroom_convert::facts::message_facts(&message.message);
+                    s.append(
+                        recipient,
+                        &folder,
+                        &flags,
+                        date,
+                        &message.message,
+                        Some(&facts),
+                    )
                 })
                 .await
                 .map_err(|(status, text)| {

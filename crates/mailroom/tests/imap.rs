@@ -580,6 +580,11 @@ async fn crossing_the_warning_limit_leaves_one_notice() {
         messages[2].uid, 3,
         "the notice follows the message that crossed"
     );
+    assert_eq!(
+        messages[2].subject.as_deref(),
+        Some("Your mailbox is almost full"),
+        "the admin listing shows an appended message's subject too"
+    );
     let notice = String::from_utf8(server.raw("erin@example.test", 3).await).unwrap();
     assert!(
         notice.contains("Subject: Your mailbox is almost full"),

@@ -150,7 +150,7 @@ pub trait Mailboxes {
     ) -> Result<Copied>;
 
     /// Stores a new message in a folder (APPEND). The bytes are stored as given: no
-    /// trace header is added.
+    /// trace header is added. `facts` (subject, addresses ...) feed the admin listing.
     fn append(
         &self,
         recipient: RecipientId,
@@ -158,6 +158,7 @@ pub trait Mailboxes {
         flags: &[String],
         internal_date_ms: UnixMillis,
         body: &[u8],
+        facts: Option<&crate::MessageFacts>,
     ) -> Result<Copied>;
 
     /// The bytes of several messages as a client would fetch them (like

@@ -426,11 +426,19 @@ impl Mailboxes for SqliteStore {
         flags: &[String],
         internal_date_ms: UnixMillis,
         body: &[u8],
+        facts: Option<&crate::MessageFacts>,
     ) -> Result<Copied> {
         let copied = self.write("mailbox", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let folder = require_folder(&tx, recipient, folder)?;
             let blob = put_blob(&tx, body)?;
+            if let Some(facts) = facts {
+                let facts = serde_json::to_string(facts).expect("facts serialise");
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)",
+                )?
+                .execute(params![blob, facts])?;
+            }
             let (uid, modseq) = next_uid(&tx, folder)?;
             // trace = 0: an APPENDed message brings its own headers, and `message_raw`
             // prepends no Return-Path to it.

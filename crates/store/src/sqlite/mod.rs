@@ -1238,6 +1238,7 @@ mod tests {
                 &["$Important".to_string()],
                 42_000,
                 b"Subject: a\r\n\r\nx\r\n",
+                None,
             )
             .unwrap();
         assert_eq!(appended.uids, vec![(0, 4)]);
