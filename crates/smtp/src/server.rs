@@ -128,7 +128,14 @@ impl RecipientPolicy for QuotaPolicy<'_> {
         // Only recipients with a hard quota cost a query (one indexed sum). A store
         // error lets the message through: refusing mail because a read failed would
         // turn a glitch into bounces.
-        match store.mailbox_bytes(recipient.id) {
+        // The query blocks: on a multi-threaded runtime, tell tokio so it moves this
+        // worker's other tasks elsewhere meanwhile.
+        let read = || store.mailbox_bytes(recipient.id);
+        let usage = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(read),
+            _ => read(),
+        };
+        match usage {
             Ok(bytes) => bytes >= limit_kb * 1024,
             Err(e) => {
                 tracing::warn!(error = %e, "quota check failed; accepting");
