@@ -371,9 +371,19 @@ impl Session {
         server.limiter.record(client, &user, true);
         // INBOX and the special-use folders exist from the first login on.
         let created = blocking(&server.store, move |store| {
-            store.ensure_folder(recipient, "INBOX", None)?;
+            // One read; a write only for folders that are missing (the first login).
+            let existing: HashSet<String> = store
+                .folders(recipient)?
+                .into_iter()
+                .map(|f| f.name)
+                .collect();
+            if !existing.contains("INBOX") {
+                store.ensure_folder(recipient, "INBOX", None)?;
+            }
             for (name, usage) in SPECIAL {
-                store.ensure_folder(recipient, name, Some(usage))?;
+                if !existing.contains(name) {
+                    store.ensure_folder(recipient, name, Some(usage))?;
+                }
             }
             Ok(())
         })
