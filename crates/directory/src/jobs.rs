@@ -319,8 +319,8 @@ pub struct ImportOptions {
 }
 
 /// Rows per writer request in a non-atomic import: big enough to batch, small enough
-/// that mail and other administrators' changes interleave.
-const IMPORT_CHUNK: usize = 1000;
+/// that mail and other administrators' changes interleave (see `BATCH_CHANGES_MAX`).
+const IMPORT_CHUNK: usize = 250;
 
 /// Starts an import of `file` (deleted when the job ends) as a background job.
 pub fn start_import(
