@@ -237,8 +237,18 @@ impl Jobs {
         self.list.rcu(|list| {
             let mut list: Vec<Arc<Job>> = (**list).clone();
             list.push(job.clone());
-            let excess = list.len().saturating_sub(JOBS_KEPT);
-            list.drain(..excess);
+            // Forget the oldest finished jobs beyond the limit; a running job is never
+            // forgotten (the long churn run lost track of its import when a hundred
+            // regeneration jobs followed it).
+            let mut excess = list.len().saturating_sub(JOBS_KEPT);
+            list.retain(|j| {
+                if excess > 0 && j.state() != JobState::Running {
+                    excess -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
             list
         });
         job
@@ -518,4 +528,31 @@ fn apply_chunk(directory: &Directory, tally: &mut Tally<'_>, chunk: &mut Vec<cra
     let results = directory.apply_all_blocking(changes, false);
     tally.results(chunk, results);
     chunk.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_job_is_never_forgotten_and_finished_ones_go_oldest_first() {
+        let jobs = Jobs::new(None);
+        let import = jobs.create("import");
+        let first_finished = jobs.create("regeneration");
+        first_finished.finish(true, "done".into());
+        for _ in 0..JOBS_KEPT + 20 {
+            jobs.create("regeneration").finish(true, "done".into());
+        }
+        assert!(
+            jobs.get(import.id).is_some(),
+            "the running import is still known"
+        );
+        assert!(
+            jobs.get(first_finished.id).is_none(),
+            "old finished jobs go"
+        );
+        import.finish(true, "done".into());
+        jobs.create("regeneration");
+        assert!(jobs.get(import.id).is_none(), "once finished it can go too");
+    }
 }
