@@ -20,7 +20,7 @@ const JOBS_KEPT: usize = 100;
 const ERRORS_KEPT: usize = 10_000;
 
 /// Recipients per regeneration step (one writer request each).
-const REGENERATION_CHUNK: usize = 500;
+const REGENERATION_CHUNK: usize = 250;
 
 /// A job's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,6 +32,10 @@ pub enum JobState {
     Done,
     /// Stopped by an error that affects the whole job.
     Failed,
+    /// Stopped because a newer job does the same work over again (a template changed
+    /// again while addresses were being regenerated: the newer job applies the newest
+    /// template to every recipient, so finishing this one would only be wasted writes).
+    Superseded,
 }
 
 /// One background job and its progress.
@@ -62,7 +66,7 @@ pub struct JobReport {
     pub id: u64,
     /// What it does.
     pub kind: String,
-    /// `running`, `done` or `failed`.
+    /// `running`, `done`, `failed` or `superseded`.
     pub state: String,
     /// When it started (Unix ms).
     pub started_at_ms: i64,
@@ -112,6 +116,7 @@ impl Job {
         match self.state.load(Ordering::Acquire) {
             0 => JobState::Running,
             1 => JobState::Done,
+            3 => JobState::Superseded,
             _ => JobState::Failed,
         }
     }
@@ -147,8 +152,24 @@ impl Job {
 
     /// Marks the job finished.
     pub fn finish(&self, ok: bool, summary: String) {
+        self.end(if ok { 1 } else { 2 }, summary);
+    }
+
+    /// Marks the job stopped in favour of job `by`.
+    pub fn supersede(&self, by: u64) {
+        let r = self.report();
+        self.end(
+            3,
+            format!(
+                "superseded by job {by} after {} of {} (it renews every address from the newest template)",
+                r.scanned, r.total
+            ),
+        );
+    }
+
+    fn end(&self, state: u8, summary: String) {
         self.summary.store(Arc::new(summary));
-        self.state.store(if ok { 1 } else { 2 }, Ordering::Release);
+        self.state.store(state, Ordering::Release);
         self.probe.finished(1);
         if let Some(registry) = &self.registry {
             registry.remove_activity(&self.activity);
@@ -161,6 +182,7 @@ impl Job {
             JobState::Running => "running",
             JobState::Done => "done",
             JobState::Failed => "failed",
+            JobState::Superseded => "superseded",
         };
         JobReport {
             id: self.id,
@@ -187,6 +209,11 @@ pub struct Jobs {
     /// races with a thread that is exiting). Rank 80, a leaf: held to push and to join
     /// threads that have already finished.
     threads: RankedMutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The newest regeneration job's id: older regeneration jobs stop at their next
+    /// step, so however often templates change, at most one regeneration feeds the
+    /// writer (the long churn run had a hundred, each rewriting 100,000 recipients,
+    /// and their transactions held the store's write turn for seconds).
+    pub(crate) newest_regeneration: Arc<AtomicU64>,
 }
 
 impl Default for Jobs {
@@ -204,6 +231,7 @@ impl Jobs {
             probe: Probe::new("directory jobs"),
             registry,
             threads: RankedMutex::new(80, "directory job threads", Vec::new()),
+            newest_regeneration: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -266,13 +294,16 @@ impl Jobs {
 }
 
 /// Starts the background job that renews every generated address from the current
-/// template, in chunks through the writer.
+/// template, in chunks through the writer. A regeneration job still running stops at
+/// its next step, superseded by this one.
 pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
     let job = jobs.create("regenerate addresses");
+    jobs.newest_regeneration.fetch_max(job.id, Ordering::AcqRel);
     let handle = job.clone();
+    let newest = jobs.newest_regeneration.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{}", job.id))
-        .spawn(move || regenerate(directory, &handle));
+        .spawn(move || regenerate(directory, &handle, &newest));
     match spawned {
         Ok(thread) => jobs.keep(thread),
         Err(e) => job.finish(false, format!("cannot start the job: {e}")),
@@ -280,7 +311,7 @@ pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
     job
 }
 
-fn regenerate(directory: Directory, job: &Job) {
+pub(crate) fn regenerate(directory: Directory, job: &Job, newest: &AtomicU64) {
     let snapshot = directory.snapshot();
     let mut ids: Vec<i64> = snapshot
         .recipients()
@@ -290,6 +321,11 @@ fn regenerate(directory: Directory, job: &Job) {
     ids.sort_unstable();
     job.set_total(ids.len() as u64);
     for chunk in ids.chunks(REGENERATION_CHUNK) {
+        let newest = newest.load(Ordering::Acquire);
+        if newest != job.id {
+            job.supersede(newest);
+            return;
+        }
         match directory.apply_blocking(Change::RegenerateAddresses {
             ids: chunk.to_vec(),
         }) {
@@ -329,7 +365,7 @@ pub struct ImportOptions {
 }
 
 /// Rows per writer request in a non-atomic import: big enough to batch, small enough
-/// that mail and other administrators' changes interleave (see `BATCH_CHANGES_MAX`).
+/// that mail and other administrators' changes interleave (the writer's `BATCH_WEIGHT_MAX`).
 const IMPORT_CHUNK: usize = 250;
 
 /// Starts an import of `file` (deleted when the job ends) as a background job.

@@ -475,3 +475,82 @@ fn connectors_build_the_routing_table_and_keep_the_previous_one() {
         .unwrap_err();
     assert!(err.to_string().contains("host:port"), "{err}");
 }
+
+#[test]
+fn a_newer_regeneration_job_supersedes_a_running_one() {
+    let (directory, _dir) = start();
+    ok(
+        &directory,
+        site(SiteChange::SetTemplate {
+            address_type: "SMTP".into(),
+            template: Some("%g.%s@example.test".into()),
+        }),
+    );
+    let people: Vec<Change> = (0..600)
+        .map(|i| person(&format!("p{i}"), "Pat", &format!("Person{i}")))
+        .collect();
+    assert!(
+        directory
+            .apply_all_blocking(people, true)
+            .iter()
+            .all(|r| r.is_ok())
+    );
+    ok(
+        &directory,
+        site(SiteChange::SetTemplate {
+            address_type: "SMTP".into(),
+            template: Some("%s@example.test".into()),
+        }),
+    );
+    let jobs = jobs::Jobs::new(None);
+    // A job that is no longer the newest stops before writing anything and says which
+    // job took over.
+    let old = jobs.create("regenerate addresses");
+    let generation = directory.snapshot().generation();
+    let newest = std::sync::atomic::AtomicU64::new(old.id + 1);
+    jobs::regenerate(directory.clone(), &old, &newest);
+    assert_eq!(old.state(), jobs::JobState::Superseded);
+    let report = old.report();
+    assert_eq!(report.state, "superseded");
+    assert_eq!(report.scanned, 0);
+    assert!(
+        report.summary.contains(&format!("job {}", old.id + 1)),
+        "{}",
+        report.summary
+    );
+    assert_eq!(
+        directory.snapshot().generation(),
+        generation,
+        "nothing written"
+    );
+    // Two template changes in a row: the second job is the newest, and it renews every
+    // address whatever became of the first.
+    let first = jobs::start_regeneration(directory.clone(), &jobs);
+    let second = jobs::start_regeneration(directory.clone(), &jobs);
+    assert_eq!(
+        jobs.newest_regeneration
+            .load(std::sync::atomic::Ordering::Acquire),
+        second.id
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while [&first, &second]
+        .iter()
+        .any(|j| j.state() == jobs::JobState::Running)
+    {
+        assert!(std::time::Instant::now() < deadline, "jobs still running");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(second.state(), jobs::JobState::Done);
+    assert_eq!(second.report().scanned, 600);
+    assert!(matches!(
+        first.state(),
+        jobs::JobState::Done | jobs::JobState::Superseded
+    ));
+    let snap = directory.snapshot();
+    for i in 0..600 {
+        assert_eq!(
+            snap.by_alias(&format!("p{i}")).unwrap().primary_address(),
+            Some(format!("Person{i}@example.test").as_str())
+        );
+    }
+}

@@ -20,12 +20,14 @@ use tokio::sync::{mpsc, oneshot};
 /// Pending requests the writer accepts before senders wait (bounded, DESIGN.md rule 5).
 const REQUESTS_MAX: usize = 1024;
 
-/// Changes applied in one store transaction and one publication, at most (an atomic
+/// Recipients touched by one store transaction and one publication, at most (an atomic
 /// request is never split, whatever its size). Small enough that one directory
 /// transaction holds the database's write turn for a fraction of a second even on a
 /// saturated machine: the long churn run saw 2,048-change transactions hold it 0.5-1.9 s,
-/// and inbound conversion waited behind them.
-const BATCH_CHANGES_MAX: usize = 512;
+/// and inbound conversion waited behind them. Counted by [`Change::weight`], not by
+/// changes: one address-regeneration step touches hundreds of recipients, and counting
+/// it as one let a batch carry a hundred of them.
+const BATCH_WEIGHT_MAX: usize = 512;
 
 /// The fields of a recipient a change sets; `None` leaves a field as it is (or at its
 /// default for a new recipient). Empty strings and lists clear; a quota of 0 means none.
@@ -318,6 +320,24 @@ struct Request {
     reply: oneshot::Sender<Results>,
 }
 
+impl Request {
+    /// Recipients this request may touch, summed over its changes.
+    fn weight(&self) -> usize {
+        self.changes.iter().map(Change::weight).sum()
+    }
+}
+
+impl Change {
+    /// How many recipients this change may write: a regeneration step touches each of its
+    /// ids, everything else one row (a recipient or the site settings).
+    pub fn weight(&self) -> usize {
+        match self {
+            Change::RegenerateAddresses { ids } => ids.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
 /// The directory as the rest of the server holds it: read snapshots, submit changes.
 #[derive(Clone)]
 pub struct Directory {
@@ -476,12 +496,28 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
-        while let Some(first) = self.receiver.blocking_recv() {
+        // A request received that would have made the last batch too heavy: it starts
+        // the next one.
+        let mut carried: Option<Request> = None;
+        loop {
+            let first = match carried.take() {
+                Some(request) => request,
+                None => match self.receiver.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut weight = first.weight();
             let mut size = first.changes.len();
             let mut batch = vec![first];
-            while size < BATCH_CHANGES_MAX {
+            while weight < BATCH_WEIGHT_MAX {
                 match self.receiver.try_recv() {
+                    Ok(request) if weight + request.weight() > BATCH_WEIGHT_MAX => {
+                        carried = Some(request);
+                        break;
+                    }
                     Ok(request) => {
+                        weight += request.weight();
                         size += request.changes.len();
                         batch.push(request);
                     }
