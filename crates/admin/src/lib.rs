@@ -96,6 +96,12 @@ pub struct AdminState {
     pub upload_dir: std::path::PathBuf,
     /// The watchdog's probes and verdict.
     pub watch: Arc<mailroom_watch::Registry>,
+    /// Outbound delivery: wake-ups, deletion with DSNs, the delivery clock.
+    pub outbound: mailroom_outbound::OutboundHandle,
+    /// The transfer mode switch.
+    pub transfer: mailroom_outbound::Transfer,
+    /// Whether `POST /api/v1/clock/advance` is allowed (tests only).
+    pub test_clock: bool,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -172,6 +178,16 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/mailboxes/{address}/messages/{uid}/raw", get(raw_message))
         .route("/queues", get(queues))
         .route("/queues/{queue}/items", get(queue_items))
+        .route("/queue", get(queue_filter))
+        .route("/queue/{id}", get(queue_item).delete(queue_delete))
+        .route("/queue/{id}/retry", post(queue_retry))
+        .route("/queue/{id}/hold", post(queue_hold))
+        .route("/queue/{id}/release", post(queue_release))
+        .route(
+            "/transfer-mode",
+            get(show_transfer_mode).post(set_transfer_mode),
+        )
+        .route("/clock/advance", post(advance_clock))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -1000,5 +1016,184 @@ async fn queue_items(
     let store = state.store.clone();
     Ok(Json(
         blocking(move || store.queue_items(Some(name), query.after, limit)).await?,
+    ))
+}
+
+/// `GET /api/v1/queue?queue=&state=&destination=&sender=&recipient=&older_than_secs=&after=&limit=`
+#[derive(Debug, Deserialize)]
+struct FilterQuery {
+    queue: Option<String>,
+    state: Option<String>,
+    destination: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+    older_than_secs: Option<i64>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn queue_filter(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<FilterQuery>,
+) -> Result<Json<Vec<mailroom_store::QueueItemInfo>>, ApiError> {
+    let queue = match &query.queue {
+        None => None,
+        Some(q) => Some(QueueName::parse(q).ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("no queue {q:?}; queues are inbound, outbound, quarantine, undeliverable"),
+            )
+        })?),
+    };
+    if let Some(s) = &query.state
+        && !["held", "deferred", "active"].contains(&s.as_str())
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("no state {s:?}; states are held, deferred, active"),
+        ));
+    }
+    let filter = mailroom_store::QueueFilter {
+        queue,
+        state: query.state,
+        destination: query.destination,
+        sender: query.sender,
+        recipient: query.recipient,
+        older_than_ms: query.older_than_secs.map(|s| s * 1000),
+        after: query.after,
+        limit: query.limit,
+    };
+    let store = state.store.clone();
+    let now = state.outbound.clock().now_ms();
+    Ok(Json(
+        blocking(move || store.queue_filter(&filter, now)).await?,
+    ))
+}
+
+fn no_entry(id: i64) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no queue entry {id}"))
+}
+
+fn action_error(id: i64, e: mailroom_store::QueueActionError) -> ApiError {
+    match e {
+        mailroom_store::QueueActionError::NotFound => no_entry(id),
+        mailroom_store::QueueActionError::Busy => ApiError(
+            StatusCode::CONFLICT,
+            format!("queue entry {id} is being worked on right now; try again in a moment"),
+        ),
+    }
+}
+
+async fn queue_item(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || store.queue_item(id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_entry(id))
+}
+
+async fn queue_retry(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    let store = state.store.clone();
+    let now = state.outbound.clock().now_ms();
+    blocking(move || store.retry_now(id, now))
+        .await?
+        .map_err(|e| action_error(id, e))?;
+    state.outbound.wake();
+    queue_item(State(state), Path(id)).await
+}
+
+async fn queue_hold(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || store.set_held(id, true))
+        .await?
+        .map_err(|e| action_error(id, e))?;
+    queue_item(State(state), Path(id)).await
+}
+
+async fn queue_release(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || store.set_held(id, false))
+        .await?
+        .map_err(|e| action_error(id, e))?;
+    state.outbound.wake();
+    queue_item(State(state), Path(id)).await
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    /// Send the sender a failure DSN for the recipients still pending.
+    #[serde(default)]
+    dsn: bool,
+}
+
+async fn queue_delete(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<i64>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = state.store.clone();
+    let item = blocking(move || store.claim_one(id))
+        .await?
+        .map_err(|e| action_error(id, e))?;
+    let handle = state.outbound.clone();
+    let notices = tokio::task::spawn_blocking(move || handle.delete(item, query.dsn))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(Json(serde_json::json!({"deleted": id, "notices": notices})))
+}
+
+async fn show_transfer_mode(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"mode": state.transfer.get()}))
+}
+
+#[derive(Debug, Deserialize)]
+struct ModeBody {
+    mode: mailroom_outbound::TransferMode,
+}
+
+async fn set_transfer_mode(
+    State(state): State<Arc<AdminState>>,
+    Json(body): Json<ModeBody>,
+) -> Json<serde_json::Value> {
+    state.transfer.set(body.mode);
+    tracing::info!(mode = ?body.mode, "transfer mode changed");
+    Json(serde_json::json!({"mode": state.transfer.get()}))
+}
+
+#[derive(Debug, Deserialize)]
+struct AdvanceBody {
+    secs: u64,
+}
+
+async fn advance_clock(
+    State(state): State<Arc<AdminState>>,
+    Json(body): Json<AdvanceBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.test_clock {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the delivery clock can only be moved when outbound.test_clock = true (tests)".into(),
+        ));
+    }
+    state
+        .outbound
+        .clock()
+        .advance(std::time::Duration::from_secs(body.secs));
+    state.outbound.wake();
+    Ok(Json(
+        serde_json::json!({"now_ms": state.outbound.clock().now_ms()}),
     ))
 }

@@ -34,6 +34,98 @@ pub struct Config {
     pub imap: ImapSection,
     /// Logins to the mailbox protocols (POP3, IMAP).
     pub login: LoginSection,
+    /// Outbound delivery.
+    pub outbound: OutboundSection,
+}
+
+/// `[outbound]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundSection {
+    /// `both`, `inbound`, `outbound` or `none`; switchable at runtime.
+    pub transfer_mode: mailroom_outbound::TransferMode,
+    /// Concurrent deliveries.
+    pub workers: usize,
+    /// Concurrent connections to one destination host.
+    pub connections_per_destination: usize,
+    /// DNS servers (`ip:port`); empty means the system's resolver.
+    pub nameservers: Vec<SocketAddr>,
+    /// Host names answered without DNS: name -> addresses.
+    pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// The port MX hosts are reached on.
+    pub smtp_port: u16,
+    /// Minutes to wait after the 1st, 2nd, ... failed attempt; the last one repeats.
+    pub retry_minutes: Vec<u64>,
+    /// Up to this fraction of an interval is added at random.
+    pub retry_jitter: f64,
+    /// Hours after which an undelivered message is returned to its sender.
+    pub expire_hours: u64,
+    /// Hours after which the sender is told the message is delayed (once).
+    pub delay_notice_hours: u64,
+    /// More Received headers than this: the message is looping and is returned.
+    pub max_hops: usize,
+    /// Seconds to wait for a connection and greeting.
+    pub connect_timeout_secs: u64,
+    /// Seconds to wait for each command's reply.
+    pub command_timeout_secs: u64,
+    /// Seconds to wait for the reply to the message data.
+    pub data_timeout_secs: u64,
+    /// Lets the admin API move the delivery clock forward (tests only).
+    pub test_clock: bool,
+}
+
+impl Default for OutboundSection {
+    fn default() -> Self {
+        OutboundSection {
+            transfer_mode: mailroom_outbound::TransferMode::Both,
+            workers: 4,
+            connections_per_destination: 5,
+            nameservers: Vec::new(),
+            hosts: Default::default(),
+            smtp_port: 25,
+            retry_minutes: vec![15, 30, 60, 240],
+            retry_jitter: 0.1,
+            expire_hours: 120,
+            delay_notice_hours: 4,
+            max_hops: 30,
+            connect_timeout_secs: 30,
+            command_timeout_secs: 300,
+            data_timeout_secs: 600,
+            test_clock: false,
+        }
+    }
+}
+
+impl OutboundSection {
+    /// The delivery settings this section describes.
+    pub fn delivery(&self, hostname: &str) -> mailroom_outbound::OutboundConfig {
+        use std::time::Duration;
+        mailroom_outbound::OutboundConfig {
+            workers: self.workers.max(1),
+            per_destination: self.connections_per_destination.max(1),
+            nameservers: self.nameservers.clone(),
+            hosts: self.hosts.clone().into_iter().collect(),
+            port: self.smtp_port,
+            hostname: hostname.to_string(),
+            schedule: mailroom_outbound::schedule::Schedule {
+                intervals: self
+                    .retry_minutes
+                    .iter()
+                    .map(|m| Duration::from_secs(m * 60))
+                    .collect(),
+                jitter: self.retry_jitter,
+                expire_after: Duration::from_secs(self.expire_hours * 3600),
+                delay_notice_after: Duration::from_secs(self.delay_notice_hours * 3600),
+            },
+            timeouts: mailroom_outbound::client::Timeouts {
+                connect: Duration::from_secs(self.connect_timeout_secs),
+                command: Duration::from_secs(self.command_timeout_secs),
+                data: Duration::from_secs(self.data_timeout_secs),
+            },
+            max_hops: self.max_hops,
+            keep_idle: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Where plaintext passwords are accepted (`plaintext_auth`).
@@ -413,6 +505,39 @@ failures_per_client = 10
 failures_per_account = 5
 # The window, seconds.
 failure_window_secs = 300
+
+[outbound]
+# Which way mail moves: "both", "inbound" (accept SMTP, hold the outbound queue),
+# "outbound" (refuse SMTP with 421, deliver the queue) or "none" (hold everything).
+# Switch at runtime with `mailroom queue transfer-mode MODE`.
+transfer_mode = "both"
+# Deliveries at once, and connections at once to one destination host.
+workers = 4
+connections_per_destination = 5
+# DNS servers for MX lookups, e.g. ["192.0.2.53:53"]; empty uses /etc/resolv.conf.
+nameservers = []
+# The port MX hosts are reached on.
+smtp_port = 25
+# Minutes to wait after the 1st, 2nd, ... failed attempt; the last one repeats. A random
+# extra of up to retry_jitter of the interval spreads retries out.
+retry_minutes = [15, 30, 60, 240]
+retry_jitter = 0.1
+# An undelivered message is returned to its sender (a DSN) after this many hours, and
+# the sender is told once that it is delayed after delay_notice_hours.
+expire_hours = 120
+delay_notice_hours = 4
+# A message with more Received headers than this is looping; it is returned (5.4.6).
+max_hops = 30
+# Seconds to wait for a connection and greeting, each command's reply, and the reply to
+# the message data (RFC 5321 suggests 5 and 10 minutes for the last two).
+connect_timeout_secs = 30
+command_timeout_secs = 300
+data_timeout_secs = 600
+# Let the admin API move the delivery clock forward. For tests only.
+test_clock = false
+
+# Host names answered without DNS (for hosts DNS should not be asked about).
+[outbound.hosts]
 "#;
 
 impl Config {

@@ -76,6 +76,8 @@ pub struct RunningServer {
     spool: Option<Spool>,
     spool_thread: std::thread::JoinHandle<()>,
     workers: Workers,
+    /// Outbound delivery workers.
+    outbound: Option<mailroom_outbound::Outbound>,
     /// Rung at shutdown so idle workers notice the cancellation at once.
     doorbell: Doorbell,
     shutdown_deadline: Duration,
@@ -254,7 +256,9 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         })
     };
     watch.add_probe(conversion_probe.clone());
-    // Nothing delivers outbound mail yet: reported, never called stalled.
+    // The outbound queue's depth and age, reported. Judging it stalled would need a
+    // bound on connect and reply timeouts below the stall time; the delivery probe below
+    // reports progress (attempts finished).
     watch.add_probe({
         let store = store.clone();
         Probe::sampled("outbound", false, move || {
@@ -276,6 +280,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     } else {
         config.conversion.workers
     };
+    let dsn_bell = doorbell.clone();
     let workers = Workers::start(
         store.clone(),
         directory.clone(),
@@ -341,6 +346,19 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.admin.listen
             )
         })?;
+    let transfer = mailroom_outbound::Transfer::new(config.outbound.transfer_mode);
+    let outbound = mailroom_outbound::Outbound::start(
+        mailroom_outbound::Parts {
+            store: store.clone(),
+            directory: directory.clone(),
+            inbound_bell: dsn_bell,
+            transfer: transfer.clone(),
+            clock: mailroom_outbound::schedule::Clock::default(),
+        },
+        config.outbound.delivery(&config.server.hostname),
+        &mut registry,
+    )
+    .context("cannot start outbound delivery (check [outbound] nameservers)")?;
     let smtp_addr = smtp_listener.local_addr()?;
     let pop3_addr = pop3_listener.local_addr()?;
     let imap_addr = imap_listener.local_addr()?;
@@ -372,7 +390,11 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         spool.clone(),
         smtp_stats,
     )
-    .with_quotas(store.clone());
+    .with_quotas(store.clone())
+    .with_admission({
+        let transfer = transfer.clone();
+        Arc::new(move || transfer.get().inbound())
+    });
     let sessions = TaskTracker::new();
     tokio::spawn(smtp.serve(smtp_listener, cancel.clone(), sessions.clone()));
 
@@ -433,6 +455,9 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         jobs,
         watch: watch.clone(),
         upload_dir: data_dir.join("uploads"),
+        outbound: outbound.handle(),
+        transfer: transfer.clone(),
+        test_clock: config.outbound.test_clock,
     });
     let admin_cancel = cancel.clone();
     let admin_task = tokio::spawn(async move {
@@ -458,6 +483,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         spool: Some(spool),
         spool_thread,
         workers,
+        outbound: Some(outbound),
         doorbell: shutdown_bell,
         shutdown_deadline: Duration::from_millis(config.server.shutdown_deadline_ms),
         _lock: lock,
@@ -472,6 +498,11 @@ impl RunningServer {
         self.cancel.cancel();
         self.doorbell.ring(usize::MAX);
         self.sessions.close();
+        if let Some(outbound) = self.outbound.take() {
+            outbound
+                .stop(deadline.saturating_duration_since(Instant::now()))
+                .await;
+        }
         let sessions_done = tokio::time::timeout_at(deadline.into(), self.sessions.wait())
             .await
             .is_ok();

@@ -70,7 +70,12 @@ fn churn_against_a_running_server_twice() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("mailroom.toml");
-    std::fs::write(&config, "[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\n").unwrap();
+    // The churn checks that remote mail waits in the outbound queue: hold it there.
+    std::fs::write(
+        &config,
+        "[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\n[outbound]\ntransfer_mode = \"inbound\"\n",
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let mut server = Command::new(env!("CARGO_BIN_EXE_mailroom"))
         .args([

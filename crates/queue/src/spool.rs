@@ -270,6 +270,7 @@ mod tests {
                             body: format!("Subject: {i}\r\n\r\nbody\r\n").into_bytes(),
                             received_at_ms: 1,
                             client: String::new(),
+                            envelope: Default::default(),
                         })
                         .await
                 })

@@ -101,7 +101,12 @@ pub struct SmtpServer {
     connection_ids: AtomicU64,
     /// Where mailbox sizes are read for the quota check at RCPT (none: no check).
     quota_store: Option<Arc<dyn MailStore>>,
+    /// Whether new sessions are accepted now (the transfer mode); none: always.
+    admission: Option<Admission>,
 }
+
+/// Says whether new SMTP sessions are accepted right now.
+pub type Admission = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The directory snapshot plus mailbox sizes: RCPT's view of recipients and quotas.
 struct QuotaPolicy<'a> {
@@ -167,6 +172,7 @@ impl SmtpServer {
             stats,
             connection_ids: AtomicU64::new(seed),
             quota_store: None,
+            admission: None,
         })
     }
 
@@ -176,6 +182,16 @@ impl SmtpServer {
             panic!("with_quotas is called right after new, before the server is shared")
         });
         server.quota_store = Some(store);
+        Arc::new(server)
+    }
+
+    /// Refuses new sessions with 421 4.3.2 while `admission` says no (transfer mode
+    /// "outbound" or "none"); the client keeps its mail and tries later.
+    pub fn with_admission(self: Arc<Self>, admission: Admission) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_admission is called right after new, before the server is shared")
+        });
+        server.admission = Some(admission);
         Arc::new(server)
     }
 
@@ -233,6 +249,16 @@ impl SmtpServer {
         peer: SocketAddr,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
+        if self.admission.as_ref().is_some_and(|admit| !admit()) {
+            self.stats.reject("transfer_mode");
+            let line = format!(
+                "421 4.3.2 {} is not accepting mail right now (transfer mode); try again later\r\n",
+                self.limits.hostname
+            );
+            let _ = stream.write_all(line.as_bytes()).await;
+            let _ = stream.flush().await;
+            return Ok(());
+        }
         let connection_id = self.connection_ids.fetch_add(1, Ordering::Relaxed);
         let mut session = Session::new(
             self.limits.clone(),
@@ -268,6 +294,7 @@ impl SmtpServer {
                         body: submission.body,
                         received_at_ms: now_ms(),
                         client: format!("{peer}"),
+                        envelope: submission.envelope,
                     };
                     let outcome = self.spool.submit(entry).await;
                     if let Err(e) = &outcome {

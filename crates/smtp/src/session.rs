@@ -81,6 +81,8 @@ pub struct Submission {
     pub recipients: Vec<String>,
     /// The message with the Received header prepended.
     pub body: Vec<u8>,
+    /// DSN parameters (RFC 3461) given at MAIL and RCPT.
+    pub envelope: mailroom_store::Envelope,
 }
 
 /// What the driver must do next.
@@ -120,6 +122,8 @@ struct Transaction {
     mail_from: String,
     smtputf8: bool,
     recipients: Vec<String>,
+    /// RET and ENVID from MAIL, NOTIFY and ORCPT of each accepted RCPT.
+    envelope: mailroom_store::Envelope,
     data: Vec<u8>,
     bdat_used: bool,
     /// BDAT chunks of this transaction failed; the rest is discarded until LAST.
@@ -344,6 +348,7 @@ impl Session {
                 "ENHANCEDSTATUSCODES".into(),
                 "SMTPUTF8".into(),
                 "CHUNKING".into(),
+                "DSN".into(),
                 "HELP".into(),
             ],
         )
@@ -373,9 +378,21 @@ impl Session {
         if !from.address.is_ascii() && !smtputf8 {
             return Reply::new(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8");
         }
+        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(mailroom_store::Ret::Full)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(mailroom_store::Ret::Headers)
+        } else {
+            None
+        };
         self.transaction = Some(Transaction {
             mail_from: from.address,
             smtputf8,
+            envelope: mailroom_store::Envelope {
+                ret,
+                env_id: from.env_id,
+                ..Default::default()
+            },
             ..Transaction::default()
         });
         Reply::new(250, (2, 1, 0), "Sender ok")
@@ -422,6 +439,40 @@ impl Session {
                 return Reply::new(550, (5, 7, 1), format!("<{address}>: Relay access denied"));
             }
         }
+        let notify = (to.flags
+            & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                | smtp_proto::RCPT_NOTIFY_FAILURE
+                | smtp_proto::RCPT_NOTIFY_DELAY
+                | smtp_proto::RCPT_NOTIFY_NEVER)
+            != 0)
+            .then_some(mailroom_store::Notify {
+                success: to.flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
+                failure: to.flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
+                delay: to.flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
+            });
+        if notify.is_some()
+            && to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0
+            && to.flags
+                & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                    | smtp_proto::RCPT_NOTIFY_FAILURE
+                    | smtp_proto::RCPT_NOTIFY_DELAY)
+                != 0
+        {
+            return Reply::new(
+                501,
+                (5, 5, 4),
+                "NOTIFY=NEVER cannot be combined with other values",
+            );
+        }
+        transaction
+            .envelope
+            .recipients
+            .push(mailroom_store::RecipientState {
+                address: address.clone(),
+                orcpt: to.orcpt,
+                notify,
+                ..Default::default()
+            });
         transaction.recipients.push(address);
         Reply::new(250, (2, 1, 5), "Recipient ok")
     }
@@ -555,6 +606,7 @@ impl Session {
             mail_from: transaction.mail_from,
             recipients: transaction.recipients,
             body,
+            envelope: transaction.envelope,
         })
     }
 

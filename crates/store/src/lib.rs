@@ -24,10 +24,15 @@
 
 mod mailbox;
 mod migrations;
+pub mod outbound;
 mod sqlite;
 
 pub use mailbox::{
     Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, Structure,
+};
+pub use outbound::{
+    Envelope, Notify, OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,
+    RecipientState, RecipientStatus, Ret,
 };
 pub use sqlite::SqliteStore;
 
@@ -121,6 +126,8 @@ pub struct SpoolEntry {
     pub received_at_ms: UnixMillis,
     /// The client's address and HELO name, for the queue viewer.
     pub client: String,
+    /// DSN parameters given at MAIL and RCPT (RET, ENVID, NOTIFY, ORCPT).
+    pub envelope: Envelope,
 }
 
 /// An inbound queue entry claimed by one conversion worker.
@@ -140,6 +147,8 @@ pub struct ClaimedItem {
     pub received_at_ms: UnixMillis,
     /// How many times this entry has been claimed, this claim included.
     pub attempts: u32,
+    /// DSN parameters given at MAIL and RCPT.
+    pub envelope: Envelope,
 }
 
 /// What conversion learned about a message, stored once per body.
@@ -237,6 +246,12 @@ pub struct QueueItemInfo {
     pub connector: Option<String>,
     /// Outbound entries: the directory generation that routed it.
     pub generation: Option<u64>,
+    /// Held by an administrator: never attempted until released.
+    #[serde(default)]
+    pub held: bool,
+    /// DSN parameters and, for outbound entries, each recipient's state.
+    #[serde(default)]
+    pub envelope: Envelope,
 }
 
 /// One message in a mailbox folder, as `mailbox list` shows it.
@@ -351,7 +366,7 @@ pub enum DirectoryWrite {
 ///
 /// Every method is blocking and runs its own transaction; none keeps a transaction open
 /// across calls, so callers can never hold the database while waiting on something else.
-pub trait MailStore: Mailboxes + Send + Sync + 'static {
+pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Makes a batch of accepted messages durable (one transaction, full fsync), each as
     /// an inbound queue entry; returns their row identities in order.
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>>;

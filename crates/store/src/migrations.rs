@@ -113,6 +113,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_blob ON messages(blob_id);
     CREATE INDEX queue_items_blob ON queue_items(blob_id);
     "#,
+    // Version 6: outbound delivery. `envelope` holds the DSN parameters given at MAIL
+    // and RCPT and, for outbound entries, each recipient's state (JSON, see
+    // `outbound::Envelope`); `held` is an administrator's hold.
+    r#"
+    ALTER TABLE queue_items ADD COLUMN envelope TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE queue_items ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The newest schema version this binary knows.

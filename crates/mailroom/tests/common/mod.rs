@@ -23,6 +23,9 @@ pub fn test_config(data: &Path) -> Config {
     config.imap.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.conversion.workers = 2;
+    // Tests that route mail out inspect the outbound queue: hold it (the outbound tests
+    // turn delivery on).
+    config.outbound.transfer_mode = mailroom_outbound::TransferMode::Inbound;
     config
 }
 

@@ -10,6 +10,7 @@
 //! never held while a statement runs (rank 90, a leaf; see `docs/locking.md`).
 
 mod mailbox;
+mod outbound;
 
 use crate::migrations::migrate;
 use crate::*;
@@ -237,13 +238,15 @@ fn insert_queue_item(
     last_error: Option<&str>,
     client: &str,
     route: Option<(&str, u64)>,
+    envelope: &Envelope,
 ) -> Result<i64> {
     let recipients = serde_json::to_string(recipients).expect("strings serialise");
+    let envelope = serde_json::to_string(envelope).expect("envelopes serialise");
     tx.prepare_cached(
         "INSERT INTO queue_items
            (queue, queue_id, blob_id, mail_from, recipients, received_at_ms,
-            next_attempt_at_ms, last_error, client, connector, generation)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+            next_attempt_at_ms, last_error, client, connector, generation, envelope)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         queue.as_str(),
@@ -255,12 +258,17 @@ fn insert_queue_item(
         last_error,
         client,
         route.map(|r| r.0),
-        route.map(|r| r.1 as i64)
+        route.map(|r| r.1 as i64),
+        envelope
     ])?;
     Ok(tx.last_insert_rowid())
 }
 
 fn parse_recipients(json: String) -> Vec<String> {
+    serde_json::from_str(&json).unwrap_or_default()
+}
+
+fn parse_envelope(json: String) -> Envelope {
     serde_json::from_str(&json).unwrap_or_default()
 }
 
@@ -367,6 +375,31 @@ fn delete_recipient(tx: &rusqlite::Transaction<'_>, id: RecipientId) -> Result<(
     Ok(())
 }
 
+/// The columns [`item_info`] reads, in order (the `q` queue entry, `b` its body).
+pub(crate) const ITEM_COLUMNS: &str = "q.id, q.queue, q.queue_id, q.mail_from, q.recipients,
+    q.received_at_ms, q.attempts, q.last_error, b.size, q.next_attempt_at_ms, q.connector,
+    q.generation, q.held, q.envelope";
+
+/// A queue entry for the viewer, from a row of [`ITEM_COLUMNS`].
+pub(crate) fn item_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueItemInfo> {
+    Ok(QueueItemInfo {
+        id: r.get(0)?,
+        queue: QueueName::parse(&r.get::<_, String>(1)?).unwrap_or(QueueName::Quarantine),
+        queue_id: r.get(2)?,
+        mail_from: r.get(3)?,
+        recipients: parse_recipients(r.get(4)?),
+        received_at_ms: r.get(5)?,
+        attempts: r.get(6)?,
+        last_error: r.get(7)?,
+        size: r.get(8)?,
+        next_attempt_at_ms: r.get(9)?,
+        connector: r.get(10)?,
+        generation: r.get::<_, Option<i64>>(11)?.map(|g| g as u64),
+        held: r.get(12)?,
+        envelope: parse_envelope(r.get(13)?),
+    })
+}
+
 fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<Option<i64>> {
     Ok(conn
         .query_row(
@@ -398,6 +431,7 @@ impl MailStore for SqliteStore {
                         None,
                         &entry.client,
                         None,
+                        &entry.envelope,
                     )?);
                 }
                 tx.commit()?;
@@ -425,7 +459,7 @@ impl MailStore for SqliteStore {
                                     AND next_attempt_at_ms <= ?1
                                   ORDER BY next_attempt_at_ms, id LIMIT ?2)
                      RETURNING id, queue_id, mail_from, recipients, received_at_ms,
-                               attempts, blob_id",
+                               attempts, blob_id, envelope",
                 )?;
                 let rows = claim.query_map(params![now_ms, limit as i64], |r| {
                     Ok((
@@ -437,6 +471,7 @@ impl MailStore for SqliteStore {
                             body: Vec::new(),
                             received_at_ms: r.get(4)?,
                             attempts: r.get(5)?,
+                            envelope: parse_envelope(r.get(7)?),
                         },
                         r.get::<_, i64>(6)?,
                     ))
@@ -564,7 +599,7 @@ impl MailStore for SqliteStore {
             let mut stmt = conn.prepare_cached(
                 "SELECT q.id, q.queue, q.queue_id, q.mail_from, q.recipients, q.received_at_ms,
                         q.attempts, q.last_error, b.size, q.next_attempt_at_ms,
-                        q.connector, q.generation
+                        q.connector, q.generation, q.held, q.envelope
                  FROM queue_items q JOIN blobs b ON b.id = q.blob_id
                  WHERE (?1 IS NULL OR q.queue = ?1) AND q.id > ?3
                  ORDER BY q.id LIMIT ?2",
@@ -572,23 +607,7 @@ impl MailStore for SqliteStore {
             let rows = stmt
                 .query_map(
                     params![queue.map(QueueName::as_str), limit, after.unwrap_or(0)],
-                    |r| {
-                        Ok(QueueItemInfo {
-                            id: r.get(0)?,
-                            queue: QueueName::parse(&r.get::<_, String>(1)?)
-                                .unwrap_or(QueueName::Quarantine),
-                            queue_id: r.get(2)?,
-                            mail_from: r.get(3)?,
-                            recipients: parse_recipients(r.get(4)?),
-                            received_at_ms: r.get(5)?,
-                            attempts: r.get(6)?,
-                            last_error: r.get(7)?,
-                            size: r.get(8)?,
-                            next_attempt_at_ms: r.get(9)?,
-                            connector: r.get(10)?,
-                            generation: r.get::<_, Option<i64>>(11)?.map(|g| g as u64),
-                        })
-                    },
+                    item_info,
                 )?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -872,6 +891,7 @@ fn deliver_one(
             None,
             &client,
             Some((&route.connector, route.generation)),
+            &item.envelope.derive(&route.recipients, |_| None),
         )?;
         references += 1;
     }
@@ -893,6 +913,12 @@ fn deliver_one(
             Some(&reasons.join("; ")),
             &client,
             None,
+            &item.envelope.derive(&addresses, |address| {
+                plan.undeliverable
+                    .iter()
+                    .find(|(a, _)| a == address)
+                    .map(|(_, why)| why.clone())
+            }),
         )?;
         references += 1;
     }
@@ -914,6 +940,7 @@ mod tests {
             body: body.to_vec(),
             received_at_ms: 1000,
             client: "127.0.0.1".into(),
+            envelope: Envelope::default(),
         }
     }
 

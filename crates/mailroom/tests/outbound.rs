@@ -1,0 +1,420 @@
+//! Outbound delivery against servers we did not write: aiosmtpd as the next hop (reached
+//! through a smart-host connector and through MX records served by dnsmasq). Retry times
+//! are driven by the delivery clock (`outbound.test_clock`), never by sleeping.
+
+mod common;
+
+use common::{TestServer, eventually};
+use mailroom::ServerOptions;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's python3 (where python3-aiosmtpd is installed), else whatever `python3` is.
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// aiosmtpd as the next hop; killed when dropped.
+struct Peer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start() -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smtp_peer.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with aiosmtpd (Debian: python3-aiosmtpd)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "aiosmtpd did not start");
+        Peer { child, port, dir }
+    }
+
+    /// Every message received so far, in order.
+    fn received(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        for n in 1.. {
+            let path = self.dir.path().join(format!("{n}.json"));
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                break;
+            };
+            all.push(serde_json::from_str(&text).unwrap());
+        }
+        all
+    }
+
+    async fn wait_for(&self, count: usize) -> Vec<Value> {
+        let ok = eventually(Duration::from_secs(20), async || {
+            self.received().len() >= count
+        })
+        .await;
+        assert!(ok, "the peer received {:?}", self.received());
+        self.received()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// dnsmasq serving the test zone on a loopback port; killed when dropped.
+struct Dns {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Dns {
+    fn start(records: &[&str]) -> Dns {
+        let port = free_port();
+        let dnsmasq = ["/usr/sbin/dnsmasq", "dnsmasq"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap();
+        let mut command = Command::new(dnsmasq);
+        command.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            &format!("--port={port}"),
+        ]);
+        command.args(records);
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (Debian: dnsmasq-base)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Ready once it answers a query.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let query = [
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2, b'm', b'x', 4, b't', b'e', b's', b't', 0,
+            0, 15, 0, 1,
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        loop {
+            assert!(Instant::now() < deadline, "dnsmasq did not answer");
+            let _ = socket.send_to(&query, addr);
+            if socket.recv_from(&mut buf).is_ok() {
+                break;
+            }
+        }
+        Dns { child, addr }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start(tweak: impl FnOnce(&mut mailroom::config::Config) + Send) -> TestServer {
+    let server = TestServer::start_with(
+        |c| {
+            c.smtp.relay_networks = vec!["127.0.0.0/8".parse().unwrap()];
+            c.outbound.transfer_mode = mailroom_outbound::TransferMode::Both;
+            c.outbound.test_clock = true;
+            c.outbound.connect_timeout_secs = 5;
+            c.outbound.command_timeout_secs = 10;
+            tweak(c);
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    server.add_recipients(&["alice@example.test"]).await;
+    server
+}
+
+async fn post(server: &TestServer, path: &str, body: Value) -> Value {
+    let client = server.client();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || client.post(&path, &body))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn get(server: &TestServer, path: &str) -> Value {
+    let client = server.client();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || client.get(&path))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn connector(server: &TestServer, name: &str, kind: Value, pattern: &str) {
+    let mut connector = json!({
+        "name": name,
+        "address_spaces": [{"pattern": pattern, "cost": 1}],
+    });
+    for (k, v) in kind.as_object().unwrap() {
+        connector[k] = v.clone();
+    }
+    post(
+        server,
+        "/site",
+        json!({"change": "put_connector", "connector": connector}),
+    )
+    .await;
+}
+
+/// Sends from alice@example.test (a local mailbox, so DSNs land in her INBOX) with lettre.
+async fn send_from_alice(server: &TestServer, to: &[&str], subject: &str) {
+    use lettre::{AsyncTransport, Message};
+    let mut builder = Message::builder()
+        .from("alice@example.test".parse().unwrap())
+        .subject(subject);
+    for address in to {
+        builder = builder.to(address.parse().unwrap());
+    }
+    let transport =
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(server.smtp().port())
+            .build();
+    transport
+        .send(builder.body("hello out there\n".to_string()).unwrap())
+        .await
+        .expect("accepted");
+}
+
+async fn outbound_items(server: &TestServer) -> Vec<Value> {
+    get(server, "/queue?queue=outbound")
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn wait_outbound_settled(server: &TestServer, count: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    let ok = eventually(Duration::from_secs(20), async || {
+        items = outbound_items(server).await;
+        items.len() == count
+            && items.iter().all(|i| {
+                i["attempts"].as_u64() > Some(0)
+                    && i["envelope"]["recipients"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|r| r["status"] != "pending" || r["reply"].is_string())
+            })
+    })
+    .await;
+    assert!(ok, "outbound queue: {items:#?}");
+    items
+}
+
+async fn advance(server: &TestServer, secs: u64) {
+    post(server, "/clock/advance", json!({"secs": secs})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_host_delivers_retries_a_4xx_and_returns_a_5xx_to_the_sender() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@remote.test",
+    )
+    .await;
+    send_from_alice(
+        &server,
+        &["ok@remote.test", "perm@remote.test", "temp@remote.test"],
+        "three fates",
+    )
+    .await;
+
+    // The accepted recipient got it at once; the others did not.
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["rcpt_tos"], json!(["ok@remote.test"]));
+    assert_eq!(received[0]["mail_from"], "alice@example.test");
+    assert!(
+        received[0]["data"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: three fates")
+    );
+
+    // The 5xx came back to alice as a DSN, naming that recipient only.
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    for field in [
+        "Return-Path: <>",
+        "multipart/report",
+        "report-type=\"delivery-status\"",
+        "Final-Recipient: rfc822; perm@remote.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1",
+        "Subject: three fates",
+    ] {
+        assert!(dsn.contains(field), "missing {field:?} in the DSN:\n{dsn}");
+    }
+    assert!(!dsn.contains("Final-Recipient: rfc822; temp@remote.test"));
+    assert!(!dsn.contains("Final-Recipient: rfc822; ok@remote.test"));
+
+    // The 4xx waits in the queue for the first retry interval (15 min + up to 10 %).
+    let items = wait_outbound_settled(&server, 1).await;
+    let item = &items[0];
+    assert_eq!(item["recipients"], json!(["temp@remote.test"]));
+    assert_eq!(item["connector"], "partner");
+    let states = item["envelope"]["recipients"].as_array().unwrap();
+    let temp = states
+        .iter()
+        .find(|r| r["address"] == "temp@remote.test")
+        .unwrap();
+    assert_eq!(temp["status"], "pending");
+    assert!(temp["reply"].as_str().unwrap().starts_with("451 4.3.0"));
+    let wait_ms = item["next_attempt_at_ms"].as_i64().unwrap() - now_ms();
+    assert!(
+        (14 * 60_000..=17 * 60_000).contains(&wait_ms),
+        "next attempt in {wait_ms} ms"
+    );
+
+    // Sixteen and a half minutes later (by the delivery clock) the retry delivers it.
+    advance(&server, 16 * 60 + 40).await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["temp@remote.test"]));
+    let drained = eventually(Duration::from_secs(10), async || {
+        outbound_items(&server).await.is_empty()
+    })
+    .await;
+    assert!(drained, "{:#?}", outbound_items(&server).await);
+    // Exactly one DSN (the 5xx), none for the delivered ones.
+    assert_eq!(server.mailbox("alice@example.test").await.len(), 1);
+    assert_eq!(peer.received().len(), 2);
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_resolution_routing_changes_and_expiry() {
+    let peer = Peer::start();
+    let dns = Dns::start(&[
+        "--mx-host=mx.test,mail.mx.test,10",
+        "--host-record=mail.mx.test,127.0.0.1",
+    ]);
+    let dead_port = free_port();
+    let server = start(|c| {
+        c.outbound.nameservers = vec![dns.addr];
+        c.outbound.smtp_port = peer.port;
+    })
+    .await;
+    connector(&server, "internet", json!({"kind": "mx"}), "*@mx.test").await;
+    connector(
+        &server,
+        "dead-end",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{dead_port}")}),
+        "*@other.test",
+    )
+    .await;
+
+    // MX resolution: mx.test's MX is mail.mx.test, which is 127.0.0.1.
+    send_from_alice(&server, &["user@mx.test"], "by mx").await;
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["rcpt_tos"], json!(["user@mx.test"]));
+
+    // A connector nobody answers: the entry waits, with the connection error.
+    send_from_alice(&server, &["user9@other.test"], "detour").await;
+    let items = wait_outbound_settled(&server, 1).await;
+    assert_eq!(items[0]["connector"], "dead-end");
+    let reply = items[0]["envelope"]["recipients"][0]["reply"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reply.starts_with("4.4.1"), "{reply}");
+
+    // The routing table changes while it waits: the next attempt follows the new table.
+    post(
+        &server,
+        "/site",
+        json!({"change": "delete_connector", "name": "dead-end"}),
+    )
+    .await;
+    connector(
+        &server,
+        "detour",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@other.test",
+    )
+    .await;
+    advance(&server, 17 * 60).await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["user9@other.test"]));
+    assert!(
+        received[1]["data"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: detour")
+    );
+
+    // A recipient that is never accepted expires after five days: a DSN says so.
+    send_from_alice(&server, &["always@mx.test"], "never arrives").await;
+    wait_outbound_settled(&server, 1).await;
+    assert!(server.mailbox("alice@example.test").await.is_empty());
+    advance(&server, 5 * 24 * 3600 + 60).await;
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    for field in [
+        "Final-Recipient: rfc822; always@mx.test",
+        "Action: failed",
+        "Status: 4.4.7",
+        "delivery time expired",
+        "451 4.3.0",
+    ] {
+        assert!(dsn.contains(field), "missing {field:?} in the DSN:\n{dsn}");
+    }
+    let drained = eventually(Duration::from_secs(10), async || {
+        outbound_items(&server).await.is_empty()
+    })
+    .await;
+    assert!(drained);
+}

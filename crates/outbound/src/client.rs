@@ -1,0 +1,492 @@
+//! The SMTP client: one connection to a next hop, one transaction at a time, a result per
+//! recipient.
+//!
+//! Why our own client on `smtp-proto` rather than `lettre` or `mail-send`: both treat a
+//! refused recipient as a failed send, and a relay must keep going with the recipients
+//! that were accepted and report each refusal with its own reply (RFC 5321 §3.3, and the
+//! DSN per recipient). `smtp-proto` parses replies and EHLO capabilities; this module only
+//! orders the commands: EHLO (HELO if refused), then MAIL, every RCPT and DATA in one
+//! write when PIPELINING is offered (RFC 2920), BDAT when CHUNKING is (RFC 3030), and
+//! SIZE, 8BITMIME, SMTPUTF8 and DSN parameters when offered. STARTTLS comes with the TLS
+//! work: `Connection::stream` is the seam where a TLS stream will replace the TCP one.
+
+use smtp_proto::response::parser::ResponseReceiver;
+use smtp_proto::{EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8};
+use smtp_proto::{EhloResponse, Response};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// A reply from the next hop: code, enhanced status (when given) and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Three-digit reply code.
+    pub code: u16,
+    /// Enhanced status code (`5.1.1`) if the server sent one.
+    pub status: Option<String>,
+    /// The text, lines joined by spaces.
+    pub text: String,
+}
+
+impl Reply {
+    fn from_response(r: Response<String>) -> Reply {
+        let status = (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
+        Reply {
+            code: r.code,
+            status,
+            text: r.message.replace(['\r', '\n'], " ").trim().to_string(),
+        }
+    }
+
+    /// Whether the code means success (2xx, or 3xx where that is the next step).
+    pub fn positive(&self) -> bool {
+        self.code < 400
+    }
+
+    /// Whether the code is a permanent refusal (5xx).
+    pub fn permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// The enhanced status to report, the server's or one derived from the code.
+    pub fn status_or(&self, permanent: &str, temporary: &str) -> String {
+        self.status.clone().unwrap_or_else(|| {
+            if self.code >= 500 {
+                permanent.into()
+            } else if self.code >= 400 {
+                temporary.into()
+            } else {
+                "2.0.0".into()
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.status {
+            Some(s) => write!(f, "{} {} {}", self.code, s, self.text),
+            None => write!(f, "{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// Why a connection or transaction failed as a whole.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// Could not connect, timed out, or the connection broke: try again later.
+    Network(String),
+    /// The server refused the session or the transaction (its reply says how long for).
+    Refused(Reply),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Network(e) => f.write_str(e),
+            Failure::Refused(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// One recipient with what to tell the next hop.
+#[derive(Debug, Clone)]
+pub struct Rcpt {
+    /// Envelope address.
+    pub address: String,
+    /// `NOTIFY=` value, when the sender gave one (passed on only if DSN is offered).
+    pub notify: Option<String>,
+    /// `ORCPT=` value, as given.
+    pub orcpt: Option<String>,
+}
+
+/// The envelope and message of one transaction.
+pub struct Transaction<'a> {
+    /// Reverse path ("" for the null sender).
+    pub mail_from: &'a str,
+    /// `RET=FULL` / `RET=HDRS`, passed on when DSN is offered.
+    pub ret: Option<&'a str>,
+    /// `ENVID=`, passed on when DSN is offered.
+    pub env_id: Option<&'a str>,
+    /// The recipients.
+    pub rcpts: &'a [Rcpt],
+    /// The message, CRLF line ends.
+    pub body: &'a [u8],
+}
+
+/// How long each step may take (RFC 5321 §4.5.3.2 gives minimums of minutes; ours are
+/// configurable).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect plus greeting.
+    pub connect: Duration,
+    /// Each command's reply.
+    pub command: Duration,
+    /// The reply after the message data.
+    pub data: Duration,
+}
+
+/// An open SMTP session with one server.
+pub struct Connection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    /// The server's name from its greeting line, for DSNs (`Remote-MTA`).
+    pub remote: String,
+    capabilities: u32,
+    size_max: usize,
+    timeouts: Timeouts,
+}
+
+fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Connection {
+    /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
+    pub async fn open(
+        addr: SocketAddr,
+        remote: &str,
+        helo: &str,
+        timeouts: Timeouts,
+    ) -> Result<Connection, Failure> {
+        let stream = timeout(timeouts.connect, TcpStream::connect(addr))
+            .await
+            .map_err(|_| Failure::Network(format!("connecting to {remote} ({addr}) timed out")))?
+            .map_err(|e| Failure::Network(format!("cannot connect to {remote} ({addr}): {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut c = Connection {
+            stream,
+            buffer: Vec::new(),
+            remote: remote.to_string(),
+            capabilities: 0,
+            size_max: 0,
+            timeouts,
+        };
+        let greeting = c.reply(timeouts.connect).await?;
+        if greeting.code != 220 {
+            return Err(Failure::Refused(greeting));
+        }
+        c.send(format!("EHLO {helo}\r\n").as_bytes()).await?;
+        let ehlo = c.ehlo().await?;
+        match ehlo {
+            Ok(ehlo) => {
+                c.capabilities = ehlo.capabilities;
+                c.size_max = ehlo.size;
+            }
+            Err(refused) if refused.code >= 500 => {
+                c.send(format!("HELO {helo}\r\n").as_bytes()).await?;
+                let reply = c.reply(timeouts.command).await?;
+                if reply.code != 250 {
+                    return Err(Failure::Refused(reply));
+                }
+            }
+            Err(refused) => return Err(Failure::Refused(refused)),
+        }
+        Ok(c)
+    }
+
+    /// Whether the server offered this extension (`smtp_proto::EXT_*`).
+    pub fn offers(&self, extension: u32) -> bool {
+        self.capabilities & extension != 0
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        timeout(self.timeouts.command, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| Failure::Network(format!("writing to {} timed out", self.remote)))?
+            .map_err(|e| Failure::Network(format!("writing to {}: {e}", self.remote)))
+    }
+
+    async fn fill(&mut self, wait: Duration) -> Result<(), Failure> {
+        let mut chunk = [0u8; 4096];
+        let n = timeout(wait, self.stream.read(&mut chunk))
+            .await
+            .map_err(|_| Failure::Network(format!("{} did not answer in time", self.remote)))?
+            .map_err(|e| Failure::Network(format!("reading from {}: {e}", self.remote)))?;
+        if n == 0 {
+            return Err(Failure::Network(format!(
+                "{} closed the connection",
+                self.remote
+            )));
+        }
+        self.buffer.extend_from_slice(&chunk[..n]);
+        if self.buffer.len() > 1 << 20 {
+            return Err(Failure::Network(format!(
+                "{} sent an over-long reply",
+                self.remote
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads one complete (possibly multi-line) reply.
+    async fn reply(&mut self, wait: Duration) -> Result<Reply, Failure> {
+        loop {
+            // A reply is complete once a line with a space after the code has its CRLF.
+            if let Some(end) = complete_reply(&self.buffer) {
+                let bytes: Vec<u8> = self.buffer.drain(..end).collect();
+                let mut receiver = ResponseReceiver::default();
+                return match receiver.parse(&mut bytes.iter()) {
+                    Ok(r) => Ok(Reply::from_response(r)),
+                    Err(e) => Err(Failure::Network(format!(
+                        "{} sent a reply that does not parse ({e:?}): {}",
+                        self.remote,
+                        String::from_utf8_lossy(&bytes).trim()
+                    ))),
+                };
+            }
+            self.fill(wait).await?;
+        }
+    }
+
+    async fn ehlo(&mut self) -> Result<Result<EhloResponse<String>, Reply>, Failure> {
+        loop {
+            if let Some(end) = complete_reply(&self.buffer) {
+                let bytes: Vec<u8> = self.buffer.drain(..end).collect();
+                if bytes.starts_with(b"250") {
+                    return EhloResponse::parse(&mut bytes.iter()).map(Ok).map_err(|e| {
+                        Failure::Network(format!(
+                            "{} sent an EHLO reply that does not parse: {e:?}",
+                            self.remote
+                        ))
+                    });
+                }
+                let mut receiver = ResponseReceiver::default();
+                return match receiver.parse(&mut bytes.iter()) {
+                    Ok(r) => Ok(Err(Reply::from_response(r))),
+                    Err(e) => Err(Failure::Network(format!(
+                        "{} sent a reply that does not parse: {e:?}",
+                        self.remote
+                    ))),
+                };
+            }
+            self.fill(self.timeouts.command).await?;
+        }
+    }
+
+    /// Runs one mail transaction. `Ok` holds one reply per recipient (in order) and the
+    /// reply to the message data (`None` when no recipient was accepted); `Err` means the
+    /// transaction as a whole failed (every recipient gets that result).
+    pub async fn transaction(
+        &mut self,
+        t: &Transaction<'_>,
+    ) -> Result<(Vec<Reply>, Option<Reply>), Failure> {
+        let dsn = self.offers(EXT_DSN);
+        let utf8 = !t.mail_from.is_ascii()
+            || t.rcpts.iter().any(|r| !r.address.is_ascii())
+            || !t.body.is_ascii();
+        if self.offers(EXT_SIZE) && self.size_max > 0 && t.body.len() > self.size_max {
+            return Err(Failure::Refused(Reply {
+                code: 552,
+                status: Some("5.3.4".into()),
+                text: format!(
+                    "message size {} exceeds {}'s limit of {} bytes",
+                    t.body.len(),
+                    self.remote,
+                    self.size_max
+                ),
+            }));
+        }
+        let mut mail = format!("MAIL FROM:<{}>", t.mail_from);
+        if self.offers(EXT_SIZE) {
+            mail.push_str(&format!(" SIZE={}", t.body.len()));
+        }
+        if utf8 && self.offers(EXT_8BIT_MIME) {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if (!t.mail_from.is_ascii() || t.rcpts.iter().any(|r| !r.address.is_ascii()))
+            && self.offers(EXT_SMTP_UTF8)
+        {
+            mail.push_str(" SMTPUTF8");
+        }
+        if dsn {
+            if let Some(ret) = t.ret {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(env_id) = t.env_id {
+                mail.push_str(&format!(" ENVID={}", xtext(env_id)));
+            }
+        }
+        mail.push_str("\r\n");
+        let rcpt_lines: Vec<String> = t
+            .rcpts
+            .iter()
+            .map(|r| {
+                let mut line = format!("RCPT TO:<{}>", r.address);
+                if dsn {
+                    if let Some(notify) = &r.notify {
+                        line.push_str(&format!(" NOTIFY={notify}"));
+                    }
+                    if let Some(orcpt) = &r.orcpt {
+                        let (kind, address) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
+                        line.push_str(&format!(" ORCPT={kind};{}", xtext(address)));
+                    }
+                }
+                line.push_str("\r\n");
+                line
+            })
+            .collect();
+        let chunking = self.offers(EXT_CHUNKING);
+        let pipelining = self.offers(EXT_PIPELINING);
+        let mut replies = Vec::with_capacity(t.rcpts.len());
+        if pipelining {
+            let mut batch = mail.clone();
+            for line in &rcpt_lines {
+                batch.push_str(line);
+            }
+            if !chunking {
+                batch.push_str("DATA\r\n");
+            }
+            self.send(batch.as_bytes()).await?;
+            let mail_reply = self.reply(self.timeouts.command).await?;
+            for _ in &rcpt_lines {
+                replies.push(self.reply(self.timeouts.command).await?);
+            }
+            if !chunking {
+                let data_reply = self.reply(self.timeouts.command).await?;
+                if !mail_reply.positive() {
+                    return Err(Failure::Refused(mail_reply));
+                }
+                if !replies.iter().any(Reply::positive) {
+                    // DATA after no accepted recipient is normally refused (554); a server
+                    // that said 354 anyway gets an empty message ended at once.
+                    if data_reply.code == 354 {
+                        self.send_data(b".\r\n").await?;
+                        self.reply(self.timeouts.data).await?;
+                    }
+                    return Ok((replies, None));
+                }
+                if data_reply.code != 354 {
+                    return Err(Failure::Refused(data_reply));
+                }
+                return self.data(replies, t.body).await.map(|(r, d)| (r, Some(d)));
+            }
+            if !mail_reply.positive() {
+                return Err(Failure::Refused(mail_reply));
+            }
+        } else {
+            self.send(mail.as_bytes()).await?;
+            let mail_reply = self.reply(self.timeouts.command).await?;
+            if !mail_reply.positive() {
+                return Err(Failure::Refused(mail_reply));
+            }
+            for line in &rcpt_lines {
+                self.send(line.as_bytes()).await?;
+                replies.push(self.reply(self.timeouts.command).await?);
+            }
+        }
+        if !replies.iter().any(Reply::positive) {
+            self.send(b"RSET\r\n").await?;
+            self.reply(self.timeouts.command).await?;
+            return Ok((replies, None));
+        }
+        if chunking {
+            let mut chunk = format!("BDAT {} LAST\r\n", t.body.len()).into_bytes();
+            chunk.extend_from_slice(t.body);
+            self.send_data(&chunk).await?;
+            let reply = self.reply(self.timeouts.data).await?;
+            return Ok((replies, Some(reply)));
+        }
+        self.send(b"DATA\r\n").await?;
+        let data_reply = self.reply(self.timeouts.command).await?;
+        if data_reply.code != 354 {
+            return Err(Failure::Refused(data_reply));
+        }
+        self.data(replies, t.body).await.map(|(r, d)| (r, Some(d)))
+    }
+
+    async fn send_data(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        timeout(self.timeouts.data, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| {
+                Failure::Network(format!("sending the message to {} timed out", self.remote))
+            })?
+            .map_err(|e| Failure::Network(format!("sending the message to {}: {e}", self.remote)))
+    }
+
+    /// Sends the message dot-stuffed after a 354 and reads the final reply.
+    async fn data(
+        &mut self,
+        replies: Vec<Reply>,
+        body: &[u8],
+    ) -> Result<(Vec<Reply>, Reply), Failure> {
+        self.send_data(&dot_stuff(body)).await?;
+        let reply = self.reply(self.timeouts.data).await?;
+        Ok((replies, reply))
+    }
+
+    /// Resets the session for the next transaction; false when the server is not fit
+    /// for reuse.
+    pub async fn reset(&mut self) -> bool {
+        if self.send(b"RSET\r\n").await.is_err() {
+            return false;
+        }
+        matches!(self.reply(self.timeouts.command).await, Ok(r) if r.code == 250)
+    }
+
+    /// Says QUIT politely (errors ignored: the connection is being dropped anyway).
+    pub async fn quit(mut self) {
+        if self.send(b"QUIT\r\n").await.is_ok() {
+            let _ = self.reply(self.timeouts.command).await;
+        }
+    }
+}
+
+/// The end of the first complete reply in `buffer`, if there is one.
+fn complete_reply(buffer: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(nl) = buffer[start..].iter().position(|&b| b == b'\n') {
+        let line = &buffer[start..start + nl + 1];
+        let last = line.len() < 4 || line[3] != b'-';
+        start += nl + 1;
+        if last {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// Dot-stuffs `body` (RFC 5321 §4.5.2) and appends the end-of-data line.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut line_start = true;
+    for &b in body {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_and_xtext() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n..c"), b"a\r\n..b\r\n...c\r\n.\r\n");
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+
+    #[test]
+    fn a_multiline_reply_is_complete_at_its_last_line() {
+        assert_eq!(complete_reply(b"250-a\r\n250 b\r\n"), Some(14));
+        assert_eq!(complete_reply(b"250-a\r\n250"), None);
+    }
+}
