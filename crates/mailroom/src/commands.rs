@@ -1203,6 +1203,140 @@ pub enum QueueCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Entries matching every filter given, oldest first.
+    Entries {
+        /// Only this queue (inbound, outbound, quarantine, undeliverable).
+        #[arg(long)]
+        queue: Option<String>,
+        /// held, deferred (tried, waiting) or active (not held).
+        #[arg(long)]
+        state: Option<String>,
+        /// Connector name or recipient domain.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Part of the envelope sender.
+        #[arg(long)]
+        sender: Option<String>,
+        /// Part of an envelope recipient.
+        #[arg(long)]
+        recipient: Option<String>,
+        /// Only entries accepted at least this many seconds ago.
+        #[arg(long)]
+        older_than: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// One entry: envelope, each recipient's status and last reply, attempts, schedule.
+    Entry {
+        /// The entry's number (first column of `queue entries`).
+        id: i64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Makes an entry due now (a quarantined message goes back to conversion).
+    Retry {
+        /// The entry's number.
+        id: i64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Holds an entry: it is not attempted until released.
+    Hold {
+        /// The entry's number.
+        id: i64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Releases a held entry.
+    Release {
+        /// The entry's number.
+        id: i64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Removes an entry; with --dsn the sender is told (a failure DSN).
+    Delete {
+        /// The entry's number.
+        id: i64,
+        /// Send the sender a delivery status notification for the recipients not yet
+        /// delivered.
+        #[arg(long)]
+        dsn: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Shows or sets the transfer mode: both, inbound, outbound or none.
+    TransferMode {
+        /// The new mode; none given shows the current one.
+        mode: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn print_entries(items: &[mailroom_store::QueueItemInfo]) {
+    println!(
+        "{:>8}  {:<13} {:<6} {:>8}  {:<20} {:<28} RECIPIENTS",
+        "ID", "QUEUE", "HELD", "TRIES", "NEXT ATTEMPT", "SENDER"
+    );
+    for item in items {
+        println!(
+            "{:>8}  {:<13} {:<6} {:>8}  {:<20} {:<28} {}",
+            item.id,
+            item.queue.as_str(),
+            if item.held { "held" } else { "" },
+            item.attempts,
+            format_time(item.next_attempt_at_ms),
+            format!("<{}>", item.mail_from),
+            item.recipients.join(", ")
+        );
+    }
+    println!("{} entr(ies)", items.len());
+}
+
+fn print_entry(item: &mailroom_store::QueueItemInfo) {
+    println!("{:<14} {}", "entry:", item.id);
+    println!("{:<14} {}", "queue:", item.queue.as_str());
+    println!("{:<14} {}", "queue id:", item.queue_id);
+    println!("{:<14} <{}>", "sender:", item.mail_from);
+    println!("{:<14} {}", "received:", format_time(item.received_at_ms));
+    println!("{:<14} {} bytes", "size:", item.size);
+    println!("{:<14} {}", "attempts:", item.attempts);
+    println!(
+        "{:<14} {}",
+        "next attempt:",
+        format_time(item.next_attempt_at_ms)
+    );
+    println!("{:<14} {}", "held:", if item.held { "yes" } else { "no" });
+    if let Some(c) = &item.connector {
+        println!(
+            "{:<14} {c} (routing generation {})",
+            "connector:",
+            item.generation.unwrap_or(0)
+        );
+    }
+    if let Some(e) = &item.last_error {
+        println!("{:<14} {e}", "last error:");
+    }
+    if let Some(env_id) = &item.envelope.env_id {
+        println!("{:<14} {env_id}", "envelope id:");
+    }
+    println!("recipients:");
+    for r in &item.envelope.recipients {
+        println!(
+            "  {:<32} {:<10} {}{}",
+            r.address,
+            format!("{:?}", r.status).to_lowercase(),
+            r.reply.as_deref().unwrap_or(""),
+            r.remote_mta
+                .as_deref()
+                .map(|m| format!(" (from {m})"))
+                .unwrap_or_default()
+        );
+    }
 }
 
 /// `mailroom queue ...`
@@ -1269,6 +1403,82 @@ pub fn queue(command: QueueCommand) -> anyhow::Result<()> {
                     );
                 }
                 println!("{} entr(ies)", items.len());
+            })
+        }
+        QueueCommand::Entries {
+            queue,
+            state,
+            destination,
+            sender,
+            recipient,
+            older_than,
+            limit,
+            target,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (key, value) in [
+                ("queue", queue),
+                ("state", state),
+                ("destination", destination),
+                ("sender", sender),
+                ("recipient", recipient),
+                ("older_than_secs", older_than.map(|s| s.to_string())),
+            ] {
+                if let Some(value) = value {
+                    query.push(format!("{key}={}", path_segment(&value)));
+                }
+            }
+            let items: Vec<mailroom_store::QueueItemInfo> = target
+                .client()?
+                .get(&format!("/queue?{}", query.join("&")))?;
+            target.print(&items, |items| print_entries(items))
+        }
+        QueueCommand::Entry { id, target } => {
+            let item: mailroom_store::QueueItemInfo =
+                target.client()?.get(&format!("/queue/{id}"))?;
+            target.print(&item, print_entry)
+        }
+        QueueCommand::Retry { id, target } => {
+            let item: mailroom_store::QueueItemInfo = target
+                .client()?
+                .post(&format!("/queue/{id}/retry"), &serde_json::json!({}))?;
+            target.print(&item, |item| {
+                println!(
+                    "entry {} is due now ({} queue)",
+                    item.id,
+                    item.queue.as_str()
+                )
+            })
+        }
+        QueueCommand::Hold { id, target } => {
+            let item: mailroom_store::QueueItemInfo = target
+                .client()?
+                .post(&format!("/queue/{id}/hold"), &serde_json::json!({}))?;
+            target.print(&item, |item| println!("entry {} is held", item.id))
+        }
+        QueueCommand::Release { id, target } => {
+            let item: mailroom_store::QueueItemInfo = target
+                .client()?
+                .post(&format!("/queue/{id}/release"), &serde_json::json!({}))?;
+            target.print(&item, |item| println!("entry {} is released", item.id))
+        }
+        QueueCommand::Delete { id, dsn, target } => {
+            target.client()?.delete(&format!("/queue/{id}?dsn={dsn}"))?;
+            if dsn {
+                println!("entry {id} deleted; the sender is told");
+            } else {
+                println!("entry {id} deleted");
+            }
+            Ok(())
+        }
+        QueueCommand::TransferMode { mode, target } => {
+            let client = target.client()?;
+            let report: serde_json::Value = match mode {
+                None => client.get("/transfer-mode")?,
+                Some(mode) => client.post("/transfer-mode", &serde_json::json!({"mode": mode}))?,
+            };
+            target.print(&report, |r| {
+                println!("transfer mode: {}", r["mode"].as_str().unwrap_or("?"))
             })
         }
     }

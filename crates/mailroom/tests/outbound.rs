@@ -418,3 +418,194 @@ async fn mx_resolution_routing_changes_and_expiry() {
     .await;
     assert!(drained);
 }
+
+async fn cli(server: &TestServer, args: &[&str]) -> String {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.push("--data".into());
+    all.push(server.dir.path().to_str().unwrap().into());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(&all)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "mailroom {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The id of the one outbound entry whose recipients include `address`.
+async fn entry_for(server: &TestServer, address: &str) -> i64 {
+    let mut id = None;
+    let found = eventually(Duration::from_secs(10), async || {
+        id = outbound_items(server)
+            .await
+            .iter()
+            .find(|i| {
+                i["recipients"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == address)
+            })
+            .and_then(|i| i["id"].as_i64());
+        id.is_some()
+    })
+    .await;
+    assert!(found, "no outbound entry for {address}");
+    id.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@remote.test",
+    )
+    .await;
+
+    // Inbound only: mail is accepted and waits, untried.
+    let shown = cli(&server, &["queue", "transfer-mode", "inbound"]).await;
+    assert!(shown.contains("transfer mode: inbound"), "{shown}");
+    send_from_alice(&server, &["first@remote.test"], "held back").await;
+    let first = entry_for(&server, "first@remote.test").await;
+    let listed = cli(
+        &server,
+        &[
+            "queue",
+            "entries",
+            "--queue",
+            "outbound",
+            "--destination",
+            "remote.test",
+        ],
+    )
+    .await;
+    assert!(
+        listed.contains("first@remote.test") && listed.contains("<alice@example.test>"),
+        "{listed}"
+    );
+    let none = cli(&server, &["queue", "entries", "--sender", "nobody@"]).await;
+    assert!(none.contains("0 entr(ies)"), "{none}");
+
+    // Held, then the mode allows delivery: a later message goes, the held one stays.
+    cli(&server, &["queue", "hold", &first.to_string()]).await;
+    let held = cli(&server, &["queue", "entries", "--state", "held"]).await;
+    assert!(held.contains("first@remote.test"), "{held}");
+    cli(&server, &["queue", "transfer-mode", "both"]).await;
+    send_from_alice(&server, &["second@remote.test"], "goes first").await;
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["rcpt_tos"], json!(["second@remote.test"]));
+    let entry: Value = get(&server, &format!("/queue/{first}")).await;
+    assert_eq!(entry["held"], true);
+    assert_eq!(entry["attempts"], 0, "a held entry is never attempted");
+    let details = cli(&server, &["queue", "entry", &first.to_string()]).await;
+    assert!(details.contains("held:          yes"), "{details}");
+
+    // Released: delivered.
+    cli(&server, &["queue", "release", &first.to_string()]).await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["first@remote.test"]));
+
+    // Deleted with a DSN: the sender is told, the queue is empty.
+    send_from_alice(&server, &["always@remote.test"], "stuck").await;
+    let stuck = entry_for(&server, "always@remote.test").await;
+    wait_outbound_settled(&server, 1).await;
+    cli(&server, &["queue", "delete", &stuck.to_string(), "--dsn"]).await;
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; always@remote.test"),
+        "{dsn}"
+    );
+    assert!(
+        dsn.contains("deleted from the queue by the administrator"),
+        "{dsn}"
+    );
+    assert!(outbound_items(&server).await.is_empty());
+
+    // Outbound only: new SMTP sessions are refused with 421, nothing lost.
+    cli(&server, &["queue", "transfer-mode", "outbound"]).await;
+    let mut stream = std::net::TcpStream::connect(server.smtp()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = String::new();
+    BufReader::new(&mut stream)
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.starts_with("421 4.3.2"), "{greeting}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_from_the_sender_are_honoured() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@remote.test",
+    )
+    .await;
+    // Python's smtplib, with per-recipient DSN parameters.
+    let script = format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("client.test")
+assert s.has_extn("dsn"), s.esmtp_features
+code, _ = s.mail("alice@example.test", ["RET=HDRS", "ENVID=env+2Dtest"])
+assert code == 250, code
+code, _ = s.rcpt("perm-quiet@remote.test", ["NOTIFY=NEVER"])
+assert code == 250, code
+code, _ = s.rcpt("perm-loud@remote.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;original@remote.test"])
+assert code == 250, code
+code, _ = s.rcpt("nobody@remote.test", ["NOTIFY=NEVER,FAILURE"])
+assert code == 501, code
+code, _ = s.data(b"Subject: dsn params\r\nFrom: alice@example.test\r\n\r\nsecret body text\r\n")
+assert code == 250, code
+s.quit()
+"#,
+        port = server.smtp().port()
+    );
+    let status = Command::new(python())
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    for field in [
+        "Original-Envelope-Id: env-test",
+        "Original-Recipient: rfc822;original@remote.test",
+        "Final-Recipient: rfc822; perm-loud@remote.test",
+        "Content-Type: text/rfc822-headers",
+        "Subject: dsn params",
+    ] {
+        assert!(dsn.contains(field), "missing {field:?} in the DSN:\n{dsn}");
+    }
+    assert!(
+        !dsn.contains("perm-quiet@remote.test"),
+        "NOTIFY=NEVER is not reported"
+    );
+    assert!(
+        !dsn.contains("secret body text"),
+        "RET=HDRS returns the header only"
+    );
+    assert!(peer.received().is_empty());
+    let drained = eventually(Duration::from_secs(10), async || {
+        outbound_items(&server).await.is_empty()
+    })
+    .await;
+    assert!(drained);
+}

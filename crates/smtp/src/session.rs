@@ -469,7 +469,15 @@ impl Session {
             .recipients
             .push(mailroom_store::RecipientState {
                 address: address.clone(),
-                orcpt: to.orcpt,
+                // smtp-proto gives the decoded address without its type; DSNs need
+                // `type;address` (RFC 3464 Original-Recipient).
+                orcpt: to.orcpt.map(|o| {
+                    if o.contains(';') {
+                        o
+                    } else {
+                        format!("rfc822;{o}")
+                    }
+                }),
                 notify,
                 ..Default::default()
             });
