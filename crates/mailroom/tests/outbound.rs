@@ -341,6 +341,13 @@ async fn mx_resolution_routing_changes_and_expiry() {
     let dns = Dns::start(&[
         "--mx-host=mx.test,mail.mx.test,10",
         "--host-record=mail.mx.test,127.0.0.1",
+        // No MX at all: the domain's own address is the mail host.
+        "--host-record=plain.test,127.0.0.1",
+        // A null MX (RFC 7505): no mail accepted.
+        "--mx-host=nullmx.test,.,0",
+        "--host-record=nullmx.test,127.0.0.1",
+        // Answer for .test locally (no data rather than "refused" for names it knows).
+        "--local=/test/",
     ]);
     let dead_port = free_port();
     let server = start(|c| {
@@ -348,7 +355,7 @@ async fn mx_resolution_routing_changes_and_expiry() {
         c.outbound.smtp_port = peer.port;
     })
     .await;
-    connector(&server, "internet", json!({"kind": "mx"}), "*@mx.test").await;
+    connector(&server, "internet", json!({"kind": "mx"}), "*").await;
     connector(
         &server,
         "dead-end",
@@ -361,6 +368,23 @@ async fn mx_resolution_routing_changes_and_expiry() {
     send_from_alice(&server, &["user@mx.test"], "by mx").await;
     let received = peer.wait_for(1).await;
     assert_eq!(received[0]["rcpt_tos"], json!(["user@mx.test"]));
+
+    // No MX record: delivered to the domain's address.
+    send_from_alice(&server, &["user@plain.test"], "implicit mx").await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["user@plain.test"]));
+
+    // A null MX: returned at once (5.1.10), never tried.
+    send_from_alice(&server, &["user@nullmx.test"], "null mx").await;
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; user@nullmx.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
+    assert!(dsn.contains("null MX"), "{dsn}");
+    assert_eq!(peer.received().len(), 2);
 
     // A connector nobody answers: the entry waits, with the connection error.
     send_from_alice(&server, &["user9@other.test"], "detour").await;
@@ -387,22 +411,38 @@ async fn mx_resolution_routing_changes_and_expiry() {
     )
     .await;
     advance(&server, 17 * 60).await;
-    let received = peer.wait_for(2).await;
-    assert_eq!(received[1]["rcpt_tos"], json!(["user9@other.test"]));
+    let received = peer.wait_for(3).await;
+    assert_eq!(received[2]["rcpt_tos"], json!(["user9@other.test"]));
     assert!(
-        received[1]["data"]
+        received[2]["data"]
             .as_str()
             .unwrap()
             .contains("Subject: detour")
     );
 
-    // A recipient that is never accepted expires after five days: a DSN says so.
+    // A recipient that is never accepted: after four hours the sender hears it is
+    // delayed (once), after five days that it failed.
     send_from_alice(&server, &["always@mx.test"], "never arrives").await;
     wait_outbound_settled(&server, 1).await;
-    assert!(server.mailbox("alice@example.test").await.is_empty());
-    advance(&server, 5 * 24 * 3600 + 60).await;
-    let inbox = server.wait_for_messages("alice@example.test", 1).await;
-    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert_eq!(server.mailbox("alice@example.test").await.len(), 1);
+    advance(&server, 4 * 3600 + 120).await;
+    let inbox = server.wait_for_messages("alice@example.test", 2).await;
+    let delayed = String::from_utf8(server.raw("alice@example.test", inbox[1].uid).await).unwrap();
+    for field in [
+        "Final-Recipient: rfc822; always@mx.test",
+        "Action: delayed",
+        "Status: 4.3.0",
+        "Will-Retry-Until:",
+    ] {
+        assert!(
+            delayed.contains(field),
+            "missing {field:?} in the DSN:\n{delayed}"
+        );
+    }
+    advance(&server, 5 * 24 * 3600).await;
+    let inbox = server.wait_for_messages("alice@example.test", 3).await;
+    assert_eq!(inbox.len(), 3, "one delayed notice, one failure");
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[2].uid).await).unwrap();
     for field in [
         "Final-Recipient: rfc822; always@mx.test",
         "Action: failed",
