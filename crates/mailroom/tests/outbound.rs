@@ -649,3 +649,83 @@ s.quit()
     .await;
     assert!(drained);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_queue_and_its_schedule_and_repeats_only_the_attempt_in_flight() {
+    let peer = Peer::start();
+    let port = peer.port;
+    let tweak = move |c: &mut mailroom::config::Config| {
+        c.smtp.relay_networks = vec!["127.0.0.0/8".parse().unwrap()];
+        c.outbound.transfer_mode = mailroom_outbound::TransferMode::Both;
+        c.outbound.test_clock = true;
+        c.outbound.connect_timeout_secs = 5;
+        c.outbound.command_timeout_secs = 10;
+    };
+    let server = start(tweak).await;
+    connector(
+        &server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{port}")}),
+        "*@remote.test",
+    )
+    .await;
+    // One entry waits for its retry; another is stopped mid-attempt by the shutdown.
+    send_from_alice(&server, &["temp@remote.test"], "deferred").await;
+    let items = wait_outbound_settled(&server, 1).await;
+    let (deferred_id, next_attempt) = (
+        items[0]["id"].clone(),
+        items[0]["next_attempt_at_ms"].clone(),
+    );
+    send_from_alice(&server, &["slow@remote.test"], "in flight").await;
+    let in_flight = eventually(Duration::from_secs(10), async || {
+        outbound_items(&server).await.len() == 2
+    })
+    .await;
+    assert!(in_flight);
+    let TestServer {
+        server: running,
+        dir,
+    } = server;
+    let report = running.shutdown().await;
+    assert!(report.clean, "{report:?}");
+
+    let mut config = common::test_config(dir.path());
+    tweak(&mut config);
+    let server = TestServer {
+        server: mailroom::start(config, ServerOptions::default())
+            .await
+            .expect("restarts"),
+        dir,
+    };
+    // The interrupted attempt is made again at once; the deferred entry keeps its time.
+    let received = peer.wait_for(1).await;
+    assert!(
+        received
+            .iter()
+            .all(|m| m["rcpt_tos"] == json!(["slow@remote.test"]))
+    );
+    let items = wait_outbound_settled(&server, 1).await;
+    assert_eq!(items[0]["id"], deferred_id);
+    assert_eq!(items[0]["next_attempt_at_ms"], next_attempt);
+    assert_eq!(items[0]["attempts"], 1);
+    advance(&server, 17 * 60).await;
+    let deadline = eventually(Duration::from_secs(20), async || {
+        peer.received()
+            .iter()
+            .any(|m| m["rcpt_tos"] == json!(["temp@remote.test"]))
+    })
+    .await;
+    assert!(deadline, "{:?}", peer.received());
+    let drained = eventually(Duration::from_secs(10), async || {
+        outbound_items(&server).await.is_empty()
+    })
+    .await;
+    assert!(drained);
+    // The attempt in flight may have reached the peer before the stop: at most twice.
+    let slow = peer
+        .received()
+        .iter()
+        .filter(|m| m["rcpt_tos"] == json!(["slow@remote.test"]))
+        .count();
+    assert!((1..=2).contains(&slow), "{slow} copies");
+}

@@ -4,9 +4,10 @@ Usage: smtp_peer.py PORT OUT_DIR
 
 Recipients choose their fate by local part: perm* -> 550 5.1.1 for good; temp* -> 451
 4.3.0 the first time it is seen, accepted after; always* -> 451 4.3.0 every time;
-anything else is accepted. Every accepted message is written to OUT_DIR as N.json
+slow* is accepted, but the reply to its data waits 3 s; anything else is accepted. Every accepted message is written to OUT_DIR as N.json
 (envelope and data). Prints READY once listening.
 """
+import asyncio
 import json
 import os
 import sys
@@ -32,6 +33,9 @@ class Peer:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if any(r.lower().startswith("slow") for r in envelope.rcpt_tos):
+            # Hold the final reply, so the sender can be stopped mid-attempt.
+            await asyncio.sleep(3)
         self.count += 1
         record = {
             "mail_from": envelope.mail_from,
