@@ -610,6 +610,8 @@ code, _ = s.rcpt("perm-quiet@remote.test", ["NOTIFY=NEVER"])
 assert code == 250, code
 code, _ = s.rcpt("perm-loud@remote.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;original@remote.test"])
 assert code == 250, code
+code, _ = s.rcpt("fine@remote.test", ["NOTIFY=SUCCESS"])
+assert code == 250, code
 code, _ = s.rcpt("nobody@remote.test", ["NOTIFY=NEVER,FAILURE"])
 assert code == 501, code
 code, _ = s.data(b"Subject: dsn params\r\nFrom: alice@example.test\r\n\r\nsecret body text\r\n")
@@ -623,8 +625,32 @@ s.quit()
         .status()
         .unwrap();
     assert!(status.success());
-    let inbox = server.wait_for_messages("alice@example.test", 1).await;
-    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    // Two notices: the failure (perm-loud) and, since aiosmtpd does not offer DSN, the
+    // "relayed" one that fine@ asked for.
+    let inbox = server.wait_for_messages("alice@example.test", 2).await;
+    let mut texts = Vec::new();
+    for m in &inbox {
+        texts.push(String::from_utf8(server.raw("alice@example.test", m.uid).await).unwrap());
+    }
+    let relayed = texts
+        .iter()
+        .find(|t| t.contains("Action: relayed"))
+        .expect("a relayed notice");
+    for field in [
+        "Final-Recipient: rfc822; fine@remote.test",
+        "Status: 2.0.0",
+        "Remote-MTA: dns; 127.0.0.1",
+    ] {
+        assert!(
+            relayed.contains(field),
+            "missing {field:?} in the DSN:\n{relayed}"
+        );
+    }
+    assert!(!relayed.contains("perm-loud"), "{relayed}");
+    let dsn = texts
+        .iter()
+        .find(|t| t.contains("Action: failed"))
+        .expect("a failure notice");
     for field in [
         "Original-Envelope-Id: env-test",
         "Original-Recipient: rfc822;original@remote.test",
@@ -642,7 +668,12 @@ s.quit()
         !dsn.contains("secret body text"),
         "RET=HDRS returns the header only"
     );
-    assert!(peer.received().is_empty());
+    assert!(
+        !dsn.contains("fine@remote.test"),
+        "only failures in the failure notice"
+    );
+    assert_eq!(peer.received().len(), 1);
+    assert_eq!(peer.received()[0]["rcpt_tos"], json!(["fine@remote.test"]));
     let drained = eventually(Duration::from_secs(10), async || {
         outbound_items(&server).await.is_empty()
     })

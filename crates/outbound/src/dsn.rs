@@ -20,6 +20,9 @@ pub enum Action {
     Failed,
     /// Still trying (`Action: delayed`).
     Delayed,
+    /// Handed to a next hop that does not offer DSN, for a recipient that asked to hear
+    /// of success (`Action: relayed`, RFC 3461 §6.2.2): nobody further will report it.
+    Relayed,
 }
 
 /// Messages larger than this are returned as headers only unless RET=FULL.
@@ -55,6 +58,7 @@ pub fn wanted(recipient: &RecipientState, action: Action) -> bool {
     match action {
         Action::Failed => notify.failure,
         Action::Delayed => notify.delay,
+        Action::Relayed => notify.success,
     }
 }
 
@@ -67,6 +71,14 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
                 "This is the mail system at {}.\r\n\r\nYour message (queue id {}) could not be \
                  delivered to the recipient(s) below. This is a permanent error; it will not \
                  be tried again.\r\n\r\n",
+                notice.reporting_mta, notice.queue_id
+            ));
+        }
+        Action::Relayed => {
+            text.push_str(&format!(
+                "This is the mail system at {}.\r\n\r\nYour message (queue id {}) was handed \
+                 to the next mail server for the recipient(s) below. That server does not \
+                 report deliveries, so this is the last notice you will get about them.\r\n\r\n",
                 notice.reporting_mta, notice.queue_id
             ));
         }
@@ -109,6 +121,7 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
         let (action, default_code) = match notice.action {
             Action::Failed => ("failed", "5.0.0"),
             Action::Delayed => ("delayed", "4.0.0"),
+            Action::Relayed => ("relayed", "2.0.0"),
         };
         status.push_str(&format!("Action: {action}\r\n"));
         let code = r.code.as_deref().unwrap_or(default_code);
@@ -169,6 +182,7 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
     let subject = match notice.action {
         Action::Failed => "Undelivered Mail Returned to Sender",
         Action::Delayed => "Delayed Mail (still being retried)",
+        Action::Relayed => "Successful Mail Delivery Report (relayed)",
     };
     MessageBuilder::new()
         .from((

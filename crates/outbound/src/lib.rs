@@ -446,6 +446,15 @@ fn defer(envelope: &mut Envelope, address: &str, code: &str, reply: String, mta:
     }
 }
 
+/// What one attempt noted besides the recipient states.
+#[derive(Default)]
+struct AttemptLog {
+    /// A one-line summary of the last failure, for the queue viewer.
+    summary: Option<String>,
+    /// Delivered to a next hop that does not offer DSN, with NOTIFY=SUCCESS asked.
+    relayed: Vec<String>,
+}
+
 /// Where a group of recipients goes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Destination {
@@ -461,7 +470,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     let before: Vec<String> = envelope.pending().map(|r| r.address.clone()).collect();
     let mut route = None;
     let mut respool = Vec::new();
-    let mut summary = None;
+    let mut log = AttemptLog::default();
     if item.queue == QueueName::Undeliverable {
         // Conversion found these unresolvable; each carries its reason already.
         for r in &mut envelope.recipients {
@@ -564,7 +573,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                         &addresses,
                         hosts,
                         &connector,
-                        &mut summary,
+                        &mut log,
                     )
                     .await;
                 }
@@ -577,7 +586,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                         &addresses,
                         hosts,
                         &connector,
-                        &mut summary,
+                        &mut log,
                     )
                     .await;
                 }
@@ -613,6 +622,21 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
         }
     }
     let mut notices = failure_notices(shared, &item, &envelope, &newly_failed);
+    if !log.relayed.is_empty() && !item.mail_from.is_empty() {
+        let relayed: Vec<_> = envelope
+            .recipients
+            .iter()
+            .filter(|r| log.relayed.contains(&r.address))
+            .collect();
+        notices.push(notice_entry(
+            shared,
+            &item,
+            &envelope,
+            relayed,
+            dsn::Action::Relayed,
+            None,
+        ));
+    }
     if !respool.is_empty() {
         notices.push(SpoolEntry {
             queue_id: format!("{}L", item.queue_id),
@@ -668,7 +692,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     OutboundOutcome {
         envelope,
         next_attempt_at_ms,
-        last_error: summary,
+        last_error: log.summary,
         route,
         notices,
     }
@@ -743,7 +767,7 @@ async fn deliver_group(
     addresses: &[String],
     hosts: Result<Vec<Host>, NoHost>,
     connector: &str,
-    summary: &mut Option<String>,
+    log: &mut AttemptLog,
 ) {
     let hosts = match hosts {
         Ok(hosts) => hosts,
@@ -757,7 +781,7 @@ async fn deliver_group(
             for a in addresses {
                 defer(envelope, a, "4.4.3", format!("4.4.3 {reason}"), None);
             }
-            *summary = Some(reason);
+            log.summary = Some(reason);
             return;
         }
     };
@@ -826,8 +850,17 @@ async fn deliver_group(
             };
             match connection.transaction(&transaction).await {
                 Ok((replies, data)) => {
+                    let passes_dsn_on = connection.offers(smtp_proto::EXT_DSN);
                     for (rcpt, reply) in rcpts.iter().zip(&replies) {
                         record(envelope, &rcpt.address, reply, data.as_ref(), &host.name);
+                        if !passes_dsn_on
+                            && envelope.recipient(&rcpt.address).is_some_and(|r| {
+                                r.status == RecipientStatus::Delivered
+                                    && dsn::wanted(r, dsn::Action::Relayed)
+                            })
+                        {
+                            log.relayed.push(rcpt.address.clone());
+                        }
                     }
                     if connection.reset().await {
                         put_idle(shared, *addr, connection);
@@ -881,7 +914,7 @@ async fn deliver_group(
         for a in addresses {
             defer(envelope, a, &code, text.clone(), host.as_deref());
         }
-        *summary = Some(text);
+        log.summary = Some(text);
     }
 }
 
