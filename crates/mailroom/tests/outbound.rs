@@ -760,3 +760,169 @@ async fn restart_keeps_the_queue_and_its_schedule_and_repeats_only_the_attempt_i
         .count();
     assert!((1..=2).contains(&slow), "{slow} copies");
 }
+
+async fn metrics(server: &TestServer) -> String {
+    let url = format!("http://{}/metrics", server.server.admin_addr);
+    tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
+        .await
+        .unwrap()
+}
+
+/// The value of one metric line starting with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_chunking_next_hop_gets_the_message_byte_for_byte_over_one_connection() {
+    // The next hop is a second Mailroom: it offers PIPELINING, CHUNKING (BDAT), SIZE,
+    // 8BITMIME, SMTPUTF8 and DSN, the paths aiosmtpd does not exercise.
+    let next_hop = TestServer::start_with(
+        |c| c.directory.accepted_domains = vec!["b.test".into()],
+        ServerOptions::default(),
+    )
+    .await;
+    next_hop
+        .add_recipients(&["bob@b.test", "carol@b.test"])
+        .await;
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "to-b",
+        json!({"kind": "smart_host", "host": next_hop.smtp().to_string()}),
+        "*@b.test",
+    )
+    .await;
+    let body = "From: alice@example.test\r\nTo: bob@b.test\r\nSubject: =?UTF-8?Q?caf=C3=A9?=\r\n\
+                MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                Content-Transfer-Encoding: 8bit\r\n\r\n\
+                Gr\u{fc}\u{df}e aus Z\u{fc}rich.\r\n.a line starting with a dot\r\n";
+    for (i, to) in ["bob@b.test", "carol@b.test"].iter().enumerate() {
+        // Python's smtplib sends the bytes as they are (lettre adds a CRLF at the end).
+        let script = format!(
+            "import smtplib, sys\n\
+             s = smtplib.SMTP('127.0.0.1', {port})\n\
+             s.sendmail('alice@example.test', ['{to}', 'nobody@b.test'], sys.stdin.buffer.read())\n\
+             s.quit()\n",
+            port = server.smtp().port()
+        );
+        let mut child = Command::new(python())
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        let inbox = next_hop.wait_for_messages(to, 1).await;
+        let raw = next_hop.raw(to, inbox[0].uid).await;
+        let text = String::from_utf8(raw).unwrap();
+        assert!(
+            text.ends_with(body),
+            "message {i} arrived changed:\n{text:?}\nexpected to end with\n{body:?}"
+        );
+        assert!(text.contains("by mx.example.test (Mailroom)"), "{text}");
+    }
+    // nobody@b.test was refused by the next hop for good: one DSN per message.
+    let inbox = server.wait_for_messages("alice@example.test", 2).await;
+    for m in &inbox {
+        let dsn = String::from_utf8(server.raw("alice@example.test", m.uid).await).unwrap();
+        assert!(
+            dsn.contains("Final-Recipient: rfc822; nobody@b.test"),
+            "{dsn}"
+        );
+        assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
+    }
+    // The second message reused the first one's connection.
+    let text = metrics(&server).await;
+    let host = next_hop.smtp().ip().to_string();
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "mailroom_outbound_connections_total{{connector=\"{host}\",result=\"opened\"}}"
+            )
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            &format!(
+                "mailroom_outbound_connections_total{{connector=\"{host}\",result=\"reused\"}}"
+            )
+        ) >= 1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_dsn_to_the_null_sender_and_a_looping_message_is_returned() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@remote.test",
+    )
+    .await;
+    // A bounce (null sender) that bounces: dropped, never answered.
+    let transport =
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(server.smtp().port())
+            .build();
+    use lettre::AsyncTransport;
+    let envelope =
+        lettre::address::Envelope::new(None, vec!["perm@remote.test".parse().unwrap()]).unwrap();
+    transport
+        .send_raw(&envelope, b"Subject: a bounce\r\n\r\nbody\r\n")
+        .await
+        .expect("accepted");
+    // A message that has been around 31 times: returned with 5.4.6, not sent.
+    let mut looping = String::new();
+    for i in 0..31 {
+        looping.push_str(&format!(
+            "Received: from hop{i}.test by hop{}.test; Sun, 29 Nov 2026 00:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    looping.push_str("From: alice@example.test\r\nSubject: round and round\r\n\r\nbody\r\n");
+    let envelope = lettre::address::Envelope::new(
+        Some("alice@example.test".parse().unwrap()),
+        vec!["ok@remote.test".parse().unwrap()],
+    )
+    .unwrap();
+    transport
+        .send_raw(&envelope, looping.as_bytes())
+        .await
+        .expect("accepted");
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
+    assert!(dsn.contains("too many hops"), "{dsn}");
+    let drained = eventually(Duration::from_secs(10), async || {
+        get(&server, "/queue").await.as_array().unwrap().is_empty()
+    })
+    .await;
+    assert!(drained, "{:#?}", get(&server, "/queue").await);
+    // One notice in all (the loop's); the bounce got none, and nothing reached the peer.
+    let text = metrics(&server).await;
+    assert_eq!(
+        metric(&text, "mailroom_outbound_notices_total"),
+        1.0,
+        "{text}"
+    );
+    assert!(peer.received().is_empty());
+    assert_eq!(server.mailbox("alice@example.test").await.len(), 1);
+}
