@@ -37,6 +37,7 @@ fn connector(name: &str, cost: u8, enabled: bool) -> Connector {
         },
         address_spaces: vec![AddressSpace::parse("SMTP:*@partner.example", cost).unwrap()],
         enabled,
+        retry_minutes: None,
     }
 }
 

@@ -134,6 +134,10 @@ pub struct Connector {
     /// An administratively disabled connector is skipped by routing.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Minutes to wait after the 1st, 2nd, ... failed attempt through this connector
+    /// (the last repeats); none: the server's `outbound.retry_minutes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_minutes: Option<Vec<u64>>,
 }
 
 fn yes() -> bool {

@@ -433,6 +433,7 @@ fn connectors_build_the_routing_table_and_keep_the_previous_one() {
         },
         address_spaces: vec![AddressSpace::parse(pattern, cost).unwrap()],
         enabled: true,
+        retry_minutes: None,
     };
     ok(
         &directory,

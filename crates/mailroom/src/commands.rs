@@ -783,6 +783,10 @@ pub enum ConnectorCommand {
         /// Create it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Its own retry schedule: minutes after the 1st, 2nd, ... failed attempt, the
+        /// last repeating (e.g. 5,10,30); the server's outbound.retry_minutes otherwise.
+        #[arg(long, value_delimiter = ',')]
+        retry_minutes: Option<Vec<u64>>,
         #[command(flatten)]
         target: Target,
     },
@@ -869,6 +873,7 @@ pub fn connector(command: ConnectorCommand) -> anyhow::Result<()> {
             address_spaces,
             cost,
             disabled,
+            retry_minutes,
             target,
         } => {
             let kind = match (smart_host, local) {
@@ -890,6 +895,7 @@ pub fn connector(command: ConnectorCommand) -> anyhow::Result<()> {
                     kind,
                     address_spaces,
                     enabled: !disabled,
+                    retry_minutes,
                 },
             )
         }

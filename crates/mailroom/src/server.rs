@@ -175,6 +175,7 @@ fn initial_site() -> SiteConfig {
             kind: ConnectorKind::Mx,
             address_spaces: vec![AddressSpace::parse("SMTP:*", 1).expect("valid address space")],
             enabled: true,
+            retry_minutes: None,
         },
     );
     site

@@ -359,7 +359,7 @@ async fn mx_resolution_routing_changes_and_expiry() {
     connector(
         &server,
         "dead-end",
-        json!({"kind": "smart_host", "host": format!("127.0.0.1:{dead_port}")}),
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{dead_port}"), "retry_minutes": [2]}),
         "*@other.test",
     )
     .await;
@@ -395,6 +395,12 @@ async fn mx_resolution_routing_changes_and_expiry() {
         .unwrap()
         .to_string();
     assert!(reply.starts_with("4.4.1"), "{reply}");
+    // This connector retries on its own schedule: 2 minutes (+ up to 10 %).
+    let wait_ms = items[0]["next_attempt_at_ms"].as_i64().unwrap() - now_ms();
+    assert!(
+        (100_000..=135_000).contains(&wait_ms),
+        "next attempt in {wait_ms} ms"
+    );
 
     // The routing table changes while it waits: the next attempt follows the new table.
     post(
@@ -925,4 +931,57 @@ async fn no_dsn_to_the_null_sender_and_a_looping_message_is_returned() {
     );
     assert!(peer.received().is_empty());
     assert_eq!(server.mailbox("alice@example.test").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_connector_hands_mail_back_to_local_delivery() {
+    let server = start(|_| {}).await;
+    connector(
+        &server,
+        "away",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", free_port())}),
+        "*@later.test",
+    )
+    .await;
+    // Queued (and held) while later.test is somebody else's.
+    cli(&server, &["queue", "transfer-mode", "inbound"]).await;
+    send_from_alice(
+        &server,
+        &["pat@later.test", "nobody@later.test"],
+        "for later",
+    )
+    .await;
+    entry_for(&server, "pat@later.test").await;
+    // The domain and the mailbox arrive; delivery resumes.
+    let client = server.client();
+    tokio::task::spawn_blocking(move || {
+        client.post_no_content("/domains", &json!({"domain": "later.test"}))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    server.add_recipients(&["pat@later.test"]).await;
+    post(
+        &server,
+        "/site",
+        json!({"change": "delete_connector", "name": "away"}),
+    )
+    .await;
+    connector(&server, "here", json!({"kind": "local"}), "*@later.test").await;
+    cli(&server, &["queue", "transfer-mode", "both"]).await;
+    let inbox = server.wait_for_messages("pat@later.test", 1).await;
+    assert_eq!(inbox[0].subject.as_deref(), Some("for later"));
+    // The address nobody has is returned to the sender.
+    let notices = server.wait_for_messages("alice@example.test", 1).await;
+    let dsn = String::from_utf8(server.raw("alice@example.test", notices[0].uid).await).unwrap();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; nobody@later.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
+    let drained = eventually(Duration::from_secs(10), async || {
+        get(&server, "/queue").await.as_array().unwrap().is_empty()
+    })
+    .await;
+    assert!(drained, "{:#?}", get(&server, "/queue").await);
 }

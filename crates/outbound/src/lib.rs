@@ -649,8 +649,29 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
         });
     }
     let pending = envelope.pending().count();
+    // The connector's own retry schedule, when it has one.
+    let connector_retry = route.as_ref().and_then(|(name, _)| {
+        shared
+            .directory
+            .snapshot()
+            .site()
+            .connectors
+            .get(name)
+            .and_then(|c| c.retry_minutes.clone())
+            .filter(|m| !m.is_empty())
+    });
     let next_attempt_at_ms = (pending > 0).then(|| {
-        let wait = shared.config.schedule.wait_after(item.attempts);
+        let wait = match connector_retry {
+            Some(minutes) => Schedule {
+                intervals: minutes
+                    .iter()
+                    .map(|m| Duration::from_secs(m * 60))
+                    .collect(),
+                ..shared.config.schedule.clone()
+            }
+            .wait_after(item.attempts),
+            None => shared.config.schedule.wait_after(item.attempts),
+        };
         let expires = shared.config.schedule.expires_at_ms(item.received_at_ms);
         (now + wait.as_millis() as i64).min(expires.max(now + 1))
     });
