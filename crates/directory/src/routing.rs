@@ -404,6 +404,7 @@ mod tests {
                 .map(|(p, c)| AddressSpace::parse(p, *c).unwrap())
                 .collect(),
             enabled,
+            retry_minutes: None,
         }
     }
 
