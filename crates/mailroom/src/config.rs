@@ -78,7 +78,7 @@ impl Default for OutboundSection {
     fn default() -> Self {
         OutboundSection {
             transfer_mode: mailroom_outbound::TransferMode::Both,
-            workers: 4,
+            workers: 16,
             connections_per_destination: 5,
             nameservers: Vec::new(),
             hosts: Default::default(),
@@ -511,8 +511,9 @@ failure_window_secs = 300
 # "outbound" (refuse SMTP with 421, deliver the queue) or "none" (hold everything).
 # Switch at runtime with `mailroom queue transfer-mode MODE`.
 transfer_mode = "both"
-# Deliveries at once, and connections at once to one destination host.
-workers = 4
+# Deliveries at once, and connections at once to one destination host (more workers
+# than connections per destination, so one slow or dead destination cannot hold them all).
+workers = 16
 connections_per_destination = 5
 # DNS servers for MX lookups, e.g. ["192.0.2.53:53"]; empty uses /etc/resolv.conf.
 nameservers = []

@@ -142,7 +142,7 @@ pub struct OutboundConfig {
 impl Default for OutboundConfig {
     fn default() -> Self {
         OutboundConfig {
-            workers: 4,
+            workers: 16,
             per_destination: 5,
             nameservers: Vec::new(),
             hosts: HashMap::new(),
