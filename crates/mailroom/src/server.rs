@@ -22,7 +22,7 @@ use mailroom_imap::{ImapConfig, ImapServer, ImapStats, Plaintext};
 use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
-use mailroom_store::{MailStore, QueueName, SqliteStore, Topology};
+use mailroom_store::{MailStore, SqliteStore, Topology};
 use mailroom_watch::{Probe, Registry as WatchRegistry, Sample, Watchdog, now_ms};
 use prometheus_client::registry::Registry;
 use std::fs::File;
@@ -257,23 +257,22 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         })
     };
     watch.add_probe(conversion_probe.clone());
-    // The outbound queue's depth and age, reported. Judging it stalled would need a
-    // bound on connect and reply timeouts below the stall time; the delivery probe below
-    // reports progress (attempts finished).
-    watch.add_probe({
-        let store = store.clone();
-        Probe::sampled("outbound", false, move || {
-            let summary = store
-                .queue_summaries()
-                .ok()?
-                .into_iter()
-                .find(|q| q.queue == QueueName::Outbound)?;
-            Some(Sample {
-                depth: summary.depth,
-                oldest_ms: summary.oldest_received_at_ms,
-            })
+    // Outbound delivery: entries due and not held, while the transfer mode delivers. Its
+    // patience (set by the delivery workers) covers the longest wait for a next hop's
+    // reply, so a slow remote server is not a stall but a wedge of ours is.
+    let transfer = mailroom_outbound::Transfer::new(config.outbound.transfer_mode);
+    let clock = mailroom_outbound::schedule::Clock::default();
+    let outbound_probe = {
+        let (store, transfer, clock) = (store.clone(), transfer.clone(), clock.clone());
+        Probe::sampled("outbound", true, move || {
+            if !transfer.get().outbound() {
+                return Some(Sample::default());
+            }
+            let (depth, oldest_ms) = store.outbound_due(clock.now_ms()).ok()?;
+            Some(Sample { depth, oldest_ms })
         })
-    });
+    };
+    watch.add_probe(outbound_probe.clone());
 
     let cancel = CancellationToken::new();
     let workers = if config.conversion.workers == 0 {
@@ -347,14 +346,14 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.admin.listen
             )
         })?;
-    let transfer = mailroom_outbound::Transfer::new(config.outbound.transfer_mode);
     let outbound = mailroom_outbound::Outbound::start(
         mailroom_outbound::Parts {
             store: store.clone(),
             directory: directory.clone(),
             inbound_bell: dsn_bell,
             transfer: transfer.clone(),
-            clock: mailroom_outbound::schedule::Clock::default(),
+            clock,
+            probe: outbound_probe,
         },
         config.outbound.delivery(&config.server.hostname),
         &mut registry,

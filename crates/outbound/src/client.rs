@@ -137,6 +137,8 @@ pub struct Connection {
     capabilities: u32,
     size_max: usize,
     timeouts: Timeouts,
+    /// Bumped at every reply, so the watchdog sees a slow but live session move.
+    progress: Option<std::sync::Arc<mailroom_watch::Probe>>,
 }
 
 fn xtext(value: &str) -> String {
@@ -158,6 +160,7 @@ impl Connection {
         remote: &str,
         helo: &str,
         timeouts: Timeouts,
+        progress: Option<std::sync::Arc<mailroom_watch::Probe>>,
     ) -> Result<Connection, Failure> {
         let stream = timeout(timeouts.connect, TcpStream::connect(addr))
             .await
@@ -171,6 +174,7 @@ impl Connection {
             capabilities: 0,
             size_max: 0,
             timeouts,
+            progress,
         };
         let greeting = c.reply(timeouts.connect).await?;
         if greeting.code != 220 {
@@ -235,6 +239,9 @@ impl Connection {
             // A reply is complete once a line with a space after the code has its CRLF.
             if let Some(end) = complete_reply(&self.buffer) {
                 let bytes: Vec<u8> = self.buffer.drain(..end).collect();
+                if let Some(progress) = &self.progress {
+                    progress.progressed(1);
+                }
                 let mut receiver = ResponseReceiver::default();
                 return match receiver.parse(&mut bytes.iter()) {
                     Ok(r) => Ok(Reply::from_response(r)),

@@ -210,6 +210,9 @@ pub struct Parts {
     pub transfer: Transfer,
     /// The delivery clock.
     pub clock: Clock,
+    /// The outbound queue's watchdog probe: bumped at every attempt finished and every
+    /// reply from a next hop.
+    pub probe: Arc<Probe>,
 }
 
 impl Outbound {
@@ -236,7 +239,14 @@ impl Outbound {
             "Outbound SMTP connections by destination host and result (opened, reused, failed)",
             metrics.connections.clone(),
         );
-        let probe = Probe::new("outbound delivery");
+        let probe = parts.probe;
+        // The longest a live attempt can go without a reply from the next hop.
+        let longest_wait = config
+            .timeouts
+            .connect
+            .max(config.timeouts.command)
+            .max(config.timeouts.data);
+        probe.set_patience(longest_wait + Duration::from_secs(10));
         let shared = Arc::new(Shared {
             store: parts.store,
             directory: parts.directory,
@@ -855,6 +865,7 @@ async fn deliver_group(
                     &host.name,
                     &shared.config.hostname,
                     shared.config.timeouts,
+                    Some(shared.probe.clone()),
                 )
                 .await
                 {
@@ -863,6 +874,7 @@ async fn deliver_group(
                         c
                     }
                     Err(e) => {
+                        shared.probe.progressed(1);
                         count_connection(shared, &host.name, "failed");
                         last_failure = Some((e, host.name.clone()));
                         continue;

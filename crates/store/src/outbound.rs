@@ -285,6 +285,11 @@ pub trait OutboundQueue: Send + Sync {
     /// The earliest next attempt of an unclaimed, unheld outbound or undeliverable entry.
     fn next_outbound_due(&self) -> Result<Option<UnixMillis>>;
 
+    /// Outbound and undeliverable entries due by `now_ms` and not held (claimed ones
+    /// included: they are being worked on), with the oldest one's acceptance time; the
+    /// watchdog's view of outbound delivery.
+    fn outbound_due(&self, now_ms: UnixMillis) -> Result<(u64, Option<UnixMillis>)>;
+
     /// Entries matching `filter`, oldest id first.
     fn queue_filter(&self, filter: &QueueFilter, now_ms: UnixMillis) -> Result<Vec<QueueItemInfo>>;
 

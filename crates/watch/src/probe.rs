@@ -32,6 +32,10 @@ pub struct Probe {
     sampler: Option<Sampler>,
     /// When the sampler last answered (Unix ms; 0: never).
     sampled_at_ms: AtomicI64,
+    /// How long this queue may hold work without progress before it is stalled, when
+    /// longer than the watchdog's own setting (ms; 0: the watchdog's). Outbound delivery
+    /// legitimately waits minutes on a remote server's reply.
+    patience_ms: AtomicI64,
 }
 
 impl Probe {
@@ -45,6 +49,7 @@ impl Probe {
             progress: AtomicU64::new(0),
             sampler: None,
             sampled_at_ms: AtomicI64::new(0),
+            patience_ms: AtomicI64::new(0),
         })
     }
 
@@ -63,12 +68,25 @@ impl Probe {
             progress: AtomicU64::new(0),
             sampler: Some(Box::new(sampler)),
             sampled_at_ms: AtomicI64::new(0),
+            patience_ms: AtomicI64::new(0),
         })
     }
 
     /// The queue's name, as `/health` and the metrics show it.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// Lets this queue go without progress for up to `patience` before it counts as
+    /// stalled (when longer than the watchdog's stall time).
+    pub fn set_patience(&self, patience: std::time::Duration) {
+        self.patience_ms
+            .store(patience.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// The stall time for this queue given the watchdog's `stall_after_ms`.
+    pub fn stall_after_ms(&self, stall_after_ms: i64) -> i64 {
+        stall_after_ms.max(self.patience_ms.load(Ordering::Relaxed))
     }
 
     /// Whether the watchdog may call this queue stalled.

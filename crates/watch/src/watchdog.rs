@@ -272,8 +272,9 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
         }
         let idle_ms = now - track.since_ms;
         let unanswered = sample_age_ms.is_some_and(|age| age >= stall_after_ms);
-        let is_stalled =
-            probe.watched() && ((sample.depth > 0 && idle_ms >= stall_after_ms) || unanswered);
+        let is_stalled = probe.watched()
+            && ((sample.depth > 0 && idle_ms >= probe.stall_after_ms(stall_after_ms))
+                || unanswered);
         if is_stalled && !track.stalled {
             registry
                 .stalls
@@ -413,6 +414,25 @@ mod tests {
         probe.finished(1);
         check(&registry, &mut tracks, 10_000);
         assert!(registry.health().healthy, "progress clears the stall");
+    }
+
+    #[test]
+    fn a_patient_queue_is_stalled_only_after_its_own_longer_time() {
+        let registry = Registry::default();
+        let probe = Probe::new("outbound delivery");
+        probe.set_patience(Duration::from_secs(3600));
+        registry.add_probe(probe.clone());
+        let mut tracks = HashMap::new();
+        check(&registry, &mut tracks, 0);
+        probe.enqueued(1);
+        check(&registry, &mut tracks, 0);
+        assert!(
+            registry.health().healthy,
+            "within its patience, although past the watchdog's stall time"
+        );
+        probe.set_patience(Duration::ZERO);
+        check(&registry, &mut tracks, 0);
+        assert_eq!(registry.health().stalled[0].queue, "outbound delivery");
     }
 
     #[test]

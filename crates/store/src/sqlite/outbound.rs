@@ -154,6 +154,18 @@ impl OutboundQueue for SqliteStore {
         })
     }
 
+    fn outbound_due(&self, now_ms: UnixMillis) -> Result<(u64, Option<UnixMillis>)> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*), MIN(received_at_ms) FROM queue_items
+                 WHERE queue IN ('outbound', 'undeliverable') AND held = 0
+                   AND next_attempt_at_ms <= ?1",
+                [now_ms],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+    }
+
     fn queue_filter(&self, filter: &QueueFilter, now_ms: UnixMillis) -> Result<Vec<QueueItemInfo>> {
         let like = |s: &Option<String>| {
             s.as_ref().map(|s| {
