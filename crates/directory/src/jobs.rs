@@ -265,18 +265,25 @@ impl Jobs {
         self.list.rcu(|list| {
             let mut list: Vec<Arc<Job>> = (**list).clone();
             list.push(job.clone());
-            // Forget the oldest finished jobs beyond the limit; a running job is never
-            // forgotten (the long churn run lost track of its import when a hundred
-            // regeneration jobs followed it).
+            // Forget jobs beyond the limit: superseded ones first (a newer job redid their
+            // work, so they tell nothing), then the oldest finished ones; a running job is
+            // never forgotten. (The long churn run lost track of its import twice: once
+            // while it ran, once after it finished, each time behind a hundred
+            // template-regeneration jobs.)
             let mut excess = list.len().saturating_sub(JOBS_KEPT);
-            list.retain(|j| {
-                if excess > 0 && j.state() != JobState::Running {
-                    excess -= 1;
-                    false
-                } else {
-                    true
-                }
-            });
+            for forgettable in [
+                |j: &Job| j.state() == JobState::Superseded,
+                |j: &Job| j.state() != JobState::Running,
+            ] {
+                list.retain(|j| {
+                    if excess > 0 && forgettable(j) {
+                        excess -= 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
             list
         });
         job
@@ -590,5 +597,21 @@ mod tests {
         import.finish(true, "done".into());
         jobs.create("regeneration");
         assert!(jobs.get(import.id).is_none(), "once finished it can go too");
+    }
+
+    #[test]
+    fn superseded_jobs_are_forgotten_before_a_finished_import() {
+        let jobs = Jobs::new(None);
+        let import = jobs.create("import");
+        import.finish(true, "done".into());
+        for _ in 0..JOBS_KEPT * 3 {
+            let job = jobs.create("regenerate addresses");
+            job.supersede(job.id + 1);
+        }
+        assert!(
+            jobs.get(import.id).is_some(),
+            "a finished import outlives any number of superseded regenerations"
+        );
+        assert!(jobs.all().len() <= JOBS_KEPT + 1);
     }
 }

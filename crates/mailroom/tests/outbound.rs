@@ -346,6 +346,12 @@ async fn mx_resolution_routing_changes_and_expiry() {
         // A null MX (RFC 7505): no mail accepted.
         "--mx-host=nullmx.test,.,0",
         "--host-record=nullmx.test,127.0.0.1",
+        // Two MX hosts: the preferred one refuses connections (nothing listens on
+        // 127.0.0.2), the backup takes the mail.
+        "--mx-host=backup.test,first.backup.test,10",
+        "--mx-host=backup.test,second.backup.test,20",
+        "--host-record=first.backup.test,127.0.0.2",
+        "--host-record=second.backup.test,127.0.0.1",
         // Answer for .test locally (no data rather than "refused" for names it knows).
         "--local=/test/",
     ]);
@@ -374,6 +380,20 @@ async fn mx_resolution_routing_changes_and_expiry() {
     let received = peer.wait_for(2).await;
     assert_eq!(received[1]["rcpt_tos"], json!(["user@plain.test"]));
 
+    // MX preference order: the first host refuses, the second one delivers.
+    send_from_alice(&server, &["user@backup.test"], "backup mx").await;
+    let received = peer.wait_for(3).await;
+    assert_eq!(received[2]["rcpt_tos"], json!(["user@backup.test"]));
+    let text = metrics(&server).await;
+    assert_eq!(
+        metric(
+            &text,
+            "mailroom_outbound_connections_total{connector=\"first.backup.test\",result=\"failed\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+
     // A null MX: returned at once (5.1.10), never tried.
     send_from_alice(&server, &["user@nullmx.test"], "null mx").await;
     let inbox = server.wait_for_messages("alice@example.test", 1).await;
@@ -384,7 +404,7 @@ async fn mx_resolution_routing_changes_and_expiry() {
     );
     assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
     assert!(dsn.contains("null MX"), "{dsn}");
-    assert_eq!(peer.received().len(), 2);
+    assert_eq!(peer.received().len(), 3);
 
     // A connector nobody answers: the entry waits, with the connection error.
     send_from_alice(&server, &["user9@other.test"], "detour").await;
@@ -417,10 +437,10 @@ async fn mx_resolution_routing_changes_and_expiry() {
     )
     .await;
     advance(&server, 17 * 60).await;
-    let received = peer.wait_for(3).await;
-    assert_eq!(received[2]["rcpt_tos"], json!(["user9@other.test"]));
+    let received = peer.wait_for(4).await;
+    assert_eq!(received[3]["rcpt_tos"], json!(["user9@other.test"]));
     assert!(
-        received[2]["data"]
+        received[3]["data"]
             .as_str()
             .unwrap()
             .contains("Subject: detour")
@@ -542,6 +562,13 @@ async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode
     );
     let none = cli(&server, &["queue", "entries", "--sender", "nobody@"]).await;
     assert!(none.contains("0 entr(ies)"), "{none}");
+    let young = cli(&server, &["queue", "entries", "--older-than", "3600"]).await;
+    assert!(
+        young.contains("0 entr(ies)"),
+        "nothing is an hour old: {young}"
+    );
+    let by_recipient = cli(&server, &["queue", "entries", "--recipient", "FIRST@"]).await;
+    assert!(by_recipient.contains("1 entr(ies)"), "{by_recipient}");
 
     // Held, then the mode allows delivery: a later message goes, the held one stays.
     cli(&server, &["queue", "hold", &first.to_string()]).await;
