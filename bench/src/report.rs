@@ -122,6 +122,29 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Conversion.
+    let conversion: Vec<(&Key, &f64)> = medians.iter().filter(|(k, _)| k.0 == "convert").collect();
+    if let (Some(parser), Some(ours)) = (
+        conversion.iter().find(|(k, _)| k.1 == "mail-parser"),
+        conversion.iter().find(|(k, _)| k.1 == "mailroom"),
+    ) {
+        println!(
+            "\n### Inbound conversion ({:.1} MB generated corpus, {} threads each)\n",
+            parser.0.2 as f64 / 1e6,
+            parser.0.3
+        );
+        println!("| | MB/s | time relative to parsing alone |");
+        println!("|---|---:|---:|");
+        println!(
+            "| mail-parser alone (parse, walk the parts) | {:.0} | 1.00x |",
+            parser.1
+        );
+        println!(
+            "| Mailroom inbound conversion (claim, parse, resolve, deliver into the store) | {:.0} | {:.2}x |",
+            ours.1,
+            parser.1 / ours.1
+        );
+    }
     // Peak memory.
     let rss: Vec<(&Key, &f64)> = medians.iter().filter(|(k, _)| k.0 == "rss").collect();
     if !rss.is_empty() {

@@ -9,6 +9,7 @@ use crate::writer::{Change, Directory};
 use arc_swap::ArcSwap;
 use mailroom_watch::{Activity, Probe, RankedMutex, Registry};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -266,23 +267,34 @@ impl Jobs {
             let mut list: Vec<Arc<Job>> = (**list).clone();
             list.push(job.clone());
             // Forget jobs beyond the limit: superseded ones first (a newer job redid their
-            // work, so they tell nothing), then the oldest finished ones; a running job is
+            // work, so they tell nothing), then the oldest finished job of whichever kind
+            // has the most finished jobs, so a burst of one kind (template changes start
+            // a regeneration each) never pushes out the only import. A running job is
             // never forgotten. (The long churn run lost track of its import twice: once
-            // while it ran, once after it finished, each time behind a hundred
-            // template-regeneration jobs.)
+            // while it ran, once after it finished, behind hundreds of regenerations.)
             let mut excess = list.len().saturating_sub(JOBS_KEPT);
-            for forgettable in [
-                |j: &Job| j.state() == JobState::Superseded,
-                |j: &Job| j.state() != JobState::Running,
-            ] {
-                list.retain(|j| {
-                    if excess > 0 && forgettable(j) {
-                        excess -= 1;
-                        false
-                    } else {
-                        true
+            while excess > 0 {
+                let superseded = list.iter().position(|j| j.state() == JobState::Superseded);
+                let victim = superseded.or_else(|| {
+                    let mut finished: HashMap<&str, usize> = HashMap::new();
+                    for j in list.iter().filter(|j| j.state() != JobState::Running) {
+                        *finished.entry(kind_class(&j.kind)).or_default() += 1;
                     }
+                    let busiest = finished
+                        .into_iter()
+                        .max_by_key(|(_, n)| *n)
+                        .map(|(class, _)| class.to_string())?;
+                    list.iter().position(|j| {
+                        j.state() != JobState::Running && kind_class(&j.kind) == busiest
+                    })
                 });
+                match victim {
+                    Some(index) => {
+                        list.remove(index);
+                        excess -= 1;
+                    }
+                    None => break, // only running jobs left
+                }
             }
             list
         });
@@ -298,6 +310,11 @@ impl Jobs {
     pub fn all(&self) -> Vec<Arc<Job>> {
         (**self.list.load()).clone()
     }
+}
+
+/// What kind of job this is, for retention: the first word (`regenerate`, `import`).
+fn kind_class(kind: &str) -> &str {
+    kind.split_whitespace().next().unwrap_or("")
 }
 
 /// Starts the background job that renews every generated address from the current
@@ -595,8 +612,13 @@ mod tests {
             "old finished jobs go"
         );
         import.finish(true, "done".into());
-        jobs.create("regeneration");
-        assert!(jobs.get(import.id).is_none(), "once finished it can go too");
+        for _ in 0..JOBS_KEPT {
+            jobs.create("import more.csv").finish(true, "done".into());
+        }
+        assert!(
+            jobs.get(import.id).is_none(),
+            "once finished it can go too, oldest first among its kind"
+        );
     }
 
     #[test]
@@ -613,5 +635,21 @@ mod tests {
             "a finished import outlives any number of superseded regenerations"
         );
         assert!(jobs.all().len() <= JOBS_KEPT + 1);
+    }
+
+    #[test]
+    fn a_burst_of_finished_regenerations_never_pushes_out_a_finished_import() {
+        let jobs = Jobs::new(None);
+        let import = jobs.create("import churn.csv");
+        import.finish(true, "done".into());
+        for _ in 0..JOBS_KEPT * 3 {
+            jobs.create("regenerate addresses")
+                .finish(true, "done".into());
+        }
+        assert!(
+            jobs.get(import.id).is_some(),
+            "the import's result is still there"
+        );
+        assert_eq!(jobs.all().len(), JOBS_KEPT);
     }
 }
