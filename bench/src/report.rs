@@ -122,6 +122,20 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Cost as the mailbox grows.
+    let grow: Vec<(u64, f64)> = medians
+        .iter()
+        .filter(|(k, _)| k.0 == "grow")
+        .map(|(k, v)| (k.2, *v))
+        .collect();
+    if let Some((_, empty)) = grow.iter().find(|(size, _)| *size == 0).copied() {
+        println!("\n### Cost as the mailbox grows (end to end, 4 KiB, 20 sessions, messages/s)\n");
+        println!("| messages already in the mailbox | messages/s | relative to an empty mailbox |");
+        println!("|---:|---:|---:|");
+        for (size, rate) in &grow {
+            println!("| {size} | {rate:.0} | {:.2}x |", rate / empty);
+        }
+    }
     // Conversion.
     let conversion: Vec<(&Key, &f64)> = medians.iter().filter(|(k, _)| k.0 == "convert").collect();
     if let (Some(parser), Some(ours)) = (
