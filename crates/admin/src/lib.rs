@@ -1109,25 +1109,32 @@ async fn queue_retry(
 }
 
 async fn queue_hold(
-    State(state): State<Arc<AdminState>>,
-    Path(id): Path<i64>,
+    state: State<Arc<AdminState>>,
+    id: Path<i64>,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
-    let store = state.store.clone();
-    blocking(move || store.set_held(id, true))
-        .await?
-        .map_err(|e| action_error(id, e))?;
-    queue_item(State(state), Path(id)).await
+    set_held(state, id, true).await
 }
 
 async fn queue_release(
+    state: State<Arc<AdminState>>,
+    id: Path<i64>,
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    set_held(state, id, false).await
+}
+
+/// Holds or releases an entry; a release wakes the delivery workers.
+async fn set_held(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<i64>,
+    held: bool,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
     let store = state.store.clone();
-    blocking(move || store.set_held(id, false))
+    blocking(move || store.set_held(id, held))
         .await?
         .map_err(|e| action_error(id, e))?;
-    state.outbound.wake();
+    if !held {
+        state.outbound.wake();
+    }
     queue_item(State(state), Path(id)).await
 }
 

@@ -343,24 +343,6 @@ fn message(id: &str, to: &[String]) -> Vec<u8> {
     builder.write_to_vec().expect("building to memory")
 }
 
-/// Dot-stuffs and terminates a message for DATA.
-fn for_data(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + 64);
-    let mut line_start = true;
-    for &b in message {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 /// One accepted message.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -438,7 +420,7 @@ async fn session_loop(
             format!("stable-list@{DOMAIN}"),
             format!("user{}.{session}.{n}@{REMOTE}", tag()),
         ];
-        let body = for_data(&message(&id, &to));
+        let body = mailroom_outbound::client::dot_stuff(&message(&id, &to));
         let mut envelope = String::from("MAIL FROM:<load@remote.test> SMTPUTF8\r\n");
         for address in &to {
             envelope.push_str(&format!("RCPT TO:<{address}>\r\n"));

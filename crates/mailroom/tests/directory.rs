@@ -29,27 +29,6 @@ async fn send(server: &TestServer, to: &[&str], subject: &str) {
         .unwrap_or_else(|e| panic!("sending to {to:?}: {e}"));
 }
 
-/// Runs the CLI against the server; returns stdout, panicking with stderr on failure.
-async fn cli(server: &TestServer, args: &[&str]) -> String {
-    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    all.push("--data".into());
-    all.push(server.dir.path().to_str().unwrap().into());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_mailroom"))
-            .args(&all)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "mailroom {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 async fn api<T: serde::de::DeserializeOwned + Send + 'static>(
     client: AdminClient,
     path: &str,
@@ -63,10 +42,9 @@ async fn api<T: serde::de::DeserializeOwned + Send + 'static>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old() {
     let server = TestServer::start().await;
-    cli(&server, &["template", "set", "%g.%s@example.test"]).await;
-    let out = cli(
-        &server,
-        &[
+    server.cli(&["template", "set", "%g.%s@example.test"]).await;
+    let out = server
+        .cli(&[
             "recipient",
             "add",
             "--alias",
@@ -77,15 +55,13 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
             "Clark",
             "--name",
             "Mark Clark",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(out.contains("created Mark.Clark@example.test"), "{out}");
     send(&server, &["Mark.Clark@example.test"], "before").await;
     // A namesake collides: a numeric suffix, and a note saying so.
-    let out = cli(
-        &server,
-        &[
+    let out = server
+        .cli(&[
             "recipient",
             "add",
             "--alias",
@@ -94,9 +70,8 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
             "Mark",
             "--surname",
             "Clark",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(out.contains("created Mark.Clark2@example.test"), "{out}");
     assert!(
         out.contains("note: mclark2: generated address taken, used Mark.Clark2@example.test"),
@@ -105,7 +80,7 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
 
     // The new template: its domain becomes local, and every generated address moves
     // (postmaster's address was entered by hand, so it is not even scanned).
-    let out = cli(&server, &["template", "set", "%1g%s@corp.test"]).await;
+    let out = server.cli(&["template", "set", "%1g%s@corp.test"]).await;
     assert!(
         out.contains("done: scanned 2, updated 2, failed 0"),
         "{out}"
@@ -114,7 +89,7 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
         out.contains("generated address taken, used MClark2@corp.test"),
         "{out}"
     );
-    let show = cli(&server, &["recipient", "show", "mclark"]).await;
+    let show = server.cli(&["recipient", "show", "mclark"]).await;
     assert!(
         show.contains("MClark@corp.test (primary, generated)"),
         "{show}"
@@ -138,9 +113,8 @@ async fn mail_to_a_nested_list_reaches_every_member_once() {
     server
         .add_recipients(&["ann@example.test", "bob@example.test", "cat@example.test"])
         .await;
-    cli(
-        &server,
-        &[
+    server
+        .cli(&[
             "list",
             "add",
             "devs",
@@ -150,12 +124,10 @@ async fn mail_to_a_nested_list_reaches_every_member_once() {
             "bob",
             "--member",
             "cat",
-        ],
-    )
-    .await;
-    cli(
-        &server,
-        &[
+        ])
+        .await;
+    server
+        .cli(&[
             "list",
             "add",
             "all",
@@ -167,11 +139,12 @@ async fn mail_to_a_nested_list_reaches_every_member_once() {
             "devs",
             "--member",
             "bob@example.test",
-        ],
-    )
-    .await;
+        ])
+        .await;
     // A loop: devs also contains all.
-    cli(&server, &["list", "members", "devs", "bob", "cat", "all"]).await;
+    server
+        .cli(&["list", "members", "devs", "bob", "cat", "all"])
+        .await;
     // Addressed to the list, a nested list and a member directly: one copy each.
     send(
         &server,
@@ -203,9 +176,8 @@ async fn mail_to_a_nested_list_reaches_every_member_once() {
 async fn mail_to_a_contact_is_routed_into_the_outbound_queue_with_its_connector() {
     let server = TestServer::start().await;
     server.add_recipients(&["ann@example.test"]).await;
-    cli(
-        &server,
-        &[
+    server
+        .cli(&[
             "connector",
             "add",
             "partner",
@@ -215,12 +187,10 @@ async fn mail_to_a_contact_is_routed_into_the_outbound_queue_with_its_connector(
             "SMTP:*@partner.example",
             "--cost",
             "1",
-        ],
-    )
-    .await;
-    cli(
-        &server,
-        &[
+        ])
+        .await;
+    server
+        .cli(&[
             "contact",
             "add",
             "pat",
@@ -230,15 +200,14 @@ async fn mail_to_a_contact_is_routed_into_the_outbound_queue_with_its_connector(
             "pat@example.test",
             "--name",
             "Pat Partner",
-        ],
-    )
-    .await;
-    let table = cli(&server, &["routing", "show"]).await;
+        ])
+        .await;
+    let table = server.cli(&["routing", "show"]).await;
     assert!(
         table.lines().nth(1).unwrap().contains("*@partner.example"),
         "{table}"
     );
-    let diff = cli(&server, &["routing", "diff"]).await;
+    let diff = server.cli(&["routing", "diff"]).await;
     assert!(diff.starts_with("+ SMTP   *@partner.example"), "{diff}");
 
     send(
@@ -259,7 +228,7 @@ async fn mail_to_a_contact_is_routed_into_the_outbound_queue_with_its_connector(
     let generation = items[0]["generation"].as_u64().unwrap();
     let site: Value = api(server.client(), "/site").await;
     assert!(generation >= 1 && generation <= site["generation"].as_u64().unwrap());
-    let shown = cli(&server, &["queue", "show", "outbound"]).await;
+    let shown = server.cli(&["queue", "show", "outbound"]).await;
     assert!(shown.contains("via partner"), "{shown}");
     server.server.shutdown().await;
 }
@@ -271,7 +240,7 @@ async fn protocol_settings_and_domains_through_the_cli() {
     let check = |allowed: bool| {
         let server = &server;
         async move {
-            let out = cli(server, &["protocol", "check", "ann", "imap"]).await;
+            let out = server.cli(&["protocol", "check", "ann", "imap"]).await;
             let expected = if allowed {
                 "ann may use imap"
             } else {
@@ -281,18 +250,16 @@ async fn protocol_settings_and_domains_through_the_cli() {
         }
     };
     check(true).await;
-    cli(&server, &["protocol", "site", "imap", "off"]).await;
+    server.cli(&["protocol", "site", "imap", "off"]).await;
     check(false).await;
-    cli(&server, &["protocol", "server", "imap", "on"]).await;
+    server.cli(&["protocol", "server", "imap", "on"]).await;
     check(true).await;
-    cli(
-        &server,
-        &["recipient", "modify", "ann", "--protocol", "imap:off"],
-    )
-    .await;
+    server
+        .cli(&["recipient", "modify", "ann", "--protocol", "imap:off"])
+        .await;
     check(false).await;
-    cli(&server, &["protocol", "server", "site-defaults"]).await;
-    let shown = cli(&server, &["protocol", "show"]).await;
+    server.cli(&["protocol", "server", "site-defaults"]).await;
+    let shown = server.cli(&["protocol", "show"]).await;
     assert!(
         shown.contains("imap=off") && shown.contains("site defaults"),
         "{shown}"
@@ -313,11 +280,11 @@ async fn protocol_settings_and_domains_through_the_cli() {
         err.contains("newco.test is not an accepted domain"),
         "{err}"
     );
-    cli(&server, &["domain", "add", "newco.test"]).await;
-    cli(&server, &["recipient", "add", "zed@newco.test"]).await;
+    server.cli(&["domain", "add", "newco.test"]).await;
+    server.cli(&["recipient", "add", "zed@newco.test"]).await;
     send(&server, &["zed@newco.test"], "welcome").await;
     server.wait_for_messages("zed", 1).await;
-    let domains = cli(&server, &["domain", "list"]).await;
+    let domains = server.cli(&["domain", "list"]).await;
     assert!(
         domains.contains("newco.test") && domains.contains("example.test"),
         "{domains}"

@@ -199,6 +199,17 @@ async fn connector(server: &TestServer, name: &str, kind: Value, pattern: &str) 
     .await;
 }
 
+/// The connector most tests use: everything for remote.test to the aiosmtpd peer.
+async fn partner(server: &TestServer, peer: &Peer) {
+    connector(
+        server,
+        "partner",
+        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
+        "*@remote.test",
+    )
+    .await;
+}
+
 /// Sends from alice@example.test (a local mailbox, so DSNs land in her INBOX) with lettre.
 async fn send_from_alice(server: &TestServer, to: &[&str], subject: &str) {
     use lettre::{AsyncTransport, Message};
@@ -253,13 +264,7 @@ async fn advance(server: &TestServer, secs: u64) {
 async fn smart_host_delivers_retries_a_4xx_and_returns_a_5xx_to_the_sender() {
     let peer = Peer::start();
     let server = start(|_| {}).await;
-    connector(
-        &server,
-        "partner",
-        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
-        "*@remote.test",
-    )
-    .await;
+    partner(&server, &peer).await;
     send_from_alice(
         &server,
         &["ok@remote.test", "perm@remote.test", "temp@remote.test"],
@@ -485,26 +490,6 @@ async fn mx_resolution_routing_changes_and_expiry() {
     assert!(drained);
 }
 
-async fn cli(server: &TestServer, args: &[&str]) -> String {
-    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    all.push("--data".into());
-    all.push(server.dir.path().to_str().unwrap().into());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_mailroom"))
-            .args(&all)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "mailroom {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 /// The id of the one outbound entry whose recipients include `address`.
 async fn entry_for(server: &TestServer, address: &str) -> i64 {
     let mut id = None;
@@ -531,61 +516,59 @@ async fn entry_for(server: &TestServer, address: &str) -> i64 {
 async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode() {
     let peer = Peer::start();
     let server = start(|_| {}).await;
-    connector(
-        &server,
-        "partner",
-        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
-        "*@remote.test",
-    )
-    .await;
+    partner(&server, &peer).await;
 
     // Inbound only: mail is accepted and waits, untried.
-    let shown = cli(&server, &["queue", "transfer-mode", "inbound"]).await;
+    let shown = server.cli(&["queue", "transfer-mode", "inbound"]).await;
     assert!(shown.contains("transfer mode: inbound"), "{shown}");
     send_from_alice(&server, &["first@remote.test"], "held back").await;
     let first = entry_for(&server, "first@remote.test").await;
-    let listed = cli(
-        &server,
-        &[
+    let listed = server
+        .cli(&[
             "queue",
             "entries",
             "--queue",
             "outbound",
             "--destination",
             "remote.test",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         listed.contains("first@remote.test") && listed.contains("<alice@example.test>"),
         "{listed}"
     );
-    let none = cli(&server, &["queue", "entries", "--sender", "nobody@"]).await;
+    let none = server
+        .cli(&["queue", "entries", "--sender", "nobody@"])
+        .await;
     assert!(none.contains("0 entr(ies)"), "{none}");
-    let young = cli(&server, &["queue", "entries", "--older-than", "3600"]).await;
+    let young = server
+        .cli(&["queue", "entries", "--older-than", "3600"])
+        .await;
     assert!(
         young.contains("0 entr(ies)"),
         "nothing is an hour old: {young}"
     );
-    let by_recipient = cli(&server, &["queue", "entries", "--recipient", "FIRST@"]).await;
+    let by_recipient = server
+        .cli(&["queue", "entries", "--recipient", "FIRST@"])
+        .await;
     assert!(by_recipient.contains("1 entr(ies)"), "{by_recipient}");
 
     // Held, then the mode allows delivery: a later message goes, the held one stays.
-    cli(&server, &["queue", "hold", &first.to_string()]).await;
-    let held = cli(&server, &["queue", "entries", "--state", "held"]).await;
+    server.cli(&["queue", "hold", &first.to_string()]).await;
+    let held = server.cli(&["queue", "entries", "--state", "held"]).await;
     assert!(held.contains("first@remote.test"), "{held}");
-    cli(&server, &["queue", "transfer-mode", "both"]).await;
+    server.cli(&["queue", "transfer-mode", "both"]).await;
     send_from_alice(&server, &["second@remote.test"], "goes first").await;
     let received = peer.wait_for(1).await;
     assert_eq!(received[0]["rcpt_tos"], json!(["second@remote.test"]));
     let entry: Value = get(&server, &format!("/queue/{first}")).await;
     assert_eq!(entry["held"], true);
     assert_eq!(entry["attempts"], 0, "a held entry is never attempted");
-    let details = cli(&server, &["queue", "entry", &first.to_string()]).await;
+    let details = server.cli(&["queue", "entry", &first.to_string()]).await;
     assert!(details.contains("held:          yes"), "{details}");
 
     // Released: delivered.
-    cli(&server, &["queue", "release", &first.to_string()]).await;
+    server.cli(&["queue", "release", &first.to_string()]).await;
     let received = peer.wait_for(2).await;
     assert_eq!(received[1]["rcpt_tos"], json!(["first@remote.test"]));
 
@@ -593,7 +576,9 @@ async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode
     send_from_alice(&server, &["always@remote.test"], "stuck").await;
     let stuck = entry_for(&server, "always@remote.test").await;
     wait_outbound_settled(&server, 1).await;
-    cli(&server, &["queue", "delete", &stuck.to_string(), "--dsn"]).await;
+    server
+        .cli(&["queue", "delete", &stuck.to_string(), "--dsn"])
+        .await;
     let inbox = server.wait_for_messages("alice@example.test", 1).await;
     let dsn = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
     assert!(
@@ -607,7 +592,7 @@ async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode
     assert!(outbound_items(&server).await.is_empty());
 
     // Outbound only: new SMTP sessions are refused with 421, nothing lost.
-    cli(&server, &["queue", "transfer-mode", "outbound"]).await;
+    server.cli(&["queue", "transfer-mode", "outbound"]).await;
     let mut stream = std::net::TcpStream::connect(server.smtp()).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -623,13 +608,7 @@ async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode
 async fn dsn_parameters_from_the_sender_are_honoured() {
     let peer = Peer::start();
     let server = start(|_| {}).await;
-    connector(
-        &server,
-        "partner",
-        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
-        "*@remote.test",
-    )
-    .await;
+    partner(&server, &peer).await;
     // Python's smtplib, with per-recipient DSN parameters.
     let script = format!(
         r#"
@@ -903,13 +882,7 @@ async fn a_pipelining_chunking_next_hop_gets_the_message_byte_for_byte_over_one_
 async fn no_dsn_to_the_null_sender_and_a_looping_message_is_returned() {
     let peer = Peer::start();
     let server = start(|_| {}).await;
-    connector(
-        &server,
-        "partner",
-        json!({"kind": "smart_host", "host": format!("127.0.0.1:{}", peer.port)}),
-        "*@remote.test",
-    )
-    .await;
+    partner(&server, &peer).await;
     // A bounce (null sender) that bounces: dropped, never answered.
     let transport =
         lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
@@ -971,7 +944,7 @@ async fn a_local_connector_hands_mail_back_to_local_delivery() {
     )
     .await;
     // Queued (and held) while later.test is somebody else's.
-    cli(&server, &["queue", "transfer-mode", "inbound"]).await;
+    server.cli(&["queue", "transfer-mode", "inbound"]).await;
     send_from_alice(
         &server,
         &["pat@later.test", "nobody@later.test"],
@@ -995,7 +968,7 @@ async fn a_local_connector_hands_mail_back_to_local_delivery() {
     )
     .await;
     connector(&server, "here", json!({"kind": "local"}), "*@later.test").await;
-    cli(&server, &["queue", "transfer-mode", "both"]).await;
+    server.cli(&["queue", "transfer-mode", "both"]).await;
     let inbox = server.wait_for_messages("pat@later.test", 1).await;
     assert_eq!(inbox[0].subject.as_deref(), Some("for later"));
     // The address nobody has is returned to the sender.

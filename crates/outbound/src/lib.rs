@@ -476,6 +476,9 @@ enum Destination {
 /// One attempt at an entry: route, deliver, decide.
 async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     let now = shared.clock.now_ms();
+    // One directory snapshot for the whole attempt: routing and the connector's retry
+    // schedule come from the same table.
+    let snapshot = shared.directory.snapshot();
     let mut envelope = item.envelope.clone();
     let before: Vec<String> = envelope.pending().map(|r| r.address.clone()).collect();
     let mut route = None;
@@ -519,7 +522,6 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
             }
         }
     } else {
-        let snapshot = shared.directory.snapshot();
         let balance = item.id as u64;
         let mut groups: BTreeMap<Destination, Vec<String>> = BTreeMap::new();
         for address in &before {
@@ -550,15 +552,17 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
         }
         for (destination, addresses) in groups {
             let connector = route.as_ref().map_or("", |r| r.0.as_str()).to_string();
-            match destination {
+            let hosts = match &destination {
+                Destination::Mx(domain) => shared.resolver.mail_hosts(domain).await,
+                Destination::SmartHost(spec) => shared.resolver.smart_host(spec).await,
                 Destination::Local => {
-                    for address in addresses {
-                        if matches!(snapshot.resolve(&address), Resolution::Local(_)) {
+                    for address in &addresses {
+                        if matches!(snapshot.resolve(address), Resolution::Local(_)) {
                             respool.push(address.clone());
                             if let Some(r) = envelope
                                 .recipients
                                 .iter_mut()
-                                .find(|r| r.address == address)
+                                .find(|r| &r.address == address)
                             {
                                 r.status = RecipientStatus::Delivered;
                                 r.reply = Some("handed to local delivery".into());
@@ -566,41 +570,26 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                         } else {
                             fail(
                                 &mut envelope,
-                                &address,
+                                address,
                                 "5.1.1",
                                 "5.1.1 routed to the local connector, but no local recipient has this address".into(),
                                 None,
                             );
                         }
                     }
+                    continue;
                 }
-                Destination::Mx(domain) => {
-                    let hosts = shared.resolver.mail_hosts(&domain).await;
-                    deliver_group(
-                        shared,
-                        &item,
-                        &mut envelope,
-                        &addresses,
-                        hosts,
-                        &connector,
-                        &mut log,
-                    )
-                    .await;
-                }
-                Destination::SmartHost(spec) => {
-                    let hosts = shared.resolver.smart_host(&spec).await;
-                    deliver_group(
-                        shared,
-                        &item,
-                        &mut envelope,
-                        &addresses,
-                        hosts,
-                        &connector,
-                        &mut log,
-                    )
-                    .await;
-                }
-            }
+            };
+            deliver_group(
+                shared,
+                &item,
+                &mut envelope,
+                &addresses,
+                hosts,
+                &connector,
+                &mut log,
+            )
+            .await;
         }
     }
 
@@ -661,9 +650,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     let pending = envelope.pending().count();
     // The connector's own retry schedule, when it has one.
     let connector_retry = route.as_ref().and_then(|(name, _)| {
-        shared
-            .directory
-            .snapshot()
+        snapshot
             .site()
             .connectors
             .get(name)

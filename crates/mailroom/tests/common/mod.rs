@@ -116,6 +116,28 @@ impl TestServer {
             .expect("accepted");
     }
 
+    /// Runs the `mailroom` CLI against this server (found through its data folder);
+    /// fails the test when it exits non-zero; returns its standard output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.push("--data".into());
+        all.push(self.dir.path().to_str().unwrap().into());
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+                .args(&all)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "mailroom {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// The INBOX listing of `address`, through the admin API.
     pub async fn mailbox(&self, address: &str) -> Vec<MessageSummary> {
         let client = self.client();
