@@ -146,24 +146,21 @@ impl ImapServer {
             refusal: b"* BYE [UNAVAILABLE] too many connections, try again later\r\n",
         };
         let refused = || {};
-        let handler_cancel = cancel.clone();
-        mailroom_listen::serve(
+        let metrics = mailroom_listen::SessionMetrics {
+            sessions: self.stats.sessions.clone(),
+            active: self.stats.sessions_active.clone(),
+        };
+        let server = self.clone();
+        mailroom_listen::serve_sessions(
             listener,
             limits,
             cancel,
             tracker,
             refused,
-            move |stream, peer| {
-                let server = self.clone();
-                let cancel = handler_cancel.clone();
-                async move {
-                    server.stats.sessions.inc();
-                    server.stats.sessions_active.inc();
-                    if let Err(e) = server.handle(stream, peer, cancel).await {
-                        tracing::debug!(%peer, error = %e, "IMAP session ended with an error");
-                    }
-                    server.stats.sessions_active.dec();
-                }
+            metrics,
+            move |stream, peer, cancel| {
+                let server = server.clone();
+                async move { server.handle(stream, peer, cancel).await }
             },
         )
         .await;

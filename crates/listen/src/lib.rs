@@ -73,6 +73,54 @@ pub async fn serve<H, F>(
     }
 }
 
+/// The session counters every listener keeps (clones share the same values).
+#[derive(Clone)]
+pub struct SessionMetrics {
+    /// Sessions started.
+    pub sessions: prometheus_client::metrics::counter::Counter,
+    /// Sessions open now.
+    pub active: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// [`serve`] for a protocol server: each connection runs `session` with the shutdown
+/// token, counted in `metrics`, and a session that ends with an error is logged at
+/// debug level (a client going away mid-command is normal, not news).
+pub async fn serve_sessions<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    refused: impl Fn(),
+    metrics: SessionMetrics,
+    session: H,
+) where
+    H: Fn(TcpStream, SocketAddr, CancellationToken) -> F,
+    F: Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let protocol = limits.protocol;
+    let session_cancel = cancel.clone();
+    serve(
+        listener,
+        limits,
+        cancel,
+        tracker,
+        refused,
+        move |stream, peer| {
+            let connection = session(stream, peer, session_cancel.clone());
+            let metrics = metrics.clone();
+            async move {
+                metrics.sessions.inc();
+                metrics.active.inc();
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "{protocol} session ended with an error");
+                }
+                metrics.active.dec();
+            }
+        },
+    )
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
