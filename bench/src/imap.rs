@@ -39,6 +39,28 @@ enum Mode {
         password: String,
         #[arg(long, default_value_t = 2000)]
         messages: usize,
+        /// Number of the first message (to add to a mailbox already loaded).
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+        /// Connections APPENDing side by side (messages are spread over them).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+    },
+    /// Latency of single operations on a large mailbox, one client alone: SELECT, the
+    /// FETCHes a client makes when it opens a mailbox, and SEARCHes. Each is timed
+    /// `repeat` times after a first (cold) run; prints JSON (milliseconds).
+    Latency {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        /// Messages in the INBOX (as loaded).
+        #[arg(long)]
+        messages: usize,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
     },
     /// Run the operation mix with `clients` concurrent clients for `secs` seconds; then
     /// hold `idle` connections logged in and print operations/s (JSON).
@@ -229,14 +251,83 @@ async fn main() -> anyhow::Result<()> {
             user,
             password,
             messages,
+            start,
+            connections,
+        } => {
+            let connections = connections.max(1);
+            let tasks: Vec<_> = (0..connections)
+                .map(|k| {
+                    let (user, password) = (user.clone(), password.clone());
+                    tokio::spawn(async move {
+                        let mut c = Client::connect(server).await?;
+                        c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+                        for i in (start + k..start + messages).step_by(connections) {
+                            let (_, tagged) =
+                                c.command("APPEND INBOX ()", Some(&corpus(i))).await?;
+                            ensure!(tagged.contains(" OK"), "APPEND: {tagged}");
+                        }
+                        c.ok("LOGOUT").await?;
+                        anyhow::Ok(())
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await?.context("a loading connection failed")?;
+            }
+        }
+        Mode::Latency {
+            server,
+            user,
+            password,
+            messages,
+            repeat,
         } => {
             let mut c = Client::connect(server).await?;
             c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
-            for i in 0..messages {
-                let (_, tagged) = c.command("APPEND INBOX ()", Some(&corpus(i))).await?;
-                ensure!(tagged.contains(" OK"), "APPEND: {tagged}");
+            let last = messages.max(50);
+            let operations = [
+                ("select", "SELECT INBOX".to_string(), 0),
+                (
+                    "fetch_flags_all",
+                    "UID FETCH 1:* (FLAGS)".to_string(),
+                    messages,
+                ),
+                (
+                    "fetch_newest_50",
+                    format!(
+                        "FETCH {}:{last} (UID FLAGS ENVELOPE RFC822.SIZE)",
+                        last - 49
+                    ),
+                    50,
+                ),
+                ("search_unseen", "UID SEARCH UNSEEN".to_string(), 1),
+                (
+                    "search_subject",
+                    "UID SEARCH SUBJECT quarterly".to_string(),
+                    1,
+                ),
+            ];
+            let mut out = serde_json::Map::new();
+            for (name, command, min_untagged) in operations {
+                let mut times = Vec::with_capacity(repeat + 1);
+                for _ in 0..=repeat {
+                    let t = Instant::now();
+                    let untagged = c.ok(&command).await?;
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                    ensure!(
+                        untagged >= min_untagged,
+                        "{command}: {untagged} untagged lines, expected at least {min_untagged}"
+                    );
+                }
+                let first = times.remove(0);
+                times.sort_by(f64::total_cmp);
+                out.insert(
+                    name.into(),
+                    serde_json::json!({"first_ms": first, "median_ms": times[times.len() / 2]}),
+                );
             }
             c.ok("LOGOUT").await?;
+            println!("{}", serde_json::Value::Object(out));
         }
         Mode::Run {
             server,
