@@ -1,20 +1,24 @@
 //! The inbound conversion workers.
 //!
 //! Each worker is an OS thread that claims a batch of due inbound entries (one
-//! transaction), parses each on its own helper thread with a time budget, and delivers
-//! the parsed ones together (one transaction). A message that panics the parser, or
-//! takes longer than its budget, is deferred (and after `attempts_max` tries,
-//! quarantined with the reason) while the others are delivered: a slow parse holds its
-//! batch-mates up by [`FLUSH_PATIENCE`] at most. A helper that overruns its
-//! budget is abandoned, not killed (Rust cannot kill a thread); it writes nothing, and the
-//! attempt limit bounds how many one poison message can leave behind
-//! (`mailroom_conversion_abandoned` counts them).
+//! transaction), parses each on a helper thread of its own pool with a time budget (all
+//! of a batch in parallel), and delivers the parsed ones together (one transaction). A
+//! message that panics the parser, or takes longer than its budget, is deferred (and
+//! after `attempts_max` tries, quarantined with the reason) while the others are
+//! delivered: a slow parse holds its batch-mates up by [`FLUSH_PATIENCE`] at most. A
+//! helper that overruns its budget is given up on, not killed (Rust cannot kill a
+//! thread): the pool starts another in its place, and the lost one rejoins the pool if
+//! its parse ever ends. It writes nothing, and the attempt limit bounds how many one
+//! poison message can hold (`mailroom_conversion_abandoned` counts them).
+//!
+//! The helpers are kept between batches: starting a thread per message was a fifth of
+//! conversion's time (docs/benchmarks.md, profile).
 //!
 //! The attempt is counted when the entry is claimed, so a message that crashes the whole
 //! process is also quarantined after `attempts_max` restarts.
 
 use crate::{delivery_plan, message_facts};
-use crossbeam_channel::{RecvTimeoutError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
 use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
@@ -23,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -130,18 +135,101 @@ struct Worker {
     directory: Directory,
     doorbell: Doorbell,
     config: ConversionConfig,
-    hook: Option<ConversionHook>,
     cancel: CancellationToken,
     stats: ConversionStats,
     /// Counts every finished attempt (delivered, deferred, quarantined).
     probe: Arc<Probe>,
     /// What this worker is doing, for the watchdog's report.
     activity: Arc<Activity>,
-    /// Parse threads that overran their budget; joined once they finish. A helper's
-    /// `JoinHandle` is never dropped while the thread may be exiting: glibc's
-    /// `pthread_detach` races with a concurrently exiting thread and can read freed
-    /// memory (we saw it crash the server under churn). Joining avoids detaching.
-    overrun: std::cell::RefCell<Vec<JoinHandle<()>>>,
+    /// The parse helpers.
+    pool: std::cell::RefCell<ParsePool>,
+}
+
+/// One message's parse, for a helper: its index in the batch, its bytes, and where to
+/// send the outcome.
+type ParseJob = (usize, Arc<[u8]>, Sender<ParseOutcome>);
+type ParseOutcome = (usize, Result<MessageFacts, String>);
+
+/// A worker's parse helper threads, kept between batches. Every helper waits on one job
+/// channel; before a batch of `n` is sent, the pool makes sure `n` helpers are free, so
+/// every parse starts at once and its budget is its own.
+struct ParsePool {
+    jobs: Option<Sender<ParseJob>>,
+    receiver: Receiver<ParseJob>,
+    /// Helpers started. A helper's `JoinHandle` is never dropped while the thread may be
+    /// exiting: glibc's `pthread_detach` races with a concurrently exiting thread and
+    /// can read freed memory (we saw it crash the server under churn). They are joined,
+    /// or forgotten at shutdown when still stuck in a parse.
+    helpers: Vec<JoinHandle<()>>,
+    /// Jobs taken by a helper and not finished.
+    busy: Arc<AtomicUsize>,
+    hook: Option<ConversionHook>,
+    name: String,
+}
+
+impl ParsePool {
+    fn new(name: String, hook: Option<ConversionHook>) -> ParsePool {
+        let (jobs, receiver) = unbounded();
+        ParsePool {
+            jobs: Some(jobs),
+            receiver,
+            helpers: Vec::new(),
+            busy: Arc::new(AtomicUsize::new(0)),
+            hook,
+            name,
+        }
+    }
+
+    /// Starts helpers until at least `n` are free (not in a parse). Helpers still in an
+    /// abandoned parse count as busy, so they are replaced.
+    fn ensure_free(&mut self, n: usize) -> std::io::Result<()> {
+        while self
+            .helpers
+            .len()
+            .saturating_sub(self.busy.load(Ordering::Acquire))
+            < n
+        {
+            let receiver = self.receiver.clone();
+            let busy = self.busy.clone();
+            let hook = self.hook.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("parse-{}-{}", self.name, self.helpers.len()))
+                .spawn(move || {
+                    while let Ok((index, body, done)) = receiver.recv() {
+                        busy.fetch_add(1, Ordering::AcqRel);
+                        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            if let Some(hook) = &hook {
+                                hook(&body);
+                            }
+                            message_facts(&body)
+                        }));
+                        // Free again before the worker hears of it, so the next batch
+                        // counts this helper as free.
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                        let _ = done.send((index, outcome.map_err(|panic| panic_message(&*panic))));
+                    }
+                })?;
+            self.helpers.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Stops the helpers: the free ones end at once and are joined; one still in an
+    /// abandoned parse is left to the process exit (joining could wait forever).
+    fn stop(&mut self) {
+        self.jobs = None;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while !self.helpers.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for handle in self.helpers.drain(..) {
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                std::mem::forget(handle);
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -172,12 +260,11 @@ impl Workers {
             let worker = Worker {
                 probe: probe.clone(),
                 activity,
-                overrun: std::cell::RefCell::new(Vec::new()),
+                pool: std::cell::RefCell::new(ParsePool::new(index.to_string(), hook.clone())),
                 store: store.clone(),
                 directory: directory.clone(),
                 doorbell: doorbell.clone(),
                 config: config.clone(),
-                hook: hook.clone(),
                 cancel: cancel.clone(),
                 stats: stats.clone(),
             };
@@ -218,7 +305,6 @@ const FLUSH_PATIENCE: Duration = Duration::from_millis(50);
 impl Worker {
     fn run(self) {
         while !self.cancel.is_cancelled() {
-            self.reap_overrun();
             match self
                 .store
                 .claim_inbound(now_ms(), self.config.batch_max.max(1))
@@ -242,35 +328,27 @@ impl Worker {
                 }
             }
         }
-        // Helpers still running at shutdown are left to the process exit: detaching them
-        // could race with their exit (see `overrun`), and joining could wait forever.
-        for handle in self.overrun.take() {
-            if handle.is_finished() {
-                let _ = handle.join();
-            } else {
-                std::mem::forget(handle);
-            }
-        }
+        self.pool.borrow_mut().stop();
     }
 
-    /// Joins overrun parse threads that have finished since.
-    fn reap_overrun(&self) {
-        let mut overrun = self.overrun.borrow_mut();
-        let (finished, running): (Vec<_>, Vec<_>) =
-            overrun.drain(..).partition(|h| h.is_finished());
-        *overrun = running;
-        drop(overrun);
-        for handle in finished {
-            let _ = handle.join();
-        }
-    }
-
-    /// Parses every item on its own helper thread (in parallel), delivers the parsed
-    /// ones in as few transactions as patience allows, and fails the rest.
+    /// Parses every item on a helper thread (all in parallel), delivers the parsed ones
+    /// in as few transactions as patience allows, and fails the rest.
     fn convert_batch(&self, items: Vec<ClaimedItem>) {
-        let mut slots: Vec<Option<(ClaimedItem, JoinHandle<()>)>> = Vec::with_capacity(items.len());
+        let mut slots: Vec<Option<ClaimedItem>> = Vec::with_capacity(items.len());
         let (done, results) = bounded(items.len());
         let mut outstanding = 0usize;
+        let mut pool = self.pool.borrow_mut();
+        if let Err(e) = pool.ensure_free(items.len()) {
+            drop(pool);
+            for item in &items {
+                self.fail(item, &format!("cannot start a parse thread: {e}"));
+            }
+            return;
+        }
+        let Some(jobs) = pool.jobs.clone() else {
+            return;
+        };
+        drop(pool);
         for item in items {
             if item.attempts > self.config.attempts_max {
                 let reason = format!(
@@ -282,26 +360,10 @@ impl Worker {
             }
             let index = slots.len();
             let body: Arc<[u8]> = Arc::from(item.body.as_slice());
-            let hook = self.hook.clone();
-            let done = done.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("parse-{}", item.queue_id))
-                .spawn(move || {
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        if let Some(hook) = &hook {
-                            hook(&body);
-                        }
-                        message_facts(&body)
-                    }));
-                    let _ = done.send((index, outcome.map_err(|panic| panic_message(&*panic))));
-                });
-            match spawned {
-                Ok(handle) => {
-                    slots.push(Some((item, handle)));
-                    outstanding += 1;
-                }
-                Err(e) => self.fail(&item, &format!("cannot start a parse thread: {e}")),
-            }
+            // The pool's receiver lives as long as the pool: the send cannot fail.
+            let _ = jobs.send((index, body, done.clone()));
+            slots.push(Some(item));
+            outstanding += 1;
         }
         drop(done);
         let deadline = Instant::now() + self.config.time_budget;
@@ -316,9 +378,7 @@ impl Worker {
             match results.recv_timeout(wait) {
                 Ok((index, outcome)) => {
                     outstanding -= 1;
-                    let (item, handle) = slots[index].take().expect("each parse reports once");
-                    // It has sent its result: it is returning, so the join is immediate.
-                    let _ = handle.join();
+                    let item = slots[index].take().expect("each parse reports once");
                     match outcome {
                         Ok(facts) => ready.push((item, facts)),
                         Err(message) => {
@@ -334,8 +394,7 @@ impl Worker {
         }
         self.deliver(ready);
         let budget = self.config.time_budget.as_millis();
-        for (item, handle) in slots.into_iter().flatten() {
-            self.overrun.borrow_mut().push(handle);
+        for item in slots.into_iter().flatten() {
             self.stats.abandoned.inc();
             self.fail(
                 &item,
@@ -450,5 +509,66 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "unknown panic".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pool: &ParsePool, bodies: &[&[u8]]) -> Vec<ParseOutcome> {
+        let (done, results) = bounded(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            let _ = pool
+                .jobs
+                .as_ref()
+                .unwrap()
+                .send((i, Arc::from(*body), done.clone()));
+        }
+        (0..bodies.len())
+            .map(|_| results.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn helpers_are_reused_and_a_stuck_one_is_replaced() {
+        let (release, stuck) = bounded::<()>(0);
+        let hook: ConversionHook = Arc::new(move |body: &[u8]| {
+            if body.starts_with(b"X-Stuck") {
+                let _ = stuck.recv();
+            }
+        });
+        let mut pool = ParsePool::new("t".into(), Some(hook));
+        pool.ensure_free(3).unwrap();
+        assert_eq!(pool.helpers.len(), 3);
+        let outcomes = run(&pool, &[b"Subject: a\r\n\r\nx", b"Subject: b\r\n\r\ny"]);
+        assert!(outcomes.iter().all(|(_, o)| o.is_ok()));
+        pool.ensure_free(3).unwrap();
+        assert_eq!(pool.helpers.len(), 3, "no new thread for the next batch");
+
+        // One helper sticks in a parse; the next batch of three gets a fourth helper.
+        let (done, _results) = bounded(1);
+        let _ =
+            pool.jobs
+                .as_ref()
+                .unwrap()
+                .send((0, Arc::from(&b"X-Stuck: yes\r\n\r\n"[..]), done));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.busy.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        pool.ensure_free(3).unwrap();
+        assert_eq!(pool.helpers.len(), 4);
+        let outcomes = run(&pool, &[b"A: 1\r\n\r\n", b"A: 2\r\n\r\n", b"A: 3\r\n\r\n"]);
+        assert_eq!(outcomes.len(), 3);
+        // Released, the stuck helper is free again: nothing new is started.
+        release.send(()).unwrap();
+        while pool.busy.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        pool.ensure_free(4).unwrap();
+        assert_eq!(pool.helpers.len(), 4);
+        pool.stop();
+        assert!(pool.helpers.is_empty());
     }
 }
