@@ -16,8 +16,8 @@ import sys
 # (component, pattern on a frame's symbol), tried in this order for each frame.
 COMPONENTS = [
     ("fsync (durability)", r"fdatasync|\bfsync|unixSync|file_write_and_wait|jbd2"),
-    ("allocator (malloc/free)", r"^(malloc|free|cfree|realloc|calloc|_int_malloc|_int_free|_int_realloc|malloc_consolidate|unlink_chunk|tcache|__libc_malloc|__libc_free|__GI___libc_free|__GI___libc_malloc|alloc::raw_vec::finish_grow)"),
-    ("thread start/stop", r"pthread_create|std::thread::Builder::spawn|clone3$|__clone|do_exit|exit_mm|mmap_region|__x64_sys_munmap|__do_munmap"),
+    ("allocator (malloc/free)", r"__x64_sys_munmap|__do_munmap|__x64_sys_mmap|^(malloc|free|cfree|realloc|calloc|_int_malloc|_int_free|_int_realloc|malloc_consolidate|unlink_chunk|tcache|__libc_malloc|__libc_free|__GI___libc_free|__GI___libc_malloc|alloc::raw_vec::finish_grow)"),
+    ("thread start/stop", r"pthread_create|std::thread::Builder::spawn|clone3$|__clone|do_exit|exit_mm"),
     ("Argon2 (password checks)", r"argon2"),
     ("blake3 (body hashes)", r"blake3"),
     ("mail-parser", r"^mail_parser::"),
@@ -50,6 +50,7 @@ def main():
     title = sys.argv[1] if len(sys.argv) > 1 else "profile"
     only = re.compile(sys.argv[2]) if len(sys.argv) > 2 else None
     comp = collections.Counter()
+    where = collections.defaultdict(collections.Counter)
     thread = collections.Counter()
     own = collections.Counter()
     total = 0
@@ -63,7 +64,8 @@ def main():
         if only and not only.search(comm):
             return
         total += 1
-        group = next((g for g, p in GROUPS if re.search(p, comm)), "other threads")
+        group = next((g for g, p in GROUPS if re.search(p, comm)), None)
+        group = group or "thread " + re.sub(r"[-_]?\d+$", "", comm)
         thread[group] += 1
         syms = [clean(f) for f in frames]
         if syms:
@@ -72,6 +74,7 @@ def main():
             hit = next((name for name, p in COMPILED if p.search(s)), None)
             if hit:
                 comp[hit] += 1
+                where[hit][re.sub(r"<.*?>|\(.*", "", s)[:70]] += 1
                 return
         comp["other"] += 1
 
@@ -93,10 +96,11 @@ def main():
     pct = lambda n: f"{100 * n / total:.1f} %"
     print(f"#### {title}\n")
     print(f"{total} samples.\n")
-    print("| component | share of samples |")
-    print("|---|---:|")
+    print("| component | share of samples | mostly in |")
+    print("|---|---:|---|")
     for name, n in comp.most_common():
-        print(f"| {name} | {pct(n)} |")
+        top = ", ".join(f"`{f.replace('|', '/')}`" for f, _ in where[name].most_common(2))
+        print(f"| {name} | {pct(n)} | {top} |")
     print()
     print("| threads | share |")
     print("|---|---:|")

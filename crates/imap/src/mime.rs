@@ -12,12 +12,16 @@ use mail_parser::{Address, HeaderValue, Message, MessageParser, MimeHeaders, Par
 
 /// Parses stored bytes (never fails: mail-parser accepts anything).
 pub fn parse(raw: &[u8]) -> Message<'_> {
-    MessageParser::default()
-        .parse(raw)
-        .unwrap_or_else(|| Message {
-            raw_message: raw.into(),
-            ..Message::default()
-        })
+    parse_with(&MessageParser::default(), raw)
+}
+
+/// Like [`parse`], with a parser configured for the purpose (see
+/// `search::header_parser`).
+pub fn parse_with<'r>(parser: &MessageParser, raw: &'r [u8]) -> Message<'r> {
+    parser.parse(raw).unwrap_or_else(|| Message {
+        raw_message: raw.into(),
+        ..Message::default()
+    })
 }
 
 fn part_header<'m>(m: &'m Message<'m>, idx: usize) -> &'m [u8] {

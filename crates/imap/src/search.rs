@@ -6,7 +6,7 @@
 //! the raw body.
 
 use crate::parse::{Range, STAR, SearchKey, days_from_civil};
-use mail_parser::{Address, HeaderValue, Message};
+use mail_parser::{Address, HeaderName, HeaderValue, Message, MessageParser};
 use mailroom_store::MessageState;
 
 /// One message as SEARCH sees it.
@@ -44,6 +44,56 @@ pub fn needs_body(key: &SearchKey) -> bool {
         SearchKey::And(keys) => keys.iter().any(needs_body),
         _ => false,
     }
+}
+
+/// A parser for a header-only SEARCH: it decodes only the headers `key` names (and
+/// `Date` for the SENT* keys) and keeps every other header raw. A full parse decoded
+/// every Received, DKIM and MIME header of every message; the bench/imap profile showed
+/// that as a third of a `SEARCH SUBJECT` over a large mailbox.
+pub fn header_parser(key: &SearchKey) -> MessageParser {
+    fn names(key: &SearchKey, out: &mut Vec<String>) {
+        match key {
+            SearchKey::Header(name, _) => out.push(name.clone()),
+            SearchKey::SentBefore(_) | SearchKey::SentOn(_) | SearchKey::SentSince(_) => {
+                out.push("date".into())
+            }
+            SearchKey::Not(k) => names(k, out),
+            SearchKey::Or(a, b) => {
+                names(a, out);
+                names(b, out);
+            }
+            SearchKey::And(keys) => keys.iter().for_each(|k| names(k, out)),
+            _ => {}
+        }
+    }
+    let mut wanted = Vec::new();
+    names(key, &mut wanted);
+    // A map with at least one entry: an empty one means "parse every header".
+    let mut parser = MessageParser::new()
+        .default_header_raw()
+        .header_raw(HeaderName::Received);
+    for name in wanted {
+        let Some(header) = HeaderName::parse(name) else {
+            continue;
+        };
+        parser = match header {
+            HeaderName::Other(_) => parser,
+            HeaderName::From
+            | HeaderName::To
+            | HeaderName::Cc
+            | HeaderName::Bcc
+            | HeaderName::ReplyTo
+            | HeaderName::Sender
+            | HeaderName::ResentTo
+            | HeaderName::ResentFrom
+            | HeaderName::ResentBcc
+            | HeaderName::ResentCc
+            | HeaderName::ResentSender => parser.header_address(header),
+            HeaderName::Date | HeaderName::ResentDate => parser.header_date(header),
+            _ => parser.header_text(header),
+        };
+    }
+    parser
 }
 
 /// Whether `key` uses MODSEQ (the response then carries the highest MODSEQ).
@@ -263,5 +313,62 @@ mod tests {
         yes("MODSEQ 12 OLD");
         no("NEW");
         assert_eq!(compact(&[5, 1, 2, 3, 9, 10]), "1:3,5,9:10");
+    }
+
+    #[test]
+    fn header_only_parser_finds_what_the_full_parse_finds() {
+        let raw = "Received: from a by b; Thu, 5 Mar 2026 10:00:00 +0100\r\nFrom: =?utf-8?q?Zo=C3=AB?= <zoe@x.test>\r\nTo: a@example.test\r\nCc: =?utf-8?q?J=C3=BCrgen?= <j@x.test>\r\nSubject: Quarterly =?utf-8?q?n=C3=BAmeros?=\r\nX-Ticket: =?utf-8?q?caf=C3=A9?= 42\r\nDate: Thu, 5 Mar 2026 10:00:00 +0100\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n".as_bytes();
+        let state = MessageState {
+            uid: 7,
+            modseq: 12,
+            flags: vec![],
+            internal_date_ms: 0,
+            size: raw.len() as u64,
+        };
+        let full = crate::mime::parse(raw);
+        for k in [
+            "FROM zoë",
+            "FROM ZOE@X",
+            "CC jürgen",
+            "SUBJECT números",
+            "SUBJECT quarterly",
+            "HEADER X-Ticket 42",
+            "HEADER X-Ticket =?utf-8",
+            "HEADER Received \"from a\"",
+            "HEADER Content-Type charset",
+            "HEADER Cc \"\"",
+            "HEADER Bcc \"\"",
+            "SENTON 5-Mar-2026",
+            "SENTSINCE 6-Mar-2026",
+            "OR SUBJECT nothing FROM zoë",
+            "NOT TO someone-else",
+            "TO nobody",
+        ] {
+            let key = key(k);
+            let light = crate::mime::parse_with(&header_parser(&key), raw);
+            let with = |m| Candidate {
+                seq: 1,
+                state: &state,
+                message: Some(m),
+            };
+            assert_eq!(
+                matches(&key, &with(&light), 1, 7),
+                matches(&key, &with(&full), 1, 7),
+                "{k}"
+            );
+        }
+        // And it does find what it should (not merely agree).
+        let key = key("FROM zoë");
+        let light = crate::mime::parse_with(&header_parser(&key), raw);
+        assert!(matches(
+            &key,
+            &Candidate {
+                seq: 1,
+                state: &state,
+                message: Some(&light)
+            },
+            1,
+            7
+        ));
     }
 }

@@ -1028,10 +1028,11 @@ impl Session {
                 let target = mailbox.clone();
                 if let Some(limit) = self.hard_quota_kb(recipient).filter(|_| !remove) {
                     let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    let copying: HashSet<u32> = uids.iter().copied().collect();
                     let adding: u64 = view
                         .messages
                         .iter()
-                        .filter(|m| uids.contains(&m.uid))
+                        .filter(|m| copying.contains(&m.uid))
                         .map(|m| m.size)
                         .sum();
                     if used + adding > limit * 1024 {
@@ -1141,8 +1142,12 @@ impl Session {
             }
         }
         let view = self.selected.as_mut().expect("checked");
+        // `current` comes in UID order: a binary search per message. (A linear `find`
+        // here made every sync quadratic: 14 % of the IMAP bench's time at 20,000
+        // messages, bench/profile.)
         for (i, m) in view.messages.iter_mut().enumerate() {
-            if let Some(now) = current.iter().find(|c| c.uid == m.uid)
+            if let Ok(at) = current.binary_search_by_key(&m.uid, |c| c.uid)
+                && let now = &current[at]
                 && now.modseq != m.modseq
             {
                 *m = now.clone();
@@ -1180,6 +1185,11 @@ impl Session {
         // Header-only keys read only the header of each message; messages are read in
         // chunks, one store call per chunk.
         let header_only = !search::needs_body(key);
+        let parser = if header_only {
+            search::header_parser(key)
+        } else {
+            mail_parser::MessageParser::default()
+        };
         const CHUNK: usize = 500;
         for (chunk_index, chunk) in view.messages.chunks(CHUNK).enumerate() {
             let raws: std::collections::HashMap<u32, Vec<u8>> = if content {
@@ -1195,7 +1205,9 @@ impl Session {
                 std::collections::HashMap::new()
             };
             for (j, state) in chunk.iter().enumerate() {
-                let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+                let parsed = raws
+                    .get(&state.uid)
+                    .map(|raw| mime::parse_with(&parser, raw));
                 let candidate = Candidate {
                     seq: (chunk_index * CHUNK + j) as u32 + 1,
                     state,
