@@ -18,7 +18,7 @@
 //! process is also quarantined after `attempts_max` restarts.
 
 use crate::{delivery_plan, message_facts};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
 use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
@@ -168,8 +168,12 @@ struct ParsePool {
 }
 
 impl ParsePool {
-    fn new(name: String, hook: Option<ConversionHook>) -> ParsePool {
-        let (jobs, receiver) = unbounded();
+    /// A pool for batches of at most `capacity` messages. The job channel holds that
+    /// many: a batch is sent only once as many helpers are free and the previous batch
+    /// has been taken (abandoned parses were taken by their helper), so a send never
+    /// waits.
+    fn new(name: String, capacity: usize, hook: Option<ConversionHook>) -> ParsePool {
+        let (jobs, receiver) = bounded(capacity.max(1));
         ParsePool {
             jobs: Some(jobs),
             receiver,
@@ -260,7 +264,11 @@ impl Workers {
             let worker = Worker {
                 probe: probe.clone(),
                 activity,
-                pool: std::cell::RefCell::new(ParsePool::new(index.to_string(), hook.clone())),
+                pool: std::cell::RefCell::new(ParsePool::new(
+                    index.to_string(),
+                    config.batch_max,
+                    hook.clone(),
+                )),
                 store: store.clone(),
                 directory: directory.clone(),
                 doorbell: doorbell.clone(),
@@ -538,7 +546,7 @@ mod tests {
                 let _ = stuck.recv();
             }
         });
-        let mut pool = ParsePool::new("t".into(), Some(hook));
+        let mut pool = ParsePool::new("t".into(), 4, Some(hook));
         pool.ensure_free(3).unwrap();
         assert_eq!(pool.helpers.len(), 3);
         let outcomes = run(&pool, &[b"Subject: a\r\n\r\nx", b"Subject: b\r\n\r\ny"]);
