@@ -46,6 +46,17 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         connections: usize,
     },
+    /// Write messages `start..start+messages` of the same corpus as files into a
+    /// Maildir's `cur` folder (how the Dovecot side grows to a large mailbox: its own
+    /// APPEND slows as `new/` fills, O(n) per message).
+    Maildir {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+        #[arg(long)]
+        messages: usize,
+    },
     /// Latency of single operations on a large mailbox, one client alone: SELECT, the
     /// FETCHes a client makes when it opens a mailbox, and SEARCHes. Each is timed
     /// `repeat` times after a first (cold) run; prints JSON (milliseconds).
@@ -273,6 +284,20 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             for t in tasks {
                 t.await?.context("a loading connection failed")?;
+            }
+        }
+        Mode::Maildir {
+            dir,
+            start,
+            messages,
+        } => {
+            let cur = dir.join("cur");
+            std::fs::create_dir_all(&cur)?;
+            for i in start..start + messages {
+                let body = corpus(i);
+                // Maildir names: unique, with the size (S=) Dovecot reads without a stat.
+                let name = format!("1772704800.M{i}P0.bench,S={}:2,", body.len());
+                std::fs::write(cur.join(name), body)?;
             }
         }
         Mode::Latency {
