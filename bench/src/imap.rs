@@ -21,6 +21,27 @@ struct Args {
     command: Mode,
 }
 
+/// Where and as whom the client logs in.
+#[derive(clap::Args, Clone)]
+struct Login {
+    #[arg(long)]
+    server: SocketAddr,
+    #[arg(long)]
+    user: String,
+    #[arg(long)]
+    password: String,
+}
+
+impl Login {
+    /// A connection, logged in.
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let mut c = Client::connect(self.server).await?;
+        c.ok(&format!("LOGIN \"{}\" \"{}\"", self.user, self.password))
+            .await?;
+        Ok(c)
+    }
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Print Mailroom's Argon2id hash of a password (PHC string), so the peer can check
@@ -31,12 +52,8 @@ enum Mode {
     },
     /// APPEND `messages` realistic messages to INBOX.
     Load {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        login: Login,
         #[arg(long, default_value_t = 2000)]
         messages: usize,
         /// Number of the first message (to add to a mailbox already loaded).
@@ -61,12 +78,8 @@ enum Mode {
     /// FETCHes a client makes when it opens a mailbox, and SEARCHes. Each is timed
     /// `repeat` times after a first (cold) run; prints JSON (milliseconds).
     Latency {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        login: Login,
         /// Messages in the INBOX (as loaded).
         #[arg(long)]
         messages: usize,
@@ -76,12 +89,8 @@ enum Mode {
     /// Run the operation mix with `clients` concurrent clients for `secs` seconds; then
     /// hold `idle` connections logged in and print operations/s (JSON).
     Run {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        login: Login,
         #[arg(long, default_value_t = 20)]
         clients: usize,
         #[arg(long, default_value_t = 10)]
@@ -93,12 +102,8 @@ enum Mode {
     /// Open `count` connections, log in and SELECT on each, then wait for a line on
     /// standard input (the script measures the server's memory meanwhile).
     Hold {
-        #[arg(long)]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        login: Login,
         #[arg(long, default_value_t = 200)]
         count: usize,
     },
@@ -214,18 +219,11 @@ struct Counts {
     store: u64,
 }
 
-async fn client_loop(
-    server: SocketAddr,
-    user: String,
-    password: String,
-    until: Instant,
-    messages: u32,
-) -> anyhow::Result<Counts> {
+async fn client_loop(login: Login, until: Instant, messages: u32) -> anyhow::Result<Counts> {
     let mut counts = Counts::default();
     let mut round = 0u32;
     while Instant::now() < until {
-        let mut c = Client::connect(server).await?;
-        c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+        let mut c = login.connect().await?;
         counts.login += 1;
         c.ok("SELECT INBOX").await?;
         counts.select += 1;
@@ -258,9 +256,7 @@ async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Mode::Hash { password } => println!("{}", mailroom_directory::hash_password(&password)),
         Mode::Load {
-            server,
-            user,
-            password,
+            login,
             messages,
             start,
             connections,
@@ -268,10 +264,9 @@ async fn main() -> anyhow::Result<()> {
             let connections = connections.max(1);
             let tasks: Vec<_> = (0..connections)
                 .map(|k| {
-                    let (user, password) = (user.clone(), password.clone());
+                    let login = login.clone();
                     tokio::spawn(async move {
-                        let mut c = Client::connect(server).await?;
-                        c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+                        let mut c = login.connect().await?;
                         for i in (start + k..start + messages).step_by(connections) {
                             let (_, tagged) =
                                 c.command("APPEND INBOX ()", Some(&corpus(i))).await?;
@@ -301,14 +296,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Mode::Latency {
-            server,
-            user,
-            password,
+            login,
             messages,
             repeat,
         } => {
-            let mut c = Client::connect(server).await?;
-            c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+            let mut c = login.connect().await?;
             let last = messages.max(50);
             let operations = [
                 ("select", "SELECT INBOX".to_string(), 0),
@@ -355,9 +347,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::Value::Object(out));
         }
         Mode::Run {
-            server,
-            user,
-            password,
+            login,
             clients,
             secs,
             messages,
@@ -365,15 +355,7 @@ async fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let until = started + Duration::from_secs(secs);
             let tasks: Vec<_> = (0..clients)
-                .map(|_| {
-                    tokio::spawn(client_loop(
-                        server,
-                        user.clone(),
-                        password.clone(),
-                        until,
-                        messages as u32,
-                    ))
-                })
+                .map(|_| tokio::spawn(client_loop(login.clone(), until, messages as u32)))
                 .collect();
             let mut total = Counts::default();
             for t in tasks {
@@ -397,16 +379,10 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Mode::Hold {
-            server,
-            user,
-            password,
-            count,
-        } => {
+        Mode::Hold { login, count } => {
             let mut held = Vec::new();
             for _ in 0..count {
-                let mut c = Client::connect(server).await?;
-                c.ok(&format!("LOGIN \"{user}\" \"{password}\"")).await?;
+                let mut c = login.connect().await?;
                 c.ok("SELECT INBOX").await?;
                 held.push(c);
             }
