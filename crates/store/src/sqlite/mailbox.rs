@@ -505,6 +505,10 @@ impl Mailboxes for SqliteStore {
         header_only: bool,
     ) -> Result<Vec<(u32, Vec<u8>)>> {
         self.with_conn(|conn| {
+            // One read transaction for the whole chunk: a message row and its body are
+            // read from the same snapshot, so an expunge committed meanwhile cannot
+            // leave a row pointing at a body already deleted.
+            let conn = &conn.unchecked_transaction()?;
             let folder = require_folder(conn, recipient, folder)?;
             // The body is read through an incremental blob handle, so a header-only
             // read touches the first pages of a body, not its attachments (bench/imap
