@@ -163,7 +163,8 @@ pub trait Mailboxes {
 
     /// The bytes of several messages as a client would fetch them (like
     /// `MailStore::message_raw`), in one query: with `header_only`, only up to and
-    /// including the blank line that ends the header. Messages gone are left out.
+    /// including the blank line that ends the header. Messages gone are left out; the
+    /// result is in UID order, each message once.
     fn messages_raw(
         &self,
         recipient: RecipientId,

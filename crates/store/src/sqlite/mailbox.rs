@@ -514,40 +514,66 @@ impl Mailboxes for SqliteStore {
             // read touches the first pages of a body, not its attachments (bench/imap
             // profile: SQLite's instr() scanning whole bodies was most of a header
             // SEARCH).
-            let mut stmt = conn.prepare_cached(
-                "SELECT m.return_path, m.trace, m.blob_id
-                 FROM messages m WHERE m.folder_id = ?1 AND m.uid = ?2",
-            )?;
-            let mut blob: Option<rusqlite::blob::Blob<'_>> = None;
-            let mut out = Vec::with_capacity(uids.len());
-            for &uid in uids {
-                let row: Option<(String, bool, i64)> = stmt
-                    .query_row(params![folder, uid], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                if let Some((return_path, trace, blob_id)) = row {
-                    let handle = match &mut blob {
-                        Some(b) => {
-                            b.reopen(blob_id)?;
-                            b
+            // The rows: one range scan when the UIDs are dense (a SEARCH chunk is a run of
+            // the view), else one lookup each. (Point queries were half of a header
+            // SEARCH's store time, bench/profile.)
+            let mut wanted: Vec<u32> = uids.to_vec();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let mut rows: Vec<(u32, String, bool, i64)> = Vec::with_capacity(wanted.len());
+            if let (Some(&first), Some(&last)) = (wanted.first(), wanted.last()) {
+                if (last - first) as usize <= wanted.len() * 4 {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT uid, return_path, trace, blob_id FROM messages
+                         WHERE folder_id = ?1 AND uid BETWEEN ?2 AND ?3 ORDER BY uid",
+                    )?;
+                    let mut found = stmt.query(params![folder, first, last])?;
+                    while let Some(r) = found.next()? {
+                        let uid: u32 = r.get(0)?;
+                        if wanted.binary_search(&uid).is_ok() {
+                            rows.push((uid, r.get(1)?, r.get(2)?, r.get(3)?));
                         }
-                        None => blob.insert(conn.blob_open(
-                            rusqlite::DatabaseName::Main,
-                            "blobs",
-                            "data",
-                            blob_id,
-                            true,
-                        )?),
-                    };
-                    let data = read_body(handle, header_only)?;
-                    if trace {
-                        let mut bytes = crate::return_path_header(&return_path).into_bytes();
-                        bytes.extend_from_slice(&data);
-                        out.push((uid, bytes));
-                    } else {
-                        out.push((uid, data));
                     }
+                } else {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT return_path, trace, blob_id FROM messages
+                         WHERE folder_id = ?1 AND uid = ?2",
+                    )?;
+                    for &uid in &wanted {
+                        if let Some((return_path, trace, blob_id)) = stmt
+                            .query_row(params![folder, uid], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })
+                            .optional()?
+                        {
+                            rows.push((uid, return_path, trace, blob_id));
+                        }
+                    }
+                }
+            }
+            let mut blob: Option<rusqlite::blob::Blob<'_>> = None;
+            let mut out = Vec::with_capacity(rows.len());
+            for (uid, return_path, trace, blob_id) in rows {
+                let handle = match &mut blob {
+                    Some(b) => {
+                        b.reopen(blob_id)?;
+                        b
+                    }
+                    None => blob.insert(conn.blob_open(
+                        rusqlite::DatabaseName::Main,
+                        "blobs",
+                        "data",
+                        blob_id,
+                        true,
+                    )?),
+                };
+                let data = read_body(handle, header_only)?;
+                if trace {
+                    let mut bytes = crate::return_path_header(&return_path).into_bytes();
+                    bytes.extend_from_slice(&data);
+                    out.push((uid, bytes));
+                } else {
+                    out.push((uid, data));
                 }
             }
             Ok(out)

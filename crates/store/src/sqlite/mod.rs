@@ -1233,6 +1233,16 @@ mod tests {
         for ((_, got), (body, _)) in full.iter().zip(&bodies) {
             assert_eq!(got, body);
         }
+        // Sparse UIDs (one lookup each), repeated and missing ones: UID order, once each.
+        let sparse = store
+            .messages_raw(a, "INBOX", &[7, 100, 1, 7], true)
+            .unwrap();
+        let got: Vec<u32> = sparse.iter().map(|(uid, _)| *uid).collect();
+        assert_eq!(got, [1, 7]);
+        assert_eq!(sparse[1].1, bodies[6].0);
+        let dense = store.messages_raw(a, "INBOX", &[3, 2, 8], false).unwrap();
+        let got: Vec<u32> = dense.iter().map(|(uid, _)| *uid).collect();
+        assert_eq!(got, [2, 3]);
     }
 
     #[test]
