@@ -69,16 +69,21 @@ fn main() -> anyhow::Result<()> {
         _ => "-".into(),
     };
     let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    // The (size, sessions) pairs measured for one load, in order.
+    let loads_of = |load: &str| {
+        let mut pairs: Vec<(u64, u64)> = medians
+            .keys()
+            .filter(|k| k.0 == load)
+            .map(|k| (k.2, k.3))
+            .collect();
+        pairs.sort();
+        pairs.dedup();
+        pairs
+    };
 
     println!("Medians of {rounds} round(s), servers alternating within each round.\n");
     // SMTP ingestion.
-    let mut loads: Vec<(u64, u64)> = medians
-        .keys()
-        .filter(|k| k.0 == "smtp")
-        .map(|k| (k.2, k.3))
-        .collect();
-    loads.sort();
-    loads.dedup();
+    let loads = loads_of("smtp");
     println!("### SMTP ingestion (smtp-source, messages/s until the last reply)\n");
     println!(
         "| size | sessions | smtp-sink | Postfix | Mailroom | Mailroom/Postfix | Mailroom/smtp-sink |"
@@ -99,13 +104,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     // End to end.
-    let mut e2e: Vec<(u64, u64)> = medians
-        .keys()
-        .filter(|k| k.0 == "e2e")
-        .map(|k| (k.2, k.3))
-        .collect();
-    e2e.sort();
-    e2e.dedup();
+    let e2e = loads_of("e2e");
     if !e2e.is_empty() {
         println!("\n### End to end (SMTP to readable in the mailbox, messages/s)\n");
         println!("| size | sessions | Postfix (virtual → Maildir) | Mailroom | Mailroom/Postfix |");

@@ -346,15 +346,15 @@ impl Worker {
         let (done, results) = bounded(items.len());
         let mut outstanding = 0usize;
         let mut pool = self.pool.borrow_mut();
-        if let Err(e) = pool.ensure_free(items.len()) {
-            drop(pool);
-            for item in &items {
-                self.fail(item, &format!("cannot start a parse thread: {e}"));
+        let jobs = match pool.ensure_free(items.len()) {
+            Ok(()) => pool.jobs.clone(),
+            Err(e) => {
+                drop(pool);
+                for item in &items {
+                    self.fail(item, &format!("cannot start a parse thread: {e}"));
+                }
+                return;
             }
-            return;
-        }
-        let Some(jobs) = pool.jobs.clone() else {
-            return;
         };
         drop(pool);
         for item in items {
@@ -368,8 +368,16 @@ impl Worker {
             }
             let index = slots.len();
             let body: Arc<[u8]> = Arc::from(item.body.as_slice());
-            // The pool's receiver lives as long as the pool: the send cannot fail.
-            let _ = jobs.send((index, body, done.clone()));
+            // Never waits: as many helpers are free as the batch has messages. Should
+            // that ever be wrong, the message is deferred (a failed attempt), not waited
+            // for: a worker must not block behind its own helpers.
+            let sent = jobs
+                .as_ref()
+                .map(|jobs| jobs.try_send((index, body, done.clone())));
+            if !matches!(sent, Some(Ok(()))) {
+                self.fail(&item, "no parse helper was free to take it");
+                continue;
+            }
             slots.push(Some(item));
             outstanding += 1;
         }
