@@ -380,7 +380,21 @@ type Result<T> = std::result::Result<T, String>;
 struct Cursor<'a> {
     input: &'a [u8],
     at: usize,
+    /// How deeply the search key being parsed is nested (parentheses, NOT, OR).
+    depth: usize,
 }
+
+/// Deepest nesting of search keys accepted. The parser, the evaluator and dropping the
+/// tree all recurse once per level, so without a bound one line of 60,000 `(` overflows
+/// the stack and aborts the process; real clients nest a handful of levels.
+pub const SEARCH_DEPTH_MAX: usize = 64;
+
+/// Longest LIST reference plus pattern, in bytes. Matching costs pattern × name per
+/// folder; folder names are at most this long too, so one LIST is bounded work.
+pub const LIST_PATTERN_BYTES_MAX: usize = 1024;
+
+/// Patterns in one LIST-EXTENDED command, at most.
+pub const LIST_PATTERNS_MAX: usize = 32;
 
 fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
@@ -811,6 +825,18 @@ impl<'a> Cursor<'a> {
     }
 
     fn search_key(&mut self) -> Result<SearchKey> {
+        if self.depth >= SEARCH_DEPTH_MAX {
+            return Err(format!(
+                "search keys nested deeper than {SEARCH_DEPTH_MAX} levels"
+            ));
+        }
+        self.depth += 1;
+        let key = self.search_key_inner();
+        self.depth -= 1;
+        key
+    }
+
+    fn search_key_inner(&mut self) -> Result<SearchKey> {
         if self.eat(b'(') {
             let mut keys = Vec::new();
             loop {
@@ -977,6 +1003,9 @@ impl<'a> Cursor<'a> {
             self.at += 1;
             let mut patterns = Vec::new();
             loop {
+                if patterns.len() >= LIST_PATTERNS_MAX {
+                    return Err(format!("more than {LIST_PATTERNS_MAX} LIST patterns"));
+                }
                 patterns.push(self.list_mailbox()?);
                 if self.eat(b')') {
                     break patterns;
@@ -986,6 +1015,13 @@ impl<'a> Cursor<'a> {
         } else {
             vec![self.list_mailbox()?]
         };
+        if reference.len() + patterns.iter().map(String::len).max().unwrap_or(0)
+            > LIST_PATTERN_BYTES_MAX
+        {
+            return Err(format!(
+                "LIST reference and pattern longer than {LIST_PATTERN_BYTES_MAX} bytes"
+            ));
+        }
         if !lsub && self.eat(b' ') {
             if !self.eat_keyword("RETURN") {
                 return Err("expected RETURN".into());
@@ -1323,7 +1359,11 @@ impl<'a> Cursor<'a> {
 
 /// Parses one complete command (without its final CRLF; literals inline).
 pub fn parse_command(input: &[u8]) -> std::result::Result<Command, ParseError> {
-    let mut cursor = Cursor { input, at: 0 };
+    let mut cursor = Cursor {
+        input,
+        at: 0,
+        depth: 0,
+    };
     let tag = cursor.take_while(|b| is_atom_char(b) && b != b'+');
     if tag.is_empty() {
         return Err(ParseError {
@@ -1526,6 +1566,37 @@ mod tests {
                 condstore: true
             }
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_recursed_into() {
+        let mut line = b"a SEARCH ".to_vec();
+        line.extend(std::iter::repeat_n(b'(', 60_000));
+        let err = parse_command(&line).unwrap_err();
+        assert!(err.message.contains("nested deeper"), "{}", err.message);
+        let mut line = b"a SEARCH ".to_vec();
+        line.extend(b"NOT ".repeat(60_000));
+        line.extend_from_slice(b"ALL");
+        assert!(parse_command(&line).is_err());
+        let mut line = b"a SEARCH ".to_vec();
+        line.extend(b"OR ALL ".repeat(60_000));
+        line.extend_from_slice(b"ALL");
+        assert!(parse_command(&line).is_err());
+        // Real nesting still parses.
+        let mut line = b"a SEARCH ".to_vec();
+        line.extend(std::iter::repeat_n(b'(', SEARCH_DEPTH_MAX - 1));
+        line.extend_from_slice(b"SEEN");
+        line.extend(std::iter::repeat_n(b')', SEARCH_DEPTH_MAX - 1));
+        assert!(parse_command(&line).is_ok(), "{}", String::from_utf8_lossy(&line));
+    }
+
+    #[test]
+    fn list_patterns_are_bounded() {
+        let mut line = b"a LIST \"\" \"".to_vec();
+        line.extend(std::iter::repeat_n(b'%', 60_000));
+        line.push(b'"');
+        assert!(parse_command(&line).is_err());
+        assert!(parse_command(b"a LIST \"\" \"%/%\"").is_ok());
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct ImapConfig {
     pub hostname: String,
     /// Concurrent sessions, at most.
     pub sessions_max: usize,
+    /// Concurrent sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
+    /// Longest command before login, literals included, bytes.
+    pub command_before_login_max: usize,
     /// A session silent this long is logged out (RFC 9051 asks for at least 30 minutes).
     pub idle_timeout: Duration,
     /// Where plaintext passwords are accepted.
@@ -143,6 +147,7 @@ impl ImapServer {
         let limits = mailroom_listen::Limits {
             protocol: "IMAP",
             connections_max: self.config.sessions_max,
+            per_client_max: self.config.sessions_per_client_max,
             refusal: b"* BYE [UNAVAILABLE] too many connections, try again later\r\n",
         };
         let refused = || {};
@@ -208,6 +213,18 @@ pub enum Input {
     Closed,
 }
 
+/// A line longer than its limit (see [`Connection::read_line`]).
+#[derive(Debug)]
+struct LineTooLong;
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("command line too long")
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
 /// `{n}` or `{n+}` at the end of a line: (n, non-synchronising).
 fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
     let body = line.strip_suffix(b"}")?;
@@ -250,10 +267,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(n > 0)
     }
 
-    /// Reads one line (without CRLF), or `None` at end of stream.
+    /// Reads one line (without CRLF), or `None` at end of stream. A line longer than
+    /// `max` bytes is `Err(TooLong)`: nothing beyond `max` is ever buffered.
     pub async fn read_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        self.read_line_max(LINE_MAX).await
+    }
+
+    /// [`Connection::read_line`] bounded like a command before login (for SASL
+    /// continuations, which a client sends before it is authenticated).
+    pub async fn read_line_before_login(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        self.read_line_max(self.server.config.command_before_login_max)
+            .await
+    }
+
+    async fn read_line_max(&mut self, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        // Where the search for LF resumes: bytes before it were searched already, so a
+        // line arriving in small pieces costs linear time, not quadratic.
+        let mut searched = 0;
         loop {
-            if let Some(end) = self.input.iter().position(|b| *b == b'\n') {
+            if let Some(end) = memchr::memchr(b'\n', &self.input[searched..]) {
+                let end = searched + end;
                 let mut line: Vec<u8> = self.input.drain(..=end).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
@@ -261,9 +294,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 return Ok(Some(line));
             }
-            if self.input.len() > LINE_MAX {
+            searched = self.input.len();
+            if self.input.len() > max {
                 self.input.clear();
-                return Ok(Some(Vec::new()));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    LineTooLong,
+                ));
             }
             if !self.fill().await? {
                 return Ok(None);
@@ -272,14 +309,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Reads one complete command: lines joined with their literals. Sends the
-    /// continuation request for synchronising literals.
-    pub async fn read_command(&mut self) -> std::io::Result<Input> {
+    /// continuation request for synchronising literals. Before login a command is
+    /// bounded by `command_before_login_max` (a stranger's bytes cost us nothing); after
+    /// it, by a line plus the APPEND limit.
+    pub async fn read_command(&mut self, authenticated: bool) -> std::io::Result<Input> {
+        let command_max = if authenticated {
+            LINE_MAX + self.server.config.append_limit as usize
+        } else {
+            self.server.config.command_before_login_max
+        };
         let mut command = Vec::new();
         loop {
-            let Some(line) = self.read_line().await? else {
-                return Ok(Input::Closed);
+            let left = command_max.saturating_sub(command.len());
+            let line = match self.read_line_max(left.min(LINE_MAX)).await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Ok(Input::Closed),
+                Err(e) if e.get_ref().is_some_and(|e| e.is::<LineTooLong>()) => {
+                    return Ok(Input::TooLong);
+                }
+                Err(e) => return Err(e),
             };
-            if command.len() + line.len() > LINE_MAX + self.server.config.append_limit as usize {
+            if command.len() + line.len() > command_max {
                 return Ok(Input::TooLong);
             }
             command.extend_from_slice(&line);
@@ -288,7 +338,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             };
             let tag = String::from_utf8_lossy(command.split(|b| *b == b' ').next().unwrap_or(b"*"))
                 .into_owned();
-            if size > self.server.config.append_limit + LINE_MAX as u64 {
+            if size > (command_max - command.len()) as u64 {
+                if !authenticated && non_sync {
+                    // Megabytes a stranger announced and will send anyway: close
+                    // rather than read them.
+                    return Ok(Input::TooLong);
+                }
                 if non_sync {
                     // The client sends it anyway: read and drop it, then the rest of
                     // the command line.

@@ -138,18 +138,54 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Longest folder name, in bytes (with its parents). Bounds LIST matching work per
+/// folder together with the pattern limit; Dovecot's default is 255 per level.
+pub const FOLDER_NAME_BYTES_MAX: usize = 1024;
+
 /// `*` and `%` matching of a LIST pattern against a name ("/" separated).
+///
+/// Dynamic programming over (pattern position, name position), one row at a time:
+/// O(pattern × name) time and O(name) memory whatever the wildcards. The obvious
+/// recursive matcher backtracks exponentially (55 `*` stalled the runtime thread for
+/// seconds) and recurses once per pattern byte (60,000 `%` overflowed the stack).
 fn pattern_matches(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|i| pattern_matches(rest, &name[i..])),
-        Some((b'%', rest)) => (0..=name.len())
-            .take_while(|i| *i == 0 || name[i - 1] != b'/')
-            .any(|i| pattern_matches(rest, &name[i..])),
-        Some((p, rest)) => name.split_first().is_some_and(|(n, name_rest)| {
-            n.eq_ignore_ascii_case(p) && pattern_matches(rest, name_rest)
-        }),
+    // row[j]: the pattern so far matches name[..j].
+    let mut row = vec![false; name.len() + 1];
+    row[0] = true;
+    let mut next = vec![false; name.len() + 1];
+    let mut previous = None;
+    for &p in pattern {
+        // A run of `*` matches what one `*` does.
+        if p == b'*' && previous == Some(b'*') {
+            continue;
+        }
+        previous = Some(p);
+        match p {
+            b'*' => {
+                next[0] = row[0];
+                for j in 1..=name.len() {
+                    next[j] = row[j] || next[j - 1];
+                }
+            }
+            b'%' => {
+                next[0] = row[0];
+                for j in 1..=name.len() {
+                    next[j] = row[j] || (next[j - 1] && name[j - 1] != b'/');
+                }
+            }
+            p => {
+                next[0] = false;
+                for j in 1..=name.len() {
+                    next[j] = row[j - 1] && name[j - 1].eq_ignore_ascii_case(&p);
+                }
+            }
+        }
+        std::mem::swap(&mut row, &mut next);
+        if !row.contains(&true) {
+            return false;
+        }
     }
+    row[name.len()]
 }
 
 impl Session {
@@ -207,7 +243,7 @@ impl Session {
                     conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
                     return Ok(SessionEnd::Closed);
                 }
-                read = tokio::time::timeout(self.server.config.idle_timeout, conn.read_command()) => match read {
+                read = tokio::time::timeout(self.server.config.idle_timeout, conn.read_command(self.user.is_some())) => match read {
                     Ok(input) => input?,
                     Err(_) => {
                         conn.write(b"* BYE autologout: idle for too long\r\n").await?;
@@ -303,9 +339,26 @@ impl Session {
             Some(r) => r,
             None => {
                 conn.write(b"+ \r\n").await?;
-                match conn.read_line().await? {
-                    Some(line) => line,
-                    None => return Ok(bad("connection closed")),
+                // The continuation is bounded in time (the idle timeout) like any
+                // command, and in size like a command before login.
+                match tokio::time::timeout(
+                    self.server.config.idle_timeout,
+                    conn.read_line_before_login(),
+                )
+                .await
+                {
+                    Ok(Ok(Some(line))) => line,
+                    Ok(Ok(None)) => return Ok(bad("connection closed")),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Ok(bad("the response is too long"));
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "AUTHENTICATE continuation not sent in time",
+                        ));
+                    }
                 }
             }
         };
@@ -537,6 +590,11 @@ impl Session {
                 if name.is_empty() || name.contains("//") {
                     return no("[CANNOT] not a valid folder name");
                 }
+                if name.len() > FOLDER_NAME_BYTES_MAX {
+                    return no(format!(
+                        "[LIMIT] folder names are at most {FOLDER_NAME_BYTES_MAX} bytes"
+                    ));
+                }
                 if name == "INBOX" {
                     return no("[ALREADYEXISTS] INBOX exists");
                 }
@@ -569,6 +627,11 @@ impl Session {
                 ok("DELETE completed")
             }
             CommandKind::Rename(from, to) => {
+                if to.len() > FOLDER_NAME_BYTES_MAX {
+                    return no(format!(
+                        "[LIMIT] folder names are at most {FOLDER_NAME_BYTES_MAX} bytes"
+                    ));
+                }
                 blocking(&store, move |s| s.rename_folder(recipient, &from, &to)).await?;
                 ok("RENAME completed")
             }
@@ -748,17 +811,29 @@ impl Session {
             return Ok(());
         }
         let folders = blocking(&self.server.store, move |s| s.folders(recipient)).await?;
+        // Matching is pattern × name per folder: bounded, but it grows with the number
+        // of folders, so it runs on the blocking pool, never on a runtime thread.
+        let full_patterns: Vec<String> =
+            patterns.iter().map(|p| format!("{reference}{p}")).collect();
+        let names: Vec<String> = folders.iter().map(|f| f.name.clone()).collect();
+        let matched = tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|name| {
+                    full_patterns.iter().any(|p| {
+                        if name == "INBOX" {
+                            pattern_matches(p.to_ascii_uppercase().as_bytes(), b"INBOX")
+                        } else {
+                            pattern_matches(p.as_bytes(), name.as_bytes())
+                        }
+                    })
+                })
+                .collect::<Vec<bool>>()
+        })
+        .await
+        .map_err(|_| ("NO".to_string(), "[SERVERBUG] LIST failed".to_string()))?;
         let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
-        for folder in &folders {
-            let full_patterns: Vec<String> =
-                patterns.iter().map(|p| format!("{reference}{p}")).collect();
-            let matched = full_patterns.iter().any(|p| {
-                if folder.name == "INBOX" {
-                    pattern_matches(p.to_ascii_uppercase().as_bytes(), b"INBOX")
-                } else {
-                    pattern_matches(p.as_bytes(), folder.name.as_bytes())
-                }
-            });
+        for (folder, matched) in folders.iter().zip(matched) {
             if !matched {
                 continue;
             }
@@ -1645,5 +1720,19 @@ mod tests {
         assert!(pattern_matches(b"%", b"Archive"));
         assert!(pattern_matches(b"A*6", b"Archive/2026"));
         assert!(!pattern_matches(b"Sent", b"Sent/x"));
+        assert!(pattern_matches(b"%/%", b"Archive/2026"));
+        assert!(!pattern_matches(b"%/%", b"Archive/2026/11"));
+        assert!(pattern_matches(b"%/*", b"Archive/2026/11"));
+        assert!(pattern_matches(b"", b""));
+        assert!(!pattern_matches(b"", b"x"));
+        assert!(pattern_matches(b"*%*%", b""));
+        assert!(pattern_matches(b"arch*", b"Archive"));
+        // Hostile patterns: linear per name, no recursion, whatever the wildcards.
+        let stars = vec![b'*'; 60_000];
+        assert!(pattern_matches(&stars, b"Archive/2026"));
+        let mut many = b"*a".repeat(55);
+        many.push(b'b');
+        assert!(!pattern_matches(&many, &[b'a'; 60]));
+        assert!(!pattern_matches(&vec![b'%'; 60_000], b"a/b"));
     }
 }

@@ -6,10 +6,16 @@
 //! task per connection spawned on a `TaskTracker` (so shutdown can wait for them with a
 //! deadline), back-off when `accept` fails (out of file descriptors must not spin), and
 //! stopping at once when the cancellation token fires. Shape after mini-redis.
+//!
+//! A second limit counts connections per client address, so one client (or one
+//! attacker) cannot take every slot of the first: beyond it the client gets the same
+//! "try later" line. The count lives in a map under a leaf lock that is never held
+//! across an `.await`; the entry goes when its last connection ends.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +29,8 @@ pub struct Limits {
     pub protocol: &'static str,
     /// Concurrent connections, at most.
     pub connections_max: usize,
+    /// Concurrent connections from one client address, at most.
+    pub per_client_max: usize,
     /// What a client beyond the limit is told before the connection closes.
     pub refusal: &'static [u8],
 }
@@ -41,6 +49,7 @@ pub async fn serve<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    let clients = ClientCounts::default();
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -56,7 +65,11 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let client = clients.admit(peer.ip(), limits.per_client_max.max(1));
+        let (Ok(permit), Some(client)) = (permits.clone().try_acquire_owned(), client) else {
+            if client_refused(&clients, peer.ip(), limits.per_client_max.max(1)) {
+                tracing::debug!(%peer, limit = limits.per_client_max, "{} refused: too many connections from this client", limits.protocol);
+            }
             refused();
             let refusal = limits.refusal;
             tracker.spawn(async move {
@@ -69,7 +82,56 @@ pub async fn serve<H, F>(
         tracker.spawn(async move {
             connection.await;
             drop(permit);
+            drop(client);
         });
+    }
+}
+
+/// Open connections per client address (see the module documentation).
+#[derive(Clone, Default)]
+struct ClientCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection counted for its client; uncounted when dropped.
+struct ClientSlot {
+    counts: ClientCounts,
+    ip: IpAddr,
+}
+
+impl ClientCounts {
+    /// Counts a connection from `ip` unless it already has `max`.
+    fn admit(&self, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+
+    fn count(&self, ip: IpAddr) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// Whether a refusal was for the client's own limit (for the log).
+fn client_refused(clients: &ClientCounts, ip: IpAddr, max: usize) -> bool {
+    clients.count(ip) >= max
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -141,6 +203,7 @@ mod tests {
                     Limits {
                         protocol: "test",
                         connections_max: 1,
+                        per_client_max: 1,
                         refusal: b"busy\r\n",
                     },
                     cancel,

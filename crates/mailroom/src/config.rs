@@ -148,6 +148,8 @@ pub struct Pop3Section {
     pub listen: SocketAddr,
     /// Concurrent POP3 sessions, at most.
     pub sessions_max: usize,
+    /// Concurrent POP3 sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
     /// A session silent this long is closed, nothing deleted.
     pub idle_timeout_secs: u64,
 }
@@ -157,6 +159,7 @@ impl Default for Pop3Section {
         Pop3Section {
             listen: "127.0.0.1:1110".parse().expect("valid address"),
             sessions_max: 500,
+            sessions_per_client_max: 50,
             idle_timeout_secs: 600,
         }
     }
@@ -170,6 +173,10 @@ pub struct ImapSection {
     pub listen: SocketAddr,
     /// Concurrent IMAP sessions, at most.
     pub sessions_max: usize,
+    /// Concurrent IMAP sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
+    /// Longest command before login, literals included, in bytes.
+    pub command_before_login_max_bytes: usize,
     /// A session silent this long is logged out.
     pub idle_timeout_secs: u64,
     /// Largest message APPEND accepts (APPENDLIMIT), bytes.
@@ -181,6 +188,8 @@ impl Default for ImapSection {
         ImapSection {
             listen: "127.0.0.1:1143".parse().expect("valid address"),
             sessions_max: 1000,
+            sessions_per_client_max: 50,
+            command_before_login_max_bytes: 8192,
             idle_timeout_secs: 1800,
             append_limit_bytes: 26_214_400,
         }
@@ -286,6 +295,8 @@ pub struct SmtpSection {
     pub errors_per_session_max: u32,
     /// Concurrent sessions.
     pub sessions_max: usize,
+    /// Concurrent SMTP sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
     /// Idle time before a session is closed, seconds.
     pub idle_timeout_secs: u64,
     /// Longest session, seconds.
@@ -304,6 +315,7 @@ impl Default for SmtpSection {
             command_line_length_max_bytes: 2048,
             errors_per_session_max: 20,
             sessions_max: 500,
+            sessions_per_client_max: 50,
             idle_timeout_secs: 300,
             session_duration_max_secs: 3600,
             relay_networks: Vec::new(),
@@ -423,6 +435,9 @@ command_line_length_max_bytes = 2048
 errors_per_session_max = 20
 # Concurrent SMTP sessions; more are answered 421 4.7.0 and closed.
 sessions_max = 500
+# Concurrent SMTP sessions from one client address; more are answered 421 4.7.0 and
+# closed (one client cannot take every slot).
+sessions_per_client_max = 50
 # A session silent for this long is closed with 421 4.4.2 (RFC 5321 suggests 5 minutes).
 idle_timeout_secs = 300
 # A session open for this long is closed with 421 4.4.2.
@@ -477,6 +492,8 @@ deadlock_check_ms = 1000
 listen = "127.0.0.1:1110"
 # Concurrent POP3 sessions; more are refused with -ERR [SYS/TEMP].
 sessions_max = 500
+# Concurrent POP3 sessions from one client address; more are refused with -ERR [SYS/TEMP].
+sessions_per_client_max = 50
 # A session silent this long is closed and nothing it marked is deleted (RFC 1939 asks
 # for at least 10 minutes).
 idle_timeout_secs = 600
@@ -487,6 +504,11 @@ idle_timeout_secs = 600
 listen = "127.0.0.1:1143"
 # Concurrent IMAP sessions; more get * BYE [UNAVAILABLE].
 sessions_max = 1000
+# Concurrent IMAP sessions from one client address; more get * BYE [UNAVAILABLE].
+sessions_per_client_max = 50
+# Longest command a client may send before it has logged in, literals included (a
+# LOGIN with a long password fits; megabytes of literals from strangers do not).
+command_before_login_max_bytes = 8192
 # A session silent this long is logged out (RFC 9051 asks for at least 30 minutes).
 idle_timeout_secs = 1800
 # Largest message APPEND accepts, advertised as APPENDLIMIT; larger ones get [TOOBIG].
@@ -632,6 +654,15 @@ impl Config {
         }
         if self.imap.sessions_max == 0 || self.imap.idle_timeout_secs == 0 {
             bail!("imap.sessions_max and imap.idle_timeout_secs must be at least 1");
+        }
+        if self.imap.command_before_login_max_bytes < 1024 {
+            bail!("imap.command_before_login_max_bytes must be at least 1024");
+        }
+        if self.smtp.sessions_per_client_max == 0
+            || self.imap.sessions_per_client_max == 0
+            || self.pop3.sessions_per_client_max == 0
+        {
+            bail!("sessions_per_client_max must be at least 1 (smtp, imap and pop3)");
         }
         if self.imap.append_limit_bytes < 1024 {
             bail!("imap.append_limit_bytes must be at least 1024");

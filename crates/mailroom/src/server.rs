@@ -382,6 +382,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         },
         ListenerConfig {
             sessions_max: config.smtp.sessions_max,
+            sessions_per_client_max: config.smtp.sessions_per_client_max,
             idle_timeout: Duration::from_secs(config.smtp.idle_timeout_secs),
             session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
             relay_networks: config.smtp.relay_networks.clone(),
@@ -416,6 +417,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         Pop3Config {
             hostname: config.server.hostname.clone(),
             sessions_max: config.pop3.sessions_max,
+            sessions_per_client_max: config.pop3.sessions_per_client_max,
             idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
             plaintext,
         },
@@ -430,6 +432,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         ImapConfig {
             hostname: config.server.hostname.clone(),
             sessions_max: config.imap.sessions_max,
+            sessions_per_client_max: config.imap.sessions_per_client_max,
+            command_before_login_max: config.imap.command_before_login_max_bytes,
             idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
             plaintext: match config.login.plaintext_auth {
                 PlaintextAuth::Always => Plaintext::Always,

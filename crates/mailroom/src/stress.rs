@@ -240,7 +240,7 @@ fn write_config(dir: &Path, deadline: Duration) -> anyhow::Result<PathBuf> {
     std::fs::write(
         &path,
         format!(
-            "[server]\nshutdown_deadline_ms = {}\n[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\nsessions_max = 2000\n[watchdog]\nstall_after_ms = 10000\ncheck_interval_ms = 200\n[outbound]\ntransfer_mode = \"inbound\"\n",
+            "[server]\nshutdown_deadline_ms = {}\n[smtp]\nrelay_networks = [\"127.0.0.0/8\"]\nsessions_max = 2000\nsessions_per_client_max = 2000\n[watchdog]\nstall_after_ms = 10000\ncheck_interval_ms = 200\n[outbound]\ntransfer_mode = \"inbound\"\n",
             deadline.as_millis()
         ),
     )?;

@@ -57,6 +57,8 @@ pub struct Pop3Config {
     pub hostname: String,
     /// Concurrent sessions, at most; more get `-ERR [SYS/TEMP]` and are closed.
     pub sessions_max: usize,
+    /// Concurrent sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
     /// A session silent this long is closed (RFC 1939 asks for at least 10 minutes).
     pub idle_timeout: Duration,
     /// Where plaintext passwords are accepted.
@@ -195,6 +197,7 @@ impl Pop3Server {
         let limits = mailroom_listen::Limits {
             protocol: "POP3",
             connections_max: self.config.sessions_max,
+            per_client_max: self.config.sessions_per_client_max,
             refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
         };
         let refused = || {};

@@ -6,8 +6,8 @@
 //! message is on disk. Inputs: TCP connections. Outputs: spool submissions, replies.
 //!
 //! - [`session`]: the protocol as a state machine with no I/O and no clock of its own:
-//!   bytes in, [`session::Step`]s out. Commands are parsed with `smtp-proto`; DATA and
-//!   BDAT bodies are collected with its receivers (dot-unstuffing, CRLF.CRLF only).
+//!   bytes in, [`session::Step`]s out. Commands are parsed with `smtp-proto`.
+//! - [`data`]: DATA and BDAT bodies (dot-unstuffing; only `<CRLF>.<CRLF>` ends DATA).
 //! - [`reply`]: every reply is a typed value rendered in one place.
 //! - [`server`]: the tokio driver: accept loop with a connection limit, one task per
 //!   connection, timeouts, shutdown with 421.
@@ -15,6 +15,7 @@
 //! What it never does: touch the store directly, or keep a directory snapshot beyond one
 //! transaction.
 
+pub mod data;
 pub mod reply;
 pub mod server;
 pub mod session;

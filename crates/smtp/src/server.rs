@@ -77,6 +77,8 @@ impl SmtpStats {
 pub struct ListenerConfig {
     /// Concurrent sessions, at most; more are answered 421 and closed.
     pub sessions_max: usize,
+    /// Concurrent sessions from one client address, at most.
+    pub sessions_per_client_max: usize,
     /// A session idle this long is closed with 421.
     pub idle_timeout: Duration,
     /// A session open this long is closed with 421 (bounds slow-drip clients).
@@ -213,6 +215,7 @@ impl SmtpServer {
         let limits = mailroom_listen::Limits {
             protocol: "SMTP",
             connections_max: self.config.sessions_max,
+            per_client_max: self.config.sessions_per_client_max,
             refusal: b"421 4.7.0 Too many connections, try again later\r\n",
         };
         let refused = {

@@ -12,7 +12,7 @@
 
 use crate::reply::Reply;
 use mailroom_directory::{Resolution, Snapshot};
-use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
+use crate::data::{BdatReceiver, DataReceiver};
 use smtp_proto::{Error as ProtoError, MAIL_SMTPUTF8, Request};
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -110,9 +110,10 @@ enum Phase {
     /// Skipping the rest of an over-long command line.
     SkipLine,
     Data(DataReceiver),
-    DataDiscard(DummyDataReceiver, Refusal),
-    Bdat(BdatReceiver),
-    BdatDiscard(DummyDataReceiver, bool, Refusal),
+    DataDiscard(DataReceiver, Refusal),
+    /// A chunk, and whether it is the last.
+    Bdat(BdatReceiver, bool),
+    BdatDiscard(BdatReceiver, bool, Refusal),
     AwaitingSpool,
     Closed,
 }
@@ -207,7 +208,7 @@ impl Session {
                 Phase::Command => self.command(policy),
                 Phase::SkipLine => self.skip_line(),
                 Phase::Data(_) | Phase::DataDiscard(..) => self.data(),
-                Phase::Bdat(_) | Phase::BdatDiscard(..) => self.bdat(),
+                Phase::Bdat(..) | Phase::BdatDiscard(..) => self.bdat(),
             };
             if let Some(step) = step {
                 return self.count_errors(step);
@@ -498,13 +499,33 @@ impl Session {
     }
 
     fn bdat_command(&mut self, chunk_size: usize, is_last: bool) -> Step {
+        // A chunk that alone exceeds the limit cannot be accepted, and reading past it
+        // (up to 2^64 bytes) would tie the connection up for good: refuse and close, the
+        // only way to resynchronise (RFC 3030 leaves the server no other).
+        if chunk_size > self.limits.message_size_max {
+            self.phase = Phase::Closed;
+            self.transaction = None;
+            return Step::Reply(Reply::new(
+                552,
+                (5, 3, 4),
+                format!(
+                    "BDAT chunk of {chunk_size} octets exceeds the message size limit of {} bytes; closing connection",
+                    self.limits.message_size_max
+                ),
+            ));
+        }
         let refusal = match &mut self.transaction {
             None => Some(Refusal::NoTransaction),
             Some(t) if t.recipients.is_empty() => Some(Refusal::NoTransaction),
             Some(t) => {
                 t.bdat_used = true;
+                // Checked: a chunk size from the wire can be anything up to u64::MAX.
                 if t.bdat_failed.is_none()
-                    && t.data.len() + chunk_size > self.limits.message_size_max
+                    && t
+                        .data
+                        .len()
+                        .checked_add(chunk_size)
+                        .is_none_or(|total| total > self.limits.message_size_max)
                 {
                     t.bdat_failed = Some(Refusal::TooBig);
                     t.data = Vec::new();
@@ -513,43 +534,36 @@ impl Session {
             }
         };
         self.phase = match refusal {
-            None => Phase::Bdat(BdatReceiver::new(chunk_size, is_last)),
-            Some(refusal) => {
-                Phase::BdatDiscard(DummyDataReceiver::new_bdat(chunk_size), is_last, refusal)
-            }
+            None => Phase::Bdat(BdatReceiver::new(chunk_size), is_last),
+            Some(refusal) => Phase::BdatDiscard(BdatReceiver::new(chunk_size), is_last, refusal),
         };
         // The chunk's bytes follow at once; the reply comes after they are read.
-        match self.bdat() {
-            Some(step) => step,
-            None => Step::NeedInput,
-        }
+        self.bdat().unwrap_or(Step::NeedInput)
     }
 
     fn data(&mut self) -> Option<Step> {
         let size_max = self.limits.message_size_max;
-        let mut rest = self.input.iter();
-        let before = self.input.len();
         let finished = match &mut self.phase {
             Phase::Data(receiver) => {
                 let transaction = self.transaction.as_mut().expect("DATA has a transaction");
-                let done = receiver.ingest(&mut rest, &mut transaction.data);
+                let got = receiver.ingest(&self.input, Some(&mut transaction.data));
                 let too_big = transaction.data.len() > size_max;
                 if too_big {
                     transaction.data = Vec::new();
-                    if !done {
-                        let discard = DummyDataReceiver::new_data(receiver);
-                        self.phase = Phase::DataDiscard(discard, Refusal::TooBig);
+                    if !got.done {
+                        self.phase = Phase::DataDiscard(receiver.clone(), Refusal::TooBig);
                     }
                 }
-                done.then_some(too_big.then_some(Refusal::TooBig))
+                self.input.drain(..got.consumed);
+                got.done.then_some(too_big.then_some(Refusal::TooBig))
             }
             Phase::DataDiscard(receiver, refusal) => {
-                receiver.ingest(&mut rest).then_some(Some(*refusal))
+                let got = receiver.ingest(&self.input, None);
+                self.input.drain(..got.consumed);
+                got.done.then_some(Some(*refusal))
             }
             _ => unreachable!("data() only runs in a data phase"),
         };
-        let consumed = before - rest.as_slice().len();
-        self.consume(consumed);
         match finished {
             None => Some(Step::NeedInput),
             Some(refusal) => Some(self.end_of_message(refusal)),
@@ -557,23 +571,22 @@ impl Session {
     }
 
     fn bdat(&mut self) -> Option<Step> {
-        let mut rest = self.input.iter();
-        let before = self.input.len();
-        let finished = match &mut self.phase {
-            Phase::Bdat(receiver) => {
+        let (got, is_last, refusal) = match &mut self.phase {
+            Phase::Bdat(receiver, is_last) => {
                 let transaction = self.transaction.as_mut().expect("BDAT has a transaction");
-                receiver
-                    .ingest(&mut rest, &mut transaction.data)
-                    .then_some((receiver.is_last, None))
+                let got = receiver.ingest(&self.input, Some(&mut transaction.data));
+                (got, *is_last, None)
             }
-            Phase::BdatDiscard(receiver, is_last, refusal) => receiver
-                .ingest(&mut rest)
-                .then_some((*is_last, Some(*refusal))),
+            Phase::BdatDiscard(receiver, is_last, refusal) => {
+                (receiver.ingest(&self.input, None), *is_last, Some(*refusal))
+            }
             _ => unreachable!("bdat() only runs in a BDAT phase"),
         };
-        let consumed = before - rest.as_slice().len();
-        self.consume(consumed);
-        let (is_last, refusal) = finished?;
+        self.input.drain(..got.consumed);
+        if !got.done {
+            // The rest of the chunk has not arrived: read more (never loop on nothing).
+            return Some(Step::NeedInput);
+        }
         if is_last {
             return Some(self.end_of_message(refusal));
         }
@@ -913,5 +926,76 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
         );
         assert_eq!(codes(&out), ["250", "553", "250", "250", "354", "250"]);
         assert!(String::from_utf8_lossy(&subs[0].body).contains("with UTF8SMTP"));
+    }
+
+    /// Feeds `input` in reads of `step` bytes, like a socket would; counts the
+    /// `advance` calls so a session that loops without input fails the test instead of
+    /// hanging it.
+    fn run_in_reads(input: &[u8], step: usize) -> (String, Vec<Submission>) {
+        let mut session = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            7,
+        );
+        let mut out = Vec::new();
+        let mut submissions = Vec::new();
+        let mut steps = 0usize;
+        for piece in input.chunks(step) {
+            session.receive(piece);
+            loop {
+                steps += 1;
+                assert!(steps < 1_000_000, "the session loops without input");
+                match session.advance(&Fixed, 0) {
+                    Step::Reply(r) => r.render(&mut out),
+                    Step::Submit(s) => {
+                        let id = s.queue_id.clone();
+                        submissions.push(s);
+                        session.submitted(Ok(()), &id).render(&mut out);
+                    }
+                    Step::NeedInput | Step::Close => break,
+                }
+            }
+        }
+        (String::from_utf8(out).unwrap(), submissions)
+    }
+
+    #[test]
+    fn a_bdat_chunk_spread_over_many_reads_is_waited_for_not_spun_on() {
+        let body = vec![b'x'; 1_000_000];
+        let mut input = b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 1000000 LAST\r\n"
+            .to_vec();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"QUIT\r\n");
+        let (out, subs) = run_in_reads(&input, 64 * 1024);
+        assert_eq!(codes(&out), ["250", "250", "250", "250", "221"], "{out}");
+        assert_eq!(subs.len(), 1);
+        assert!(subs[0].body.ends_with(&body));
+    }
+
+    #[test]
+    fn bdat_sizes_that_would_wrap_are_refused() {
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 10\r\n0123456789BDAT 18446744073709551610 LAST\r\nNOOP\r\n",
+        );
+        assert!(subs.is_empty());
+        // The second chunk is refused at once as too big, and the connection closes
+        // (its declared bytes could never be skipped).
+        assert_eq!(codes(&out), ["250", "250", "250", "250", "552"], "{out}");
+    }
+
+    #[test]
+    fn crlf_dot_cr_cr_lf_does_not_end_data_so_nothing_is_smuggled() {
+        for step in [1, 7, 4096] {
+            let (out, subs) = run_in_reads(
+                b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: a\r\n\r\nx\r\n.\r\r\n\
+MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\nQUIT\r\n",
+                step,
+            );
+            assert!(subs.is_empty(), "{out}");
+            // One message (refused for its bare CR), then QUIT: no second transaction.
+            assert_eq!(codes(&out), ["250", "250", "250", "354", "550", "221"], "{out}");
+        }
     }
 }
