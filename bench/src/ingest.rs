@@ -54,7 +54,9 @@ fn start(binary: &Path, group_commit: bool) -> anyhow::Result<Server> {
     let config = dir.path().join("mailroom.toml");
     std::fs::write(
         &config,
-        format!("[spool]\ngroup_commit = {group_commit}\n[smtp]\nsessions_max = 1000\nsessions_per_client_max = 1000\n"),
+        format!(
+            "[spool]\ngroup_commit = {group_commit}\n[smtp]\nsessions_max = 1000\nsessions_per_client_max = 1000\n"
+        ),
     )?;
     let data = dir.path().join("data");
     let mut child = Command::new(binary)

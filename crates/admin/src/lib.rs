@@ -94,6 +94,9 @@ pub struct AdminState {
     pub jobs: Arc<Jobs>,
     /// Where uploads (imports) are written while their job runs.
     pub upload_dir: std::path::PathBuf,
+    /// Largest directory import accepted, in bytes; a larger upload is cut off with 413
+    /// and nothing of it is kept.
+    pub import_size_max: u64,
     /// The watchdog's probes and verdict.
     pub watch: Arc<mailroom_watch::Registry>,
     /// Outbound delivery: wake-ups, deletion with DSNs, the delivery clock.
@@ -250,6 +253,10 @@ pub struct HealthReport {
     pub recipients: usize,
     /// Stalled queues, by name.
     pub stalled: Vec<mailroom_watch::StalledQueue>,
+    /// Sessions blocking a runtime thread (protocol, client, command) and runtimes
+    /// that stopped running tasks.
+    #[serde(default)]
+    pub blocked: Vec<mailroom_watch::BlockedTask>,
     /// Deadlock cycles found.
     pub deadlocks: u64,
     /// Every watched queue: depth, oldest item, progress.
@@ -280,6 +287,7 @@ async fn health(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Healt
             directory_generation: snapshot.generation(),
             recipients: snapshot.len(),
             stalled: verdict.stalled.clone(),
+            blocked: verdict.blocked.clone(),
             deadlocks: verdict.deadlocks,
             queues: verdict.queues.clone(),
             workers: verdict.workers.clone(),
@@ -859,6 +867,7 @@ async fn import_directory(
         .map_err(internal)?;
     let mut file = tokio::fs::File::from_std(file);
     let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
@@ -870,7 +879,23 @@ async fn import_directory(
                 ));
             }
         };
-        file.write_all(&chunk).await.map_err(internal)?;
+        received = received.saturating_add(chunk.len() as u64);
+        if received > state.import_size_max {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the import is larger than admin.import_size_max_bytes ({} bytes); nothing was imported",
+                    state.import_size_max
+                ),
+            ));
+        }
+        if let Err(e) = file.write_all(&chunk).await {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(internal(e));
+        }
     }
     file.flush().await.map_err(internal)?;
     let name = query.name.unwrap_or_else(|| "upload".into());

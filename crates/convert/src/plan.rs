@@ -46,7 +46,19 @@ pub fn delivery_plan(
                         route(&mut plan, snapshot, remote, balance);
                     }
                 }
-                Target::Undeliverable(what, why) => plan.undeliverable.push((what, why)),
+                Target::Undeliverable(what, why) => {
+                    // The DSN names an envelope recipient the sender knows: the
+                    // member's address when it is one, else the address the sender
+                    // used (with the contact or list named in the reason).
+                    let (failed, why) = if what.contains('@') {
+                        (what, why)
+                    } else {
+                        (address.clone(), format!("{why} ({what})"))
+                    };
+                    if !plan.undeliverable.iter().any(|(a, _)| *a == failed) {
+                        plan.undeliverable.push((failed, why));
+                    }
+                }
             }
         }
     }

@@ -186,30 +186,14 @@ impl LoginLimiter {
         ]
     }
 
-    /// Refuses before the password is even checked when the client or the account has
-    /// used up its failures in the current window.
-    pub fn check(&self, client: IpAddr, user: &str) -> Result<(), LoginError> {
-        let now = Instant::now();
-        let failures = self.failures.lock();
-        for (key, kind) in Self::keys(client, user) {
-            let limit = if kind == 0 {
-                self.limits.per_client
-            } else {
-                self.limits.per_account
-            };
-            if let Some(&(count, since)) = failures.get(&key) {
-                let age = now.duration_since(since);
-                if age < self.limits.window && count >= limit {
-                    let wait = (self.limits.window - age).as_secs().max(1);
-                    return Err(LoginError::TooManyFailures(wait));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Records the outcome of a login attempt.
-    pub fn record(&self, client: IpAddr, user: &str, succeeded: bool) {
+    /// Starts a login attempt: refuses at once when the client or the account has used
+    /// up its failures in the current window, and otherwise counts this attempt as a
+    /// failure *now*, in the same critical section as the check. Checking first and
+    /// recording after the password check let 40 concurrent wrong passwords all be
+    /// checked; counted up front, the limit holds however many arrive at once. The
+    /// attempt is taken back by [`LoginAttempt::succeeded`] or [`LoginAttempt::void`];
+    /// dropped, it stays a failure.
+    pub fn begin(&self, client: IpAddr, user: &str) -> Result<LoginAttempt<'_>, LoginError> {
         let now = Instant::now();
         let mut failures = self.failures.lock();
         if failures.len() > 100_000 {
@@ -217,21 +201,75 @@ impl LoginLimiter {
             let window = self.limits.window;
             failures.retain(|_, (_, since)| now.duration_since(*since) < window);
         }
-        for (key, kind) in Self::keys(client, user) {
-            if succeeded {
-                // A success clears the account's count, not the client's.
-                if kind == 1 {
-                    failures.remove(&key);
+        let keys = Self::keys(client, user);
+        for (key, kind) in &keys {
+            let limit = if *kind == 0 {
+                self.limits.per_client
+            } else {
+                self.limits.per_account
+            };
+            if let Some(&(count, since)) = failures.get(key) {
+                let age = now.duration_since(since);
+                if age < self.limits.window && count >= limit {
+                    let wait = (self.limits.window - age).as_secs().max(1);
+                    return Err(LoginError::TooManyFailures(wait));
                 }
-                continue;
             }
-            let entry = failures.entry(key).or_insert((0, now));
+        }
+        for (key, _) in &keys {
+            let entry = failures.entry(key.clone()).or_insert((0, now));
             if now.duration_since(entry.1) >= self.limits.window {
                 *entry = (0, now);
             }
             entry.0 += 1;
         }
+        Ok(LoginAttempt {
+            limiter: self,
+            keys,
+        })
     }
+
+    fn take_back(&self, keys: &[(String, u32); 2], clear_account: bool) {
+        let mut failures = self.failures.lock();
+        for (key, kind) in keys {
+            if *kind == 1 && clear_account {
+                // A success clears the account's count, not the client's.
+                failures.remove(key);
+                continue;
+            }
+            if let Some(entry) = failures.get_mut(key) {
+                entry.0 = entry.0.saturating_sub(1);
+                if entry.0 == 0 {
+                    failures.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// A login attempt counted as a failure until its outcome says otherwise (see
+/// [`LoginLimiter::begin`]).
+#[must_use = "an attempt dropped without an outcome counts as a failure"]
+pub struct LoginAttempt<'a> {
+    limiter: &'a LoginLimiter,
+    keys: [(String, u32); 2],
+}
+
+impl LoginAttempt<'_> {
+    /// The password was right: the attempt is not a failure, and the account's count
+    /// is cleared.
+    pub fn succeeded(self) {
+        self.limiter.take_back(&self.keys, true);
+    }
+
+    /// No judgement was made (the server was busy, the protocol is disabled): the
+    /// attempt is not counted at all.
+    pub fn void(self) {
+        self.limiter.take_back(&self.keys, false);
+    }
+
+    /// The password was wrong: the attempt stays counted (the same as dropping it).
+    pub fn failed(self) {}
 }
 
 #[cfg(test)]
@@ -247,21 +285,39 @@ mod tests {
         });
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        limiter.record(a, "alice", false);
-        assert!(limiter.check(a, "alice").is_ok());
-        limiter.record(b, "Alice", false);
+        limiter.begin(a, "alice").unwrap().failed();
+        limiter.begin(a, "alice").unwrap().succeeded();
+        limiter.begin(a, "alice").unwrap().failed();
+        limiter.begin(b, "Alice").unwrap().failed();
         // Two failures for the account, from two clients: the account is locked for all.
         assert!(matches!(
-            limiter.check(b, "alice"),
+            limiter.begin(b, "alice"),
             Err(LoginError::TooManyFailures(_))
         ));
-        assert!(limiter.check(a, "bob").is_ok(), "other accounts are not");
-        limiter.record(a, "bob", false);
-        limiter.record(a, "carol", false);
-        limiter.record(a, "dave", false);
+        limiter.begin(a, "bob").unwrap().failed();
+        // A void attempt (server busy) counts for nobody.
+        limiter.begin(a, "dave").unwrap().void();
+        limiter.begin(a, "carol").unwrap().failed();
         // Four failures from client a: a is refused whatever the account.
-        assert!(limiter.check(a, "erin").is_err());
-        assert!(limiter.check(b, "erin").is_ok());
+        assert!(limiter.begin(a, "erin").is_err());
+        assert!(limiter.begin(b, "erin").is_ok());
+    }
+
+    #[test]
+    fn concurrent_attempts_are_counted_before_their_passwords_are_checked() {
+        let limiter = LoginLimiter::new(LoginLimits {
+            per_client: 10,
+            per_account: 5,
+            window: Duration::from_secs(60),
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        // 40 attempts in flight at once (none has an outcome yet): only 5 get through.
+        let attempts: Vec<_> = (0..40)
+            .filter_map(|_| limiter.begin(a, "alice").ok())
+            .collect();
+        assert_eq!(attempts.len(), 5);
+        drop(attempts);
+        assert!(limiter.begin(a, "alice").is_err());
     }
 
     #[tokio::test]

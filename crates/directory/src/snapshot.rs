@@ -263,6 +263,38 @@ impl Snapshot {
         out
     }
 
+    /// Why mail to `address` could reach nobody, if that is already certain: every
+    /// target of its expansion is undeliverable (an empty list, a contact without a
+    /// target, a target that does not exist) or a remote address no connector routes.
+    /// SMTP refuses such a recipient at RCPT, so the sender hears at once and nothing is
+    /// accepted that would only turn into a DSN. None when anything would be delivered.
+    pub fn refusal_at_rcpt(&self, address: &str) -> Option<String> {
+        let mut first_reason = None;
+        for target in self.expand(address) {
+            let reason = match target {
+                Target::Mailbox(_) => return None,
+                Target::Undeliverable(_, why) => why,
+                Target::Remote(remote) => match self.routing().route("SMTP", &remote, 0) {
+                    None => {
+                        "5.4.4 no route: no connector's address space matches this address".into()
+                    }
+                    Some(route)
+                        if self
+                            .site()
+                            .connectors
+                            .get(&route.connector)
+                            .is_some_and(|c| c.kind == crate::routing::ConnectorKind::Local) =>
+                    {
+                        "5.1.1 no such recipient here".into()
+                    }
+                    Some(_) => return None,
+                },
+            };
+            first_reason.get_or_insert(reason);
+        }
+        first_reason
+    }
+
     fn expand_recipient(
         &self,
         recipient: &Recipient,

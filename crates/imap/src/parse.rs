@@ -1587,7 +1587,11 @@ mod tests {
         line.extend(std::iter::repeat_n(b'(', SEARCH_DEPTH_MAX - 1));
         line.extend_from_slice(b"SEEN");
         line.extend(std::iter::repeat_n(b')', SEARCH_DEPTH_MAX - 1));
-        assert!(parse_command(&line).is_ok(), "{}", String::from_utf8_lossy(&line));
+        assert!(
+            parse_command(&line).is_ok(),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct ImapStats {
     pub logins: Family<Vec<(String, String)>, Counter>,
     /// Commands by name.
     pub commands: Family<Vec<(String, String)>, Counter>,
+    /// Where sessions are watched for polls that do not return (shared with the
+    /// watchdog's registry).
+    pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
 }
 
 impl ImapStats {
@@ -154,6 +157,7 @@ impl ImapServer {
         let metrics = mailroom_listen::SessionMetrics {
             sessions: self.stats.sessions.clone(),
             active: self.stats.sessions_active.clone(),
+            tasks: self.stats.tasks.clone(),
         };
         let server = self.clone();
         mailroom_listen::serve_sessions(
@@ -172,7 +176,7 @@ impl ImapServer {
     }
 
     /// Runs one session over any byte stream (TLS can wrap it later).
-    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         self: &Arc<Self>,
         stream: S,
         peer: SocketAddr,
@@ -213,6 +217,83 @@ pub enum Input {
     Closed,
 }
 
+/// Response bytes kept before they are written: a FETCH of many messages (or of one
+/// message's body 400 times) streams out in pieces of about this size, so memory per
+/// session is one message plus this, whatever the client asks for.
+pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
+
+/// Where a command's responses go: a buffer that is written to the client whenever it
+/// holds [`RESPONSE_FLUSH_BYTES`] (at a point the command chooses, between complete
+/// items), with the idle timeout as the limit for a client that stops reading.
+/// Dereferences to the buffer, so response writers need not know about it.
+pub struct Output<'a> {
+    buffer: Vec<u8>,
+    writer: &'a mut (dyn AsyncWrite + Unpin + Send),
+    timeout: Duration,
+    /// Bytes already written for this command.
+    written: usize,
+    error: Option<std::io::Error>,
+}
+
+impl<'a> Output<'a> {
+    /// Writes what is buffered if it is over the threshold. False once writing failed:
+    /// the command should stop producing output.
+    pub async fn flush_if_full(&mut self) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        if self.buffer.len() < RESPONSE_FLUSH_BYTES {
+            return true;
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, self.writer.write_all(&self.buffer)).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                )),
+            };
+        match result {
+            Ok(()) => {
+                self.written += self.buffer.len();
+                self.buffer.clear();
+                true
+            }
+            Err(e) => {
+                self.buffer.clear();
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    /// Whether part of this command's output has gone out already.
+    pub fn partly_written(&self) -> bool {
+        self.written > 0
+    }
+
+    /// The rest of the output, or the error that stopped it.
+    pub fn finish(self) -> std::io::Result<Vec<u8>> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.buffer),
+        }
+    }
+}
+
+impl std::ops::Deref for Output<'_> {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buffer
+    }
+}
+
+impl std::ops::DerefMut for Output<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+}
+
 /// A line longer than its limit (see [`Connection::read_line`]).
 #[derive(Debug)]
 struct LineTooLong;
@@ -240,7 +321,18 @@ fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
     Some((std::str::from_utf8(digits).ok()?.parse().ok()?, plus))
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+    /// An [`Output`] for one command's responses, starting with `buffer`.
+    pub fn output(&mut self, buffer: Vec<u8>) -> Output<'_> {
+        Output {
+            buffer,
+            timeout: self.server.config.idle_timeout,
+            writer: &mut self.stream,
+            written: 0,
+            error: None,
+        }
+    }
+
     /// Writes and flushes, with the idle timeout as the limit.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.is_empty() {

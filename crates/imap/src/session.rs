@@ -12,7 +12,7 @@ use crate::parse::{
 };
 use crate::response::{flags as write_flags, internal_date, literal, mailbox as write_mailbox};
 use crate::search::{self, Candidate, compact, in_set};
-use crate::server::{Connection, ImapServer, Input};
+use crate::server::{Connection, ImapServer, Input, Output};
 use base64::Engine;
 use mailroom_directory::login::{LoginError, authenticate_async};
 use mailroom_directory::model::Protocol;
@@ -233,7 +233,7 @@ impl Session {
     }
 
     /// Reads and answers commands until LOGOUT, the client leaves, or shutdown.
-    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
     ) -> std::io::Result<SessionEnd> {
@@ -283,6 +283,7 @@ impl Session {
                 }
             };
             let name = command_name(&command.kind);
+            mailroom_listen::doing(name);
             self.server
                 .stats
                 .commands
@@ -305,7 +306,13 @@ impl Session {
                     self.authenticate(conn, &mechanism, initial, &mut out)
                         .await?
                 }
-                kind => self.execute(kind, &tag, &mut out).await,
+                kind => {
+                    let mut output = conn.output(std::mem::take(&mut out));
+                    let outcome = self.execute(kind, &tag, &mut output).await;
+                    // A client that stopped reading mid-response ends the session.
+                    out = output.finish()?;
+                    outcome
+                }
             };
             match outcome {
                 Ok(text) => out.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes()),
@@ -317,7 +324,7 @@ impl Session {
         }
     }
 
-    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         mechanism: &str,
@@ -397,31 +404,36 @@ impl Session {
         }
         let server = self.server.clone();
         let client = self.peer.ip();
-        if let Err(e) = server.limiter.check(client, &user) {
-            server.stats.login("limited");
-            return no(format!("[UNAVAILABLE] {e}"));
-        }
+        let attempt = match server.limiter.begin(client, &user) {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                server.stats.login("limited");
+                return no(format!("[UNAVAILABLE] {e}"));
+            }
+        };
         let snapshot = server.directory.snapshot();
         let result =
             authenticate_async(&snapshot, &user, password, Protocol::Imap, &server.verifier).await;
         let recipient = match result {
             Ok(id) => id,
             Err(e @ LoginError::Busy) => {
+                attempt.void();
                 server.stats.login("busy");
                 return no(format!("[UNAVAILABLE] {e}"));
             }
             Err(e @ LoginError::ProtocolDisabled(_)) => {
+                attempt.void();
                 server.stats.login("disabled");
                 return no(format!("[AUTHORIZATIONFAILED] {e}"));
             }
             Err(e) => {
-                server.limiter.record(client, &user, false);
+                attempt.failed();
                 server.stats.login("invalid");
                 tracing::info!(%client, user, "IMAP login failed");
                 return no(format!("[AUTHENTICATIONFAILED] {e}"));
             }
         };
-        server.limiter.record(client, &user, true);
+        attempt.succeeded();
         // INBOX and the special-use folders exist from the first login on.
         let created = blocking(&server.store, move |store| {
             // One read; a write only for folders that are missing (the first login).
@@ -457,7 +469,7 @@ impl Session {
             .ok_or_else(|| ("BAD".into(), "log in first".into()))
     }
 
-    async fn execute(&mut self, kind: CommandKind, tag: &str, out: &mut Vec<u8>) -> Outcome {
+    async fn execute(&mut self, kind: CommandKind, tag: &str, out: &mut Output<'_>) -> Outcome {
         match kind {
             CommandKind::Capability => {
                 out.extend_from_slice(
@@ -490,7 +502,7 @@ impl Session {
         kind: CommandKind,
         tag: &str,
         recipient: RecipientId,
-        out: &mut Vec<u8>,
+        out: &mut Output<'_>,
     ) -> Outcome {
         let store = self.server.store.clone();
         match kind {
@@ -878,7 +890,7 @@ impl Session {
         kind: CommandKind,
         tag: &str,
         recipient: RecipientId,
-        out: &mut Vec<u8>,
+        out: &mut Output<'_>,
     ) -> Outcome {
         if self.selected.is_none() {
             return bad("select a folder first");
@@ -1303,7 +1315,7 @@ impl Session {
         set: &SequenceSet,
         mut items: Vec<FetchItem>,
         changed_since: Option<u64>,
-        out: &mut Vec<u8>,
+        out: &mut Output<'_>,
     ) -> Outcome {
         if uid && !items.contains(&FetchItem::Uid) {
             items.insert(0, FetchItem::Uid);
@@ -1431,14 +1443,21 @@ impl Session {
                 fresh.push((state.uid, structure));
             }
             let structure = cache.get(&state.uid);
-            let mut line = format!("* {} FETCH (", i + 1).into_bytes();
+            // The response goes out in pieces (after any item, once enough is waiting),
+            // so a huge answer never sits in memory whole. A part with an unknown
+            // encoding makes the command fail: if nothing of this message's line was
+            // sent yet it is dropped, otherwise it is closed with the items so far.
+            let line_start = out.len();
+            let partly_written_before = out.partly_written();
+            out.extend_from_slice(format!("* {} FETCH (", i + 1).as_bytes());
             let mut unknown_cte = false;
             for (n, item) in items.iter().enumerate() {
                 if n > 0 {
-                    line.push(b' ');
+                    out.push(b' ');
                 }
+                let item_start = out.len();
                 match fetch_item(
-                    &mut line,
+                    out,
                     item,
                     &state,
                     raw.as_deref(),
@@ -1446,14 +1465,31 @@ impl Session {
                     structure,
                 ) {
                     Ok(()) => {}
-                    Err(FetchError::UnknownCte) => unknown_cte = true,
+                    Err(FetchError::UnknownCte) => {
+                        unknown_cte = true;
+                        out.truncate(item_start);
+                        break;
+                    }
+                }
+                if !out.flush_if_full().await {
+                    return no("the client stopped reading");
                 }
             }
-            line.extend_from_slice(b")\r\n");
             if unknown_cte {
+                if out.partly_written() == partly_written_before && out.len() >= line_start {
+                    out.truncate(line_start);
+                } else {
+                    if out.last() == Some(&b' ') {
+                        out.pop();
+                    }
+                    out.extend_from_slice(b")\r\n");
+                }
                 return no("[UNKNOWN-CTE] a part has an unknown Content-Transfer-Encoding");
             }
-            out.extend_from_slice(&line);
+            out.extend_from_slice(b")\r\n");
+            if !out.flush_if_full().await {
+                return no("the client stopped reading");
+            }
         }
         if !fresh.is_empty() {
             let folder = name.clone();
@@ -1470,7 +1506,7 @@ impl Session {
 
     /// IDLE (RFC 2177): updates as they happen until DONE. Returns `None` when the
     /// session must end.
-    async fn idle<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn idle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         tag: &str,

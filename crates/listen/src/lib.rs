@@ -142,6 +142,36 @@ pub struct SessionMetrics {
     pub sessions: prometheus_client::metrics::counter::Counter,
     /// Sessions open now.
     pub active: prometheus_client::metrics::gauge::Gauge,
+    /// Where sessions are watched for polls that do not return (the watchdog reads it).
+    pub tasks: Arc<mailroom_watch::Tasks>,
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<mailroom_watch::TaskWatch>;
+}
+
+/// Says what the current session is doing (a command name), for the watchdog's report
+/// should the session block its runtime thread. Outside a session it does nothing.
+pub fn doing(what: &'static str) {
+    let _ = CURRENT.try_with(|watch| watch.set_doing(what));
+}
+
+/// Stamps `beat` every `interval` on the current runtime until `cancel` fires: the
+/// watchdog reports the runtime when the stamp goes stale.
+pub fn spawn_heartbeat(
+    beat: Arc<mailroom_watch::Heartbeat>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            beat.beat();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    });
 }
 
 /// [`serve`] for a protocol server: each connection runs `session` with the shutdown
@@ -170,14 +200,16 @@ pub async fn serve_sessions<H, F>(
         move |stream, peer| {
             let connection = session(stream, peer, session_cancel.clone());
             let metrics = metrics.clone();
-            async move {
+            let guard = metrics.tasks.watch(protocol, peer.to_string());
+            let watch = guard.watch().clone();
+            guard.wrap(CURRENT.scope(watch, async move {
                 metrics.sessions.inc();
                 metrics.active.inc();
                 if let Err(e) = connection.await {
                     tracing::debug!(%peer, error = %e, "{protocol} session ended with an error");
                 }
                 metrics.active.dec();
-            }
+            }))
         },
     )
     .await;

@@ -303,6 +303,8 @@ pub struct SmtpSection {
     pub session_duration_max_secs: u64,
     /// Client networks that may relay to non-local domains (CIDR).
     pub relay_networks: Vec<ipnet::IpNet>,
+    /// Tests only: `XSPIN <ms>` blocks the session's runtime thread (proves the watchdog).
+    pub test_spin_command: bool,
 }
 
 impl Default for SmtpSection {
@@ -319,6 +321,7 @@ impl Default for SmtpSection {
             idle_timeout_secs: 300,
             session_duration_max_secs: 3600,
             relay_networks: Vec::new(),
+            test_spin_command: false,
         }
     }
 }
@@ -379,12 +382,15 @@ impl Default for ConversionSection {
 pub struct AdminSection {
     /// Listen address of the admin HTTP API.
     pub listen: SocketAddr,
+    /// Largest directory import upload, in bytes.
+    pub import_size_max_bytes: u64,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: "127.0.0.1:8025".parse().expect("valid address"),
+            import_size_max_bytes: 268_435_456,
         }
     }
 }
@@ -445,6 +451,9 @@ session_duration_max_secs = 3600
 # Client networks allowed to send to non-local domains, e.g. ["127.0.0.0/8", "10.0.0.0/8"].
 # Empty: nobody may relay (never an open relay).
 relay_networks = []
+# Tests only, never in production: the command XSPIN <ms> holds the session's runtime
+# thread that long, so a test can show the watchdog reports a blocked session.
+test_spin_command = false
 
 [spool]
 # Group commit: one fsync for every message waiting at that moment. Turn off only to
@@ -470,6 +479,9 @@ batch_max = 32
 [admin]
 # The admin HTTP API (/api/v1, /health, /metrics). Loopback by default.
 listen = "127.0.0.1:8025"
+# Largest directory import (CSV or LDIF) accepted; larger uploads get 413 and nothing
+# of them is kept. 256 MiB holds well over a million recipients.
+import_size_max_bytes = 268435456
 
 [directory]
 # Domains delivered here besides server.domain, the site addressing templates' domains

@@ -72,7 +72,8 @@ pub struct RunningServer {
     pub watch: Arc<WatchRegistry>,
     cancel: CancellationToken,
     sessions: TaskTracker,
-    admin_task: tokio::task::JoinHandle<()>,
+    /// Fires when the admin API's thread has finished.
+    admin_task: tokio::sync::oneshot::Receiver<()>,
     spool: Option<Spool>,
     spool_thread: std::thread::JoinHandle<()>,
     workers: Workers,
@@ -94,8 +95,13 @@ pub struct ShutdownReport {
 }
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    // Mail and password hashes live here: nothing this process creates is readable by
+    // other local users, whatever umask it was started with.
+    // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    make_private(dir)?;
     let path = dir.join(LOCK_FILE);
     let file = File::options()
         .create(true)
@@ -110,6 +116,49 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
         );
     }
     Ok(file)
+}
+
+/// Makes the data folder owner-only (0700 for folders, 0600 for files), repairing
+/// what an earlier start, a copy or a restore left open, and saying so in the log.
+/// Symbolic links are not followed.
+pub fn make_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![dir.to_path_buf()];
+    let mut repaired = Vec::new();
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        let wanted = if meta.is_dir() { 0o700 } else { mode & 0o700 };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted)).with_context(
+                || {
+                    format!(
+                        "{} is readable by other users (mode {mode:o}) and cannot be made private",
+                        path.display()
+                    )
+                },
+            )?;
+            repaired.push(format!("{} ({mode:o} -> {wanted:o})", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)
+                .with_context(|| format!("cannot read the folder {}", path.display()))?
+            {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    if !repaired.is_empty() {
+        tracing::warn!(
+            files = %repaired.join(", "),
+            "the data folder was readable by other users; made it owner-only"
+        );
+    }
+    Ok(())
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -225,9 +274,18 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let mut registry = Registry::default();
     let spool_stats = SpoolStats::default();
     let conversion_stats = ConversionStats::default();
-    let smtp_stats = SmtpStats::default();
-    let pop3_stats = Pop3Stats::default();
-    let imap_stats = ImapStats::default();
+    let smtp_stats = SmtpStats {
+        tasks: watch.tasks().clone(),
+        ..SmtpStats::default()
+    };
+    let pop3_stats = Pop3Stats {
+        tasks: watch.tasks().clone(),
+        ..Pop3Stats::default()
+    };
+    let imap_stats = ImapStats {
+        tasks: watch.tasks().clone(),
+        ..ImapStats::default()
+    };
     let queue_gauges = QueueGauges::default();
     sqlite.register_metrics(&mut registry);
     spool_stats.register(&mut registry);
@@ -386,6 +444,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             idle_timeout: Duration::from_secs(config.smtp.idle_timeout_secs),
             session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
             relay_networks: config.smtp.relay_networks.clone(),
+            test_spin_command: config.smtp.test_spin_command,
         },
         directory.clone(),
         spool.clone(),
@@ -459,16 +518,56 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         jobs,
         watch: watch.clone(),
         upload_dir: data_dir.join("uploads"),
+        import_size_max: config.admin.import_size_max_bytes,
         outbound: outbound.handle(),
         transfer: transfer.clone(),
         test_clock: config.outbound.test_clock,
     });
+    // The admin API (and so /health) runs on a runtime of its own, on its own thread:
+    // a session that wedges a thread of the protocol runtime must not silence the one
+    // place that reports it.
     let admin_cancel = cancel.clone();
-    let admin_task = tokio::spawn(async move {
-        if let Err(e) = mailroom_admin::serve(admin_listener, admin_state, admin_cancel).await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    });
+    let (admin_done_tx, admin_task) = tokio::sync::oneshot::channel();
+    let admin_listener = admin_listener.into_std()?;
+    let admin_beat = watch.tasks().heartbeat("admin");
+    let heartbeat_every = Duration::from_millis(config.watchdog.check_interval_ms.clamp(10, 250));
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("admin-rt")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the admin API's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                mailroom_listen::spawn_heartbeat(admin_beat, heartbeat_every, admin_cancel.clone());
+                let listener = match TcpListener::from_std(admin_listener) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin API stopped");
+                        return;
+                    }
+                };
+                if let Err(e) = mailroom_admin::serve(listener, admin_state, admin_cancel).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+            // Handlers still running (a long export) do not hold up shutdown.
+            runtime.shutdown_background();
+            let _ = admin_done_tx.send(());
+        })?;
+    mailroom_listen::spawn_heartbeat(
+        watch.tasks().heartbeat("protocols"),
+        heartbeat_every,
+        cancel.clone(),
+    );
 
     Ok(RunningServer {
         smtp_addr,

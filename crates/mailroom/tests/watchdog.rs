@@ -182,3 +182,90 @@ async fn health_lists_every_queue_and_worker_when_all_is_well() {
     assert_eq!(report["deadlocks"], 0);
     server.server.shutdown().await;
 }
+
+/// Reads the first line a server sends, with `limit` as the deadline.
+fn greeting(addr: std::net::SocketAddr, limit: Duration) -> String {
+    use std::io::BufRead;
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no greeting from {addr} within {limit:?}: {e}"));
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_blocks_its_runtime_thread_is_named_while_the_others_answer() {
+    let server = TestServer::start_with(
+        |c| {
+            c.smtp.test_spin_command = true;
+            c.watchdog.stall_after_ms = 1_000;
+            c.watchdog.check_interval_ms = 100;
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    let (status, _) = health(&server).await;
+    assert_eq!(status, 200);
+    let smtp = server.server.smtp_addr;
+    // A session that holds its runtime thread for 8 s, as a session stuck in a loop does.
+    let spinner = std::thread::spawn(move || {
+        let mut client = RawSmtp::connect(smtp);
+        client.send(b"XSPIN 8000\r\n");
+        client.reply()
+    });
+    let mut named = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(6), async || {
+            let (status, body) = health(&server).await;
+            named = body.clone();
+            status == 503
+                && body["blocked"].as_array().is_some_and(|b| {
+                    b.iter().any(|t| {
+                        t["what"] == "SMTP session"
+                            && t["doing"] == "XSPIN"
+                            && t["peer"]
+                                .as_str()
+                                .is_some_and(|p| p.starts_with("127.0.0.1:"))
+                    })
+                })
+        })
+        .await,
+        "health did not name the blocked session: {named}"
+    );
+    // Meanwhile every listener still greets at once.
+    let (imap, pop3) = (server.server.imap_addr, server.server.pop3_addr);
+    let greetings = tokio::task::spawn_blocking(move || {
+        [
+            greeting(smtp, Duration::from_secs(1)),
+            greeting(imap, Duration::from_secs(1)),
+            greeting(pop3, Duration::from_secs(1)),
+        ]
+    })
+    .await
+    .unwrap();
+    assert!(greetings[0].starts_with("220 "), "{greetings:?}");
+    assert!(greetings[1].starts_with("* OK"), "{greetings:?}");
+    assert!(greetings[2].starts_with("+OK"), "{greetings:?}");
+    // Counted (the runtime's heartbeat, stuck behind the same thread, may count too).
+    let text = metrics(&server).await;
+    let counted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mailroom_watchdog_blocked_tasks_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(counted >= 1, "{text}");
+    // Once the poll returns, the session answers and health recovers.
+    let reply = tokio::task::spawn_blocking(move || spinner.join().unwrap())
+        .await
+        .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(
+        eventually(Duration::from_secs(5), async || health(&server).await.0
+            == 200)
+        .await,
+        "health did not recover"
+    );
+    server.server.shutdown().await;
+}

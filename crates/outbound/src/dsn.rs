@@ -62,6 +62,28 @@ pub fn wanted(recipient: &RecipientState, action: Action) -> bool {
     }
 }
 
+/// A value for one line of the delivery-status part. ENVID and ORCPT arrive
+/// xtext-encoded and are stored decoded, so they (and a next hop's reply) may hold CR,
+/// LF or other controls; written raw they would add fields or lines of the sender's
+/// choosing. Controls are written back in xtext form (`+0D`), everything else as is.
+fn field(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.chars().any(|c| c.is_control()) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if c.is_control() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("+{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Builds the notice to `to` (the original envelope sender); returns the message bytes.
 pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
     let mut text = String::new();
@@ -99,14 +121,14 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
     for r in &notice.recipients {
         text.push_str(&format!(
             "<{}>: {}\r\n",
-            r.address,
-            r.reply.as_deref().unwrap_or("no reason recorded")
+            field(&r.address),
+            field(r.reply.as_deref().unwrap_or("no reason recorded"))
         ));
     }
 
     let mut status = format!("Reporting-MTA: dns; {}\r\n", notice.reporting_mta);
     if let Some(env_id) = &notice.envelope.env_id {
-        status.push_str(&format!("Original-Envelope-Id: {env_id}\r\n"));
+        status.push_str(&format!("Original-Envelope-Id: {}\r\n", field(env_id)));
     }
     status.push_str(&format!(
         "Arrival-Date: {}\r\n",
@@ -115,9 +137,12 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
     for r in &notice.recipients {
         status.push_str("\r\n");
         if let Some(orcpt) = &r.orcpt {
-            status.push_str(&format!("Original-Recipient: {orcpt}\r\n"));
+            status.push_str(&format!("Original-Recipient: {}\r\n", field(orcpt)));
         }
-        status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.address));
+        status.push_str(&format!(
+            "Final-Recipient: rfc822; {}\r\n",
+            field(&r.address)
+        ));
         let (action, default_code) = match notice.action {
             Action::Failed => ("failed", "5.0.0"),
             Action::Delayed => ("delayed", "4.0.0"),
@@ -127,7 +152,7 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
         let code = r.code.as_deref().unwrap_or(default_code);
         status.push_str(&format!("Status: {code}\r\n"));
         if let Some(mta) = &r.remote_mta {
-            status.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
+            status.push_str(&format!("Remote-MTA: dns; {}\r\n", field(mta)));
         }
         if let Some(reply) = &r.reply {
             let kind = if reply.len() >= 3 && reply.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
@@ -135,18 +160,21 @@ pub fn build(notice: &Notice<'_>, to: &str) -> Vec<u8> {
             } else {
                 "x-mailroom"
             };
-            status.push_str(&format!("Diagnostic-Code: {kind}; {reply}\r\n"));
+            status.push_str(&format!("Diagnostic-Code: {kind}; {}\r\n", field(reply)));
         }
         if let Some(until) = notice.retry_until_ms {
             status.push_str(&format!("Will-Retry-Until: {}\r\n", rfc2822_date(until)));
         }
     }
 
-    let headers_only = match notice.envelope.ret {
-        Some(Ret::Full) => false,
-        Some(Ret::Headers) => true,
-        None => notice.original.len() > RETURN_FULL_MAX,
-    };
+    // Mail from an unverified outside sender gets its headers back, never its body:
+    // otherwise a forged sender turns this server into a reflector (backscatter).
+    let headers_only = notice.envelope.unauthenticated
+        || match notice.envelope.ret {
+            Some(Ret::Full) => false,
+            Some(Ret::Headers) => true,
+            None => notice.original.len() > RETURN_FULL_MAX,
+        };
     let returned = if headers_only {
         let end = find(notice.original, b"\r\n\r\n").map_or(notice.original.len(), |p| p + 2);
         MimePart::new(
@@ -222,6 +250,7 @@ mod tests {
                 remote_mta: Some("mx.remote.test".into()),
             }],
             delay_notified: false,
+            unauthenticated: false,
         };
         let original = b"Subject: hello\r\nFrom: a@local.test\r\n\r\nbody text\r\n";
         let bytes = build(
@@ -258,5 +287,52 @@ mod tests {
             assert!(text.contains(field), "missing {field:?} in\n{text}");
         }
         assert!(!text.contains("body text"), "RET=HDRS returns headers only");
+    }
+
+    #[test]
+    fn outside_senders_get_headers_only_and_no_field_can_be_injected() {
+        let envelope = Envelope {
+            ret: Some(Ret::Full),
+            env_id: Some("id\r\nX-Injected: yes".into()),
+            recipients: vec![RecipientState {
+                address: "bob@remote.test".into(),
+                orcpt: Some("rfc822;bob@x\r\n\r\nEvil-Body".into()),
+                status: RecipientStatus::Failed,
+                code: Some("5.1.1".into()),
+                reply: Some("550 no\r\nAction: delivered".into()),
+                ..RecipientState::default()
+            }],
+            delay_notified: false,
+            unauthenticated: true,
+        };
+        let original = b"Subject: hello\r\n\r\nthe whole attack payload\r\n";
+        let bytes = build(
+            &Notice {
+                reporting_mta: "mx.local.test",
+                envelope: &envelope,
+                recipients: envelope.recipients.iter().collect(),
+                action: Action::Failed,
+                arrival_ms: 1_700_000_000_000,
+                queue_id: "Q1",
+                original,
+                retry_until_ms: None,
+            },
+            "victim@forged.test",
+        );
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("attack payload"),
+            "RET=FULL from outside: headers only"
+        );
+        assert!(text.contains("Content-Type: text/rfc822-headers"), "{text}");
+        for line in text.lines() {
+            assert!(!line.starts_with("X-Injected"), "{text}");
+            assert!(!line.starts_with("Evil-Body"), "{text}");
+            assert_ne!(line, "Action: delivered", "{text}");
+        }
+        assert!(
+            text.contains("Original-Envelope-Id: id+0D+0AX-Injected: yes"),
+            "{text}"
+        );
     }
 }

@@ -480,7 +480,19 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     // schedule come from the same table.
     let snapshot = shared.directory.snapshot();
     let mut envelope = item.envelope.clone();
-    let before: Vec<String> = envelope.pending().map(|r| r.address.clone()).collect();
+    // An undeliverable entry is born with its recipients failed (conversion knew why),
+    // so they count as failed by this attempt: that is what sends their DSN. Counting
+    // only pending ones here once made such mail vanish with neither delivery nor DSN.
+    let before: Vec<String> = if item.queue == QueueName::Undeliverable {
+        envelope
+            .recipients
+            .iter()
+            .filter(|r| r.status != RecipientStatus::Delivered)
+            .map(|r| r.address.clone())
+            .collect()
+    } else {
+        envelope.pending().map(|r| r.address.clone()).collect()
+    };
     let mut route = None;
     let mut respool = Vec::new();
     let mut log = AttemptLog::default();

@@ -28,6 +28,11 @@ use tokio_util::task::TaskTracker;
 /// responses can be longer).
 const LINE_MAX: usize = 4096;
 
+/// Output kept before it is written: answers to pipelined commands are sent once this
+/// much is waiting, so memory per session is one message plus this, whatever the client
+/// pipelines.
+pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
+
 /// Where plaintext passwords (USER/PASS, AUTH PLAIN) are accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlaintextPolicy {
@@ -78,6 +83,9 @@ pub struct Pop3Stats {
     pub retrieved: Counter,
     /// Messages removed at QUIT.
     pub deleted: Counter,
+    /// Where sessions are watched for polls that do not return (shared with the
+    /// watchdog's registry).
+    pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
 }
 
 impl Pop3Stats {
@@ -204,6 +212,7 @@ impl Pop3Server {
         let metrics = mailroom_listen::SessionMetrics {
             sessions: self.stats.sessions.clone(),
             active: self.stats.sessions_active.clone(),
+            tasks: self.stats.tasks.clone(),
         };
         let server = self.clone();
         mailroom_listen::serve_sessions(
@@ -242,6 +251,12 @@ impl Pop3Server {
                 if line.last() == Some(&b'\r') {
                     line.pop();
                 }
+                // Pipelined commands (300 RETRs in one packet) must not pile their
+                // answers up in memory: past this much output, send before going on.
+                if out.len() >= RESPONSE_FLUSH_BYTES {
+                    self.write(&mut stream, &mut out).await?;
+                }
+                mailroom_listen::doing(command_label(&line));
                 let mut action = session.line(&line);
                 loop {
                     match action {
@@ -355,16 +370,20 @@ impl Pop3Server {
         password: String,
     ) -> Result<(MaildropGuard, Maildrop), Vec<u8>> {
         let refuse = |e: &LoginError| format!("-ERR [AUTH] {e}\r\n").into_bytes();
-        if let Err(e) = self.limiter.check(client, &user) {
-            self.stats.login("limited");
-            return Err(refuse(&e));
-        }
+        let attempt = match self.limiter.begin(client, &user) {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                self.stats.login("limited");
+                return Err(refuse(&e));
+            }
+        };
         let snapshot = self.directory.snapshot();
         let result =
             authenticate_async(&snapshot, &user, password, Protocol::Pop3, &self.verifier).await;
         let recipient = match result {
             Ok(id) => id,
             Err(LoginError::Busy) => {
+                attempt.void();
                 self.stats.login("busy");
                 return Err(
                     b"-ERR [SYS/TEMP] the server is busy checking other logins; try again\r\n"
@@ -372,17 +391,18 @@ impl Pop3Server {
                 );
             }
             Err(e @ LoginError::ProtocolDisabled(_)) => {
+                attempt.void();
                 self.stats.login("disabled");
                 return Err(refuse(&e));
             }
             Err(e) => {
-                self.limiter.record(client, &user, false);
+                attempt.failed();
                 self.stats.login("invalid");
                 tracing::info!(%client, user, "POP3 login failed");
                 return Err(refuse(&e));
             }
         };
-        self.limiter.record(client, &user, true);
+        attempt.succeeded();
         let Some(guard) = self.locks.try_lock(recipient) else {
             self.stats.login("in_use");
             return Err(
@@ -444,4 +464,18 @@ impl Pop3Server {
         out.clear();
         Ok(())
     }
+}
+
+/// The command keyword of a line, as a label for the watchdog's report.
+fn command_label(line: &[u8]) -> &'static str {
+    let word = line.split(|b| *b == b' ').next().unwrap_or_default();
+    const KNOWN: [&str; 14] = [
+        "USER", "PASS", "AUTH", "APOP", "CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET",
+        "TOP", "UIDL", "QUIT",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(word))
+        .copied()
+        .unwrap_or("other")
 }

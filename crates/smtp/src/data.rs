@@ -53,7 +53,12 @@ impl DataReceiver {
         loop {
             if self.line_start {
                 match input.get(at..) {
-                    Some([]) | None => return Ingested { consumed: at, done: false },
+                    Some([]) | None => {
+                        return Ingested {
+                            consumed: at,
+                            done: false,
+                        };
+                    }
                     Some([b'.', b'\r', b'\n', ..]) => {
                         return Ingested {
                             consumed: at + 3,
@@ -192,10 +197,22 @@ mod tests {
         let mut receiver = DataReceiver::new();
         let mut message = Vec::new();
         let got = receiver.ingest(b"a\r\n.\r", Some(&mut message));
-        assert_eq!(got, Ingested { consumed: 3, done: false });
+        assert_eq!(
+            got,
+            Ingested {
+                consumed: 3,
+                done: false
+            }
+        );
         assert_eq!(message, b"a\r\n");
         let got = receiver.ingest(b".\r\n", Some(&mut message));
-        assert_eq!(got, Ingested { consumed: 3, done: true });
+        assert_eq!(
+            got,
+            Ingested {
+                consumed: 3,
+                done: true
+            }
+        );
     }
 
     #[test]
@@ -204,11 +221,17 @@ mod tests {
         let mut chunk = Vec::new();
         assert_eq!(
             receiver.ingest(b"abc", Some(&mut chunk)),
-            Ingested { consumed: 3, done: false }
+            Ingested {
+                consumed: 3,
+                done: false
+            }
         );
         assert_eq!(
             receiver.ingest(b"deQUIT", Some(&mut chunk)),
-            Ingested { consumed: 2, done: true }
+            Ingested {
+                consumed: 2,
+                done: true
+            }
         );
         assert_eq!(chunk, b"abcde");
     }

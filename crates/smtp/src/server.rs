@@ -38,6 +38,9 @@ pub struct SmtpStats {
     pub accepted: Counter,
     /// Refusals by reason.
     pub rejected: Family<Vec<(String, String)>, Counter>,
+    /// Where sessions are watched for polls that do not return (shared with the
+    /// watchdog's registry).
+    pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
 }
 
 impl SmtpStats {
@@ -85,6 +88,9 @@ pub struct ListenerConfig {
     pub session_duration_max: Duration,
     /// Client networks allowed to send to non-local domains. Empty: nobody relays.
     pub relay_networks: Vec<IpNet>,
+    /// Tests only: `XSPIN <ms>` holds this session's runtime thread for that long, so a
+    /// test can prove the watchdog names a session that blocks its runtime.
+    pub test_spin_command: bool,
 }
 
 /// Everything a connection handler needs; shared by all connections.
@@ -119,6 +125,10 @@ struct QuotaPolicy<'a> {
 impl RecipientPolicy for QuotaPolicy<'_> {
     fn resolve(&self, address: &str) -> Resolution {
         self.snapshot.resolve(address)
+    }
+
+    fn undeliverable(&self, address: &str) -> Option<String> {
+        self.snapshot.refusal_at_rcpt(address)
     }
 
     fn over_quota(&self, recipient: &mailroom_directory::Recipient) -> bool {
@@ -225,6 +235,7 @@ impl SmtpServer {
         let metrics = mailroom_listen::SessionMetrics {
             sessions: self.stats.sessions.clone(),
             active: self.stats.sessions_active.clone(),
+            tasks: self.stats.tasks.clone(),
         };
         let server = self.clone();
         mailroom_listen::serve_sessions(
@@ -279,6 +290,7 @@ impl SmtpServer {
                 snapshot: snapshot.as_ref(),
                 store: self.quota_store.as_ref(),
             };
+            mailroom_listen::doing(session.phase_name());
             match session.advance(&policy, now_ms()) {
                 Step::Reply(reply) => {
                     self.count(&reply);
@@ -324,6 +336,13 @@ impl SmtpServer {
                     };
                     match read {
                         Ok(0) => return Ok(()),
+                        Ok(n)
+                            if self.config.test_spin_command
+                                && buffer[..n].starts_with(b"XSPIN ") =>
+                        {
+                            spin(&buffer[..n]);
+                            out.extend_from_slice(b"250 2.0.0 spun\r\n");
+                        }
                         Ok(n) => session.receive(&buffer[..n]),
                         Err(goodbye) => {
                             let _ = tokio::time::timeout(
@@ -380,4 +399,19 @@ fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The test hook behind `XSPIN <ms>`: a busy loop on the runtime thread, exactly what a
+/// session stuck in a poll does.
+fn spin(line: &[u8]) {
+    let ms: u64 = std::str::from_utf8(&line[6..])
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+        .min(60_000);
+    mailroom_listen::doing("XSPIN");
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }

@@ -10,9 +10,9 @@
 //! `message_size_max` (the rest of an oversized message is read and discarded), the
 //! input buffer by what the driver reads at once plus one line.
 
+use crate::data::{BdatReceiver, DataReceiver};
 use crate::reply::Reply;
 use mailroom_directory::{Resolution, Snapshot};
-use crate::data::{BdatReceiver, DataReceiver};
 use smtp_proto::{Error as ProtoError, MAIL_SMTPUTF8, Request};
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -62,11 +62,21 @@ pub trait RecipientPolicy {
     fn over_quota(&self, _recipient: &mailroom_directory::Recipient) -> bool {
         false
     }
+
+    /// Why mail to this address would reach nobody, when that is certain now (an empty
+    /// list, a contact without a target, no route): RCPT refuses it with this reason.
+    fn undeliverable(&self, _address: &str) -> Option<String> {
+        None
+    }
 }
 
 impl RecipientPolicy for Snapshot {
     fn resolve(&self, address: &str) -> Resolution {
         Snapshot::resolve(self, address)
+    }
+
+    fn undeliverable(&self, address: &str) -> Option<String> {
+        self.refusal_at_rcpt(address)
     }
 }
 
@@ -188,6 +198,17 @@ impl Session {
     /// Appends received bytes.
     pub fn receive(&mut self, bytes: &[u8]) {
         self.input.extend_from_slice(bytes);
+    }
+
+    /// What the session is reading now, for the watchdog's report.
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Command | Phase::SkipLine => "command",
+            Phase::Data(_) | Phase::DataDiscard(..) => "DATA",
+            Phase::Bdat(..) | Phase::BdatDiscard(..) => "BDAT",
+            Phase::AwaitingSpool => "spooling",
+            Phase::Closed => "closing",
+        }
     }
 
     /// Bytes received and not yet consumed.
@@ -392,6 +413,7 @@ impl Session {
             envelope: mailroom_store::Envelope {
                 ret,
                 env_id: from.env_id,
+                unauthenticated: !self.relay_allowed,
                 ..Default::default()
             },
             ..Transaction::default()
@@ -427,8 +449,16 @@ impl Session {
                     format!("<{address}>: Mailbox full, try again later"),
                 );
             }
-            Resolution::Local(_) => {}
-            Resolution::Remote if relay_allowed => {}
+            Resolution::Local(_) => {
+                if let Some(why) = policy.undeliverable(&address) {
+                    return undeliverable_reply(&address, &why);
+                }
+            }
+            Resolution::Remote if relay_allowed => {
+                if let Some(why) = policy.undeliverable(&address) {
+                    return undeliverable_reply(&address, &why);
+                }
+            }
             Resolution::UnknownLocal => {
                 return Reply::new(
                     550,
@@ -521,8 +551,7 @@ impl Session {
                 t.bdat_used = true;
                 // Checked: a chunk size from the wire can be anything up to u64::MAX.
                 if t.bdat_failed.is_none()
-                    && t
-                        .data
+                    && t.data
                         .len()
                         .checked_add(chunk_size)
                         .is_none_or(|total| total > self.limits.message_size_max)
@@ -693,6 +722,28 @@ fn bare_postmaster(request: Request<String>, line: &[u8]) -> Request<String> {
         }
         other => other,
     }
+}
+
+/// 550 for a recipient that could reach nobody; the enhanced code comes from the
+/// reason ("5.1.10 the contact has no target address" gives 5.1.10).
+fn undeliverable_reply(address: &str, why: &str) -> Reply {
+    let code = why
+        .split_whitespace()
+        .next()
+        .and_then(|c| {
+            let mut parts = c.split('.').map(|p| p.parse::<u16>().ok());
+            match (parts.next()?, parts.next()?, parts.next()?, parts.next()) {
+                (Some(5), Some(b), Some(c), None) => Some((5u8, b, c)),
+                _ => None,
+            }
+        })
+        .unwrap_or((5, 1, 1));
+    let text = why.split_once(' ').map_or(why, |(_, t)| t);
+    Reply::new(
+        550,
+        code,
+        format!("<{address}>: Recipient address rejected: {text}"),
+    )
 }
 
 fn refusal_reply(refusal: Refusal, size_max: usize) -> Reply {
@@ -963,8 +1014,9 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
     #[test]
     fn a_bdat_chunk_spread_over_many_reads_is_waited_for_not_spun_on() {
         let body = vec![b'x'; 1_000_000];
-        let mut input = b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 1000000 LAST\r\n"
-            .to_vec();
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 1000000 LAST\r\n"
+                .to_vec();
         input.extend_from_slice(&body);
         input.extend_from_slice(b"QUIT\r\n");
         let (out, subs) = run_in_reads(&input, 64 * 1024);
@@ -995,7 +1047,11 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
             );
             assert!(subs.is_empty(), "{out}");
             // One message (refused for its bare CR), then QUIT: no second transaction.
-            assert_eq!(codes(&out), ["250", "250", "250", "354", "550", "221"], "{out}");
+            assert_eq!(
+                codes(&out),
+                ["250", "250", "250", "354", "550", "221"],
+                "{out}"
+            );
         }
     }
 }

@@ -140,6 +140,12 @@ pub struct Envelope {
     /// A "delayed" DSN has been sent for this entry (at most one is).
     #[serde(default)]
     pub delay_notified: bool,
+    /// The message came over SMTP from a client that is neither authenticated nor in
+    /// `relay_networks`: its sender address is unverified, so a DSN returns only the
+    /// header section (whatever RET asked), and a forged sender cannot make this server
+    /// reflect a whole message at a victim (backscatter).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unauthenticated: bool,
 }
 
 impl Envelope {
@@ -181,6 +187,7 @@ impl Envelope {
             env_id: self.env_id.clone(),
             recipients,
             delay_notified: false,
+            unauthenticated: self.unauthenticated,
         }
     }
 

@@ -8,6 +8,10 @@
 //! health turns red and names the queue, a metric counts the stall, and the log says what
 //! each worker was last doing.
 //!
+//! The runtimes are watched too ([`Tasks`]): a session whose poll does not return, or a
+//! runtime whose heartbeat stops, is named in `/health` and the log within the stall
+//! time, since a wedged runtime thread stops greetings while every queue looks fine.
+//!
 //! Locks: the few that exist are [`RankedMutex`]es. In debug and test builds taking one
 //! while holding one of equal or higher rank panics with both names (the classic wedge was
 //! two threads taking two critical sections in opposite order); [`start_deadlock_detector`]
@@ -22,14 +26,18 @@
 mod deadlock;
 mod probe;
 mod ranked;
+mod tasks;
 mod ticket;
 mod watchdog;
 
 pub use deadlock::{DeadlockReport, start_deadlock_detector};
 pub use probe::{Activity, Probe, Sample};
 pub use ranked::{RankedGuard, RankedMutex};
+pub use tasks::{Heartbeat, TaskGuard, TaskWatch, Tasks, Watched};
 pub use ticket::{TicketGuard, TicketLock};
-pub use watchdog::{Health, QueueHealth, Registry, StalledQueue, Watchdog, WorkerReport};
+pub use watchdog::{
+    BlockedTask, Health, QueueHealth, Registry, StalledQueue, Watchdog, WorkerReport,
+};
 
 /// Milliseconds since the Unix epoch (wall clock), the unit every probe uses.
 pub fn now_ms() -> i64 {

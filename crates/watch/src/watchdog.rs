@@ -60,6 +60,19 @@ pub struct WorkerReport {
     pub for_seconds: f64,
 }
 
+/// A session blocking a runtime thread, or a runtime that stopped running tasks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BlockedTask {
+    /// "SMTP session", "IMAP session", ... or "runtime NAME".
+    pub what: String,
+    /// The client's address, for a session.
+    pub peer: Option<String>,
+    /// The command it was running, for a session.
+    pub doing: Option<String>,
+    /// Seconds the poll has run (or since the runtime's last heartbeat).
+    pub seconds: f64,
+}
+
 /// The watchdog's verdict.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Health {
@@ -71,6 +84,9 @@ pub struct Health {
     pub queues: Vec<QueueHealth>,
     /// Every worker.
     pub workers: Vec<WorkerReport>,
+    /// Sessions blocking a runtime thread and runtimes that stopped (see `tasks`).
+    #[serde(default)]
+    pub blocked: Vec<BlockedTask>,
     /// Deadlock cycles found so far.
     pub deadlocks: u64,
     /// When this verdict was reached (Unix ms).
@@ -87,6 +103,10 @@ pub struct Registry {
     depth: Family<Labels, Gauge>,
     progress: Family<Labels, Gauge>,
     deadlock_count: Gauge,
+    tasks: Arc<crate::Tasks>,
+    /// Ids of blocked tasks already logged (leaf lock, watchdog thread only).
+    reported: std::sync::Mutex<std::collections::HashSet<u64>>,
+    blocked_count: Counter,
 }
 
 impl Default for Registry {
@@ -103,6 +123,9 @@ impl Default for Registry {
             depth: Family::default(),
             progress: Family::default(),
             deadlock_count: Gauge::default(),
+            tasks: Arc::default(),
+            reported: Default::default(),
+            blocked_count: Counter::default(),
         }
     }
 }
@@ -141,6 +164,11 @@ impl Registry {
         self.deadlocks.store(Arc::new(Some(report)));
     }
 
+    /// The watched sessions and runtime heartbeats.
+    pub fn tasks(&self) -> &Arc<crate::Tasks> {
+        &self.tasks
+    }
+
     /// The latest verdict.
     pub fn health(&self) -> Arc<Health> {
         self.health.load_full()
@@ -171,6 +199,11 @@ impl Registry {
             "mailroom_watch_progress",
             "Progress counter per watched queue (items finished)",
             self.progress.clone(),
+        );
+        registry.register(
+            "mailroom_watchdog_blocked_tasks",
+            "Sessions found blocking a runtime thread (or runtimes without a heartbeat) for the stall time",
+            self.blocked_count.clone(),
         );
         registry.register(
             "mailroom_deadlocks",
@@ -352,14 +385,78 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
         .as_ref()
         .map_or(0, |r| r.count());
     registry.deadlock_count.set(deadlocks as i64);
+    let blocked = blocked_tasks(registry, now, stall_after_ms);
     registry.health.store(Arc::new(Health {
-        healthy: stalled.is_empty() && deadlocks == 0,
+        healthy: stalled.is_empty() && deadlocks == 0 && blocked.is_empty(),
         stalled,
         queues,
         workers,
+        blocked,
         deadlocks,
         checked_at_ms: now,
     }));
+}
+
+/// Sessions whose poll has run for the stall time, and runtimes whose heartbeat is that
+/// old; each is logged once, naming the session's client and command.
+fn blocked_tasks(registry: &Registry, now: i64, stall_after_ms: i64) -> Vec<BlockedTask> {
+    let mut blocked = Vec::new();
+    let mut reported = registry.reported.lock().unwrap_or_else(|e| e.into_inner());
+    let mut still = std::collections::HashSet::new();
+    for task in registry.tasks.tasks() {
+        let Some(in_poll) = task
+            .in_poll_ms(now)
+            .filter(|ms| *ms >= stall_after_ms.max(200))
+        else {
+            continue;
+        };
+        let id = Arc::as_ptr(&task) as usize as u64;
+        still.insert(id);
+        if reported.insert(id) {
+            registry.blocked_count.inc();
+            tracing::error!(
+                protocol = task.protocol,
+                peer = %task.peer,
+                command = task.doing(),
+                "STALL: a {} session from {} has held a runtime thread for {:.1} s in one poll (command: {}); other sessions on that thread wait",
+                task.protocol,
+                task.peer,
+                seconds(in_poll),
+                task.doing()
+            );
+        }
+        blocked.push(BlockedTask {
+            what: format!("{} session", task.protocol),
+            peer: Some(task.peer.clone()),
+            doing: Some(task.doing().to_string()),
+            seconds: seconds(in_poll),
+        });
+    }
+    for beat in registry.tasks.heartbeats() {
+        let age = beat.age_ms(now);
+        if age < stall_after_ms.max(1_000) {
+            continue;
+        }
+        let id = Arc::as_ptr(&beat) as usize as u64;
+        still.insert(id);
+        if reported.insert(id) {
+            registry.blocked_count.inc();
+            tracing::error!(
+                runtime = beat.name,
+                "STALL: the {} runtime has run no task for {:.1} s",
+                beat.name,
+                seconds(age)
+            );
+        }
+        blocked.push(BlockedTask {
+            what: format!("runtime {}", beat.name),
+            peer: None,
+            doing: None,
+            seconds: seconds(age),
+        });
+    }
+    reported.retain(|id| still.contains(id));
+    blocked
 }
 
 #[cfg(test)]

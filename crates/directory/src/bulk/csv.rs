@@ -63,6 +63,10 @@ enum Mode {
     Update,
 }
 
+/// Longest record (one row, quoted newlines included), in bytes. A missing closing quote
+/// would otherwise make the rest of the file one record held in memory.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+
 /// Streams rows out of a CSV file; see the module documentation.
 pub struct CsvRows<R: Read> {
     /// Physical lines; records are gathered from them so that every record knows the
@@ -100,6 +104,9 @@ impl<R: Read> CsvRows<R> {
         use std::io::BufRead;
         let mut text = Vec::new();
         let start = self.line + 1;
+        // Quotes counted so far: each line is scanned once (counting the whole record
+        // again per line made an unterminated quote quadratic in the file's size).
+        let mut quotes = 0usize;
         loop {
             let before = text.len();
             match self.lines.read_until(b'\n', &mut text) {
@@ -115,9 +122,18 @@ impl<R: Read> CsvRows<R> {
                 }
             }
             // A record ends at a newline outside quotes (RFC 4180 fields may hold newlines).
-            let quotes = text.iter().filter(|&&b| b == b'"').count();
-            if quotes % 2 == 0 || text.len() == before {
+            quotes += memchr::memchr_iter(b'"', &text[before..]).count();
+            if quotes.is_multiple_of(2) || text.len() == before {
                 break;
+            }
+            if text.len() > RECORD_BYTES_MAX {
+                return Some(Err(RowError {
+                    line: start,
+                    attribute: String::new(),
+                    reason: format!(
+                        "unreadable CSV: a quoted field opened here is still open after {RECORD_BYTES_MAX} bytes (a missing closing quote?)"
+                    ),
+                }));
             }
         }
         Some(
@@ -578,6 +594,29 @@ mod tests {
         let e = rows[1].as_ref().unwrap_err();
         assert_eq!(e.line, 3);
         assert!(e.reason.contains("field 3 is not UTF-8"), "{}", e.reason);
+    }
+
+    #[test]
+    fn an_unterminated_quote_is_an_error_in_linear_time_and_bounded_memory() {
+        // 200,000 lines after a quote that never closes: each line is looked at once,
+        // and the record is cut off at RECORD_BYTES_MAX with the line it started on.
+        let header = "Obj-Class,Mode,Directory Name\n";
+        let mut text = format!("{header}Mailbox,Create,\"ann\n");
+        for n in 0..200_000 {
+            text.push_str(&format!("Mailbox,Create,user{n}\n"));
+        }
+        let errors: Vec<String> = parse(&text)
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors
+                .first()
+                .is_some_and(|e| e.starts_with("line 2:") && e.contains("still open")),
+            "{:?}",
+            errors.first()
+        );
     }
 
     #[test]
