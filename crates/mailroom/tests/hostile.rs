@@ -1,0 +1,489 @@
+//! The hostile-client battery: what an attacker sends, over real sockets, against the
+//! whole server. After each attack every listener must still greet within a second and
+//! the answer must be the protocol's refusal, never a crash, a wedge or silence. One
+//! test per class of issue 13 that needs the whole server; the sans-I/O parts (DATA end
+//! marker, BDAT arithmetic, search nesting, LIST matching, DSN fields, the login
+//! limiter, CSV quoting) have unit tests beside their code.
+
+mod common;
+
+use common::{RawSmtp, TestServer, eventually};
+use mailroom::ServerOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "hostile test password";
+
+/// Every listener greets within a second.
+async fn all_greet(server: &TestServer) {
+    let addrs = [
+        server.server.smtp_addr,
+        server.server.imap_addr,
+        server.server.pop3_addr,
+    ];
+    tokio::task::spawn_blocking(move || {
+        for addr in addrs {
+            let stream = TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(stream)
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("{addr} did not greet within 1 s: {e}"));
+            assert!(
+                line.starts_with("220 ") || line.starts_with("* OK") || line.starts_with("+OK"),
+                "{addr}: {line}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A line-based IMAP client that sends exactly what it is given.
+struct RawImap {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawImap {
+    fn connect(addr: SocketAddr) -> RawImap {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut imap = RawImap {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        assert!(imap.line().starts_with("* OK"));
+        imap
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        // The server may close mid-way through a long line: that is an answer too.
+        let _ = self.writer.write_all(bytes);
+    }
+
+    /// One line, or "" at end of stream.
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.reader.read_line(&mut line);
+        line
+    }
+
+    /// Lines up to and including the tagged one (or the end of the stream).
+    fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            let done = line.is_empty() || line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    fn login(addr: SocketAddr, user: &str) -> RawImap {
+        let mut imap = RawImap::connect(addr);
+        imap.send(format!("l LOGIN {user} \"{PASSWORD}\"\r\n").as_bytes());
+        let lines = imap.until_tagged("l");
+        assert!(lines.last().unwrap().starts_with("l OK"), "{lines:?}");
+        imap
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_bdat_chunk_arriving_in_many_reads_is_accepted_and_nothing_wedges() {
+    let server = TestServer::start().await;
+    server.add_recipients(&["ann@example.test"]).await;
+    let smtp = server.server.smtp_addr;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut client = RawSmtp::connect(smtp);
+        client.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<ann@example.test>\r\n");
+        assert_eq!(client.codes(3), ["250", "250", "250"]);
+        let mut chunk = b"Subject: big\r\n\r\n".to_vec();
+        while chunk.len() < 1_000_000 - 2 {
+            chunk.extend_from_slice(b"0123456789012345678901234567890123456789012345678\r\n");
+        }
+        chunk.truncate(1_000_000 - 2);
+        chunk.extend_from_slice(b"\r\n");
+        client.send(b"BDAT 1000000 LAST\r\n");
+        // Written in pieces, as a real network delivers it.
+        for piece in chunk.chunks(16 * 1024) {
+            client.send(piece);
+        }
+        client.reply()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    all_greet(&server).await;
+    server.wait_for_messages("ann@example.test", 1).await;
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_end_of_data_makes_no_second_message() {
+    let server = TestServer::start().await;
+    server.add_recipients(&["ann@example.test"]).await;
+    let smtp = server.server.smtp_addr;
+    tokio::task::spawn_blocking(move || {
+        let mut client = RawSmtp::connect(smtp);
+        client.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<ann@example.test>\r\nDATA\r\n");
+        assert_eq!(client.codes(4), ["250", "250", "250", "354"]);
+        client.send(
+            b"Subject: outer\r\n\r\nhello\r\n.\r\r\nMAIL FROM:<ceo@example.test>\r\nRCPT TO:<ann@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\npay now\r\n.\r\nQUIT\r\n",
+        );
+        let refusal = client.reply();
+        assert!(refusal.starts_with("550 5.6.0"), "{refusal}");
+        let bye = client.reply();
+        assert!(bye.starts_with("221"), "QUIT, not a second transaction: {bye}");
+    })
+    .await
+    .unwrap();
+    // Nothing was accepted, so nothing arrives: the queues are empty and stay so.
+    let queues = server.queues().await;
+    assert!(
+        queues["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|q| q["depth"] == 0),
+        "{queues}"
+    );
+    assert!(server.mailbox("ann@example.test").await.is_empty());
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_bombs_get_refusals_and_the_server_stays_up() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let imap = server.server.imap_addr;
+    tokio::task::spawn_blocking(move || {
+        // Before login: a deep SEARCH is a command far above the pre-login limit.
+        let mut c = RawImap::connect(imap);
+        let mut line = b"a SEARCH ".to_vec();
+        line.extend(std::iter::repeat_n(b'(', 60_000));
+        line.extend_from_slice(b"\r\n");
+        c.send(&line);
+        let answer = c.line();
+        assert!(answer.starts_with("* BYE"), "{answer}");
+
+        // Before login: a 20 MB literal is refused without a continuation request...
+        let mut c = RawImap::connect(imap);
+        c.send(b"a LOGIN {20000000}\r\n");
+        let answer = c.line();
+        assert!(answer.starts_with("a NO [TOOBIG]"), "{answer}");
+        // ... and a non-synchronising one ends the connection instead of being read.
+        c.send(b"b LOGIN {20000000+}\r\n");
+        let answer = c.line();
+        assert!(answer.starts_with("* BYE"), "{answer}");
+
+        // After login: nesting and patterns beyond the limits are BAD, not a crash.
+        let mut c = RawImap::login(imap, "ann@example.test");
+        c.send(b"s SELECT INBOX\r\n");
+        c.until_tagged("s");
+        let mut line = b"d SEARCH ".to_vec();
+        line.extend(std::iter::repeat_n(b'(', 60_000));
+        line.extend_from_slice(b"\r\n");
+        c.send(&line);
+        let answer = c.until_tagged("d");
+        assert!(answer.last().unwrap().starts_with("d BAD"), "{answer:?}");
+        let mut line = b"e LIST \"\" \"".to_vec();
+        line.extend(std::iter::repeat_n(b'%', 60_000));
+        line.extend_from_slice(b"\"\r\n");
+        c.send(&line);
+        let answer = c.until_tagged("e");
+        assert!(answer.last().unwrap().starts_with("e BAD"), "{answer:?}");
+        // A backtracking pattern within the limit answers at once.
+        let started = Instant::now();
+        let pattern = format!("{}b", "*a".repeat(55));
+        c.send(format!("f LIST \"\" \"{pattern}\"\r\n").as_bytes());
+        let answer = c.until_tagged("f");
+        assert!(answer.last().unwrap().starts_with("f OK"), "{answer:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        c.send(b"z LOGOUT\r\n");
+        c.until_tagged("z");
+    })
+    .await
+    .unwrap();
+    all_greet(&server).await;
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_of_one_body_four_hundred_times_streams() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    while body.len() < 1_000_000 {
+        body.extend_from_slice(b"0123456789012345678901234567890123456789012345678\r\n");
+    }
+    server.send_raw("ann@example.test", &body).await;
+    server.wait_for_messages("ann@example.test", 1).await;
+    let imap = server.server.imap_addr;
+    let (received, first_byte) = tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test");
+        c.send(b"s SELECT INBOX\r\n");
+        c.until_tagged("s");
+        let items = vec!["BODY.PEEK[]"; 400].join(" ");
+        let started = Instant::now();
+        c.send(format!("f FETCH 1 ({items})\r\n").as_bytes());
+        // The first bytes come long before the whole answer exists: it streams.
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut received = 0usize;
+        let mut first_byte = None;
+        let mut tail = Vec::new();
+        loop {
+            let n = c.reader.read(&mut buffer).unwrap();
+            assert!(n > 0, "connection closed");
+            first_byte.get_or_insert(started.elapsed());
+            received += n;
+            tail.extend_from_slice(&buffer[..n]);
+            if tail.len() > 256 {
+                tail.drain(..tail.len() - 256);
+            }
+            if String::from_utf8_lossy(&tail).contains("\r\nf OK") {
+                break;
+            }
+        }
+        (received, first_byte.unwrap())
+    })
+    .await
+    .unwrap();
+    assert!(received > 400_000_000, "{received}");
+    assert!(first_byte < Duration::from_secs(5), "{first_byte:?}");
+    all_greet(&server).await;
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_accepted_message_disappears() {
+    let server = TestServer::start_with(
+        |c| c.outbound.transfer_mode = mailroom_outbound::TransferMode::Both,
+        ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server.add_recipients(&["bob@example.test"]).await;
+    server
+        .cli(&["list", "add", "empty", "--address", "empty@example.test"])
+        .await;
+    server
+        .cli(&[
+            "contact",
+            "add",
+            "ghost",
+            "--target-address",
+            "nobody-here@example.test",
+            "--address",
+            "ghost@example.test",
+        ])
+        .await;
+    let smtp = server.server.smtp_addr;
+    // Known at RCPT: refused there, so the sender hears at once.
+    tokio::task::spawn_blocking(move || {
+        let mut client = RawSmtp::connect(smtp);
+        client.send(b"EHLO c\r\nMAIL FROM:<ann@example.test>\r\nRCPT TO:<empty@example.test>\r\nRCPT TO:<ghost@example.test>\r\nRCPT TO:<bob@example.test>\r\n");
+        let replies: Vec<String> = (0..5).map(|_| client.reply()).collect();
+        assert!(replies[2].starts_with("550 5.1.1"), "{replies:?}");
+        assert!(replies[2].contains("no members"), "{replies:?}");
+        assert!(replies[3].starts_with("550 5.1.1"), "{replies:?}");
+        assert!(replies[4].starts_with("250"), "{replies:?}");
+    })
+    .await
+    .unwrap();
+
+    // Not known at RCPT: bob is deleted between RCPT and the end of DATA. The message
+    // was accepted, so ann gets a DSN for bob.
+    let mut client = tokio::task::spawn_blocking(move || {
+        let mut client = RawSmtp::connect(smtp);
+        client.send(b"EHLO c\r\nMAIL FROM:<ann@example.test>\r\nRCPT TO:<bob@example.test>\r\n");
+        assert_eq!(client.codes(3), ["250", "250", "250"]);
+        client
+    })
+    .await
+    .unwrap();
+    server.cli(&["recipient", "delete", "bob"]).await;
+    let reply = tokio::task::spawn_blocking(move || {
+        client.send(b"DATA\r\nSubject: to bob\r\n\r\nhello\r\n.\r\n");
+        let replies = client.codes(2);
+        assert_eq!(replies, ["354", "250"]);
+        replies
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply[1], "250");
+    let inbox = server.wait_for_messages("ann@example.test", 1).await;
+    let dsn =
+        String::from_utf8_lossy(&server.raw("ann@example.test", inbox[0].uid).await).into_owned();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; bob@example.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Action: failed"), "{dsn}");
+    // Every accepted message is accounted for: nothing left in any queue.
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            server.queues().await["queues"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|q| q["depth"] == 0)
+        })
+        .await,
+        "{}",
+        server.queues().await
+    );
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_floods_and_silent_authenticators_are_cut_off() {
+    let server = TestServer::start_with(
+        |c| {
+            c.smtp.sessions_per_client_max = 3;
+            c.imap.sessions_per_client_max = 3;
+            c.pop3.sessions_per_client_max = 3;
+            c.imap.idle_timeout_secs = 1;
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    let addrs = [
+        (server.server.smtp_addr, "421 4.7.0"),
+        (server.server.imap_addr, "* BYE"),
+        (server.server.pop3_addr, "-ERR"),
+    ];
+    let imap = server.server.imap_addr;
+    tokio::task::spawn_blocking(move || {
+        for (addr, refusal) in addrs {
+            let held: Vec<BufReader<TcpStream>> = (0..3)
+                .map(|_| {
+                    let mut reader = BufReader::new(TcpStream::connect(addr).unwrap());
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    assert!(!line.starts_with(refusal), "{addr}: {line}");
+                    reader
+                })
+                .collect();
+            let mut fourth = BufReader::new(TcpStream::connect(addr).unwrap());
+            let mut line = String::new();
+            fourth.read_line(&mut line).unwrap();
+            assert!(line.starts_with(refusal), "{addr}: {line}");
+            drop(held);
+        }
+        // An AUTHENTICATE whose continuation never comes ends with the idle timeout.
+        let mut c = RawImap::connect(imap);
+        c.send(b"a AUTHENTICATE PLAIN\r\n");
+        assert!(c.line().starts_with('+'));
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let _ = c.reader.read_to_end(&mut rest);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still open after {:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .unwrap();
+    // Slots are given back when connections end.
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let smtp = server.server.smtp_addr;
+            tokio::task::spawn_blocking(move || {
+                let mut reader = BufReader::new(TcpStream::connect(smtp).unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                line.starts_with("220")
+            })
+            .await
+            .unwrap()
+        })
+        .await
+    );
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_folder_is_made_private_whatever_it_was() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stray = data.join("notes.txt");
+    std::fs::write(&stray, "left by an operator").unwrap();
+    std::fs::set_permissions(&stray, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = TestServer::start_with(
+        |c| c.server.data_dir = data.clone(),
+        ServerOptions::default(),
+    )
+    .await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&stray), 0o600);
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(
+            mode(&path) & 0o077,
+            0,
+            "{} is {:o}",
+            path.display(),
+            mode(&path)
+        );
+    }
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_directory_import_is_refused_and_nothing_is_kept() {
+    let server = TestServer::start_with(
+        |c| c.admin.import_size_max_bytes = 10_000,
+        ServerOptions::default(),
+    )
+    .await;
+    let url = format!(
+        "http://{}/api/v1/directory/import?format=csv",
+        server.server.admin_addr
+    );
+    let token = server.server.admin_token.clone();
+    let mut csv = String::from("Obj-Class,Mode,Directory Name\n");
+    for n in 0..2_000 {
+        csv.push_str(&format!("Mailbox,Create,user{n}\n"));
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        match ureq::post(&url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_string(&csv)
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 413);
+    let uploads = server.server.data_dir.join("uploads");
+    let left = std::fs::read_dir(&uploads).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "the refused upload was kept");
+    server.server.shutdown().await;
+}
