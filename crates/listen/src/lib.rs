@@ -12,10 +12,11 @@
 //! "try later" line. The count lives in a map under a leaf lock that is never held
 //! across an `.await`; the entry goes when its last connection ends.
 
+use mailroom_watch::RankedMutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -88,8 +89,18 @@ pub async fn serve<H, F>(
 }
 
 /// Open connections per client address (see the module documentation).
-#[derive(Clone, Default)]
-struct ClientCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+#[derive(Clone)]
+struct ClientCounts(Arc<RankedMutex<HashMap<IpAddr, usize>>>);
+
+impl Default for ClientCounts {
+    fn default() -> ClientCounts {
+        ClientCounts(Arc::new(RankedMutex::new(
+            84,
+            "listener client counts",
+            HashMap::new(),
+        )))
+    }
+}
 
 /// One connection counted for its client; uncounted when dropped.
 struct ClientSlot {
@@ -100,7 +111,7 @@ struct ClientSlot {
 impl ClientCounts {
     /// Counts a connection from `ip` unless it already has `max`.
     fn admit(&self, ip: IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.0.lock();
         let count = counts.entry(ip).or_insert(0);
         if *count >= max {
             return None;
@@ -113,7 +124,7 @@ impl ClientCounts {
     }
 
     fn count(&self, ip: IpAddr) -> usize {
-        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = self.0.lock();
         counts.get(&ip).copied().unwrap_or(0)
     }
 }
@@ -125,7 +136,7 @@ fn client_refused(clients: &ClientCounts, ip: IpAddr, max: usize) -> bool {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.0.lock();
         if let Some(count) = counts.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {

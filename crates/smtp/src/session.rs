@@ -857,22 +857,7 @@ mod tests {
     /// Feeds `input`, answers every submission with success, returns the wire output and
     /// the submissions.
     fn run(limits: SmtpLimits, input: &[u8]) -> (String, Vec<Submission>) {
-        let mut session = Session::new(Arc::new(limits), "127.0.0.1:1".parse().unwrap(), false, 7);
-        let mut out = Vec::new();
-        let mut submissions = Vec::new();
-        session.receive(input);
-        loop {
-            match session.advance(&Fixed, 0) {
-                Step::Reply(r) => r.render(&mut out),
-                Step::Submit(s) => {
-                    let id = s.queue_id.clone();
-                    submissions.push(s);
-                    session.submitted(Ok(()), &id).render(&mut out);
-                }
-                Step::NeedInput | Step::Close => break,
-            }
-        }
-        (String::from_utf8(out).unwrap(), submissions)
+        run_in_reads(limits, input, input.len().max(1))
     }
 
     fn codes(out: &str) -> Vec<&str> {
@@ -982,13 +967,8 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
     /// Feeds `input` in reads of `step` bytes, like a socket would; counts the
     /// `advance` calls so a session that loops without input fails the test instead of
     /// hanging it.
-    fn run_in_reads(input: &[u8], step: usize) -> (String, Vec<Submission>) {
-        let mut session = Session::new(
-            Arc::new(SmtpLimits::default()),
-            "127.0.0.1:1".parse().unwrap(),
-            false,
-            7,
-        );
+    fn run_in_reads(limits: SmtpLimits, input: &[u8], step: usize) -> (String, Vec<Submission>) {
+        let mut session = Session::new(Arc::new(limits), "127.0.0.1:1".parse().unwrap(), false, 7);
         let mut out = Vec::new();
         let mut submissions = Vec::new();
         let mut steps = 0usize;
@@ -1019,7 +999,7 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
                 .to_vec();
         input.extend_from_slice(&body);
         input.extend_from_slice(b"QUIT\r\n");
-        let (out, subs) = run_in_reads(&input, 64 * 1024);
+        let (out, subs) = run_in_reads(SmtpLimits::default(), &input, 64 * 1024);
         assert_eq!(codes(&out), ["250", "250", "250", "250", "221"], "{out}");
         assert_eq!(subs.len(), 1);
         assert!(subs[0].body.ends_with(&body));
@@ -1041,6 +1021,7 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
     fn crlf_dot_cr_cr_lf_does_not_end_data_so_nothing_is_smuggled() {
         for step in [1, 7, 4096] {
             let (out, subs) = run_in_reads(
+                SmtpLimits::default(),
                 b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: a\r\n\r\nx\r\n.\r\r\n\
 MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\nQUIT\r\n",
                 step,

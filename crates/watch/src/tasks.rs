@@ -15,11 +15,12 @@
 //! Cost: two relaxed atomic stores per poll; the command label is a `&'static str` set
 //! through a task-local, stored in an atomic index into a small table.
 
+use crate::RankedMutex;
 use crate::now_ms;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 /// One watched task (a client session).
@@ -32,18 +33,18 @@ pub struct TaskWatch {
     /// When the current poll started (Unix ms); 0 when the task is not being polled.
     poll_since_ms: AtomicI64,
     /// What the task is doing (a command name).
-    doing: Mutex<&'static str>,
+    doing: RankedMutex<&'static str>,
 }
 
 impl TaskWatch {
     /// What the task said it is doing.
     pub fn doing(&self) -> &'static str {
-        *self.doing.lock().unwrap_or_else(|e| e.into_inner())
+        *self.doing.lock()
     }
 
     /// Says what the task is doing now.
     pub fn set_doing(&self, what: &'static str) {
-        *self.doing.lock().unwrap_or_else(|e| e.into_inner()) = what;
+        *self.doing.lock() = what;
     }
 
     /// Milliseconds the current poll has been running, if one is.
@@ -73,12 +74,21 @@ impl Heartbeat {
 }
 
 /// Every watched task and runtime heartbeat.
-#[derive(Default)]
 pub struct Tasks {
     next_id: AtomicU64,
     /// Leaf lock: held to add, remove or list entries, never across anything else.
-    tasks: Mutex<Vec<Arc<TaskWatch>>>,
-    heartbeats: Mutex<Vec<Arc<Heartbeat>>>,
+    tasks: RankedMutex<Vec<Arc<TaskWatch>>>,
+    heartbeats: RankedMutex<Vec<Arc<Heartbeat>>>,
+}
+
+impl Default for Tasks {
+    fn default() -> Tasks {
+        Tasks {
+            next_id: AtomicU64::new(0),
+            tasks: RankedMutex::new(96, "watched tasks", Vec::new()),
+            heartbeats: RankedMutex::new(97, "runtime heartbeats", Vec::new()),
+        }
+    }
 }
 
 impl Tasks {
@@ -89,12 +99,9 @@ impl Tasks {
             protocol,
             peer,
             poll_since_ms: AtomicI64::new(0),
-            doing: Mutex::new("starting"),
+            doing: RankedMutex::new(98, "session doing", "starting"),
         });
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(watch.clone());
+        self.tasks.lock().push(watch.clone());
         TaskGuard {
             tasks: self.clone(),
             watch,
@@ -107,24 +114,18 @@ impl Tasks {
             name,
             beat_ms: AtomicI64::new(now_ms()),
         });
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(beat.clone());
+        self.heartbeats.lock().push(beat.clone());
         beat
     }
 
     /// Every task being watched now.
     pub fn tasks(&self) -> Vec<Arc<TaskWatch>> {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tasks.lock().clone()
     }
 
     /// Every runtime heartbeat.
     pub fn heartbeats(&self) -> Vec<Arc<Heartbeat>> {
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.heartbeats.lock().clone()
     }
 }
 
@@ -148,7 +149,7 @@ impl TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        let mut tasks = self.tasks.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tasks = self.tasks.tasks.lock();
         if let Some(at) = tasks.iter().position(|t| t.id == self.watch.id) {
             tasks.swap_remove(at);
         }

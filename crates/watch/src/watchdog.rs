@@ -105,7 +105,7 @@ pub struct Registry {
     deadlock_count: Gauge,
     tasks: Arc<crate::Tasks>,
     /// Ids of blocked tasks already logged (leaf lock, watchdog thread only).
-    reported: std::sync::Mutex<std::collections::HashSet<u64>>,
+    reported: crate::RankedMutex<std::collections::HashSet<u64>>,
     blocked_count: Counter,
 }
 
@@ -124,7 +124,11 @@ impl Default for Registry {
             progress: Family::default(),
             deadlock_count: Gauge::default(),
             tasks: Arc::default(),
-            reported: Default::default(),
+            reported: crate::RankedMutex::new(
+                99,
+                "watchdog reported tasks",
+                std::collections::HashSet::new(),
+            ),
             blocked_count: Counter::default(),
         }
     }
@@ -400,9 +404,8 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
 /// Sessions whose poll has run for the stall time, and runtimes whose heartbeat is that
 /// old; each is logged once, naming the session's client and command.
 fn blocked_tasks(registry: &Registry, now: i64, stall_after_ms: i64) -> Vec<BlockedTask> {
-    let mut blocked = Vec::new();
-    let mut reported = registry.reported.lock().unwrap_or_else(|e| e.into_inner());
-    let mut still = std::collections::HashSet::new();
+    // Gathered first, logged after: no lock of ours is taken while another is held.
+    let mut found: Vec<(u64, BlockedTask)> = Vec::new();
     for task in registry.tasks.tasks() {
         let Some(in_poll) = task
             .in_poll_ms(now)
@@ -410,53 +413,61 @@ fn blocked_tasks(registry: &Registry, now: i64, stall_after_ms: i64) -> Vec<Bloc
         else {
             continue;
         };
-        let id = Arc::as_ptr(&task) as usize as u64;
-        still.insert(id);
-        if reported.insert(id) {
-            registry.blocked_count.inc();
-            tracing::error!(
-                protocol = task.protocol,
-                peer = %task.peer,
-                command = task.doing(),
-                "STALL: a {} session from {} has held a runtime thread for {:.1} s in one poll (command: {}); other sessions on that thread wait",
-                task.protocol,
-                task.peer,
-                seconds(in_poll),
-                task.doing()
-            );
-        }
-        blocked.push(BlockedTask {
-            what: format!("{} session", task.protocol),
-            peer: Some(task.peer.clone()),
-            doing: Some(task.doing().to_string()),
-            seconds: seconds(in_poll),
-        });
+        found.push((
+            Arc::as_ptr(&task) as usize as u64,
+            BlockedTask {
+                what: format!("{} session", task.protocol),
+                peer: Some(task.peer.clone()),
+                doing: Some(task.doing().to_string()),
+                seconds: seconds(in_poll),
+            },
+        ));
     }
     for beat in registry.tasks.heartbeats() {
         let age = beat.age_ms(now);
         if age < stall_after_ms.max(1_000) {
             continue;
         }
-        let id = Arc::as_ptr(&beat) as usize as u64;
-        still.insert(id);
-        if reported.insert(id) {
-            registry.blocked_count.inc();
-            tracing::error!(
-                runtime = beat.name,
-                "STALL: the {} runtime has run no task for {:.1} s",
-                beat.name,
-                seconds(age)
-            );
-        }
-        blocked.push(BlockedTask {
-            what: format!("runtime {}", beat.name),
-            peer: None,
-            doing: None,
-            seconds: seconds(age),
-        });
+        found.push((
+            Arc::as_ptr(&beat) as usize as u64,
+            BlockedTask {
+                what: format!("runtime {}", beat.name),
+                peer: None,
+                doing: None,
+                seconds: seconds(age),
+            },
+        ));
     }
-    reported.retain(|id| still.contains(id));
-    blocked
+    let mut reported = registry.reported.lock();
+    let fresh: Vec<&BlockedTask> = found
+        .iter()
+        .filter(|(id, _)| reported.insert(*id))
+        .map(|(_, t)| t)
+        .collect();
+    reported.retain(|id| found.iter().any(|(f, _)| f == id));
+    drop(reported);
+    for task in fresh {
+        registry.blocked_count.inc();
+        match (&task.peer, &task.doing) {
+            (Some(peer), Some(doing)) => tracing::error!(
+                what = %task.what,
+                %peer,
+                command = %doing,
+                "STALL: a {} from {} has held a runtime thread for {:.1} s in one poll (command: {}); other sessions on that thread wait",
+                task.what,
+                peer,
+                task.seconds,
+                doing
+            ),
+            _ => tracing::error!(
+                what = %task.what,
+                "STALL: the {} has run no task for {:.1} s",
+                task.what,
+                task.seconds
+            ),
+        }
+    }
+    found.into_iter().map(|(_, t)| t).collect()
 }
 
 #[cfg(test)]
