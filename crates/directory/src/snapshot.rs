@@ -269,6 +269,22 @@ impl Snapshot {
     /// SMTP refuses such a recipient at RCPT, so the sender hears at once and nothing is
     /// accepted that would only turn into a DSN. None when anything would be delivered.
     pub fn refusal_at_rcpt(&self, address: &str) -> Option<String> {
+        // RCPT runs on a runtime thread: answer the common cases without expanding (a
+        // mailbox, or a list with a mailbox among its direct members), so a client
+        // naming a 100,000-member list a hundred times costs a lookup each, not a full
+        // expansion.
+        if let Resolution::Local(recipient) = self.resolve(address) {
+            let deliverable = |r: &Recipient| r.kind == RecipientKind::Mailbox;
+            if deliverable(&recipient)
+                || (recipient.kind == RecipientKind::List
+                    && recipient
+                        .members
+                        .iter()
+                        .any(|m| self.recipients.get(m).is_some_and(|m| deliverable(m))))
+            {
+                return None;
+            }
+        }
         let mut first_reason = None;
         for target in self.expand(address) {
             let reason = match target {

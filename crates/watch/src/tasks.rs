@@ -169,11 +169,11 @@ impl<F: Future> Future for Watched<F> {
         // SAFETY: `inner` is structurally pinned: it is never moved out of `self`, and
         // `guard` is not pinned (it is only read).
         let this = unsafe { self.get_unchecked_mut() };
-        let watch = this.guard.watch.clone();
-        watch.poll_since_ms.store(now_ms(), Ordering::Relaxed);
+        let since = &this.guard.watch.poll_since_ms;
+        since.store(now_ms(), Ordering::Relaxed);
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
         let result = inner.poll(cx);
-        watch.poll_since_ms.store(0, Ordering::Relaxed);
+        since.store(0, Ordering::Relaxed);
         result
     }
 }
