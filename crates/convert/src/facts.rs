@@ -10,7 +10,7 @@ const MIME_DEPTH_MAX: usize = 32;
 /// Parses `raw` and extracts the facts the store keeps. Never fails: a message the parser
 /// cannot read gets `parsed: false` and empty fields, and is delivered all the same.
 pub fn message_facts(raw: &[u8]) -> MessageFacts {
-    let Some(message) = MessageParser::default().parse(raw) else {
+    let Some(message) = crate::mime::parse(&MessageParser::default(), raw) else {
         return MessageFacts {
             parsed: false,
             mime: json!({"type": "text/plain", "size": raw.len()}),

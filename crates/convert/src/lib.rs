@@ -8,6 +8,7 @@
 //!
 //! - [`facts`]: what the MIME parser (`mail-parser`) finds; a message that does not parse
 //!   is still delivered byte for byte, with whatever could be read.
+//! - [`mime`]: the one way to parse a message, with its nesting bounded.
 //! - [`plan`]: where each envelope recipient goes, from one snapshot.
 //! - [`workers`]: the worker threads, with a per-message time budget, panic isolation and
 //!   a quarantine after repeated failures, so no message holds up the ones behind it.
@@ -15,6 +16,7 @@
 //! What it never does: take a lock, change the directory, or drop a recipient silently.
 
 pub mod facts;
+pub mod mime;
 pub mod plan;
 pub mod quota;
 pub mod workers;

@@ -1397,32 +1397,45 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146097 + doe - 719468
 }
 
-/// `d-MMM-yyyy` as days since the epoch.
+/// Exactly `len` ASCII digits (no sign, no space), as a number.
+fn digits(text: &str, len: std::ops::RangeInclusive<usize>) -> Option<i64> {
+    if !len.contains(&text.len()) || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// `d-MMM-yyyy` as days since the epoch (RFC 9051 `date-text`: a day of one or two
+/// digits, a four-digit year; anything else is not a date, so no arithmetic can wrap).
 pub fn parse_date(text: &str) -> Option<i64> {
     let mut parts = text.split('-');
-    let day: u32 = parts.next()?.trim().parse().ok()?;
+    let day = digits(parts.next()?.trim_start(), 1..=2)?;
     let month = parts.next()?.to_ascii_lowercase();
-    let year: i64 = parts.next()?.parse().ok()?;
+    let year = digits(parts.next()?, 4..=4)?;
     let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
     if !(1..=31).contains(&day) || parts.next().is_some() {
         return None;
     }
-    Some(days_from_civil(year, month, day))
+    Some(days_from_civil(year, month, day as u32))
 }
 
-/// `dd-MMM-yyyy hh:mm:ss +zzzz` as Unix ms.
+/// `dd-MMM-yyyy hh:mm:ss +zzzz` as Unix ms (RFC 9051 `date-time`: two-digit time
+/// fields in range and a four-digit zone).
 pub fn parse_date_time(text: &str) -> Option<i64> {
     let (date, rest) = text.trim().split_once(' ')?;
     let (time, zone) = rest.split_once(' ')?;
     let days = parse_date(date)?;
-    let mut hms = time.split(':').map(|p| p.parse::<i64>().ok());
+    let mut hms = time.split(':').map(|p| digits(p, 2..=2));
     let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
     let sign = match zone.as_bytes().first()? {
         b'+' => 1,
         b'-' => -1,
         _ => return None,
     };
-    let zone: i64 = zone.get(1..5)?.parse().ok()?;
+    let zone = digits(zone.get(1..)?, 4..=4)?;
     let offset = sign * ((zone / 100) * 3600 + (zone % 100) * 60);
     Some(((days * 86400 + h * 3600 + m * 60 + s) - offset) * 1000)
 }
@@ -1430,6 +1443,37 @@ pub fn parse_date_time(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (crates/fuzz, imap_parse): a year or time field of many digits
+    /// overflowed the date arithmetic (a panic with overflow checks, a wrong date
+    /// without). The grammar's digit counts are now enforced.
+    #[test]
+    fn dates_follow_the_grammar_and_never_overflow() {
+        assert_eq!(
+            parse_date_time("30-Nov-2026 10:00:00 +0000"),
+            Some(1_796_032_800_000)
+        );
+        assert_eq!(
+            parse_date_time(" 1-Jan-1970 00:00:00 -0100"),
+            Some(3_600_000)
+        );
+        assert_eq!(parse_date("1-Jan-2020"), Some(18262));
+        for bad in [
+            "30-Nov-2222222026 10:00:00 +0000",
+            "30-Nov-2026 155555555555555550:00:00 +0000",
+            "30-Nov-2026 10:1111111111110000:00 +0000",
+            "30-Nov-2026 10:00:00 +99999999999999",
+            "30-Nov-+026 10:00:00 +0000",
+            "30-Nov-2026 24:00:00 +0000",
+            "30-Nov-2026 1:00:00 +0000",
+            "999-Nov-2026 10:00:00 +0000",
+        ] {
+            assert_eq!(parse_date_time(bad), None, "{bad}");
+        }
+        assert_eq!(parse_date("1-Jan-99999999999999999"), None);
+        let append = b"a APPEND INBOX (\\Seen) \"30-Nov-2222222026 10:00:00 +0000\" {1+}\r\nx";
+        assert!(parse_command(append).is_err());
+    }
 
     fn kind(text: &str) -> CommandKind {
         parse_command(text.as_bytes())

@@ -197,6 +197,22 @@ impl ImapServer {
     }
 }
 
+/// The tag to answer a command that is refused before it is parsed: its first word when
+/// that is a valid tag (RFC 9051: astring characters other than "+"), otherwise "*", so
+/// that garbage is never echoed as if it were a tag.
+fn tag_of(command: &[u8]) -> String {
+    let word = command.split(|b| *b == b' ').next().unwrap_or_default();
+    let valid = !word.is_empty()
+        && word
+            .iter()
+            .all(|b| *b > 0x20 && *b < 0x7f && !b"(){%*\"\\+]".contains(b));
+    if valid {
+        String::from_utf8_lossy(word).into_owned()
+    } else {
+        "*".to_string()
+    }
+}
+
 /// One connection's byte stream, with command framing.
 pub struct Connection<S> {
     stream: S,
@@ -428,8 +444,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let Some((size, non_sync)) = literal_at_end(&line) else {
                 return Ok(Input::Command(command));
             };
-            let tag = String::from_utf8_lossy(command.split(|b| *b == b' ').next().unwrap_or(b"*"))
-                .into_owned();
+            let tag = tag_of(&command);
             if size > (command_max - command.len()) as u64 {
                 if !authenticated && non_sync {
                     // Megabytes a stranger announced and will send anyway: close
@@ -470,6 +485,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (crates/fuzz, imap_session): `b{4444444444444}` was answered
+    /// `b{4444444444444} NO [TOOBIG] ...`, a response whose "tag" holds a literal
+    /// announcement. Only a valid tag is echoed.
+    #[test]
+    fn only_valid_tags_are_echoed_before_parsing() {
+        assert_eq!(tag_of(b"a1 APPEND INBOX {99999999}"), "a1");
+        assert_eq!(tag_of(b"b{4444444444444}"), "*");
+        assert_eq!(tag_of(b"+x LOGIN {5}"), "*");
+        assert_eq!(tag_of(b" LOGIN {5}"), "*");
+        assert_eq!(tag_of(b"a\x00b LOGIN {5}"), "*");
+    }
 
     #[test]
     fn literal_markers() {

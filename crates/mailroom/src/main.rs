@@ -156,7 +156,25 @@ enum ConfigCommand {
     },
 }
 
+/// Makes the C allocator give large buffers back. glibc serves big allocations from its
+/// arenas once its dynamic mmap threshold has risen (it rises each time a large block is
+/// freed), and memory freed inside an arena rarely returns to the system: a few large
+/// messages converted or fetched left a server at several times its working size for
+/// good (tests/hostile_process.rs measured 270 MiB of heap after its battery, 160 MiB
+/// with this). A fixed threshold keeps every buffer of 256 KiB or more (message bodies,
+/// FETCH answers) in its own mapping, returned when freed.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called first thing in
+    // main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 * 1024 * 1024);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),

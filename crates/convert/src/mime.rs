@@ -1,0 +1,159 @@
+//! Parsing a message with `mail-parser`, made safe for any input.
+//!
+//! `mail-parser` follows `message/rfc822` parts to any depth (it keeps its own stack, so
+//! parsing does not recurse) and returns them as a tree of nested `Message`s. Dropping
+//! or walking such a tree recurses once per level: a 500 KB message of 10,000 nested
+//! `message/rfc822` parts overflowed the stack of whichever thread touched it (found by
+//! the hostile battery, `crates/fuzz`). Every parse in Mailroom goes through [`parse`],
+//! which cuts the tree at [`MESSAGE_NESTING_MAX`] levels without recursion; deeper
+//! messages become opaque parts (their bytes stay in the stored message, served by
+//! offset like any other part). Multipart nesting is flat in `mail-parser`'s output (an
+//! index list), so walkers bound it themselves.
+
+use mail_parser::{Encoding, Message, MessageParser, MessagePart, PartType};
+use std::borrow::Cow;
+
+/// Levels of `message/rfc822` kept, at most. Real mail nests a handful (a forward of a
+/// forward); Dovecot stops at 100 MIME levels of any kind.
+pub const MESSAGE_NESTING_MAX: usize = 64;
+
+/// Parses `raw` with `parser` and bounds the nesting of the result (see the module
+/// documentation). `None` when `mail-parser` finds no message at all. Every message in
+/// the result, nested ones included, has a root part: `mail-parser`'s accessors
+/// (`header_raw`, `root_part` ...) index part 0 and panic without one.
+pub fn parse<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Message<'x>> {
+    let mut message = parser.parse(raw)?;
+    bound_nesting(&mut message, MESSAGE_NESTING_MAX);
+    Some(message)
+}
+
+/// A message of one opaque part holding all of `raw`: what a reader shows for bytes
+/// `mail-parser` finds no message in (no header section at all). Its accessors work and
+/// find no headers.
+pub fn opaque(raw: &[u8]) -> Message<'_> {
+    Message {
+        parts: vec![root_part(raw.len())],
+        raw_message: raw.into(),
+        ..Message::default()
+    }
+}
+
+fn root_part<'x>(len: usize) -> MessagePart<'x> {
+    MessagePart {
+        headers: Vec::new(),
+        is_encoding_problem: true,
+        body: PartType::Binary(Cow::Owned(Vec::new())),
+        encoding: Encoding::None,
+        offset_header: 0,
+        offset_body: 0,
+        offset_end: u32::try_from(len).unwrap_or(u32::MAX),
+    }
+}
+
+/// Replaces every `message/rfc822` part nested deeper than `max` levels by an opaque
+/// part marked as an encoding problem, dismantling what was cut without recursion.
+pub fn bound_nesting(message: &mut Message<'_>, max: usize) {
+    let mut cut: Vec<MessagePart<'_>> = Vec::new();
+    let mut stack: Vec<(&mut Message<'_>, usize)> = vec![(message, 1)];
+    while let Some((m, depth)) = stack.pop() {
+        if m.parts.is_empty() {
+            m.parts.push(root_part(m.raw_message.len()));
+        }
+        for part in m.parts.iter_mut() {
+            if !matches!(part.body, PartType::Message(_)) {
+                continue;
+            }
+            if depth < max {
+                if let PartType::Message(inner) = &mut part.body {
+                    stack.push((inner, depth + 1));
+                }
+            } else if let PartType::Message(inner) =
+                std::mem::replace(&mut part.body, PartType::Binary(Cow::Owned(Vec::new())))
+            {
+                part.is_encoding_problem = true;
+                cut.extend(inner.parts);
+            }
+        }
+    }
+    dismantle(cut);
+}
+
+/// Drops parts that may hold deeply nested messages, one level at a time.
+fn dismantle(mut parts: Vec<MessagePart<'_>>) {
+    while let Some(mut part) = parts.pop() {
+        if let PartType::Message(inner) = std::mem::take(&mut part.body) {
+            parts.extend(inner.parts);
+        }
+    }
+}
+
+/// Nesting depth of `message/rfc822` parts in `message` (1 for a message without any),
+/// measured without recursion.
+pub fn nesting(message: &Message<'_>) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(message, 1usize)];
+    while let Some((m, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        for part in &m.parts {
+            if let PartType::Message(inner) = &part.body {
+                stack.push((inner, depth + 1));
+            }
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(levels: usize) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for _ in 0..levels {
+            raw.extend_from_slice(b"Subject: x\r\nContent-Type: message/rfc822\r\n\r\n");
+        }
+        raw.extend_from_slice(b"Subject: inner\r\n\r\nbody\r\n");
+        raw
+    }
+
+    /// 10,000 levels used to overflow the stack when the parsed message was dropped.
+    /// Here the parse runs on a thread with a 256 KiB stack: far less than any runtime
+    /// or worker thread of the server has.
+    #[test]
+    fn deep_nesting_is_cut_and_dropped_on_a_small_stack() {
+        let raw = nested(10_000);
+        let depth = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let message = parse(&MessageParser::default(), &raw).expect("parses");
+                nesting(&message)
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(depth, MESSAGE_NESTING_MAX);
+    }
+
+    /// Found by fuzzing (crates/fuzz, mime): bytes without a header section made the
+    /// IMAP view an empty message, and ENVELOPE panicked indexing its part 0, so one
+    /// such stored message broke every client's FETCH of its folder.
+    #[test]
+    fn unparsable_bytes_give_a_message_whose_accessors_work() {
+        let raw = b"S\xf6bject\x18 nul \x00^U hUUU\x05\nFro;\r\n\xf9dllo th\n \x01\r\n";
+        let message = parse(&MessageParser::default(), raw).unwrap_or_else(|| opaque(raw));
+        assert!(!message.parts.is_empty());
+        assert_eq!(message.header_raw("Subject"), None);
+        let _ = message.subject();
+        assert_eq!(opaque(b"").parts.len(), 1);
+    }
+
+    #[test]
+    fn shallow_messages_are_untouched() {
+        let raw = nested(3);
+        let parser = MessageParser::default();
+        let bounded = parse(&parser, &raw).unwrap();
+        let plain = parser.parse(&raw[..]).unwrap();
+        assert_eq!(nesting(&bounded), 4);
+        assert_eq!(bounded, plain);
+    }
+}
