@@ -297,6 +297,8 @@ pub struct SmtpSection {
     pub sessions_max: usize,
     /// Concurrent SMTP sessions from one client address, at most.
     pub sessions_per_client_max: usize,
+    /// Message bytes all SMTP sessions together may hold in memory while receiving.
+    pub data_in_memory_max_bytes: usize,
     /// Idle time before a session is closed, seconds.
     pub idle_timeout_secs: u64,
     /// Longest session, seconds.
@@ -318,6 +320,7 @@ impl Default for SmtpSection {
             errors_per_session_max: 20,
             sessions_max: 500,
             sessions_per_client_max: 50,
+            data_in_memory_max_bytes: 256 << 20,
             idle_timeout_secs: 300,
             session_duration_max_secs: 3600,
             relay_networks: Vec::new(),
@@ -444,6 +447,11 @@ sessions_max = 500
 # Concurrent SMTP sessions from one client address; more are answered 421 4.7.0 and
 # closed (one client cannot take every slot).
 sessions_per_client_max = 50
+# Message bytes all sessions together may hold in memory while receiving (messages
+# are spooled when complete). Past it, a session receiving a message over 1 MiB drops
+# it and answers 452 4.3.1 at its end (the sender retries later); smaller messages
+# always flow.
+data_in_memory_max_bytes = 268435456
 # A session silent for this long is closed with 421 4.4.2 (RFC 5321 suggests 5 minutes).
 idle_timeout_secs = 300
 # A session open for this long is closed with 421 4.4.2.

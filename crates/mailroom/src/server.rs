@@ -445,6 +445,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
             relay_networks: config.smtp.relay_networks.clone(),
             test_spin_command: config.smtp.test_spin_command,
+            data_in_memory_max: config.smtp.data_in_memory_max_bytes,
         },
         directory.clone(),
         spool.clone(),

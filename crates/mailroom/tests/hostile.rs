@@ -487,3 +487,97 @@ async fn an_oversized_directory_import_is_refused_and_nothing_is_kept() {
     assert_eq!(left, 0, "the refused upload was kept");
     server.server.shutdown().await;
 }
+
+/// The SMTP sessions' gauge of message bytes held in memory.
+async fn data_in_memory(server: &TestServer) -> i64 {
+    let url = format!("http://{}/metrics", server.server.admin_addr);
+    let text =
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
+            .await
+            .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("mailroom_smtp_data_in_memory_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the gauge is exported")
+}
+
+/// Fifty sessions from one address, each sending a 25 MB message, used to hold 1.25 GB
+/// in memory: messages being received now share one budget
+/// (`smtp.data_in_memory_max_bytes`). Past it, a large message is read to its end and
+/// refused for now (452 4.3.1, the sender retries); small mail goes on; the budget is
+/// given back when a session ends however it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_being_received_share_a_memory_budget() {
+    let server = TestServer::start_with(
+        |c| c.smtp.data_in_memory_max_bytes = 2 << 20,
+        ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("big@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let addr = server.smtp();
+    let line = format!("{}\r\n", "x".repeat(998));
+    let open_message = move |bytes: usize| {
+        let mut smtp = RawSmtp::connect(addr);
+        smtp.send(
+            b"EHLO big.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<big@example.test>\r\nDATA\r\n",
+        );
+        assert_eq!(smtp.codes(4), ["250", "250", "250", "354"]);
+        for _ in 0..bytes / line.len() {
+            smtp.send(line.as_bytes());
+        }
+        smtp
+    };
+    // A holds 1.5 MB, under the 2 MiB budget, and waits.
+    let mut a = tokio::task::spawn_blocking({
+        let open_message = open_message.clone();
+        move || open_message(1_500_000)
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || data_in_memory(&server)
+            .await
+            >= 1_400_000)
+        .await,
+        "the server counts what A holds"
+    );
+    // B brings the total over the budget: B's message is refused for now.
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut b = open_message(1_500_000);
+        b.send(b".\r\n");
+        b.reply()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("452 4.3.1"), "{reply}");
+    // Small mail still flows while A holds its share.
+    server
+        .send_raw(
+            "big@example.test",
+            common::message("s@remote.test", "big@example.test", "small-1", "small").as_bytes(),
+        )
+        .await;
+    // A completes: alone it fits.
+    let reply = tokio::task::spawn_blocking(move || {
+        a.send(b".\r\n");
+        a.reply()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(
+        server.wait_for_messages("big@example.test", 2).await.len(),
+        2
+    );
+    // Every share was given back.
+    assert!(
+        eventually(Duration::from_secs(10), async || data_in_memory(&server)
+            .await
+            == 0)
+        .await,
+        "the budget is released"
+    );
+    all_greet(&server).await;
+}

@@ -38,6 +38,9 @@ pub struct SmtpStats {
     pub accepted: Counter,
     /// Refusals by reason.
     pub rejected: Family<Vec<(String, String)>, Counter>,
+    /// Message bytes held by all sessions now, counted against
+    /// `ListenerConfig::data_in_memory_max`.
+    pub data_in_memory: Gauge,
     /// Where sessions are watched for polls that do not return (shared with the
     /// watchdog's registry).
     pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
@@ -46,6 +49,11 @@ pub struct SmtpStats {
 impl SmtpStats {
     /// Adds the metrics to a Prometheus registry.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mailroom_smtp_data_in_memory_bytes",
+            "Bytes of messages being received that SMTP sessions hold in memory",
+            self.data_in_memory.clone(),
+        );
         registry.register(
             "mailroom_smtp_sessions",
             "SMTP connections accepted",
@@ -91,6 +99,43 @@ pub struct ListenerConfig {
     /// Tests only: `XSPIN <ms>` holds this session's runtime thread for that long, so a
     /// test can prove the watchdog names a session that blocks its runtime.
     pub test_spin_command: bool,
+    /// Message bytes all sessions together may hold in memory while receiving; past it,
+    /// a session receiving a message larger than [`SHED_FLOOR_BYTES`] drops it and
+    /// answers `452 4.3.1` at its end (`smtp.data_in_memory_max_bytes`).
+    pub data_in_memory_max: usize,
+}
+
+/// A message smaller than this is never dropped for memory: small mail keeps flowing
+/// while large messages hold the budget. What sessions can hold is therefore at most the
+/// budget plus this much (and one read) per session.
+pub const SHED_FLOOR_BYTES: usize = 1 << 20;
+
+/// One session's share of the memory budget (the gauge is the sum of all shares);
+/// given back when dropped, whichever way the session ends.
+struct Charge<'a> {
+    total: &'a Gauge,
+    held: usize,
+}
+
+impl Charge<'_> {
+    /// Records that the session now holds `bytes`; true when all sessions together hold
+    /// more than `max`.
+    fn set(&mut self, bytes: usize, max: usize) -> bool {
+        let delta = bytes as i64 - self.held as i64;
+        let total = if delta == 0 {
+            self.total.get()
+        } else {
+            self.total.inc_by(delta) + delta
+        };
+        self.held = bytes;
+        total > max as i64
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.total.dec_by(self.held as i64);
+    }
 }
 
 /// Everything a connection handler needs; shared by all connections.
@@ -282,6 +327,10 @@ impl SmtpServer {
         let deadline = Instant::now() + self.config.session_duration_max;
         let mut snapshot = self.directory.snapshot();
         let mut buffer = vec![0u8; READ_CHUNK];
+        let mut charge = Charge {
+            total: &self.stats.data_in_memory,
+            held: 0,
+        };
         loop {
             if !session.in_transaction() {
                 snapshot = self.directory.snapshot();
@@ -297,6 +346,8 @@ impl SmtpServer {
                     reply.render(&mut out);
                 }
                 Step::Submit(submission) => {
+                    // The message now belongs to the spool (its queue is bounded).
+                    charge.set(session.message_bytes(), usize::MAX);
                     self.write(&mut stream, &mut out).await?;
                     let queue_id = submission.queue_id.clone();
                     let entry = SpoolEntry {
@@ -325,6 +376,15 @@ impl SmtpServer {
                     return stream.shutdown().await;
                 }
                 Step::NeedInput => {
+                    let held = session.message_bytes();
+                    if charge.set(held, self.config.data_in_memory_max)
+                        && held >= SHED_FLOOR_BYTES
+                        && session.shed()
+                    {
+                        tracing::warn!(%peer, held, "message dropped: messages being received hold more memory than smtp.data_in_memory_max_bytes");
+                        self.stats.reject("memory");
+                        charge.set(session.message_bytes(), usize::MAX);
+                    }
                     self.write(&mut stream, &mut out).await?;
                     let read = tokio::select! {
                         _ = cancel.cancelled() => Err("421 4.3.2 Service shutting down, try again later\r\n"),

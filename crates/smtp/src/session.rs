@@ -113,6 +113,9 @@ pub enum Step {
 enum Refusal {
     TooBig,
     NoTransaction,
+    /// The server's budget for messages held in memory is spent (see
+    /// [`Session::shed`]): a temporary refusal, the sender tries again later.
+    NoMemory,
 }
 
 enum Phase {
@@ -214,6 +217,45 @@ impl Session {
     /// Bytes received and not yet consumed.
     pub fn buffered(&self) -> usize {
         self.input.len()
+    }
+
+    /// Bytes of the message being received that the session holds (what a memory
+    /// budget across sessions must count).
+    pub fn message_bytes(&self) -> usize {
+        self.transaction.as_ref().map_or(0, |t| t.data.capacity())
+    }
+
+    /// Drops the message being received because the server cannot hold more in memory:
+    /// the rest of it is read and discarded, and its end is answered `452 4.3.1` (the
+    /// sender keeps it and tries again). Returns false when no message is being
+    /// received (nothing to drop).
+    pub fn shed(&mut self) -> bool {
+        let phase = std::mem::replace(&mut self.phase, Phase::Closed);
+        let (phase, shed) = match phase {
+            Phase::Data(receiver) => (Phase::DataDiscard(receiver, Refusal::NoMemory), true),
+            Phase::Bdat(receiver, last) => {
+                (Phase::BdatDiscard(receiver, last, Refusal::NoMemory), true)
+            }
+            // Between BDAT chunks the data waits in the transaction: drop it, and let
+            // the next chunk be refused.
+            Phase::Command
+                if self
+                    .transaction
+                    .as_ref()
+                    .is_some_and(|t| t.bdat_used && t.bdat_failed.is_none()) =>
+            {
+                (Phase::Command, true)
+            }
+            other => (other, false),
+        };
+        self.phase = phase;
+        if shed && let Some(t) = self.transaction.as_mut() {
+            t.data = Vec::new();
+            if t.bdat_used {
+                t.bdat_failed = Some(Refusal::NoMemory);
+            }
+        }
+        shed
     }
 
     /// Runs the protocol over the buffered input; see [`Step`].
@@ -754,6 +796,11 @@ fn refusal_reply(refusal: Refusal, size_max: usize) -> Reply {
             format!("Message size exceeds the limit of {size_max} bytes"),
         ),
         Refusal::NoTransaction => Reply::new(503, (5, 5, 1), "Send MAIL and RCPT first"),
+        Refusal::NoMemory => Reply::new(
+            452,
+            (4, 3, 1),
+            "Insufficient system storage for this message now; try again later",
+        ),
     }
 }
 
@@ -989,6 +1036,79 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
             }
         }
         (String::from_utf8(out).unwrap(), submissions)
+    }
+
+    /// Drives `input` and sheds the message being received once it holds more than
+    /// `after` bytes (as the server does when its memory budget is spent).
+    fn run_shedding(input: &[u8], after: usize) -> (String, Vec<Submission>, bool) {
+        let mut session = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            7,
+        );
+        let (mut out, mut submissions, mut shed) = (Vec::new(), Vec::new(), false);
+        for piece in input.chunks(1000) {
+            session.receive(piece);
+            loop {
+                match session.advance(&Fixed, 0) {
+                    Step::Reply(r) => r.render(&mut out),
+                    Step::Submit(s) => {
+                        let id = s.queue_id.clone();
+                        submissions.push(s);
+                        session.submitted(Ok(()), &id).render(&mut out);
+                    }
+                    Step::NeedInput | Step::Close => break,
+                }
+            }
+            if !shed && session.message_bytes() > after {
+                shed = session.shed();
+                assert_eq!(session.message_bytes(), 0, "shedding frees the message");
+            }
+        }
+        (String::from_utf8(out).unwrap(), submissions, shed)
+    }
+
+    #[test]
+    fn a_shed_message_is_read_to_its_end_refused_for_now_and_the_session_goes_on() {
+        let big = "x".repeat(78) + "\r\n";
+        let mut data = b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\n".to_vec();
+        for _ in 0..1000 {
+            data.extend_from_slice(big.as_bytes());
+        }
+        data.extend_from_slice(
+            b".\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nsmall\r\n.\r\n",
+        );
+        let (out, subs, shed) = run_shedding(&data, 20_000);
+        assert!(shed);
+        assert_eq!(
+            codes(&out),
+            [
+                "250", "250", "250", "354", "452", "250", "250", "354", "250"
+            ]
+        );
+        assert!(out.contains("452 4.3.1"), "{out}");
+        assert_eq!(subs.len(), 1, "only the small message is submitted");
+        assert!(subs[0].body.ends_with(b"small\r\n"));
+
+        // BDAT: the chunk being read and every later chunk are refused, LAST ends it.
+        let mut bdat =
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nBDAT 50000\r\n".to_vec();
+        bdat.extend_from_slice(&[b'y'; 50_000]);
+        bdat.extend_from_slice(b"BDAT 3 LAST\r\nabcNOOP\r\n");
+        let (out, subs, shed) = run_shedding(&bdat, 20_000);
+        assert!(shed);
+        assert_eq!(codes(&out), ["250", "250", "250", "452", "452", "250"]);
+        assert!(subs.is_empty());
+
+        // Nothing to shed outside a message.
+        let mut idle = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            7,
+        );
+        assert!(!idle.shed());
     }
 
     #[test]
