@@ -1272,38 +1272,64 @@ impl Session {
         // Header-only keys read only the header of each message; messages are read in
         // chunks, one store call per chunk.
         let header_only = !search::needs_body(key);
-        let parser = if header_only {
-            search::header_parser(key)
-        } else {
-            mail_parser::MessageParser::default()
-        };
         const CHUNK: usize = 500;
+        let shared_key = std::sync::Arc::new(key.clone());
         for (chunk_index, chunk) in view.messages.chunks(CHUNK).enumerate() {
-            let raws: std::collections::HashMap<u32, Vec<u8>> = if content {
+            let first_seq = (chunk_index * CHUNK) as u32 + 1;
+            let matched: Vec<usize> = if content {
+                // Reading, parsing and matching a chunk grows with the messages' size:
+                // all of it runs on the blocking pool, never on a runtime thread.
                 let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+                let states = chunk.to_vec();
                 let name = view.name.clone();
+                let key = shared_key.clone();
                 blocking(&self.server.store, move |s| {
-                    s.messages_raw(recipient, &name, &uids, header_only)
+                    let raws: std::collections::HashMap<u32, Vec<u8>> = s
+                        .messages_raw(recipient, &name, &uids, header_only)?
+                        .into_iter()
+                        .collect();
+                    let parser = if header_only {
+                        search::header_parser(&key)
+                    } else {
+                        mail_parser::MessageParser::default()
+                    };
+                    Ok(states
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, state)| {
+                            let parsed = raws
+                                .get(&state.uid)
+                                .map(|raw| mime::parse_with(&parser, raw));
+                            let candidate = Candidate {
+                                seq: first_seq + *j as u32,
+                                state,
+                                message: parsed.as_ref(),
+                            };
+                            search::matches(&key, &candidate, max_seq, max_uid)
+                        })
+                        .map(|(j, _)| j)
+                        .collect())
                 })
                 .await?
-                .into_iter()
-                .collect()
             } else {
-                std::collections::HashMap::new()
+                let matched = chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, state)| {
+                        let candidate = Candidate {
+                            seq: first_seq + *j as u32,
+                            state,
+                            message: None,
+                        };
+                        search::matches(key, &candidate, max_seq, max_uid)
+                    })
+                    .map(|(j, _)| j)
+                    .collect();
+                // Flags and dates only: cheap, but a big mailbox still yields per chunk.
+                tokio::task::yield_now().await;
+                matched
             };
-            for (j, state) in chunk.iter().enumerate() {
-                let parsed = raws
-                    .get(&state.uid)
-                    .map(|raw| mime::parse_with(&parser, raw));
-                let candidate = Candidate {
-                    seq: (chunk_index * CHUNK + j) as u32 + 1,
-                    state,
-                    message: parsed.as_ref(),
-                };
-                if search::matches(key, &candidate, max_seq, max_uid) {
-                    results.push(chunk_index * CHUNK + j);
-                }
-            }
+            results.extend(matched.into_iter().map(|j| chunk_index * CHUNK + j));
         }
         Ok(results)
     }
