@@ -132,6 +132,9 @@ pub struct Timeouts {
 pub struct Connection {
     stream: TcpStream,
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to be continuation lines (`250-...`) of the reply
+    /// being read, so each byte is scanned once however the next hop splits its reply.
+    scanned: usize,
     /// The server's name from its greeting line, for DSNs (`Remote-MTA`).
     pub remote: String,
     capabilities: u32,
@@ -170,6 +173,7 @@ impl Connection {
         let mut c = Connection {
             stream,
             buffer: Vec::new(),
+            scanned: 0,
             remote: remote.to_string(),
             capabilities: 0,
             size_max: 0,
@@ -237,7 +241,7 @@ impl Connection {
     async fn reply(&mut self, wait: Duration) -> Result<Reply, Failure> {
         loop {
             // A reply is complete once a line with a space after the code has its CRLF.
-            if let Some(end) = complete_reply(&self.buffer) {
+            if let Some(end) = complete_reply(&self.buffer, &mut self.scanned) {
                 let bytes: Vec<u8> = self.buffer.drain(..end).collect();
                 if let Some(progress) = &self.progress {
                     progress.progressed(1);
@@ -258,7 +262,7 @@ impl Connection {
 
     async fn ehlo(&mut self) -> Result<Result<EhloResponse<String>, Reply>, Failure> {
         loop {
-            if let Some(end) = complete_reply(&self.buffer) {
+            if let Some(end) = complete_reply(&self.buffer, &mut self.scanned) {
                 let bytes: Vec<u8> = self.buffer.drain(..end).collect();
                 if bytes.starts_with(b"250") {
                     return EhloResponse::parse(&mut bytes.iter()).map(Ok).map_err(|e| {
@@ -449,17 +453,22 @@ impl Connection {
     }
 }
 
-/// The end of the first complete reply in `buffer`, if there is one.
-fn complete_reply(buffer: &[u8]) -> Option<usize> {
-    let mut start = 0;
+/// The end of the first complete reply in `buffer`, if there is one. `scanned` is where
+/// the previous call stopped (the start of a line not yet complete); it is advanced past
+/// every complete continuation line and reset to 0 when a reply is found, so a reply
+/// trickled a byte at a time costs linear time, not quadratic.
+fn complete_reply(buffer: &[u8], scanned: &mut usize) -> Option<usize> {
+    let mut start = (*scanned).min(buffer.len());
     while let Some(nl) = buffer[start..].iter().position(|&b| b == b'\n') {
         let line = &buffer[start..start + nl + 1];
         let last = line.len() < 4 || line[3] != b'-';
         start += nl + 1;
         if last {
+            *scanned = 0;
             return Some(start);
         }
     }
+    *scanned = start;
     None
 }
 
@@ -493,7 +502,16 @@ mod tests {
 
     #[test]
     fn a_multiline_reply_is_complete_at_its_last_line() {
-        assert_eq!(complete_reply(b"250-a\r\n250 b\r\n"), Some(14));
-        assert_eq!(complete_reply(b"250-a\r\n250"), None);
+        assert_eq!(complete_reply(b"250-a\r\n250 b\r\n", &mut 0), Some(14));
+        assert_eq!(complete_reply(b"250-a\r\n250", &mut 0), None);
+        // Byte by byte: each call starts where the last one stopped.
+        let reply = b"250-one\r\n250-two\r\n250 three\r\n";
+        let mut scanned = 0;
+        for end in 1..reply.len() {
+            assert_eq!(complete_reply(&reply[..end], &mut scanned), None);
+            assert!(scanned <= end);
+        }
+        assert_eq!(complete_reply(reply, &mut scanned), Some(reply.len()));
+        assert_eq!(scanned, 0);
     }
 }
