@@ -165,6 +165,7 @@ impl World {
                 idle_timeout: Duration::from_secs(60),
                 plaintext: Plaintext::Always,
                 append_limit: 1 << 20,
+                literals_in_memory_max: 4 << 20,
             },
             directory.clone(),
             store.clone(),

@@ -56,7 +56,13 @@ pub struct ImapConfig {
     pub plaintext: Plaintext,
     /// Largest message APPEND accepts (APPENDLIMIT), bytes.
     pub append_limit: u64,
+    /// Literal bytes all sessions together may hold in memory; past it a literal of
+    /// [`LITERAL_SHED_FLOOR_BYTES`] or more is refused for now (`NO [LIMIT]`).
+    pub literals_in_memory_max: usize,
 }
+
+/// A literal smaller than this is never refused for memory (logins, small APPENDs).
+pub const LITERAL_SHED_FLOOR_BYTES: usize = 1 << 20;
 
 /// Counters and gauges of the IMAP service.
 #[derive(Clone, Default)]
@@ -69,6 +75,9 @@ pub struct ImapStats {
     pub logins: Family<Vec<(String, String)>, Counter>,
     /// Commands by name.
     pub commands: Family<Vec<(String, String)>, Counter>,
+    /// Bytes of large literals (APPEND) that sessions hold in memory now, counted
+    /// against `ImapConfig::literals_in_memory_max`.
+    pub literals_in_memory: Gauge,
     /// Where sessions are watched for polls that do not return (shared with the
     /// watchdog's registry).
     pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
@@ -91,6 +100,11 @@ impl ImapStats {
             "mailroom_imap_logins",
             "IMAP login attempts by result",
             self.logins.clone(),
+        );
+        registry.register(
+            "mailroom_imap_literals_in_memory_bytes",
+            "Bytes of large IMAP literals (APPEND) held in memory",
+            self.literals_in_memory.clone(),
         );
         registry.register(
             "mailroom_imap_commands",
@@ -186,6 +200,7 @@ impl ImapServer {
             stream,
             input: Vec::new(),
             server: self.clone(),
+            held: 0,
         };
         let mut session = Session::new(self.clone(), peer, cancel);
         let greeting = session.greeting();
@@ -218,6 +233,43 @@ pub struct Connection<S> {
     stream: S,
     input: Vec<u8>,
     server: Arc<ImapServer>,
+    /// Large literal bytes of the last command, counted in the server's gauge until the
+    /// next command is read or the connection ends.
+    held: usize,
+}
+
+impl<S> Connection<S> {
+    /// Gives back the budget share of the last command's large literals.
+    pub(crate) fn release(&mut self) {
+        if self.held > 0 {
+            self.server
+                .stats
+                .literals_in_memory
+                .dec_by(self.held as i64);
+            self.held = 0;
+        }
+    }
+
+    /// Counts a large literal against the shared budget; false when it does not fit.
+    fn reserve(&mut self, size: usize) -> bool {
+        if size < LITERAL_SHED_FLOOR_BYTES {
+            return true;
+        }
+        let gauge = &self.server.stats.literals_in_memory;
+        let before = gauge.inc_by(size as i64);
+        if before + size as i64 > self.server.config.literals_in_memory_max as i64 {
+            gauge.dec_by(size as i64);
+            return false;
+        }
+        self.held += size;
+        true
+    }
+}
+
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// What reading a command produced.
@@ -227,6 +279,9 @@ pub enum Input {
     /// A command whose literal is too large: its tag, and the size asked for. Nothing of
     /// the literal was accepted (or it was read and dropped, for LITERAL+).
     TooBig(String, u64),
+    /// A large literal that the server cannot hold now (the literal budget is spent):
+    /// its tag. Dropped like a `TooBig` one; the client may try again later.
+    Busy(String),
     /// The line limit was exceeded.
     TooLong,
     /// The client closed the connection.
@@ -426,6 +481,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         } else {
             self.server.config.command_before_login_max
         };
+        // The previous command has been answered: its literals are no longer held.
+        self.release();
         let mut command = Vec::new();
         loop {
             let left = command_max.saturating_sub(command.len());
@@ -445,7 +502,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 return Ok(Input::Command(command));
             };
             let tag = tag_of(&command);
-            if size > (command_max - command.len()) as u64 {
+            let too_big = size > (command_max - command.len()) as u64;
+            if too_big || !self.reserve(size as usize) {
                 if !authenticated && non_sync {
                     // Megabytes a stranger announced and will send anyway: close
                     // rather than read them.
@@ -454,18 +512,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 if non_sync {
                     // The client sends it anyway: read and drop it, then the rest of
                     // the command line.
-                    let mut left = size as usize;
+                    let mut left = size;
                     while left > 0 {
                         if self.input.is_empty() && !self.fill().await? {
                             return Ok(Input::Closed);
                         }
-                        let take = left.min(self.input.len());
+                        let take = left.min(self.input.len() as u64) as usize;
                         self.input.drain(..take);
-                        left -= take;
+                        left -= take as u64;
                     }
                     let _ = self.read_line().await?;
                 }
-                return Ok(Input::TooBig(tag, size));
+                return Ok(if too_big {
+                    Input::TooBig(tag, size)
+                } else {
+                    Input::Busy(tag)
+                });
             }
             if !non_sync {
                 self.write(b"+ Ready for literal data\r\n").await?;

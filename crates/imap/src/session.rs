@@ -258,6 +258,16 @@ impl Session {
                     conn.write(b"* BYE command line too long\r\n").await?;
                     return Ok(SessionEnd::Closed);
                 }
+                Input::Busy(tag) => {
+                    conn.write(
+                        format!(
+                            "{tag} NO [LIMIT] the server is receiving too many large messages at once; try again later\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await?;
+                    continue;
+                }
                 Input::TooBig(tag, size) => {
                     conn.write(
                         format!(
@@ -314,6 +324,9 @@ impl Session {
                     outcome
                 }
             };
+            // The command's literals are gone: give their share of the budget back
+            // before the client hears it is done.
+            conn.release();
             match outcome {
                 Ok(text) => out.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes()),
                 Err((status, text)) => {

@@ -181,6 +181,8 @@ pub struct ImapSection {
     pub idle_timeout_secs: u64,
     /// Largest message APPEND accepts (APPENDLIMIT), bytes.
     pub append_limit_bytes: u64,
+    /// Bytes of large literals all IMAP sessions together may hold in memory.
+    pub literals_in_memory_max_bytes: usize,
 }
 
 impl Default for ImapSection {
@@ -192,6 +194,7 @@ impl Default for ImapSection {
             command_before_login_max_bytes: 8192,
             idle_timeout_secs: 1800,
             append_limit_bytes: 26_214_400,
+            literals_in_memory_max_bytes: 256 << 20,
         }
     }
 }
@@ -533,6 +536,9 @@ command_before_login_max_bytes = 8192
 idle_timeout_secs = 1800
 # Largest message APPEND accepts, advertised as APPENDLIMIT; larger ones get [TOOBIG].
 append_limit_bytes = 26214400
+# Bytes of literals of 1 MiB or more (APPENDs) all sessions together may hold in
+# memory; past it such a literal is refused with NO [LIMIT] (try again later).
+literals_in_memory_max_bytes = 268435456
 
 [login]
 # Where passwords may be sent in the clear (POP3 USER/PASS and AUTH PLAIN, IMAP LOGIN

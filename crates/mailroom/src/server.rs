@@ -501,6 +501,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 PlaintextAuth::Never => Plaintext::Never,
             },
             append_limit: config.imap.append_limit_bytes,
+            literals_in_memory_max: config.imap.literals_in_memory_max_bytes,
         },
         directory.clone(),
         store.clone(),

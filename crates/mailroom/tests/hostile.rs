@@ -488,19 +488,6 @@ async fn an_oversized_directory_import_is_refused_and_nothing_is_kept() {
     server.server.shutdown().await;
 }
 
-/// The SMTP sessions' gauge of message bytes held in memory.
-async fn data_in_memory(server: &TestServer) -> i64 {
-    let url = format!("http://{}/metrics", server.server.admin_addr);
-    let text =
-        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
-            .await
-            .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("mailroom_smtp_data_in_memory_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the gauge is exported")
-}
-
 /// Fifty sessions from one address, each sending a 25 MB message, used to hold 1.25 GB
 /// in memory: messages being received now share one budget
 /// (`smtp.data_in_memory_max_bytes`). Past it, a large message is read to its end and
@@ -537,8 +524,11 @@ async fn messages_being_received_share_a_memory_budget() {
     .await
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), async || data_in_memory(&server)
-            .await
+        eventually(Duration::from_secs(10), async || gauge(
+            &server,
+            "mailroom_smtp_data_in_memory_bytes"
+        )
+        .await
             >= 1_400_000)
         .await,
         "the server counts what A holds"
@@ -573,11 +563,106 @@ async fn messages_being_received_share_a_memory_budget() {
     );
     // Every share was given back.
     assert!(
-        eventually(Duration::from_secs(10), async || data_in_memory(&server)
-            .await
+        eventually(Duration::from_secs(10), async || gauge(
+            &server,
+            "mailroom_smtp_data_in_memory_bytes"
+        )
+        .await
             == 0)
         .await,
         "the budget is released"
+    );
+    all_greet(&server).await;
+}
+
+/// A gauge from the admin API's /metrics.
+async fn gauge(server: &TestServer, name: &str) -> i64 {
+    let url = format!("http://{}/metrics", server.server.admin_addr);
+    let text =
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
+            .await
+            .unwrap();
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not exported"))
+}
+
+/// IMAP's counterpart of the SMTP budget: large APPEND literals of all sessions share
+/// `imap.literals_in_memory_max_bytes`. Past it a large literal is refused before a
+/// byte of it is read (`NO [LIMIT]`, no continuation request); small ones pass; the
+/// budget comes back when the command is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_append_literals_share_a_memory_budget() {
+    let server = TestServer::start_with(
+        |c| c.imap.literals_in_memory_max_bytes = 2 << 20,
+        ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let imap = server.server.imap_addr;
+    let size = 1_500_000usize;
+    let message = {
+        let mut m = b"Subject: big\r\n\r\n".to_vec();
+        while m.len() + 80 <= size {
+            m.extend_from_slice(format!("{}\r\n", "y".repeat(78)).as_bytes());
+        }
+        m.resize(size, b'z');
+        m
+    };
+    // A announces 1.5 MB and sends part of it.
+    let (mut a, message) = tokio::task::spawn_blocking(move || {
+        let mut a = RawImap::login(imap, "ann@example.test");
+        a.send(format!("a APPEND INBOX {{{size}}}\r\n").as_bytes());
+        assert!(a.line().starts_with('+'));
+        a.send(&message[..size / 2]);
+        (a, message)
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            gauge(&server, "mailroom_imap_literals_in_memory_bytes").await >= size as i64
+        })
+        .await
+    );
+    // B's large literal does not fit now; a small one does.
+    let (a, message) = tokio::task::spawn_blocking(move || {
+        let mut b = RawImap::login(imap, "ann@example.test");
+        b.send(format!("b APPEND INBOX {{{size}}}\r\n").as_bytes());
+        let answer = b.line();
+        assert!(answer.starts_with("b NO [LIMIT]"), "{answer}");
+        b.send(b"c APPEND INBOX {20}\r\n");
+        assert!(b.line().starts_with('+'));
+        b.send(b"Subject: s\r\n\r\nsmall\r\n");
+        let done = b.until_tagged("c");
+        assert!(done.last().unwrap().starts_with("c OK"), "{done:?}");
+        // A finishes; then B's large APPEND fits.
+        a.send(&message[size / 2..]);
+        a.send(b"\r\n");
+        let done = a.until_tagged("a");
+        assert!(done.last().unwrap().starts_with("a OK"), "{done:?}");
+        b.send(format!("d APPEND INBOX {{{size}}}\r\n").as_bytes());
+        assert!(b.line().starts_with('+'));
+        b.send(&message);
+        b.send(b"\r\n");
+        let done = b.until_tagged("d");
+        assert!(done.last().unwrap().starts_with("d OK"), "{done:?}");
+        (a, b)
+    })
+    .await
+    .unwrap();
+    drop(a);
+    drop(message);
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            gauge(&server, "mailroom_imap_literals_in_memory_bytes").await == 0
+        })
+        .await,
+        "the budget is given back"
     );
     all_greet(&server).await;
 }
