@@ -50,6 +50,17 @@ pub fn run_smtp(
     read: usize,
     relay: bool,
 ) -> (Vec<u8>, Vec<mailroom_smtp::Submission>) {
+    run_smtp_shedding(input, read, relay, None)
+}
+
+/// [`run_smtp`], and when `shed_over` is set, the message being received is shed (as
+/// the server does when its memory budget is spent) once it holds more than that.
+pub fn run_smtp_shedding(
+    input: &[u8],
+    read: usize,
+    relay: bool,
+    shed_over: Option<usize>,
+) -> (Vec<u8>, Vec<mailroom_smtp::Submission>) {
     let world = World::get();
     let limits = smtp_limits();
     let mut session = Session::new(limits.clone(), "192.0.2.1:2525".parse().unwrap(), relay, 1);
@@ -95,6 +106,10 @@ pub fn run_smtp(
                 Step::Close => break 'reads,
             }
         }
+        if shed_over.is_some_and(|over| session.message_bytes() > over) {
+            session.shed();
+            assert_eq!(session.message_bytes(), 0, "a shed message is dropped");
+        }
         assert!(
             session.buffered() <= limits.line_length_max.max(SMTP_MESSAGE_MAX) + read + 8192,
             "SMTP session buffers more than a line or a message"
@@ -104,12 +119,14 @@ pub fn run_smtp(
     (out, submitted)
 }
 
-/// SMTP: the whole session state machine (commands, DATA and BDAT receivers, limits)
-/// over every read split.
+/// SMTP: the whole session state machine (commands, DATA and BDAT receivers, limits,
+/// shedding for memory) over every read split.
 pub fn smtp_session(data: &[u8]) {
     let relay = data.first().is_some_and(|b| b & 1 == 1);
+    // Bit 2 of the flags byte sheds messages over 2,000 bytes (the memory budget).
+    let shed = data.first().is_some_and(|b| b & 4 == 4).then_some(2000);
     let (read, input) = read_size(data);
-    run_smtp(input, read, relay);
+    run_smtp_shedding(input, read, relay, shed);
 }
 
 /// IMAP: the command parser on its own (any bytes as one command with its literals).
