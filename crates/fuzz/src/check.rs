@@ -1,7 +1,8 @@
 //! Invariant checks on what the server writes, shared by the targets.
 
 /// Checks an SMTP reply stream: every line is `ddd` then space or hyphen then text,
-/// ends in CRLF, holds no other CR or LF, and its code is 2xx-5xx (RFC 5321 4.2).
+/// ends in CRLF, holds no other CR or LF and no control character (a client's bytes
+/// echoed raw), and its code is 2xx-5xx (RFC 5321 4.2).
 pub fn smtp_replies(out: &[u8]) {
     for line in split_crlf(out, "SMTP reply") {
         assert!(line.len() >= 3, "SMTP reply line too short: {line:?}");
@@ -9,6 +10,13 @@ pub fn smtp_replies(out: &[u8]) {
         assert!(
             code.iter().all(u8::is_ascii_digit) && (b'2'..=b'5').contains(&code[0]),
             "SMTP reply without a valid code: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert!(
+            !line
+                .iter()
+                .any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f),
+            "SMTP reply holds a control character: {:?}",
             String::from_utf8_lossy(line)
         );
         if line.len() > 3 {

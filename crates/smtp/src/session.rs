@@ -350,6 +350,19 @@ impl Session {
             .map(|request| bare_postmaster(request, &line));
         Some(match request {
             Ok(request) => self.request(request, policy),
+            Err(_) if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"BDAT") => {
+                // A BDAT whose size cannot be read is followed by bytes we cannot
+                // count: reading them as commands would let the chunk's content speak
+                // for the client. Close, as Postfix does (RFC 3030 leaves no way to
+                // resynchronise).
+                self.phase = Phase::Closed;
+                self.transaction = None;
+                Step::Reply(Reply::new(
+                    501,
+                    (5, 5, 4),
+                    "Syntax: BDAT chunk-size [LAST]; closing connection",
+                ))
+            }
             Err(error) => Step::Reply(parse_error_reply(error)),
         })
     }
@@ -396,6 +409,13 @@ impl Session {
     }
 
     fn hello(&mut self, host: String, extended: bool) -> Reply {
+        // The name goes into the Received header and the reply: refuse control
+        // characters and bytes that were not UTF-8 (the parser turned them into U+FFFD),
+        // as Postfix does ("bad UTF-8 syntax"); any other name is accepted (many clients
+        // send names that are not their DNS name).
+        if host.len() > 255 || host.chars().any(|c| c.is_control() || c == '\u{FFFD}') {
+            return Reply::new(501, (5, 5, 4), "Invalid domain name");
+        }
         self.transaction = None;
         let name = self.limits.hostname.clone();
         self.helo = Some((host.clone(), extended));
@@ -1109,6 +1129,28 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
             7,
         );
         assert!(!idle.shed());
+    }
+
+    /// Found by sending the same hostile commands to Postfix and to Mailroom: Postfix
+    /// refuses a HELO name with NUL or invalid UTF-8 (we echoed it into the reply and
+    /// the Received header), and closes on a BDAT whose size it cannot read (we read on,
+    /// so the chunk's bytes would have been taken as commands).
+    #[test]
+    fn hostile_hello_names_and_unreadable_bdat_sizes() {
+        let (out, _) = run(
+            SmtpLimits::default(),
+            b"EHLO \x00\xff\r\nHELO a\x01b\r\nEHLO ok.test\r\n",
+        );
+        assert_eq!(codes(&out), ["501", "501", "250"], "{out}");
+        assert!(!out.contains('\0'));
+        let (out, subs) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\n\
+BDAT 18446744073709551616\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "501"], "{out}");
+        assert!(out.contains("closing connection"));
+        assert!(subs.is_empty());
     }
 
     #[test]
