@@ -59,8 +59,8 @@ fn split_crlf<'a>(out: &'a [u8], what: &str) -> Vec<&'a [u8]> {
 }
 
 /// Checks an IMAP server stream (RFC 9051 7): every response begins with `*`, `+` or a
-/// tag followed by OK, NO or BAD; lines end in CRLF and hold no bare CR or LF outside
-/// literals; literals (`{n}` at the end of a line) are followed by exactly n bytes; and
+/// tag followed by OK, NO or BAD; lines end in CRLF and hold no bare CR or LF and no NUL
+/// outside literals; literals (`{n}` at the end of a line) are followed by exactly n bytes; and
 /// parentheses balance within each response. `truncated` says the stream was cut short
 /// (the check then stops at the cut).
 pub fn imap_stream(out: &[u8], truncated: bool) {
@@ -114,6 +114,11 @@ pub fn imap_stream(out: &[u8], truncated: bool) {
                 assert!(
                     b != b'\r' && b != b'\n',
                     "IMAP response holds a bare CR or LF: {:?}",
+                    String::from_utf8_lossy(&out[start..end])
+                );
+                assert!(
+                    b != 0,
+                    "IMAP response holds a NUL outside a literal: {:?}",
                     String::from_utf8_lossy(&out[start..end])
                 );
                 if in_quote {

@@ -485,6 +485,8 @@ impl<'a> Cursor<'a> {
         loop {
             match self.peek() {
                 None | Some(b'\r') | Some(b'\n') => return Err("unterminated quoted string".into()),
+                // RFC 9051: a quoted string holds TEXT-CHARs, never NUL.
+                Some(0) => return Err("NULs are not allowed in strings".into()),
                 Some(b'"') => {
                     self.at += 1;
                     return Ok(out);
@@ -1443,6 +1445,15 @@ pub fn parse_date_time(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the differential run against Dovecot: a NUL inside a quoted string was
+    /// taken into the folder name and echoed raw in the answer. Dovecot says BAD.
+    #[test]
+    fn a_nul_in_a_quoted_string_is_a_syntax_error() {
+        let e = parse_command(b"a SELECT \"x\x00y\"").unwrap_err();
+        assert!(e.message.contains("NUL"), "{}", e.message);
+        assert!(parse_command(b"a SELECT \"x\x01y\"").is_ok());
+    }
 
     /// Found by fuzzing (crates/fuzz, imap_parse): a year or time field of many digits
     /// overflowed the date arithmetic (a panic with overflow checks, a wrong date

@@ -276,9 +276,10 @@ impl<S> Drop for Connection<S> {
 pub enum Input {
     /// One complete command, literals inline, without the final CRLF.
     Command(Vec<u8>),
-    /// A command whose literal is too large: its tag, and the size asked for. Nothing of
-    /// the literal was accepted (or it was read and dropped, for LITERAL+).
-    TooBig(String, u64),
+    /// A command whose literal is too large: its tag, the size asked for and the limit
+    /// that applies (before login, the whole command's). Nothing of the literal was
+    /// accepted (or it was read and dropped, for LITERAL+).
+    TooBig(String, u64, usize),
     /// A large literal that the server cannot hold now (the literal budget is spent):
     /// its tag. Dropped like a `TooBig` one; the client may try again later.
     Busy(String),
@@ -524,7 +525,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     let _ = self.read_line().await?;
                 }
                 return Ok(if too_big {
-                    Input::TooBig(tag, size)
+                    // The limit a client can act on: APPENDLIMIT after login, the
+                    // whole command's before.
+                    Input::TooBig(
+                        tag,
+                        size,
+                        if authenticated {
+                            self.server.config.append_limit as usize
+                        } else {
+                            command_max
+                        },
+                    )
                 } else {
                     Input::Busy(tag)
                 });

@@ -138,6 +138,21 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The human-readable text of a status response, which often quotes what the client
+/// sent (a folder name, a date): control characters (NUL, CR, LF and the rest) become
+/// `?`, so a client's bytes can neither end the line nor put a NUL on the wire.
+fn response_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(
+            text.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 /// Longest folder name, in bytes (with its parents). Bounds LIST matching work per
 /// folder together with the pattern limit; Dovecot's default is 255 per level.
 pub const FOLDER_NAME_BYTES_MAX: usize = 1024;
@@ -268,11 +283,10 @@ impl Session {
                     .await?;
                     continue;
                 }
-                Input::TooBig(tag, size) => {
+                Input::TooBig(tag, size, limit) => {
                     conn.write(
                         format!(
-                            "{tag} NO [TOOBIG] {size} octets is above the limit of {}\r\n",
-                            self.server.config.append_limit
+                            "{tag} NO [TOOBIG] {size} octets is above the limit of {limit}\r\n"
                         )
                         .as_bytes(),
                     )
@@ -287,7 +301,7 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => {
                     let tag = e.tag.unwrap_or_else(|| "*".into());
-                    conn.write(format!("{tag} BAD {}\r\n", e.message).as_bytes())
+                    conn.write(format!("{tag} BAD {}\r\n", response_text(&e.message)).as_bytes())
                         .await?;
                     continue;
                 }
@@ -328,10 +342,11 @@ impl Session {
             // before the client hears it is done.
             conn.release();
             match outcome {
-                Ok(text) => out.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes()),
-                Err((status, text)) => {
-                    out.extend_from_slice(format!("{tag} {status} {text}\r\n").as_bytes())
-                }
+                Ok(text) => out
+                    .extend_from_slice(format!("{tag} OK {}\r\n", response_text(&text)).as_bytes()),
+                Err((status, text)) => out.extend_from_slice(
+                    format!("{tag} {status} {}\r\n", response_text(&text)).as_bytes(),
+                ),
             }
             conn.write(&out).await?;
         }

@@ -666,3 +666,49 @@ async fn large_append_literals_share_a_memory_budget() {
     );
     all_greet(&server).await;
 }
+
+/// What the differential run against Dovecot (bench/differential/run) found: a NUL in
+/// a quoted folder name came back raw inside the answer, and a POP3 line over the limit
+/// that arrived in one read was taken as a command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_are_never_echoed_and_pop3_lines_are_bounded() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let (imap, pop3) = (server.server.imap_addr, server.server.pop3_addr);
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test");
+        c.send(b"a SELECT \"\xff\x00\"\r\nb COPY 1 \"x\x00y\"\r\nc SELECT \xff\r\n");
+        let mut all = Vec::new();
+        for tag in ["a", "b", "c"] {
+            let lines = c.until_tagged(tag);
+            all.extend(lines);
+        }
+        let text = all.concat();
+        assert!(!text.contains('\0'), "a NUL came back: {text:?}");
+        assert!(text.contains("a BAD"), "{text}");
+        assert!(text.contains("b BAD"), "{text}");
+
+        let stream = TcpStream::connect(pop3).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let mut long = b"NOOP ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 5000));
+        long.extend_from_slice(b"\r\n");
+        writer.write_all(&long).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("-ERR line too long"), "{line}");
+        line.clear();
+        assert_eq!(reader.read_line(&mut line).unwrap_or(0), 0, "closed after");
+    })
+    .await
+    .unwrap();
+    all_greet(&server).await;
+}

@@ -246,6 +246,13 @@ impl Pop3Server {
         loop {
             // Every complete line already received (pipelining), in order.
             while let Some(end) = input.iter().position(|b| *b == b'\n') {
+                if end + 1 > LINE_MAX {
+                    // A whole over-long line in one read is as over-long as one that
+                    // is still arriving (RFC 2449: 255 octets is the command limit).
+                    out.extend_from_slice(b"-ERR line too long, closing\r\n");
+                    self.write(&mut stream, &mut out).await?;
+                    return stream.shutdown().await;
+                }
                 let mut line: Vec<u8> = input.drain(..=end).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
