@@ -459,6 +459,11 @@ impl Session {
         if smtputf8 && !extended {
             return Reply::new(503, (5, 5, 1), "SMTPUTF8 needs EHLO");
         }
+        // RFC 5321 4.1.2: no control character belongs in a mailbox (the parser lets
+        // DEL and others through, and replies and DSNs would carry them).
+        if from.address.chars().any(char::is_control) {
+            return Reply::new(501, (5, 1, 7), "Bad sender address syntax");
+        }
         if !from.address.is_ascii() && !smtputf8 {
             return Reply::new(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8");
         }
@@ -492,6 +497,9 @@ impl Session {
         };
         if transaction.recipients.len() >= recipients_max {
             return Reply::new(452, (4, 5, 3), "Too many recipients");
+        }
+        if to.address.chars().any(char::is_control) {
+            return Reply::new(501, (5, 1, 3), "Bad recipient address syntax");
         }
         if !to.address.is_ascii() && !transaction.smtputf8 {
             return Reply::new(553, (5, 6, 7), "Non-ASCII recipient address needs SMTPUTF8");
@@ -1151,6 +1159,18 @@ BDAT 18446744073709551616\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDA
         assert_eq!(codes(&out), ["250", "250", "250", "501"], "{out}");
         assert!(out.contains("closing connection"));
         assert!(subs.is_empty());
+    }
+
+    /// Found by fuzzing (crates/fuzz, smtp_session): a DEL inside an address passed
+    /// the parser and came back raw in the 550 reply.
+    #[test]
+    fn control_characters_in_addresses_are_syntax_errors() {
+        let (out, _) = run(
+            SmtpLimits::default(),
+            b"EHLO c\r\nMAIL FROM:<s\x7f@x.test>\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<fu\x7fz@l.test>\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "501", "250", "501"], "{out}");
+        assert!(!out.contains('\x7f'));
     }
 
     #[test]
