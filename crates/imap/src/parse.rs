@@ -382,6 +382,8 @@ struct Cursor<'a> {
     at: usize,
     /// How deeply the search key being parsed is nested (parentheses, NOT, OR).
     depth: usize,
+    /// The configured bounds.
+    limits: ParseLimits,
 }
 
 /// Deepest nesting of search keys accepted. The parser, the evaluator and dropping the
@@ -395,6 +397,33 @@ pub const LIST_PATTERN_BYTES_MAX: usize = 1024;
 
 /// Patterns in one LIST-EXTENDED command, at most.
 pub const LIST_PATTERNS_MAX: usize = 32;
+
+/// Highest `imap.search_depth_max` the configuration accepts: the parser recurses once
+/// per level, and this many levels fit the smallest stack a session runs on with room
+/// to spare.
+pub const SEARCH_DEPTH_CEILING: usize = 256;
+
+/// The parser's bounds (the `[imap]` keys `search_depth_max`, `list_pattern_max_bytes`,
+/// `list_patterns_max`); the defaults are the constants above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// Deepest nesting of search keys (at most [`SEARCH_DEPTH_CEILING`]).
+    pub search_depth_max: usize,
+    /// Longest LIST reference plus pattern, bytes.
+    pub list_pattern_max_bytes: usize,
+    /// Patterns in one LIST command.
+    pub list_patterns_max: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        ParseLimits {
+            search_depth_max: SEARCH_DEPTH_MAX,
+            list_pattern_max_bytes: LIST_PATTERN_BYTES_MAX,
+            list_patterns_max: LIST_PATTERNS_MAX,
+        }
+    }
+}
 
 fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
@@ -827,9 +856,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn search_key(&mut self) -> Result<SearchKey> {
-        if self.depth >= SEARCH_DEPTH_MAX {
+        if self.depth >= self.limits.search_depth_max.min(SEARCH_DEPTH_CEILING) {
             return Err(format!(
-                "search keys nested deeper than {SEARCH_DEPTH_MAX} levels"
+                "search keys nested deeper than {} levels",
+                self.limits.search_depth_max.min(SEARCH_DEPTH_CEILING)
             ));
         }
         self.depth += 1;
@@ -1005,8 +1035,11 @@ impl<'a> Cursor<'a> {
             self.at += 1;
             let mut patterns = Vec::new();
             loop {
-                if patterns.len() >= LIST_PATTERNS_MAX {
-                    return Err(format!("more than {LIST_PATTERNS_MAX} LIST patterns"));
+                if patterns.len() >= self.limits.list_patterns_max {
+                    return Err(format!(
+                        "more than {} LIST patterns",
+                        self.limits.list_patterns_max
+                    ));
                 }
                 patterns.push(self.list_mailbox()?);
                 if self.eat(b')') {
@@ -1018,10 +1051,11 @@ impl<'a> Cursor<'a> {
             vec![self.list_mailbox()?]
         };
         if reference.len() + patterns.iter().map(String::len).max().unwrap_or(0)
-            > LIST_PATTERN_BYTES_MAX
+            > self.limits.list_pattern_max_bytes
         {
             return Err(format!(
-                "LIST reference and pattern longer than {LIST_PATTERN_BYTES_MAX} bytes"
+                "LIST reference and pattern longer than {} bytes",
+                self.limits.list_pattern_max_bytes
             ));
         }
         if !lsub && self.eat(b' ') {
@@ -1361,10 +1395,19 @@ impl<'a> Cursor<'a> {
 
 /// Parses one complete command (without its final CRLF; literals inline).
 pub fn parse_command(input: &[u8]) -> std::result::Result<Command, ParseError> {
+    parse_command_with(input, &ParseLimits::default())
+}
+
+/// [`parse_command`] with the configured bounds.
+pub fn parse_command_with(
+    input: &[u8],
+    limits: &ParseLimits,
+) -> std::result::Result<Command, ParseError> {
     let mut cursor = Cursor {
         input,
         at: 0,
         depth: 0,
+        limits: *limits,
     };
     let tag = cursor.take_while(|b| is_atom_char(b) && b != b'+');
     if tag.is_empty() {

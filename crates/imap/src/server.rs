@@ -59,6 +59,12 @@ pub struct ImapConfig {
     /// Literal bytes all sessions together may hold in memory; past it a literal of
     /// [`LITERAL_SHED_FLOOR_BYTES`] or more is refused for now (`NO [LIMIT]`).
     pub literals_in_memory_max: usize,
+    /// Longest command line without its literals, bytes.
+    pub command_line_max: usize,
+    /// Longest folder name (with its parents), bytes.
+    pub folder_name_max: usize,
+    /// The command parser's bounds (search nesting, LIST patterns).
+    pub parse_limits: crate::parse::ParseLimits,
 }
 
 /// A literal smaller than this is never refused for memory (logins, small APPENDs).
@@ -130,8 +136,8 @@ pub struct ImapServer {
     pub(crate) stats: ImapStats,
 }
 
-/// Longest command line without literals.
-const LINE_MAX: usize = 64 * 1024;
+/// Longest command line without literals, by default (`imap.command_line_max_bytes`).
+pub const LINE_MAX: usize = 64 * 1024;
 
 impl ImapServer {
     /// Bundles the parts a listener needs. `limiter` and `verifier` are shared with POP3.
@@ -434,7 +440,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// Reads one line (without CRLF), or `None` at end of stream. A line longer than
     /// `max` bytes is `Err(TooLong)`: nothing beyond `max` is ever buffered.
     pub async fn read_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
-        self.read_line_max(LINE_MAX).await
+        self.read_line_max(self.server.config.command_line_max)
+            .await
     }
 
     /// [`Connection::read_line`] bounded like a command before login (for SASL
@@ -478,7 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// it, by a line plus the APPEND limit.
     pub async fn read_command(&mut self, authenticated: bool) -> std::io::Result<Input> {
         let command_max = if authenticated {
-            LINE_MAX + self.server.config.append_limit as usize
+            self.server.config.command_line_max + self.server.config.append_limit as usize
         } else {
             self.server.config.command_before_login_max
         };
@@ -487,7 +494,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         let mut command = Vec::new();
         loop {
             let left = command_max.saturating_sub(command.len());
-            let line = match self.read_line_max(left.min(LINE_MAX)).await {
+            let line = match self
+                .read_line_max(left.min(self.server.config.command_line_max))
+                .await
+            {
                 Ok(Some(line)) => line,
                 Ok(None) => return Ok(Input::Closed),
                 Err(e) if e.get_ref().is_some_and(|e| e.is::<LineTooLong>()) => {

@@ -8,7 +8,7 @@
 use crate::mime;
 use crate::parse::{
     CommandKind, FetchItem, ListOptions, STAR, SearchKey, Section, SectionText, SequenceSet,
-    StatusItem, StoreMode, parse_command,
+    StatusItem, StoreMode, parse_command_with,
 };
 use crate::response::{flags as write_flags, internal_date, literal, mailbox as write_mailbox};
 use crate::search::{self, Candidate, compact, in_set};
@@ -153,8 +153,9 @@ fn response_text(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Longest folder name, in bytes (with its parents). Bounds LIST matching work per
-/// folder together with the pattern limit; Dovecot's default is 255 per level.
+/// Longest folder name, in bytes (with its parents), by default
+/// (`imap.folder_name_max_bytes`). Bounds LIST matching work per folder together with
+/// the pattern limit; Dovecot's default is 255 per level.
 pub const FOLDER_NAME_BYTES_MAX: usize = 1024;
 
 /// `*` and `%` matching of a LIST pattern against a name ("/" separated).
@@ -297,7 +298,7 @@ impl Session {
             if bytes.is_empty() {
                 continue;
             }
-            let command = match parse_command(&bytes) {
+            let command = match parse_command_with(&bytes, &self.server.config.parse_limits) {
                 Ok(c) => c,
                 Err(e) => {
                     let tag = e.tag.unwrap_or_else(|| "*".into());
@@ -630,9 +631,10 @@ impl Session {
                 if name.is_empty() || name.contains("//") {
                     return no("[CANNOT] not a valid folder name");
                 }
-                if name.len() > FOLDER_NAME_BYTES_MAX {
+                if name.len() > self.server.config.folder_name_max {
                     return no(format!(
-                        "[LIMIT] folder names are at most {FOLDER_NAME_BYTES_MAX} bytes"
+                        "[LIMIT] folder names are at most {} bytes",
+                        self.server.config.folder_name_max
                     ));
                 }
                 if name == "INBOX" {
@@ -667,9 +669,10 @@ impl Session {
                 ok("DELETE completed")
             }
             CommandKind::Rename(from, to) => {
-                if to.len() > FOLDER_NAME_BYTES_MAX {
+                if to.len() > self.server.config.folder_name_max {
                     return no(format!(
-                        "[LIMIT] folder names are at most {FOLDER_NAME_BYTES_MAX} bytes"
+                        "[LIMIT] folder names are at most {} bytes",
+                        self.server.config.folder_name_max
                     ));
                 }
                 blocking(&store, move |s| s.rename_folder(recipient, &from, &to)).await?;

@@ -152,6 +152,8 @@ pub struct Pop3Section {
     pub sessions_per_client_max: usize,
     /// A session silent this long is closed, nothing deleted.
     pub idle_timeout_secs: u64,
+    /// Longest command line, bytes.
+    pub command_line_max_bytes: usize,
 }
 
 impl Default for Pop3Section {
@@ -161,6 +163,7 @@ impl Default for Pop3Section {
             sessions_max: 500,
             sessions_per_client_max: 50,
             idle_timeout_secs: 600,
+            command_line_max_bytes: 4096,
         }
     }
 }
@@ -183,6 +186,16 @@ pub struct ImapSection {
     pub append_limit_bytes: u64,
     /// Bytes of large literals all IMAP sessions together may hold in memory.
     pub literals_in_memory_max_bytes: usize,
+    /// Longest command line without its literals, bytes.
+    pub command_line_max_bytes: usize,
+    /// Longest folder name (with its parents), bytes.
+    pub folder_name_max_bytes: usize,
+    /// Deepest nesting of SEARCH keys (parentheses, NOT, OR), at most 256.
+    pub search_depth_max: usize,
+    /// Longest LIST reference plus pattern, bytes.
+    pub list_pattern_max_bytes: usize,
+    /// Patterns in one LIST command.
+    pub list_patterns_max: usize,
 }
 
 impl Default for ImapSection {
@@ -195,6 +208,11 @@ impl Default for ImapSection {
             idle_timeout_secs: 1800,
             append_limit_bytes: 26_214_400,
             literals_in_memory_max_bytes: 256 << 20,
+            command_line_max_bytes: 65_536,
+            folder_name_max_bytes: 1024,
+            search_depth_max: 64,
+            list_pattern_max_bytes: 1024,
+            list_patterns_max: 32,
         }
     }
 }
@@ -520,6 +538,9 @@ sessions_per_client_max = 50
 # A session silent this long is closed and nothing it marked is deleted (RFC 1939 asks
 # for at least 10 minutes).
 idle_timeout_secs = 600
+# Longest command line (RFC 2449 asks clients for at most 255 octets); longer ones get
+# -ERR and the session is closed.
+command_line_max_bytes = 4096
 
 [imap]
 # Where the IMAP server listens (IMAP4rev2 and IMAP4rev1; the standard port 143 needs
@@ -539,6 +560,15 @@ append_limit_bytes = 26214400
 # Bytes of literals of 1 MiB or more (APPENDs) all sessions together may hold in
 # memory; past it such a literal is refused with NO [LIMIT] (try again later).
 literals_in_memory_max_bytes = 268435456
+# Longest command line without its literals; longer ones end the session with BYE.
+command_line_max_bytes = 65536
+# Longest folder name, parents included (CREATE and RENAME beyond it get NO [LIMIT]).
+folder_name_max_bytes = 1024
+# Deepest nesting of SEARCH keys (parentheses, NOT, OR); deeper gets BAD. At most 256.
+search_depth_max = 64
+# Longest LIST reference plus pattern, and patterns per LIST; beyond them, BAD.
+list_pattern_max_bytes = 1024
+list_patterns_max = 32
 
 [login]
 # Where passwords may be sent in the clear (POP3 USER/PASS and AUTH PLAIN, IMAP LOGIN
@@ -690,6 +720,27 @@ impl Config {
         {
             bail!("sessions_per_client_max must be at least 1 (smtp, imap and pop3)");
         }
+        if self.imap.search_depth_max == 0
+            || self.imap.search_depth_max > mailroom_imap::parse::SEARCH_DEPTH_CEILING
+        {
+            bail!(
+                "imap.search_depth_max must be between 1 and {} (the parser recurses once per level)",
+                mailroom_imap::parse::SEARCH_DEPTH_CEILING
+            );
+        }
+        if self.imap.command_line_max_bytes < 1024 || self.pop3.command_line_max_bytes < 512 {
+            bail!(
+                "imap.command_line_max_bytes must be at least 1024 and pop3.command_line_max_bytes at least 512"
+            );
+        }
+        if self.imap.folder_name_max_bytes == 0
+            || self.imap.list_pattern_max_bytes == 0
+            || self.imap.list_patterns_max == 0
+        {
+            bail!(
+                "imap.folder_name_max_bytes, imap.list_pattern_max_bytes and imap.list_patterns_max must be above 0"
+            );
+        }
         if self.imap.append_limit_bytes < 1024 {
             bail!("imap.append_limit_bytes must be at least 1024");
         }
@@ -737,5 +788,13 @@ mod tests {
         assert_eq!(err.to_string(), "smtp.sessions_max must be at least 1");
         let err = Config::parse("[smtp]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+        // A nesting limit that would let one line overflow the stack again is refused.
+        let err = Config::parse("[imap]\nsearch_depth_max = 60000\n").unwrap_err();
+        assert!(err.to_string().contains("imap.search_depth_max"), "{err:#}");
+        let err = Config::parse("[pop3]\ncommand_line_max_bytes = 10\n").unwrap_err();
+        assert!(
+            err.to_string().contains("pop3.command_line_max_bytes"),
+            "{err:#}"
+        );
     }
 }

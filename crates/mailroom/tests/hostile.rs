@@ -712,3 +712,57 @@ async fn nul_bytes_are_never_echoed_and_pop3_lines_are_bounded() {
     .unwrap();
     all_greet(&server).await;
 }
+
+/// The limits in docs/limits.md are settings, not only constants: lowered in the
+/// config, each one is what the server enforces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_parser_and_line_limits_apply() {
+    let server = TestServer::start_with(
+        |c| {
+            c.imap.search_depth_max = 8;
+            c.imap.list_patterns_max = 2;
+            c.imap.folder_name_max_bytes = 16;
+            c.pop3.command_line_max_bytes = 512;
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let (imap, pop3) = (server.server.imap_addr, server.server.pop3_addr);
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test");
+        c.send(b"s SELECT INBOX\r\n");
+        c.until_tagged("s");
+        c.send(b"a SEARCH ((((((((((ALL))))))))))\r\n");
+        let answer = c.until_tagged("a").pop().unwrap();
+        assert!(answer.contains("deeper than 8"), "{answer}");
+        c.send(b"b SEARCH ((((ALL))))\r\n");
+        assert!(c.until_tagged("b").pop().unwrap().starts_with("b OK"));
+        c.send(b"c LIST \"\" (a b c)\r\n");
+        let answer = c.until_tagged("c").pop().unwrap();
+        assert!(answer.contains("more than 2 LIST patterns"), "{answer}");
+        c.send(b"d CREATE seventeen-bytes-x\r\n");
+        let answer = c.until_tagged("d").pop().unwrap();
+        assert!(answer.starts_with("d NO [LIMIT]"), "{answer}");
+
+        let stream = TcpStream::connect(pop3).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let mut long = b"NOOP ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 600));
+        long.extend_from_slice(b"\r\n");
+        writer.write_all(&long).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("-ERR line too long"), "{line}");
+    })
+    .await
+    .unwrap();
+}

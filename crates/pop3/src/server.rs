@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 /// Longest command line accepted (RFC 2449 allows 255 octets; AUTH PLAIN initial
 /// responses can be longer).
-const LINE_MAX: usize = 4096;
+pub const LINE_MAX: usize = 4096;
 
 /// Output kept before it is written: answers to pipelined commands are sent once this
 /// much is waiting, so memory per session is one message plus this, whatever the client
@@ -68,6 +68,8 @@ pub struct Pop3Config {
     pub idle_timeout: Duration,
     /// Where plaintext passwords are accepted.
     pub plaintext: PlaintextPolicy,
+    /// Longest command line, bytes (`pop3.command_line_max_bytes`).
+    pub command_line_max: usize,
 }
 
 /// Counters and gauges of the POP3 service.
@@ -246,7 +248,7 @@ impl Pop3Server {
         loop {
             // Every complete line already received (pipelining), in order.
             while let Some(end) = input.iter().position(|b| *b == b'\n') {
-                if end + 1 > LINE_MAX {
+                if end + 1 > self.config.command_line_max {
                     // A whole over-long line in one read is as over-long as one that
                     // is still arriving (RFC 2449: 255 octets is the command limit).
                     out.extend_from_slice(b"-ERR line too long, closing\r\n");
@@ -336,7 +338,7 @@ impl Pop3Server {
                     }
                 }
             }
-            if input.len() > LINE_MAX {
+            if input.len() > self.config.command_line_max {
                 out.extend_from_slice(b"-ERR line too long, closing\r\n");
                 self.write(&mut stream, &mut out).await?;
                 return stream.shutdown().await;
