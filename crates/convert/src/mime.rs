@@ -64,6 +64,7 @@ pub fn bound_nesting(message: &mut Message<'_>, max: usize) {
         if m.parts.is_empty() {
             m.parts.push(root_part(m.raw_message.len()));
         }
+        untangle(&mut m.parts);
         for part in m.parts.iter_mut() {
             if !matches!(part.body, PartType::Message(_)) {
                 continue;
@@ -81,6 +82,29 @@ pub fn bound_nesting(message: &mut Message<'_>, max: usize) {
         }
     }
     dismantle(cut);
+}
+
+/// Makes the multipart structure of one message a tree. `mail-parser` lists a
+/// multipart's children by index; on malformed input (found by fuzzing) a child list can
+/// name a part twice or name an ancestor, and every walker that follows children (the
+/// facts' MIME tree, BODYSTRUCTURE) then visits the same parts over and over: a 475-byte
+/// message kept a conversion worker busy for good. Parts come in document order, so a
+/// child follows its parent: each child index must be above its parent's and appear
+/// once; anything else is dropped from the list (its bytes stay in the message).
+fn untangle(parts: &mut [MessagePart<'_>]) {
+    let mut claimed = vec![false; parts.len()];
+    for (index, part) in parts.iter_mut().enumerate() {
+        if let PartType::Multipart(children) = &mut part.body {
+            children.retain(|&child| {
+                let child = child as usize;
+                let fine = child > index && child < claimed.len() && !claimed[child];
+                if fine {
+                    claimed[child] = true;
+                }
+                fine
+            });
+        }
+    }
 }
 
 /// Drops parts that may hold deeply nested messages, one level at a time.
@@ -150,6 +174,25 @@ mod tests {
         assert_eq!(message.header_raw("Subject"), None);
         let _ = message.subject();
         assert_eq!(opaque(b"").parts.len(), 1);
+    }
+
+    /// Found by fuzzing (crates/fuzz, mime): a 475-byte message whose multipart child
+    /// lists repeat parts made the facts' MIME tree walk exponential (over a minute;
+    /// no end in sight). Every part is now reached once.
+    #[test]
+    fn tangled_child_lists_become_a_tree() {
+        let raw = include_bytes!("../../../fuzz/regressions/mime/tangled_children");
+        let message = parse(&MessageParser::default(), raw).expect("parses");
+        let mut reached = vec![0usize; message.parts.len()];
+        for part in &message.parts {
+            if let PartType::Multipart(children) = &part.body {
+                for &c in children {
+                    reached[c as usize] += 1;
+                }
+            }
+        }
+        assert!(reached.iter().all(|&n| n <= 1), "{reached:?}");
+        assert!(crate::message_facts(raw).parsed);
     }
 
     /// Found by fuzzing (crates/fuzz, mime): this message trips a `debug_assert!` in
