@@ -433,7 +433,7 @@ impl Session {
         }
         let server = self.server.clone();
         let client = self.peer.ip();
-        let attempt = match server.limiter.begin(client, &user) {
+        let attempt = match server.limiter.begin(client, &user).await {
             Ok(attempt) => attempt,
             Err(e) => {
                 server.stats.login("limited");

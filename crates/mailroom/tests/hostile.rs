@@ -766,3 +766,23 @@ async fn configured_parser_and_line_limits_apply() {
     .await
     .unwrap();
 }
+
+/// Found by bench/imap after the limiter started counting attempts in flight: 20
+/// clients logging in to one account at once (Thunderbird alone opens several) were
+/// told "too many failed logins". Right passwords wait their turn and all get in; wrong
+/// ones are still cut off at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_logins_to_one_account_all_succeed() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let imap = server.server.imap_addr;
+    let logins: Vec<_> = (0..20)
+        .map(|_| tokio::task::spawn_blocking(move || RawImap::login(imap, "ann@example.test")))
+        .collect();
+    for login in logins {
+        login.await.expect("every login succeeds");
+    }
+    all_greet(&server).await;
+}

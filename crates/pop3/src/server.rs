@@ -379,7 +379,7 @@ impl Pop3Server {
         password: String,
     ) -> Result<(MaildropGuard, Maildrop), Vec<u8>> {
         let refuse = |e: &LoginError| format!("-ERR [AUTH] {e}\r\n").into_bytes();
-        let attempt = match self.limiter.begin(client, &user) {
+        let attempt = match self.limiter.begin(client, &user).await {
             Ok(attempt) => attempt,
             Err(e) => {
                 self.stats.login("limited");
