@@ -667,6 +667,28 @@ async fn large_append_literals_share_a_memory_budget() {
     all_greet(&server).await;
 }
 
+/// Sends a POP3 command line `len` bytes long in one write: the server must refuse it
+/// and close the connection.
+fn pop3_long_line_is_refused(pop3: SocketAddr, len: usize) {
+    let stream = TcpStream::connect(pop3).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let mut long = b"NOOP ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', len));
+    long.extend_from_slice(b"\r\n");
+    writer.write_all(&long).unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("-ERR line too long"), "{line}");
+    line.clear();
+    assert_eq!(reader.read_line(&mut line).unwrap_or(0), 0, "closed after");
+}
+
 /// What the differential run against Dovecot (bench/differential/run) found: a NUL in
 /// a quoted folder name came back raw inside the answer, and a POP3 line over the limit
 /// that arrived in one read was taken as a command.
@@ -690,23 +712,7 @@ async fn nul_bytes_are_never_echoed_and_pop3_lines_are_bounded() {
         assert!(text.contains("a BAD"), "{text}");
         assert!(text.contains("b BAD"), "{text}");
 
-        let stream = TcpStream::connect(pop3).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let mut long = b"NOOP ".to_vec();
-        long.extend(std::iter::repeat_n(b'x', 5000));
-        long.extend_from_slice(b"\r\n");
-        writer.write_all(&long).unwrap();
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("-ERR line too long"), "{line}");
-        line.clear();
-        assert_eq!(reader.read_line(&mut line).unwrap_or(0), 0, "closed after");
+        pop3_long_line_is_refused(pop3, 5000);
     })
     .await
     .unwrap();
@@ -747,21 +753,7 @@ async fn configured_parser_and_line_limits_apply() {
         let answer = c.until_tagged("d").pop().unwrap();
         assert!(answer.starts_with("d NO [LIMIT]"), "{answer}");
 
-        let stream = TcpStream::connect(pop3).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let mut long = b"NOOP ".to_vec();
-        long.extend(std::iter::repeat_n(b'x', 600));
-        long.extend_from_slice(b"\r\n");
-        writer.write_all(&long).unwrap();
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("-ERR line too long"), "{line}");
+        pop3_long_line_is_refused(pop3, 600);
     })
     .await
     .unwrap();
