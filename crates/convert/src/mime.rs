@@ -55,8 +55,9 @@ fn root_part<'x>(len: usize) -> MessagePart<'x> {
     }
 }
 
-/// Replaces every `message/rfc822` part nested deeper than `max` levels by an opaque
-/// part marked as an encoding problem, dismantling what was cut without recursion.
+/// Replaces every `message/rfc822` part nested deeper than `max` levels, or carrying a
+/// transfer encoding, by an opaque part marked as an encoding problem, dismantling what
+/// was cut without recursion.
 pub fn bound_nesting(message: &mut Message<'_>, max: usize) {
     let mut cut: Vec<MessagePart<'_>> = Vec::new();
     let mut stack: Vec<(&mut Message<'_>, usize)> = vec![(message, 1)];
@@ -69,7 +70,12 @@ pub fn bound_nesting(message: &mut Message<'_>, max: usize) {
             if !matches!(part.body, PartType::Message(_)) {
                 continue;
             }
-            if depth < max {
+            // RFC 2046 5.2.1: a message/rfc822 body is 7bit, 8bit or binary. One with a
+            // transfer encoding is parsed by mail-parser from a decoded copy, whose
+            // sections are not slices of the stored bytes (fuzzing found one served
+            // longer than the whole message): it is an opaque part instead.
+            let encoded = part.encoding != Encoding::None;
+            if depth < max && !encoded {
                 if let PartType::Message(inner) = &mut part.body {
                     stack.push((inner, depth + 1));
                 }
@@ -193,6 +199,21 @@ mod tests {
         }
         assert!(reached.iter().all(|&n| n <= 1), "{reached:?}");
         assert!(crate::message_facts(raw).parsed);
+    }
+
+    /// Found by fuzzing (crates/fuzz, mime): a message/rfc822 part with a
+    /// quoted-printable transfer encoding was parsed from mail-parser's decoded copy,
+    /// and IMAP served a section of it longer than the whole stored message.
+    #[test]
+    fn an_encoded_message_part_is_opaque() {
+        let raw = include_bytes!("../../../fuzz/regressions/mime/section_longer_than_message_0");
+        let message = parse(&MessageParser::default(), raw).expect("parses");
+        assert!(
+            message
+                .parts
+                .iter()
+                .all(|p| !matches!(p.body, PartType::Message(_)) || p.encoding == Encoding::None)
+        );
     }
 
     /// Found by fuzzing (crates/fuzz, mime): this message trips a `debug_assert!` in
