@@ -175,6 +175,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/protocols/check", get(check_protocol))
         .route("/directory/import", post(import_directory))
         .route("/directory/export", get(export_directory))
+        .route("/backup", post(backup))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{id}", get(show_job))
         .route("/mailboxes/{address}/messages", get(list_messages))
@@ -259,6 +260,10 @@ pub struct HealthReport {
     pub blocked: Vec<mailroom_watch::BlockedTask>,
     /// Deadlock cycles found.
     pub deadlocks: u64,
+    /// Faults that last (the `disk` below its reserve or full, `storage` I/O errors),
+    /// each with what the server does about it.
+    #[serde(default)]
+    pub conditions: Vec<mailroom_watch::ConditionReport>,
     /// Every watched queue: depth, oldest item, progress.
     pub queues: Vec<mailroom_watch::QueueHealth>,
     /// What every worker is doing.
@@ -289,6 +294,7 @@ async fn health(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Healt
             stalled: verdict.stalled.clone(),
             blocked: verdict.blocked.clone(),
             deadlocks: verdict.deadlocks,
+            conditions: verdict.conditions.clone(),
             queues: verdict.queues.clone(),
             workers: verdict.workers.clone(),
             checked_at_ms: verdict.checked_at_ms,
@@ -928,6 +934,40 @@ async fn export_directory(
         Format::Ldif => "text/x-ldif; charset=utf-8",
     };
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// `POST /api/v1/backup`: the body names the folder (on the server's machine).
+#[derive(Debug, Deserialize)]
+pub struct BackupRequest {
+    /// An absent or empty folder the server can write.
+    pub dir: std::path::PathBuf,
+}
+
+/// Takes a consistent online copy of the database while mail flows.
+async fn backup(
+    State(state): State<Arc<AdminState>>,
+    Json(request): Json<BackupRequest>,
+) -> Result<Json<mailroom_store::BackupManifest>, ApiError> {
+    if !request.dir.is_absolute() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "dir must be an absolute path on the server's machine".into(),
+        ));
+    }
+    let store = state.store.clone();
+    let manifest = tokio::task::spawn_blocking(move || store.backup_to(&request.dir))
+        .await
+        .map_err(internal)?
+        .map_err(|e| match e {
+            mailroom_store::StoreError::Conflict(why) => ApiError(StatusCode::CONFLICT, why),
+            other => internal(other),
+        })?;
+    tracing::info!(
+        messages = manifest.messages,
+        bytes = manifest.bytes,
+        "backup taken"
+    );
+    Ok(Json(manifest))
 }
 
 async fn list_jobs(State(state): State<Arc<AdminState>>) -> Json<Vec<JobReport>> {

@@ -81,6 +81,8 @@ pub struct ConversionStats {
     pub quarantined: Counter,
     /// Helper threads abandoned after overrunning their budget.
     pub abandoned: Counter,
+    /// Store writes retried because of a storage fault (disk full, I/O error).
+    pub storage_waits: Counter,
 }
 
 impl ConversionStats {
@@ -116,6 +118,11 @@ impl ConversionStats {
                 "mailroom_conversion_abandoned",
                 "Conversion threads abandoned after overrunning their time budget",
                 &self.abandoned,
+            ),
+            (
+                "mailroom_conversion_storage_waits",
+                "Conversion store writes retried because of a storage fault (disk full, I/O error)",
+                &self.storage_waits,
             ),
         ];
         for (name, help, counter) in pairs {
@@ -312,6 +319,7 @@ const FLUSH_PATIENCE: Duration = Duration::from_millis(50);
 
 impl Worker {
     fn run(self) {
+        let _alive = self.activity.guard();
         while !self.cancel.is_cancelled() {
             match self
                 .store
@@ -441,7 +449,15 @@ impl Worker {
             .collect();
         let batch: Vec<(&ClaimedItem, &DeliveryPlan)> =
             planned.iter().map(|(item, plan)| (item, plan)).collect();
-        match self.store.deliver_inbound(&batch, now_ms()) {
+        let outcome = self.persist(&format!("delivering {} message(s)", batch.len()), || {
+            self.store.deliver_inbound(&batch, now_ms())
+        });
+        let Some(outcome) = outcome else {
+            // Shutting down while the storage fault lasted: the claims are released at
+            // the next start and the messages converted again.
+            return;
+        };
+        match outcome {
             Ok(results) => {
                 for ((item, plan), delivered) in planned.iter().zip(results) {
                     self.delivered(item, plan, delivered.len(), snapshot.generation());
@@ -457,7 +473,12 @@ impl Worker {
             // A batch fails whole; try each alone so one bad entry cannot hold up the rest.
             Err(_) if planned.len() > 1 => {
                 for (item, plan) in &planned {
-                    match self.store.deliver_inbound(&[(item, plan)], now_ms()) {
+                    let Some(outcome) = self.persist("delivering a message", || {
+                        self.store.deliver_inbound(&[(item, plan)], now_ms())
+                    }) else {
+                        return;
+                    };
+                    match outcome {
                         Ok(results) => {
                             let count = results.first().map_or(0, Vec::len);
                             self.delivered(item, plan, count, snapshot.generation());
@@ -503,7 +524,9 @@ impl Worker {
         let retry_at = now_ms() + backoff.as_millis() as i64;
         self.probe.progressed(1);
         tracing::warn!(queue_id = %item.queue_id, attempt = item.attempts, %reason, "conversion deferred");
-        if let Err(e) = self.store.defer_inbound(item.id, reason, retry_at) {
+        if let Some(Err(e)) = self.persist("deferring a message", || {
+            self.store.defer_inbound(item.id, reason, retry_at)
+        }) {
             tracing::error!(queue_id = %item.queue_id, error = %e, "cannot defer; the claim is released at restart");
         }
     }
@@ -512,8 +535,52 @@ impl Worker {
         self.probe.progressed(1);
         self.stats.quarantined.inc();
         tracing::error!(queue_id = %item.queue_id, %reason, "message quarantined");
-        if let Err(e) = self.store.quarantine_inbound(item.id, reason) {
+        if let Some(Err(e)) = self.persist("quarantining a message", || {
+            self.store.quarantine_inbound(item.id, reason)
+        }) {
             tracing::error!(queue_id = %item.queue_id, error = %e, "cannot quarantine; the claim is released at restart");
+        }
+    }
+
+    /// Runs a store write until it succeeds or fails for a reason other than a storage
+    /// fault. A full disk or an I/O error is the environment's fault, not the message's:
+    /// the write is retried (pausing 0.1 s, doubling to 5 s) instead of counting an
+    /// attempt, so a full disk delays conversion but never quarantines a message, and
+    /// delivery resumes by itself once space returns. `None` when shutdown came first
+    /// (the claims stay; the next start releases them).
+    fn persist<T>(
+        &self,
+        what: &str,
+        write: impl Fn() -> mailroom_store::Result<T>,
+    ) -> Option<mailroom_store::Result<T>> {
+        let mut pause = Duration::from_millis(100);
+        let mut logged = false;
+        loop {
+            match write() {
+                Err(e) if e.fault().is_some() => {
+                    self.stats.storage_waits.inc();
+                    if !logged {
+                        tracing::warn!(error = %e, "{what} waits for the storage fault to end; retrying");
+                        logged = true;
+                    }
+                    self.activity
+                        .set(format!("{what}: waiting for storage ({e}); retrying"));
+                    let until = Instant::now() + pause;
+                    while Instant::now() < until {
+                        if self.cancel.is_cancelled() {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(50).min(pause));
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => {
+                    if logged {
+                        tracing::info!("{what}: storage answers again");
+                    }
+                    return Some(other);
+                }
+            }
         }
     }
 }

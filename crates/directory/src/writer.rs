@@ -496,6 +496,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        let _alive = self.activity.guard();
         // A request received that would have made the last batch too heavy: it starts
         // the next one.
         let mut carried: Option<Request> = None;

@@ -116,6 +116,13 @@ fn store_no(e: StoreError) -> (String, String) {
     match e {
         StoreError::NotFound(what) => ("NO".into(), format!("[NONEXISTENT] no {what}")),
         StoreError::Conflict(what) => ("NO".into(), format!("[ALREADYEXISTS] {what}")),
+        other if other.fault() == Some(mailroom_store::Fault::DiskFull) => {
+            tracing::error!(error = %other, "IMAP store error");
+            (
+                "NO".into(),
+                "[LIMIT] the mail store's disk is full; try again later".into(),
+            )
+        }
         other => {
             tracing::error!(error = %other, "IMAP store error");
             (
@@ -712,6 +719,10 @@ impl Session {
                 let size = message.message.len() as u64;
                 if size > self.server.config.append_limit {
                     return no("[TOOBIG] the message is above APPENDLIMIT");
+                }
+                // Twice the size: the WAL first, the database file at a checkpoint.
+                if let Err(refused) = store.admit_new(size.saturating_mul(2)) {
+                    return no(format!("[LIMIT] {refused}; try again later"));
                 }
                 if let Some(limit) = self.hard_quota_kb(recipient) {
                     let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;

@@ -1489,3 +1489,60 @@ pub fn queue(command: QueueCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+/// `mailroom backup DIR`: the running server copies its database, as of one moment,
+/// into DIR (on its machine) while mail flows.
+pub fn backup(dir: PathBuf, target: Target) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&dir)?;
+    let manifest: mailroom_store::BackupManifest =
+        target.client()?.post("/backup", &json!({ "dir": dir }))?;
+    target.print(&manifest, |m| {
+        println!(
+            "Backed up into {}: {} message(s) in {} folder(s), {} recipient(s), {} queue entr(ies), {} bytes, schema version {}.",
+            dir.display(),
+            m.messages,
+            m.folders,
+            m.recipients,
+            m.queue_entries,
+            m.bytes,
+            m.schema_version
+        );
+        println!(
+            "Restore with: mailroom restore {} --data NEW-DATA-FOLDER",
+            dir.display()
+        );
+    })
+}
+
+/// `mailroom restore DIR --data DATA`: brings a backup back into an empty data folder.
+/// No server may be running on it; the next `serve` migrates an older schema.
+pub fn restore(dir: PathBuf, data: PathBuf) -> anyhow::Result<()> {
+    if data.exists() && std::fs::read_dir(&data)?.next().is_some() {
+        bail!(
+            "the data folder {} is not empty; restore only into a new or empty folder (move the old one aside first)",
+            data.display()
+        );
+    }
+    std::fs::create_dir_all(&data)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let database = data.join("mailroom.db");
+    let manifest = mailroom_store::SqliteStore::restore_from(&dir, &database)
+        .map_err(|e| anyhow::anyhow!("cannot restore from {}: {e}", dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o600))?;
+    }
+    println!(
+        "Restored {} message(s) in {} folder(s), {} recipient(s) and {} queue entr(ies) into {}; start it with: mailroom serve --data {}",
+        manifest.messages,
+        manifest.folders,
+        manifest.recipients,
+        manifest.queue_entries,
+        data.display(),
+        data.display()
+    );
+    Ok(())
+}

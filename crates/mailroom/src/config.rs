@@ -20,6 +20,8 @@ pub struct Config {
     pub smtp: SmtpSection,
     /// The durable spool.
     pub spool: SpoolSection,
+    /// The database: durability and the disk's free-space reserve.
+    pub storage: StorageSection,
     /// Inbound conversion.
     pub conversion: ConversionSection,
     /// The admin HTTP API.
@@ -350,6 +352,40 @@ impl Default for SmtpSection {
     }
 }
 
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// New mail (SMTP, IMAP APPEND) is refused while the data folder's filesystem has
+    /// less than this free, so accepted work can finish and the database never meets a
+    /// full disk mid-transaction (Postfix's `queue_minfree`).
+    pub free_space_reserve_bytes: u64,
+    /// `full`: every commit is fsynced before it is acknowledged (APPEND, flags,
+    /// deliveries survive a power loss). `normal`: only the spool's commits are; the
+    /// others survive a process crash, and a power loss may undo the newest of them.
+    pub durability: Durability,
+}
+
+/// When a commit reaches the disk (`storage.durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every commit fsynced before it is acknowledged.
+    #[default]
+    Full,
+    /// Only the spool's commits fsynced at once; the rest at the next checkpoint.
+    Normal,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            free_space_reserve_bytes: 64 << 20,
+            durability: Durability::Full,
+        }
+    }
+}
+
 /// `[spool]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -492,6 +528,18 @@ group_commit = true
 batch_messages_max = 256
 # Message bytes per commit, at most.
 batch_bytes_max = 33554432
+
+[storage]
+# New mail is refused (SMTP 452 4.3.1 at MAIL, IMAP APPEND NO [LIMIT]) while the data
+# folder's filesystem has less than this free, so that mail already accepted can still
+# be converted and delivered and the database never meets a full disk mid-write. /health
+# names the disk while it lasts; everything resumes by itself when space returns.
+free_space_reserve_bytes = 67108864
+# "full": every commit (APPEND, flag changes, deliveries) is fsynced before it is
+# acknowledged, so it survives a power loss. "normal": only the SMTP spool's commits are
+# (a "250" always means on disk); the others survive a crash of the process, but a power
+# loss may undo the newest of them (they are redone: a delivery happens again, once).
+durability = "full"
 
 [conversion]
 # Inbound conversion threads; 0 means one per CPU core.

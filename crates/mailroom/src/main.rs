@@ -66,6 +66,22 @@ enum Command {
     /// Inspect the queues.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Copy a running server's database into an empty folder, consistent as of one
+    /// moment, while mail keeps flowing.
+    Backup {
+        /// The folder to create (on the server's machine); must be absent or empty.
+        dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Bring a backup back into a new or empty data folder (no server running on it).
+    Restore {
+        /// The backup folder (`mailroom backup` made it).
+        dir: PathBuf,
+        /// The data folder to restore into.
+        #[arg(long, default_value = "mailroom-data")]
+        data: PathBuf,
+    },
     /// Stress tests that prove Mailroom does not wedge.
     #[command(subcommand)]
     Stress(StressCommand),
@@ -197,6 +213,8 @@ fn main() {
         Command::Directory(command) => directory(command),
         Command::Mailbox(command) => mailbox(command),
         Command::Queue(command) => queue(command),
+        Command::Backup { dir, target } => backup(dir, target),
+        Command::Restore { dir, data } => restore(dir, data),
         Command::Stress(StressCommand::Churn {
             baseline_secs,
             churn_secs,
@@ -235,13 +253,43 @@ fn main() {
     }
 }
 
+/// The log's output as the log thread sees it: a line that cannot be written (disk full,
+/// closed pipe) is dropped and counted as written, and flush never fails, so the log
+/// thread itself never reports an error (tracing-appender's thread calls `eprintln!`
+/// when a flush fails, which panics when stderr is what failed) and logging resumes
+/// by itself when the output can be written again.
+struct NeverFails<W>(W);
+
+impl<W: std::io::Write> std::io::Write for NeverFails<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // The log must never stop a worker: a full disk under the log file made every write
+    // fail, and the subscriber's report of that failure (eprintln!, which panics when
+    // stderr cannot be written) killed whichever thread was logging, the spool writer
+    // included. Lines go to a bounded buffer written by a thread of its own; when the
+    // output cannot keep up or cannot be written, lines are dropped, never waited for.
+    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(16_384)
+        .thread_name("log-writer")
+        .finish(NeverFails(std::io::stderr()));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MAILROOM_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .log_internal_errors(false)
         .init();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,

@@ -235,10 +235,16 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     config.check()?;
     let data_dir = config.server.data_dir.clone();
     let lock = lock_data_dir(&data_dir)?;
+    let durability = match config.storage.durability {
+        crate::config::Durability::Full => mailroom_store::Durability::Full,
+        crate::config::Durability::Normal => mailroom_store::Durability::Normal,
+    };
     let sqlite = Arc::new(
-        SqliteStore::open(&data_dir.join(DATABASE_FILE))
+        SqliteStore::open_with(&data_dir.join(DATABASE_FILE), durability)
             .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
     );
+    let disk = mailroom_store::Disk::new(&data_dir, config.storage.free_space_reserve_bytes);
+    sqlite.attach_disk(disk.clone());
     let store: Arc<dyn MailStore> = sqlite.clone();
     // Uploads belong to import jobs, which do not survive a restart.
     let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
@@ -270,6 +276,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     }
     watch.add_probe(directory.probe());
     watch.add_activity(directory.activity());
+    disk.attach(watch.condition("disk"), watch.condition("storage"));
 
     let mut registry = Registry::default();
     let spool_stats = SpoolStats::default();
@@ -288,6 +295,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     };
     let queue_gauges = QueueGauges::default();
     sqlite.register_metrics(&mut registry);
+    disk.register(&mut registry);
     spool_stats.register(&mut registry);
     conversion_stats.register(&mut registry);
     smtp_stats.register(&mut registry);
@@ -301,6 +309,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         group_commit: config.spool.group_commit,
         batch_messages_max: config.spool.batch_messages_max,
         batch_bytes_max: config.spool.batch_bytes_max,
+        disk: Some(disk.clone()),
         ..SpoolConfig::default()
     };
     let (spool, spool_thread) =
@@ -370,6 +379,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             Duration::from_millis(config.watchdog.check_interval_ms),
             move || cancel.is_cancelled(),
         )?;
+    }
+    {
+        let cancel = cancel.clone();
+        disk.start_monitor(Duration::from_secs(1), move || cancel.is_cancelled())?;
     }
 
     let smtp_listener = TcpListener::bind(config.smtp.listen)
@@ -452,6 +465,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         smtp_stats,
     )
     .with_quotas(store.clone())
+    .with_disk(disk.clone())
     .with_admission({
         let transfer = transfer.clone();
         Arc::new(move || transfer.get().inbound())

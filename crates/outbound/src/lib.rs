@@ -394,9 +394,27 @@ async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
                 _ = cancel.cancelled() => return,
                 outcome = attempt(&shared, item) => outcome,
             };
-            let store = shared.store.clone();
-            let result =
-                tokio::task::spawn_blocking(move || store.finish_outbound(id, &outcome)).await;
+            // The outcome must be recorded: a remote server may already hold the message.
+            // A storage fault (disk full, I/O error) is waited out, retrying, so the
+            // entry is neither left claimed until a restart nor sent twice.
+            let outcome = Arc::new(outcome);
+            let mut pause = Duration::from_millis(100);
+            let result = loop {
+                let (store, outcome) = (shared.store.clone(), outcome.clone());
+                let result =
+                    tokio::task::spawn_blocking(move || store.finish_outbound(id, &outcome)).await;
+                match result {
+                    Ok(Err(e)) if e.fault().is_some() => {
+                        tracing::warn!(id, error = %e, "recording a delivery outcome waits for the storage fault to end");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    other => break other,
+                }
+            };
             match result {
                 Ok(Ok(spooled)) => {
                     if spooled > 0 {

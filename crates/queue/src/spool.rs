@@ -1,7 +1,7 @@
 //! The spool writer: group commit of accepted messages.
 
 use crate::Doorbell;
-use mailroom_store::{MailStore, SpoolEntry};
+use mailroom_store::{Disk, Fault, MailStore, SpoolEntry};
 use mailroom_watch::{Activity, Probe, now_ms};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -22,6 +22,9 @@ pub struct SpoolConfig {
     pub batch_bytes_max: usize,
     /// Requests waiting for the writer before sessions wait to submit.
     pub pending_max: usize,
+    /// The data folder's disk: a batch is refused (not written) while it is below the
+    /// reserve, so the database does not meet a full disk mid-transaction.
+    pub disk: Option<Arc<Disk>>,
 }
 
 impl Default for SpoolConfig {
@@ -31,6 +34,7 @@ impl Default for SpoolConfig {
             batch_messages_max: 256,
             batch_bytes_max: 32 << 20,
             pending_max: 1024,
+            disk: None,
         }
     }
 }
@@ -41,6 +45,10 @@ pub enum SpoolError {
     /// The store could not commit.
     #[error("the spool could not be written: {0}")]
     Store(String),
+    /// The disk is full or below the free-space reserve: nothing was written; the
+    /// session answers 452 4.3.1 (RFC 3463: mail system full) and the client retries.
+    #[error("{0}")]
+    NoSpace(String),
     /// The spool writer has stopped (shutdown).
     #[error("the spool writer has stopped")]
     Stopped,
@@ -184,6 +192,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        let _alive = self.activity.guard();
         while let Some(first) = self.receiver.blocking_recv() {
             let mut bytes = first.entry.body.len();
             let mut batch = vec![first];
@@ -212,8 +221,35 @@ impl Writer {
             .set(format!("committing {count} message(s) to the spool"));
         let (entries, replies): (Vec<SpoolEntry>, Vec<_>) =
             batch.into_iter().map(|r| (r.entry, r.reply)).unzip();
+        if let Some(disk) = &self.config.disk {
+            // Twice the bytes: the WAL first, the database file at the checkpoint.
+            let bytes: usize = entries.iter().map(|e| e.body.len()).sum();
+            if let Err(refused) = disk.admit(2 * bytes as u64) {
+                let why = refused.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(SpoolError::NoSpace(why.clone())));
+                }
+                self.probe.finished(count);
+                self.probe.working_on(None);
+                self.activity.idle();
+                return;
+            }
+        }
         let started = Instant::now();
-        let result = self.store.spool(&entries);
+        // A panic in the store (a bug) fails this batch, not the writer: the transaction
+        // was dropped, so nothing of it was committed, and the next batch starts clean.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.store.spool(&entries)))
+                .unwrap_or_else(|panic| {
+                    Err(mailroom_store::StoreError::Conflict(format!(
+                        "the spool commit panicked: {}",
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default()
+                    )))
+                });
         self.stats
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -230,8 +266,14 @@ impl Writer {
             Err(e) => {
                 self.stats.failures.inc();
                 tracing::error!(error = %e, messages = entries.len(), "spool commit failed");
+                let error = match e.fault() {
+                    Some(Fault::DiskFull) => {
+                        SpoolError::NoSpace(format!("the mail store's disk is full: {e}"))
+                    }
+                    _ => SpoolError::Store(e.to_string()),
+                };
                 for reply in replies {
-                    let _ = reply.send(Err(SpoolError::Store(e.to_string())));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }

@@ -9,7 +9,7 @@ use crate::session::{RecipientPolicy, Session, SmtpLimits, Step};
 use ipnet::IpNet;
 use mailroom_directory::Directory;
 use mailroom_directory::{Resolution, Snapshot};
-use mailroom_queue::Spool;
+use mailroom_queue::{Spool, SpoolError};
 use mailroom_store::{MailStore, SpoolEntry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -156,6 +156,8 @@ pub struct SmtpServer {
     quota_store: Option<Arc<dyn MailStore>>,
     /// Whether new sessions are accepted now (the transfer mode); none: always.
     admission: Option<Admission>,
+    /// The data folder's disk: MAIL is refused (452 4.3.1) below its reserve.
+    disk: Option<Arc<mailroom_store::Disk>>,
 }
 
 /// Says whether new SMTP sessions are accepted right now.
@@ -165,6 +167,7 @@ pub type Admission = Arc<dyn Fn() -> bool + Send + Sync>;
 struct QuotaPolicy<'a> {
     snapshot: &'a Snapshot,
     store: Option<&'a Arc<dyn MailStore>>,
+    disk: Option<&'a Arc<mailroom_store::Disk>>,
 }
 
 impl RecipientPolicy for QuotaPolicy<'_> {
@@ -174,6 +177,12 @@ impl RecipientPolicy for QuotaPolicy<'_> {
 
     fn undeliverable(&self, address: &str) -> Option<String> {
         self.snapshot.refusal_at_rcpt(address)
+    }
+
+    fn storage_refusal(&self, size: u64) -> Option<String> {
+        // The declared size counts twice: the WAL first, the database at a checkpoint.
+        let refused = self.disk?.admit(size.saturating_mul(2)).err()?;
+        Some(refused.to_string())
     }
 
     fn over_quota(&self, recipient: &mailroom_directory::Recipient) -> bool {
@@ -230,6 +239,7 @@ impl SmtpServer {
             connection_ids: AtomicU64::new(seed),
             quota_store: None,
             admission: None,
+            disk: None,
         })
     }
 
@@ -239,6 +249,16 @@ impl SmtpServer {
             panic!("with_quotas is called right after new, before the server is shared")
         });
         server.quota_store = Some(store);
+        Arc::new(server)
+    }
+
+    /// Refuses MAIL with 452 4.3.1 while `disk` is below its free-space reserve (or
+    /// cannot hold the size the client declared).
+    pub fn with_disk(self: Arc<Self>, disk: Arc<mailroom_store::Disk>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_disk is called right after new, before the server is shared")
+        });
+        server.disk = Some(disk);
         Arc::new(server)
     }
 
@@ -338,6 +358,7 @@ impl SmtpServer {
             let policy = QuotaPolicy {
                 snapshot: snapshot.as_ref(),
                 store: self.quota_store.as_ref(),
+                disk: self.disk.as_ref(),
             };
             mailroom_listen::doing(session.phase_name());
             match session.advance(&policy, now_ms()) {
@@ -367,8 +388,11 @@ impl SmtpServer {
                         self.stats.accepted.inc();
                         tracing::debug!(%peer, %queue_id, "message accepted");
                     }
-                    let reply = session
-                        .submitted(outcome.map(|_| ()).map_err(|e| e.to_string()), &queue_id);
+                    let outcome = outcome.map(|_| ()).map_err(|e| match e {
+                        SpoolError::NoSpace(why) => crate::session::SpoolRefusal::NoSpace(why),
+                        other => crate::session::SpoolRefusal::Failed(other.to_string()),
+                    });
+                    let reply = session.submitted(outcome, &queue_id);
                     reply.render(&mut out);
                 }
                 Step::Close => {

@@ -68,6 +68,22 @@ pub trait RecipientPolicy {
     fn undeliverable(&self, _address: &str) -> Option<String> {
         None
     }
+
+    /// Why no new mail (of `size` bytes, if the client declared it) can be stored now
+    /// (the disk is below its free-space reserve): MAIL is refused with 452 4.3.1 and
+    /// this reason, as Postfix does, before the client sends the message.
+    fn storage_refusal(&self, _size: u64) -> Option<String> {
+        None
+    }
+}
+
+/// Why the spool did not take a message.
+#[derive(Debug, Clone)]
+pub enum SpoolRefusal {
+    /// The disk is full or below its reserve: 452 4.3.1.
+    NoSpace(String),
+    /// Anything else (an I/O error, shutdown): 451 4.3.0.
+    Failed(String),
 }
 
 impl RecipientPolicy for Snapshot {
@@ -280,13 +296,18 @@ impl Session {
     }
 
     /// The outcome of a [`Step::Submit`]: `Ok` once the message is durable.
-    pub fn submitted(&mut self, outcome: Result<(), String>, queue_id: &str) -> Reply {
+    pub fn submitted(&mut self, outcome: Result<(), SpoolRefusal>, queue_id: &str) -> Reply {
         debug_assert!(matches!(self.phase, Phase::AwaitingSpool));
         self.phase = Phase::Command;
         self.transaction = None;
         match outcome {
             Ok(()) => Reply::new(250, (2, 0, 0), format!("Ok: queued as {queue_id}")),
-            Err(_) => Reply::new(
+            Err(SpoolRefusal::NoSpace(why)) => Reply::new(
+                452,
+                (4, 3, 1),
+                format!("Insufficient system storage: {why}; try again later"),
+            ),
+            Err(SpoolRefusal::Failed(_)) => Reply::new(
                 451,
                 (4, 3, 0),
                 "Temporary failure storing the message; please try again later",
@@ -372,7 +393,7 @@ impl Session {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
             Request::Lhlo { .. } => Reply::new(500, (5, 5, 1), "LHLO is for LMTP; use EHLO"),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from, policy),
             Request::Rcpt { to } => self.rcpt(to, policy),
             Request::Data => self.data_command(),
             Request::Bdat {
@@ -438,7 +459,7 @@ impl Session {
         )
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Reply {
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>, policy: &dyn RecipientPolicy) -> Reply {
         let Some((_, extended)) = &self.helo else {
             return Reply::new(503, (5, 5, 1), "Send EHLO or HELO first");
         };
@@ -466,6 +487,13 @@ impl Session {
         }
         if !from.address.is_ascii() && !smtputf8 {
             return Reply::new(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8");
+        }
+        if let Some(why) = policy.storage_refusal(from.size as u64) {
+            return Reply::new(
+                452,
+                (4, 3, 1),
+                format!("Insufficient system storage: {why}; try again later"),
+            );
         }
         let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
             Some(mailroom_store::Ret::Full)

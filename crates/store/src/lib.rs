@@ -22,11 +22,13 @@
 //! What it never does: parse mail, talk a protocol, or hold a lock while calling out.
 //! All methods are blocking; async callers use `spawn_blocking` or a dedicated thread.
 
+pub mod disk;
 mod mailbox;
 mod migrations;
 pub mod outbound;
 mod sqlite;
 
+pub use disk::{Disk, NoSpace};
 pub use mailbox::{
     Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, Structure,
 };
@@ -34,7 +36,7 @@ pub use outbound::{
     Envelope, Notify, OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,
     RecipientState, RecipientStatus, Ret,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{BACKUP_DATABASE, BACKUP_MANIFEST, BackupManifest, Durability, SqliteStore};
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +68,36 @@ pub enum StoreError {
         /// The newest version this binary can migrate to.
         supported: i64,
     },
+}
+
+/// A storage fault: the environment failed, not the request. Writers answer it with a
+/// temporary error or pause and retry; it never counts against a message (no attempt
+/// spent, no quarantine), because the same message will go through once the fault ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The disk is full (`SQLITE_FULL`).
+    DiskFull,
+    /// A read, write, fsync or open failed (`SQLITE_IOERR_*`, `SQLITE_CANTOPEN`). Nothing
+    /// the failed transaction wrote may be assumed durable.
+    Io,
+}
+
+impl StoreError {
+    /// The storage fault behind this error, if it is one.
+    pub fn fault(&self) -> Option<Fault> {
+        let StoreError::Database(rusqlite::Error::SqliteFailure(e, _)) = self else {
+            return None;
+        };
+        match e.code {
+            rusqlite::ErrorCode::DiskFull => Some(Fault::DiskFull),
+            // SQLite reports ENOSPC from write() as SQLITE_FULL; every other failed
+            // read, write, fsync or open is an I/O error.
+            rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::CannotOpen => {
+                Some(Fault::Io)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Result type of the storage layer.
@@ -370,6 +402,17 @@ pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Makes a batch of accepted messages durable (one transaction, full fsync), each as
     /// an inbound queue entry; returns their row identities in order.
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>>;
+
+    /// Whether new mail of `bytes` (an APPEND) may be stored now: refused while the
+    /// data folder's disk is below its free-space reserve (see [`Disk`]). Backends
+    /// without a disk to watch accept.
+    fn admit_new(&self, _bytes: u64) -> std::result::Result<(), NoSpace> {
+        Ok(())
+    }
+
+    /// Copies everything stored, as of one moment, into the empty folder `dir` while
+    /// writers go on (`mailroom backup`).
+    fn backup_to(&self, dir: &std::path::Path) -> Result<BackupManifest>;
 
     /// Releases every claim left by a previous process; called once at start-up, while
     /// no worker runs. Returns how many entries were released.

@@ -31,12 +31,13 @@ mod ticket;
 mod watchdog;
 
 pub use deadlock::{DeadlockReport, start_deadlock_detector};
-pub use probe::{Activity, Probe, Sample};
+pub use probe::{Activity, ActivityGuard, Probe, Sample};
 pub use ranked::{RankedGuard, RankedMutex};
 pub use tasks::{Heartbeat, TaskGuard, TaskWatch, Tasks, Watched};
 pub use ticket::{TicketGuard, TicketLock};
 pub use watchdog::{
-    BlockedTask, Health, QueueHealth, Registry, StalledQueue, Watchdog, WorkerReport,
+    BlockedTask, Condition, ConditionReport, Health, QueueHealth, Registry, StalledQueue, Watchdog,
+    WorkerReport,
 };
 
 /// Milliseconds since the Unix epoch (wall clock), the unit every probe uses.

@@ -170,6 +170,33 @@ impl Probe {
 pub struct Activity {
     worker: String,
     current: ArcSwap<(String, i64)>,
+    /// Set when the worker's thread ended by a panic (see [`Activity::guard`]).
+    died: std::sync::atomic::AtomicBool,
+}
+
+/// Held by a worker thread for its whole life (from [`Activity::guard`]): if the thread
+/// unwinds, the activity is marked dead and the watchdog turns `/health` red at its next
+/// check, naming the worker. Why: a worker thread that dies silently is the classic
+/// wedge (its queue backs up while everything else looks fine); a queue's stall time is
+/// too long to wait for a death that is certain.
+pub struct ActivityGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.activity
+                .died
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.activity.set("DIED: the thread panicked (see the log)");
+            tracing::error!(
+                worker = self.activity.worker(),
+                "the {} thread died; its work has stopped until a restart",
+                self.activity.worker()
+            );
+        }
+    }
 }
 
 impl Activity {
@@ -178,7 +205,21 @@ impl Activity {
         Arc::new(Activity {
             worker: worker.into(),
             current: ArcSwap::from_pointee(("idle".to_string(), crate::now_ms())),
+            died: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// A guard for the worker's thread to hold for its whole life: should the thread
+    /// unwind, the activity is marked dead (see [`ActivityGuard`]).
+    pub fn guard(self: &Arc<Self>) -> ActivityGuard {
+        ActivityGuard {
+            activity: self.clone(),
+        }
+    }
+
+    /// Whether the worker's thread died by a panic.
+    pub fn died(&self) -> bool {
+        self.died.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The worker's name.

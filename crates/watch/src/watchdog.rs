@@ -58,6 +58,58 @@ pub struct WorkerReport {
     pub doing: String,
     /// For how long, seconds.
     pub for_seconds: f64,
+    /// Its thread died (a panic): its work has stopped; `/health` is red.
+    #[serde(default)]
+    pub died: bool,
+}
+
+/// A fault a component reports while it lasts (disk full, storage I/O errors): `/health`
+/// is red and names it until the component clears it. Why: some faults stop work without
+/// any queue backing up (SMTP refuses new mail while the disk is full, so the spool stays
+/// empty), so the stall detector alone would call the server healthy.
+pub struct Condition {
+    name: String,
+    state: ArcSwap<Option<(String, i64)>>,
+}
+
+impl Condition {
+    /// The condition's name (`disk`, `storage`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Raises the condition (or updates its detail); returns true if it was clear.
+    pub fn raise(&self, detail: impl Into<String>) -> bool {
+        let detail = detail.into();
+        let previous = self.state.load_full();
+        let since = previous
+            .as_ref()
+            .as_ref()
+            .map_or_else(now_ms, |(_, at)| *at);
+        self.state.store(Arc::new(Some((detail, since))));
+        previous.is_none()
+    }
+
+    /// Clears the condition; returns true if it was raised.
+    pub fn clear(&self) -> bool {
+        self.state.swap(Arc::new(None)).is_some()
+    }
+
+    /// The detail and since when (Unix ms), while raised.
+    pub fn current(&self) -> Option<(String, i64)> {
+        (**self.state.load()).clone()
+    }
+}
+
+/// A raised condition as `/health` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConditionReport {
+    /// Its name (`disk`, `storage`).
+    pub condition: String,
+    /// What is wrong and what the server does about it.
+    pub detail: String,
+    /// For how long, seconds.
+    pub for_seconds: f64,
 }
 
 /// A session blocking a runtime thread, or a runtime that stopped running tasks.
@@ -89,6 +141,9 @@ pub struct Health {
     pub blocked: Vec<BlockedTask>,
     /// Deadlock cycles found so far.
     pub deadlocks: u64,
+    /// Faults reported by components while they last (disk full, storage I/O errors).
+    #[serde(default)]
+    pub conditions: Vec<ConditionReport>,
     /// When this verdict was reached (Unix ms).
     pub checked_at_ms: i64,
 }
@@ -97,6 +152,7 @@ pub struct Health {
 pub struct Registry {
     probes: ArcSwap<Vec<Arc<Probe>>>,
     activities: ArcSwap<Vec<Arc<Activity>>>,
+    conditions: ArcSwap<Vec<Arc<Condition>>>,
     health: ArcSwap<Health>,
     deadlocks: ArcSwap<Option<Arc<DeadlockReport>>>,
     stalls: Family<Labels, Counter>,
@@ -114,6 +170,7 @@ impl Default for Registry {
         Registry {
             probes: ArcSwap::from_pointee(Vec::new()),
             activities: ArcSwap::from_pointee(Vec::new()),
+            conditions: ArcSwap::from_pointee(Vec::new()),
             health: ArcSwap::from_pointee(Health {
                 healthy: true,
                 ..Health::default()
@@ -151,6 +208,30 @@ impl Registry {
             all.push(activity.clone());
             all
         });
+    }
+
+    /// The condition called `name`, created (clear) on first use. Components keep the
+    /// `Arc` and raise or clear it; the watchdog reads it at every check.
+    pub fn condition(&self, name: &str) -> Arc<Condition> {
+        if let Some(found) = self.conditions.load().iter().find(|c| c.name == name) {
+            return found.clone();
+        }
+        let created = Arc::new(Condition {
+            name: name.to_string(),
+            state: ArcSwap::from_pointee(None),
+        });
+        let mut result = created.clone();
+        self.conditions.rcu(|all| {
+            if let Some(found) = all.iter().find(|c| c.name == name) {
+                result = found.clone();
+                return (**all).clone();
+            }
+            result = created.clone();
+            let mut all: Vec<Arc<Condition>> = (**all).clone();
+            all.push(created.clone());
+            all
+        });
+        result
     }
 
     /// Forgets a worker that ended (a job thread).
@@ -289,7 +370,20 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
                 worker: a.worker().to_string(),
                 doing,
                 for_seconds: seconds(now - since),
+                died: a.died(),
             }
+        })
+        .collect();
+    let conditions: Vec<ConditionReport> = registry
+        .conditions
+        .load()
+        .iter()
+        .filter_map(|c| {
+            c.current().map(|(detail, since)| ConditionReport {
+                condition: c.name().to_string(),
+                detail,
+                for_seconds: seconds(now - since),
+            })
         })
         .collect();
     let mut queues = Vec::new();
@@ -391,8 +485,13 @@ fn check(registry: &Registry, tracks: &mut HashMap<&'static str, Track>, stall_a
     registry.deadlock_count.set(deadlocks as i64);
     let blocked = blocked_tasks(registry, now, stall_after_ms);
     registry.health.store(Arc::new(Health {
-        healthy: stalled.is_empty() && deadlocks == 0 && blocked.is_empty(),
+        healthy: stalled.is_empty()
+            && deadlocks == 0
+            && blocked.is_empty()
+            && conditions.is_empty()
+            && !workers.iter().any(|w| w.died),
         stalled,
+        conditions,
         queues,
         workers,
         blocked,
@@ -601,5 +700,53 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         handle.join().unwrap();
         drop(release);
+    }
+
+    #[test]
+    fn a_raised_condition_is_unhealthy_and_named_until_cleared() {
+        let registry = Registry::default();
+        let disk = registry.condition("disk");
+        assert!(Arc::ptr_eq(&disk, &registry.condition("disk")));
+        let mut tracks = HashMap::new();
+        check(&registry, &mut tracks, 1000);
+        assert!(registry.health().healthy);
+        assert!(disk.raise("data folder /x: 1 MiB free"));
+        assert!(!disk.raise("data folder /x: 2 MiB free"), "already raised");
+        check(&registry, &mut tracks, 1000);
+        let health = registry.health();
+        assert!(!health.healthy);
+        assert_eq!(health.conditions.len(), 1);
+        assert_eq!(health.conditions[0].condition, "disk");
+        assert_eq!(health.conditions[0].detail, "data folder /x: 2 MiB free");
+        assert!(disk.clear());
+        check(&registry, &mut tracks, 1000);
+        assert!(registry.health().healthy);
+        assert!(registry.health().conditions.is_empty());
+    }
+
+    #[test]
+    fn a_worker_thread_that_panics_turns_health_red_at_once() {
+        let registry = Registry::default();
+        let activity = Activity::new("spool-writer");
+        registry.add_activity(activity.clone());
+        let thread_activity = activity.clone();
+        let joined = std::thread::spawn(move || {
+            let _guard = thread_activity.guard();
+            panic!("injected");
+        })
+        .join();
+        assert!(joined.is_err());
+        let mut tracks = HashMap::new();
+        check(&registry, &mut tracks, 60_000);
+        let health = registry.health();
+        assert!(!health.healthy, "a dead worker is not healthy");
+        let report = &health.workers[0];
+        assert!(report.died);
+        assert!(report.doing.contains("DIED"), "{}", report.doing);
+        // A thread that ends normally (shutdown) is not a death.
+        let quiet = Activity::new("conversion-0");
+        let q = quiet.clone();
+        std::thread::spawn(move || drop(q.guard())).join().unwrap();
+        assert!(!quiet.died());
     }
 }

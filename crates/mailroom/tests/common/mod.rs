@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use mailroom::client::{AdminClient, path_segment};
 use mailroom::{Config, RunningServer, ServerOptions};
 use mailroom_store::MessageSummary;

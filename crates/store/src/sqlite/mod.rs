@@ -9,8 +9,11 @@
 //! Connections: a small pool. The pool's mutex guards only a `Vec` push or pop and is
 //! never held while a statement runs (rank 90, a leaf; see `docs/locking.md`).
 
+mod backup;
 mod mailbox;
 mod outbound;
+
+pub use backup::{BACKUP_DATABASE, BACKUP_MANIFEST, BackupManifest};
 
 use crate::migrations::migrate;
 use crate::*;
@@ -20,6 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Idle connections kept for reuse; more are opened on demand and closed after use.
@@ -42,6 +46,24 @@ pub struct SqliteStore {
     /// Each mailbox's change bell (see `Mailboxes::watch_mailbox`). Rank 92 (leaf): held
     /// for one map lookup; rung after the write turn is released.
     bells: RankedMutex<HashMap<RecipientId, tokio::sync::watch::Sender<u64>>>,
+    /// The data folder's disk, told about every fault (see `crate::disk`).
+    disk: std::sync::OnceLock<Arc<crate::Disk>>,
+    /// How every write transaction commits (see [`Durability`]).
+    durability: Durability,
+}
+
+/// When a write's commit reaches the disk. The spool always commits with `Full`
+/// (SMTP's "250" promises it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit fsyncs the WAL before it returns (`synchronous=FULL`): an APPEND
+    /// that got "OK", a flag change, a delivery survive a power loss.
+    #[default]
+    Full,
+    /// Commits other than the spool's reach the WAL but are fsynced later, at a
+    /// checkpoint (`synchronous=NORMAL`): they survive a process crash, and a power loss
+    /// may roll back the newest of them.
+    Normal,
 }
 
 /// How long writers wait for their turn and hold it, per caller.
@@ -65,19 +87,41 @@ impl Default for WriteStats {
 /// a larger database reads the rest with read()).
 const MMAP_SIZE: i64 = 1 << 30;
 
+/// Writers whose commits need not be fsynced at once even with [`Durability::Full`]:
+/// nothing was promised to anyone on their strength.
+const RELAXED_CALLERS: &[&str] = &["claim", "claim outbound", "release", "defer", "imap-cache"];
+
 /// A write turn held longer than this is logged (with its caller): every other writer,
 /// conversion included, waited behind it.
 const SLOW_WRITE: Duration = Duration::from_millis(500);
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and migrates its schema.
+    /// Opens (creating if needed) the database at `path` and migrates its schema, with
+    /// every commit durable ([`Durability::Full`]).
     pub fn open(path: &Path) -> Result<SqliteStore> {
+        Self::open_with(path, Durability::Full)
+    }
+
+    /// Reports faults to `disk` from now on (the server's `/health` and metrics).
+    pub fn attach_disk(&self, disk: Arc<crate::Disk>) {
+        let _ = self.disk.set(disk);
+    }
+
+    /// The data folder's disk, once attached.
+    pub fn disk(&self) -> Option<&Arc<crate::Disk>> {
+        self.disk.get()
+    }
+
+    /// Opens (creating if needed) the database at `path` and migrates its schema.
+    pub fn open_with(path: &Path, durability: Durability) -> Result<SqliteStore> {
         let store = SqliteStore {
             path: path.to_path_buf(),
             idle: RankedMutex::new(90, "store connection pool", Vec::new()),
             write_turn: TicketLock::new(95, "store write turn"),
             write_stats: WriteStats::default(),
             bells: RankedMutex::new(92, "mailbox change bells", HashMap::new()),
+            disk: std::sync::OnceLock::new(),
+            durability,
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -89,10 +133,10 @@ impl SqliteStore {
         let conn = Connection::open(&self.path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // NORMAL in WAL mode: every commit is atomic and survives a process crash; only a
-        // power loss can roll back the newest commits. The spool raises this to FULL for
-        // its own transactions (see `spool`).
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: each commit fsyncs the WAL before it returns. NORMAL (a setting, see
+        // `Durability`): commits are atomic and survive a process crash, and only a
+        // power loss can roll back the newest of them. The spool always uses FULL.
+        conn.pragma_update(None, "synchronous", self.synchronous())?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Reads through a memory map of the database file instead of read() copies into
         // each connection's own page cache: the pages are the kernel's page cache, shared
@@ -100,6 +144,27 @@ impl SqliteStore {
         // header SEARCH). Address space only; the kernel keeps what is used.
         conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
         Ok(conn)
+    }
+
+    fn synchronous(&self) -> &'static str {
+        match self.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        }
+    }
+
+    /// Tells the disk about a fault. After an I/O error no connection is reused: the
+    /// pool is emptied and every later call opens a fresh connection, which reads the
+    /// database and its WAL from the file again (the "fsyncgate" lesson: after a failed
+    /// write or fsync, what a connection has cached may not be what is on disk).
+    fn note_error(&self, error: &StoreError) {
+        if let Some(disk) = self.disk.get() {
+            disk.record(error);
+        }
+        if error.fault() == Some(crate::Fault::Io) {
+            let dropped = std::mem::take(&mut *self.idle.lock());
+            drop(dropped);
+        }
     }
 
     fn checkout(&self) -> Result<Connection> {
@@ -120,10 +185,11 @@ impl SqliteStore {
     /// Runs `f` with a pooled connection. The connection goes back to the pool only when
     /// `f` succeeded, so a connection left in an odd state by an error is dropped.
     fn with_conn<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
-        let mut conn = self.checkout()?;
+        let mut conn = self.checkout().inspect_err(|e| self.note_error(e))?;
         let result = f(&mut conn);
-        if result.is_ok() {
-            self.checkin(conn);
+        match &result {
+            Ok(_) => self.checkin(conn),
+            Err(e) => self.note_error(e),
         }
         result
     }
@@ -135,32 +201,55 @@ impl SqliteStore {
         caller: &'static str,
         f: impl FnOnce(&mut Connection) -> Result<R>,
     ) -> Result<R> {
-        self.with_conn(|conn| {
-            let turn = self.write_turn.lock();
-            let started = Instant::now();
-            let result = f(conn);
-            let held = started.elapsed();
-            let waited = turn.waited();
-            drop(turn);
-            let labels = vec![("caller".to_string(), caller.to_string())];
-            self.write_stats
-                .waited
-                .get_or_create(&labels)
-                .observe(waited.as_secs_f64());
-            self.write_stats
-                .held
-                .get_or_create(&labels)
-                .observe(held.as_secs_f64());
-            if held > SLOW_WRITE {
-                tracing::warn!(
-                    caller,
-                    held_ms = held.as_millis() as u64,
-                    "a database write held the write turn for {} ms; every other writer waited",
-                    held.as_millis()
-                );
+        // Bookkeeping nobody was promised (claims, retry times, a cache) need not be
+        // fsynced at its own commit: a power loss that undoes it makes a claim
+        // claimable again or a cache be computed again. The next durable commit fsyncs
+        // it along with its own (one WAL).
+        let relaxed = self.durability == Durability::Full && RELAXED_CALLERS.contains(&caller);
+        let mut conn = self.checkout().inspect_err(|e| self.note_error(e))?;
+        if relaxed && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+            let e = e.into();
+            self.note_error(&e);
+            return Err(e);
+        }
+        let turn = self.write_turn.lock();
+        let started = Instant::now();
+        let result = f(&mut conn);
+        let held = started.elapsed();
+        let waited = turn.waited();
+        drop(turn);
+        match &result {
+            Ok(_) => {
+                if let Some(disk) = self.disk.get() {
+                    disk.wrote();
+                }
+                // A connection that cannot be set back to FULL is dropped, not reused
+                // with the wrong setting (the write itself has committed).
+                if !relaxed || conn.pragma_update(None, "synchronous", "FULL").is_ok() {
+                    self.checkin(conn);
+                }
             }
-            result
-        })
+            // A connection left in an odd state by an error is dropped.
+            Err(e) => self.note_error(e),
+        }
+        let labels = vec![("caller".to_string(), caller.to_string())];
+        self.write_stats
+            .waited
+            .get_or_create(&labels)
+            .observe(waited.as_secs_f64());
+        self.write_stats
+            .held
+            .get_or_create(&labels)
+            .observe(held.as_secs_f64());
+        if held > SLOW_WRITE {
+            tracing::warn!(
+                caller,
+                held_ms = held.as_millis() as u64,
+                "a database write held the write turn for {} ms; every other writer waited",
+                held.as_millis()
+            );
+        }
+        result
     }
 
     /// Rings the change bells of these mailboxes (after their change committed). A bell
@@ -420,6 +509,17 @@ fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<
 }
 
 impl MailStore for SqliteStore {
+    fn backup_to(&self, dir: &Path) -> Result<BackupManifest> {
+        SqliteStore::backup_to(self, dir)
+    }
+
+    fn admit_new(&self, bytes: u64) -> std::result::Result<(), crate::NoSpace> {
+        match self.disk.get() {
+            Some(disk) => disk.admit(bytes),
+            None => Ok(()),
+        }
+    }
+
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
@@ -446,7 +546,7 @@ impl MailStore for SqliteStore {
                 tx.commit()?;
                 Ok(ids)
             })();
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "synchronous", self.synchronous())?;
             result
         })
     }

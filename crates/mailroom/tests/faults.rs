@@ -1,0 +1,270 @@
+//! Faults beyond kill -9: a disk that fills up (with the server's own log on it, as is
+//! common) and the free-space reserve. What an operator checks: the server answers
+//! "try again later" (452 4.3.1, NO [LIMIT]) while the disk is full, `/health` names the
+//! disk, nothing that got "250" is lost or doubled, and everything resumes by itself
+//! once there is room again: no restart.
+
+mod common;
+
+use common::process::{Spawn, Tmpfs, wait_until};
+use common::{TestServer, eventually};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What one sender saw.
+#[derive(Default)]
+struct Tally {
+    accepted: Vec<String>,
+    replies: HashMap<String, usize>,
+}
+
+/// Sends 100 KiB messages with lettre until the server has refused `refusals_wanted`
+/// in a row (or the time is up); records every accepted Message-ID and every refusal.
+fn fill(smtp: std::net::SocketAddr, sender: usize, refusals_wanted: usize, tally: &Mutex<Tally>) {
+    use lettre::Transport;
+    let transport = lettre::SmtpTransport::builder_dangerous("127.0.0.1")
+        .port(smtp.port())
+        .timeout(Some(Duration::from_secs(30)))
+        .build();
+    let filler =
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n".repeat(1400);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut refused_in_a_row = 0;
+    let mut n = 0;
+    while refused_in_a_row < refusals_wanted && Instant::now() < deadline {
+        n += 1;
+        let id = format!("fill-{sender}-{n}@example.test");
+        let message = common::message("bob@remote.test", "postmaster@example.test", &id, &filler);
+        let envelope = lettre::address::Envelope::new(
+            Some("bob@remote.test".parse().unwrap()),
+            vec!["postmaster@example.test".parse().unwrap()],
+        )
+        .unwrap();
+        match transport.send_raw(&envelope, message.as_bytes()) {
+            Ok(_) => {
+                refused_in_a_row = 0;
+                tally.lock().unwrap().accepted.push(id);
+            }
+            Err(e) => {
+                refused_in_a_row += 1;
+                let what = match e.status() {
+                    Some(code) => code.to_string(),
+                    None => format!("no reply: {e}"),
+                };
+                *tally.lock().unwrap().replies.entry(what).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
+    let Some(disk) = Tmpfs::mount(48) else {
+        return;
+    };
+    // Room to give back later, as an operator deleting old logs would.
+    let ballast = disk.path().join("ballast");
+    std::fs::write(&ballast, vec![1u8; 8 << 20]).unwrap();
+    // No reserve: the database meets the wall mid-transaction (the worst case; the
+    // reserve's own test is below), and the log, on the same filesystem, cannot be
+    // written either.
+    let server = Spawn {
+        data: disk.path().join("data"),
+        config: Some("[storage]\nfree_space_reserve_bytes = 0\n".into()),
+        log: Some(disk.path().join("mailroom.log")),
+        env: vec![("MAILROOM_LOG".into(), "info,mailroom_smtp=debug".into())],
+        ..Spawn::default()
+    }
+    .start();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let senders: Vec<_> = (0..4)
+        .map(|sender| {
+            let (tally, smtp) = (tally.clone(), server.smtp);
+            std::thread::spawn(move || fill(smtp, sender, 5, &tally))
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let full = {
+        let tally = tally.lock().unwrap();
+        assert!(
+            tally.accepted.len() > 50,
+            "the disk took {} messages before it filled",
+            tally.accepted.len()
+        );
+        // Every refusal is "insufficient system storage, try later", never a hang, a
+        // dropped connection or a permanent error.
+        let other: Vec<_> = tally.replies.keys().filter(|k| *k != "452").collect();
+        assert!(other.is_empty(), "replies while full: {:?}", tally.replies);
+        assert!(tally.replies.get("452").copied().unwrap_or(0) >= 20);
+        tally.accepted.len()
+    };
+    // The watchdog publishes its verdict at its next check.
+    let mut health = serde_json::Value::Null;
+    let red = wait_until(Duration::from_secs(10), || {
+        health = server.health();
+        health["status"] == "unhealthy"
+    });
+    assert!(red, "{health:#}");
+    let conditions = health["conditions"].as_array().unwrap();
+    let detail = conditions
+        .iter()
+        .find(|c| c["condition"] == "disk")
+        .unwrap_or_else(|| panic!("the disk is named: {health:#}"))["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains(disk.path().to_str().unwrap()), "{detail}");
+    assert!(detail.contains("free"), "{detail}");
+    assert!(
+        server.metric("mailroom_storage_faults_total", "disk_full") > 0.0
+            || server.metric("mailroom_disk_refusals_total", "") > 0.0,
+        "{}",
+        server.metrics()
+    );
+    // No thread died along the way.
+    let dead: Vec<_> = health["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["died"] == true)
+        .collect();
+    assert!(dead.is_empty(), "{dead:?}");
+
+    // Space returns: no restart, no operator action beyond freeing it.
+    std::fs::remove_file(&ballast).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || server.health()["status"]
+            == "ok"),
+        "health stays red after space returned: {:#}",
+        server.health()
+    );
+    let after = Mutex::new(Tally::default());
+    for sender in 0..5 {
+        fill_one(server.smtp, sender, &after);
+    }
+    let after = after.into_inner().unwrap();
+    assert_eq!(
+        after.accepted.len(),
+        5,
+        "refused after recovery: {:?}",
+        after.replies
+    );
+
+    // Every message that got "250" is in the mailbox exactly once.
+    let mut expected: Vec<String> = tally.lock().unwrap().accepted.clone();
+    expected.extend(after.accepted.iter().cloned());
+    let client = server.client();
+    let mut listing: Vec<serde_json::Value> = Vec::new();
+    let delivered = wait_until(Duration::from_secs(60), || {
+        listing = client
+            .get("/mailboxes/postmaster%40example.test/messages")
+            .unwrap_or_default();
+        listing.len() >= expected.len()
+    });
+    let mut ids: Vec<String> = listing
+        .iter()
+        .filter_map(|m| m["message_id"].as_str())
+        .map(|id| id.trim_matches(['<', '>']).to_string())
+        .filter(|id| id.starts_with("fill-"))
+        .collect();
+    ids.sort();
+    expected.sort();
+    assert!(delivered, "{} of {} delivered", ids.len(), expected.len());
+    assert_eq!(ids, expected, "{full} accepted while filling");
+}
+
+/// One message; records the outcome.
+fn fill_one(smtp: std::net::SocketAddr, n: usize, tally: &Mutex<Tally>) {
+    use lettre::Transport;
+    let transport = lettre::SmtpTransport::builder_dangerous("127.0.0.1")
+        .port(smtp.port())
+        .build();
+    let id = format!("fill-after-{n}@example.test");
+    let message = common::message("bob@remote.test", "postmaster@example.test", &id, "after");
+    let envelope = lettre::address::Envelope::new(
+        Some("bob@remote.test".parse().unwrap()),
+        vec!["postmaster@example.test".parse().unwrap()],
+    )
+    .unwrap();
+    match transport.send_raw(&envelope, message.as_bytes()) {
+        Ok(_) => tally.lock().unwrap().accepted.push(id),
+        Err(e) => {
+            *tally
+                .lock()
+                .unwrap()
+                .replies
+                .entry(format!("{:?}", e.status()))
+                .or_default() += 1
+        }
+    }
+}
+
+/// Below the reserve, new mail is refused before the client sends it (452 4.3.1 at
+/// MAIL, as Postfix does), APPEND says NO [LIMIT], and `/health` names the disk and its
+/// free space; reading mail goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_reserve_new_mail_is_refused_and_health_names_the_disk() {
+    let server = TestServer::start_with(
+        |config| config.storage.free_space_reserve_bytes = u64::MAX / 4,
+        mailroom::ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("alice@example.test", "secret-pw-1", serde_json::json!({}))
+        .await;
+    let smtp = server.smtp();
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut raw = common::RawSmtp::connect(smtp);
+        raw.send(b"EHLO client.test\r\n");
+        raw.reply();
+        raw.send(b"MAIL FROM:<bob@remote.test> SIZE=1000\r\n");
+        raw.reply()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("452 4.3.1 "), "{reply}");
+    assert!(reply.contains("below the reserve"), "{reply}");
+
+    let stream = tokio::net::TcpStream::connect(server.server.imap_addr)
+        .await
+        .unwrap();
+    let mut client = async_imap::Client::new(stream);
+    client.read_response().await.unwrap().unwrap();
+    let mut session = client
+        .login("alice@example.test", "secret-pw-1")
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let appended = session
+        .append("INBOX", None, None, b"Subject: hi\r\n\r\nbody\r\n")
+        .await;
+    let error = appended.expect_err("APPEND is refused").to_string();
+    assert!(error.contains("[LIMIT]"), "{error}");
+    session.select("INBOX").await.expect("reading goes on");
+
+    let health_url = format!("http://{}/health", server.server.admin_addr);
+    let red = eventually(Duration::from_secs(10), async || {
+        let url = health_url.clone();
+        let health: serde_json::Value = tokio::task::spawn_blocking(move || {
+            match ureq::get(&url).call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{e}"),
+            }
+            .into_json()
+            .unwrap()
+        })
+        .await
+        .unwrap();
+        health["status"] == "unhealthy"
+            && health["conditions"][0]["condition"] == "disk"
+            && health["conditions"][0]["detail"].as_str().is_some_and(|d| {
+                d.contains("free") && d.contains(server.dir.path().to_str().unwrap())
+            })
+    })
+    .await;
+    assert!(red, "/health names the disk");
+}
