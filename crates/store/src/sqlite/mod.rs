@@ -50,6 +50,9 @@ pub struct SqliteStore {
     disk: std::sync::OnceLock<Arc<crate::Disk>>,
     /// How every write transaction commits (see [`Durability`]).
     durability: Durability,
+    /// Set by an I/O error: no write runs until a checkpoint has rewritten the database
+    /// from what SQLite considers committed and truncated the WAL (see `recover`).
+    recovering: std::sync::atomic::AtomicBool,
 }
 
 /// When a write's commit reaches the disk. The spool always commits with `Full`
@@ -87,6 +90,14 @@ impl Default for WriteStats {
 /// a larger database reads the rest with read()).
 const MMAP_SIZE: i64 = 1 << 30;
 
+/// An error that counts as an I/O fault ([`crate::Fault::Io`]).
+fn io_fault(why: &str) -> StoreError {
+    StoreError::Database(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(why.to_string()),
+    ))
+}
+
 /// Writers whose commits need not be fsynced at once even with [`Durability::Full`]:
 /// nothing was promised to anyone on their strength.
 const RELAXED_CALLERS: &[&str] = &["claim", "claim outbound", "release", "defer", "imap-cache"];
@@ -122,6 +133,7 @@ impl SqliteStore {
             bells: RankedMutex::new(92, "mailbox change bells", HashMap::new()),
             disk: std::sync::OnceLock::new(),
             durability,
+            recovering: std::sync::atomic::AtomicBool::new(false),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -162,9 +174,43 @@ impl SqliteStore {
             disk.record(error);
         }
         if error.fault() == Some(crate::Fault::Io) {
+            self.recovering
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             let dropped = std::mem::take(&mut *self.idle.lock());
             drop(dropped);
         }
+    }
+
+    /// After an I/O error, before any other write: checkpoint the whole WAL into the
+    /// database file, fsync it, and truncate the WAL (`wal_checkpoint(TRUNCATE)`).
+    ///
+    /// Why: after a failed write or fsync the kernel may have dropped the WAL pages it
+    /// could not write while still serving them from its cache (PostgreSQL's
+    /// "fsyncgate"), and SQLite may even keep the failed commit visible. Carrying on
+    /// would build new commits on pages that may never reach the disk, and a power loss
+    /// would then take acknowledged mail with them. The checkpoint writes every page
+    /// afresh into the database file and only succeeds once that file is fsynced; the
+    /// WAL starts over empty. Until it succeeds every write fails as an I/O fault (SMTP
+    /// 451, conversion waits), so nothing is acknowledged on top of doubtful pages.
+    fn recover(&self, conn: &Connection) -> Result<()> {
+        let (busy, _log, _done): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        if busy != 0 {
+            return Err(io_fault(
+                "recovering from an I/O error: the checkpoint could not complete yet",
+            ));
+        }
+        self.recovering
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(disk) = self.disk.get() {
+            disk.wrote();
+        }
+        tracing::warn!(
+            "recovered from the storage I/O error: the database was rewritten from its WAL, fsynced, and the WAL truncated"
+        );
+        Ok(())
     }
 
     fn checkout(&self) -> Result<Connection> {
@@ -214,7 +260,11 @@ impl SqliteStore {
         }
         let turn = self.write_turn.lock();
         let started = Instant::now();
-        let result = f(&mut conn);
+        let result = if self.recovering.load(std::sync::atomic::Ordering::SeqCst) {
+            self.recover(&conn).and_then(|()| f(&mut conn))
+        } else {
+            f(&mut conn)
+        };
         let held = started.elapsed();
         let waited = turn.waited();
         drop(turn);
