@@ -125,6 +125,33 @@ const MIGRATIONS: &[&str] = &[
 /// The newest schema version this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// Version 4 was edited twice after builds that wrote it had shipped (the upgrade
+/// fixtures `schema-4a` and `schema-4b` hold such databases): the first lacked
+/// `messages.trace` and `blob_imap`, the second only `blob_imap`. Databases at version 4
+/// or later get what they lack, idempotently, in one transaction. (The rule in the
+/// module comment exists because of this: never edit a shipped migration.)
+fn repair_version_4(conn: &mut Connection) -> Result<()> {
+    let has_trace = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'trace'")?
+        .exists([])?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+    if !has_trace {
+        // Written before IMAP APPEND existed: every message came by delivery (trace 1).
+        tx.execute_batch("ALTER TABLE messages ADD COLUMN trace INTEGER NOT NULL DEFAULT 1;")?;
+        tracing::info!("repaired schema version 4: added messages.trace");
+    }
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS blob_imap (
+            blob_id INTEGER PRIMARY KEY REFERENCES blobs(id) ON DELETE CASCADE,
+            envelope BLOB NOT NULL,
+            bodystructure BLOB NOT NULL,
+            body BLOB NOT NULL
+        );",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Brings the database to [`SCHEMA_VERSION`], one transaction per step.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -133,6 +160,9 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
             found: current,
             supported: SCHEMA_VERSION,
         });
+    }
+    if current >= 4 {
+        repair_version_4(conn)?;
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = index as i64 + 1;
