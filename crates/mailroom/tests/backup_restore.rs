@@ -35,43 +35,17 @@ async fn login(imap: SocketAddr, user: &str) -> Session<TcpStream> {
 type Contents = BTreeMap<String, BTreeMap<u32, (Vec<String>, Vec<u8>)>>;
 
 async fn contents(imap: SocketAddr, user: &str) -> Contents {
-    let mut session = login(imap, user).await;
-    let names: Vec<String> = session
-        .list(Some(""), Some("*"))
+    common::imap_folders(imap, user, PASSWORD, true)
         .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .iter()
-        .map(|n| n.name().to_string())
-        .collect();
-    let mut all = Contents::new();
-    for name in names {
-        let mailbox = session.examine(&name).await.unwrap();
-        let mut messages = BTreeMap::new();
-        if mailbox.exists > 0 {
-            let fetched: Vec<_> = session
-                .uid_fetch("1:*", "(UID FLAGS BODY.PEEK[])")
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
-            for f in fetched {
-                let mut flags: Vec<String> = f
-                    .flags()
-                    .map(|flag| format!("{flag:?}"))
-                    .filter(|flag| !flag.contains("Recent"))
-                    .collect();
-                flags.sort();
-                messages.insert(f.uid.unwrap(), (flags, f.body().unwrap().to_vec()));
-            }
-        }
-        all.insert(name, messages);
-    }
-    session.logout().await.unwrap();
-    all
+        .into_iter()
+        .map(|(folder, messages)| {
+            let messages = messages
+                .into_iter()
+                .map(|m| (m.uid, (m.flags, m.body.unwrap_or_default())))
+                .collect();
+            (folder, messages)
+        })
+        .collect()
 }
 
 fn message_id_of(bytes: &[u8]) -> Option<String> {

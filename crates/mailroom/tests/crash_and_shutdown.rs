@@ -4,72 +4,22 @@
 
 mod common;
 
+use common::process::{Process, Spawn};
+
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use mailroom::client::AdminClient;
 use mailroom_store::MessageSummary;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Process {
-    child: Child,
-    smtp: SocketAddr,
-    /// Lines printed on stdout after start-up, collected by a thread.
-    rest: Arc<Mutex<Vec<String>>>,
-}
-
-/// Starts `mailroom serve` on `data` with ephemeral ports and reads the SMTP address it
-/// prints.
+/// Starts `mailroom serve` on `data` with ephemeral ports.
 fn start(data: &Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args([
-            "serve",
-            "--domain",
-            "example.test",
-            "--smtp",
-            "127.0.0.1:0",
-            "--imap",
-            "127.0.0.1:0",
-            "--pop3",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data)
-        .env("MAILROOM_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut smtp = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(addr) = line.trim().strip_prefix("SMTP:") {
-            smtp = Some(addr.trim().parse().unwrap());
-        }
-        if line.contains("admin API:") {
-            break;
-        }
-    }
-    let rest = Arc::new(Mutex::new(Vec::new()));
-    let sink = rest.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    Process {
-        child,
-        smtp: smtp.expect("the binary printed its SMTP address"),
-        rest,
-    }
+    Spawn::at(data, "warn").start()
 }
 
 fn client(data: &Path) -> AdminClient {

@@ -10,9 +10,11 @@
 //! `MAILROOM_TEST_BIN` runs the battery against another build (the release binary, as
 //! docs/security.md reports); by default it is the binary of this test build.
 
+mod common;
+
+use common::process::{Process, Spawn};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Peak anonymous resident memory (heap and stacks) the whole battery may add to the
@@ -22,74 +24,35 @@ use std::time::{Duration, Instant};
 /// 1 GiB) are the kernel's page cache, reported but not bounded here.
 const PEAK_GROWTH_MAX_KIB: u64 = 256 * 1024;
 
+/// The server process and its data folder.
 struct Server {
-    child: Child,
-    smtp: SocketAddr,
-    imap: SocketAddr,
-    pop3: SocketAddr,
+    process: Process,
     password: String,
     _data: tempfile::TempDir,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Server {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 
 fn start() -> Server {
     let data = tempfile::tempdir().unwrap();
-    let binary = std::env::var("MAILROOM_TEST_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mailroom").into());
-    let mut child = Command::new(binary)
-        .args([
-            "serve",
-            "--domain",
-            "example.test",
-            "--smtp",
-            "127.0.0.1:0",
-            "--imap",
-            "127.0.0.1:0",
-            "--pop3",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data.path().join("data"))
-        .env("MAILROOM_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut smtp, mut imap, mut pop3, mut password) = (None, None, None, None);
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.trim()
-                .strip_prefix(name)
-                .map(|a| a.trim().parse().unwrap())
-        };
-        smtp = smtp.or(field("SMTP:"));
-        imap = imap.or(field("IMAP:"));
-        pop3 = pop3.or(field("POP3:"));
-        if let Some(rest) = line.split("with password ").nth(1) {
-            password = rest.split_whitespace().next().map(str::to_string);
-        }
-        if password.is_some() {
-            break;
-        }
-    }
-    // Keep reading stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let process = Spawn::at(&data.path().join("data"), "error").start();
     Server {
-        child,
-        smtp: smtp.expect("SMTP address printed"),
-        imap: imap.expect("IMAP address printed"),
-        pop3: pop3.expect("POP3 address printed"),
-        password: password.expect("postmaster password printed"),
+        password: process
+            .password
+            .clone()
+            .expect("postmaster password printed"),
+        process,
         _data: data,
     }
 }

@@ -8,7 +8,6 @@
 mod common;
 
 use common::test_config;
-use futures_util::TryStreamExt;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -29,66 +28,17 @@ async fn folders(
     user: &str,
     password: &str,
 ) -> BTreeMap<String, Vec<(String, Vec<String>)>> {
-    let stream = tokio::net::TcpStream::connect(imap).await.unwrap();
-    let mut client = async_imap::Client::new(stream);
-    client.read_response().await.unwrap().unwrap();
-    let mut session = client
-        .login(user, password)
+    common::imap_folders(imap, user, password, false)
         .await
-        .map_err(|(e, _)| e)
-        .expect("the password set by the earlier version still works");
-    let names: Vec<String> = session
-        .list(Some(""), Some("*"))
-        .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .iter()
-        .map(|n| n.name().to_string())
-        .collect();
-    let mut all = BTreeMap::new();
-    for name in names {
-        let mailbox = session.examine(&name).await.unwrap();
-        let mut messages = Vec::new();
-        if mailbox.exists > 0 {
-            let fetched: Vec<_> = session
-                .fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
-            for f in fetched {
-                let header = String::from_utf8_lossy(f.header().unwrap_or_default()).to_string();
-                let id = header
-                    .split('<')
-                    .nth(1)
-                    .and_then(|r| r.split('>').next())
-                    .unwrap_or_default()
-                    .to_string();
-                let mut flags: Vec<String> = f
-                    .flags()
-                    .map(|flag| match flag {
-                        async_imap::types::Flag::Seen => "\\Seen".to_string(),
-                        async_imap::types::Flag::Answered => "\\Answered".to_string(),
-                        async_imap::types::Flag::Flagged => "\\Flagged".to_string(),
-                        async_imap::types::Flag::Deleted => "\\Deleted".to_string(),
-                        async_imap::types::Flag::Draft => "\\Draft".to_string(),
-                        async_imap::types::Flag::Recent => "\\Recent".to_string(),
-                        async_imap::types::Flag::MayCreate => "\\*".to_string(),
-                        async_imap::types::Flag::Custom(c) => c.to_string(),
-                    })
-                    .filter(|f| f != "\\Recent")
-                    .collect();
-                flags.sort();
-                messages.push((id, flags));
-            }
-        }
-        all.insert(name, messages);
-    }
-    session.logout().await.unwrap();
-    all
+        .into_iter()
+        .map(|(folder, messages)| {
+            let messages = messages
+                .into_iter()
+                .map(|m| (m.message_id, m.flags))
+                .collect();
+            (folder, messages)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

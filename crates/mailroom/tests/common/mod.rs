@@ -271,3 +271,115 @@ pub fn message(from: &str, to: &str, id: &str, body: &str) -> String {
 Date: Sat, 28 Nov 2026 10:00:00 +0000\r\n\r\n{body}\r\n"
     )
 }
+
+/// One message as an IMAP client sees it (see [`imap_folders`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fetched {
+    pub uid: u32,
+    /// Sorted, `\Recent` left out (it belongs to the session, not the message).
+    pub flags: Vec<String>,
+    /// Without the angle brackets; empty when the header is missing.
+    pub message_id: String,
+    /// The whole message (`BODY.PEEK[]`), when asked for.
+    pub body: Option<Vec<u8>>,
+}
+
+/// Every folder of `user` and what it holds, read with async-imap (a client we did not
+/// write): what the backup, upgrade and power-loss tests compare.
+pub async fn imap_folders(
+    imap: SocketAddr,
+    user: &str,
+    password: &str,
+    bodies: bool,
+) -> std::collections::BTreeMap<String, Vec<Fetched>> {
+    use futures_util::TryStreamExt;
+    let stream = tokio::net::TcpStream::connect(imap).await.unwrap();
+    let mut client = async_imap::Client::new(stream);
+    client.read_response().await.unwrap().unwrap();
+    let mut session = client
+        .login(user, password)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("IMAP login");
+    let names: Vec<String> = session
+        .list(Some(""), Some("*"))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.name().to_string())
+        .collect();
+    let items = if bodies {
+        "(UID FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)] BODY.PEEK[])"
+    } else {
+        "(UID FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"
+    };
+    let mut all = std::collections::BTreeMap::new();
+    for name in names {
+        let mailbox = session.examine(&name).await.unwrap();
+        let mut messages = Vec::new();
+        if mailbox.exists > 0 {
+            let fetched: Vec<_> = session
+                .uid_fetch("1:*", items)
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            for f in fetched {
+                let body = bodies.then(|| f.body().unwrap_or_default().to_vec());
+                let mut header =
+                    String::from_utf8_lossy(f.header().unwrap_or_default()).to_string();
+                if header.is_empty()
+                    && let Some(body) = &body
+                {
+                    let text = String::from_utf8_lossy(body);
+                    header = text
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+                        .unwrap_or_default()
+                        .to_string();
+                }
+                let message_id = header
+                    .split('<')
+                    .nth(1)
+                    .and_then(|r| r.split('>').next())
+                    .unwrap_or_default()
+                    .to_string();
+                let mut flags: Vec<String> = f
+                    .flags()
+                    .filter(|flag| !matches!(flag, async_imap::types::Flag::Recent))
+                    .map(|flag| flag_name(&flag))
+                    .collect();
+                flags.sort();
+                messages.push(Fetched {
+                    uid: f.uid.unwrap(),
+                    flags,
+                    message_id,
+                    body,
+                });
+            }
+        }
+        messages.sort_by_key(|m| m.uid);
+        all.insert(name, messages);
+    }
+    let _ = session.logout().await;
+    all
+}
+
+/// A flag as it is written on the wire.
+pub fn flag_name(flag: &async_imap::types::Flag<'_>) -> String {
+    use async_imap::types::Flag;
+    match flag {
+        Flag::Seen => "\\Seen".into(),
+        Flag::Answered => "\\Answered".into(),
+        Flag::Flagged => "\\Flagged".into(),
+        Flag::Deleted => "\\Deleted".into(),
+        Flag::Draft => "\\Draft".into(),
+        Flag::Recent => "\\Recent".into(),
+        Flag::MayCreate => "\\*".into(),
+        Flag::Custom(c) => c.to_string(),
+    }
+}

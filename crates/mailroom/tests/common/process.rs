@@ -34,6 +34,8 @@ pub struct Process {
     /// The postmaster's password, printed at the first start only.
     pub password: Option<String>,
     pub data: PathBuf,
+    /// Lines printed on stdout after start-up (shutdown messages), collected by a thread.
+    pub rest: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Process {
@@ -49,6 +51,15 @@ pub fn binary() -> String {
 }
 
 impl Spawn {
+    /// `mailroom serve` on `data` with ephemeral ports and log level `log`.
+    pub fn at(data: &Path, log: &str) -> Spawn {
+        Spawn {
+            data: data.to_path_buf(),
+            env: vec![("MAILROOM_LOG".into(), log.into())],
+            ..Spawn::default()
+        }
+    }
+
     /// Starts the server and waits until it prints its addresses.
     pub fn start(&self) -> Process {
         let mut args: Vec<String> = self.wrapper.clone();
@@ -122,7 +133,13 @@ impl Spawn {
             }
         }
         // Keep reading stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        let rest = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = rest.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Process {
             child,
             smtp: smtp.expect("SMTP address printed"),
@@ -131,6 +148,7 @@ impl Spawn {
             admin: admin.expect("admin address printed"),
             password,
             data: self.data.clone(),
+            rest,
         }
     }
 }
