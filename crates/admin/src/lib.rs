@@ -141,7 +141,18 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(internal)?
-        .map_err(internal)
+        .map_err(store_error)
+}
+
+/// A store error as an HTTP answer: a storage fault is the server's temporary
+/// condition (507 for a full disk, 503 for an I/O error), not a bug.
+fn store_error(e: mailroom_store::StoreError) -> ApiError {
+    let status = match e.fault() {
+        Some(mailroom_store::Fault::DiskFull) => StatusCode::INSUFFICIENT_STORAGE,
+        Some(mailroom_store::Fault::Io) => StatusCode::SERVICE_UNAVAILABLE,
+        None => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, e.to_string())
 }
 
 fn now_ms() -> i64 {
