@@ -414,3 +414,38 @@ fn failed_writes_and_fsyncs_are_never_acknowledged_and_the_store_recovers() {
         "after kill -9 and restart: acknowledged {acknowledged:?}, delivered {ids:?}"
     );
 }
+
+/// A log nobody reads (stderr a pipe whose reader hangs, as with a stuck log shipper)
+/// must not stop the mail: the pipe fills after 64 KiB, and before the log went
+/// through a lossy buffer of its own every thread that logged then blocked in write(),
+/// sessions and the spool writer included.
+#[test]
+fn a_log_nobody_reads_does_not_stop_the_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Spawn {
+        data: dir.path().join("data"),
+        env: vec![("MAILROOM_LOG".into(), "debug".into())],
+        log_unread: true,
+        ..Spawn::default()
+    }
+    .start();
+    // Debug logging writes several lines per message: far more than the pipe holds.
+    let mut sent = Vec::new();
+    for n in 0..300 {
+        let (id, code) = send_small(server.smtp, &format!("unread-log-{n}"), 1).remove(0);
+        assert_eq!(code, "250", "message {n} of 300 ({id}): the server stopped");
+        sent.push((id, code));
+    }
+    let ids = |s: &common::process::Process| inbox_ids(s);
+    let mut delivered = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            delivered = ids(&server);
+            sent.iter().all(|(id, _)| delivered.contains(id))
+        }),
+        "{} of {} delivered",
+        delivered.len(),
+        sent.len()
+    );
+    assert_eq!(server.health()["status"], "ok");
+}

@@ -18,6 +18,8 @@ pub struct Spawn {
     pub config: Option<String>,
     /// Where the server's log (stderr) goes; `None`: inherited.
     pub log: Option<PathBuf>,
+    /// Connect stderr to a pipe nobody reads (it fills after 64 KiB).
+    pub log_unread: bool,
     /// Extra environment.
     pub env: Vec<(String, String)>,
     /// A command to run the binary under (`fiu-run -x ...`).
@@ -91,6 +93,9 @@ impl Spawn {
         let mut command = Command::new(&args[0]);
         command.args(&args[1..]).stdout(Stdio::piped());
         match &self.log {
+            _ if self.log_unread => {
+                command.stderr(Stdio::piped());
+            }
             Some(path) => {
                 let file = std::fs::OpenOptions::new()
                     .create(true)
