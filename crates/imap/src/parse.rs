@@ -19,16 +19,19 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
-/// A sequence set element: numbers, with `u32::MAX` standing for `*`.
+/// A sequence set element: numbers (1 to 4294967295, RFC 9051 `nz-number`), with
+/// [`STAR`] standing for `*`. Wider than u32 so that `*` (the largest number in use)
+/// and 4294967295 (a number no message has yet) stay apart: `UID 5000:4294967295`
+/// matches nothing in a mailbox whose last UID is 4000, `UID 5000:*` its last message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range(pub u32, pub u32);
+pub struct Range(pub u64, pub u64);
 
 /// A sequence set (`1:3,7,9:*`) or `$` (the saved search result, RFC 5182: unsupported
 /// and refused).
 pub type SequenceSet = Vec<Range>;
 
 /// `*` in a sequence set.
-pub const STAR: u32 = u32::MAX;
+pub const STAR: u64 = u64::MAX;
 
 /// A section of a message (RFC 9051 6.4.5 `section-spec`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -503,8 +506,8 @@ impl<'a> Cursor<'a> {
 
     fn nz_number(&mut self) -> Result<u32> {
         match self.number()? {
-            n @ 1..=0xFFFF_FFFE => Ok(n as u32),
-            _ => Err("numbers must be between 1 and 4294967294".into()),
+            n @ 1..=0xFFFF_FFFF => Ok(n as u32),
+            _ => Err("numbers must be between 1 and 4294967295".into()),
         }
     }
 
@@ -566,26 +569,33 @@ impl<'a> Cursor<'a> {
 
     /// atom, or ASTRING-CHAR run (atoms may contain `]`), or string.
     fn astring(&mut self) -> Result<String> {
-        match self.peek() {
-            Some(b'"') | Some(b'{') | Some(b'~') => {
-                Ok(String::from_utf8_lossy(&self.string()?).into_owned())
-            }
-            _ => {
-                // Lenient: 8-bit bytes in an atom are taken as UTF-8 (clients that
-                // enabled UTF8=ACCEPT or speak IMAP4rev2 send them unquoted).
-                let atom = self.take_while(|b| is_atom_char(b) || b == b']' || b >= 0x80);
-                if atom.is_empty() {
-                    return Err(format!("expected a string at offset {}", self.at));
-                }
-                Ok(String::from_utf8_lossy(atom).into_owned())
-            }
+        if self.at_string() {
+            return Ok(String::from_utf8_lossy(&self.string()?).into_owned());
         }
+        // Lenient: 8-bit bytes in an atom are taken as UTF-8 (clients that enabled
+        // UTF8=ACCEPT or speak IMAP4rev2 send them unquoted).
+        let atom = self.take_while(|b| is_atom_char(b) || b == b']' || b >= 0x80);
+        if atom.is_empty() {
+            return Err(format!("expected a string at offset {}", self.at));
+        }
+        Ok(String::from_utf8_lossy(atom).into_owned())
     }
 
     fn astring_bytes(&mut self) -> Result<Vec<u8>> {
+        if self.at_string() {
+            self.string()
+        } else {
+            Ok(self.astring()?.into_bytes())
+        }
+    }
+
+    /// A quoted string or a literal starts here. `~` is an ATOM-CHAR: it starts a
+    /// literal8 only when `{` follows (`LIST "" ~foo` names the folder `~foo`).
+    fn at_string(&self) -> bool {
         match self.peek() {
-            Some(b'"') | Some(b'{') | Some(b'~') => self.string(),
-            _ => Ok(self.astring()?.into_bytes()),
+            Some(b'"') | Some(b'{') => true,
+            Some(b'~') => self.input.get(self.at + 1) == Some(&b'{'),
+            _ => false,
         }
     }
 
@@ -601,25 +611,21 @@ impl<'a> Cursor<'a> {
 
     /// list-mailbox: atom chars plus `%`, `*`, `]`, or a string.
     fn list_mailbox(&mut self) -> Result<String> {
-        match self.peek() {
-            Some(b'"') | Some(b'{') | Some(b'~') => {
-                Ok(String::from_utf8_lossy(&self.string()?).into_owned())
-            }
-            _ => {
-                let atom = self.take_while(|b| is_atom_char(b) || matches!(b, b'%' | b'*' | b']'));
-                if atom.is_empty() {
-                    return Err("expected a mailbox pattern".into());
-                }
-                Ok(String::from_utf8_lossy(atom).into_owned())
-            }
+        if self.at_string() {
+            return Ok(String::from_utf8_lossy(&self.string()?).into_owned());
         }
+        let atom = self.take_while(|b| is_atom_char(b) || matches!(b, b'%' | b'*' | b']'));
+        if atom.is_empty() {
+            return Err("expected a mailbox pattern".into());
+        }
+        Ok(String::from_utf8_lossy(atom).into_owned())
     }
 
-    fn seq_number(&mut self) -> Result<u32> {
+    fn seq_number(&mut self) -> Result<u64> {
         if self.eat(b'*') {
             Ok(STAR)
         } else {
-            self.nz_number()
+            self.nz_number().map(u64::from)
         }
     }
 

@@ -109,9 +109,10 @@ pub fn uses_modseq(key: &SearchKey) -> bool {
 
 /// Whether `n` is in `set`, with `*` meaning `max`.
 pub fn in_set(set: &[Range], n: u32, max: u32) -> bool {
+    let n = u64::from(n);
     set.iter().any(|Range(a, b)| {
-        let a = if *a == STAR { max } else { *a };
-        let b = if *b == STAR { max } else { *b };
+        let a = if *a == STAR { u64::from(max) } else { *a };
+        let b = if *b == STAR { u64::from(max) } else { *b };
         (a.min(b)..=a.max(b)).contains(&n)
     })
 }

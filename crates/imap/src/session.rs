@@ -48,9 +48,47 @@ struct View {
     name: String,
     read_only: bool,
     messages: Vec<MessageState>,
+    /// Keywords announced in FLAGS and PERMANENTFLAGS (RFC 9051 7.3.5: every keyword in
+    /// use, and a new FLAGS before a FETCH shows one the client has not been told of).
+    keywords: std::collections::BTreeSet<String>,
 }
 
+/// The system flags every folder has.
+const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
+
 impl View {
+    /// FLAGS and PERMANENTFLAGS as they stand.
+    fn flags_lines(&self, out: &mut Vec<u8>) {
+        let mut all = String::from(SYSTEM_FLAGS);
+        for keyword in &self.keywords {
+            all.push(' ');
+            all.push_str(keyword);
+        }
+        out.extend_from_slice(format!("* FLAGS ({all})\r\n").as_bytes());
+        if self.read_only {
+            out.extend_from_slice(b"* OK [PERMANENTFLAGS ()] read-only\r\n");
+        } else {
+            out.extend_from_slice(
+                format!("* OK [PERMANENTFLAGS ({all} \\*)] flags allowed\r\n").as_bytes(),
+            );
+        }
+    }
+
+    /// Announces (FLAGS, PERMANENTFLAGS) any keyword of `flags` the client has not
+    /// been told of; call before writing a response that shows `flags`.
+    fn announce_keywords(&mut self, flags: &[String], out: &mut Vec<u8>) {
+        let mut new = false;
+        for flag in flags.iter().filter(|f| !f.starts_with('\\')) {
+            if !self.keywords.contains(flag) {
+                self.keywords.insert(flag.clone());
+                new = true;
+            }
+        }
+        if new {
+            self.flags_lines(out);
+        }
+    }
+
     fn max_uid(&self) -> u32 {
         self.messages.last().map_or(0, |m| m.uid)
     }
@@ -335,8 +373,7 @@ impl Session {
                     None => return Ok(SessionEnd::Closed),
                 },
                 CommandKind::Authenticate(mechanism, initial) => {
-                    self.authenticate(conn, &mechanism, initial, &mut out)
-                        .await?
+                    self.authenticate(conn, &mechanism, initial).await?
                 }
                 kind => {
                     let mut output = conn.output(std::mem::take(&mut out));
@@ -365,7 +402,6 @@ impl Session {
         conn: &mut Connection<S>,
         mechanism: &str,
         initial: Option<Vec<u8>>,
-        out: &mut Vec<u8>,
     ) -> std::io::Result<Outcome> {
         if self.user.is_some() {
             return Ok(bad("already authenticated"));
@@ -428,10 +464,10 @@ impl Session {
             ));
         }
         let password = String::from_utf8_lossy(password).into_owned();
-        Ok(self.login(user, password, out).await)
+        Ok(self.login(user, password).await)
     }
 
-    async fn login(&mut self, user: String, password: String, out: &mut Vec<u8>) -> Outcome {
+    async fn login(&mut self, user: String, password: String) -> Outcome {
         if self.user.is_some() {
             return bad("already authenticated");
         }
@@ -494,8 +530,10 @@ impl Session {
         self.bell = Some(server.store.watch_mailbox(recipient));
         tracing::debug!(client = %self.peer, user, "IMAP login");
         self.user = Some(User { recipient });
-        out.extend_from_slice(format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes());
-        ok("[CAPABILITY] logged in")
+        // The capabilities change at login (AUTH= and LOGINDISABLED go): the tagged OK
+        // carries the new list, as RFC 9051 6.2.3 invites; a client that reads the code
+        // need not ask again.
+        ok(format!("[CAPABILITY {}] logged in", self.capabilities()))
     }
 
     fn recipient(&self) -> Result<RecipientId, (String, String)> {
@@ -522,7 +560,7 @@ impl Session {
                 out.extend_from_slice(b"* ID (\"name\" \"Mailroom\" \"vendor\" \"Mailroom\")\r\n");
                 ok("ID completed")
             }
-            CommandKind::Login(user, password) => self.login(user, password, out).await,
+            CommandKind::Login(user, password) => self.login(user, password).await,
             CommandKind::Logout | CommandKind::Idle | CommandKind::Authenticate(..) => {
                 unreachable!("handled by the caller")
             }
@@ -595,16 +633,19 @@ impl Session {
                 if !self.enabled.contains("IMAP4REV2") {
                     out.extend_from_slice(b"* 0 RECENT\r\n");
                 }
-                out.extend_from_slice(
-                    b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n",
-                );
-                out.extend_from_slice(
-                    if read_only {
-                        b"* OK [PERMANENTFLAGS ()] read-only\r\n".as_slice()
-                    } else {
-                        b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] flags allowed\r\n".as_slice()
-                    },
-                );
+                let keywords = messages
+                    .iter()
+                    .flat_map(|m| m.flags.iter())
+                    .filter(|f| !f.starts_with('\\'))
+                    .cloned()
+                    .collect();
+                let view = View {
+                    name: String::new(),
+                    read_only,
+                    messages: Vec::new(),
+                    keywords,
+                };
+                view.flags_lines(out);
                 if let Some(i) = unseen {
                     out.extend_from_slice(
                         format!("* OK [UNSEEN {}] first unseen\r\n", i + 1).as_bytes(),
@@ -624,8 +665,8 @@ impl Session {
                 out.extend_from_slice(b"\r\n");
                 self.selected = Some(View {
                     name: info.name,
-                    read_only,
                     messages,
+                    ..view
                 });
                 ok(if read_only {
                     "[READ-ONLY] EXAMINE completed"
@@ -1095,6 +1136,8 @@ impl Session {
                         continue;
                     };
                     view.messages[seq as usize - 1] = changed.clone();
+                    // Even with .SILENT: a keyword new to the folder changes FLAGS.
+                    view.announce_keywords(&changed.flags, out);
                     if !silent || unchanged_since.is_some() {
                         let mut line = format!("* {seq} FETCH (");
                         if uid {
@@ -1271,6 +1314,14 @@ impl Session {
             }
         }
         let view = self.selected.as_mut().expect("checked");
+        // Keywords first seen in this update are announced before it (FLAGS goes
+        // ahead of the FETCH and EXISTS responses that show them).
+        let mut announced: Vec<String> = current.iter().flat_map(|m| m.flags.clone()).collect();
+        announced.sort();
+        announced.dedup();
+        let mut updates = Vec::new();
+        let out_final = out;
+        let out = &mut updates;
         // `current` comes in UID order (`folder_messages` promises it): a binary search
         // per message. (A linear `find` here made every sync quadratic: 28 % of the IMAP
         // bench's time at 20,000 messages, bench/profile.)
@@ -1299,6 +1350,8 @@ impl Session {
             view.messages.extend(new);
             out.extend_from_slice(format!("* {} EXISTS\r\n", view.messages.len()).as_bytes());
         }
+        view.announce_keywords(&announced, out_final);
+        out_final.extend_from_slice(&updates);
     }
 
     async fn search(

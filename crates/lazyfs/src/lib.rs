@@ -106,7 +106,7 @@ impl Mounted {
     pub fn power_loss(mut self) -> std::io::Result<PowerLoss> {
         self.state.lock().unwrap().power_lost = true;
         if let Some(session) = self.session.take() {
-            session.join();
+            stop(session);
         }
         let mut state = self.state.lock().unwrap();
         state.handles.clear();
@@ -137,7 +137,7 @@ impl Mounted {
     /// An orderly unmount: everything written is kept.
     pub fn unmount(mut self) {
         if let Some(session) = self.session.take() {
-            session.join();
+            stop(session);
         }
     }
 }
@@ -145,9 +145,18 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            session.join();
+            stop(session);
         }
     }
+}
+
+/// Unmounts and waits for the session thread. `BackgroundSession::join` panics when the
+/// session ends with an error, and an unmount may end it with ECONNABORTED (seen once in
+/// 207 cycles): that is the end we asked for, not a failure.
+fn stop(mut session: fuser::BackgroundSession) {
+    let thread = std::mem::replace(&mut session.guard, std::thread::spawn(|| Ok(())));
+    drop(session);
+    let _ = thread.join();
 }
 
 fn errno(e: &std::io::Error) -> i32 {

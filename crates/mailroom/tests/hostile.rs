@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{RawSmtp, TestServer, eventually};
+use common::{RawImap, RawSmtp, TestServer, eventually};
 use mailroom::ServerOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -43,58 +43,9 @@ async fn all_greet(server: &TestServer) {
 }
 
 /// A line-based IMAP client that sends exactly what it is given.
-struct RawImap {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl RawImap {
-    fn connect(addr: SocketAddr) -> RawImap {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let writer = stream.try_clone().unwrap();
-        let mut imap = RawImap {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        assert!(imap.line().starts_with("* OK"));
-        imap
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        // The server may close mid-way through a long line: that is an answer too.
-        let _ = self.writer.write_all(bytes);
-    }
-
-    /// One line, or "" at end of stream.
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        let _ = self.reader.read_line(&mut line);
-        line
-    }
-
-    /// Lines up to and including the tagged one (or the end of the stream).
-    fn until_tagged(&mut self, tag: &str) -> Vec<String> {
-        let mut lines = Vec::new();
-        loop {
-            let line = self.line();
-            let done = line.is_empty() || line.starts_with(&format!("{tag} "));
-            lines.push(line);
-            if done {
-                return lines;
-            }
-        }
-    }
-
-    fn login(addr: SocketAddr, user: &str) -> RawImap {
-        let mut imap = RawImap::connect(addr);
-        imap.send(format!("l LOGIN {user} \"{PASSWORD}\"\r\n").as_bytes());
-        let lines = imap.until_tagged("l");
-        assert!(lines.last().unwrap().starts_with("l OK"), "{lines:?}");
-        imap
-    }
+/// Logs `user` in with the test password over a raw connection.
+fn raw_login(addr: SocketAddr, user: &str) -> RawImap {
+    RawImap::login(addr, user, PASSWORD)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +139,7 @@ async fn imap_bombs_get_refusals_and_the_server_stays_up() {
         assert!(answer.starts_with("* BYE"), "{answer}");
 
         // After login: nesting and patterns beyond the limits are BAD, not a crash.
-        let mut c = RawImap::login(imap, "ann@example.test");
+        let mut c = raw_login(imap, "ann@example.test");
         c.send(b"s SELECT INBOX\r\n");
         c.until_tagged("s");
         let mut line = b"d SEARCH ".to_vec();
@@ -237,7 +188,7 @@ async fn a_fetch_of_one_body_four_hundred_times_streams() {
     server.wait_for_messages("ann@example.test", 1).await;
     let imap = server.server.imap_addr;
     let (received, first_byte) = tokio::task::spawn_blocking(move || {
-        let mut c = RawImap::login(imap, "ann@example.test");
+        let mut c = raw_login(imap, "ann@example.test");
         c.send(b"s SELECT INBOX\r\n");
         c.until_tagged("s");
         let items = vec!["BODY.PEEK[]"; 400].join(" ");
@@ -615,7 +566,7 @@ async fn large_append_literals_share_a_memory_budget() {
     };
     // A announces 1.5 MB and sends part of it.
     let (mut a, message) = tokio::task::spawn_blocking(move || {
-        let mut a = RawImap::login(imap, "ann@example.test");
+        let mut a = raw_login(imap, "ann@example.test");
         a.send(format!("a APPEND INBOX {{{size}}}\r\n").as_bytes());
         assert!(a.line().starts_with('+'));
         a.send(&message[..size / 2]);
@@ -631,7 +582,7 @@ async fn large_append_literals_share_a_memory_budget() {
     );
     // B's large literal does not fit now; a small one does.
     let (a, message) = tokio::task::spawn_blocking(move || {
-        let mut b = RawImap::login(imap, "ann@example.test");
+        let mut b = raw_login(imap, "ann@example.test");
         b.send(format!("b APPEND INBOX {{{size}}}\r\n").as_bytes());
         let answer = b.line();
         assert!(answer.starts_with("b NO [LIMIT]"), "{answer}");
@@ -700,7 +651,7 @@ async fn nul_bytes_are_never_echoed_and_pop3_lines_are_bounded() {
         .await;
     let (imap, pop3) = (server.server.imap_addr, server.server.pop3_addr);
     tokio::task::spawn_blocking(move || {
-        let mut c = RawImap::login(imap, "ann@example.test");
+        let mut c = raw_login(imap, "ann@example.test");
         c.send(b"a SELECT \"\xff\x00\"\r\nb COPY 1 \"x\x00y\"\r\nc SELECT \xff\r\n");
         let mut all = Vec::new();
         for tag in ["a", "b", "c"] {
@@ -738,7 +689,7 @@ async fn configured_parser_and_line_limits_apply() {
         .await;
     let (imap, pop3) = (server.server.imap_addr, server.server.pop3_addr);
     tokio::task::spawn_blocking(move || {
-        let mut c = RawImap::login(imap, "ann@example.test");
+        let mut c = raw_login(imap, "ann@example.test");
         c.send(b"s SELECT INBOX\r\n");
         c.until_tagged("s");
         c.send(b"a SEARCH ((((((((((ALL))))))))))\r\n");
@@ -771,7 +722,7 @@ async fn many_concurrent_logins_to_one_account_all_succeed() {
         .await;
     let imap = server.server.imap_addr;
     let logins: Vec<_> = (0..20)
-        .map(|_| tokio::task::spawn_blocking(move || RawImap::login(imap, "ann@example.test")))
+        .map(|_| tokio::task::spawn_blocking(move || raw_login(imap, "ann@example.test")))
         .collect();
     for login in logins {
         login.await.expect("every login succeeds");

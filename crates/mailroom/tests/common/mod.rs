@@ -383,3 +383,65 @@ pub fn flag_name(flag: &async_imap::types::Flag<'_>) -> String {
         Flag::Custom(c) => c.to_string(),
     }
 }
+
+/// A blocking raw IMAP connection for byte-level checks (exact responses, hostile
+/// input); real client libraries are used wherever they can express the test.
+pub struct RawImap {
+    pub reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawImap {
+    pub fn connect(addr: SocketAddr) -> RawImap {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut imap = RawImap {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        assert!(imap.line().starts_with("* OK"));
+        imap
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        // The server may close mid-way through a long line: that is an answer too.
+        let _ = self.writer.write_all(bytes);
+    }
+
+    /// One line, or "" at end of stream.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.reader.read_line(&mut line);
+        line
+    }
+
+    /// Lines up to and including the tagged one (or the end of the stream).
+    pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            let done = line.is_empty() || line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    pub fn login(addr: SocketAddr, user: &str, password: &str) -> RawImap {
+        let mut imap = RawImap::connect(addr);
+        imap.send(format!("l LOGIN {user} \"{password}\"\r\n").as_bytes());
+        let lines = imap.until_tagged("l");
+        assert!(lines.last().unwrap().starts_with("l OK"), "{lines:?}");
+        imap
+    }
+
+    /// Sends `command` with `tag` and returns every line up to the tagged one.
+    pub fn run(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes());
+        self.until_tagged(tag)
+    }
+}
