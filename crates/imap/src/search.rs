@@ -198,9 +198,10 @@ pub fn matches(key: &SearchKey, c: &Candidate<'_>, max_seq: u32, max_uid: u32) -
         SearchKey::All => true,
         SearchKey::Flag(f) => has(f),
         SearchKey::NotFlag(f) => !has(f),
-        // No message is \Recent here: RECENT and NEW match nothing, OLD everything.
-        SearchKey::New | SearchKey::Recent => false,
-        SearchKey::Old => true,
+        // \Recent is in the session's view of the flags (IMAP4rev1 sessions only).
+        SearchKey::Recent => has("\\Recent"),
+        SearchKey::New => has("\\Recent") && !has("\\Seen"),
+        SearchKey::Old => !has("\\Recent"),
         SearchKey::Header(name, text) => c
             .message
             .and_then(|m| header_text(m, name))

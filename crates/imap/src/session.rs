@@ -51,12 +51,23 @@ struct View {
     /// Keywords announced in FLAGS and PERMANENTFLAGS (RFC 9051 7.3.5: every keyword in
     /// use, and a new FLAGS before a FETCH shows one the client has not been told of).
     keywords: std::collections::BTreeSet<String>,
+    /// UIDs `\Recent` to this session (IMAP4rev1 only; RFC 3501 2.3.2), shown in its
+    /// FLAGS and counted in RECENT.
+    recent: HashSet<u32>,
 }
 
 /// The system flags every folder has.
 const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
 
 impl View {
+    /// `state` as this session shows it: with `\Recent` when it is recent here.
+    fn shown(&self, mut state: MessageState) -> MessageState {
+        if self.recent.contains(&state.uid) && !state.flags.iter().any(|f| f == "\\Recent") {
+            state.flags.push("\\Recent".into());
+        }
+        state
+    }
+
     /// FLAGS and PERMANENTFLAGS as they stand.
     fn flags_lines(&self, out: &mut Vec<u8>) {
         let mut all = String::from(SYSTEM_FLAGS);
@@ -614,14 +625,42 @@ impl Session {
                     self.condstore = true;
                 }
                 let name = mailbox.clone();
-                let (folders, messages) = blocking(&store, move |s| {
-                    Ok((s.folders(recipient)?, s.folder_messages(recipient, &name)?))
+                // IMAP4rev1: a read-write SELECT takes the folder's recent messages for
+                // this session (before reading them, so none arrives in between
+                // unclaimed); EXAMINE shows them recent without taking them.
+                let rev1 = !self.enabled.contains("IMAP4REV2");
+                let claim = rev1 && !read_only;
+                let (claimed, folders, messages) = blocking(&store, move |s| {
+                    let claimed = if claim {
+                        match s.claim_recent(recipient, &name) {
+                            Ok(floor) => Some(floor),
+                            Err(StoreError::NotFound(_)) => None,
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        None
+                    };
+                    Ok((
+                        claimed,
+                        s.folders(recipient)?,
+                        s.folder_messages(recipient, &name)?,
+                    ))
                 })
                 .await?;
                 let info = folders
                     .into_iter()
                     .find(|f| f.name == mailbox)
                     .ok_or_else(|| ("NO".into(), "[NONEXISTENT] no such folder".into()))?;
+                let floor = match claimed {
+                    Some(floor) => floor,
+                    None if rev1 => info.recent_floor,
+                    None => u32::MAX,
+                };
+                let recent: HashSet<u32> = messages
+                    .iter()
+                    .filter(|m| m.uid > floor)
+                    .map(|m| m.uid)
+                    .collect();
                 if let Some(bell) = &mut self.bell {
                     bell.borrow_and_update();
                 }
@@ -630,8 +669,8 @@ impl Session {
                     .position(|m| !m.flags.iter().any(|f| f == "\\Seen"));
                 out.extend_from_slice(format!("* {} EXISTS\r\n", messages.len()).as_bytes());
                 // IMAP4rev1 clients expect RECENT; IMAP4rev2 removed it (RFC 9051 E).
-                if !self.enabled.contains("IMAP4REV2") {
-                    out.extend_from_slice(b"* 0 RECENT\r\n");
+                if rev1 {
+                    out.extend_from_slice(format!("* {} RECENT\r\n", recent.len()).as_bytes());
                 }
                 let keywords = messages
                     .iter()
@@ -644,8 +683,11 @@ impl Session {
                     read_only,
                     messages: Vec::new(),
                     keywords,
+                    recent,
                 };
                 view.flags_lines(out);
+                let messages: Vec<MessageState> =
+                    messages.into_iter().map(|m| view.shown(m)).collect();
                 if let Some(i) = unseen {
                     out.extend_from_slice(
                         format!("* OK [UNSEEN {}] first unseen\r\n", i + 1).as_bytes(),
@@ -878,7 +920,7 @@ impl Session {
                 StatusItem::Unseen => format!("UNSEEN {}", info.unseen),
                 StatusItem::Deleted => format!("DELETED {deleted}"),
                 StatusItem::Size => format!("SIZE {}", info.bytes),
-                StatusItem::Recent => "RECENT 0".to_string(),
+                StatusItem::Recent => format!("RECENT {}", info.recent),
                 StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", info.highestmodseq),
                 StatusItem::AppendLimit => {
                     format!("APPENDLIMIT {}", self.server.config.append_limit)
@@ -1135,7 +1177,7 @@ impl Session {
                     let Some(seq) = view.seq_of(changed.uid) else {
                         continue;
                     };
-                    view.messages[seq as usize - 1] = changed.clone();
+                    view.messages[seq as usize - 1] = view.shown(changed.clone());
                     // Even with .SILENT: a keyword new to the folder changes FLAGS.
                     view.announce_keywords(&changed.flags, out);
                     if !silent || unchanged_since.is_some() {
@@ -1143,7 +1185,8 @@ impl Session {
                         if uid {
                             line.push_str(&format!("UID {} ", changed.uid));
                         }
-                        line.push_str(&format!("FLAGS ({})", changed.flags.join(" ")));
+                        let shown = &view.messages[seq as usize - 1];
+                        line.push_str(&format!("FLAGS ({})", shown.flags.join(" ")));
                         if condstore {
                             line.push_str(&format!(" MODSEQ ({})", changed.modseq));
                         }
@@ -1262,6 +1305,9 @@ impl Session {
             return;
         };
         let mut seqs: Vec<u32> = uids.iter().filter_map(|u| view.seq_of(*u)).collect();
+        for uid in uids {
+            view.recent.remove(uid);
+        }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         for seq in seqs {
             view.messages.remove(seq as usize - 1);
@@ -1300,6 +1346,24 @@ impl Session {
             bell.borrow_and_update();
         }
         let condstore = self.condstore;
+        // IMAP4rev1: messages new to a read-write session are claimed as \Recent for it
+        // (unless a session that selected the folder since took them); a read-only one
+        // shows its new arrivals recent without claiming them.
+        let rev1 = !self.enabled.contains("IMAP4REV2");
+        let (known, read_only, name) = {
+            let view = self.selected.as_ref().expect("checked");
+            (view.max_uid(), view.read_only, view.name.clone())
+        };
+        let has_new = current.last().is_some_and(|m| m.uid > known);
+        let recent_floor = match (rev1 && has_new, read_only) {
+            (false, _) => None,
+            (true, true) => Some(known),
+            (true, false) => blocking(&self.server.store, move |s| {
+                s.claim_recent(recipient, &name)
+            })
+            .await
+            .ok(),
+        };
         let view = self.selected.as_mut().expect("checked");
         let present: HashSet<u32> = current.iter().map(|m| m.uid).collect();
         if allow_expunge {
@@ -1331,6 +1395,9 @@ impl Session {
                 && now.modseq != m.modseq
             {
                 *m = now.clone();
+                if view.recent.contains(&m.uid) {
+                    m.flags.push("\\Recent".into());
+                }
                 let mut line = format!(
                     "* {} FETCH (UID {} FLAGS ({})",
                     i + 1,
@@ -1347,8 +1414,16 @@ impl Session {
         let max = view.max_uid();
         let new: Vec<MessageState> = current.into_iter().filter(|m| m.uid > max).collect();
         if !new.is_empty() {
+            if let Some(floor) = recent_floor {
+                view.recent
+                    .extend(new.iter().filter(|m| m.uid > floor).map(|m| m.uid));
+            }
+            let new: Vec<MessageState> = new.into_iter().map(|m| view.shown(m)).collect();
             view.messages.extend(new);
             out.extend_from_slice(format!("* {} EXISTS\r\n", view.messages.len()).as_bytes());
+            if rev1 {
+                out.extend_from_slice(format!("* {} RECENT\r\n", view.recent.len()).as_bytes());
+            }
         }
         view.announce_keywords(&announced, out_final);
         out_final.extend_from_slice(&updates);

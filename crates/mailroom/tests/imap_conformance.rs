@@ -201,3 +201,122 @@ async fn keywords_in_use_are_announced_in_flags_and_permanentflags() {
     .await
     .unwrap();
 }
+
+fn line_with<'a>(lines: &'a [String], needle: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .find(|l| l.contains(needle))
+        .map(String::as_str)
+}
+
+/// RFC 3501 2.3.2 / 7.3.2 (IMAP4rev1): a message is `\Recent` to exactly one session,
+/// the first to select its folder after it arrived; EXAMINE shows it without taking it;
+/// RECENT counts them, SEARCH RECENT/NEW/OLD and STATUS (RECENT) agree; a session that
+/// enabled IMAP4rev2 never sees any of it (RFC 9051 removed \Recent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_belongs_to_the_first_session_that_selects() {
+    let (server, imap) = server_with_mail(2).await;
+    let (mut a, mut b) = tokio::task::spawn_blocking(move || {
+        let mut a = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let mut b = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let selected = a.run("s", "SELECT INBOX");
+        assert!(
+            selected.contains(&"* 2 RECENT\r\n".to_string()),
+            "{selected:?}"
+        );
+        let fetched = a.run("f", "FETCH 1:* (FLAGS)");
+        assert_eq!(
+            fetched[0], "* 1 FETCH (FLAGS (\\Recent))\r\n",
+            "{fetched:?}"
+        );
+        assert_eq!(a.run("r", "SEARCH RECENT")[0], "* SEARCH 1 2\r\n");
+        a.run("t", "STORE 1 +FLAGS (\\Seen)");
+        assert_eq!(a.run("n", "SEARCH NEW")[0], "* SEARCH 2\r\n");
+        assert_eq!(a.run("o", "SEARCH OLD")[0], "* SEARCH\r\n");
+        // Taken: the next session sees none, and STATUS agrees.
+        let status = b.run("st", "STATUS INBOX (RECENT MESSAGES)");
+        assert!(
+            status[0].contains("RECENT 0") && status[0].contains("MESSAGES 2"),
+            "{status:?}"
+        );
+        let selected = b.run("s", "SELECT INBOX");
+        assert!(
+            selected.contains(&"* 0 RECENT\r\n".to_string()),
+            "{selected:?}"
+        );
+        assert!(
+            !b.run("f", "FETCH 1:* (FLAGS)")
+                .iter()
+                .any(|l| l.contains("\\Recent"))
+        );
+        (a, b)
+    })
+    .await
+    .unwrap();
+    // A new message: the first session to notice takes it.
+    let message = common::message(
+        "bob@remote.test",
+        "ann@example.test",
+        "m2@remote.test",
+        "third",
+    );
+    server
+        .send_raw("ann@example.test", message.as_bytes())
+        .await;
+    server.wait_for_messages("ann@example.test", 3).await;
+    tokio::task::spawn_blocking(move || {
+        let noop = a.run("p", "NOOP");
+        assert!(
+            line_with(&noop, "EXISTS").is_some_and(|l| l == "* 3 EXISTS\r\n"),
+            "{noop:?}"
+        );
+        // Its two recent messages and the new one (\Seen does not end \Recent).
+        assert!(noop.contains(&"* 3 RECENT\r\n".to_string()), "{noop:?}");
+        let noop = b.run("p", "NOOP");
+        assert!(noop.contains(&"* 0 RECENT\r\n".to_string()), "{noop:?}");
+        let fetched = a.run("g", "FETCH 3 (FLAGS)");
+        assert_eq!(
+            fetched[0], "* 3 FETCH (FLAGS (\\Recent))\r\n",
+            "{fetched:?}"
+        );
+        // IMAP4rev2 sessions know nothing of \Recent.
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        c.run("e", "ENABLE IMAP4rev2");
+        let selected = c.run("s", "SELECT INBOX");
+        assert!(line_with(&selected, "RECENT").is_none(), "{selected:?}");
+        assert!(
+            !c.run("f", "FETCH 1:* (FLAGS)")
+                .iter()
+                .any(|l| l.contains("\\Recent"))
+        );
+    })
+    .await
+    .unwrap();
+    // EXAMINE shows recent messages without taking them.
+    let message = common::message(
+        "bob@remote.test",
+        "ann@example.test",
+        "m3@remote.test",
+        "fourth",
+    );
+    server
+        .send_raw("ann@example.test", message.as_bytes())
+        .await;
+    server.wait_for_messages("ann@example.test", 4).await;
+    tokio::task::spawn_blocking(move || {
+        let mut d = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let examined = d.run("x", "EXAMINE INBOX");
+        assert!(
+            examined.contains(&"* 1 RECENT\r\n".to_string()),
+            "{examined:?}"
+        );
+        let mut e = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let selected = e.run("s", "SELECT INBOX");
+        assert!(
+            selected.contains(&"* 1 RECENT\r\n".to_string()),
+            "{selected:?}"
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -31,6 +31,13 @@ pub struct FolderInfo {
     pub unseen: u32,
     /// Sum of their sizes, bytes.
     pub bytes: u64,
+    /// UIDs above this are `\Recent` (IMAP4rev1): no session has selected the folder
+    /// read-write since they arrived.
+    #[serde(default)]
+    pub recent_floor: u32,
+    /// Messages above `recent_floor`.
+    #[serde(default)]
+    pub recent: u32,
 }
 
 /// One message's state in a folder.
@@ -102,6 +109,11 @@ pub trait Mailboxes {
         name: &str,
         special_use: Option<&str>,
     ) -> Result<()>;
+
+    /// Claims the folder's recent messages for a session selecting it read-write: raises
+    /// the recent floor to the last UID and returns the floor before (UIDs above it are
+    /// `\Recent` to this session, and to no session that selects later).
+    fn claim_recent(&self, recipient: RecipientId, name: &str) -> Result<u32>;
 
     /// Creates a folder unless it exists.
     fn ensure_folder(

@@ -120,6 +120,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE queue_items ADD COLUMN envelope TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE queue_items ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     "#,
+    // Version 7: IMAP4rev1's \Recent (RFC 3501 2.3.2). A message is recent to the first
+    // session that selects its folder after it arrived: UIDs above `recent_floor` are
+    // recent, and a read-write SELECT raises the floor to the last UID. Messages already
+    // stored count as seen before.
+    r#"
+    ALTER TABLE folders ADD COLUMN recent_floor INTEGER NOT NULL DEFAULT 0;
+    UPDATE folders SET recent_floor = uidnext - 1;
+    "#,
 ];
 
 /// The newest schema version this binary knows.

@@ -122,7 +122,10 @@ impl Mailboxes for SqliteStore {
                         (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
                         (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id
                             AND (' ' || m.flags || ' ') NOT LIKE '% \\Seen %'),
-                        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id)
+                        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id),
+                        f.recent_floor,
+                        (SELECT COUNT(*) FROM messages m
+                            WHERE m.folder_id = f.id AND m.uid > f.recent_floor)
                  FROM folders f WHERE f.recipient_id = ?1 ORDER BY f.name",
             )?;
             let rows = stmt
@@ -137,6 +140,8 @@ impl Mailboxes for SqliteStore {
                         messages: r.get(6)?,
                         unseen: r.get(7)?,
                         bytes: r.get::<_, i64>(8)? as u64,
+                        recent_floor: r.get(9)?,
+                        recent: r.get(10)?,
                     })
                 })?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -161,6 +166,40 @@ impl Mailboxes for SqliteStore {
         })?;
         self.ring(&[recipient]);
         Ok(())
+    }
+
+    fn claim_recent(&self, recipient: RecipientId, name: &str) -> Result<u32> {
+        // Most SELECTs find nothing new: a read, and no write turn.
+        let (floor, last): (u32, u32) = self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT recent_floor, uidnext - 1 FROM folders
+                 WHERE recipient_id = ?1 AND name = ?2",
+                rusqlite::params![recipient, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })?;
+        if floor >= last {
+            return Ok(floor);
+        }
+        // The floor only rises, and only one session gets each message: the update
+        // returns the floor it replaced.
+        self.write("recent", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, name)?;
+            let (floor, last): (u32, u32) = tx.query_row(
+                "SELECT recent_floor, uidnext - 1 FROM folders WHERE id = ?1",
+                [folder],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if last > floor {
+                tx.execute(
+                    "UPDATE folders SET recent_floor = ?2 WHERE id = ?1",
+                    rusqlite::params![folder, last],
+                )?;
+            }
+            tx.commit()?;
+            Ok(floor)
+        })
     }
 
     fn ensure_folder(

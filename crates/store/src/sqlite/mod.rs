@@ -100,7 +100,15 @@ fn io_fault(why: &str) -> StoreError {
 
 /// Writers whose commits need not be fsynced at once even with [`Durability::Full`]:
 /// nothing was promised to anyone on their strength.
-const RELAXED_CALLERS: &[&str] = &["claim", "claim outbound", "release", "defer", "imap-cache"];
+const RELAXED_CALLERS: &[&str] = &[
+    "claim",
+    "claim outbound",
+    "release",
+    "defer",
+    "imap-cache",
+    // Undoing a claim of \Recent makes messages recent again: harmless.
+    "recent",
+];
 
 /// A write turn held longer than this is logged (with its caller): every other writer,
 /// conversion included, waited behind it.
