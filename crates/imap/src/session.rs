@@ -952,7 +952,30 @@ impl Session {
         // of folders, so it runs on the blocking pool, never on a runtime thread.
         let full_patterns: Vec<String> =
             patterns.iter().map(|p| format!("{reference}{p}")).collect();
-        let names: Vec<String> = folders.iter().map(|f| f.name.clone()).collect();
+        let mut names: Vec<String> = folders.iter().map(|f| f.name.clone()).collect();
+        // LSUB: the unsubscribed parents of subscribed folders are candidates too
+        // (RFC 3501 6.3.9: with "%", a subscribed "foo/bar" under an unsubscribed "foo"
+        // lists "foo" as \Noselect).
+        let mut ancestors: Vec<String> = Vec::new();
+        if options.lsub {
+            let subscribed: HashSet<&str> = folders
+                .iter()
+                .filter(|f| f.subscribed)
+                .map(|f| f.name.as_str())
+                .collect();
+            for folder in folders.iter().filter(|f| f.subscribed) {
+                let mut at = 0;
+                while let Some(slash) = folder.name[at..].find('/') {
+                    let parent = &folder.name[..at + slash];
+                    if !subscribed.contains(parent) && !ancestors.iter().any(|a| a == parent) {
+                        ancestors.push(parent.to_string());
+                    }
+                    at += slash + 1;
+                }
+            }
+        }
+        let folder_count = names.len();
+        names.extend(ancestors.iter().cloned());
         let matched = tokio::task::spawn_blocking(move || {
             names
                 .iter()
@@ -969,8 +992,9 @@ impl Session {
         })
         .await
         .map_err(|_| ("NO".to_string(), "[SERVERBUG] LIST failed".to_string()))?;
+        let (folder_matched, ancestor_matched) = matched.split_at(folder_count);
         let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
-        for (folder, matched) in folders.iter().zip(matched) {
+        for (folder, matched) in folders.iter().zip(folder_matched) {
             if !matched {
                 continue;
             }
@@ -1005,6 +1029,19 @@ impl Session {
             out.extend_from_slice(b"\r\n");
             if let Some(items) = &options.status {
                 self.status_line(recipient, folder, items, out).await?;
+            }
+        }
+        // A parent shows only where the pattern hid its subscribed children ("%").
+        for (parent, matched) in ancestors.iter().zip(ancestor_matched) {
+            let prefix = format!("{parent}/");
+            let child_listed = folders
+                .iter()
+                .zip(folder_matched)
+                .any(|(f, m)| *m && f.subscribed && f.name.starts_with(&prefix));
+            if *matched && !child_listed {
+                out.extend_from_slice(b"* LSUB (\\Noselect) \"/\" ");
+                write_mailbox(out, parent);
+                out.extend_from_slice(b"\r\n");
             }
         }
         Ok(())

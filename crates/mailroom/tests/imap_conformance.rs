@@ -320,3 +320,44 @@ async fn recent_belongs_to_the_first_session_that_selects() {
     .await
     .unwrap();
 }
+
+/// RFC 3501 6.3.9: with `%`, LSUB lists the unsubscribed parent of a subscribed folder
+/// as `\Noselect` (and not the child, which `%` does not reach); with `*` only the
+/// subscribed folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lsub_shows_unsubscribed_parents_as_noselect_under_percent() {
+    let (_server, imap) = server_with_mail(0).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        assert!(tagged(&c.run("a", "CREATE foo/bar")).starts_with("a OK"));
+        c.run("b", "SUBSCRIBE foo/bar");
+        c.run("c", "UNSUBSCRIBE foo");
+        let percent = c.run("d", "LSUB \"\" %");
+        // The name may come quoted or as an atom.
+        let unquoted: Vec<String> = percent.iter().map(|l| l.replace('"', "")).collect();
+        assert!(
+            unquoted.contains(&"* LSUB (\\Noselect) / foo\r\n".to_string()),
+            "{percent:?}"
+        );
+        assert!(
+            !percent.iter().any(|l| l.contains("foo/bar")),
+            "{percent:?}"
+        );
+        let star = c.run("e", "LSUB \"\" *");
+        assert!(
+            star.iter()
+                .any(|l| l.starts_with("* LSUB") && l.contains("foo/bar")),
+            "{star:?}"
+        );
+        assert!(
+            !star
+                .iter()
+                .any(|l| l.replace('"', "").trim_end().ends_with("/ foo")),
+            "{star:?}"
+        );
+        let below = c.run("f", "LSUB \"\" foo/%");
+        assert!(below.iter().any(|l| l.contains("foo/bar")), "{below:?}");
+    })
+    .await
+    .unwrap();
+}
