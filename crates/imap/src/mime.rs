@@ -63,8 +63,10 @@ fn resolve<'m>(msg: &'m Message<'m>, path: &[u32]) -> Option<(&'m Message<'m>, u
         }
         match &m.parts.get(idx)?.body {
             PartType::Multipart(children) => idx = *children.get(n.checked_sub(1)?)? as usize,
-            // A single-part message (or encapsulated message): its part 1 is its body.
-            _ if n == 1 && idx == 0 => at_leaf = true,
+            // A part that is not multipart is its own part 1 (RFC 9051 6.4.5: a
+            // single-part message has only a part 1; `2.1.1` of a text/plain `2.1` is
+            // `2.1`).
+            _ if n == 1 => at_leaf = true,
             _ => return None,
         }
     }
@@ -121,7 +123,12 @@ pub fn section(msg: &Message<'_>, section: &Section) -> Option<Vec<u8>> {
         (SectionText::Full, _) => part_body(m, idx).to_vec(),
         (SectionText::Mime, _) => part_header(m, idx).to_vec(),
         (SectionText::Header, Some(inner)) => part_header(inner, 0).to_vec(),
-        (SectionText::Text, Some(inner)) => part_body(inner, 0).to_vec(),
+        // The encapsulated message ends where its part does (its root part's body
+        // would run to the end of the outer message).
+        (SectionText::Text, Some(inner)) => match inner.parts.first() {
+            Some(root) => slice(raw, root.offset_body as usize, part.offset_end as usize).to_vec(),
+            None => Vec::new(),
+        },
         (SectionText::HeaderFields(names), Some(inner)) => {
             filter_header(part_header(inner, 0), names, true)
         }
@@ -218,7 +225,8 @@ fn address_list(out: &mut Vec<u8>, address: Option<&Address<'_>>) {
             None => (email, None),
         };
         items.push(b'(');
-        nstr(items, name);
+        let name = name.map(encoded_word);
+        nstr(items, name.as_deref());
         items.extend_from_slice(b" NIL ");
         nstr(items, local);
         items.push(b' ');
@@ -255,6 +263,28 @@ fn address_list(out: &mut Vec<u8>, address: Option<&Address<'_>>) {
         out.extend_from_slice(&items);
         out.push(b')');
     }
+}
+
+/// A display name as ENVELOPE carries it: ASCII as is; otherwise one RFC 2047 encoded
+/// word (`=?utf-8?q?...?=`). ENVELOPE is header text for clients that decode it
+/// themselves (Dovecot serves the field's raw words); mail-parser hands over the decoded
+/// name, and sending its UTF-8 to a client that never enabled UTF8=ACCEPT is wrong.
+fn encoded_word(name: &str) -> String {
+    if name.is_ascii() {
+        return name.to_string();
+    }
+    let mut word = String::from("=?utf-8?q?");
+    for b in name.bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'!' | b'*' | b'+' | b'-' | b'/' => {
+                word.push(b as char)
+            }
+            b' ' => word.push('_'),
+            _ => word.push_str(&format!("={b:02X}")),
+        }
+    }
+    word.push_str("?=");
+    word
 }
 
 /// A header's raw value, unfolded and trimmed, for ENVELOPE's text fields.
@@ -391,7 +421,18 @@ fn part_structure(out: &mut Vec<u8>, m: &Message<'_>, idx: usize, extended: bool
         _ => out.extend_from_slice(b"NIL"),
     }
     out.push(b' ');
-    nstr(out, part.content_id().map(|id| id.trim()));
+    // The field as it stands, angle brackets included (mail-parser strips them; RFC
+    // 9051 body-fld-id is the Content-ID value, and Dovecot serves it whole).
+    let content_id = part
+        .headers
+        .iter()
+        .find(|h| h.name == mail_parser::HeaderName::ContentId)
+        .and_then(|h| {
+            let raw = m.raw_message.as_ref();
+            std::str::from_utf8(slice(raw, h.offset_start as usize, h.offset_end as usize)).ok()
+        })
+        .map(|v| v.replace("\r\n", "").replace('\n', ""));
+    nstr(out, content_id.as_deref().map(str::trim));
     out.push(b' ');
     nstr(out, part.content_description());
     out.push(b' ');
@@ -519,8 +560,11 @@ mod tests {
         let mut out = Vec::new();
         envelope(&mut out, &m);
         let e = String::from_utf8_lossy(&out).to_string();
+        // A raw 8-bit name goes out as an encoded word too: ENVELOPE stays ASCII.
         assert!(
-            e.starts_with("(NIL \"nested\" (({4}\r\nZoë NIL \"zoe\" \"example.test\"))"),
+            e.starts_with(
+                "(NIL \"nested\" ((\"=?utf-8?q?Zo=C3=AB?=\" NIL \"zoe\" \"example.test\"))"
+            ),
             "{e}"
         );
         assert!(e.contains("((NIL NIL \"a\" \"example.test\")(NIL NIL \"Group\" NIL)(NIL NIL \"b\" \"x.test\")(NIL NIL NIL NIL))"), "{e}");
@@ -548,5 +592,39 @@ mod tests {
         let mut out = Vec::new();
         body_structure(&mut out, &m, true);
         assert!(!out.is_empty());
+    }
+
+    /// Found by bench/differential/imap_structure.py against Dovecot 2.3.
+    #[test]
+    fn what_the_dovecot_differential_found() {
+        let raw: &[u8] = b"From: =?utf-8?q?Zo=C3=AB?= <zoe@remote.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"o\"\r\n\r\n--o\r\nContent-Type: message/rfc822\r\n\r\nFrom: inner@remote.test\r\nSubject: inner\r\nContent-Type: multipart/alternative; boundary=\"i\"\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\ninner text\r\n--i--\r\n\r\n--o\r\nContent-Type: application/octet-stream\r\nContent-ID: <c1@x>\r\n\r\nAAECAw==\r\n--o--\r\nepilogue\r\n";
+        let m = parse(raw);
+        // ENVELOPE: a non-ASCII display name goes out as an encoded word, not UTF-8.
+        let mut env = Vec::new();
+        envelope(&mut env, &m);
+        let env = text(env);
+        assert!(
+            env.contains("((\"=?utf-8?q?Zo=C3=AB?=\" NIL \"zoe\" \"remote.test\"))"),
+            "{env}"
+        );
+        assert!(env.is_ascii());
+        // BODYSTRUCTURE: Content-ID with its angle brackets.
+        let mut structure = Vec::new();
+        body_structure(&mut structure, &m, true);
+        assert!(text(structure).contains("\"<c1@x>\""));
+        // TEXT of an encapsulated message ends with its part, not the outer message.
+        assert_eq!(
+            text(section(&m, &sec(&[1], SectionText::Text)).unwrap()),
+            "--i\r\nContent-Type: text/plain\r\n\r\ninner text\r\n--i--\r\n"
+        );
+        // A part that is not multipart is its own part 1.
+        assert_eq!(
+            section(&m, &sec(&[1, 1, 1], SectionText::Full)),
+            section(&m, &sec(&[1, 1], SectionText::Full))
+        );
+        assert_eq!(
+            text(section(&m, &sec(&[1, 1, 1], SectionText::Full)).unwrap()),
+            "inner text"
+        );
     }
 }

@@ -128,6 +128,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE folders ADD COLUMN recent_floor INTEGER NOT NULL DEFAULT 0;
     UPDATE folders SET recent_floor = uidnext - 1;
     "#,
+    // Version 8: the ENVELOPE / BODYSTRUCTURE cache is recomputed at the next FETCH:
+    // earlier builds put decoded UTF-8 display names in ENVELOPE and stripped the angle
+    // brackets of Content-ID in BODYSTRUCTURE.
+    r#"
+    DELETE FROM blob_imap;
+    "#,
 ];
 
 /// The newest schema version this binary knows.
