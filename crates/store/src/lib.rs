@@ -83,6 +83,23 @@ pub enum Fault {
 }
 
 impl StoreError {
+    /// An error of the same kind and message (errors are not `Clone`): what every
+    /// request of a failed group commit gets.
+    pub fn same_kind(&self) -> StoreError {
+        match self {
+            StoreError::Database(rusqlite::Error::SqliteFailure(e, message)) => {
+                StoreError::Database(rusqlite::Error::SqliteFailure(*e, message.clone()))
+            }
+            StoreError::Database(other) => StoreError::Conflict(other.to_string()),
+            StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+            StoreError::NotFound(m) => StoreError::NotFound(m.clone()),
+            StoreError::SchemaTooNew { found, supported } => StoreError::SchemaTooNew {
+                found: *found,
+                supported: *supported,
+            },
+        }
+    }
+
     /// The storage fault behind this error, if it is one.
     pub fn fault(&self) -> Option<Fault> {
         let StoreError::Database(rusqlite::Error::SqliteFailure(e, _)) = self else {

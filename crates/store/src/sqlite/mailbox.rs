@@ -497,43 +497,92 @@ impl Mailboxes for SqliteStore {
         body: &[u8],
         facts: Option<&crate::MessageFacts>,
     ) -> Result<Copied> {
-        let copied = self.write("mailbox", |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let folder = require_folder(&tx, recipient, folder)?;
-            let blob = put_blob(&tx, body)?;
-            if let Some(facts) = facts {
-                let facts = serde_json::to_string(facts).expect("facts serialise");
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)",
-                )?
-                .execute(params![blob, facts])?;
+        // Group commit, as the spool does for SMTP: each APPEND is fsynced before its OK
+        // (storage.durability = "full"), so APPENDs that arrive together share one
+        // transaction. The request joins a queue; whoever holds the write turn next
+        // commits every request queued by then, each under a savepoint of its own (one
+        // that fails, e.g. a folder deleted meanwhile, fails alone).
+        let slot = std::sync::Arc::new(super::AppendSlot::default());
+        self.appends.lock().push(super::PendingAppend {
+            recipient,
+            folder: folder.to_string(),
+            flags: flags.to_vec(),
+            internal_date_ms,
+            body: body.to_vec(),
+            facts: facts.cloned(),
+            slot: slot.clone(),
+        });
+        let mut rung: Vec<RecipientId> = Vec::new();
+        let outcome = self.write("append", |conn| {
+            if slot.is_filled() {
+                // An earlier turn committed this request with its own batch.
+                return Ok(());
             }
-            let (uid, modseq) = next_uid(&tx, folder)?;
-            // trace = 0: an APPENDed message brings its own headers, and `message_raw`
-            // prepends no Return-Path to it.
-            tx.execute(
-                "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size,
-                                       flags, modseq, trace)
-                 VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 0)",
-                params![
-                    folder,
-                    uid,
-                    blob,
-                    internal_date_ms,
-                    body.len() as i64,
-                    join_flags(flags),
-                    modseq
-                ],
-            )?;
-            let copied = Copied {
-                uidvalidity: uidvalidity_of(&tx, folder)?,
-                uids: vec![(0, uid)],
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Taken once the transaction stands: from here every request taken gets an
+            // answer, whatever fails.
+            let batch = std::mem::take(&mut *self.appends.lock());
+            let appended = (|| -> Result<Vec<Result<Copied>>> {
+                let mut results = Vec::with_capacity(batch.len());
+                for request in &batch {
+                    tx.execute_batch("SAVEPOINT one_append")?;
+                    match append_one(&tx, request) {
+                        Ok(copied) => {
+                            tx.execute_batch("RELEASE one_append")?;
+                            results.push(Ok(copied));
+                        }
+                        Err(e) => {
+                            tx.execute_batch("ROLLBACK TO one_append; RELEASE one_append")?;
+                            results.push(Err(e));
+                        }
+                    }
+                }
+                Ok(results)
+            })();
+            let results = match appended {
+                Ok(results) => results,
+                Err(e) => {
+                    for request in &batch {
+                        request.slot.fill(Err(e.same_kind()));
+                    }
+                    return Err(e);
+                }
             };
-            tx.commit()?;
-            Ok(copied)
-        })?;
-        self.ring(&[recipient]);
-        Ok(copied)
+            match tx.commit() {
+                Ok(()) => {
+                    for (request, result) in batch.iter().zip(results) {
+                        if result.is_ok() {
+                            rung.push(request.recipient);
+                        }
+                        request.slot.fill(result);
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    let e = StoreError::from(e);
+                    for request in &batch {
+                        request.slot.fill(Err(e.same_kind()));
+                    }
+                    Err(e)
+                }
+            }
+        });
+        rung.sort_unstable();
+        rung.dedup();
+        self.ring(&rung);
+        match slot.take() {
+            Some(result) => result,
+            // The turn failed before the batch was taken (a connection that could not
+            // be opened): this request is still queued; take it back out.
+            None => {
+                self.appends
+                    .lock()
+                    .retain(|r| !std::sync::Arc::ptr_eq(&r.slot, &slot));
+                Err(outcome
+                    .err()
+                    .unwrap_or_else(|| StoreError::Conflict("the APPEND was not committed".into())))
+            }
+        }
     }
 
     fn messages_raw(
@@ -695,4 +744,36 @@ impl Mailboxes for SqliteStore {
             .or_insert_with(|| tokio::sync::watch::channel(0).0)
             .subscribe()
     }
+}
+
+/// One APPEND inside a group commit (see `append`).
+fn append_one(tx: &rusqlite::Transaction<'_>, request: &super::PendingAppend) -> Result<Copied> {
+    let folder = require_folder(tx, request.recipient, &request.folder)?;
+    let blob = put_blob(tx, &request.body)?;
+    if let Some(facts) = &request.facts {
+        let facts = serde_json::to_string(facts).expect("facts serialise");
+        tx.prepare_cached("INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)")?
+            .execute(params![blob, facts])?;
+    }
+    let (uid, modseq) = next_uid(tx, folder)?;
+    // trace = 0: an APPENDed message brings its own headers, and `message_raw` prepends
+    // no Return-Path to it.
+    tx.execute(
+        "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size,
+                               flags, modseq, trace)
+         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 0)",
+        params![
+            folder,
+            uid,
+            blob,
+            request.internal_date_ms,
+            request.body.len() as i64,
+            join_flags(&request.flags),
+            modseq
+        ],
+    )?;
+    Ok(Copied {
+        uidvalidity: uidvalidity_of(tx, folder)?,
+        uids: vec![(0, uid)],
+    })
 }

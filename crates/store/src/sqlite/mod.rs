@@ -50,6 +50,10 @@ pub struct SqliteStore {
     disk: std::sync::OnceLock<Arc<crate::Disk>>,
     /// How every write transaction commits (see [`Durability`]).
     durability: Durability,
+    /// APPENDs waiting for the next write turn (group commit; see `Mailboxes::append`).
+    /// Rank 96: taken inside the write turn (95) to take the whole queue, or alone to
+    /// push; nothing is taken inside it.
+    appends: RankedMutex<Vec<PendingAppend>>,
     /// Set by an I/O error: no write runs until a checkpoint has rewritten the database
     /// from what SQLite considers committed and truncated the WAL (see `recover`).
     recovering: std::sync::atomic::AtomicBool,
@@ -89,6 +93,44 @@ impl Default for WriteStats {
 /// How much of the database file each connection maps into memory for reading (1 GiB;
 /// a larger database reads the rest with read()).
 const MMAP_SIZE: i64 = 1 << 30;
+
+/// One APPEND waiting for a group commit.
+struct PendingAppend {
+    recipient: RecipientId,
+    folder: String,
+    flags: Vec<String>,
+    internal_date_ms: UnixMillis,
+    body: Vec<u8>,
+    facts: Option<crate::MessageFacts>,
+    slot: Arc<AppendSlot>,
+}
+
+/// Where the turn that commits an APPEND leaves its outcome. Rank 97 (leaf).
+struct AppendSlot {
+    result: RankedMutex<Option<Result<Copied>>>,
+}
+
+impl Default for AppendSlot {
+    fn default() -> Self {
+        AppendSlot {
+            result: RankedMutex::new(97, "append outcome", None),
+        }
+    }
+}
+
+impl AppendSlot {
+    fn fill(&self, result: Result<Copied>) {
+        *self.result.lock() = Some(result);
+    }
+
+    fn is_filled(&self) -> bool {
+        self.result.lock().is_some()
+    }
+
+    fn take(&self) -> Option<Result<Copied>> {
+        self.result.lock().take()
+    }
+}
 
 /// An error that counts as an I/O fault ([`crate::Fault::Io`]).
 fn io_fault(why: &str) -> StoreError {
@@ -142,6 +184,7 @@ impl SqliteStore {
             disk: std::sync::OnceLock::new(),
             durability,
             recovering: std::sync::atomic::AtomicBool::new(false),
+            appends: RankedMutex::new(96, "pending appends", Vec::new()),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
@@ -1401,6 +1444,56 @@ mod tests {
         let dense = store.messages_raw(a, "INBOX", &[3, 2, 8], false).unwrap();
         let got: Vec<u32> = dense.iter().map(|(uid, _)| *uid).collect();
         assert_eq!(got, [2, 3]);
+    }
+
+    #[test]
+    fn concurrent_appends_share_commits_each_lands_once_and_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        let ann = recipient(&store, "ann");
+        store.ensure_folder(ann, "INBOX", None).unwrap();
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|n| {
+                            // Every fifth APPEND of thread 0 targets a folder that does
+                            // not exist: it fails, its batch-mates do not.
+                            let folder = if t == 0 && n % 5 == 0 {
+                                "Nowhere"
+                            } else {
+                                "INBOX"
+                            };
+                            let body = format!("Subject: {t}-{n}\r\n\r\nbody\r\n");
+                            store
+                                .append(ann, folder, &["$T".to_string()], 1, body.as_bytes(), None)
+                                .map(|c| c.uids[0].1)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut uids = Vec::new();
+        let mut refused = 0;
+        for thread in threads {
+            for result in thread.join().unwrap() {
+                match result {
+                    Ok(uid) => uids.push(uid),
+                    Err(StoreError::NotFound(_)) => refused += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        assert_eq!(refused, 4);
+        assert_eq!(uids.len(), 316);
+        uids.sort_unstable();
+        uids.dedup();
+        assert_eq!(uids.len(), 316, "every APPEND got its own UID");
+        let stored = store.folder_messages(ann, "INBOX").unwrap();
+        assert_eq!(stored.len(), 316);
+        assert!(stored.iter().all(|m| m.flags == ["$T"]));
+        assert!(store.appends.lock().is_empty(), "nothing left queued");
     }
 
     #[test]
