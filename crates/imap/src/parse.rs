@@ -296,7 +296,7 @@ pub enum CommandKind {
     /// STATUS.
     Status(String, Vec<StatusItem>),
     /// APPEND (one message; MULTIAPPEND is not offered).
-    Append(String, AppendMessage),
+    Append(String, Vec<AppendMessage>),
     /// IDLE.
     Idle,
     /// CHECK.
@@ -1222,33 +1222,34 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// APPEND, with MULTIAPPEND (RFC 3502): one or more `[flags] [date-time] literal`.
     fn append(&mut self) -> Result<CommandKind> {
         self.sp()?;
         let mailbox = self.mailbox()?;
-        self.sp()?;
-        let mut flags = Vec::new();
-        if self.peek() == Some(b'(') {
-            flags = self.flag_list()?;
+        let mut messages = Vec::new();
+        loop {
             self.sp()?;
-        }
-        let mut date_ms = None;
-        if self.peek() == Some(b'"') {
-            let text = String::from_utf8_lossy(&self.quoted()?).into_owned();
-            date_ms = Some(parse_date_time(&text).ok_or("bad APPEND date-time")?);
-            self.sp()?;
-        }
-        let message = self.literal()?;
-        if !self.done() {
-            return Err("one message per APPEND (MULTIAPPEND is not offered)".into());
-        }
-        Ok(CommandKind::Append(
-            mailbox,
-            AppendMessage {
+            let mut flags = Vec::new();
+            if self.peek() == Some(b'(') {
+                flags = self.flag_list()?;
+                self.sp()?;
+            }
+            let mut date_ms = None;
+            if self.peek() == Some(b'"') {
+                let text = String::from_utf8_lossy(&self.quoted()?).into_owned();
+                date_ms = Some(parse_date_time(&text).ok_or("bad APPEND date-time")?);
+                self.sp()?;
+            }
+            let message = self.literal()?;
+            messages.push(AppendMessage {
                 flags,
                 date_ms,
                 message,
-            },
-        ))
+            });
+            if self.done() {
+                return Ok(CommandKind::Append(mailbox, messages));
+            }
+        }
     }
 
     fn command(&mut self) -> Result<CommandKind> {
@@ -1643,11 +1644,12 @@ mod tests {
                 unchanged_since: Some(5)
             }
         );
-        let CommandKind::Append(mailbox, message) =
+        let CommandKind::Append(mailbox, messages) =
             kind("a APPEND inbox (\\Seen) \"05-Mar-2026 10:00:00 +0100\" {5+}\r\nhello")
         else {
             panic!()
         };
+        let message = &messages[0];
         assert_eq!(mailbox, "INBOX");
         assert_eq!(message.message, b"hello");
         assert_eq!(

@@ -153,6 +153,25 @@ fn ok(text: impl Into<String>) -> Outcome {
     Ok(text.into())
 }
 
+/// UIDs in ascending order as a compact uid-set (`1:3,7`), for APPENDUID (RFC 4315).
+fn uid_set(uids: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        while i + 1 < uids.len() && uids[i + 1] == uids[i] + 1 {
+            i += 1;
+        }
+        parts.push(if uids[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}:{}", uids[i])
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
 fn no(text: impl Into<String>) -> Outcome {
     Err(("NO".into(), text.into()))
 }
@@ -281,7 +300,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -798,11 +817,16 @@ impl Session {
                 self.status_line(recipient, &info, &items, out).await?;
                 ok("STATUS completed")
             }
-            CommandKind::Append(name, message) => {
-                let size = message.message.len() as u64;
-                if size > self.server.config.append_limit {
-                    return no("[TOOBIG] the message is above APPENDLIMIT");
+            CommandKind::Append(name, messages) => {
+                // MULTIAPPEND (RFC 3502): every message is checked first, and all are
+                // stored in one transaction or none is.
+                if messages
+                    .iter()
+                    .any(|m| m.message.len() as u64 > self.server.config.append_limit)
+                {
+                    return no("[TOOBIG] a message is above APPENDLIMIT");
                 }
+                let size: u64 = messages.iter().map(|m| m.message.len() as u64).sum();
                 // Twice the size: the WAL first, the database file at a checkpoint.
                 if let Err(refused) = store.admit_new(size.saturating_mul(2)) {
                     return no(format!("[LIMIT] {refused}; try again later"));
@@ -813,23 +837,27 @@ impl Session {
                         return no("[OVERQUOTA] the mailbox is over its quota");
                     }
                 }
-                let flags: Vec<String> = message
-                    .flags
+                let now = mailroom_watch::now_ms();
+                let messages: Vec<mailroom_store::NewMessage> = messages
                     .into_iter()
-                    .filter(|f| f != "\\Recent")
+                    .map(|m| mailroom_store::NewMessage {
+                        flags: m.flags.into_iter().filter(|f| f != "\\Recent").collect(),
+                        internal_date_ms: m.date_ms.unwrap_or(now),
+                        facts: Some(mailroom_convert::facts::message_facts(&m.message)),
+                        body: m.message,
+                    })
                     .collect();
-                let date = message.date_ms.unwrap_or_else(mailroom_watch::now_ms);
                 let folder = name.clone();
-                let appended = blocking(&store, move |s| {
-                    let facts = mailroom_convert::facts::message_facts(&message.message);
-                    s.append(
+                let appended = blocking(&store, move |s| match messages.as_slice() {
+                    [one] => s.append(
                         recipient,
                         &folder,
-                        &flags,
-                        date,
-                        &message.message,
-                        Some(&facts),
-                    )
+                        &one.flags,
+                        one.internal_date_ms,
+                        &one.body,
+                        one.facts.as_ref(),
+                    ),
+                    all => s.append_all(recipient, &folder, all),
                 })
                 .await
                 .map_err(|(status, text)| {
@@ -843,9 +871,11 @@ impl Session {
                     }
                 })?;
                 self.sync(out, true).await;
+                let uids: Vec<u32> = appended.uids.iter().map(|(_, uid)| *uid).collect();
                 ok(format!(
                     "[APPENDUID {} {}] APPEND completed",
-                    appended.uidvalidity, appended.uids[0].1
+                    appended.uidvalidity,
+                    uid_set(&uids)
                 ))
             }
             CommandKind::GetQuotaRoot(name) => {

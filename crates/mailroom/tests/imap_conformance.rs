@@ -361,3 +361,52 @@ async fn lsub_shows_unsubscribed_parents_as_noselect_under_percent() {
     .await
     .unwrap();
 }
+
+/// MULTIAPPEND (RFC 3502): several messages in one APPEND, with synchronising or
+/// non-synchronising literals, stored all together (consecutive UIDs, one APPENDUID
+/// uid-set) or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiappend_stores_all_or_nothing() {
+    let (_server, imap) = server_with_mail(0).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let caps = c.run("k", "CAPABILITY");
+        assert!(caps[0].contains(" MULTIAPPEND"), "{caps:?}");
+        let lines = c.run(
+            "a",
+            "APPEND INBOX (\\Seen) {5+}\r\nhello (\\Flagged $K) {5+}\r\nworld",
+        );
+        let ok = tagged(&lines);
+        assert!(ok.starts_with("a OK [APPENDUID "), "{lines:?}");
+        assert!(ok.contains(" 1:2]"), "{ok}");
+        // All or nothing: the folder does not exist, so neither message is stored.
+        let lines = c.run("b", "APPEND Nowhere {1+}\r\nx {1+}\r\ny");
+        assert!(tagged(&lines).starts_with("b NO [TRYCREATE]"), "{lines:?}");
+        // Synchronising literals: a continuation for each.
+        c.send(b"c APPEND INBOX {3}\r\n");
+        assert!(c.line().starts_with("+ "));
+        c.send(b"abc \"05-Mar-2026 10:00:00 +0100\" {3}\r\n");
+        assert!(c.line().starts_with("+ "));
+        c.send(b"def\r\n");
+        let lines = c.until_tagged("c");
+        assert!(
+            tagged(&lines).contains("[APPENDUID ") && tagged(&lines).contains(" 3:4]"),
+            "{lines:?}"
+        );
+        c.run("s", "SELECT INBOX");
+        let fetched = c.run("f", "FETCH 1:4 (FLAGS BODY.PEEK[])");
+        let text = fetched.concat();
+        for (n, body) in [(1, "hello"), (2, "world"), (3, "abc"), (4, "def")] {
+            assert!(text.contains(&format!("* {n} FETCH")), "{text}");
+            assert!(text.contains(body), "{text}");
+        }
+        assert!(
+            text.contains("\\Seen") && text.contains("$K") && text.contains("\\Flagged"),
+            "{text}"
+        );
+        let status = c.run("t", "STATUS INBOX (MESSAGES)");
+        assert!(status[0].contains("MESSAGES 4"), "{status:?}");
+    })
+    .await
+    .unwrap();
+}

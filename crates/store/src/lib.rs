@@ -30,7 +30,7 @@ mod sqlite;
 
 pub use disk::{Disk, NoSpace};
 pub use mailbox::{
-    Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, Structure,
+    Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, NewMessage, Structure,
 };
 pub use outbound::{
     Envelope, Notify, OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,

@@ -40,6 +40,19 @@ pub struct FolderInfo {
     pub recent: u32,
 }
 
+/// A message to store with APPEND.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Flags to set.
+    pub flags: Vec<String>,
+    /// Internal date.
+    pub internal_date_ms: UnixMillis,
+    /// The bytes, stored as given.
+    pub body: Vec<u8>,
+    /// What the admin listing shows (subject, addresses ...).
+    pub facts: Option<crate::MessageFacts>,
+}
+
 /// One message's state in a folder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MessageState {
@@ -171,6 +184,15 @@ pub trait Mailboxes {
         internal_date_ms: UnixMillis,
         body: &[u8],
         facts: Option<&crate::MessageFacts>,
+    ) -> Result<Copied>;
+
+    /// Stores several new messages in a folder in one transaction, all or none
+    /// (MULTIAPPEND, RFC 3502); their UIDs are consecutive, in order.
+    fn append_all(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        messages: &[NewMessage],
     ) -> Result<Copied>;
 
     /// The bytes of several messages as a client would fetch them (like

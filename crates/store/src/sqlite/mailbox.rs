@@ -526,7 +526,15 @@ impl Mailboxes for SqliteStore {
                 let mut results = Vec::with_capacity(batch.len());
                 for request in &batch {
                     tx.execute_batch("SAVEPOINT one_append")?;
-                    match append_one(&tx, request) {
+                    match append_one(
+                        &tx,
+                        request.recipient,
+                        &request.folder,
+                        &request.flags,
+                        request.internal_date_ms,
+                        &request.body,
+                        request.facts.as_ref(),
+                    ) {
                         Ok(copied) => {
                             tx.execute_batch("RELEASE one_append")?;
                             results.push(Ok(copied));
@@ -583,6 +591,35 @@ impl Mailboxes for SqliteStore {
                     .unwrap_or_else(|| StoreError::Conflict("the APPEND was not committed".into())))
             }
         }
+    }
+
+    fn append_all(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        messages: &[crate::NewMessage],
+    ) -> Result<Copied> {
+        let copied = self.write("append", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut all = Copied::default();
+            for message in messages {
+                let one = append_one(
+                    &tx,
+                    recipient,
+                    folder,
+                    &message.flags,
+                    message.internal_date_ms,
+                    &message.body,
+                    message.facts.as_ref(),
+                )?;
+                all.uidvalidity = one.uidvalidity;
+                all.uids.extend(one.uids);
+            }
+            tx.commit()?;
+            Ok(all)
+        })?;
+        self.ring(&[recipient]);
+        Ok(copied)
     }
 
     fn messages_raw(
@@ -746,11 +783,20 @@ impl Mailboxes for SqliteStore {
     }
 }
 
-/// One APPEND inside a group commit (see `append`).
-fn append_one(tx: &rusqlite::Transaction<'_>, request: &super::PendingAppend) -> Result<Copied> {
-    let folder = require_folder(tx, request.recipient, &request.folder)?;
-    let blob = put_blob(tx, &request.body)?;
-    if let Some(facts) = &request.facts {
+/// One APPEND inside a transaction (a group commit, or MULTIAPPEND's all-or-none).
+#[allow(clippy::too_many_arguments)]
+fn append_one(
+    tx: &rusqlite::Transaction<'_>,
+    recipient: RecipientId,
+    folder: &str,
+    flags: &[String],
+    internal_date_ms: UnixMillis,
+    body: &[u8],
+    facts: Option<&crate::MessageFacts>,
+) -> Result<Copied> {
+    let folder = require_folder(tx, recipient, folder)?;
+    let blob = put_blob(tx, body)?;
+    if let Some(facts) = facts {
         let facts = serde_json::to_string(facts).expect("facts serialise");
         tx.prepare_cached("INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)")?
             .execute(params![blob, facts])?;
@@ -766,9 +812,9 @@ fn append_one(tx: &rusqlite::Transaction<'_>, request: &super::PendingAppend) ->
             folder,
             uid,
             blob,
-            request.internal_date_ms,
-            request.body.len() as i64,
-            join_flags(&request.flags),
+            internal_date_ms,
+            body.len() as i64,
+            join_flags(flags),
             modseq
         ],
     )?;
