@@ -33,6 +33,10 @@ pub type SequenceSet = Vec<Range>;
 /// `*` in a sequence set.
 pub const STAR: u64 = u64::MAX;
 
+/// `$` as a sequence set (RFC 5182): the saved search result, as `[Range(SAVED, SAVED)]`.
+/// The session replaces it with the messages saved before it runs a command.
+pub const SAVED: u64 = u64::MAX - 1;
+
 /// A section of a message (RFC 9051 6.4.5 `section-spec`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Section {
@@ -178,6 +182,8 @@ pub struct SearchReturn {
     pub all: bool,
     /// COUNT.
     pub count: bool,
+    /// SAVE (RFC 5182): remember the result for `$`.
+    pub save: bool,
 }
 
 /// LIST selection and return options (RFC 5258, 6154, 5819).
@@ -630,8 +636,8 @@ impl<'a> Cursor<'a> {
     }
 
     fn sequence_set(&mut self) -> Result<SequenceSet> {
-        if self.peek() == Some(b'$') {
-            return Err("the saved search result ($) is not supported".into());
+        if self.eat(b'$') {
+            return Ok(vec![Range(SAVED, SAVED)]);
         }
         let mut set = Vec::new();
         loop {
@@ -885,7 +891,12 @@ impl<'a> Cursor<'a> {
                 self.sp()?;
             }
         }
-        if self.peek().is_some_and(|b| b.is_ascii_digit() || b == b'*') {
+        // A sequence set, or `$` (the saved result, RFC 5182) followed by a space or the
+        // end (a keyword cannot start with `$`; keywords are not search keys).
+        if self.peek().is_some_and(|b| b.is_ascii_digit() || b == b'*')
+            || (self.peek() == Some(b'$')
+                && matches!(self.input.get(self.at + 1), None | Some(b' ') | Some(b')')))
+        {
             return Ok(SearchKey::Sequence(self.sequence_set()?));
         }
         let word = self.atom()?.to_ascii_uppercase();
@@ -1109,11 +1120,14 @@ impl<'a> Cursor<'a> {
                     "MAX" => ret.max = true,
                     "ALL" => ret.all = true,
                     "COUNT" => ret.count = true,
-                    "SAVE" => return Err("SEARCH RETURN (SAVE) is not supported".into()),
+                    "SAVE" => ret.save = true,
                     other => return Err(format!("unknown SEARCH return option {other}")),
                 }
             }
-            if !(ret.min || ret.max || ret.count) {
+            if ret.save && !(ret.min || ret.max || ret.count || ret.all) {
+                // SAVE alone: the result is kept and no ESEARCH is sent (RFC 5182 2.1).
+                ret.extended = false;
+            } else if !(ret.min || ret.max || ret.count) {
                 ret.all = true;
             }
             self.sp()?;

@@ -54,6 +54,8 @@ struct View {
     /// UIDs `\Recent` to this session (IMAP4rev1 only; RFC 3501 2.3.2), shown in its
     /// FLAGS and counted in RECENT.
     recent: HashSet<u32>,
+    /// The saved search result (RFC 5182 SEARCHRES), as UIDs: `$` names these messages.
+    saved: Vec<u32>,
 }
 
 /// The system flags every folder has.
@@ -151,6 +153,65 @@ type Outcome = Result<String, (String, String)>;
 
 fn ok(text: impl Into<String>) -> Outcome {
     Ok(text.into())
+}
+
+/// Replaces `$` (the saved search result, RFC 5182) in a command's sets by the saved
+/// messages: their UIDs in UID commands and UID search keys, their sequence numbers
+/// otherwise. Messages expunged since are gone from it; an empty result matches nothing.
+fn resolve_saved(view: &View, kind: &mut CommandKind) {
+    fn is_saved(set: &SequenceSet) -> bool {
+        set.len() == 1 && set[0].0 == crate::parse::SAVED
+    }
+    let as_uids = |set: &mut SequenceSet| {
+        if is_saved(set) {
+            *set = view
+                .saved
+                .iter()
+                .map(|&u| crate::parse::Range(u64::from(u), u64::from(u)))
+                .collect();
+        }
+    };
+    let as_seqs = |set: &mut SequenceSet| {
+        if is_saved(set) {
+            *set = view
+                .saved
+                .iter()
+                .filter_map(|&u| view.seq_of(u))
+                .map(|n| crate::parse::Range(u64::from(n), u64::from(n)))
+                .collect();
+        }
+    };
+    fn walk(key: &mut SearchKey, uids: &dyn Fn(&mut SequenceSet), seqs: &dyn Fn(&mut SequenceSet)) {
+        match key {
+            SearchKey::Sequence(set) => seqs(set),
+            SearchKey::Uid(set) => uids(set),
+            SearchKey::Not(k) => walk(k, uids, seqs),
+            SearchKey::Or(a, b) => {
+                walk(a, uids, seqs);
+                walk(b, uids, seqs);
+            }
+            SearchKey::And(keys) => {
+                for k in keys {
+                    walk(k, uids, seqs);
+                }
+            }
+            _ => {}
+        }
+    }
+    match kind {
+        CommandKind::Fetch { uid, set, .. }
+        | CommandKind::Store { uid, set, .. }
+        | CommandKind::Copy { uid, set, .. } => {
+            if *uid {
+                as_uids(set)
+            } else {
+                as_seqs(set)
+            }
+        }
+        CommandKind::Expunge(Some(set)) => as_uids(set),
+        CommandKind::Search { key, .. } => walk(key, &as_uids, &as_seqs),
+        _ => {}
+    }
 }
 
 /// UIDs in ascending order as a compact uid-set (`1:3,7`), for APPENDUID (RFC 4315).
@@ -300,7 +361,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -703,6 +764,7 @@ impl Session {
                     messages: Vec::new(),
                     keywords,
                     recent,
+                    saved: Vec::new(),
                 };
                 view.flags_lines(out);
                 let messages: Vec<MessageState> =
@@ -1084,9 +1146,11 @@ impl Session {
         recipient: RecipientId,
         out: &mut Output<'_>,
     ) -> Outcome {
-        if self.selected.is_none() {
+        let Some(view) = &self.selected else {
             return bad("select a folder first");
-        }
+        };
+        let mut kind = kind;
+        resolve_saved(view, &mut kind);
         let store = self.server.store.clone();
         match kind {
             CommandKind::Close | CommandKind::Unselect => {
@@ -1136,7 +1200,22 @@ impl Session {
             }
             CommandKind::Search { uid, ret, key } => {
                 self.sync(out, uid).await;
-                let results = self.search(recipient, &key).await?;
+                let results = match self.search(recipient, &key).await {
+                    Ok(results) => results,
+                    Err(e) => {
+                        // A SEARCH with SAVE that fails leaves an empty saved result.
+                        if ret.save
+                            && let Some(view) = self.selected.as_mut()
+                        {
+                            view.saved.clear();
+                        }
+                        return Err(e);
+                    }
+                };
+                if ret.save {
+                    let view = self.selected.as_mut().expect("checked");
+                    view.saved = results.iter().map(|&i| view.messages[i].uid).collect();
+                }
                 let view = self.selected.as_ref().expect("checked");
                 let numbers: Vec<u32> = results
                     .iter()
@@ -1181,6 +1260,8 @@ impl Session {
                     }
                     out.extend_from_slice(line.as_bytes());
                     out.extend_from_slice(b"\r\n");
+                } else if ret.save {
+                    // SAVE alone: nothing to send (RFC 5182 2.1).
                 } else {
                     let mut line = String::from("* SEARCH");
                     for n in &numbers {
@@ -1375,6 +1456,7 @@ impl Session {
         for uid in uids {
             view.recent.remove(uid);
         }
+        view.saved.retain(|u| !uids.contains(u));
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         for seq in seqs {
             view.messages.remove(seq as usize - 1);

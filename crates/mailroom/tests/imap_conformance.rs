@@ -410,3 +410,50 @@ async fn multiappend_stores_all_or_nothing() {
     .await
     .unwrap();
 }
+
+/// SEARCHRES (RFC 5182): `SEARCH RETURN (SAVE)` keeps the result without answering it;
+/// `$` then names those messages in FETCH, STORE, COPY, SEARCH and their UID forms,
+/// follows expunges, and is empty (not an error) when nothing was saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searchres_saves_a_result_for_dollar() {
+    let (_server, imap) = server_with_mail(4).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let caps = c.run("k", "CAPABILITY");
+        assert!(caps[0].contains(" SEARCHRES"), "{caps:?}");
+        c.run("s", "SELECT INBOX");
+        let empty = c.run("e", "FETCH $ (UID)");
+        assert_eq!(empty.len(), 1, "{empty:?}");
+        assert!(tagged(&empty).starts_with("e OK"), "{empty:?}");
+        c.run("f", "STORE 2,4 +FLAGS.SILENT (\\Flagged)");
+        let saved = c.run("a", "SEARCH RETURN (SAVE) FLAGGED");
+        assert_eq!(saved.len(), 1, "SAVE alone answers nothing: {saved:?}");
+        assert!(tagged(&saved).starts_with("a OK"), "{saved:?}");
+        let fetched = c.run("b", "FETCH $ (UID)");
+        assert_eq!(
+            fetched[..2],
+            ["* 2 FETCH (UID 2)\r\n", "* 4 FETCH (UID 4)\r\n"],
+            "{fetched:?}"
+        );
+        let searched = c.run("c", "UID SEARCH UID $ SEEN");
+        assert_eq!(searched[0], "* SEARCH\r\n", "{searched:?}");
+        let searched = c.run("d", "SEARCH $");
+        assert_eq!(searched[0], "* SEARCH 2 4\r\n", "{searched:?}");
+        // Expunging a saved message takes it out of $.
+        c.run("x", "STORE 2 +FLAGS.SILENT (\\Deleted)");
+        c.run("y", "EXPUNGE");
+        let fetched = c.run("g", "UID FETCH $ (FLAGS)");
+        assert_eq!(fetched.len(), 2, "{fetched:?}");
+        assert!(fetched[0].contains("UID 4"), "{fetched:?}");
+        // SAVE with other options answers them and saves too.
+        let both = c.run("h", "UID SEARCH RETURN (SAVE MIN COUNT) ALL");
+        assert!(
+            both[0].starts_with("* ESEARCH (TAG \"h\") UID MIN 1 COUNT 3"),
+            "{both:?}"
+        );
+        let fetched = c.run("i", "FETCH $ (UID)");
+        assert_eq!(fetched.len(), 4, "{fetched:?}");
+    })
+    .await
+    .unwrap();
+}
