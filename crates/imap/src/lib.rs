@@ -11,5 +11,6 @@ pub mod response;
 pub mod search;
 pub mod server;
 pub mod session;
+pub mod sort;
 
 pub use server::{ImapConfig, ImapServer, ImapStats, Plaintext};

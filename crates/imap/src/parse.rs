@@ -186,6 +186,38 @@ pub struct SearchReturn {
     pub save: bool,
 }
 
+/// A SORT key (RFC 5256, RFC 5957).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    /// Internal date.
+    Arrival,
+    /// First Cc mailbox.
+    Cc,
+    /// Date header.
+    Date,
+    /// First From mailbox.
+    From,
+    /// RFC822.SIZE.
+    Size,
+    /// Base subject.
+    Subject,
+    /// First To mailbox.
+    To,
+    /// First From display name (SORT=DISPLAY).
+    DisplayFrom,
+    /// First To display name (SORT=DISPLAY).
+    DisplayTo,
+}
+
+/// One sort criterion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SortCriterion {
+    /// REVERSE.
+    pub reverse: bool,
+    /// The key.
+    pub key: SortKey,
+}
+
 /// LIST selection and return options (RFC 5258, 6154, 5819).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListOptions {
@@ -320,6 +352,17 @@ pub enum CommandKind {
         /// RETURN options.
         ret: SearchReturn,
         /// The criteria (ANDed).
+        key: SearchKey,
+    },
+    /// SORT (UID when `uid`), with ESORT's RETURN options (RFC 5267).
+    Sort {
+        /// UID SORT.
+        uid: bool,
+        /// RETURN options (ESORT).
+        ret: SearchReturn,
+        /// The sort criteria.
+        criteria: Vec<SortCriterion>,
+        /// The search criteria (ANDed).
         key: SearchKey,
     },
     /// FETCH.
@@ -1108,6 +1151,102 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// SORT [RETURN (...)] (criteria) charset search-keys (RFC 5256, 5267).
+    fn sort(&mut self, uid: bool) -> Result<CommandKind> {
+        self.sp()?;
+        let mut ret = SearchReturn::default();
+        if self.eat_keyword("RETURN") {
+            ret = self.return_options()?;
+            if ret.save {
+                return Err("SORT RETURN (SAVE) is not supported".into());
+            }
+            self.sp()?;
+        }
+        let words = self.option_words()?;
+        if words.is_empty() {
+            return Err("SORT needs at least one criterion".into());
+        }
+        let mut criteria = Vec::new();
+        let mut reverse = false;
+        for word in words {
+            let key = match word.as_str() {
+                "REVERSE" if !reverse => {
+                    reverse = true;
+                    continue;
+                }
+                "ARRIVAL" => SortKey::Arrival,
+                "CC" => SortKey::Cc,
+                "DATE" => SortKey::Date,
+                "FROM" => SortKey::From,
+                "SIZE" => SortKey::Size,
+                "SUBJECT" => SortKey::Subject,
+                "TO" => SortKey::To,
+                "DISPLAYFROM" => SortKey::DisplayFrom,
+                "DISPLAYTO" => SortKey::DisplayTo,
+                other => return Err(format!("unknown SORT criterion {other}")),
+            };
+            criteria.push(SortCriterion { reverse, key });
+            reverse = false;
+        }
+        if reverse {
+            return Err("REVERSE must precede a sort key".into());
+        }
+        self.sp()?;
+        let charset = self.astring()?;
+        if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
+            return Err(format!(
+                "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
+            ));
+        }
+        self.sp()?;
+        let key = self.search_keys()?;
+        Ok(CommandKind::Sort {
+            uid,
+            ret,
+            criteria,
+            key,
+        })
+    }
+
+    /// `(MIN MAX ALL COUNT SAVE)` after RETURN (RFC 4731, 5182).
+    fn return_options(&mut self) -> Result<SearchReturn> {
+        let mut ret = SearchReturn {
+            extended: true,
+            ..SearchReturn::default()
+        };
+        self.sp()?;
+        for word in self.option_words()? {
+            match word.as_str() {
+                "MIN" => ret.min = true,
+                "MAX" => ret.max = true,
+                "ALL" => ret.all = true,
+                "COUNT" => ret.count = true,
+                "SAVE" => ret.save = true,
+                other => return Err(format!("unknown RETURN option {other}")),
+            }
+        }
+        if ret.save && !(ret.min || ret.max || ret.count || ret.all) {
+            // SAVE alone: the result is kept and no ESEARCH is sent (RFC 5182 2.1).
+            ret.extended = false;
+        } else if !(ret.min || ret.max || ret.count) {
+            ret.all = true;
+        }
+        Ok(ret)
+    }
+
+    /// One or more search keys, ANDed.
+    fn search_keys(&mut self) -> Result<SearchKey> {
+        let mut keys = vec![self.search_key()?];
+        while self.eat(b' ') {
+            keys.push(self.search_key()?);
+        }
+        Ok(if keys.len() == 1 {
+            keys.pop().expect("one key")
+        } else {
+            SearchKey::And(keys)
+        })
+    }
+
     fn search(&mut self, uid: bool) -> Result<CommandKind> {
         let mut ret = SearchReturn::default();
         self.sp()?;
@@ -1365,6 +1504,7 @@ impl<'a> Cursor<'a> {
             }
             "APPEND" => self.append(),
             "SEARCH" => self.search(false),
+            "SORT" => self.sort(false),
             "FETCH" => self.fetch(false),
             "STORE" => self.store(false),
             "COPY" => self.copy(false, false),
@@ -1374,6 +1514,7 @@ impl<'a> Cursor<'a> {
                 let sub = self.atom()?.to_ascii_uppercase();
                 match sub.as_str() {
                     "SEARCH" => self.search(true),
+                    "SORT" => self.sort(true),
                     "FETCH" => self.fetch(true),
                     "STORE" => self.store(true),
                     "COPY" => self.copy(true, false),

@@ -209,9 +209,17 @@ fn resolve_saved(view: &View, kind: &mut CommandKind) {
             }
         }
         CommandKind::Expunge(Some(set)) => as_uids(set),
-        CommandKind::Search { key, .. } => walk(key, &as_uids, &as_seqs),
+        CommandKind::Search { key, .. } | CommandKind::Sort { key, .. } => {
+            walk(key, &as_uids, &as_seqs)
+        }
         _ => {}
     }
+}
+
+/// Numbers in a given order as a sequence-set that keeps it (ESORT's ALL): runs that
+/// ascend by one become ranges, everything else is listed.
+fn ordered_set(numbers: &[u32]) -> String {
+    uid_set(numbers)
 }
 
 /// UIDs in ascending order as a compact uid-set (`1:3,7`), for APPENDUID (RFC 4315).
@@ -361,7 +369,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -1197,6 +1205,96 @@ impl Session {
                 self.remove_from_view(&uids, out);
                 self.sync(out, true).await;
                 ok("EXPUNGE completed")
+            }
+            CommandKind::Sort {
+                uid,
+                ret,
+                criteria,
+                key,
+            } => {
+                self.sync(out, uid).await;
+                let results = self.search(recipient, &key).await?;
+                let view = self.selected.as_ref().expect("checked");
+                let states: Vec<MessageState> =
+                    results.iter().map(|&i| view.messages[i].clone()).collect();
+                let needs_header = criteria.iter().any(|c| {
+                    !matches!(
+                        c.key,
+                        crate::parse::SortKey::Arrival | crate::parse::SortKey::Size
+                    )
+                });
+                let name = view.name.clone();
+                // Reading and parsing headers grows with the folder: on the blocking pool.
+                let order: Vec<usize> = blocking(&store, move |s| {
+                    let mut keyed: Vec<(usize, crate::sort::SortFields)> =
+                        Vec::with_capacity(states.len());
+                    for (chunk_index, chunk) in states.chunks(500).enumerate() {
+                        let raws: std::collections::HashMap<u32, Vec<u8>> = if needs_header {
+                            let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+                            s.messages_raw(recipient, &name, &uids, true)?
+                                .into_iter()
+                                .collect()
+                        } else {
+                            Default::default()
+                        };
+                        for (j, state) in chunk.iter().enumerate() {
+                            let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+                            keyed.push((
+                                chunk_index * 500 + j,
+                                crate::sort::fields(parsed.as_ref(), state),
+                            ));
+                        }
+                    }
+                    // Ties keep mailbox order (RFC 5256 3).
+                    keyed.sort_by(|a, b| {
+                        crate::sort::compare(&a.1, &b.1, &criteria).then(a.0.cmp(&b.0))
+                    });
+                    Ok(keyed.into_iter().map(|(j, _)| j).collect())
+                })
+                .await?;
+                let view = self.selected.as_ref().expect("checked");
+                let numbers: Vec<u32> = order
+                    .iter()
+                    .map(|&j| {
+                        let i = results[j];
+                        if uid {
+                            view.messages[i].uid
+                        } else {
+                            i as u32 + 1
+                        }
+                    })
+                    .collect();
+                if ret.extended {
+                    // ESORT (RFC 5267): MIN and MAX are the first and last in sort order,
+                    // ALL keeps the order.
+                    let mut line = format!("* ESEARCH (TAG \"{tag}\")");
+                    if uid {
+                        line.push_str(" UID");
+                    }
+                    if let (Some(first), Some(last)) = (numbers.first(), numbers.last()) {
+                        if ret.min {
+                            line.push_str(&format!(" MIN {first}"));
+                        }
+                        if ret.max {
+                            line.push_str(&format!(" MAX {last}"));
+                        }
+                        if ret.all {
+                            line.push_str(&format!(" ALL {}", ordered_set(&numbers)));
+                        }
+                    }
+                    if ret.count {
+                        line.push_str(&format!(" COUNT {}", numbers.len()));
+                    }
+                    out.extend_from_slice(line.as_bytes());
+                } else {
+                    let mut line = String::from("* SORT");
+                    for n in &numbers {
+                        line.push_str(&format!(" {n}"));
+                    }
+                    out.extend_from_slice(line.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+                ok("SORT completed")
             }
             CommandKind::Search { uid, ret, key } => {
                 self.sync(out, uid).await;
@@ -2078,6 +2176,7 @@ fn command_name(kind: &CommandKind) -> &'static str {
         CommandKind::Unselect => "unselect",
         CommandKind::Expunge(_) => "expunge",
         CommandKind::Search { .. } => "search",
+        CommandKind::Sort { .. } => "sort",
         CommandKind::Fetch { .. } => "fetch",
         CommandKind::Store { .. } => "store",
         CommandKind::Copy { remove: false, .. } => "copy",

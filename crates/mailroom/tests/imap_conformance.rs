@@ -457,3 +457,77 @@ async fn searchres_saves_a_result_for_dollar() {
     .await
     .unwrap();
 }
+
+/// SORT (RFC 5256), SORT=DISPLAY (RFC 5957) and ESORT (RFC 5267): base subjects without
+/// Re/Fwd/blobs, the first address's mailbox or display name, the Date header (the
+/// internal date when it is missing), REVERSE, ties in mailbox order, UID SORT with
+/// search keys, and ESEARCH answers that keep the sort order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sort_follows_rfc_5256() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let messages = [
+        "From: Carol <carol@x.test>\r\nSubject: Re: banana\r\nDate: Tue, 03 Mar 2026 10:00:00 +0000\r\n\r\none\r\n",
+        "From: alice@x.test\r\nSubject: apple\r\nDate: Mon, 02 Mar 2026 10:00:00 +0000\r\n\r\ntwo\r\n",
+        "From: \"Bob\" <zed@x.test>\r\nSubject: [list] Fwd: Cherry (fwd)\r\nDate: Wed, 04 Mar 2026 10:00:00 +0000\r\n\r\nthree\r\n",
+        "From: bob@x.test\r\nSubject: apple\r\n\r\nfour\r\n",
+    ];
+    for (n, m) in messages.iter().enumerate() {
+        server.send_raw("ann@example.test", m.as_bytes()).await;
+        server.wait_for_messages("ann@example.test", n + 1).await;
+    }
+    let imap = server.server.imap_addr;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let caps = c.run("k", "CAPABILITY");
+        for cap in [" SORT ", " SORT=DISPLAY ", " ESORT "] {
+            assert!(caps[0].contains(cap), "{cap}: {caps:?}");
+        }
+        c.run("s", "SELECT INBOX");
+        let sorted = |c: &mut RawImap, tag: &str, command: &str| c.run(tag, command)[0].clone();
+        assert_eq!(
+            sorted(&mut c, "a", "SORT (SUBJECT) UTF-8 ALL"),
+            "* SORT 2 4 1 3\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "b", "SORT (REVERSE DATE) UTF-8 ALL"),
+            "* SORT 4 3 1 2\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "c", "SORT (FROM) US-ASCII ALL"),
+            "* SORT 2 4 1 3\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "d", "SORT (DISPLAYFROM) UTF-8 ALL"),
+            "* SORT 2 3 4 1\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "e", "SORT (SUBJECT REVERSE ARRIVAL) UTF-8 ALL"),
+            "* SORT 4 2 1 3\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "f", "UID SORT (SUBJECT) UTF-8 FROM bob"),
+            "* SORT 4 3\r\n"
+        );
+        assert_eq!(
+            sorted(
+                &mut c,
+                "g",
+                "SORT RETURN (MIN MAX COUNT ALL) (SUBJECT) UTF-8 ALL"
+            ),
+            "* ESEARCH (TAG \"g\") MIN 2 MAX 3 ALL 2,4,1,3 COUNT 4\r\n"
+        );
+        let bad = c.run("h", "SORT (SUBJECT) KOI8-R ALL");
+        assert!(
+            tagged(&bad).starts_with("h NO [BADCHARSET")
+                || tagged(&bad).starts_with("h BAD [BADCHARSET"),
+            "{bad:?}"
+        );
+        let bad = c.run("i", "SORT (REVERSE) UTF-8 ALL");
+        assert!(tagged(&bad).starts_with("i BAD"), "{bad:?}");
+    })
+    .await
+    .unwrap();
+}
