@@ -12,5 +12,6 @@ pub mod search;
 pub mod server;
 pub mod session;
 pub mod sort;
+pub mod thread;
 
 pub use server::{ImapConfig, ImapServer, ImapStats, Plaintext};

@@ -365,6 +365,13 @@ pub enum CommandKind {
         /// The search criteria (ANDed).
         key: SearchKey,
     },
+    /// THREAD=ORDEREDSUBJECT (UID when `uid`).
+    Thread {
+        /// UID THREAD.
+        uid: bool,
+        /// The search criteria (ANDed).
+        key: SearchKey,
+    },
     /// FETCH.
     Fetch {
         /// UID FETCH.
@@ -1208,6 +1215,27 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// THREAD algorithm charset search-keys (RFC 5256); only ORDEREDSUBJECT.
+    fn thread(&mut self, uid: bool) -> Result<CommandKind> {
+        self.sp()?;
+        let algorithm = self.atom()?.to_ascii_uppercase();
+        if algorithm != "ORDEREDSUBJECT" {
+            return Err(format!(
+                "THREAD={algorithm} is not supported (THREAD=ORDEREDSUBJECT is)"
+            ));
+        }
+        self.sp()?;
+        let charset = self.astring()?;
+        if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
+            return Err(format!(
+                "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
+            ));
+        }
+        self.sp()?;
+        let key = self.search_keys()?;
+        Ok(CommandKind::Thread { uid, key })
+    }
+
     /// `(MIN MAX ALL COUNT SAVE)` after RETURN (RFC 4731, 5182).
     fn return_options(&mut self) -> Result<SearchReturn> {
         let mut ret = SearchReturn {
@@ -1505,6 +1533,7 @@ impl<'a> Cursor<'a> {
             "APPEND" => self.append(),
             "SEARCH" => self.search(false),
             "SORT" => self.sort(false),
+            "THREAD" => self.thread(false),
             "FETCH" => self.fetch(false),
             "STORE" => self.store(false),
             "COPY" => self.copy(false, false),
@@ -1515,6 +1544,7 @@ impl<'a> Cursor<'a> {
                 match sub.as_str() {
                     "SEARCH" => self.search(true),
                     "SORT" => self.sort(true),
+                    "THREAD" => self.thread(true),
                     "FETCH" => self.fetch(true),
                     "STORE" => self.store(true),
                     "COPY" => self.copy(true, false),

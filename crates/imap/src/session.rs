@@ -209,9 +209,9 @@ fn resolve_saved(view: &View, kind: &mut CommandKind) {
             }
         }
         CommandKind::Expunge(Some(set)) => as_uids(set),
-        CommandKind::Search { key, .. } | CommandKind::Sort { key, .. } => {
-            walk(key, &as_uids, &as_seqs)
-        }
+        CommandKind::Search { key, .. }
+        | CommandKind::Sort { key, .. }
+        | CommandKind::Thread { key, .. } => walk(key, &as_uids, &as_seqs),
         _ => {}
     }
 }
@@ -369,7 +369,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -1205,6 +1205,52 @@ impl Session {
                 self.remove_from_view(&uids, out);
                 self.sync(out, true).await;
                 ok("EXPUNGE completed")
+            }
+            CommandKind::Thread { uid, key } => {
+                self.sync(out, uid).await;
+                let results = self.search(recipient, &key).await?;
+                let view = self.selected.as_ref().expect("checked");
+                let states: Vec<MessageState> =
+                    results.iter().map(|&i| view.messages[i].clone()).collect();
+                let numbers: Vec<u32> = results
+                    .iter()
+                    .map(|&i| {
+                        if uid {
+                            view.messages[i].uid
+                        } else {
+                            i as u32 + 1
+                        }
+                    })
+                    .collect();
+                let name = view.name.clone();
+                let threads = blocking(&store, move |s| {
+                    let mut all = Vec::with_capacity(states.len());
+                    for (chunk_index, chunk) in states.chunks(500).enumerate() {
+                        let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+                        let raws: std::collections::HashMap<u32, Vec<u8>> = s
+                            .messages_raw(recipient, &name, &uids, true)?
+                            .into_iter()
+                            .collect();
+                        for (j, state) in chunk.iter().enumerate() {
+                            let order = chunk_index * 500 + j;
+                            let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+                            all.push(crate::thread::Threadable {
+                                number: numbers[order],
+                                fields: crate::sort::fields(parsed.as_ref(), state),
+                                order,
+                            });
+                        }
+                    }
+                    Ok(crate::thread::ordered_subject(all))
+                })
+                .await?;
+                let line = if threads.is_empty() {
+                    "* THREAD\r\n".to_string()
+                } else {
+                    format!("* THREAD {threads}\r\n")
+                };
+                out.extend_from_slice(line.as_bytes());
+                ok("THREAD completed")
             }
             CommandKind::Sort {
                 uid,
@@ -2177,6 +2223,7 @@ fn command_name(kind: &CommandKind) -> &'static str {
         CommandKind::Expunge(_) => "expunge",
         CommandKind::Search { .. } => "search",
         CommandKind::Sort { .. } => "sort",
+        CommandKind::Thread { .. } => "thread",
         CommandKind::Fetch { .. } => "fetch",
         CommandKind::Store { .. } => "store",
         CommandKind::Copy { remove: false, .. } => "copy",

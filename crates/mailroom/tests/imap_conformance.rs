@@ -461,7 +461,7 @@ async fn searchres_saves_a_result_for_dollar() {
 /// SORT (RFC 5256), SORT=DISPLAY (RFC 5957) and ESORT (RFC 5267): base subjects without
 /// Re/Fwd/blobs, the first address's mailbox or display name, the Date header (the
 /// internal date when it is missing), REVERSE, ties in mailbox order, UID SORT with
-/// search keys, and ESEARCH answers that keep the sort order.
+/// search keys, and ESEARCH answers that keep the sort order; THREAD=ORDEREDSUBJECT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sort_follows_rfc_5256() {
     let server = TestServer::start().await;
@@ -527,6 +527,19 @@ async fn sort_follows_rfc_5256() {
         );
         let bad = c.run("i", "SORT (REVERSE) UTF-8 ALL");
         assert!(tagged(&bad).starts_with("i BAD"), "{bad:?}");
+        // THREAD=ORDEREDSUBJECT (RFC 5256 3): by base subject, parent first, threads by
+        // their first message's date.
+        assert!(caps[0].contains(" THREAD=ORDEREDSUBJECT"), "{caps:?}");
+        assert_eq!(
+            sorted(&mut c, "j", "THREAD ORDEREDSUBJECT UTF-8 ALL"),
+            "* THREAD (2 4)(1)(3)\r\n"
+        );
+        assert_eq!(
+            sorted(&mut c, "l", "UID THREAD ORDEREDSUBJECT UTF-8 FROM bob"),
+            "* THREAD (3)(4)\r\n"
+        );
+        let refused = c.run("m", "THREAD REFERENCES UTF-8 ALL");
+        assert!(tagged(&refused).starts_with("m BAD"), "{refused:?}");
     })
     .await
     .unwrap();
