@@ -365,10 +365,12 @@ pub enum CommandKind {
         /// The search criteria (ANDed).
         key: SearchKey,
     },
-    /// THREAD=ORDEREDSUBJECT (UID when `uid`).
+    /// THREAD (UID when `uid`), RFC 5256.
     Thread {
         /// UID THREAD.
         uid: bool,
+        /// REFERENCES (true) or ORDEREDSUBJECT (false).
+        references: bool,
         /// The search criteria (ANDed).
         key: SearchKey,
     },
@@ -1215,15 +1217,15 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// THREAD algorithm charset search-keys (RFC 5256); only ORDEREDSUBJECT.
+    /// THREAD algorithm charset search-keys (RFC 5256).
     fn thread(&mut self, uid: bool) -> Result<CommandKind> {
         self.sp()?;
         let algorithm = self.atom()?.to_ascii_uppercase();
-        if algorithm != "ORDEREDSUBJECT" {
-            return Err(format!(
-                "THREAD={algorithm} is not supported (THREAD=ORDEREDSUBJECT is)"
-            ));
-        }
+        let references = match algorithm.as_str() {
+            "REFERENCES" => true,
+            "ORDEREDSUBJECT" => false,
+            other => return Err(format!("THREAD={other} is not supported")),
+        };
         self.sp()?;
         let charset = self.astring()?;
         if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
@@ -1233,7 +1235,11 @@ impl<'a> Cursor<'a> {
         }
         self.sp()?;
         let key = self.search_keys()?;
-        Ok(CommandKind::Thread { uid, key })
+        Ok(CommandKind::Thread {
+            uid,
+            references,
+            key,
+        })
     }
 
     /// `(MIN MAX ALL COUNT SAVE)` after RETURN (RFC 4731, 5182).

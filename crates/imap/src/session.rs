@@ -369,7 +369,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -1206,7 +1206,11 @@ impl Session {
                 self.sync(out, true).await;
                 ok("EXPUNGE completed")
             }
-            CommandKind::Thread { uid, key } => {
+            CommandKind::Thread {
+                uid,
+                references,
+                key,
+            } => {
                 self.sync(out, uid).await;
                 let results = self.search(recipient, &key).await?;
                 let view = self.selected.as_ref().expect("checked");
@@ -1234,14 +1238,25 @@ impl Session {
                         for (j, state) in chunk.iter().enumerate() {
                             let order = chunk_index * 500 + j;
                             let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+                            let (message_id, refs, reply) = match &parsed {
+                                Some(m) => crate::thread::ids_of(m),
+                                None => (None, Vec::new(), false),
+                            };
                             all.push(crate::thread::Threadable {
                                 number: numbers[order],
                                 fields: crate::sort::fields(parsed.as_ref(), state),
                                 order,
+                                message_id,
+                                references: refs,
+                                reply,
                             });
                         }
                     }
-                    Ok(crate::thread::ordered_subject(all))
+                    Ok(if references {
+                        crate::thread::references(all)
+                    } else {
+                        crate::thread::ordered_subject(all)
+                    })
                 })
                 .await?;
                 let line = if threads.is_empty() {

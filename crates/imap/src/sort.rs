@@ -87,6 +87,13 @@ fn first_display(address: Option<&Address<'_>>) -> String {
 /// RFC 5256 2.1: the subject without reply and forward markers, blobs and
 /// "(fwd)" trailers, whitespace collapsed, case-folded (i;unicode-casemap).
 pub fn base_subject(subject: &str) -> String {
+    base_subject_and_reply(subject).0
+}
+
+/// The base subject, and whether extracting it removed a reply or forward marker
+/// (`Re:`, `Fw:`, `Fwd:`, `(fwd)`, `[Fwd: ...]`): THREAD=REFERENCES's "reply or forward".
+pub fn base_subject_and_reply(subject: &str) -> (String, bool) {
+    let mut reply = false;
     // (1) Decoded already (mail-parser); collapse whitespace.
     let mut s: String = subject.split_whitespace().collect::<Vec<_>>().join(" ");
     loop {
@@ -96,6 +103,7 @@ pub fn base_subject(subject: &str) -> String {
             let trimmed = s.trim_end();
             let lower = trimmed.to_ascii_lowercase();
             if lower.ends_with("(fwd)") {
+                reply = true;
                 s = trimmed[..trimmed.len() - 5].to_string();
             } else {
                 s = trimmed.to_string();
@@ -106,7 +114,11 @@ pub fn base_subject(subject: &str) -> String {
         // (4) a leading blob when something remains after it.
         loop {
             let start = s.clone();
-            s = strip_leader(&s);
+            let stripped = strip_leader(&s);
+            if stripped != s {
+                reply = true;
+            }
+            s = stripped;
             if let Some(rest) = strip_blob(&s)
                 && !rest.trim().is_empty()
             {
@@ -119,13 +131,14 @@ pub fn base_subject(subject: &str) -> String {
         // (6) "[fwd:" ... "]" around the whole.
         let lower = s.to_ascii_lowercase();
         if lower.starts_with("[fwd:") && s.ends_with(']') {
+            reply = true;
             s = s[5..s.len() - 1].trim().to_string();
         }
         if s == before {
             break;
         }
     }
-    s.to_lowercase()
+    (s.to_lowercase(), reply)
 }
 
 /// `[blob]` at the start (and the whitespace after it): the rest, or `None`.

@@ -461,7 +461,8 @@ async fn searchres_saves_a_result_for_dollar() {
 /// SORT (RFC 5256), SORT=DISPLAY (RFC 5957) and ESORT (RFC 5267): base subjects without
 /// Re/Fwd/blobs, the first address's mailbox or display name, the Date header (the
 /// internal date when it is missing), REVERSE, ties in mailbox order, UID SORT with
-/// search keys, and ESEARCH answers that keep the sort order; THREAD=ORDEREDSUBJECT.
+/// search keys, and ESEARCH answers that keep the sort order; THREAD=ORDEREDSUBJECT and
+/// THREAD=REFERENCES.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sort_follows_rfc_5256() {
     let server = TestServer::start().await;
@@ -538,8 +539,45 @@ async fn sort_follows_rfc_5256() {
             sorted(&mut c, "l", "UID THREAD ORDEREDSUBJECT UTF-8 FROM bob"),
             "* THREAD (3)(4)\r\n"
         );
-        let refused = c.run("m", "THREAD REFERENCES UTF-8 ALL");
-        assert!(tagged(&refused).starts_with("m BAD"), "{refused:?}");
+        // THREAD=REFERENCES (RFC 5256 4): no references here, so threads by subject; two
+        // "apple" messages, neither a reply, share a new empty parent.
+        assert!(caps[0].contains(" THREAD=REFERENCES"), "{caps:?}");
+        assert_eq!(
+            sorted(&mut c, "m", "THREAD REFERENCES UTF-8 ALL"),
+            "* THREAD ((2)(4))(1)(3)\r\n"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// THREAD=REFERENCES over real mail: replies thread under what they reference through
+/// References and In-Reply-To, a reply to a message not in the mailbox stands alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_references_follows_the_reference_headers() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let messages = [
+        "Message-ID: <a@x>\r\nSubject: plan\r\nDate: Mon, 02 Mar 2026 10:00:00 +0000\r\n\r\n1\r\n",
+        "Message-ID: <b@x>\r\nIn-Reply-To: <a@x>\r\nSubject: Re: plan\r\nDate: Mon, 02 Mar 2026 11:00:00 +0000\r\n\r\n2\r\n",
+        "Message-ID: <c@x>\r\nReferences: <a@x> <b@x>\r\nSubject: Re: plan\r\nDate: Mon, 02 Mar 2026 12:00:00 +0000\r\n\r\n3\r\n",
+        "Message-ID: <d@x>\r\nReferences: <a@x>\r\nSubject: Re: plan\r\nDate: Mon, 02 Mar 2026 13:00:00 +0000\r\n\r\n4\r\n",
+        "Message-ID: <e@x>\r\nReferences: <zz@x>\r\nSubject: Re: elsewhere\r\nDate: Mon, 02 Mar 2026 09:00:00 +0000\r\n\r\n5\r\n",
+    ];
+    for (n, m) in messages.iter().enumerate() {
+        server.send_raw("ann@example.test", m.as_bytes()).await;
+        server.wait_for_messages("ann@example.test", n + 1).await;
+    }
+    let imap = server.server.imap_addr;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        c.run("s", "SELECT INBOX");
+        let lines = c.run("t", "THREAD REFERENCES UTF-8 ALL");
+        assert_eq!(lines[0], "* THREAD (5)(1 (2 3)(4))\r\n", "{lines:?}");
+        let lines = c.run("u", "UID THREAD REFERENCES UTF-8 NOT SUBJECT elsewhere");
+        assert_eq!(lines[0], "* THREAD (1 (2 3)(4))\r\n", "{lines:?}");
     })
     .await
     .unwrap();
