@@ -280,8 +280,99 @@ pub struct AppendMessage {
     pub flags: Vec<String>,
     /// Internal date, Unix ms.
     pub date_ms: Option<i64>,
-    /// The message.
+    /// The message (empty when it is built by CATENATE).
     pub message: Vec<u8>,
+    /// CATENATE (RFC 4469): the parts the message is made of, in order.
+    pub catenate: Option<Vec<CatenatePart>>,
+}
+
+/// One part of a CATENATE.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatenatePart {
+    /// Literal text.
+    Text(Vec<u8>),
+    /// An IMAP URL (RFC 5092) of a message or section on this server.
+    Url(String),
+}
+
+/// An IMAP URL's target on this server (RFC 5092, the forms CATENATE uses):
+/// `[imap://host]/mailbox[;UIDVALIDITY=n]/;UID=n[/;SECTION=spec]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImapUrl {
+    /// The mailbox, percent-decoded.
+    pub mailbox: String,
+    /// UIDVALIDITY, when given.
+    pub uidvalidity: Option<u32>,
+    /// The message.
+    pub uid: u32,
+    /// The section, when given.
+    pub section: Option<Section>,
+}
+
+/// Parses an IMAP URL as CATENATE references one; `None` when it is not one.
+pub fn parse_imap_url(url: &str) -> Option<ImapUrl> {
+    let path = match url.strip_prefix("imap://") {
+        Some(rest) => &rest[rest.find('/')?..],
+        None => url,
+    };
+    let path = path.strip_prefix('/')?;
+    let (mailbox_part, rest) = path
+        .split_once("/;UID=")
+        .or_else(|| path.split_once("/;uid="))?;
+    let (mailbox, uidvalidity) = match mailbox_part.split_once(";UIDVALIDITY=") {
+        Some((m, v)) => (m, Some(v.parse().ok()?)),
+        None => (mailbox_part, None),
+    };
+    let mailbox = percent_decode(mailbox)?;
+    let (uid, section) = match rest.split_once("/;SECTION=") {
+        Some((uid, section)) => (uid, Some(percent_decode(section)?)),
+        None => (rest, None),
+    };
+    let uid: u32 = uid.parse().ok().filter(|u| *u > 0)?;
+    let section = match section {
+        Some(text) => {
+            let framed = format!("[{text}]");
+            let mut cursor = Cursor {
+                input: framed.as_bytes(),
+                at: 0,
+                depth: 0,
+                limits: ParseLimits::default(),
+            };
+            let parsed = cursor.section().ok()?;
+            if !cursor.done() {
+                return None;
+            }
+            Some(parsed)
+        }
+        None => None,
+    };
+    Some(ImapUrl {
+        mailbox: if mailbox.eq_ignore_ascii_case("INBOX") {
+            "INBOX".into()
+        } else {
+            mailbox
+        },
+        uidvalidity,
+        uid,
+        section,
+    })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The commands.
@@ -1427,12 +1518,42 @@ impl<'a> Cursor<'a> {
                 date_ms = Some(parse_date_time(&text).ok_or("bad APPEND date-time")?);
                 self.sp()?;
             }
-            let message = self.literal()?;
-            messages.push(AppendMessage {
-                flags,
-                date_ms,
-                message,
-            });
+            if self.eat_keyword("CATENATE") {
+                self.sp()?;
+                self.expect(b'(')?;
+                let mut parts = Vec::new();
+                loop {
+                    if self.eat_keyword("TEXT") {
+                        self.sp()?;
+                        parts.push(CatenatePart::Text(self.literal()?));
+                    } else if self.eat_keyword("URL") {
+                        self.sp()?;
+                        parts.push(CatenatePart::Url(
+                            String::from_utf8_lossy(&self.astring_bytes()?).into_owned(),
+                        ));
+                    } else {
+                        return Err("CATENATE parts are TEXT literal or URL url".into());
+                    }
+                    if self.eat(b')') {
+                        break;
+                    }
+                    self.sp()?;
+                }
+                messages.push(AppendMessage {
+                    flags,
+                    date_ms,
+                    message: Vec::new(),
+                    catenate: Some(parts),
+                });
+            } else {
+                let message = self.literal()?;
+                messages.push(AppendMessage {
+                    flags,
+                    date_ms,
+                    message,
+                    catenate: None,
+                });
+            }
             if self.done() {
                 return Ok(CommandKind::Append(mailbox, messages));
             }

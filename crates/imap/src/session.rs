@@ -369,7 +369,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -887,7 +887,59 @@ impl Session {
                 self.status_line(recipient, &info, &items, out).await?;
                 ok("STATUS completed")
             }
-            CommandKind::Append(name, messages) => {
+            CommandKind::Append(name, mut messages) => {
+                // CATENATE (RFC 4469): build each message from its text parts and the
+                // messages or sections its URLs name (this user's, on this server).
+                for message in &mut messages {
+                    let Some(parts) = message.catenate.take() else {
+                        continue;
+                    };
+                    let mut built = Vec::new();
+                    for part in parts {
+                        match part {
+                            crate::parse::CatenatePart::Text(text) => built.extend(text),
+                            crate::parse::CatenatePart::Url(url) => {
+                                let bad =
+                                    || no(format!("[BADURL {url}] the URL names nothing here"));
+                                let Some(target) = crate::parse::parse_imap_url(&url) else {
+                                    return bad();
+                                };
+                                let wanted = target.clone();
+                                let found = blocking(&store, move |s| {
+                                    let folder = s
+                                        .folders(recipient)?
+                                        .into_iter()
+                                        .find(|f| f.name == wanted.mailbox);
+                                    let Some(folder) = folder else {
+                                        return Ok(None);
+                                    };
+                                    if wanted.uidvalidity.is_some_and(|v| v != folder.uidvalidity) {
+                                        return Ok(None);
+                                    }
+                                    s.message_raw(recipient, &wanted.mailbox, wanted.uid)
+                                })
+                                .await;
+                                let Ok(Some(raw)) = found else {
+                                    return bad();
+                                };
+                                match &target.section {
+                                    None => built.extend(raw),
+                                    Some(section) => {
+                                        let parsed = mime::parse(&raw);
+                                        let Some(bytes) = mime::section(&parsed, section) else {
+                                            return bad();
+                                        };
+                                        built.extend(bytes);
+                                    }
+                                }
+                                if built.len() as u64 > self.server.config.append_limit {
+                                    return no("[TOOBIG] the message is above APPENDLIMIT");
+                                }
+                            }
+                        }
+                    }
+                    message.message = built;
+                }
                 // MULTIAPPEND (RFC 3502): every message is checked first, and all are
                 // stored in one transaction or none is.
                 if messages

@@ -582,3 +582,61 @@ async fn thread_references_follows_the_reference_headers() {
     .await
     .unwrap();
 }
+
+/// CATENATE (RFC 4469): a message built from literal text and the messages or sections
+/// IMAP URLs name; a URL that names nothing (wrong UIDVALIDITY, no such UID) is
+/// `NO [BADURL ...]` and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catenate_builds_a_message_from_text_and_urls() {
+    let (_server, imap) = server_with_mail(1).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let caps = c.run("k", "CAPABILITY");
+        assert!(caps[0].contains(" CATENATE"), "{caps:?}");
+        let selected = c.run("s", "SELECT INBOX");
+        let validity: String = selected
+            .iter()
+            .find_map(|l| l.split("[UIDVALIDITY ").nth(1))
+            .and_then(|r| r.split(']').next())
+            .unwrap()
+            .to_string();
+        let original = c.run("o", "FETCH 1 (BODY.PEEK[TEXT])").concat();
+        assert!(original.contains("hello"), "{original}");
+        let head = "Subject: cat\r\n\r\n";
+        let lines = c.run(
+            "a",
+            &format!(
+                "APPEND INBOX CATENATE (TEXT {{{}+}}\r\n{head} URL \"/INBOX;UIDVALIDITY={validity}/;UID=1/;SECTION=TEXT\")",
+                head.len()
+            ),
+        );
+        assert!(tagged(&lines).starts_with("a OK [APPENDUID "), "{lines:?}");
+        let built = c.run("b", "FETCH 2 (BODY.PEEK[])").concat();
+        assert!(built.contains("Subject: cat\r\n\r\nhello"), "{built}");
+        // The whole message by URL, through imap:// and a percent-encoded mailbox name.
+        let lines = c.run("c", "APPEND INBOX CATENATE (URL \"imap://mx.example.test/%49NBOX/;UID=1\")");
+        assert!(tagged(&lines).starts_with("c OK"), "{lines:?}");
+        let body = |lines: Vec<String>| {
+            let text = lines.concat();
+            let start = text.find("BODY[]").unwrap();
+            let end = text.rfind(")\r\n").unwrap();
+            text[start..end].to_string()
+        };
+        let a = body(c.run("d", "FETCH 1 (BODY.PEEK[])"));
+        let b = body(c.run("e", "FETCH 3 (BODY.PEEK[])"));
+        assert_eq!(a, b);
+        for url in [
+            format!("/INBOX;UIDVALIDITY={}/;UID=1", validity.parse::<u64>().unwrap() + 1),
+            "/INBOX/;UID=99".to_string(),
+            "/Nowhere/;UID=1".to_string(),
+            "not a url".to_string(),
+        ] {
+            let lines = c.run("f", &format!("APPEND INBOX CATENATE (URL \"{url}\")"));
+            assert!(tagged(&lines).starts_with("f NO [BADURL"), "{url}: {lines:?}");
+        }
+        let status = c.run("t", "STATUS INBOX (MESSAGES)");
+        assert!(status[0].contains("MESSAGES 3"), "{status:?}");
+    })
+    .await
+    .unwrap();
+}
