@@ -1292,12 +1292,7 @@ impl<'a> Cursor<'a> {
             return Err("REVERSE must precede a sort key".into());
         }
         self.sp()?;
-        let charset = self.astring()?;
-        if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
-            return Err(format!(
-                "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
-            ));
-        }
+        self.charset()?;
         self.sp()?;
         let key = self.search_keys()?;
         Ok(CommandKind::Sort {
@@ -1318,12 +1313,7 @@ impl<'a> Cursor<'a> {
             other => return Err(format!("THREAD={other} is not supported")),
         };
         self.sp()?;
-        let charset = self.astring()?;
-        if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
-            return Err(format!(
-                "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
-            ));
-        }
+        self.charset()?;
         self.sp()?;
         let key = self.search_keys()?;
         Ok(CommandKind::Thread {
@@ -1376,46 +1366,28 @@ impl<'a> Cursor<'a> {
         let mut ret = SearchReturn::default();
         self.sp()?;
         if self.eat_keyword("RETURN") {
-            ret.extended = true;
-            self.sp()?;
-            for word in self.option_words()? {
-                match word.as_str() {
-                    "MIN" => ret.min = true,
-                    "MAX" => ret.max = true,
-                    "ALL" => ret.all = true,
-                    "COUNT" => ret.count = true,
-                    "SAVE" => ret.save = true,
-                    other => return Err(format!("unknown SEARCH return option {other}")),
-                }
-            }
-            if ret.save && !(ret.min || ret.max || ret.count || ret.all) {
-                // SAVE alone: the result is kept and no ESEARCH is sent (RFC 5182 2.1).
-                ret.extended = false;
-            } else if !(ret.min || ret.max || ret.count) {
-                ret.all = true;
-            }
+            ret = self.return_options()?;
             self.sp()?;
         }
         if self.eat_keyword("CHARSET") {
             self.sp()?;
-            let charset = self.astring()?;
-            if !charset.eq_ignore_ascii_case("UTF-8") && !charset.eq_ignore_ascii_case("US-ASCII") {
-                return Err(format!(
-                    "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
-                ));
-            }
+            self.charset()?;
             self.sp()?;
         }
-        let mut keys = vec![self.search_key()?];
-        while self.eat(b' ') {
-            keys.push(self.search_key()?);
-        }
-        let key = if keys.len() == 1 {
-            keys.pop().expect("one key")
-        } else {
-            SearchKey::And(keys)
-        };
+        let key = self.search_keys()?;
         Ok(CommandKind::Search { uid, ret, key })
+    }
+
+    /// A search charset: UTF-8 or US-ASCII (`[BADCHARSET]` otherwise).
+    fn charset(&mut self) -> Result<()> {
+        let charset = self.astring()?;
+        if charset.eq_ignore_ascii_case("UTF-8") || charset.eq_ignore_ascii_case("US-ASCII") {
+            Ok(())
+        } else {
+            Err(format!(
+                "[BADCHARSET (UTF-8 US-ASCII)] charset {charset} is not supported"
+            ))
+        }
     }
 
     fn fetch(&mut self, uid: bool) -> Result<CommandKind> {

@@ -216,6 +216,34 @@ fn resolve_saved(view: &View, kind: &mut CommandKind) {
     }
 }
 
+/// Calls `each` with every message of `states` (its index, state and parsed header),
+/// reading the headers 500 messages per store call when `read` (SORT, THREAD).
+fn with_headers(
+    store: &dyn MailStore,
+    recipient: RecipientId,
+    folder: &str,
+    states: &[MessageState],
+    read: bool,
+    mut each: impl FnMut(usize, &MessageState, Option<&mail_parser::Message<'_>>),
+) -> mailroom_store::Result<()> {
+    for (chunk_index, chunk) in states.chunks(500).enumerate() {
+        let raws: std::collections::HashMap<u32, Vec<u8>> = if read {
+            let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+            store
+                .messages_raw(recipient, folder, &uids, true)?
+                .into_iter()
+                .collect()
+        } else {
+            Default::default()
+        };
+        for (j, state) in chunk.iter().enumerate() {
+            let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
+            each(chunk_index * 500 + j, state, parsed.as_ref());
+        }
+    }
+    Ok(())
+}
+
 /// Numbers in a given order as a sequence-set that keeps it (ESORT's ALL): runs that
 /// ascend by one become ranges, everything else is listed.
 fn ordered_set(numbers: &[u32]) -> String {
@@ -1281,29 +1309,20 @@ impl Session {
                 let name = view.name.clone();
                 let threads = blocking(&store, move |s| {
                     let mut all = Vec::with_capacity(states.len());
-                    for (chunk_index, chunk) in states.chunks(500).enumerate() {
-                        let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
-                        let raws: std::collections::HashMap<u32, Vec<u8>> = s
-                            .messages_raw(recipient, &name, &uids, true)?
-                            .into_iter()
-                            .collect();
-                        for (j, state) in chunk.iter().enumerate() {
-                            let order = chunk_index * 500 + j;
-                            let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
-                            let (message_id, refs, reply) = match &parsed {
-                                Some(m) => crate::thread::ids_of(m),
-                                None => (None, Vec::new(), false),
-                            };
-                            all.push(crate::thread::Threadable {
-                                number: numbers[order],
-                                fields: crate::sort::fields(parsed.as_ref(), state),
-                                order,
-                                message_id,
-                                references: refs,
-                                reply,
-                            });
-                        }
-                    }
+                    with_headers(s, recipient, &name, &states, true, |order, state, m| {
+                        let (message_id, refs, reply) = match m {
+                            Some(m) => crate::thread::ids_of(m),
+                            None => (None, Vec::new(), false),
+                        };
+                        all.push(crate::thread::Threadable {
+                            number: numbers[order],
+                            fields: crate::sort::fields(m, state),
+                            order,
+                            message_id,
+                            references: refs,
+                            reply,
+                        });
+                    })?;
                     Ok(if references {
                         crate::thread::references(all)
                     } else {
@@ -1341,23 +1360,9 @@ impl Session {
                 let order: Vec<usize> = blocking(&store, move |s| {
                     let mut keyed: Vec<(usize, crate::sort::SortFields)> =
                         Vec::with_capacity(states.len());
-                    for (chunk_index, chunk) in states.chunks(500).enumerate() {
-                        let raws: std::collections::HashMap<u32, Vec<u8>> = if needs_header {
-                            let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
-                            s.messages_raw(recipient, &name, &uids, true)?
-                                .into_iter()
-                                .collect()
-                        } else {
-                            Default::default()
-                        };
-                        for (j, state) in chunk.iter().enumerate() {
-                            let parsed = raws.get(&state.uid).map(|raw| mime::parse(raw));
-                            keyed.push((
-                                chunk_index * 500 + j,
-                                crate::sort::fields(parsed.as_ref(), state),
-                            ));
-                        }
-                    }
+                    with_headers(s, recipient, &name, &states, needs_header, |n, state, m| {
+                        keyed.push((n, crate::sort::fields(m, state)));
+                    })?;
                     // Ties keep mailbox order (RFC 5256 3).
                     keyed.sort_by(|a, b| {
                         crate::sort::compare(&a.1, &b.1, &criteria).then(a.0.cmp(&b.0))
