@@ -640,3 +640,36 @@ async fn catenate_builds_a_message_from_text_and_urls() {
     .await
     .unwrap();
 }
+
+/// RFC 9051 2.3.1.1: a folder deleted and created again under the same name gets a new,
+/// higher UIDVALIDITY, even within the same second (it got the old one back: a client's
+/// cached UIDs then named other messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_folder_gets_a_new_uidvalidity() {
+    let (_server, imap) = server_with_mail(0).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let validity = |c: &mut RawImap| -> u64 {
+            let lines = c.run("v", "STATUS t1 (UIDVALIDITY)");
+            lines[0]
+                .split("UIDVALIDITY ")
+                .nth(1)
+                .and_then(|r| r.trim_end().trim_end_matches(')').parse().ok())
+                .unwrap_or_else(|| panic!("{lines:?}"))
+        };
+        let mut seen = Vec::new();
+        for round in 0..3 {
+            assert!(tagged(&c.run("c", "CREATE t1")).starts_with("c OK"));
+            let lines = c.run("a", "APPEND t1 {3+}\r\nabc");
+            assert!(
+                tagged(&lines).contains(" 1] "),
+                "UID 1 again in round {round}: {lines:?}"
+            );
+            seen.push(validity(&mut c));
+            assert!(tagged(&c.run("d", "DELETE t1")).starts_with("d OK"));
+        }
+        assert!(seen[0] < seen[1] && seen[1] < seen[2], "{seen:?}");
+    })
+    .await
+    .unwrap();
+}

@@ -134,6 +134,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DELETE FROM blob_imap;
     "#,
+    // Version 9: the highest UIDVALIDITY ever handed out. It was taken from the folders
+    // that exist, so deleting a folder and re-creating it within the same second gave
+    // the new one the old one's UIDVALIDITY, and a client's cached UIDs named other
+    // messages (RFC 9051 2.3.1.1).
+    r#"
+    CREATE TABLE store_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO store_counters (name, value)
+        SELECT 'uidvalidity', COALESCE(MAX(uidvalidity), 0) FROM folders;
+    "#,
 ];
 
 /// The newest schema version this binary knows.

@@ -50,15 +50,23 @@ fn join_flags(flags: &[String]) -> String {
 }
 
 /// A new folder's UIDVALIDITY: the current time in seconds, but always above every
-/// UIDVALIDITY handed out before, so a folder deleted and re-created at once never
-/// repeats one (RFC 9051 2.3.1.1).
+/// UIDVALIDITY handed out before, deleted folders' included (`store_counters`), so a
+/// folder deleted and re-created at once never repeats one (RFC 9051 2.3.1.1).
 pub(super) fn next_uidvalidity(tx: &rusqlite::Transaction<'_>, now_ms: i64) -> Result<u32> {
     let highest: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(uidvalidity), 0) FROM folders",
+        "SELECT MAX(
+             COALESCE((SELECT value FROM store_counters WHERE name = 'uidvalidity'), 0),
+             COALESCE((SELECT MAX(uidvalidity) FROM folders), 0))",
         [],
         |r| r.get(0),
     )?;
-    Ok(((now_ms / 1000).max(highest + 1)) as u32)
+    let next = (now_ms / 1000).max(highest + 1);
+    tx.execute(
+        "INSERT INTO store_counters (name, value) VALUES ('uidvalidity', ?1)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        [next],
+    )?;
+    Ok(next as u32)
 }
 
 fn now_ms() -> i64 {
