@@ -278,7 +278,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // stderr cannot be written) killed whichever thread was logging, the spool writer
     // included. Lines go to a bounded buffer written by a thread of its own; when the
     // output cannot keep up or cannot be written, lines are dropped, never waited for.
-    let (writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(16_384)
         .thread_name("log-writer")
@@ -347,6 +347,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     say(&format!("Stopped in {} ms.", report.elapsed.as_millis()));
     // Threads abandoned at the deadline must not keep the process alive.
+    // The log's last lines are written before exit (exit runs no destructors). The
+    // guard's flush waits at most a second for the log thread, so a stuck output
+    // cannot hold up the exit.
+    drop(log_guard);
     std::process::exit(0);
 }
 
