@@ -244,13 +244,13 @@ fn with_headers(
     Ok(())
 }
 
-/// Numbers in a given order as a sequence-set that keeps it (ESORT's ALL): runs that
-/// ascend by one become ranges, everything else is listed.
-fn ordered_set(numbers: &[u32]) -> String {
-    uid_set(numbers)
+/// Every proper parent of a folder name: `a`, `a/b` for `a/b/c`.
+fn parents_of(name: &str) -> impl Iterator<Item = &str> {
+    name.match_indices('/').map(move |(at, _)| &name[..at])
 }
 
-/// UIDs in ascending order as a compact uid-set (`1:3,7`), for APPENDUID (RFC 4315).
+/// Numbers as a compact set that keeps their order (`1:3,7,5`): runs that ascend by one
+/// become ranges. APPENDUID (RFC 4315) and ESORT's ALL (sort order).
 fn uid_set(uids: &[u32]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
@@ -932,34 +932,34 @@ impl Session {
                                 let Some(target) = crate::parse::parse_imap_url(&url) else {
                                     return bad();
                                 };
-                                let wanted = target.clone();
+                                // Reading the message and cutting its section grow with
+                                // its size: both on the blocking pool.
                                 let found = blocking(&store, move |s| {
                                     let folder = s
                                         .folders(recipient)?
                                         .into_iter()
-                                        .find(|f| f.name == wanted.mailbox);
+                                        .find(|f| f.name == target.mailbox);
                                     let Some(folder) = folder else {
                                         return Ok(None);
                                     };
-                                    if wanted.uidvalidity.is_some_and(|v| v != folder.uidvalidity) {
+                                    if target.uidvalidity.is_some_and(|v| v != folder.uidvalidity) {
                                         return Ok(None);
                                     }
-                                    s.message_raw(recipient, &wanted.mailbox, wanted.uid)
+                                    let Some(raw) =
+                                        s.message_raw(recipient, &target.mailbox, target.uid)?
+                                    else {
+                                        return Ok(None);
+                                    };
+                                    Ok(match &target.section {
+                                        None => Some(raw),
+                                        Some(section) => mime::section(&mime::parse(&raw), section),
+                                    })
                                 })
                                 .await;
-                                let Ok(Some(raw)) = found else {
+                                let Ok(Some(bytes)) = found else {
                                     return bad();
                                 };
-                                match &target.section {
-                                    None => built.extend(raw),
-                                    Some(section) => {
-                                        let parsed = mime::parse(&raw);
-                                        let Some(bytes) = mime::section(&parsed, section) else {
-                                            return bad();
-                                        };
-                                        built.extend(bytes);
-                                    }
-                                }
+                                built.extend(bytes);
                                 if built.len() as u64 > self.server.config.append_limit {
                                     return no("[TOOBIG] the message is above APPENDLIMIT");
                                 }
@@ -1143,14 +1143,12 @@ impl Session {
                 .filter(|f| f.subscribed)
                 .map(|f| f.name.as_str())
                 .collect();
+            let mut seen: HashSet<&str> = HashSet::new();
             for folder in folders.iter().filter(|f| f.subscribed) {
-                let mut at = 0;
-                while let Some(slash) = folder.name[at..].find('/') {
-                    let parent = &folder.name[..at + slash];
-                    if !subscribed.contains(parent) && !ancestors.iter().any(|a| a == parent) {
+                for parent in parents_of(&folder.name) {
+                    if !subscribed.contains(parent) && seen.insert(parent) {
                         ancestors.push(parent.to_string());
                     }
-                    at += slash + 1;
                 }
             }
         }
@@ -1212,13 +1210,16 @@ impl Session {
             }
         }
         // A parent shows only where the pattern hid its subscribed children ("%").
+        let mut shown_parents: HashSet<&str> = HashSet::new();
+        if !ancestors.is_empty() {
+            for (folder, matched) in folders.iter().zip(folder_matched) {
+                if *matched && folder.subscribed {
+                    shown_parents.extend(parents_of(&folder.name));
+                }
+            }
+        }
         for (parent, matched) in ancestors.iter().zip(ancestor_matched) {
-            let prefix = format!("{parent}/");
-            let child_listed = folders
-                .iter()
-                .zip(folder_matched)
-                .any(|(f, m)| *m && f.subscribed && f.name.starts_with(&prefix));
-            if *matched && !child_listed {
+            if *matched && !shown_parents.contains(parent.as_str()) {
                 out.extend_from_slice(b"* LSUB (\\Noselect) \"/\" ");
                 write_mailbox(out, parent);
                 out.extend_from_slice(b"\r\n");
@@ -1397,7 +1398,8 @@ impl Session {
                             line.push_str(&format!(" MAX {last}"));
                         }
                         if ret.all {
-                            line.push_str(&format!(" ALL {}", ordered_set(&numbers)));
+                            // uid_set keeps the order given: sort order here.
+                            line.push_str(&format!(" ALL {}", uid_set(&numbers)));
                         }
                     }
                     if ret.count {
@@ -1672,7 +1674,10 @@ impl Session {
         for uid in uids {
             view.recent.remove(uid);
         }
-        view.saved.retain(|u| !uids.contains(u));
+        if !view.saved.is_empty() {
+            let gone: HashSet<u32> = uids.iter().copied().collect();
+            view.saved.retain(|u| !gone.contains(u));
+        }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
         for seq in seqs {
             view.messages.remove(seq as usize - 1);
@@ -1745,9 +1750,8 @@ impl Session {
         let view = self.selected.as_mut().expect("checked");
         // Keywords first seen in this update are announced before it (FLAGS goes
         // ahead of the FETCH and EXISTS responses that show them).
-        let mut announced: Vec<String> = current.iter().flat_map(|m| m.flags.clone()).collect();
-        announced.sort();
-        announced.dedup();
+        // Only the keywords of changed and new messages can be new to the client.
+        let mut announced: Vec<String> = Vec::new();
         let mut updates = Vec::new();
         let out_final = out;
         let out = &mut updates;
@@ -1760,6 +1764,7 @@ impl Session {
                 && now.modseq != m.modseq
             {
                 *m = now.clone();
+                announced.extend(m.flags.iter().filter(|f| !f.starts_with('\\')).cloned());
                 if view.recent.contains(&m.uid) {
                     m.flags.push("\\Recent".into());
                 }
@@ -1783,6 +1788,12 @@ impl Session {
                 view.recent
                     .extend(new.iter().filter(|m| m.uid > floor).map(|m| m.uid));
             }
+            announced.extend(
+                new.iter()
+                    .flat_map(|m| m.flags.iter())
+                    .filter(|f| !f.starts_with('\\'))
+                    .cloned(),
+            );
             let new: Vec<MessageState> = new.into_iter().map(|m| view.shown(m)).collect();
             view.messages.extend(new);
             out.extend_from_slice(format!("* {} EXISTS\r\n", view.messages.len()).as_bytes());

@@ -93,6 +93,13 @@ pub fn base_subject(subject: &str) -> String {
 /// The base subject, and whether extracting it removed a reply or forward marker
 /// (`Re:`, `Fw:`, `Fwd:`, `(fwd)`, `[Fwd: ...]`): THREAD=REFERENCES's "reply or forward".
 pub fn base_subject_and_reply(subject: &str) -> (String, bool) {
+    // Each pass below copies the subject once per marker it removes: a header of
+    // 100,000 "Re: " would be quadratic. Subjects are compared on their first 4 KiB.
+    let mut end = subject.len().min(SUBJECT_BYTES_MAX);
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    let subject = &subject[..end];
     let mut reply = false;
     // (1) Decoded already (mail-parser); collapse whitespace.
     let mut s: String = subject.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -173,6 +180,9 @@ fn strip_leader(s: &str) -> String {
         None => s.to_string(),
     }
 }
+
+/// How much of a subject SORT and THREAD look at.
+const SUBJECT_BYTES_MAX: usize = 4096;
 
 /// Orders two messages by `criteria`; ties go by sequence number (the caller's order).
 pub fn compare(a: &SortFields, b: &SortFields, criteria: &[SortCriterion]) -> Ordering {

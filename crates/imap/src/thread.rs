@@ -26,6 +26,14 @@ pub struct Threadable {
     pub reply: bool,
 }
 
+/// A thread is at most this deep: the tree is walked recursively, and References come
+/// from the client (one message can name thousands, a chain of messages can be as long
+/// as the mailbox). A message that would sit deeper starts a thread of its own.
+const DEPTH_MAX: usize = 200;
+
+/// References used per message: the last ones, the nearest ancestors.
+const REFERENCES_MAX: usize = 64;
+
 #[derive(Default, Clone)]
 struct Container {
     message: Option<usize>,
@@ -44,15 +52,40 @@ impl Tree<'_> {
         self.nodes.len() - 1
     }
 
-    /// Whether `a` is `b` or one of its ancestors.
+    /// Whether `a` is `b` or one of its ancestors; also true when `b`'s ancestry is
+    /// deeper than [`DEPTH_MAX`] (so no link makes a thread deeper or a loop).
     fn is_ancestor(&self, a: usize, mut b: usize) -> bool {
-        loop {
+        for _ in 0..=DEPTH_MAX {
             if a == b {
                 return true;
             }
             match self.nodes[b].parent {
                 Some(p) => b = p,
                 None => return false,
+            }
+        }
+        true
+    }
+
+    /// Detaches every container deeper than [`DEPTH_MAX`] into a root of its own, so the
+    /// recursive walks below stay shallow. Iterative.
+    fn bound_depth(&mut self) {
+        let mut visited = vec![false; self.nodes.len()];
+        let mut stack: Vec<(usize, usize)> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].parent.is_none())
+            .map(|n| (n, 0))
+            .collect();
+        while let Some((node, depth)) = stack.pop() {
+            if std::mem::replace(&mut visited[node], true) {
+                continue;
+            }
+            for child in self.nodes[node].children.clone() {
+                if depth + 1 > DEPTH_MAX {
+                    self.unlink(child);
+                    stack.push((child, 0));
+                } else {
+                    stack.push((child, depth + 1));
+                }
             }
         }
     }
@@ -153,6 +186,8 @@ pub fn ids_of(m: &mail_parser::Message<'_>) -> (Option<String>, Vec<String>, boo
     if references.is_empty() {
         references = ids(m.in_reply_to()).into_iter().take(1).collect();
     }
+    let extra = references.len().saturating_sub(REFERENCES_MAX);
+    references.drain(..extra);
     let reply = crate::sort::base_subject_and_reply(m.subject().unwrap_or("")).1;
     (message_id, references, reply)
 }
@@ -207,6 +242,7 @@ pub fn references(messages: Vec<Threadable>) -> String {
             _ => tree.unlink(own),
         }
     }
+    tree.bound_depth();
     // (B) The root set.
     let mut roots: Vec<usize> = (0..tree.nodes.len())
         .filter(|&n| tree.nodes[n].parent.is_none())
@@ -415,6 +451,37 @@ mod tests {
         let looped = references(vec![r(1, "a", 1, &[2]), r(2, "a", 2, &[1])]);
         assert!(looped.contains('1') && looped.contains('2'), "{looped}");
         assert_eq!(references(Vec::new()), "");
+    }
+
+    #[test]
+    fn hostile_reference_chains_stay_shallow_and_lose_no_message() {
+        // 5,000 messages, each a reply to the one before: the walk would recurse 5,000
+        // deep.
+        let chain: Vec<Threadable> = (1..=5000)
+            .map(|n| {
+                if n == 1 {
+                    m(1, "x", 1)
+                } else {
+                    r(n, "Re: x", n as i64, &[n - 1])
+                }
+            })
+            .collect();
+        let answer = references(chain);
+        for n in [1u32, 200, 201, 2500, 5000] {
+            assert!(
+                answer.contains(&format!(" {n} "))
+                    || answer.contains(&format!("({n} "))
+                    || answer.contains(&format!(" {n})"))
+                    || answer.contains(&format!("({n})")),
+                "{n} missing"
+            );
+        }
+        // One message naming 20,000 references (ids_of keeps the nearest 64; the
+        // threading copes with all of them anyway): merged under its original by
+        // subject, as a reply.
+        let mut many = r(2, "Re: y", 2, &[]);
+        many.references = (0..20_000).map(|i| format!("ref{i}@x")).collect();
+        assert_eq!(references(vec![m(1, "y", 1), many]), "(1 2)");
     }
 
     #[test]
