@@ -111,11 +111,25 @@ pub enum FetchItem {
     BinarySize(Vec<u32>),
 }
 
-/// FETCH modifiers (RFC 7162 CHANGEDSINCE; VANISHED needs QRESYNC, not offered).
+/// FETCH modifiers (RFC 7162: CHANGEDSINCE, and QRESYNC's VANISHED).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchModifiers {
     /// Only messages whose MODSEQ is above this.
     pub changed_since: Option<u64>,
+    /// Also report the UIDs of the set expunged since `changed_since` (UID FETCH only).
+    pub vanished: bool,
+}
+
+/// SELECT/EXAMINE's QRESYNC parameter (RFC 7162 3.2.5): what the client knew when it
+/// last had the mailbox open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qresync {
+    /// The UIDVALIDITY it knew; when it differs, nothing is resynchronised.
+    pub uidvalidity: u32,
+    /// The HIGHESTMODSEQ it knew.
+    pub modseq: u64,
+    /// The UIDs it knows (VANISHED reports only these); None: all.
+    pub known_uids: Option<SequenceSet>,
 }
 
 /// A SEARCH key (RFC 9051 6.4.4).
@@ -400,6 +414,8 @@ pub enum CommandKind {
         read_only: bool,
         /// (CONDSTORE) parameter.
         condstore: bool,
+        /// (QRESYNC (...)) parameter.
+        qresync: Option<Qresync>,
     },
     /// CREATE.
     Create(String),
@@ -1156,6 +1172,41 @@ impl<'a> Cursor<'a> {
     }
 
     /// A parenthesised list of atoms (with nested lists skipped), uppercased.
+    /// `"(" uidvalidity SP mod-sequence-value [SP known-uids] [SP seq-match-data] ")"`.
+    /// The sequence-match data (a hint for servers that cannot answer from UIDs) is read
+    /// and not needed: VANISHED is answered from the expunge records.
+    fn qresync(&mut self) -> Result<Qresync> {
+        self.expect(b'(')?;
+        let uidvalidity = self.nz_number()?;
+        self.sp()?;
+        let modseq = self.number()?;
+        let mut known_uids = None;
+        if self.eat(b' ') {
+            if self.peek() != Some(b'(') {
+                known_uids = Some(self.sequence_set()?);
+                if !self.eat(b' ') {
+                    self.expect(b')')?;
+                    return Ok(Qresync {
+                        uidvalidity,
+                        modseq,
+                        known_uids,
+                    });
+                }
+            }
+            self.expect(b'(')?;
+            self.sequence_set()?;
+            self.sp()?;
+            self.sequence_set()?;
+            self.expect(b')')?;
+        }
+        self.expect(b')')?;
+        Ok(Qresync {
+            uidvalidity,
+            modseq,
+            known_uids,
+        })
+    }
+
     fn option_words(&mut self) -> Result<Vec<String>> {
         self.expect(b'(')?;
         let mut words = Vec::new();
@@ -1405,6 +1456,7 @@ impl<'a> Cursor<'a> {
                         self.sp()?;
                         modifiers.changed_since = Some(self.number()?);
                     }
+                    "VANISHED" => modifiers.vanished = true,
                     other => return Err(format!("unknown FETCH modifier {other}")),
                 }
                 if self.eat(b')') {
@@ -1412,6 +1464,13 @@ impl<'a> Cursor<'a> {
                 }
                 self.sp()?;
             }
+        }
+        // RFC 7162 3.2.6: VANISHED only in UID FETCH, and only with CHANGEDSINCE.
+        if modifiers.vanished && !uid {
+            return Err("VANISHED is a UID FETCH modifier".into());
+        }
+        if modifiers.vanished && modifiers.changed_since.is_none() {
+            return Err("VANISHED needs CHANGEDSINCE".into());
         }
         Ok(CommandKind::Fetch {
             uid,
@@ -1580,18 +1639,30 @@ impl<'a> Cursor<'a> {
                 self.sp()?;
                 let mailbox = self.mailbox()?;
                 let mut condstore = false;
+                let mut qresync = None;
                 if self.eat(b' ') {
-                    for word in self.option_words()? {
+                    self.expect(b'(')?;
+                    loop {
+                        let word = self.atom()?.to_ascii_uppercase();
                         match word.as_str() {
                             "CONDSTORE" => condstore = true,
+                            "QRESYNC" => {
+                                self.sp()?;
+                                qresync = Some(self.qresync()?);
+                            }
                             other => return Err(format!("unknown SELECT parameter {other}")),
                         }
+                        if self.eat(b')') {
+                            break;
+                        }
+                        self.sp()?;
                     }
                 }
                 Ok(CommandKind::Select {
                     mailbox,
                     read_only: word == "EXAMINE",
                     condstore,
+                    qresync,
                 })
             }
             "CREATE" => {
@@ -1953,9 +2024,61 @@ mod tests {
             CommandKind::Select {
                 mailbox: "INBOX".into(),
                 read_only: false,
-                condstore: true
+                condstore: true,
+                qresync: None,
             }
         );
+        // RFC 7162 3.2.5's example shapes: known UIDs, and sequence-match data.
+        assert_eq!(
+            kind("A02 SELECT INBOX (QRESYNC (67890007 20050715194045000 41,43:211,214:541))"),
+            CommandKind::Select {
+                mailbox: "INBOX".into(),
+                read_only: false,
+                condstore: false,
+                qresync: Some(Qresync {
+                    uidvalidity: 67890007,
+                    modseq: 20050715194045000,
+                    known_uids: Some(vec![Range(41, 41), Range(43, 211), Range(214, 541)]),
+                }),
+            }
+        );
+        assert_eq!(
+            kind(
+                "B04 EXAMINE INBOX (QRESYNC (67890007 90060115194045000 1:29997 (5000,7500,9000,9990:9999 15000,22500,27000,29970,29973,29976,29979,29982,29985,29988,29991,29994,29997)))"
+            ),
+            CommandKind::Select {
+                mailbox: "INBOX".into(),
+                read_only: true,
+                condstore: false,
+                qresync: Some(Qresync {
+                    uidvalidity: 67890007,
+                    modseq: 90060115194045000,
+                    known_uids: Some(vec![Range(1, 29997)]),
+                }),
+            }
+        );
+        assert_eq!(
+            kind("C SELECT INBOX (QRESYNC (1 5))"),
+            CommandKind::Select {
+                mailbox: "INBOX".into(),
+                read_only: false,
+                condstore: false,
+                qresync: Some(Qresync {
+                    uidvalidity: 1,
+                    modseq: 5,
+                    known_uids: None,
+                }),
+            }
+        );
+        for bad in [
+            "x SELECT INBOX (QRESYNC (0 5))",
+            "x SELECT INBOX (QRESYNC (1))",
+            "x SELECT INBOX (QRESYNC 1 5)",
+            "x FETCH 1:* (FLAGS) (CHANGEDSINCE 5 VANISHED)",
+            "x UID FETCH 1:* (FLAGS) (VANISHED)",
+        ] {
+            assert!(parse_command(bad.as_bytes()).is_err(), "{bad} parsed");
+        }
     }
 
     #[test]

@@ -145,6 +145,9 @@ pub struct Session {
     selected: Option<View>,
     bell: Option<tokio::sync::watch::Receiver<u64>>,
     condstore: bool,
+    /// ENABLE QRESYNC (RFC 7162 3.2.3): expunges are reported as VANISHED, SELECT takes
+    /// the QRESYNC parameter, UID FETCH the VANISHED modifier.
+    qresync: bool,
     enabled: HashSet<String>,
 }
 
@@ -269,6 +272,81 @@ fn uid_set(uids: &[u32]) -> String {
     parts.join(",")
 }
 
+/// The UIDs to report as VANISHED (EARLIER): those recorded as expunged, within `known`
+/// (all when None). When the records do not reach back far enough, every UID of `known`
+/// up to `max` that is not `present` (ascending) instead: a client ignores UIDs it does
+/// not have, and misses none it does.
+fn vanished_set(
+    vanished: &mailroom_store::Vanished,
+    known: Option<&SequenceSet>,
+    present: &[u32],
+    max: u32,
+) -> String {
+    if vanished.complete {
+        let uids: Vec<u32> = vanished
+            .uids
+            .iter()
+            .copied()
+            .filter(|u| known.is_none_or(|k| in_set(k, *u, max)))
+            .collect();
+        return uid_set(&uids);
+    }
+    let mut ranges: Vec<(u32, u32)> = match known {
+        None => vec![(1, max)],
+        Some(set) => set
+            .iter()
+            .map(|r| {
+                let a = if r.0 == STAR { max as u64 } else { r.0 };
+                let b = if r.1 == STAR { max as u64 } else { r.1 };
+                (a.min(b).max(1), a.max(b).min(max as u64))
+            })
+            .filter(|(a, b)| a <= b)
+            .map(|(a, b)| (a as u32, b as u32))
+            .collect(),
+    };
+    ranges.sort_unstable();
+    let mut parts = Vec::new();
+    let mut last_end = 0u32;
+    for (a, b) in ranges {
+        let a = a.max(last_end.saturating_add(1));
+        if a > b {
+            continue;
+        }
+        last_end = b;
+        // Gaps between present UIDs inside [a, b].
+        let mut next = a;
+        let from = present.partition_point(|u| *u < a);
+        for &u in present[from..].iter().take_while(|u| **u <= b) {
+            if u > next {
+                parts.push((next, u - 1));
+            }
+            next = u + 1;
+        }
+        if next <= b {
+            parts.push((next, b));
+        }
+    }
+    // Adjacent gaps (from neighbouring ranges) read as one.
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(parts.len());
+    for (a, b) in parts {
+        match merged.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(a) => last.1 = b,
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}:{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn no(text: impl Into<String>) -> Outcome {
     Err(("NO".into(), text.into()))
 }
@@ -387,6 +465,7 @@ impl Session {
             selected: None,
             bell: None,
             condstore: false,
+            qresync: false,
             enabled: HashSet::new(),
         }
     }
@@ -397,7 +476,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -710,11 +789,17 @@ impl Session {
             CommandKind::Enable(caps) => {
                 let mut enabled = Vec::new();
                 for cap in caps {
-                    if matches!(cap.as_str(), "CONDSTORE" | "IMAP4REV2" | "UTF8=ACCEPT")
-                        && self.enabled.insert(cap.clone())
+                    if matches!(
+                        cap.as_str(),
+                        "CONDSTORE" | "QRESYNC" | "IMAP4REV2" | "UTF8=ACCEPT"
+                    ) && self.enabled.insert(cap.clone())
                     {
-                        if cap == "CONDSTORE" {
+                        // QRESYNC implies CONDSTORE (RFC 7162 3.2.3).
+                        if cap == "CONDSTORE" || cap == "QRESYNC" {
                             self.condstore = true;
+                        }
+                        if cap == "QRESYNC" {
+                            self.qresync = true;
                         }
                         enabled.push(cap);
                     }
@@ -735,9 +820,20 @@ impl Session {
                 mailbox,
                 read_only,
                 condstore,
+                qresync,
             } => {
-                self.selected = None;
-                if condstore {
+                if qresync.is_some() && !self.qresync {
+                    return bad("the QRESYNC parameter needs ENABLE QRESYNC first");
+                }
+                // Selecting while a folder is selected closes it: RFC 7162 3.2.11 and
+                // RFC 9051 6.3.2 announce that with [CLOSED], so responses that follow
+                // belong to the new folder.
+                if self.selected.take().is_some()
+                    && (self.qresync || self.enabled.contains("IMAP4REV2"))
+                {
+                    out.extend_from_slice(b"* OK [CLOSED] previous folder closed\r\n");
+                }
+                if condstore || qresync.is_some() {
                     self.condstore = true;
                 }
                 let name = mailbox.clone();
@@ -822,6 +918,35 @@ impl Session {
                 out.extend_from_slice(b"* LIST () \"/\" ");
                 write_mailbox(out, &info.name);
                 out.extend_from_slice(b"\r\n");
+                // QRESYNC: what changed since the client last had the folder open, when
+                // its UIDVALIDITY still holds (RFC 7162 3.2.5.2): the UIDs expunged
+                // since, then the flags of every message changed since.
+                if let Some(q) = qresync.filter(|q| q.uidvalidity == info.uidvalidity) {
+                    let name = info.name.clone();
+                    let since = q.modseq;
+                    let vanished =
+                        blocking(&store, move |s| s.vanished(recipient, &name, since)).await?;
+                    let present: Vec<u32> = messages.iter().map(|m| m.uid).collect();
+                    let max = info.uidnext.saturating_sub(1);
+                    let set = vanished_set(&vanished, q.known_uids.as_ref(), &present, max);
+                    if !set.is_empty() {
+                        out.extend_from_slice(format!("* VANISHED (EARLIER) {set}\r\n").as_bytes());
+                    }
+                    for (i, m) in messages.iter().enumerate() {
+                        if m.modseq > since {
+                            out.extend_from_slice(
+                                format!(
+                                    "* {} FETCH (UID {} FLAGS ({}) MODSEQ ({}))\r\n",
+                                    i + 1,
+                                    m.uid,
+                                    m.flags.join(" "),
+                                    m.modseq
+                                )
+                                .as_bytes(),
+                            );
+                        }
+                    }
+                }
                 self.selected = Some(View {
                     name: info.name,
                     messages,
@@ -1501,7 +1626,28 @@ impl Session {
                 items,
                 modifiers,
             } => {
+                if modifiers.vanished && !self.qresync {
+                    return bad("the VANISHED modifier needs ENABLE QRESYNC first");
+                }
                 self.sync(out, uid).await;
+                if let (true, Some(since)) = (modifiers.vanished, modifiers.changed_since) {
+                    // UIDs of the set expunged since CHANGEDSINCE, ahead of the FETCH
+                    // responses (RFC 7162 3.2.6).
+                    let view = self.selected.as_ref().expect("checked");
+                    let name = view.name.clone();
+                    let present: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
+                    let max = view.max_uid();
+                    let vanished = blocking(&self.server.store, move |s| {
+                        s.vanished(recipient, &name, since)
+                    })
+                    .await?;
+                    let text = vanished_set(&vanished, Some(&set), &present, max);
+                    if !text.is_empty() {
+                        out.extend_from_slice(
+                            format!("* VANISHED (EARLIER) {text}\r\n").as_bytes(),
+                        );
+                    }
+                }
                 self.fetch(recipient, uid, &set, items, modifiers.changed_since, out)
                     .await
             }
@@ -1679,9 +1825,17 @@ impl Session {
             view.saved.retain(|u| !gone.contains(u));
         }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
+        let mut gone = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            view.messages.remove(seq as usize - 1);
-            out.extend_from_slice(format!("* {seq} EXPUNGE\r\n").as_bytes());
+            gone.push(view.messages.remove(seq as usize - 1).uid);
+            if !self.qresync {
+                out.extend_from_slice(format!("* {seq} EXPUNGE\r\n").as_bytes());
+            }
+        }
+        // With QRESYNC, one VANISHED names them all by UID (RFC 7162 3.2.10).
+        if self.qresync && !gone.is_empty() {
+            gone.sort_unstable();
+            out.extend_from_slice(format!("* VANISHED {}\r\n", uid_set(&gone)).as_bytes());
         }
         if let Some(bell) = &mut self.bell {
             bell.borrow_and_update();
@@ -2321,6 +2475,31 @@ fn command_name(kind: &CommandKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vanished_sets_from_records_or_from_what_is_missing() {
+        use crate::parse::Range;
+        use mailroom_store::Vanished;
+        let recorded = Vanished {
+            uids: vec![3, 5, 9],
+            complete: true,
+        };
+        assert_eq!(vanished_set(&recorded, None, &[1, 2, 4], 10), "3,5,9");
+        let known = vec![Range(4, 6)];
+        assert_eq!(vanished_set(&recorded, Some(&known), &[4], 10), "5");
+        // Records too short: every known UID up to the last one that is not there.
+        let partial = Vanished {
+            uids: vec![],
+            complete: false,
+        };
+        assert_eq!(vanished_set(&partial, None, &[2, 3, 7], 9), "1,4:6,8:9");
+        let known = vec![Range(5, crate::parse::STAR), Range(1, 2)];
+        assert_eq!(vanished_set(&partial, Some(&known), &[2, 7], 8), "1,5:6,8");
+        // Overlapping ranges are reported once; nothing past the last UID.
+        let known = vec![Range(1, 4), Range(3, 100)];
+        assert_eq!(vanished_set(&partial, Some(&known), &[1, 2, 3, 4], 4), "");
+        assert_eq!(vanished_set(&partial, Some(&known), &[], 6), "1:6");
+    }
 
     #[test]
     fn list_patterns() {

@@ -673,3 +673,153 @@ async fn a_recreated_folder_gets_a_new_uidvalidity() {
     .await
     .unwrap();
 }
+
+fn code_value(lines: &[String], code: &str) -> u64 {
+    let line =
+        line_with(lines, &format!("[{code} ")).unwrap_or_else(|| panic!("{code}: {lines:?}"));
+    let at = line.find(&format!("[{code} ")).unwrap() + code.len() + 2;
+    line[at..].split(']').next().unwrap().parse().unwrap()
+}
+
+/// QRESYNC (RFC 7162 3.2): a client that comes back with the UIDVALIDITY and
+/// HIGHESTMODSEQ it knew learns, in its SELECT, the UIDs expunged since (VANISHED
+/// (EARLIER)) and the flags changed since, and nothing else; UID FETCH's VANISHED
+/// modifier does the same for a set; once enabled, expunges arrive as VANISHED, never
+/// EXPUNGE; without ENABLE QRESYNC the parameter and the modifier are BAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qresync_resynchronises_flags_and_expunges() {
+    let (_server, imap) = server_with_mail(6).await;
+    tokio::task::spawn_blocking(move || {
+        let login = || RawImap::login(imap, "ann@example.test", PASSWORD);
+        // A watcher with QRESYNC enabled and INBOX open throughout.
+        let mut watcher = login();
+        let lines = watcher.run("e", "ENABLE QRESYNC");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* ENABLED QRESYNC"),
+            "{lines:?}"
+        );
+        let lines = watcher.run("s", "SELECT INBOX");
+        let uidvalidity = code_value(&lines, "UIDVALIDITY");
+        let before = code_value(&lines, "HIGHESTMODSEQ");
+
+        // Another client flags UID 2 and expunges 3 and 5.
+        let mut other = login();
+        other.run("s", "SELECT INBOX");
+        other.run("f", "UID STORE 2 +FLAGS (\\Flagged)");
+        other.run("d", "UID STORE 3,5 +FLAGS.SILENT (\\Deleted)");
+        let lines = other.run("x", "EXPUNGE");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* 3 EXPUNGE"),
+            "no QRESYNC here: EXPUNGE {lines:?}"
+        );
+
+        // The watcher hears of the expunges as VANISHED, by UID.
+        let lines = watcher.run("n", "NOOP");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* VANISHED 3,5"),
+            "{lines:?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("EXPUNGE")), "{lines:?}");
+
+        // A client resyncing from what it knew.
+        let mut back = login();
+        let lines = back.run(
+            "b",
+            &format!("SELECT INBOX (QRESYNC ({uidvalidity} {before}))"),
+        );
+        assert!(
+            tagged(&lines).starts_with("b BAD"),
+            "QRESYNC without ENABLE: {lines:?}"
+        );
+        let lines = back.run("c", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)");
+        assert!(tagged(&lines).starts_with("c BAD"), "{lines:?}");
+        back.run("e", "ENABLE QRESYNC");
+        let lines = back.run(
+            "s",
+            &format!("SELECT INBOX (QRESYNC ({uidvalidity} {before} 1:6))"),
+        );
+        assert!(tagged(&lines).starts_with("s OK"), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_end() == "* VANISHED (EARLIER) 3,5"),
+            "{lines:?}"
+        );
+        let fetches: Vec<&String> = lines.iter().filter(|l| l.contains(" FETCH ")).collect();
+        assert_eq!(fetches.len(), 1, "only UID 2 changed: {lines:?}");
+        assert!(
+            fetches[0].starts_with("* 2 FETCH (UID 2 FLAGS (\\Flagged) MODSEQ ("),
+            "{lines:?}"
+        );
+        assert!(code_value(&lines, "HIGHESTMODSEQ") > before);
+        // VANISHED comes before the FETCH responses, both before the tagged OK.
+        let v = lines
+            .iter()
+            .position(|l| l.starts_with("* VANISHED"))
+            .unwrap();
+        let f = lines.iter().position(|l| l.contains(" FETCH ")).unwrap();
+        assert!(v < f, "{lines:?}");
+
+        // Known UIDs limit what is reported; a second SELECT closes the first ([CLOSED]).
+        let lines = back.run(
+            "t",
+            &format!("SELECT INBOX (QRESYNC ({uidvalidity} {before} 4:6))"),
+        );
+        assert!(lines[0].starts_with("* OK [CLOSED]"), "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_end() == "* VANISHED (EARLIER) 5"),
+            "{lines:?}"
+        );
+        // A different UIDVALIDITY: nothing to resync.
+        let lines = back.run(
+            "u",
+            &format!("SELECT INBOX (QRESYNC ({} {before}))", uidvalidity + 1),
+        );
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("VANISHED") || l.contains(" FETCH ")),
+            "{lines:?}"
+        );
+
+        // UID FETCH ... (CHANGEDSINCE m VANISHED).
+        let lines = back.run(
+            "v",
+            &format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {before} VANISHED)"),
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_end() == "* VANISHED (EARLIER) 3,5"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(" FETCH (")).count(),
+            1,
+            "{lines:?}"
+        );
+        let lines = back.run(
+            "w",
+            &format!("UID FETCH 4:6 (FLAGS) (CHANGEDSINCE {before} VANISHED)"),
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_end() == "* VANISHED (EARLIER) 5"),
+            "{lines:?}"
+        );
+
+        // Its own expunge: VANISHED too.
+        back.run("d", "UID STORE 6 +FLAGS.SILENT (\\Deleted)");
+        let lines = back.run("x", "UID EXPUNGE 6");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* VANISHED 6"),
+            "{lines:?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("EXPUNGE\r")), "{lines:?}");
+    })
+    .await
+    .unwrap();
+}

@@ -31,6 +31,7 @@ mod sqlite;
 pub use disk::{Disk, NoSpace};
 pub use mailbox::{
     Copied, FlagOperation, FlagResult, FolderInfo, Mailboxes, MessageState, NewMessage, Structure,
+    Vanished,
 };
 pub use outbound::{
     Envelope, Notify, OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,

@@ -68,6 +68,16 @@ pub struct MessageState {
     pub size: u64,
 }
 
+/// UIDs expunged from a folder after a MODSEQ (QRESYNC's VANISHED, RFC 7162 3.2.10).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vanished {
+    /// The UIDs recorded as expunged after the MODSEQ asked about, ascending.
+    pub uids: Vec<u32>,
+    /// False when expunges that old may not all be recorded (before schema 10, or
+    /// pruned): then every UID not present in the folder may have vanished since.
+    pub complete: bool,
+}
+
 /// How a STORE changes flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlagOperation {
@@ -150,6 +160,10 @@ pub trait Mailboxes {
 
     /// The messages of a folder in UID order; `NotFound` when it does not exist.
     fn folder_messages(&self, recipient: RecipientId, folder: &str) -> Result<Vec<MessageState>>;
+
+    /// The UIDs expunged from a folder after MODSEQ `since` (QRESYNC). `NotFound` when
+    /// the folder does not exist.
+    fn vanished(&self, recipient: RecipientId, folder: &str, since: u64) -> Result<Vanished>;
 
     /// Changes the flags of `uids` (those still present). With `unchanged_since`, a
     /// message whose MODSEQ is above it is left alone and listed in `modified`.

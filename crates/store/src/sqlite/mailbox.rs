@@ -89,6 +89,48 @@ fn bump_modseq(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
         .query_row([folder], |r| r.get(0))?)
 }
 
+/// Expunge records kept per folder; older ones are pruned (every 512th MODSEQ) and the
+/// folder's `vanished_floor` raised past them.
+const EXPUNGED_KEPT: i64 = 20_000;
+
+/// Records `uids` as expunged from `folder` at `modseq` (QRESYNC's VANISHED), inside the
+/// caller's transaction.
+pub(crate) fn record_expunged(
+    tx: &rusqlite::Transaction<'_>,
+    folder: i64,
+    uids: &[u32],
+    modseq: i64,
+) -> Result<()> {
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO expunged (folder_id, uid, modseq) VALUES (?1, ?2, ?3)",
+        )?;
+        for uid in uids {
+            insert.execute(params![folder, uid, modseq])?;
+        }
+    }
+    if modseq % 512 == 0 {
+        let cut: Option<i64> = tx
+            .prepare_cached(
+                "SELECT modseq FROM expunged WHERE folder_id = ?1
+                 ORDER BY modseq DESC LIMIT 1 OFFSET ?2",
+            )?
+            .query_row(params![folder, EXPUNGED_KEPT], |r| r.get(0))
+            .optional()?;
+        if let Some(cut) = cut {
+            tx.execute(
+                "DELETE FROM expunged WHERE folder_id = ?1 AND modseq <= ?2",
+                params![folder, cut],
+            )?;
+            tx.execute(
+                "UPDATE folders SET vanished_floor = MAX(vanished_floor, ?2) WHERE id = ?1",
+                params![folder, cut],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Takes the next UID of a folder (and a new MODSEQ for the message).
 fn next_uid(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<(u32, i64)> {
     Ok(tx
@@ -263,14 +305,17 @@ impl Mailboxes for SqliteStore {
                     )?
                     .query_map([source], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<std::result::Result<_, _>>()?;
-                for (id, _) in uids {
+                let mut gone = Vec::with_capacity(uids.len());
+                for (id, old_uid) in uids {
                     let (uid, modseq) = next_uid(&tx, target)?;
                     tx.execute(
                         "UPDATE messages SET folder_id = ?2, uid = ?3, modseq = ?4 WHERE id = ?1",
                         params![id, target, uid, modseq],
                     )?;
+                    gone.push(old_uid as u32);
                 }
-                bump_modseq(&tx, source)?;
+                let modseq = bump_modseq(&tx, source)?;
+                record_expunged(&tx, source, &gone, modseq)?;
             } else {
                 let uidvalidity = next_uidvalidity(&tx, now_ms())?;
                 // The folder and its children; each renamed folder gets a new
@@ -332,6 +377,25 @@ impl Mailboxes for SqliteStore {
                 })?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    fn vanished(&self, recipient: RecipientId, folder: &str, since: u64) -> Result<Vanished> {
+        self.with_conn(|conn| {
+            let folder = require_folder(conn, recipient, folder)?;
+            let floor: i64 = conn
+                .prepare_cached("SELECT vanished_floor FROM folders WHERE id = ?1")?
+                .query_row([folder], |r| r.get(0))?;
+            let uids = conn
+                .prepare_cached(
+                    "SELECT uid FROM expunged WHERE folder_id = ?1 AND modseq > ?2 ORDER BY uid",
+                )?
+                .query_map(params![folder, since as i64], |r| r.get(0))?
+                .collect::<std::result::Result<Vec<u32>, _>>()?;
+            Ok(Vanished {
+                uids,
+                complete: since as i64 >= floor,
+            })
         })
     }
 
@@ -487,7 +551,9 @@ impl Mailboxes for SqliteStore {
                 }
             }
             if remove && !copied.uids.is_empty() {
-                bump_modseq(&tx, source)?;
+                let modseq = bump_modseq(&tx, source)?;
+                let moved: Vec<u32> = copied.uids.iter().map(|(from, _)| *from).collect();
+                record_expunged(&tx, source, &moved, modseq)?;
             }
             tx.commit()?;
             Ok(copied)

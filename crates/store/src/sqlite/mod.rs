@@ -1002,7 +1002,7 @@ impl MailStore for SqliteStore {
             let Some(folder) = folder_id(&tx, recipient, folder)? else {
                 return Ok(0);
             };
-            let mut removed = 0;
+            let mut removed = Vec::new();
             {
                 let mut delete = tx.prepare_cached(
                     "DELETE FROM messages WHERE folder_id = ?1 AND uid = ?2 RETURNING blob_id",
@@ -1013,18 +1013,21 @@ impl MailStore for SqliteStore {
                         .optional()?;
                     if let Some(blob) = blob {
                         adjust_blob_refs(&tx, blob, -1)?;
-                        removed += 1;
+                        removed.push(uid);
                     }
                 }
             }
-            if removed > 0 {
-                tx.execute(
-                    "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1",
+            if !removed.is_empty() {
+                let modseq: i64 = tx.query_row(
+                    "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1
+                     RETURNING highestmodseq",
                     [folder],
+                    |r| r.get(0),
                 )?;
+                mailbox::record_expunged(&tx, folder, &removed, modseq)?;
             }
             tx.commit()?;
-            Ok(removed)
+            Ok(removed.len() as u64)
         })
         .inspect(|removed| {
             if *removed > 0 {
@@ -1396,6 +1399,56 @@ mod tests {
         );
         assert_eq!(store.mailbox_messages(a, "INBOX").unwrap()[0].uid, 2);
         assert_eq!(store.expunge(a, "INBOX", &[1]).unwrap(), 0);
+    }
+
+    #[test]
+    fn expunges_and_moves_are_recorded_for_qresync() {
+        use crate::Mailboxes;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        store.ensure_folder(a, "INBOX", None).unwrap();
+        store.ensure_folder(a, "Archive", None).unwrap();
+        for body in [&b"one\r\n"[..], b"two\r\n", b"three\r\n", b"four\r\n"] {
+            store.append(a, "INBOX", &[], 1000, body, None).unwrap();
+        }
+        let start = store
+            .folder_status(a, "INBOX")
+            .unwrap()
+            .unwrap()
+            .highestmodseq;
+        let fresh = store.vanished(a, "INBOX", start).unwrap();
+        assert!(fresh.complete && fresh.uids.is_empty(), "{fresh:?}");
+        assert_eq!(store.expunge(a, "INBOX", &[2]).unwrap(), 1);
+        let mid = store
+            .folder_status(a, "INBOX")
+            .unwrap()
+            .unwrap()
+            .highestmodseq;
+        store
+            .copy_messages(a, "INBOX", &[4], "Archive", true)
+            .unwrap();
+        let v = store.vanished(a, "INBOX", start).unwrap();
+        assert_eq!(
+            v,
+            Vanished {
+                uids: vec![2, 4],
+                complete: true
+            }
+        );
+        // Since the expunge: only the move.
+        assert_eq!(store.vanished(a, "INBOX", mid).unwrap().uids, vec![4]);
+        // Asked from before anything was recorded (MODSEQ 0 is below the floor of a
+        // folder created before... here the floor is 0, so it is complete).
+        assert!(store.vanished(a, "INBOX", 0).unwrap().complete);
+        assert!(store.vanished(a, "Archive", 0).unwrap().uids.is_empty());
+        // Renaming INBOX empties it: every UID it had is recorded.
+        store.rename_folder(a, "INBOX", "Old").unwrap();
+        assert_eq!(store.vanished(a, "INBOX", mid).unwrap().uids, vec![1, 3, 4]);
+        assert!(matches!(
+            store.vanished(a, "Nope", 0),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
