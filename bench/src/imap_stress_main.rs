@@ -34,6 +34,10 @@ struct Args {
     /// Do not use CONDSTORE (no MODSEQ checks).
     #[arg(long)]
     no_condstore: bool,
+    /// ENABLE QRESYNC: VANISHED instead of EXPUNGE, and SELECT (QRESYNC ...) checked at
+    /// every login after the first.
+    #[arg(long)]
+    qresync: bool,
 }
 
 #[tokio::main]
@@ -48,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
         commands_per_login: (a.commands_per_login > 0).then_some(a.commands_per_login),
         messages: a.messages,
         seed: a.seed,
-        condstore: !a.no_condstore,
+        condstore: !a.no_condstore || a.qresync,
+        qresync: a.qresync,
     })
     .await?;
     for e in &report.errors {

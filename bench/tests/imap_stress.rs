@@ -57,6 +57,7 @@ fn options(addr: SocketAddr, commands_per_login: Option<u32>) -> Options {
         messages: 40,
         seed: 7,
         condstore: true,
+        qresync: false,
     }
 }
 
@@ -92,6 +93,12 @@ async fn stress_mix_finds_no_errors_in_mailroom() {
     let relogin = run(relogin).await.unwrap();
     assert_clean(&relogin, "a login every 15 commands");
     assert!(relogin.commands.get("login").is_some_and(|c| c.0 > 4));
+    // QRESYNC: expunges as VANISHED, and every login after the first resynchronises.
+    let mut qresync = options(server.imap_addr, Some(15));
+    qresync.seed = 10;
+    qresync.qresync = true;
+    let qresync = run(qresync).await.unwrap();
+    assert_clean(&qresync, "QRESYNC, a login every 15 commands");
     server.shutdown().await;
 }
 

@@ -26,6 +26,10 @@
 //! - with CONDSTORE, a message's MODSEQ never decreases for a session and grows whenever
 //!   its flags change; HIGHESTMODSEQ at SELECT is at least every MODSEQ the same client
 //!   saw in its earlier sessions;
+//! - with QRESYNC, a client that logs in again selects with the UIDVALIDITY, the
+//!   HIGHESTMODSEQ and the UIDs it knew: every UID it knew that is gone must be named by
+//!   VANISHED, none that is there; every message whose MODSEQ shows a change between the
+//!   two HIGHESTMODSEQs must come with a FETCH in the SELECT;
 //! - bodies, sizes and envelopes must be those appended (the Message-ID names the
 //!   message; the bytes are kept);
 //! - any NO or BAD, and any BYE not asked for, is an error.
@@ -65,6 +69,9 @@ pub struct Options {
     pub seed: u64,
     /// SELECT with (CONDSTORE) and check MODSEQ.
     pub condstore: bool,
+    /// ENABLE QRESYNC: expunges come as VANISHED, and a client logging in again
+    /// resynchronises with SELECT (QRESYNC ...), which is checked against what it finds.
+    pub qresync: bool,
 }
 
 /// What a run did.
@@ -357,6 +364,13 @@ struct Seen {
     history_at: usize,
 }
 
+/// What a session knew of the mailbox when it logged out.
+struct Resync {
+    uidvalidity: u64,
+    highestmodseq: u64,
+    uids: Vec<u32>,
+}
+
 /// One stress client: owns the messages it appended, reads everyone's.
 struct Client {
     id: usize,
@@ -374,6 +388,13 @@ struct Client {
     /// The highest MODSEQ this client saw (HIGHESTMODSEQ may not fall below it).
     max_modseq: u64,
     view: View,
+    /// What the last session knew, for SELECT (QRESYNC ...) at the next login.
+    resync: Option<Resync>,
+    /// During a login: UIDs named by VANISHED (EARLIER), and by FETCH in the SELECT.
+    vanished_earlier: HashSet<u32>,
+    vanished_live: HashSet<u32>,
+    select_fetched: HashSet<u32>,
+    in_select: bool,
     conn: Option<Conn>,
     since_login: u32,
     errors_here: u32,
@@ -409,6 +430,11 @@ impl Client {
             appended: 0,
             max_modseq: 0,
             view: View::default(),
+            resync: None,
+            vanished_earlier: HashSet::new(),
+            vanished_live: HashSet::new(),
+            select_fetched: HashSet::new(),
+            in_select: false,
             conn: None,
             since_login: 0,
             errors_here: 0,
@@ -459,6 +485,9 @@ impl Client {
             if let Some(limit) = self.options.commands_per_login
                 && self.since_login >= limit
             {
+                if let Some(r) = &mut self.resync {
+                    r.uids = self.view.uids.iter().flatten().copied().collect();
+                }
                 self.timed("logout", "LOGOUT", None).await?;
                 self.conn = None;
                 self.login(true).await?;
@@ -523,18 +552,49 @@ impl Client {
         }
         self.conn = Some(conn);
         self.since_login = 0;
-        self.view = View::default();
-        let param = if self.options.condstore {
-            " (CONDSTORE)"
+        let previous = std::mem::take(&mut self.view);
+        let resync = self.resync.take();
+        self.vanished_earlier.clear();
+        self.vanished_live.clear();
+        self.select_fetched.clear();
+        let param = if self.options.qresync {
+            self.timed_if(measured, "enable", "ENABLE QRESYNC", None)
+                .await?;
+            match &resync {
+                Some(r) => {
+                    let known: Vec<u32> = r.uids.clone();
+                    format!(
+                        " (QRESYNC ({} {}{}))",
+                        r.uidvalidity,
+                        r.highestmodseq,
+                        if known.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", uid_set(&known))
+                        }
+                    )
+                }
+                None => String::new(),
+            }
+        } else if self.options.condstore {
+            " (CONDSTORE)".into()
         } else {
-            ""
+            String::new()
         };
+        drop(previous);
         let text = format!("SELECT {}{param}", self.mailbox);
-        let answer = self.timed_if(measured, "select", &text, None).await?;
+        self.in_select = true;
+        let answer = self.timed_if(measured, "select", &text, None).await;
+        self.in_select = false;
+        let answer = answer?;
         let mut highest = None;
+        let mut uidvalidity = None;
         for r in &answer.untagged {
             if let Some(v) = code_number(r, "HIGHESTMODSEQ") {
                 highest = Some(v);
+            }
+            if let Some(v) = code_number(r, "UIDVALIDITY") {
+                uidvalidity = Some(v);
             }
         }
         if self.options.condstore {
@@ -560,8 +620,42 @@ impl Client {
             )
             .await?;
         }
-        // Every owned message not being deleted must be here.
         let present: HashSet<u32> = self.view.uids.iter().flatten().copied().collect();
+        // QRESYNC: what the SELECT said changed must be what did.
+        if let (Some(r), Some(new_highest)) = (&resync, highest)
+            && uidvalidity == Some(r.uidvalidity)
+        {
+            let mut wrong = Vec::new();
+            for u in &r.uids {
+                if present.contains(u) {
+                    if self.vanished_earlier.contains(u) {
+                        wrong.push(format!("VANISHED (EARLIER) named UID {u}, which is there"));
+                    }
+                    let m = self.view.seen.get(u).map(|s| s.modseq).unwrap_or(0);
+                    if m > r.highestmodseq && m <= new_highest && !self.select_fetched.contains(u) {
+                        wrong.push(format!(
+                            "UID {u} changed at MODSEQ {m} (after {} and by {new_highest}) but SELECT (QRESYNC) sent no FETCH for it",
+                            r.highestmodseq
+                        ));
+                    }
+                } else if !self.vanished_earlier.contains(u) && !self.vanished_live.contains(u) {
+                    wrong.push(format!(
+                        "UID {u} is gone but SELECT (QRESYNC) did not name it in VANISHED"
+                    ));
+                }
+            }
+            for w in wrong {
+                self.error(w);
+            }
+        }
+        if let (true, Some(v), Some(h)) = (self.options.qresync, uidvalidity, highest) {
+            self.resync = Some(Resync {
+                uidvalidity: v,
+                highestmodseq: h,
+                uids: Vec::new(),
+            });
+        }
+        // Every owned message not being deleted must be here.
         let lost: Vec<u32> = self
             .own
             .keys()
@@ -659,6 +753,52 @@ impl Client {
                     })
                     .collect();
             }
+        } else if first == "VANISHED" {
+            let (earlier, set) = match (toks.get(1), toks.get(2)) {
+                (Some(Tok::List(l)), Some(Tok::Atom(set)))
+                    if l.first().and_then(Tok::atom_upper).as_deref() == Some("EARLIER") =>
+                {
+                    (true, set.clone())
+                }
+                (Some(Tok::Atom(set)), None) => (false, set.clone()),
+                _ => {
+                    self.error(format!("malformed VANISHED: {}", shown(r)));
+                    return;
+                }
+            };
+            let Some(uids) = parse_uid_set(&set) else {
+                self.error(format!("malformed VANISHED set: {}", shown(r)));
+                return;
+            };
+            if !self.options.qresync {
+                self.error(format!("VANISHED without ENABLE QRESYNC: {}", shown(r)));
+            }
+            for uid in uids {
+                if earlier {
+                    if self.view.uids.contains(&Some(uid)) {
+                        self.error(format!(
+                            "VANISHED (EARLIER) names UID {uid}, which this session has"
+                        ));
+                    }
+                    self.vanished_earlier.insert(uid);
+                    // Gone before this session: the owner must have deleted it.
+                    let deleting = self.shared.lock().unwrap().deleting.contains(&uid);
+                    let known = self.shared.lock().unwrap().owner.contains_key(&uid);
+                    if known && !deleting {
+                        self.error(format!(
+                            "VANISHED (EARLIER) names UID {uid}, which nobody deleted"
+                        ));
+                    }
+                    continue;
+                }
+                self.vanished_live.insert(uid);
+                match self.seq_for_uid(uid) {
+                    Some(seq) => self.expunged(seq),
+                    None => self.error(format!(
+                        "VANISHED names UID {uid}, which this session never had"
+                    )),
+                }
+            }
         } else if let Some(n) = toks.first().and_then(Tok::number) {
             let n = n as usize;
             match second.as_str() {
@@ -682,6 +822,33 @@ impl Client {
                 _ => {}
             }
         }
+    }
+
+    /// The sequence number of `uid`: where it is, or the placeholder its neighbours
+    /// leave room for (a message whose UID the session has not fetched yet).
+    fn seq_for_uid(&self, uid: u32) -> Option<usize> {
+        if let Some(i) = self.view.uids.iter().position(|u| *u == Some(uid)) {
+            return Some(i + 1);
+        }
+        let mut prev = 0u32;
+        for (i, u) in self.view.uids.iter().enumerate() {
+            match u {
+                Some(k) => {
+                    if *k > uid {
+                        return None;
+                    }
+                    prev = *k;
+                }
+                None if prev < uid => {
+                    let next = self.view.uids[i..].iter().flatten().next();
+                    if next.is_none_or(|n| *n > uid) {
+                        return Some(i + 1);
+                    }
+                }
+                None => {}
+            }
+        }
+        None
     }
 
     fn expunged(&mut self, n: usize) {
@@ -774,6 +941,9 @@ impl Client {
             }
             (None, None) => return,
         };
+        if self.in_select {
+            self.select_fetched.insert(uid);
+        }
         if let Some(flags) = flags {
             self.check_flags(uid, flags, modseq);
         } else if let Some(m) = modseq {
@@ -1087,7 +1257,13 @@ impl Client {
             return Ok(());
         };
         let items = self.flag_items();
-        let text = format!("UID FETCH {uid}:{} ({items})", uid + 20);
+        let text = if self.options.qresync && self.rng.below(2) == 0 {
+            // What changed lately, and what vanished (RFC 7162 3.2.6).
+            let since = self.max_modseq.saturating_sub(20);
+            format!("UID FETCH 1:* ({items}) (CHANGEDSINCE {since} VANISHED)")
+        } else {
+            format!("UID FETCH {uid}:{} ({items})", uid + 20)
+        };
         self.timed("fetch_flags", &text, None).await?;
         Ok(())
     }
@@ -1313,6 +1489,46 @@ fn code_number(response: &[u8], name: &str) -> Option<u64> {
     let at = text.find(&format!("[{name} "))?;
     let rest = &text[at + name.len() + 2..];
     rest.split([']', ' ']).next()?.parse().ok()
+}
+
+/// The UIDs of a sequence set of plain numbers (`3,5:7`), as VANISHED sends them.
+fn parse_uid_set(set: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in set.split(',') {
+        let (a, b) = match part.split_once(':') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let a = part.parse::<u32>().ok()?;
+                (a, a)
+            }
+        };
+        if a.max(b) - a.min(b) > 1_000_000 {
+            return None;
+        }
+        out.extend(a.min(b)..=a.max(b));
+    }
+    Some(out)
+}
+
+/// A sequence set of UIDs (ascending), ranges joined.
+fn uid_set(uids: &[u32]) -> String {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        while i + 1 < sorted.len() && sorted[i + 1] == sorted[i] + 1 {
+            i += 1;
+        }
+        parts.push(if sorted[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}:{}", sorted[i])
+        });
+        i += 1;
+    }
+    parts.join(",")
 }
 
 /// The three parts of a response code `[NAME a b c]`.

@@ -148,6 +148,10 @@ pub struct Session {
     /// ENABLE QRESYNC (RFC 7162 3.2.3): expunges are reported as VANISHED, SELECT takes
     /// the QRESYNC parameter, UID FETCH the VANISHED modifier.
     qresync: bool,
+    /// Messages gone from the store that this session could not announce yet (the
+    /// command in progress forbade EXPUNGE responses): the next sync that may, does,
+    /// whether or not the mailbox changed again meanwhile.
+    expunge_pending: bool,
     enabled: HashSet<String>,
 }
 
@@ -273,7 +277,7 @@ fn uid_set(uids: &[u32]) -> String {
 }
 
 /// The UIDs to report as VANISHED (EARLIER): those recorded as expunged, within `known`
-/// (all when None). When the records do not reach back far enough, every UID of `known`
+/// (all when None), that the session does not show (`present`, ascending). When the records do not reach back far enough, every UID of `known`
 /// up to `max` that is not `present` (ascending) instead: a client ignores UIDs it does
 /// not have, and misses none it does.
 fn vanished_set(
@@ -288,6 +292,9 @@ fn vanished_set(
             .iter()
             .copied()
             .filter(|u| known.is_none_or(|k| in_set(k, *u, max)))
+            // One expunged after this session last looked is still in its view: it is
+            // announced by a plain VANISHED at the next sync, not as EARLIER.
+            .filter(|u| present.binary_search(u).is_err())
             .collect();
         return uid_set(&uids);
     }
@@ -466,6 +473,7 @@ impl Session {
             bell: None,
             condstore: false,
             qresync: false,
+            expunge_pending: false,
             enabled: HashSet::new(),
         }
     }
@@ -825,6 +833,7 @@ impl Session {
                 if qresync.is_some() && !self.qresync {
                     return bad("the QRESYNC parameter needs ENABLE QRESYNC first");
                 }
+                self.expunge_pending = false;
                 // Selecting while a folder is selected closes it: RFC 7162 3.2.11 and
                 // RFC 9051 6.3.2 announce that with [CLOSED], so responses that follow
                 // belong to the new folder.
@@ -842,7 +851,10 @@ impl Session {
                 // unclaimed); EXAMINE shows them recent without taking them.
                 let rev1 = !self.enabled.contains("IMAP4REV2");
                 let claim = rev1 && !read_only;
-                let (claimed, folders, messages) = blocking(&store, move |s| {
+                // The folder's counters and messages come from one snapshot: a message
+                // changed between two reads would otherwise show a MODSEQ above the
+                // HIGHESTMODSEQ announced (found by bench/imap-stress with QRESYNC).
+                let (claimed, (info, messages)) = blocking(&store, move |s| {
                     let claimed = if claim {
                         match s.claim_recent(recipient, &name) {
                             Ok(floor) => Some(floor),
@@ -852,17 +864,9 @@ impl Session {
                     } else {
                         None
                     };
-                    Ok((
-                        claimed,
-                        s.folders(recipient)?,
-                        s.folder_messages(recipient, &name)?,
-                    ))
+                    Ok((claimed, s.folder_snapshot(recipient, &name)?))
                 })
                 .await?;
-                let info = folders
-                    .into_iter()
-                    .find(|f| f.name == mailbox)
-                    .ok_or_else(|| ("NO".into(), "[NONEXISTENT] no such folder".into()))?;
                 let floor = match claimed {
                     Some(floor) => floor,
                     None if rev1 => info.recent_floor,
@@ -1848,7 +1852,8 @@ impl Session {
         let Some(bell) = &mut self.bell else {
             return;
         };
-        if !bell.has_changed().unwrap_or(false) {
+        let owed = allow_expunge && self.expunge_pending;
+        if !bell.has_changed().unwrap_or(false) && !owed {
             return;
         }
         let Some(view) = &self.selected else {
@@ -1890,16 +1895,18 @@ impl Session {
         };
         let view = self.selected.as_mut().expect("checked");
         let present: HashSet<u32> = current.iter().map(|m| m.uid).collect();
-        if allow_expunge {
-            let gone: Vec<u32> = view
-                .messages
-                .iter()
-                .filter(|m| !present.contains(&m.uid))
-                .map(|m| m.uid)
-                .collect();
-            if !gone.is_empty() {
-                self.remove_from_view(&gone, out);
-            }
+        let gone: Vec<u32> = view
+            .messages
+            .iter()
+            .filter(|m| !present.contains(&m.uid))
+            .map(|m| m.uid)
+            .collect();
+        // Until announced, they stay in the view (RFC 9051 7.5.1: no EXPUNGE during
+        // FETCH, STORE or SEARCH); the debt is remembered, since the bell has been
+        // read.
+        self.expunge_pending = !allow_expunge && !gone.is_empty();
+        if allow_expunge && !gone.is_empty() {
+            self.remove_from_view(&gone, out);
         }
         let view = self.selected.as_mut().expect("checked");
         // Keywords first seen in this update are announced before it (FLAGS goes
@@ -2485,6 +2492,8 @@ mod tests {
             complete: true,
         };
         assert_eq!(vanished_set(&recorded, None, &[1, 2, 4], 10), "3,5,9");
+        // Still in the session's view: not EARLIER (a plain VANISHED comes at sync).
+        assert_eq!(vanished_set(&recorded, None, &[1, 5], 10), "3,9");
         let known = vec![Range(4, 6)];
         assert_eq!(vanished_set(&recorded, Some(&known), &[4], 10), "5");
         // Records too short: every known UID up to the last one that is not there.

@@ -823,3 +823,44 @@ async fn qresync_resynchronises_flags_and_expunges() {
     .await
     .unwrap();
 }
+
+/// RFC 9051 7.5.1: no EXPUNGE during FETCH, STORE or SEARCH, so an expunge another
+/// session made is announced at the next command that allows it. It was lost instead:
+/// the FETCH read the change and the NOOP after it found nothing new, so the session
+/// kept showing a message that was gone (found by bench/imap-stress with QRESYNC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expunge_held_back_during_fetch_is_announced_at_the_next_noop() {
+    let (_server, imap) = server_with_mail(3).await;
+    tokio::task::spawn_blocking(move || {
+        let mut a = RawImap::login(imap, "ann@example.test", PASSWORD);
+        a.run("s", "SELECT INBOX");
+        let mut b = RawImap::login(imap, "ann@example.test", PASSWORD);
+        b.run("s", "SELECT INBOX");
+        b.run("d", "STORE 2 +FLAGS.SILENT (\\Deleted)");
+        let lines = b.run("x", "EXPUNGE");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* 2 EXPUNGE"),
+            "{lines:?}"
+        );
+        let lines = a.run("f", "FETCH 1:* (FLAGS)");
+        assert!(!lines.iter().any(|l| l.contains("EXPUNGE")), "{lines:?}");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(" FETCH (")).count(),
+            3,
+            "{lines:?}"
+        );
+        let lines = a.run("n", "NOOP");
+        assert!(
+            lines.iter().any(|l| l.trim_end() == "* 2 EXPUNGE"),
+            "{lines:?}"
+        );
+        let lines = a.run("g", "FETCH 1:* (UID)");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(" FETCH (")).count(),
+            2,
+            "{lines:?}"
+        );
+    })
+    .await
+    .unwrap();
+}

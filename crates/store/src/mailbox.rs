@@ -158,6 +158,15 @@ pub trait Mailboxes {
     /// `NotFound`.
     fn subscribe(&self, recipient: RecipientId, name: &str, subscribed: bool) -> Result<()>;
 
+    /// A folder's counters and its messages (UID order) from one snapshot, so they
+    /// agree: HIGHESTMODSEQ and UIDNEXT cover every message listed (SELECT). `NotFound`
+    /// when it does not exist.
+    fn folder_snapshot(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+    ) -> Result<(FolderInfo, Vec<MessageState>)>;
+
     /// The messages of a folder in UID order; `NotFound` when it does not exist.
     fn folder_messages(&self, recipient: RecipientId, folder: &str) -> Result<Vec<MessageState>>;
 

@@ -89,6 +89,54 @@ fn bump_modseq(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
         .query_row([folder], |r| r.get(0))?)
 }
 
+/// A folder's row as [`FolderInfo`], with its message counts (add a WHERE on `f`).
+const FOLDER_INFO: &str = "SELECT f.name, f.uidvalidity, f.uidnext, f.highestmodseq, f.subscribed,
+        f.special_use,
+        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
+        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id
+            AND (' ' || m.flags || ' ') NOT LIKE '% \\Seen %'),
+        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id),
+        f.recent_floor,
+        (SELECT COUNT(*) FROM messages m
+            WHERE m.folder_id = f.id AND m.uid > f.recent_floor)
+     FROM folders f";
+
+fn folder_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FolderInfo> {
+    Ok(FolderInfo {
+        name: r.get(0)?,
+        uidvalidity: r.get(1)?,
+        uidnext: r.get(2)?,
+        highestmodseq: r.get::<_, i64>(3)? as u64,
+        subscribed: r.get(4)?,
+        special_use: r.get(5)?,
+        messages: r.get(6)?,
+        unseen: r.get(7)?,
+        bytes: r.get::<_, i64>(8)? as u64,
+        recent_floor: r.get(9)?,
+        recent: r.get(10)?,
+    })
+}
+
+/// A folder's messages in UID order.
+fn read_messages(conn: &rusqlite::Connection, folder: i64) -> Result<Vec<MessageState>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT uid, modseq, flags, received_at_ms, size FROM messages
+         WHERE folder_id = ?1 ORDER BY uid",
+    )?;
+    let rows = stmt
+        .query_map([folder], |r| {
+            Ok(MessageState {
+                uid: r.get(0)?,
+                modseq: r.get::<_, i64>(1)? as u64,
+                flags: parse_flags(&r.get::<_, String>(2)?),
+                internal_date_ms: r.get(3)?,
+                size: r.get::<_, i64>(4)? as u64,
+            })
+        })?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// Expunge records kept per folder; older ones are pruned (every 512th MODSEQ) and the
 /// folder's `vanished_floor` raised past them.
 const EXPUNGED_KEPT: i64 = 20_000;
@@ -166,36 +214,32 @@ fn insert_folder(
 impl Mailboxes for SqliteStore {
     fn folders(&self, recipient: RecipientId) -> Result<Vec<FolderInfo>> {
         self.with_conn(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT f.name, f.uidvalidity, f.uidnext, f.highestmodseq, f.subscribed,
-                        f.special_use,
-                        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
-                        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id
-                            AND (' ' || m.flags || ' ') NOT LIKE '% \\Seen %'),
-                        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id),
-                        f.recent_floor,
-                        (SELECT COUNT(*) FROM messages m
-                            WHERE m.folder_id = f.id AND m.uid > f.recent_floor)
-                 FROM folders f WHERE f.recipient_id = ?1 ORDER BY f.name",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "{FOLDER_INFO} WHERE f.recipient_id = ?1 ORDER BY f.name"
+            ))?;
             let rows = stmt
-                .query_map([recipient], |r| {
-                    Ok(FolderInfo {
-                        name: r.get(0)?,
-                        uidvalidity: r.get(1)?,
-                        uidnext: r.get(2)?,
-                        highestmodseq: r.get::<_, i64>(3)? as u64,
-                        subscribed: r.get(4)?,
-                        special_use: r.get(5)?,
-                        messages: r.get(6)?,
-                        unseen: r.get(7)?,
-                        bytes: r.get::<_, i64>(8)? as u64,
-                        recent_floor: r.get(9)?,
-                        recent: r.get(10)?,
-                    })
-                })?
+                .query_map([recipient], folder_info)?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    fn folder_snapshot(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+    ) -> Result<(FolderInfo, Vec<MessageState>)> {
+        self.with_conn(|conn| {
+            // One read transaction: the folder's counters and its messages from the same
+            // snapshot.
+            let tx = conn.transaction()?;
+            let id = require_folder(&tx, recipient, folder)?;
+            let info = tx
+                .prepare_cached(&format!("{FOLDER_INFO} WHERE f.id = ?1"))?
+                .query_row([id], folder_info)?;
+            let messages = read_messages(&tx, id)?;
+            tx.commit()?;
+            Ok((info, messages))
         })
     }
 
@@ -361,22 +405,7 @@ impl Mailboxes for SqliteStore {
     fn folder_messages(&self, recipient: RecipientId, folder: &str) -> Result<Vec<MessageState>> {
         self.with_conn(|conn| {
             let folder = require_folder(conn, recipient, folder)?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT uid, modseq, flags, received_at_ms, size FROM messages
-                 WHERE folder_id = ?1 ORDER BY uid",
-            )?;
-            let rows = stmt
-                .query_map([folder], |r| {
-                    Ok(MessageState {
-                        uid: r.get(0)?,
-                        modseq: r.get::<_, i64>(1)? as u64,
-                        flags: parse_flags(&r.get::<_, String>(2)?),
-                        internal_date_ms: r.get(3)?,
-                        size: r.get::<_, i64>(4)? as u64,
-                    })
-                })?
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(rows)
+            read_messages(conn, folder)
         })
     }
 
