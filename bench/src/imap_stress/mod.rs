@@ -583,6 +583,10 @@ impl Client {
         };
         drop(previous);
         let text = format!("SELECT {}{param}", self.mailbox);
+        // MODSEQs this client saw in earlier sessions: HIGHESTMODSEQ may not be below
+        // them. (Within the SELECT a FETCH may show a higher one: RFC 7162 3.2 lets
+        // HIGHESTMODSEQ lag, the safe direction, and Dovecot does so.)
+        let seen_before = self.max_modseq;
         self.in_select = true;
         let answer = self.timed_if(measured, "select", &text, None).await;
         self.in_select = false;
@@ -598,9 +602,7 @@ impl Client {
             }
         }
         if self.options.condstore {
-            // Only what this client saw before: another session's STORE may land between
-            // the server's SELECT and its answer.
-            let max = self.max_modseq;
+            let max = seen_before;
             match highest {
                 None => self.error("SELECT (CONDSTORE) gave no HIGHESTMODSEQ".into()),
                 Some(h) if h < max => self.error(format!(
