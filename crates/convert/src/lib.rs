@@ -6,17 +6,16 @@
 //! recipient, records remote recipients in the outbound queue, records unresolvable ones
 //! for a non-delivery report, and removes the inbound entry.
 //!
-//! - [`facts`]: what the MIME parser (`mail-parser`) finds; a message that does not parse
-//!   is still delivered byte for byte, with whatever could be read.
-//! - [`mime`]: the one way to parse a message, with its nesting bounded.
+//! - [`facts`] and [`mime`] (re-exported from `mailroom-message`, which IMAP shares):
+//!   what the MIME parser finds, with nesting bounded; a message that does not parse is
+//!   still delivered byte for byte, with whatever could be read.
 //! - [`plan`]: where each envelope recipient goes, from one snapshot.
 //! - [`workers`]: the worker threads, with a per-message time budget, panic isolation and
 //!   a quarantine after repeated failures, so no message holds up the ones behind it.
 //!
 //! What it never does: take a lock, change the directory, or drop a recipient silently.
 
-pub mod facts;
-pub mod mime;
+pub use mailroom_message::{facts, mime};
 pub mod plan;
 pub mod quota;
 pub mod workers;

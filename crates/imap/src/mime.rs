@@ -16,10 +16,10 @@ pub fn parse(raw: &[u8]) -> Message<'_> {
 }
 
 /// Like [`parse`], with a parser configured for the purpose (see
-/// `search::header_parser`). Nesting is bounded (`mailroom_convert::mime`).
+/// `search::header_parser`). Nesting is bounded (`mailroom_message::mime`).
 pub fn parse_with<'r>(parser: &MessageParser, raw: &'r [u8]) -> Message<'r> {
-    mailroom_convert::mime::parse(parser, raw)
-        .unwrap_or_else(|| mailroom_convert::mime::opaque(raw))
+    mailroom_message::mime::parse(parser, raw)
+        .unwrap_or_else(|| mailroom_message::mime::opaque(raw))
 }
 
 fn part_header<'m>(m: &'m Message<'m>, idx: usize) -> &'m [u8] {

@@ -1122,7 +1122,7 @@ impl Session {
                     .map(|m| mailroom_store::NewMessage {
                         flags: m.flags.into_iter().filter(|f| f != "\\Recent").collect(),
                         internal_date_ms: m.date_ms.unwrap_or(now),
-                        facts: Some(mailroom_convert::facts::message_facts(&m.message)),
+                        facts: Some(mailroom_message::facts::message_facts(&m.message)),
                         body: m.message,
                     })
                     .collect();
