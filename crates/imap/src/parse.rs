@@ -198,6 +198,12 @@ pub struct SearchReturn {
     pub count: bool,
     /// SAVE (RFC 5182): remember the result for `$`.
     pub save: bool,
+    /// UPDATE (RFC 5267 CONTEXT=SEARCH): keep the search and report ADDTO/REMOVEFROM as
+    /// the folder changes, until CANCELUPDATE.
+    pub update: bool,
+    /// PARTIAL low:high (RFC 5267): only the results at these positions (1-based,
+    /// low <= high).
+    pub partial: Option<(u32, u32)>,
 }
 
 /// A SORT key (RFC 5256, RFC 5957).
@@ -444,6 +450,8 @@ pub enum CommandKind {
     Append(String, Vec<AppendMessage>),
     /// IDLE.
     Idle,
+    /// CANCELUPDATE (RFC 5267): stop the searches started with these tags.
+    CancelUpdate(Vec<String>),
     /// CHECK.
     Check,
     /// CLOSE.
@@ -1311,6 +1319,9 @@ impl<'a> Cursor<'a> {
             if ret.save {
                 return Err("SORT RETURN (SAVE) is not supported".into());
             }
+            if ret.update || ret.partial.is_some() {
+                return Err("SORT RETURN (UPDATE/PARTIAL) needs CONTEXT=SORT, not offered".into());
+            }
             self.sp()?;
         }
         let words = self.option_words()?;
@@ -1374,27 +1385,45 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// `(MIN MAX ALL COUNT SAVE)` after RETURN (RFC 4731, 5182).
+    /// `(MIN MAX ALL COUNT SAVE UPDATE PARTIAL low:high)` after RETURN (RFC 4731, 5182,
+    /// 5267).
     fn return_options(&mut self) -> Result<SearchReturn> {
         let mut ret = SearchReturn {
             extended: true,
             ..SearchReturn::default()
         };
         self.sp()?;
-        for word in self.option_words()? {
+        let words = self.option_words()?;
+        let mut words = words.into_iter();
+        while let Some(word) = words.next() {
             match word.as_str() {
                 "MIN" => ret.min = true,
                 "MAX" => ret.max = true,
                 "ALL" => ret.all = true,
                 "COUNT" => ret.count = true,
                 "SAVE" => ret.save = true,
+                "UPDATE" => ret.update = true,
+                "PARTIAL" => {
+                    // partial-range = nz-number ":" nz-number (no `*`); 4:2 is 2:4.
+                    let range = words.next().unwrap_or_default();
+                    let parsed = range.split_once(':').and_then(|(a, b)| {
+                        let a: u32 = a.parse().ok().filter(|n| *n > 0)?;
+                        let b: u32 = b.parse().ok().filter(|n| *n > 0)?;
+                        Some((a.min(b), a.max(b)))
+                    });
+                    ret.partial = Some(parsed.ok_or_else(|| {
+                        format!("PARTIAL needs a range like 1:100, not {range:?}")
+                    })?);
+                }
                 other => return Err(format!("unknown RETURN option {other}")),
             }
         }
-        if ret.save && !(ret.min || ret.max || ret.count || ret.all) {
+        let results = ret.min || ret.max || ret.count || ret.all || ret.partial.is_some();
+        if ret.save && !results && !ret.update {
             // SAVE alone: the result is kept and no ESEARCH is sent (RFC 5182 2.1).
             ret.extended = false;
-        } else if !(ret.min || ret.max || ret.count) {
+        } else if !results && !ret.update {
+            // RETURN () is RETURN (ALL); UPDATE alone returns nothing yet (RFC 5267 4.2).
             ret.all = true;
         }
         Ok(ret)
@@ -1624,6 +1653,17 @@ impl<'a> Cursor<'a> {
                     None
                 };
                 Ok(CommandKind::Authenticate(mechanism, initial))
+            }
+            "CANCELUPDATE" => {
+                // RFC 5267 4.2: CANCELUPDATE SP tag-string *(SP tag-string).
+                let mut tags = Vec::new();
+                while self.eat(b' ') {
+                    tags.push(String::from_utf8_lossy(&self.string()?).into_owned());
+                }
+                if tags.is_empty() {
+                    return Err("CANCELUPDATE needs the tag of a search".into());
+                }
+                Ok(CommandKind::CancelUpdate(tags))
             }
             "ENABLE" => {
                 let mut caps = Vec::new();

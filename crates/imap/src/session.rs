@@ -56,7 +56,23 @@ struct View {
     recent: HashSet<u32>,
     /// The saved search result (RFC 5182 SEARCHRES), as UIDs: `$` names these messages.
     saved: Vec<u32>,
+    /// Searches kept up to date (RFC 5267 CONTEXT=SEARCH, `RETURN (UPDATE)`).
+    live: Vec<LiveSearch>,
+    /// (messages, highest MODSEQ, last UID) when the live searches were last evaluated:
+    /// unchanged means nothing to re-evaluate.
+    live_stamp: (usize, u64, u32),
 }
+
+/// A search kept up to date: its result as UIDs, reported as ADDTO and REMOVEFROM.
+struct LiveSearch {
+    tag: String,
+    uid: bool,
+    key: SearchKey,
+    result: std::collections::BTreeSet<u32>,
+}
+
+/// Live searches a session may keep; more get `[NOUPDATE]`.
+const LIVE_SEARCHES_MAX: usize = 16;
 
 /// The system flags every folder has.
 const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
@@ -100,6 +116,36 @@ impl View {
         if new {
             self.flags_lines(out);
         }
+    }
+
+    /// What changes when a live search might need re-evaluating.
+    fn stamp(&self) -> (usize, u64, u32) {
+        let modseq = self.messages.iter().map(|m| m.modseq).max().unwrap_or(0);
+        (self.messages.len(), modseq, self.max_uid())
+    }
+
+    /// `* ESEARCH (TAG "t") [UID] ADDTO|REMOVEFROM (0 set)` for `uids` of a live search.
+    /// The position is 0: a SEARCH result is in message order, so it carries no place
+    /// (RFC 5267 4.3; positions matter for CONTEXT=SORT, not offered).
+    fn live_line(&self, live: &LiveSearch, what: &str, uids: &[u32], out: &mut Vec<u8>) {
+        let mut numbers: Vec<u32> = if live.uid {
+            uids.to_vec()
+        } else {
+            uids.iter().filter_map(|u| self.seq_of(*u)).collect()
+        };
+        if numbers.is_empty() {
+            return;
+        }
+        numbers.sort_unstable();
+        out.extend_from_slice(
+            format!(
+                "* ESEARCH (TAG \"{}\"){} {what} (0 {})\r\n",
+                live.tag,
+                if live.uid { " UID" } else { "" },
+                uid_set(&numbers)
+            )
+            .as_bytes(),
+        );
     }
 
     fn max_uid(&self) -> u32 {
@@ -152,6 +198,10 @@ pub struct Session {
     /// command in progress forbade EXPUNGE responses): the next sync that may, does,
     /// whether or not the mailbox changed again meanwhile.
     expunge_pending: bool,
+    /// The bell's value this session's view is known to reflect. After its own change
+    /// (one ring) the bell is marked seen only when it stands at exactly one more, so a
+    /// change another session made in between is still announced at the next sync.
+    bell_seen: u64,
     enabled: HashSet<String>,
 }
 
@@ -474,6 +524,7 @@ impl Session {
             condstore: false,
             qresync: false,
             expunge_pending: false,
+            bell_seen: 0,
             enabled: HashSet::new(),
         }
     }
@@ -484,7 +535,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONTEXT=SEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -592,6 +643,7 @@ impl Session {
                 kind => {
                     let mut output = conn.output(std::mem::take(&mut out));
                     let outcome = self.execute(kind, &tag, &mut output).await;
+                    self.update_live(&mut output).await;
                     // A client that stopped reading mid-response ends the session.
                     out = output.finish()?;
                     outcome
@@ -795,6 +847,7 @@ impl Session {
         let store = self.server.store.clone();
         match kind {
             CommandKind::Enable(caps) => {
+                let had_condstore = self.condstore;
                 let mut enabled = Vec::new();
                 for cap in caps {
                     if matches!(
@@ -810,6 +863,22 @@ impl Session {
                             self.qresync = true;
                         }
                         enabled.push(cap);
+                    }
+                }
+                // CONDSTORE enabled with a folder open: the client learns its
+                // HIGHESTMODSEQ now (RFC 7162 3.1.8), as at SELECT.
+                if self.condstore
+                    && !had_condstore
+                    && let Some(view) = &self.selected
+                {
+                    let name = view.name.clone();
+                    if let Ok(Some(status)) =
+                        blocking(&store, move |s| s.folder_status(recipient, &name)).await
+                    {
+                        out.extend_from_slice(
+                            format!("* OK [HIGHESTMODSEQ {}] highest\r\n", status.highestmodseq)
+                                .as_bytes(),
+                        );
                     }
                 }
                 out.extend_from_slice(
@@ -851,6 +920,10 @@ impl Session {
                 // unclaimed); EXAMINE shows them recent without taking them.
                 let rev1 = !self.enabled.contains("IMAP4REV2");
                 let claim = rev1 && !read_only;
+                // Seen before the read, so a change that lands during it rings again.
+                if let Some(bell) = &mut self.bell {
+                    self.bell_seen = *bell.borrow_and_update();
+                }
                 // The folder's counters and messages come from one snapshot: a message
                 // changed between two reads would otherwise show a MODSEQ above the
                 // HIGHESTMODSEQ announced (found by bench/imap-stress with QRESYNC).
@@ -877,9 +950,6 @@ impl Session {
                     .filter(|m| m.uid > floor)
                     .map(|m| m.uid)
                     .collect();
-                if let Some(bell) = &mut self.bell {
-                    bell.borrow_and_update();
-                }
                 let unseen = messages
                     .iter()
                     .position(|m| !m.flags.iter().any(|f| f == "\\Seen"));
@@ -901,6 +971,8 @@ impl Session {
                     keywords,
                     recent,
                     saved: Vec::new(),
+                    live: Vec::new(),
+                    live_stamp: (0, 0, 0),
                 };
                 view.flags_lines(out);
                 let messages: Vec<MessageState> =
@@ -1371,6 +1443,23 @@ impl Session {
         resolve_saved(view, &mut kind);
         let store = self.server.store.clone();
         match kind {
+            CommandKind::CancelUpdate(tags) => {
+                let view = self.selected.as_mut().expect("checked");
+                let unknown: Vec<&String> = tags
+                    .iter()
+                    .filter(|t| !view.live.iter().any(|l| &l.tag == *t))
+                    .collect();
+                let answer = if unknown.is_empty() {
+                    ok("CANCELUPDATE completed")
+                } else {
+                    no(format!(
+                        "no search is kept up to date under tag {:?}",
+                        unknown[0]
+                    ))
+                };
+                view.live.retain(|l| !tags.contains(&l.tag));
+                answer
+            }
             CommandKind::Close | CommandKind::Unselect => {
                 let view = self.selected.take().expect("checked");
                 if matches!(kind, CommandKind::Close) && !view.read_only {
@@ -1384,7 +1473,7 @@ impl Session {
                     blocking(&store, move |s| s.expunge(recipient, &name, &uids)).await?;
                 }
                 if let Some(bell) = &mut self.bell {
-                    bell.borrow_and_update();
+                    self.bell_seen = *bell.borrow_and_update();
                 }
                 ok(if matches!(kind, CommandKind::Close) {
                     "CLOSE completed"
@@ -1575,6 +1664,25 @@ impl Session {
                     })
                     .collect();
                 let highest = results.iter().map(|&i| view.messages[i].modseq).max();
+                let mut tagged = "SEARCH completed".to_string();
+                if ret.update {
+                    let result = results.iter().map(|&i| view.messages[i].uid).collect();
+                    let view = self.selected.as_mut().expect("checked");
+                    if view.live.len() >= LIVE_SEARCHES_MAX {
+                        tagged = format!(
+                            "[NOUPDATE \"{tag}\"] SEARCH completed, not kept up to date (too many)"
+                        );
+                    } else {
+                        view.live.retain(|l| l.tag != tag);
+                        view.live.push(LiveSearch {
+                            tag: tag.to_string(),
+                            uid,
+                            key: key.clone(),
+                            result,
+                        });
+                        view.live_stamp = view.stamp();
+                    }
+                }
                 if ret.extended {
                     let mut line = format!("* ESEARCH (TAG \"{tag}\")");
                     if uid {
@@ -1600,6 +1708,22 @@ impl Session {
                     if ret.count {
                         line.push_str(&format!(" COUNT {}", numbers.len()));
                     }
+                    if let Some((low, high)) = ret.partial {
+                        // RFC 5267 4.4: the results at positions low..high, in order.
+                        let mut sorted = numbers.clone();
+                        sorted.sort_unstable();
+                        let part: Vec<u32> = sorted
+                            .into_iter()
+                            .skip(low as usize - 1)
+                            .take((high - low) as usize + 1)
+                            .collect();
+                        let set = if part.is_empty() {
+                            "NIL".to_string()
+                        } else {
+                            compact(&part)
+                        };
+                        line.push_str(&format!(" PARTIAL ({low}:{high} {set})"));
+                    }
                     if search::uses_modseq(&key)
                         && let Some(m) = highest
                     {
@@ -1622,7 +1746,7 @@ impl Session {
                     out.extend_from_slice(line.as_bytes());
                     out.extend_from_slice(b"\r\n");
                 }
-                ok("SEARCH completed")
+                ok(tagged)
             }
             CommandKind::Fetch {
                 uid,
@@ -1698,7 +1822,7 @@ impl Session {
                     view.announce_keywords(&changed.flags, out);
                     if !silent || unchanged_since.is_some() {
                         let mut line = format!("* {seq} FETCH (");
-                        if uid {
+                        if uid || self.qresync {
                             line.push_str(&format!("UID {} ", changed.uid));
                         }
                         let shown = &view.messages[seq as usize - 1];
@@ -1710,9 +1834,7 @@ impl Session {
                         out.extend_from_slice(line.as_bytes());
                     }
                 }
-                if let Some(bell) = &mut self.bell {
-                    bell.borrow_and_update();
-                }
+                self.own_change_seen();
                 if result.modified.is_empty() {
                     ok("STORE completed")
                 } else {
@@ -1816,13 +1938,59 @@ impl Session {
 
     /// Removes expunged UIDs from the view, sending EXPUNGE for each (highest first, so
     /// every sequence number is right when the client reads it).
+    /// Re-evaluates the live searches (CONTEXT=SEARCH) when the view changed since they
+    /// were last evaluated, and reports what joined (ADDTO) and left (REMOVEFROM) each.
+    async fn update_live(&mut self, out: &mut Vec<u8>) {
+        let Some(view) = &self.selected else {
+            return;
+        };
+        if view.live.is_empty() || view.stamp() == view.live_stamp {
+            return;
+        }
+        let Ok(recipient) = self.recipient() else {
+            return;
+        };
+        let keys: Vec<SearchKey> = view.live.iter().map(|l| l.key.clone()).collect();
+        for (i, key) in keys.into_iter().enumerate() {
+            let Ok(results) = self.search(recipient, &key).await else {
+                continue;
+            };
+            let view = self.selected.as_mut().expect("checked");
+            let now: std::collections::BTreeSet<u32> =
+                results.iter().map(|&r| view.messages[r].uid).collect();
+            let mut live = std::mem::take(&mut view.live);
+            let search = &mut live[i];
+            let removed: Vec<u32> = search.result.difference(&now).copied().collect();
+            let added: Vec<u32> = now.difference(&search.result).copied().collect();
+            view.live_line(search, "REMOVEFROM", &removed, out);
+            view.live_line(search, "ADDTO", &added, out);
+            search.result = now;
+            view.live = live;
+        }
+        let view = self.selected.as_mut().expect("checked");
+        view.live_stamp = view.stamp();
+    }
+
     fn remove_from_view(&mut self, uids: &[u32], out: &mut Vec<u8>) {
         let Some(view) = self.selected.as_mut() else {
             return;
         };
         let mut seqs: Vec<u32> = uids.iter().filter_map(|u| view.seq_of(*u)).collect();
+        // Live searches lose them first, while their sequence numbers still hold
+        // (RFC 5267 4.3: REMOVEFROM before the EXPUNGE).
+        let mut live = std::mem::take(&mut view.live);
+        for search in &mut live {
+            let hit: Vec<u32> = uids
+                .iter()
+                .copied()
+                .filter(|u| search.result.remove(u))
+                .collect();
+            view.live_line(search, "REMOVEFROM", &hit, out);
+        }
+        view.live = live;
+        let mut recent_gone = false;
         for uid in uids {
-            view.recent.remove(uid);
+            recent_gone |= view.recent.remove(uid);
         }
         if !view.saved.is_empty() {
             let gone: HashSet<u32> = uids.iter().copied().collect();
@@ -1841,8 +2009,22 @@ impl Session {
             gone.sort_unstable();
             out.extend_from_slice(format!("* VANISHED {}\r\n", uid_set(&gone)).as_bytes());
         }
-        if let Some(bell) = &mut self.bell {
-            bell.borrow_and_update();
+        // IMAP4rev1: the number of recent messages changed (RFC 3501 7.3.2).
+        if recent_gone && !self.enabled.contains("IMAP4REV2") {
+            let view = self.selected.as_ref().expect("checked");
+            out.extend_from_slice(format!("* {} RECENT\r\n", view.recent.len()).as_bytes());
+        }
+        self.own_change_seen();
+    }
+
+    /// After this session's own change to the folder (which rang the bell once): its
+    /// view already shows it, so the bell need not make the next sync re-read the folder,
+    /// unless something else rang too.
+    fn own_change_seen(&mut self) {
+        if let Some(bell) = &mut self.bell
+            && *bell.borrow() == self.bell_seen + 1
+        {
+            self.bell_seen = *bell.borrow_and_update();
         }
     }
 
@@ -1856,8 +2038,9 @@ impl Session {
         if !bell.has_changed().unwrap_or(false) && !owed {
             return;
         }
+        // Seen before the read: a change committed during it rings again.
+        self.bell_seen = *bell.borrow_and_update();
         let Some(view) = &self.selected else {
-            bell.borrow_and_update();
             return;
         };
         let Ok(recipient) = self.recipient() else {
@@ -1871,9 +2054,6 @@ impl Session {
         else {
             return;
         };
-        if let Some(bell) = &mut self.bell {
-            bell.borrow_and_update();
-        }
         let condstore = self.condstore;
         // IMAP4rev1: messages new to a read-write session are claimed as \Recent for it
         // (unless a session that selected the folder since took them); a read-only one
@@ -2050,7 +2230,8 @@ impl Session {
         changed_since: Option<u64>,
         out: &mut Output<'_>,
     ) -> Outcome {
-        if uid && !items.contains(&FetchItem::Uid) {
+        // UID FETCH, and every FETCH once QRESYNC is on (RFC 7162 3.2.4), carries UID.
+        if (uid || self.qresync) && !items.contains(&FetchItem::Uid) {
             items.insert(0, FetchItem::Uid);
         }
         if changed_since.is_some() || items.contains(&FetchItem::ModSeq) {
@@ -2126,9 +2307,7 @@ impl Session {
                 if !items.contains(&FetchItem::Flags) {
                     items.push(FetchItem::Flags);
                 }
-                if let Some(bell) = &mut self.bell {
-                    bell.borrow_and_update();
-                }
+                self.own_change_seen();
             }
         }
         let view = self.selected.as_ref().expect("checked");
@@ -2272,6 +2451,7 @@ impl Session {
                     }
                     let mut out = Vec::new();
                     self.sync(&mut out, true).await;
+                    self.update_live(&mut out).await;
                     conn.write(&out).await?;
                 }
                 line = tokio::time::timeout(Duration::from_secs(30 * 60), conn.read_line()) => {
@@ -2461,6 +2641,7 @@ fn command_name(kind: &CommandKind) -> &'static str {
         CommandKind::Status(..) => "status",
         CommandKind::Append(..) => "append",
         CommandKind::Idle => "idle",
+        CommandKind::CancelUpdate(_) => "cancelupdate",
         CommandKind::Check => "check",
         CommandKind::Close => "close",
         CommandKind::Unselect => "unselect",

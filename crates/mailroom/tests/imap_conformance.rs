@@ -864,3 +864,91 @@ async fn an_expunge_held_back_during_fetch_is_announced_at_the_next_noop() {
     .await
     .unwrap();
 }
+
+/// CONTEXT=SEARCH (RFC 5267 4): `RETURN (UPDATE)` keeps a search current with ADDTO and
+/// REMOVEFROM (REMOVEFROM ahead of the EXPUNGE it is due to) until CANCELUPDATE;
+/// `RETURN (PARTIAL a:b)` returns the results at those positions. The exact lines are
+/// what Dovecot 2.3 answers to the same commands (bench/differential/imap_state.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_search_updates_and_partial_results() {
+    let (_server, imap) = server_with_mail(6).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        let lines = c.run("c", "CAPABILITY");
+        assert!(lines[0].contains(" CONTEXT=SEARCH "), "{lines:?}");
+        c.run("s", "SELECT INBOX");
+        let trimmed = |lines: Vec<String>| -> Vec<String> {
+            lines.iter().map(|l| l.trim_end().to_string()).collect()
+        };
+        let lines = trimmed(c.run("u1", "SEARCH RETURN (UPDATE) SEEN"));
+        assert_eq!(lines[0], "* ESEARCH (TAG \"u1\")", "{lines:?}");
+        let lines = trimmed(c.run("a", "STORE 1,2,5 +FLAGS.SILENT (\\Seen)"));
+        assert!(
+            lines.contains(&"* ESEARCH (TAG \"u1\") ADDTO (0 1:2,5)".into()),
+            "{lines:?}"
+        );
+        let lines = trimmed(c.run("b", "STORE 1,2 -FLAGS.SILENT (\\Seen)"));
+        assert!(
+            lines.contains(&"* ESEARCH (TAG \"u1\") REMOVEFROM (0 1:2)".into()),
+            "{lines:?}"
+        );
+        let lines = trimmed(c.run("u2", "UID SEARCH RETURN (UPDATE ALL) OR SEEN UID 1"));
+        assert_eq!(lines[0], "* ESEARCH (TAG \"u2\") UID ALL 1,5", "{lines:?}");
+        c.run("d", "STORE 3:6 +FLAGS.SILENT (\\Deleted)");
+        let lines = trimmed(c.run("x", "EXPUNGE"));
+        let removed = lines
+            .iter()
+            .position(|l| l == "* ESEARCH (TAG \"u1\") REMOVEFROM (0 5)")
+            .unwrap_or_else(|| panic!("{lines:?}"));
+        assert!(
+            lines.contains(&"* ESEARCH (TAG \"u2\") UID REMOVEFROM (0 5)".into()),
+            "{lines:?}"
+        );
+        let first_expunge = lines.iter().position(|l| l.ends_with(" EXPUNGE")).unwrap();
+        assert!(
+            removed < first_expunge,
+            "REMOVEFROM before EXPUNGE: {lines:?}"
+        );
+        // IMAP4rev1: expunging recent messages changes the RECENT count.
+        assert!(lines.contains(&"* 2 RECENT".into()), "{lines:?}");
+        let lines = trimmed(c.run("k", "CANCELUPDATE \"u1\""));
+        assert!(lines.last().unwrap().starts_with("k OK"), "{lines:?}");
+        let lines = trimmed(c.run("k2", "CANCELUPDATE \"nope\""));
+        assert!(lines.last().unwrap().starts_with("k2 NO"), "{lines:?}");
+        let lines = trimmed(c.run("e", "STORE 2 +FLAGS.SILENT (\\Seen)"));
+        assert!(
+            !lines.iter().any(|l| l.contains("\"u1\"")),
+            "cancelled: {lines:?}"
+        );
+        assert!(
+            lines.contains(&"* ESEARCH (TAG \"u2\") UID ADDTO (0 2)".into()),
+            "{lines:?}"
+        );
+        // PARTIAL: positions in the result; reversed ranges are normalised.
+        for (range, answer) in [
+            ("1:1", "1:1 1"),
+            ("2:1", "1:2 1:2"),
+            ("1:6", "1:6 1:2"),
+            ("5:6", "5:6 NIL"),
+        ] {
+            let lines = trimmed(c.run("p", &format!("SEARCH RETURN (PARTIAL {range}) ALL")));
+            assert_eq!(
+                lines[0],
+                format!("* ESEARCH (TAG \"p\") PARTIAL ({answer})"),
+                "{lines:?}"
+            );
+        }
+        for bad in [
+            "SEARCH RETURN (PARTIAL 1) ALL",
+            "SEARCH RETURN (PARTIAL 1:*) ALL",
+        ] {
+            let lines = c.run("q", bad);
+            assert!(
+                lines.last().unwrap().starts_with("q BAD"),
+                "{bad}: {lines:?}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+}
