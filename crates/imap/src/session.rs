@@ -327,9 +327,9 @@ fn uid_set(uids: &[u32]) -> String {
 }
 
 /// The UIDs to report as VANISHED (EARLIER): those recorded as expunged, within `known`
-/// (all when None), that the session does not show (`present`, ascending). When the records do not reach back far enough, every UID of `known`
-/// up to `max` that is not `present` (ascending) instead: a client ignores UIDs it does
-/// not have, and misses none it does.
+/// (all when None), that the session does not show (`present`, ascending). When the
+/// records do not reach back far enough, every UID of `known` up to `max` that is not
+/// `present` instead: a client ignores UIDs it does not have, and misses none it does.
 fn vanished_set(
     vanished: &mailroom_store::Vanished,
     known: Option<&SequenceSet>,
