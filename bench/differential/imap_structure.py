@@ -35,6 +35,21 @@ NESTED = (
 PLAIN = b"Subject: plain\r\nFrom: a@b.test\r\n\r\nline one\r\nline two\r\n"
 NO_HEADERS = b"\r\njust a body\r\n"
 
+# ENVELOPE edge cases (RFC 3501 7.4.2 / RFC 9051 7.5.2): Sender and Reply-To absent or
+# empty (both default to From), a name in a comment, groups (one empty), a source route,
+# a quoted local part, an encoded subject, several From addresses, no From, no Date.
+ENVELOPES = [
+    b"Date: Sat, 01 Feb 2007 01:02:03 +0200\r\nFrom: user@domain.test\r\n\r\nbody\r\n",
+    b"Date: Sat, 01 Feb 2007 01:02:03 +0200\r\nFrom: user@domain.test (Real Name)\r\n"
+    b"Sender: \r\nReply-To: \r\n\r\nbody\r\n",
+    b"From: a@b.test\r\nTo: group: g1@d1.test, g2@d2.test;, empty:;, g3@d3.test\r\n\r\nbody\r\n",
+    b"From: <@route.test:user@domain.test>\r\n\r\nbody\r\n",
+    b"From: \"odd local\"@domain.test\r\nSubject: =?utf-8?q?caf=C3=A9?= ok\r\n\r\nbody\r\n",
+    b"From: One <one@x.test>, Two <two@x.test>\r\nSender: S <s@x.test>\r\n\r\nbody\r\n",
+    b"Subject: no from\r\nTo: undisclosed-recipients:;\r\n\r\nbody\r\n",
+    b"From: a@b.test\r\nSubject:\r\nIn-Reply-To: <x@y> <z@w>\r\nMessage-ID: no-brackets\r\n\r\nbody\r\n",
+]
+
 FETCHES = [
     "ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.SIZE",
     "BODY.PEEK[1]", "BODY.PEEK[1.MIME]", "BODY.PEEK[2]", "BODY.PEEK[2.MIME]",
@@ -49,9 +64,10 @@ FETCHES = [
 def run(port):
     c = imaplib.IMAP4("127.0.0.1", port)
     c.login(user, password)
+    c.delete("Diff")
     c.create("Diff")
     c.select("Diff")
-    for m in (NESTED, PLAIN, NO_HEADERS):
+    for m in [NESTED, PLAIN, NO_HEADERS] + ENVELOPES:
         c.append("Diff", None, None, m)
     out = {}
     for n in (1, 2, 3):
@@ -62,6 +78,10 @@ def run(port):
                 out[(n, item)] = f"{typ} {text!r}"
             except Exception as e:
                 out[(n, item)] = f"ERROR {e}"
+    for n in range(4, 4 + len(ENVELOPES)):
+        typ, data = c.fetch(str(n), "(ENVELOPE)")
+        text = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data if x)
+        out[(n, "ENVELOPE")] = f"{typ} {text!r}"
     c.logout()
     return out
 
