@@ -220,14 +220,32 @@ fn address_list(out: &mut Vec<u8>, address: Option<&Address<'_>>) {
     };
     let mut items = Vec::new();
     let push = |name: Option<&str>, email: Option<&str>, items: &mut Vec<u8>| {
-        let (local, host) = match email.and_then(|e| e.rsplit_once('@')) {
+        let (mut local, host) = match email.and_then(|e| e.rsplit_once('@')) {
             Some((l, h)) => (Some(l), Some(h)),
             None => (email, None),
         };
+        let mut name = name;
+        // `"odd local"@host`: mail-parser takes the quoted local part for a display
+        // name and leaves the local part empty; it is the mailbox (what Dovecot says).
+        if local == Some("") && name.is_some() {
+            local = name.take();
+        }
+        // An obsolete source route `<@route:user@host>` (RFC 5322 4.4) is the
+        // envelope's adl, not part of the mailbox.
+        let mut route = None;
+        if let Some(l) = local
+            && l.starts_with('@')
+            && let Some((r, rest)) = l.split_once(':')
+        {
+            route = Some(r);
+            local = Some(rest);
+        }
         items.push(b'(');
         let name = name.map(encoded_word);
         nstr(items, name.as_deref());
-        items.extend_from_slice(b" NIL ");
+        items.push(b' ');
+        nstr(items, route);
+        items.push(b' ');
         nstr(items, local);
         items.push(b' ');
         nstr(items, host);
@@ -595,6 +613,36 @@ mod tests {
     }
 
     /// Found by bench/differential/imap_structure.py against Dovecot 2.3.
+    #[test]
+    fn envelope_edge_cases_as_dovecot_answers_them() {
+        let env = |raw: &[u8]| {
+            let mut out = Vec::new();
+            envelope(&mut out, &parse(raw));
+            text(out)
+        };
+        // A quoted local part is the mailbox, not a display name.
+        let e = env(b"From: \"odd local\"@domain.test\r\n\r\nbody\r\n");
+        assert!(
+            e.contains("((NIL NIL \"odd local\" \"domain.test\"))"),
+            "{e}"
+        );
+        // A source route is the adl.
+        let e = env(b"From: <@route.test:user@domain.test>\r\n\r\nbody\r\n");
+        assert!(
+            e.contains("((NIL \"@route.test\" \"user\" \"domain.test\"))"),
+            "{e}"
+        );
+        // Empty Sender and Reply-To are From's; a name in a comment is the name.
+        let e =
+            env(b"From: user@domain.test (Real Name)\r\nSender: \r\nReply-To: \r\n\r\nbody\r\n");
+        assert_eq!(
+            e.matches("((\"Real Name\" NIL \"user\" \"domain.test\"))")
+                .count(),
+            3,
+            "{e}"
+        );
+    }
+
     #[test]
     fn what_the_dovecot_differential_found() {
         let raw: &[u8] = b"From: =?utf-8?q?Zo=C3=AB?= <zoe@remote.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"o\"\r\n\r\n--o\r\nContent-Type: message/rfc822\r\n\r\nFrom: inner@remote.test\r\nSubject: inner\r\nContent-Type: multipart/alternative; boundary=\"i\"\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\ninner text\r\n--i--\r\n\r\n--o\r\nContent-Type: application/octet-stream\r\nContent-ID: <c1@x>\r\n\r\nAAECAw==\r\n--o--\r\nepilogue\r\n";

@@ -143,9 +143,9 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO store_counters (name, value)
         SELECT 'uidvalidity', COALESCE(MAX(uidvalidity), 0) FROM folders;
     "#,
-    // Version 10: QRESYNC (RFC 7162 3.2) needs the UIDs expunged since a MODSEQ: each
-    // expunge (EXPUNGE, MOVE, POP3 deletion, INBOX renamed) leaves the UID with the MODSEQ
-    // of its expunge. `vanished_floor`: expunges at or below it may not be recorded
+    // Version 10 (also drops the cached IMAP structures, see the end): QRESYNC (RFC 7162
+    // 3.2) needs the UIDs expunged since a MODSEQ: each expunge (EXPUNGE, MOVE, POP3
+    // deletion, INBOX renamed) leaves the UID with the MODSEQ of its expunge. `vanished_floor`: expunges at or below it may not be recorded
     // (before this version, or pruned); a client resyncing from below it is told every
     // UID it knows that is no longer there.
     r#"
@@ -157,6 +157,9 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     ALTER TABLE folders ADD COLUMN vanished_floor INTEGER NOT NULL DEFAULT 0;
     UPDATE folders SET vanished_floor = highestmodseq;
+    -- ENVELOPE changed (a quoted local part, a source route): cached structures are
+    -- computed again at the next FETCH.
+    DELETE FROM blob_imap;
     "#,
 ];
 
