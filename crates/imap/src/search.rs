@@ -35,6 +35,20 @@ pub fn needs_content(key: &SearchKey) -> bool {
     }
 }
 
+/// Whether any part of `key` depends on where a message stands rather than on the
+/// message itself: sequence numbers (which an expunge shifts), or `*` in a UID set
+/// (which new mail moves).
+pub fn depends_on_position(key: &SearchKey) -> bool {
+    match key {
+        SearchKey::Sequence(_) => true,
+        SearchKey::Uid(set) => set.iter().any(|r| r.0 == STAR || r.1 == STAR),
+        SearchKey::Not(k) => depends_on_position(k),
+        SearchKey::Or(a, b) => depends_on_position(a) || depends_on_position(b),
+        SearchKey::And(keys) => keys.iter().any(depends_on_position),
+        _ => false,
+    }
+}
+
 /// Whether any part of `key` needs the message body (not just its header).
 pub fn needs_body(key: &SearchKey) -> bool {
     match key {

@@ -1950,16 +1950,40 @@ impl Session {
         let Ok(recipient) = self.recipient() else {
             return;
         };
+        // Content does not change: a search that reads it looks again only at messages
+        // changed or added since the last evaluation (a client cannot make every command
+        // re-read the folder), unless it depends on positions.
+        let (_, last_modseq, last_uid) = view.live_stamp;
+        let changed: HashSet<u32> = view
+            .messages
+            .iter()
+            .filter(|m| m.modseq > last_modseq || m.uid > last_uid)
+            .map(|m| m.uid)
+            .collect();
         let keys: Vec<SearchKey> = view.live.iter().map(|l| l.key.clone()).collect();
         for (i, key) in keys.into_iter().enumerate() {
-            let Ok(results) = self.search(recipient, &key).await else {
+            let incremental = search::needs_content(&key) && !search::depends_on_position(&key);
+            let only = incremental.then_some(&changed);
+            let Ok(results) = self.search_among(recipient, &key, only).await else {
                 continue;
             };
             let view = self.selected.as_mut().expect("checked");
-            let now: std::collections::BTreeSet<u32> =
+            let matched: std::collections::BTreeSet<u32> =
                 results.iter().map(|&r| view.messages[r].uid).collect();
             let mut live = std::mem::take(&mut view.live);
             let search = &mut live[i];
+            let now: std::collections::BTreeSet<u32> = if incremental {
+                // The unchanged members stay (expunged ones left with REMOVEFROM).
+                search
+                    .result
+                    .iter()
+                    .copied()
+                    .filter(|u| !changed.contains(u))
+                    .chain(matched)
+                    .collect()
+            } else {
+                matched
+            };
             let removed: Vec<u32> = search.result.difference(&now).copied().collect();
             let added: Vec<u32> = now.difference(&search.result).copied().collect();
             view.live_line(search, "REMOVEFROM", &removed, out);
@@ -2151,7 +2175,19 @@ impl Session {
         recipient: RecipientId,
         key: &SearchKey,
     ) -> Result<Vec<usize>, (String, String)> {
+        self.search_among(recipient, key, None).await
+    }
+
+    /// SEARCH over the view; with `only`, just those UIDs are looked at (a live search
+    /// re-reads only the messages that changed).
+    async fn search_among(
+        &self,
+        recipient: RecipientId,
+        key: &SearchKey,
+        only: Option<&HashSet<u32>>,
+    ) -> Result<Vec<usize>, (String, String)> {
         let view = self.selected.as_ref().expect("checked");
+        let wanted = |uid: u32| only.is_none_or(|o| o.contains(&uid));
         let max_seq = view.messages.len() as u32;
         let max_uid = view.max_uid();
         let mut results = Vec::new();
@@ -2166,7 +2202,10 @@ impl Session {
             let matched: Vec<usize> = if content {
                 // Reading, parsing and matching a chunk grows with the messages' size:
                 // all of it runs on the blocking pool, never on a runtime thread.
-                let uids: Vec<u32> = chunk.iter().map(|m| m.uid).collect();
+                let uids: Vec<u32> = chunk.iter().map(|m| m.uid).filter(|u| wanted(*u)).collect();
+                if uids.is_empty() {
+                    continue;
+                }
                 let states = chunk.to_vec();
                 let name = view.name.clone();
                 let key = shared_key.clone();
@@ -2184,6 +2223,9 @@ impl Session {
                         .iter()
                         .enumerate()
                         .filter(|(j, state)| {
+                            if !uids.contains(&state.uid) {
+                                return false;
+                            }
                             let parsed = raws
                                 .get(&state.uid)
                                 .map(|raw| mime::parse_with(&parser, raw));
@@ -2203,6 +2245,9 @@ impl Session {
                     .iter()
                     .enumerate()
                     .filter(|(j, state)| {
+                        if !wanted(state.uid) {
+                            return false;
+                        }
                         let candidate = Candidate {
                             seq: first_seq + *j as u32,
                             state,
