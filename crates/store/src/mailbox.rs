@@ -78,6 +78,19 @@ pub struct Vanished {
     pub complete: bool,
 }
 
+/// What changed in a folder after a MODSEQ, read from one snapshot (an IMAP session
+/// catching up without reading every message).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FolderChanges {
+    /// The folder's HIGHESTMODSEQ in that snapshot: what the caller is now up to date with.
+    pub highestmodseq: u64,
+    /// Messages changed or added after the MODSEQ, in UID order.
+    pub changed: Vec<MessageState>,
+    /// UIDs expunged after it (when `complete` is false, not all are known: read the
+    /// whole folder instead).
+    pub vanished: Vanished,
+}
+
 /// How a STORE changes flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlagOperation {
@@ -173,6 +186,15 @@ pub trait Mailboxes {
     /// The UIDs expunged from a folder after MODSEQ `since` (QRESYNC). `NotFound` when
     /// the folder does not exist.
     fn vanished(&self, recipient: RecipientId, folder: &str, since: u64) -> Result<Vanished>;
+
+    /// What changed in a folder after MODSEQ `since`, from one snapshot. `NotFound` when
+    /// the folder does not exist.
+    fn folder_changes(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        since: u64,
+    ) -> Result<FolderChanges>;
 
     /// Changes the flags of `uids` (those still present). With `unchanged_since`, a
     /// message whose MODSEQ is above it is left alone and listed in `modified`.

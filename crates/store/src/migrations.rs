@@ -145,7 +145,9 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // Version 10 (also drops the cached IMAP structures, see the end): QRESYNC (RFC 7162
     // 3.2) needs the UIDs expunged since a MODSEQ: each expunge (EXPUNGE, MOVE, POP3
-    // deletion, INBOX renamed) leaves the UID with the MODSEQ of its expunge. `vanished_floor`: expunges at or below it may not be recorded
+    // deletion, INBOX renamed) leaves the UID with the MODSEQ of its expunge; the same
+    // records let an IMAP session catch up with a folder by what changed since its MODSEQ
+    // instead of reading every message (indexes on MODSEQ). `vanished_floor`: expunges at or below it may not be recorded
     // (before this version, or pruned); a client resyncing from below it is told every
     // UID it knows that is no longer there.
     r#"
@@ -157,6 +159,9 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     ALTER TABLE folders ADD COLUMN vanished_floor INTEGER NOT NULL DEFAULT 0;
     UPDATE folders SET vanished_floor = highestmodseq;
+    -- A session brings its view up to date with what changed since its MODSEQ.
+    CREATE INDEX expunged_modseq ON expunged(folder_id, modseq);
+    CREATE INDEX messages_modseq ON messages(folder_id, modseq);
     -- ENVELOPE changed (a quoted local part, a source route): cached structures are
     -- computed again at the next FETCH.
     DELETE FROM blob_imap;

@@ -409,6 +409,51 @@ impl Mailboxes for SqliteStore {
         })
     }
 
+    fn folder_changes(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        since: u64,
+    ) -> Result<FolderChanges> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            let id = require_folder(&tx, recipient, folder)?;
+            let (highest, floor): (i64, i64) = tx
+                .prepare_cached("SELECT highestmodseq, vanished_floor FROM folders WHERE id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let changed = tx
+                .prepare_cached(
+                    "SELECT uid, modseq, flags, received_at_ms, size FROM messages
+                     WHERE folder_id = ?1 AND modseq > ?2 ORDER BY uid",
+                )?
+                .query_map(params![id, since as i64], |r| {
+                    Ok(MessageState {
+                        uid: r.get(0)?,
+                        modseq: r.get::<_, i64>(1)? as u64,
+                        flags: parse_flags(&r.get::<_, String>(2)?),
+                        internal_date_ms: r.get(3)?,
+                        size: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let uids = tx
+                .prepare_cached(
+                    "SELECT uid FROM expunged WHERE folder_id = ?1 AND modseq > ?2 ORDER BY uid",
+                )?
+                .query_map(params![id, since as i64], |r| r.get(0))?
+                .collect::<std::result::Result<Vec<u32>, _>>()?;
+            tx.commit()?;
+            Ok(FolderChanges {
+                highestmodseq: highest as u64,
+                changed,
+                vanished: Vanished {
+                    uids,
+                    complete: since as i64 >= floor,
+                },
+            })
+        })
+    }
+
     fn vanished(&self, recipient: RecipientId, folder: &str, since: u64) -> Result<Vanished> {
         self.with_conn(|conn| {
             let folder = require_folder(conn, recipient, folder)?;

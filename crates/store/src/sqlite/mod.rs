@@ -1438,6 +1438,31 @@ mod tests {
         );
         // Since the expunge: only the move.
         assert_eq!(store.vanished(a, "INBOX", mid).unwrap().uids, vec![4]);
+        // What a session catches up with: a flag change, the expunges, the new MODSEQ.
+        store
+            .store_flags(
+                a,
+                "INBOX",
+                &[3],
+                crate::FlagOperation::Add,
+                &["\\Seen".into()],
+                None,
+            )
+            .unwrap();
+        let changes = store.folder_changes(a, "INBOX", start).unwrap();
+        assert_eq!(
+            changes.changed.iter().map(|m| m.uid).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(changes.vanished.uids, vec![2, 4]);
+        let now = store
+            .folder_status(a, "INBOX")
+            .unwrap()
+            .unwrap()
+            .highestmodseq;
+        assert_eq!(changes.highestmodseq, now);
+        let none = store.folder_changes(a, "INBOX", now).unwrap();
+        assert!(none.changed.is_empty() && none.vanished.uids.is_empty());
         // Asked from before anything was recorded (MODSEQ 0 is below the floor of a
         // folder created before... here the floor is 0, so it is complete).
         assert!(store.vanished(a, "INBOX", 0).unwrap().complete);
