@@ -343,6 +343,31 @@ async fn main() -> anyhow::Result<()> {
                     serde_json::json!({"first_ms": first, "median_ms": times[times.len() / 2]}),
                 );
             }
+            // What another session's change costs a session that has the folder open
+            // (an IDLE client's lot; the operations above selected INBOX): a second connection flips a flag, then this one's
+            // NOOP picks it up (one FETCH). Timed: the NOOP.
+            {
+                let mut other = login.connect().await?;
+                other.ok("SELECT INBOX").await?;
+                let mut times = Vec::with_capacity(repeat + 1);
+                for round in 0..=repeat {
+                    let sign = if round % 2 == 0 { '+' } else { '-' };
+                    other
+                        .ok(&format!("STORE {last} {sign}FLAGS.SILENT (\\Flagged)"))
+                        .await?;
+                    let t = Instant::now();
+                    let untagged = c.ok("NOOP").await?;
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                    ensure!(untagged >= 1, "NOOP after a change: no update");
+                }
+                other.ok("LOGOUT").await?;
+                let first = times.remove(0);
+                times.sort_by(f64::total_cmp);
+                out.insert(
+                    "noop_after_change".into(),
+                    serde_json::json!({"first_ms": first, "median_ms": times[times.len() / 2]}),
+                );
+            }
             c.ok("LOGOUT").await?;
             println!("{}", serde_json::Value::Object(out));
         }
