@@ -117,6 +117,17 @@ fn folder_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FolderInfo> {
     })
 }
 
+/// A `messages` row selected as `uid, modseq, flags, received_at_ms, size`.
+fn message_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageState> {
+    Ok(MessageState {
+        uid: r.get(0)?,
+        modseq: r.get::<_, i64>(1)? as u64,
+        flags: parse_flags(&r.get::<_, String>(2)?),
+        internal_date_ms: r.get(3)?,
+        size: r.get::<_, i64>(4)? as u64,
+    })
+}
+
 /// A folder's messages in UID order.
 fn read_messages(conn: &rusqlite::Connection, folder: i64) -> Result<Vec<MessageState>> {
     let mut stmt = conn.prepare_cached(
@@ -124,15 +135,7 @@ fn read_messages(conn: &rusqlite::Connection, folder: i64) -> Result<Vec<Message
          WHERE folder_id = ?1 ORDER BY uid",
     )?;
     let rows = stmt
-        .query_map([folder], |r| {
-            Ok(MessageState {
-                uid: r.get(0)?,
-                modseq: r.get::<_, i64>(1)? as u64,
-                flags: parse_flags(&r.get::<_, String>(2)?),
-                internal_date_ms: r.get(3)?,
-                size: r.get::<_, i64>(4)? as u64,
-            })
-        })?
+        .query_map([folder], message_state)?
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -426,15 +429,7 @@ impl Mailboxes for SqliteStore {
                     "SELECT uid, modseq, flags, received_at_ms, size FROM messages
                      WHERE folder_id = ?1 AND modseq > ?2 ORDER BY uid",
                 )?
-                .query_map(params![id, since as i64], |r| {
-                    Ok(MessageState {
-                        uid: r.get(0)?,
-                        modseq: r.get::<_, i64>(1)? as u64,
-                        flags: parse_flags(&r.get::<_, String>(2)?),
-                        internal_date_ms: r.get(3)?,
-                        size: r.get::<_, i64>(4)? as u64,
-                    })
-                })?
+                .query_map(params![id, since as i64], message_state)?
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let uids = tx
                 .prepare_cached(
