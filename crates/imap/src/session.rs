@@ -850,7 +850,6 @@ impl Session {
         let store = self.server.store.clone();
         match kind {
             CommandKind::Enable(caps) => {
-                let had_condstore = self.condstore;
                 let mut enabled = Vec::new();
                 for cap in caps {
                     if matches!(
@@ -860,28 +859,12 @@ impl Session {
                     {
                         // QRESYNC implies CONDSTORE (RFC 7162 3.2.3).
                         if cap == "CONDSTORE" || cap == "QRESYNC" {
-                            self.condstore = true;
+                            self.enable_condstore(recipient, out).await;
                         }
                         if cap == "QRESYNC" {
                             self.qresync = true;
                         }
                         enabled.push(cap);
-                    }
-                }
-                // CONDSTORE enabled with a folder open: the client learns its
-                // HIGHESTMODSEQ now (RFC 7162 3.1.8), as at SELECT.
-                if self.condstore
-                    && !had_condstore
-                    && let Some(view) = &self.selected
-                {
-                    let name = view.name.clone();
-                    if let Ok(Some(status)) =
-                        blocking(&store, move |s| s.folder_status(recipient, &name)).await
-                    {
-                        out.extend_from_slice(
-                            format!("* OK [HIGHESTMODSEQ {}] highest\r\n", status.highestmodseq)
-                                .as_bytes(),
-                        );
                     }
                 }
                 out.extend_from_slice(
@@ -1640,6 +1623,9 @@ impl Session {
                 ok("SORT completed")
             }
             CommandKind::Search { uid, ret, key } => {
+                if search::uses_modseq(&key) {
+                    self.enable_condstore(recipient, out).await;
+                }
                 self.sync(out, uid).await;
                 let results = match self.search(recipient, &key).await {
                     Ok(results) => results,
@@ -1668,7 +1654,28 @@ impl Session {
                         }
                     })
                     .collect();
-                let highest = results.iter().map(|&i| view.messages[i].modseq).max();
+                // RFC 7162 3.1.5 with ESEARCH: MODSEQ is the highest of the messages the
+                // response names (MIN's, MAX's, ALL's; every match for COUNT alone).
+                let returned: Vec<usize> = if ret.extended && !ret.all && (ret.min || ret.max) {
+                    let by_number = |&i: &usize| {
+                        if uid {
+                            view.messages[i].uid
+                        } else {
+                            i as u32 + 1
+                        }
+                    };
+                    let mut picked = Vec::new();
+                    if ret.min {
+                        picked.extend(results.iter().min_by_key(|i| by_number(i)).copied());
+                    }
+                    if ret.max {
+                        picked.extend(results.iter().max_by_key(|i| by_number(i)).copied());
+                    }
+                    picked
+                } else {
+                    results.clone()
+                };
+                let highest = returned.iter().map(|&i| view.messages[i].modseq).max();
                 let mut tagged = "SEARCH completed".to_string();
                 if ret.update {
                     let result = results.iter().map(|&i| view.messages[i].uid).collect();
@@ -1798,8 +1805,9 @@ impl Session {
                     return no("[READ-ONLY] the folder is read-only");
                 }
                 if unchanged_since.is_some() {
-                    self.condstore = true;
+                    self.enable_condstore(recipient, out).await;
                 }
+                let view = self.selected.as_ref().expect("checked");
                 let uids: Vec<u32> = view
                     .select(&set, uid)
                     .iter()
@@ -2043,7 +2051,31 @@ impl Session {
             let view = self.selected.as_ref().expect("checked");
             out.extend_from_slice(format!("* {} RECENT\r\n", view.recent.len()).as_bytes());
         }
-        self.own_change_seen();
+        // The bell is not marked seen here: a MOVE into this same folder added a
+        // message the view does not show yet (the caller's sync finds it).
+    }
+
+    /// Turns CONDSTORE on (ENABLE, or a command that uses MODSEQ: RFC 7162 3.1). The
+    /// first time with a folder open, the client learns its HIGHESTMODSEQ at once, as a
+    /// SELECT would have told it.
+    async fn enable_condstore(&mut self, recipient: RecipientId, out: &mut Vec<u8>) {
+        if self.condstore {
+            return;
+        }
+        self.condstore = true;
+        let Some(view) = &self.selected else {
+            return;
+        };
+        let name = view.name.clone();
+        if let Ok(Some(status)) = blocking(&self.server.store, move |s| {
+            s.folder_status(recipient, &name)
+        })
+        .await
+        {
+            out.extend_from_slice(
+                format!("* OK [HIGHESTMODSEQ {}] highest\r\n", status.highestmodseq).as_bytes(),
+            );
+        }
     }
 
     /// After this session's own change to the folder (which rang the bell once): its
@@ -2321,7 +2353,7 @@ impl Session {
             items.insert(0, FetchItem::Uid);
         }
         if changed_since.is_some() || items.contains(&FetchItem::ModSeq) {
-            self.condstore = true;
+            self.enable_condstore(recipient, out).await;
             if !items.contains(&FetchItem::ModSeq) {
                 items.push(FetchItem::ModSeq);
             }

@@ -986,3 +986,62 @@ async fn context_search_updates_and_partial_results() {
     .await
     .unwrap();
 }
+
+/// Found by comparing with Dovecot (bench/differential): a MOVE into the selected folder
+/// itself announces the moved message (it vanished until the next change); a command
+/// that turns CONDSTORE on implicitly (FETCH MODSEQ) sends HIGHESTMODSEQ first (RFC 7162
+/// 3.1); with ESEARCH, MODSEQ is the highest of the messages named (MIN's for MIN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_into_itself_implicit_condstore_and_esearch_modseq() {
+    let (_server, imap) = server_with_mail(4).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        c.run("s", "SELECT INBOX");
+        let trimmed = |lines: Vec<String>| -> Vec<String> {
+            lines.iter().map(|l| l.trim_end().to_string()).collect()
+        };
+        let lines = trimmed(c.run("f", "FETCH 1 (MODSEQ)"));
+        assert!(lines[0].starts_with("* OK [HIGHESTMODSEQ "), "{lines:?}");
+        let lines = trimmed(c.run("f2", "FETCH 1 (MODSEQ)"));
+        assert!(
+            !lines.iter().any(|l| l.contains("HIGHESTMODSEQ")),
+            "once: {lines:?}"
+        );
+        let mut modseq = std::collections::HashMap::new();
+        for n in [1, 3, 2, 4] {
+            let lines = trimmed(c.run("t", &format!("STORE {n} +FLAGS (\\Seen)")));
+            let m: u64 = lines[0]
+                .split("MODSEQ (")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{lines:?}"));
+            modseq.insert(n, m);
+        }
+        let lines = trimmed(c.run("m", "SEARCH RETURN (MIN) 1:3 MODSEQ 1"));
+        assert_eq!(
+            lines[0],
+            format!("* ESEARCH (TAG \"m\") MIN 1 MODSEQ {}", modseq[&1])
+        );
+        let lines = trimmed(c.run("x", "SEARCH RETURN (MAX) 1:3 MODSEQ 1"));
+        assert_eq!(
+            lines[0],
+            format!("* ESEARCH (TAG \"x\") MAX 3 MODSEQ {}", modseq[&3])
+        );
+        let lines = trimmed(c.run("a", "SEARCH RETURN (ALL) 1:3 MODSEQ 1"));
+        assert_eq!(
+            lines[0],
+            format!("* ESEARCH (TAG \"a\") ALL 1:3 MODSEQ {}", modseq[&2])
+        );
+
+        let lines = trimmed(c.run("mv", "MOVE 1 INBOX"));
+        assert!(lines[0].starts_with("* OK [COPYUID "), "{lines:?}");
+        assert!(lines.contains(&"* 1 EXPUNGE".to_string()), "{lines:?}");
+        assert!(lines.contains(&"* 4 EXISTS".to_string()), "{lines:?}");
+        let lines = trimmed(c.run("u", "FETCH 1:* (UID)"));
+        assert_eq!(lines.len(), 5, "four messages: {lines:?}");
+        assert!(lines[3].contains("UID 5"), "{lines:?}");
+    })
+    .await
+    .unwrap();
+}
