@@ -147,9 +147,10 @@ const MIGRATIONS: &[&str] = &[
     // 3.2) needs the UIDs expunged since a MODSEQ: each expunge (EXPUNGE, MOVE, POP3
     // deletion, INBOX renamed) leaves the UID with the MODSEQ of its expunge; the same
     // records let an IMAP session catch up with a folder by what changed since its MODSEQ
-    // instead of reading every message (indexes on MODSEQ). `vanished_floor`: expunges at or below it may not be recorded
-    // (before this version, or pruned); a client resyncing from below it is told every
-    // UID it knows that is no longer there.
+    // instead of reading every message (indexes on MODSEQ). `expunged_count` says when
+    // to prune. `vanished_floor`: expunges at or below it may not be recorded (before
+    // this version, or pruned); a client resyncing from below it is told every UID it
+    // knows that is no longer there.
     r#"
     CREATE TABLE expunged (
         folder_id INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
@@ -158,6 +159,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (folder_id, uid)
     ) WITHOUT ROWID;
     ALTER TABLE folders ADD COLUMN vanished_floor INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE folders ADD COLUMN expunged_count INTEGER NOT NULL DEFAULT 0;
     UPDATE folders SET vanished_floor = highestmodseq;
     -- A session brings its view up to date with what changed since its MODSEQ.
     CREATE INDEX expunged_modseq ON expunged(folder_id, modseq);

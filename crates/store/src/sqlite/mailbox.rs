@@ -140,17 +140,28 @@ fn read_messages(conn: &rusqlite::Connection, folder: i64) -> Result<Vec<Message
     Ok(rows)
 }
 
-/// Expunge records kept per folder; older ones are pruned (every 512th MODSEQ) and the
-/// folder's `vanished_floor` raised past them.
-const EXPUNGED_KEPT: i64 = 20_000;
+/// Expunge records kept per folder: past this many (and a slack of a tenth, so pruning
+/// is rare), the oldest go and the folder's `vanished_floor` rises past them.
+pub(crate) const EXPUNGED_KEPT: i64 = 20_000;
 
 /// Records `uids` as expunged from `folder` at `modseq` (QRESYNC's VANISHED), inside the
-/// caller's transaction.
+/// caller's transaction, keeping at most about `kept` records per folder.
 pub(crate) fn record_expunged(
     tx: &rusqlite::Transaction<'_>,
     folder: i64,
     uids: &[u32],
     modseq: i64,
+) -> Result<()> {
+    record_expunged_keeping(tx, folder, uids, modseq, EXPUNGED_KEPT)
+}
+
+/// [`record_expunged`] with the number kept given (tests use a small one).
+pub(crate) fn record_expunged_keeping(
+    tx: &rusqlite::Transaction<'_>,
+    folder: i64,
+    uids: &[u32],
+    modseq: i64,
+    kept: i64,
 ) -> Result<()> {
     {
         let mut insert = tx.prepare_cached(
@@ -160,13 +171,20 @@ pub(crate) fn record_expunged(
             insert.execute(params![folder, uid, modseq])?;
         }
     }
-    if modseq % 512 == 0 {
+    // A counter, not a count: deciding costs nothing until pruning is due.
+    let count: i64 = tx
+        .prepare_cached(
+            "UPDATE folders SET expunged_count = expunged_count + ?2 WHERE id = ?1
+             RETURNING expunged_count",
+        )?
+        .query_row(params![folder, uids.len() as i64], |r| r.get(0))?;
+    if count > kept + kept / 10 {
         let cut: Option<i64> = tx
             .prepare_cached(
                 "SELECT modseq FROM expunged WHERE folder_id = ?1
                  ORDER BY modseq DESC LIMIT 1 OFFSET ?2",
             )?
-            .query_row(params![folder, EXPUNGED_KEPT], |r| r.get(0))
+            .query_row(params![folder, kept], |r| r.get(0))
             .optional()?;
         if let Some(cut) = cut {
             tx.execute(
@@ -174,7 +192,9 @@ pub(crate) fn record_expunged(
                 params![folder, cut],
             )?;
             tx.execute(
-                "UPDATE folders SET vanished_floor = MAX(vanished_floor, ?2) WHERE id = ?1",
+                "UPDATE folders SET vanished_floor = MAX(vanished_floor, ?2),
+                    expunged_count = (SELECT COUNT(*) FROM expunged WHERE folder_id = ?1)
+                 WHERE id = ?1",
                 params![folder, cut],
             )?;
         }

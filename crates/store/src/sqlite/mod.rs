@@ -1402,6 +1402,36 @@ mod tests {
     }
 
     #[test]
+    fn expunge_records_are_pruned_behind_a_floor() {
+        use crate::Mailboxes;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        store.ensure_folder(a, "INBOX", None).unwrap();
+        let folder = store
+            .with_conn(|c| Ok(folder_id(c, a, "INBOX")?.unwrap()))
+            .unwrap();
+        // Twelve expunges (MODSEQ 101..112), keeping 10: past 11 the oldest go.
+        for n in 0..12u32 {
+            store
+                .write("test", |conn| {
+                    let tx = conn.transaction()?;
+                    mailbox::record_expunged_keeping(&tx, folder, &[n + 1], 101 + n as i64, 10)?;
+                    tx.commit()?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let v = store.vanished(a, "INBOX", 0).unwrap();
+        assert!(!v.complete, "below the floor: not all known");
+        assert_eq!(v.uids, (3..=12).collect::<Vec<u32>>(), "the newest 10 kept");
+        let since = store.vanished(a, "INBOX", 102).unwrap();
+        assert!(since.complete);
+        assert_eq!(since.uids, (3..=12).collect::<Vec<u32>>());
+        assert!(!store.vanished(a, "INBOX", 101).unwrap().complete);
+    }
+
+    #[test]
     fn expunges_and_moves_are_recorded_for_qresync() {
         use crate::Mailboxes;
         let dir = tempfile::tempdir().unwrap();
