@@ -543,6 +543,9 @@ pub struct ParseError {
     pub tag: Option<String>,
     /// What was wrong.
     pub message: String,
+    /// The command was well formed but asks for what is not supported where the RFC
+    /// wants NO, not BAD (an unknown search charset: RFC 9051 6.4.4).
+    pub refused: bool,
 }
 
 impl fmt::Display for ParseError {
@@ -1816,6 +1819,7 @@ pub fn parse_command_with(
         return Err(ParseError {
             tag: None,
             message: "a command starts with a tag".into(),
+            refused: false,
         });
     }
     let tag = String::from_utf8_lossy(tag).into_owned();
@@ -1824,6 +1828,7 @@ pub fn parse_command_with(
         Ok(kind) => Ok(Command { tag, kind }),
         Err(message) => Err(ParseError {
             tag: Some(tag),
+            refused: message.starts_with("[BADCHARSET"),
             message,
         }),
     }

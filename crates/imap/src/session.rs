@@ -615,8 +615,11 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => {
                     let tag = e.tag.unwrap_or_else(|| "*".into());
-                    conn.write(format!("{tag} BAD {}\r\n", response_text(&e.message)).as_bytes())
-                        .await?;
+                    let status = if e.refused { "NO" } else { "BAD" };
+                    conn.write(
+                        format!("{tag} {status} {}\r\n", response_text(&e.message)).as_bytes(),
+                    )
+                    .await?;
                     continue;
                 }
             };
@@ -1289,7 +1292,14 @@ impl Session {
                 StatusItem::Unseen => format!("UNSEEN {}", info.unseen),
                 StatusItem::Deleted => format!("DELETED {deleted}"),
                 StatusItem::Size => format!("SIZE {}", info.bytes),
-                StatusItem::Recent => format!("RECENT {}", info.recent),
+                // The selected folder's recent messages are this session's (it took
+                // them at SELECT); other folders count what nobody took yet.
+                StatusItem::Recent => match &self.selected {
+                    Some(view) if view.name == info.name && !view.read_only => {
+                        format!("RECENT {}", view.recent.len() + info.recent as usize)
+                    }
+                    _ => format!("RECENT {}", info.recent),
+                },
                 StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", info.highestmodseq),
                 StatusItem::AppendLimit => {
                     format!("APPENDLIMIT {}", self.server.config.append_limit)
@@ -2419,7 +2429,8 @@ impl Session {
                 let view = self.selected.as_mut().expect("checked");
                 for changed in result.changed {
                     if let Some(seq) = view.seq_of(changed.uid) {
-                        view.messages[seq as usize - 1] = changed;
+                        // As this session shows it: with \Recent where it is recent here.
+                        view.messages[seq as usize - 1] = view.shown(changed);
                     }
                 }
                 if !items.contains(&FetchItem::Flags) {

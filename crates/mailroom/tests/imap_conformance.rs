@@ -1045,3 +1045,30 @@ async fn move_into_itself_implicit_condstore_and_esearch_modseq() {
     .await
     .unwrap();
 }
+
+/// More from the Dovecot differential: an unknown search charset is NO [BADCHARSET], not
+/// BAD (RFC 9051 6.4.4); a FETCH that sets \Seen keeps \Recent in this session's flags;
+/// STATUS of the selected folder counts the messages recent to this session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn badcharset_is_no_and_recent_survives_seen() {
+    let (_server, imap) = server_with_mail(2).await;
+    tokio::task::spawn_blocking(move || {
+        let mut c = RawImap::login(imap, "ann@example.test", PASSWORD);
+        c.run("s", "SELECT INBOX");
+        let lines = c.run("k", "SEARCH CHARSET KOI8-R SUBJECT x");
+        assert!(tagged(&lines).starts_with("k NO [BADCHARSET"), "{lines:?}");
+        let lines = c.run("b", "FETCH 1 (BODY[TEXT])");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("\\Seen") && l.contains("\\Recent")),
+            "{lines:?}"
+        );
+        let lines = c.run("f", "FETCH 1 (FLAGS)");
+        assert!(lines[0].contains("\\Recent"), "{lines:?}");
+        let lines = c.run("t", "STATUS INBOX (RECENT)");
+        assert!(lines[0].contains("RECENT 2"), "{lines:?}");
+    })
+    .await
+    .unwrap();
+}
