@@ -155,6 +155,16 @@ impl View {
         self.messages.last().map_or(0, |m| m.uid)
     }
 
+    /// What a response calls the message at `index`: its UID in UID commands, its
+    /// sequence number otherwise.
+    fn number(&self, index: usize, uid: bool) -> u32 {
+        if uid {
+            self.messages[index].uid
+        } else {
+            index as u32 + 1
+        }
+    }
+
     fn seq_of(&self, uid: u32) -> Option<u32> {
         self.messages
             .binary_search_by_key(&uid, |m| m.uid)
@@ -339,40 +349,53 @@ fn vanished_set(
     present: &[u32],
     max: u32,
 ) -> String {
+    // The known ranges clipped to 1..=max, sorted and made disjoint once: a client's set
+    // may hold thousands of ranges, and each UID below is looked up by binary search
+    // (checking every range per UID was quadratic on the runtime thread).
+    let ranges: Vec<(u32, u32)> = {
+        let mut clipped: Vec<(u32, u32)> = match known {
+            None => vec![(1, max)],
+            Some(set) => set
+                .iter()
+                .map(|r| {
+                    let a = if r.0 == STAR { max as u64 } else { r.0 };
+                    let b = if r.1 == STAR { max as u64 } else { r.1 };
+                    (a.min(b).max(1), a.max(b).min(max as u64))
+                })
+                .filter(|(a, b)| a <= b)
+                .map(|(a, b)| (a as u32, b as u32))
+                .collect(),
+        };
+        clipped.sort_unstable();
+        let mut disjoint: Vec<(u32, u32)> = Vec::with_capacity(clipped.len());
+        for (a, b) in clipped {
+            match disjoint.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => disjoint.push((a, b)),
+            }
+        }
+        disjoint
+    };
     if vanished.complete {
+        let in_known = |u: u32| {
+            known.is_none() || {
+                let at = ranges.partition_point(|r| r.0 <= u);
+                at > 0 && u <= ranges[at - 1].1
+            }
+        };
         let uids: Vec<u32> = vanished
             .uids
             .iter()
             .copied()
-            .filter(|u| known.is_none_or(|k| in_set(k, *u, max)))
+            .filter(|u| in_known(*u))
             // One expunged after this session last looked is still in its view: it is
             // announced by a plain VANISHED at the next sync, not as EARLIER.
             .filter(|u| present.binary_search(u).is_err())
             .collect();
         return uid_set(&uids);
     }
-    let mut ranges: Vec<(u32, u32)> = match known {
-        None => vec![(1, max)],
-        Some(set) => set
-            .iter()
-            .map(|r| {
-                let a = if r.0 == STAR { max as u64 } else { r.0 };
-                let b = if r.1 == STAR { max as u64 } else { r.1 };
-                (a.min(b).max(1), a.max(b).min(max as u64))
-            })
-            .filter(|(a, b)| a <= b)
-            .map(|(a, b)| (a as u32, b as u32))
-            .collect(),
-    };
-    ranges.sort_unstable();
     let mut parts = Vec::new();
-    let mut last_end = 0u32;
     for (a, b) in ranges {
-        let a = a.max(last_end.saturating_add(1));
-        if a > b {
-            continue;
-        }
-        last_end = b;
         // Gaps between present UIDs inside [a, b].
         let mut next = a;
         let from = present.partition_point(|u| *u < a);
@@ -386,15 +409,7 @@ fn vanished_set(
             parts.push((next, b));
         }
     }
-    // Adjacent gaps (from neighbouring ranges) read as one.
-    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(parts.len());
-    for (a, b) in parts {
-        match merged.last_mut() {
-            Some(last) if last.1.checked_add(1) == Some(a) => last.1 = b,
-            _ => merged.push((a, b)),
-        }
-    }
-    merged
+    parts
         .into_iter()
         .map(|(a, b)| {
             if a == b {
@@ -1513,16 +1528,7 @@ impl Session {
                 let view = self.selected.as_ref().expect("checked");
                 let states: Vec<MessageState> =
                     results.iter().map(|&i| view.messages[i].clone()).collect();
-                let numbers: Vec<u32> = results
-                    .iter()
-                    .map(|&i| {
-                        if uid {
-                            view.messages[i].uid
-                        } else {
-                            i as u32 + 1
-                        }
-                    })
-                    .collect();
+                let numbers: Vec<u32> = results.iter().map(|&i| view.number(i, uid)).collect();
                 let name = view.name.clone();
                 let threads = blocking(&store, move |s| {
                     let mut all = Vec::with_capacity(states.len());
@@ -1590,14 +1596,7 @@ impl Session {
                 let view = self.selected.as_ref().expect("checked");
                 let numbers: Vec<u32> = order
                     .iter()
-                    .map(|&j| {
-                        let i = results[j];
-                        if uid {
-                            view.messages[i].uid
-                        } else {
-                            i as u32 + 1
-                        }
-                    })
+                    .map(|&j| view.number(results[j], uid))
                     .collect();
                 if ret.extended {
                     // ESORT (RFC 5267): MIN and MAX are the first and last in sort order,
@@ -1654,34 +1653,14 @@ impl Session {
                     view.saved = results.iter().map(|&i| view.messages[i].uid).collect();
                 }
                 let view = self.selected.as_ref().expect("checked");
-                let numbers: Vec<u32> = results
-                    .iter()
-                    .map(|&i| {
-                        if uid {
-                            view.messages[i].uid
-                        } else {
-                            i as u32 + 1
-                        }
-                    })
-                    .collect();
+                let numbers: Vec<u32> = results.iter().map(|&i| view.number(i, uid)).collect();
                 // RFC 7162 3.1.5 with ESEARCH: MODSEQ is the highest of the messages the
                 // response names (MIN's, MAX's, ALL's; every match for COUNT alone).
+                // Results are in message order, so MIN is the first and MAX the last.
                 let returned: Vec<usize> = if ret.extended && !ret.all && (ret.min || ret.max) {
-                    let by_number = |&i: &usize| {
-                        if uid {
-                            view.messages[i].uid
-                        } else {
-                            i as u32 + 1
-                        }
-                    };
-                    let mut picked = Vec::new();
-                    if ret.min {
-                        picked.extend(results.iter().min_by_key(|i| by_number(i)).copied());
-                    }
-                    if ret.max {
-                        picked.extend(results.iter().max_by_key(|i| by_number(i)).copied());
-                    }
-                    picked
+                    let first = results.first().filter(|_| ret.min);
+                    let last = results.last().filter(|_| ret.max);
+                    first.into_iter().chain(last).copied().collect()
                 } else {
                     results.clone()
                 };
@@ -2292,6 +2271,7 @@ impl Session {
                 let states = chunk.to_vec();
                 let name = view.name.clone();
                 let key = shared_key.clone();
+                let looked_at: HashSet<u32> = uids.iter().copied().collect();
                 blocking(&self.server.store, move |s| {
                     let raws: std::collections::HashMap<u32, Vec<u8>> = s
                         .messages_raw(recipient, &name, &uids, header_only)?
@@ -2306,7 +2286,9 @@ impl Session {
                         .iter()
                         .enumerate()
                         .filter(|(j, state)| {
-                            if !uids.contains(&state.uid) {
+                            // Left out of this evaluation: a live search's unchanged
+                            // messages.
+                            if !looked_at.contains(&state.uid) {
                                 return false;
                             }
                             let parsed = raws
