@@ -91,6 +91,81 @@ pub fn internal_date(out: &mut Vec<u8>, unix_ms: i64) {
     );
 }
 
+/// Response bytes kept before they are handed on: a FETCH of many messages (or of one
+/// message's body 400 times) streams out in pieces of about this size, so memory per
+/// session is one message plus this, whatever the client asks for.
+pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
+
+/// Where a command's responses go: a buffer handed to a sink whenever it holds
+/// [`RESPONSE_FLUSH_BYTES`] (at a point the command chooses, between complete items).
+/// The sink is the driver's bounded channel to the socket, or a test's vector; it
+/// answers false once the client is gone or stopped reading, and the command then
+/// stops producing output. Dereferences to the buffer, so response writers need not
+/// know about it.
+pub struct Output<'a> {
+    buffer: Vec<u8>,
+    sink: &'a mut dyn FnMut(Vec<u8>) -> bool,
+    /// Bytes already handed on for this command.
+    written: usize,
+    failed: bool,
+}
+
+impl<'a> Output<'a> {
+    /// An empty output in front of `sink`.
+    pub fn new(sink: &'a mut dyn FnMut(Vec<u8>) -> bool) -> Output<'a> {
+        Output {
+            buffer: Vec::new(),
+            sink,
+            written: 0,
+            failed: false,
+        }
+    }
+
+    /// Hands on what is buffered if it is over the threshold. False once the sink
+    /// refused: the command should stop producing output.
+    pub fn flush_if_full(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        if self.buffer.len() < RESPONSE_FLUSH_BYTES {
+            return true;
+        }
+        let chunk = std::mem::take(&mut self.buffer);
+        let size = chunk.len();
+        if (self.sink)(chunk) {
+            self.written += size;
+            true
+        } else {
+            self.failed = true;
+            false
+        }
+    }
+
+    /// Whether part of this command's output has been handed on already.
+    pub fn partly_written(&self) -> bool {
+        self.written > 0
+    }
+
+    /// The rest of the output, or `None` when the sink refused part of it (the client
+    /// is gone).
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (!self.failed).then_some(self.buffer)
+    }
+}
+
+impl std::ops::Deref for Output<'_> {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buffer
+    }
+}
+
+impl std::ops::DerefMut for Output<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

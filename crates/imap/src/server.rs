@@ -1,10 +1,14 @@
 //! The IMAP listener and connection framing: accept loop with a connection limit, one task
 //! per connection, command framing with literals (synchronising and LITERAL+), shutdown.
 
-use crate::session::{Session, SessionEnd};
+use crate::response::Output;
+use crate::session::{Refusal, Session, Step};
 use mailroom_directory::Directory;
+use mailroom_directory::login::{LoginError, authenticate_async};
 use mailroom_directory::login::{LoginLimiter, Verifier};
+use mailroom_directory::model::Protocol;
 use mailroom_store::MailStore;
+use mailroom_store::RecipientId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -208,14 +212,273 @@ impl ImapServer {
             server: self.clone(),
             held: 0,
         };
-        let mut session = Session::new(self.clone(), peer, cancel);
-        let greeting = session.greeting();
-        conn.write(&greeting).await?;
-        match session.run(&mut conn).await {
-            Ok(SessionEnd::Logout) | Ok(SessionEnd::Closed) => Ok(()),
-            Err(e) => Err(e),
+        let session = Session::new(self.clone(), peer);
+        conn.write(&session.greeting()).await?;
+        self.drive(&mut conn, session, peer, &cancel).await
+    }
+
+    /// The driver: reads commands, runs each in the core in one blocking hop, and does
+    /// what the core's [`Step`] asks, until LOGOUT, the client leaves, or shutdown.
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: &Arc<Self>,
+        conn: &mut Connection<S>,
+        mut session: Session,
+        peer: SocketAddr,
+        cancel: &CancellationToken,
+    ) -> std::io::Result<()> {
+        loop {
+            let input = tokio::select! {
+                _ = cancel.cancelled() => {
+                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
+                    return Ok(());
+                }
+                read = tokio::time::timeout(self.config.idle_timeout, conn.read_command(session.is_authenticated())) => match read {
+                    Ok(input) => input?,
+                    Err(_) => {
+                        conn.write(b"* BYE autologout: idle for too long\r\n").await?;
+                        return Ok(());
+                    }
+                },
+            };
+            let bytes = match input {
+                Input::Command(bytes) => bytes,
+                Input::Closed => return Ok(()),
+                Input::TooLong => {
+                    conn.write(b"* BYE command line too long\r\n").await?;
+                    return Ok(());
+                }
+                Input::Busy(tag) => {
+                    let mut out = Vec::new();
+                    crate::session::tagged(
+                        &mut out,
+                        &tag,
+                        crate::session::Status::No,
+                        "[LIMIT] the server is receiving too many large messages at once; try again later",
+                    );
+                    conn.write(&out).await?;
+                    continue;
+                }
+                Input::TooBig(tag, size, limit) => {
+                    let mut out = Vec::new();
+                    crate::session::tagged(
+                        &mut out,
+                        &tag,
+                        crate::session::Status::No,
+                        &format!("[TOOBIG] {size} octets is above the limit of {limit}"),
+                    );
+                    conn.write(&out).await?;
+                    continue;
+                }
+            };
+            if bytes.is_empty() {
+                continue;
+            }
+            mailroom_listen::doing(crate::session::peek_command_name(&bytes));
+            let mut step;
+            (session, step) = hop(conn, session, move |s, out| s.command(&bytes, out)).await?;
+            loop {
+                match step {
+                    Step::Next => break,
+                    Step::Logout => return Ok(()),
+                    Step::Login {
+                        tag,
+                        user,
+                        password,
+                    } => {
+                        let verdict = self.verify(peer, &user, password).await;
+                        (session, step) = hop(conn, session, move |s, out| {
+                            s.login_verified(&tag, &user, verdict, out);
+                            Step::Next
+                        })
+                        .await?;
+                    }
+                    Step::SaslResponse { tag } => {
+                        // The continuation is bounded in time (the idle timeout) like
+                        // any command, and in size like a command before login.
+                        let line = match tokio::time::timeout(
+                            self.config.idle_timeout,
+                            conn.read_line_before_login(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(Some(line))) => Some(line),
+                            Ok(Ok(None)) => return Ok(()),
+                            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => None,
+                            Ok(Err(e)) => return Err(e),
+                            Err(_) => {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "AUTHENTICATE continuation not sent in time",
+                                ));
+                            }
+                        };
+                        (session, step) = hop(conn, session, move |s, out| {
+                            s.sasl_response(tag, line.as_deref(), out)
+                        })
+                        .await?;
+                    }
+                    Step::Idle { tag } => {
+                        let Some(s) = self.idle(conn, session, &tag, cancel).await? else {
+                            return Ok(());
+                        };
+                        session = s;
+                        step = Step::Next;
+                    }
+                }
+            }
         }
     }
+
+    /// IDLE (RFC 2177): updates as the mailbox bell rings, until DONE. `None` when the
+    /// session must end (shutdown, the client left, 30 minutes idle).
+    async fn idle<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        self: &Arc<Self>,
+        conn: &mut Connection<S>,
+        mut session: Session,
+        tag: &str,
+        cancel: &CancellationToken,
+    ) -> std::io::Result<Option<Session>> {
+        let mut bell = session.bell();
+        loop {
+            let changed = async {
+                match &mut bell {
+                    Some(b) => b.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
+                    return Ok(None);
+                }
+                alive = changed => {
+                    if !alive {
+                        bell = None;
+                        continue;
+                    }
+                    (session, ()) = hop(conn, session, |s, out| s.idle_update(out)).await?;
+                }
+                line = tokio::time::timeout(IDLE_MAX, conn.read_line()) => {
+                    return match line {
+                        Ok(Ok(Some(line))) => {
+                            let tag = tag.to_string();
+                            let (session, ()) =
+                                hop(conn, session, move |s, out| s.idle_done(&tag, &line, out)).await?;
+                            Ok(Some(session))
+                        }
+                        Ok(Ok(None)) => Ok(None),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => {
+                            conn.write(b"* BYE idle for too long\r\n").await?;
+                            Ok(None)
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Checks a password for LOGIN or AUTHENTICATE PLAIN: the login limiter first, then
+    /// the verifier pool (Argon2 never runs on a runtime thread).
+    async fn verify(
+        &self,
+        peer: SocketAddr,
+        user: &str,
+        password: String,
+    ) -> Result<RecipientId, Refusal> {
+        let client = peer.ip();
+        let attempt = match self.limiter.begin(client, user).await {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                self.stats.login("limited");
+                return Err(Refusal::no(format!("[UNAVAILABLE] {e}")));
+            }
+        };
+        let snapshot = self.directory.snapshot();
+        match authenticate_async(&snapshot, user, password, Protocol::Imap, &self.verifier).await {
+            Ok(id) => {
+                attempt.succeeded();
+                Ok(id)
+            }
+            Err(e @ LoginError::Busy) => {
+                attempt.void();
+                self.stats.login("busy");
+                Err(Refusal::no(format!("[UNAVAILABLE] {e}")))
+            }
+            Err(e @ LoginError::ProtocolDisabled(_)) => {
+                attempt.void();
+                self.stats.login("disabled");
+                Err(Refusal::no(format!("[AUTHORIZATIONFAILED] {e}")))
+            }
+            Err(e) => {
+                attempt.failed();
+                self.stats.login("invalid");
+                tracing::info!(%client, user, "IMAP login failed");
+                Err(Refusal::no(format!("[AUTHENTICATIONFAILED] {e}")))
+            }
+        }
+    }
+}
+
+/// The longest IDLE (RFC 2177 asks clients to re-issue it within 29 minutes).
+const IDLE_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// Chunks of output in flight between a command on the blocking pool and the socket:
+/// the command waits while the client reads, so a session holds at most this many
+/// chunks plus the one being built.
+const OUTPUT_CHUNKS_IN_FLIGHT: usize = 1;
+
+/// One blocking hop: runs `work` on the core on the blocking pool, writes the output it
+/// streams as it comes (a client that stops reading for the idle timeout stops the
+/// command), then the rest. The core moves to the pool and back, so nothing is shared
+/// and no lock is held across an await. The command's literals are released before its
+/// last bytes (its tagged status) go out.
+async fn hop<S, R>(
+    conn: &mut Connection<S>,
+    mut session: Session,
+    work: impl FnOnce(&mut Session, &mut Output<'_>) -> R + Send + 'static,
+) -> std::io::Result<(Session, R)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: Send + 'static,
+{
+    let (chunks, mut streamed) = tokio::sync::mpsc::channel::<Vec<u8>>(OUTPUT_CHUNKS_IN_FLIGHT);
+    let task = tokio::task::spawn_blocking(move || {
+        let mut send = |chunk: Vec<u8>| chunks.blocking_send(chunk).is_ok();
+        let mut out = Output::new(&mut send);
+        let result = work(&mut session, &mut out);
+        let rest = out.finish();
+        (session, result, rest)
+    });
+    let mut failure = None;
+    while let Some(chunk) = streamed.recv().await {
+        if failure.is_none()
+            && let Err(e) = conn.write(&chunk).await
+        {
+            // The command sees its next chunk refused and stops.
+            streamed.close();
+            failure = Some(e);
+        }
+    }
+    let (session, result, rest) = match task.await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(error = %e, "an IMAP command panicked");
+            let _ = conn
+                .write(b"* BYE [SERVERBUG] the server failed on this command\r\n")
+                .await;
+            return Err(std::io::Error::other("an IMAP command panicked"));
+        }
+    };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    conn.release();
+    let Some(rest) = rest else {
+        return Err(std::io::Error::other("the client stopped reading"));
+    };
+    conn.write(&rest).await?;
+    Ok((session, result))
 }
 
 /// The tag to answer a command that is refused before it is parsed: its first word when
@@ -295,83 +558,6 @@ pub enum Input {
     Closed,
 }
 
-/// Response bytes kept before they are written: a FETCH of many messages (or of one
-/// message's body 400 times) streams out in pieces of about this size, so memory per
-/// session is one message plus this, whatever the client asks for.
-pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
-
-/// Where a command's responses go: a buffer that is written to the client whenever it
-/// holds [`RESPONSE_FLUSH_BYTES`] (at a point the command chooses, between complete
-/// items), with the idle timeout as the limit for a client that stops reading.
-/// Dereferences to the buffer, so response writers need not know about it.
-pub struct Output<'a> {
-    buffer: Vec<u8>,
-    writer: &'a mut (dyn AsyncWrite + Unpin + Send),
-    timeout: Duration,
-    /// Bytes already written for this command.
-    written: usize,
-    error: Option<std::io::Error>,
-}
-
-impl<'a> Output<'a> {
-    /// Writes what is buffered if it is over the threshold. False once writing failed:
-    /// the command should stop producing output.
-    pub async fn flush_if_full(&mut self) -> bool {
-        if self.error.is_some() {
-            return false;
-        }
-        if self.buffer.len() < RESPONSE_FLUSH_BYTES {
-            return true;
-        }
-        let result =
-            match tokio::time::timeout(self.timeout, self.writer.write_all(&self.buffer)).await {
-                Ok(result) => result,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "client stopped reading",
-                )),
-            };
-        match result {
-            Ok(()) => {
-                self.written += self.buffer.len();
-                self.buffer.clear();
-                true
-            }
-            Err(e) => {
-                self.buffer.clear();
-                self.error = Some(e);
-                false
-            }
-        }
-    }
-
-    /// Whether part of this command's output has gone out already.
-    pub fn partly_written(&self) -> bool {
-        self.written > 0
-    }
-
-    /// The rest of the output, or the error that stopped it.
-    pub fn finish(self) -> std::io::Result<Vec<u8>> {
-        match self.error {
-            Some(e) => Err(e),
-            None => Ok(self.buffer),
-        }
-    }
-}
-
-impl std::ops::Deref for Output<'_> {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.buffer
-    }
-}
-
-impl std::ops::DerefMut for Output<'_> {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.buffer
-    }
-}
-
 /// A line longer than its limit (see [`Connection::read_line`]).
 #[derive(Debug)]
 struct LineTooLong;
@@ -400,17 +586,6 @@ fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
-    /// An [`Output`] for one command's responses, starting with `buffer`.
-    pub fn output(&mut self, buffer: Vec<u8>) -> Output<'_> {
-        Output {
-            buffer,
-            timeout: self.server.config.idle_timeout,
-            writer: &mut self.stream,
-            written: 0,
-            error: None,
-        }
-    }
-
     /// Writes and flushes, with the idle timeout as the limit.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.is_empty() {

@@ -1,30 +1,35 @@
-//! One IMAP session: states (not authenticated, authenticated, selected, logout), every
-//! command's semantics, and the untagged updates other sessions' changes cause.
+//! The sans-I/O core of one IMAP session: states (not authenticated, authenticated,
+//! selected, logout), every command's semantics, and the untagged updates other
+//! sessions' changes cause.
 //!
-//! Store calls run on the blocking pool. Changes made elsewhere (deliveries, other
-//! sessions) arrive through the mailbox's change bell: the session compares the folder
-//! with its view and sends EXISTS, EXPUNGE and FETCH FLAGS, never polling.
+//! Why this shape (the SMTP and POP3 one): bytes in, responses and a typed [`Step`]
+//! out, synchronous over the store traits. The core never awaits: it owns no socket,
+//! timer or async lock, so every command can be tested from bytes (see the tests at the
+//! end), and a command's store work is plain sequential code. The driver
+//! ([`crate::server`]) frames commands and literals, runs each command in one hop on
+//! the blocking pool, streams the output to the socket through a bounded channel, and
+//! does what a step asks: password checks, AUTHENTICATE's continuation, IDLE's wait.
+//!
+//! Changes made elsewhere (deliveries, other sessions) arrive through the mailbox's
+//! change bell: the session compares the folder with its view and sends EXISTS,
+//! EXPUNGE and FETCH FLAGS, never polling.
 
 use crate::mime;
 use crate::parse::{
     CommandKind, FetchItem, ListOptions, STAR, SearchKey, Section, SectionText, SequenceSet,
     StatusItem, StoreMode, parse_command_with,
 };
+use crate::response::Output;
 use crate::response::{flags as write_flags, internal_date, literal, mailbox as write_mailbox};
 use crate::search::{self, Candidate, compact, in_set};
-use crate::server::{Connection, ImapServer, Input, Output};
+use crate::server::ImapServer;
 use base64::Engine;
-use mailroom_directory::login::{LoginError, authenticate_async};
-use mailroom_directory::model::Protocol;
 use mailroom_store::{
     FlagOperation, FolderInfo, MailStore, MessageState, RecipientId, StoreError, Structure,
 };
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 
 /// The special-use folders every mailbox gets at first login (RFC 6154).
 const SPECIAL: [(&str, &str); 5] = [
@@ -35,12 +40,54 @@ const SPECIAL: [(&str, &str); 5] = [
     ("Archive", "\\Archive"),
 ];
 
-/// How a session ended.
-pub enum SessionEnd {
-    /// LOGOUT.
+/// What the driver does after the core took a command: the core never touches a
+/// socket, a timer or an async lock, so what needs them comes out as a step.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The command is answered, tagged status included. Read the next one.
+    Next,
+    /// LOGIN or AUTHENTICATE PLAIN: check the password (the login limiter and the
+    /// verifier pool are async), then give the verdict to [`Session::login_verified`].
+    Login {
+        /// The command's tag.
+        tag: String,
+        /// The user name as the client sent it.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// AUTHENTICATE without an initial response: the continuation request is in the
+    /// output. Read one line (bounded like a command before login, within the idle
+    /// timeout) and give it to [`Session::sasl_response`].
+    SaslResponse {
+        /// The command's tag.
+        tag: String,
+    },
+    /// IDLE (RFC 2177): the continuation request is in the output. Wait for a line
+    /// (then [`Session::idle_done`]), the mailbox bell ([`Session::idle_update`]),
+    /// shutdown or the idle timeout.
+    Idle {
+        /// The command's tag.
+        tag: String,
+    },
+    /// LOGOUT is answered: close the connection.
     Logout,
-    /// The client went away, the server shut down, or the session timed out.
-    Closed,
+}
+
+/// Writes a tagged status line. The text often quotes what the client sent, so it is
+/// made safe for one line first.
+pub fn tagged(out: &mut Vec<u8>, tag: &str, status: Status, text: &str) {
+    out.extend_from_slice(
+        format!("{tag} {} {}\r\n", status.as_str(), response_text(text)).as_bytes(),
+    );
+}
+
+/// Writes the tagged status line of a command's outcome.
+fn answer(out: &mut Vec<u8>, tag: &str, outcome: Outcome) {
+    match outcome {
+        Ok(text) => tagged(out, tag, Status::Ok, &text),
+        Err(refusal) => tagged(out, tag, refusal.status, &refusal.text),
+    }
 }
 
 /// The selected folder as this session knows it.
@@ -199,7 +246,6 @@ struct User {
 pub struct Session {
     server: Arc<ImapServer>,
     peer: SocketAddr,
-    cancel: CancellationToken,
     user: Option<User>,
     selected: Option<View>,
     bell: Option<tokio::sync::watch::Receiver<u64>>,
@@ -218,8 +264,58 @@ pub struct Session {
     enabled: HashSet<String>,
 }
 
-/// A command's outcome: the tagged status line's status and text.
-type Outcome = Result<String, (String, String)>;
+/// The status of a tagged response (RFC 9051 7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The command completed.
+    Ok,
+    /// The command failed (an operational error: no such folder, over quota).
+    No,
+    /// The command was not understood or not allowed in this state.
+    Bad,
+}
+
+impl Status {
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::No => "NO",
+            Status::Bad => "BAD",
+        }
+    }
+}
+
+/// A command that did not complete: NO or BAD, and the text (any response code first,
+/// e.g. `[NONEXISTENT] no such folder`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// NO or BAD.
+    pub status: Status,
+    /// The human-readable text, with its response code.
+    pub text: String,
+}
+
+impl Refusal {
+    /// A NO.
+    pub fn no(text: impl Into<String>) -> Refusal {
+        Refusal {
+            status: Status::No,
+            text: text.into(),
+        }
+    }
+
+    /// A BAD.
+    pub fn bad(text: impl Into<String>) -> Refusal {
+        Refusal {
+            status: Status::Bad,
+            text: text.into(),
+        }
+    }
+}
+
+/// A command's outcome: the text of its tagged OK, or its refusal.
+type Outcome = Result<String, Refusal>;
 
 fn ok(text: impl Into<String>) -> Outcome {
     Ok(text.into())
@@ -423,44 +519,48 @@ fn vanished_set(
 }
 
 fn no(text: impl Into<String>) -> Outcome {
-    Err(("NO".into(), text.into()))
+    Err(Refusal::no(text))
 }
 
 fn bad(text: impl Into<String>) -> Outcome {
-    Err(("BAD".into(), text.into()))
+    Err(Refusal::bad(text))
 }
 
-fn store_no(e: StoreError) -> (String, String) {
+fn store_no(e: StoreError) -> Refusal {
     match e {
-        StoreError::NotFound(what) => ("NO".into(), format!("[NONEXISTENT] no {what}")),
-        StoreError::Conflict(what) => ("NO".into(), format!("[ALREADYEXISTS] {what}")),
+        StoreError::NotFound(what) => Refusal::no(format!("[NONEXISTENT] no {what}")),
+        StoreError::Conflict(what) => Refusal::no(format!("[ALREADYEXISTS] {what}")),
         other if other.fault() == Some(mailroom_store::Fault::DiskFull) => {
             tracing::error!(error = %other, "IMAP store error");
-            (
-                "NO".into(),
-                "[LIMIT] the mail store's disk is full; try again later".into(),
-            )
+            Refusal::no("[LIMIT] the mail store's disk is full; try again later")
         }
         other => {
             tracing::error!(error = %other, "IMAP store error");
-            (
-                "NO".into(),
-                "[SERVERBUG] the store failed; try again".into(),
-            )
+            Refusal::no("[SERVERBUG] the store failed; try again")
         }
     }
 }
 
-/// Runs a store call on the blocking pool.
-async fn blocking<T: Send + 'static>(
+/// Runs a store call (the whole command already runs on the blocking pool) and turns
+/// its error into the status a client is owed.
+fn store_call<T>(
     store: &Arc<dyn MailStore>,
-    f: impl FnOnce(&dyn MailStore) -> mailroom_store::Result<T> + Send + 'static,
-) -> Result<T, (String, String)> {
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
-        Ok(result) => result.map_err(store_no),
-        Err(_) => Err(("NO".into(), "[SERVERBUG] the store call failed".into())),
-    }
+    f: impl FnOnce(&dyn MailStore) -> mailroom_store::Result<T>,
+) -> Result<T, Refusal> {
+    f(store.as_ref()).map_err(store_no)
+}
+
+/// A store call that writes into a folder the client names (APPEND, COPY, MOVE): a
+/// missing folder is `[TRYCREATE]`, which tells the client to create it and retry
+/// (RFC 9051 6.3.12).
+fn target_call<T>(
+    store: &Arc<dyn MailStore>,
+    f: impl FnOnce(&dyn MailStore) -> mailroom_store::Result<T>,
+) -> Result<T, Refusal> {
+    f(store.as_ref()).map_err(|e| match e {
+        StoreError::NotFound(_) => Refusal::no("[TRYCREATE] no such folder; create it first"),
+        other => store_no(other),
+    })
 }
 
 /// The human-readable text of a status response, which often quotes what the client
@@ -531,11 +631,10 @@ fn pattern_matches(pattern: &[u8], name: &[u8]) -> bool {
 
 impl Session {
     /// A new session for a client at `peer`.
-    pub fn new(server: Arc<ImapServer>, peer: SocketAddr, cancel: CancellationToken) -> Session {
+    pub fn new(server: Arc<ImapServer>, peer: SocketAddr) -> Session {
         Session {
             server,
             peer,
-            cancel,
             user: None,
             selected: None,
             bell: None,
@@ -576,225 +675,176 @@ impl Session {
         .into_bytes()
     }
 
-    /// Reads and answers commands until LOGOUT, the client leaves, or shutdown.
-    pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        conn: &mut Connection<S>,
-    ) -> std::io::Result<SessionEnd> {
-        loop {
-            let input = tokio::select! {
-                _ = self.cancel.cancelled() => {
-                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
-                    return Ok(SessionEnd::Closed);
+    /// Whether a user has logged in (commands are bounded differently after).
+    pub fn is_authenticated(&self) -> bool {
+        self.user.is_some()
+    }
+
+    /// The mailbox's change bell, for the driver to wait on during IDLE.
+    pub fn bell(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.bell.clone()
+    }
+
+    /// Answers one complete command (literals inline, no final CRLF): its responses
+    /// and, unless the step says otherwise, its tagged status go to `out`.
+    pub fn command(&mut self, bytes: &[u8], out: &mut Output<'_>) -> Step {
+        let command = match parse_command_with(bytes, &self.server.config.parse_limits) {
+            Ok(c) => c,
+            Err(e) => {
+                let tag = e.tag.unwrap_or_else(|| "*".into());
+                let status = if e.refused { Status::No } else { Status::Bad };
+                tagged(out, &tag, status, &e.message);
+                return Step::Next;
+            }
+        };
+        let name = command_name(&command.kind);
+        self.server
+            .stats
+            .commands
+            .get_or_create(&vec![("command".to_string(), name.to_string())])
+            .inc();
+        let tag = command.tag;
+        let outcome = match command.kind {
+            CommandKind::Logout => {
+                out.extend_from_slice(b"* BYE logging out\r\n");
+                tagged(out, &tag, Status::Ok, "LOGOUT completed");
+                return Step::Logout;
+            }
+            CommandKind::Idle => {
+                if self.user.is_none() {
+                    Err(Refusal::bad("log in first"))
+                } else {
+                    self.sync(out, true);
+                    out.extend_from_slice(b"+ idling\r\n");
+                    return Step::Idle { tag };
                 }
-                read = tokio::time::timeout(self.server.config.idle_timeout, conn.read_command(self.user.is_some())) => match read {
-                    Ok(input) => input?,
-                    Err(_) => {
-                        conn.write(b"* BYE autologout: idle for too long\r\n").await?;
-                        return Ok(SessionEnd::Closed);
+            }
+            CommandKind::Authenticate(mechanism, initial) => match self.authenticate(&mechanism) {
+                Err(refusal) => Err(refusal),
+                Ok(()) => match initial {
+                    Some(response) => return self.plain_response(tag, &response, out),
+                    None => {
+                        out.extend_from_slice(b"+ \r\n");
+                        return Step::SaslResponse { tag };
                     }
                 },
-            };
-            let bytes = match input {
-                Input::Command(bytes) => bytes,
-                Input::Closed => return Ok(SessionEnd::Closed),
-                Input::TooLong => {
-                    conn.write(b"* BYE command line too long\r\n").await?;
-                    return Ok(SessionEnd::Closed);
+            },
+            CommandKind::Login(user, password) => match self.login_allowed() {
+                Err(refusal) => Err(refusal),
+                Ok(()) => {
+                    return Step::Login {
+                        tag,
+                        user,
+                        password,
+                    };
                 }
-                Input::Busy(tag) => {
-                    conn.write(
-                        format!(
-                            "{tag} NO [LIMIT] the server is receiving too many large messages at once; try again later\r\n"
-                        )
-                        .as_bytes(),
-                    )
-                    .await?;
-                    continue;
-                }
-                Input::TooBig(tag, size, limit) => {
-                    conn.write(
-                        format!(
-                            "{tag} NO [TOOBIG] {size} octets is above the limit of {limit}\r\n"
-                        )
-                        .as_bytes(),
-                    )
-                    .await?;
-                    continue;
-                }
-            };
-            if bytes.is_empty() {
-                continue;
+            },
+            kind => {
+                let outcome = self.execute(kind, &tag, out);
+                self.update_live(out);
+                outcome
             }
-            let command = match parse_command_with(&bytes, &self.server.config.parse_limits) {
-                Ok(c) => c,
-                Err(e) => {
-                    let tag = e.tag.unwrap_or_else(|| "*".into());
-                    let status = if e.refused { "NO" } else { "BAD" };
-                    conn.write(
-                        format!("{tag} {status} {}\r\n", response_text(&e.message)).as_bytes(),
-                    )
-                    .await?;
-                    continue;
-                }
-            };
-            let name = command_name(&command.kind);
-            mailroom_listen::doing(name);
-            self.server
-                .stats
-                .commands
-                .get_or_create(&vec![("command".to_string(), name.to_string())])
-                .inc();
-            let mut out = Vec::new();
-            let tag = command.tag.clone();
-            let outcome = match command.kind {
-                CommandKind::Logout => {
-                    out.extend_from_slice(b"* BYE logging out\r\n");
-                    out.extend_from_slice(format!("{tag} OK LOGOUT completed\r\n").as_bytes());
-                    conn.write(&out).await?;
-                    return Ok(SessionEnd::Logout);
-                }
-                CommandKind::Idle => match self.idle(conn, &tag).await? {
-                    Some(outcome) => outcome,
-                    None => return Ok(SessionEnd::Closed),
-                },
-                CommandKind::Authenticate(mechanism, initial) => {
-                    self.authenticate(conn, &mechanism, initial).await?
-                }
-                kind => {
-                    let mut output = conn.output(std::mem::take(&mut out));
-                    let outcome = self.execute(kind, &tag, &mut output).await;
-                    self.update_live(&mut output).await;
-                    // A client that stopped reading mid-response ends the session.
-                    out = output.finish()?;
-                    outcome
-                }
-            };
-            // The command's literals are gone: give their share of the budget back
-            // before the client hears it is done.
-            conn.release();
-            match outcome {
-                Ok(text) => out
-                    .extend_from_slice(format!("{tag} OK {}\r\n", response_text(&text)).as_bytes()),
-                Err((status, text)) => out.extend_from_slice(
-                    format!("{tag} {status} {}\r\n", response_text(&text)).as_bytes(),
-                ),
+        };
+        answer(out, &tag, outcome);
+        Step::Next
+    }
+
+    /// AUTHENTICATE's checks before any response is read.
+    fn authenticate(&self, mechanism: &str) -> Result<(), Refusal> {
+        if self.user.is_some() {
+            return Err(Refusal::bad("already authenticated"));
+        }
+        if mechanism != "PLAIN" {
+            return Err(Refusal::no("unsupported mechanism; use PLAIN"));
+        }
+        self.login_allowed()
+    }
+
+    /// The client's answer to AUTHENTICATE's continuation request: the line, or `None`
+    /// when it was longer than a command before login may be.
+    pub fn sasl_response(
+        &mut self,
+        tag: String,
+        line: Option<&[u8]>,
+        out: &mut Output<'_>,
+    ) -> Step {
+        match line {
+            Some(line) => self.plain_response(tag, line, out),
+            None => {
+                tagged(out, &tag, Status::Bad, "the response is too long");
+                Step::Next
             }
-            conn.write(&out).await?;
         }
     }
 
-    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        conn: &mut Connection<S>,
-        mechanism: &str,
-        initial: Option<Vec<u8>>,
-    ) -> std::io::Result<Outcome> {
-        if self.user.is_some() {
-            return Ok(bad("already authenticated"));
-        }
-        if mechanism != "PLAIN" {
-            return Ok(no("unsupported mechanism; use PLAIN"));
-        }
-        if !self.plaintext_allowed() {
-            return Ok(no(
-                "[PRIVACYREQUIRED] plaintext passwords are not allowed on this connection",
-            ));
-        }
-        let response = match initial {
-            Some(r) => r,
-            None => {
-                conn.write(b"+ \r\n").await?;
-                // The continuation is bounded in time (the idle timeout) like any
-                // command, and in size like a command before login.
-                match tokio::time::timeout(
-                    self.server.config.idle_timeout,
-                    conn.read_line_before_login(),
-                )
-                .await
-                {
-                    Ok(Ok(Some(line))) => line,
-                    Ok(Ok(None)) => return Ok(bad("connection closed")),
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        return Ok(bad("the response is too long"));
-                    }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "AUTHENTICATE continuation not sent in time",
-                        ));
-                    }
-                }
-            }
+    /// A PLAIN response (RFC 4616), base64: authorization identity, user, password.
+    fn plain_response(&mut self, tag: String, response: &[u8], out: &mut Output<'_>) -> Step {
+        let refuse = |out: &mut Output<'_>, refusal: Refusal| {
+            answer(out, &tag, Err(refusal));
+            Step::Next
         };
         if response == b"*" {
-            return Ok(bad("authentication cancelled"));
+            return refuse(out, Refusal::bad("authentication cancelled"));
         }
         let decoded = if response == b"=" {
             Vec::new()
         } else {
-            match base64::engine::general_purpose::STANDARD.decode(&response) {
+            match base64::engine::general_purpose::STANDARD.decode(response) {
                 Ok(d) => d,
-                Err(_) => return Ok(bad("the response is not base64")),
+                Err(_) => return refuse(out, Refusal::bad("the response is not base64")),
             }
         };
         let parts: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
         let [authz, user, password] = parts.as_slice() else {
-            return Ok(bad("malformed PLAIN response"));
+            return refuse(out, Refusal::bad("malformed PLAIN response"));
         };
         let user = String::from_utf8_lossy(user).into_owned();
         let authz = String::from_utf8_lossy(authz).into_owned();
         if !authz.is_empty() && !authz.eq_ignore_ascii_case(&user) {
-            return Ok(no(
-                "[AUTHORIZATIONFAILED] acting as another user is not allowed",
-            ));
+            return refuse(
+                out,
+                Refusal::no("[AUTHORIZATIONFAILED] acting as another user is not allowed"),
+            );
         }
         let password = String::from_utf8_lossy(password).into_owned();
-        Ok(self.login(user, password).await)
+        Step::Login {
+            tag,
+            user,
+            password,
+        }
     }
 
-    async fn login(&mut self, user: String, password: String) -> Outcome {
+    /// Whether a password may be sent here at all.
+    fn login_allowed(&self) -> Result<(), Refusal> {
         if self.user.is_some() {
-            return bad("already authenticated");
+            return Err(Refusal::bad("already authenticated"));
         }
         if !self.plaintext_allowed() {
-            return no("[PRIVACYREQUIRED] plaintext passwords are not allowed on this connection");
+            return Err(Refusal::no(
+                "[PRIVACYREQUIRED] plaintext passwords are not allowed on this connection",
+            ));
         }
+        Ok(())
+    }
+
+    /// The driver's verdict on a [`Step::Login`]: the recipient the password opened, or
+    /// the refusal. On success INBOX and the special-use folders are made sure of and
+    /// the tagged OK carries the new capabilities.
+    pub fn login_verified(
+        &mut self,
+        tag: &str,
+        user: &str,
+        verdict: Result<RecipientId, Refusal>,
+        out: &mut Output<'_>,
+    ) {
+        let outcome = verdict.and_then(|recipient| self.logged_in(user, recipient));
+        answer(out, tag, outcome);
+    }
+
+    fn logged_in(&mut self, user: &str, recipient: RecipientId) -> Outcome {
         let server = self.server.clone();
-        let client = self.peer.ip();
-        let attempt = match server.limiter.begin(client, &user).await {
-            Ok(attempt) => attempt,
-            Err(e) => {
-                server.stats.login("limited");
-                return no(format!("[UNAVAILABLE] {e}"));
-            }
-        };
-        let snapshot = server.directory.snapshot();
-        let result =
-            authenticate_async(&snapshot, &user, password, Protocol::Imap, &server.verifier).await;
-        let recipient = match result {
-            Ok(id) => id,
-            Err(e @ LoginError::Busy) => {
-                attempt.void();
-                server.stats.login("busy");
-                return no(format!("[UNAVAILABLE] {e}"));
-            }
-            Err(e @ LoginError::ProtocolDisabled(_)) => {
-                attempt.void();
-                server.stats.login("disabled");
-                return no(format!("[AUTHORIZATIONFAILED] {e}"));
-            }
-            Err(e) => {
-                attempt.failed();
-                server.stats.login("invalid");
-                tracing::info!(%client, user, "IMAP login failed");
-                return no(format!("[AUTHENTICATIONFAILED] {e}"));
-            }
-        };
-        attempt.succeeded();
         // INBOX and the special-use folders exist from the first login on.
-        let created = blocking(&server.store, move |store| {
+        store_call(&server.store, move |store| {
             // One read; a write only for folders that are missing (the first login).
             let existing: HashSet<String> = store
                 .folders(recipient)?
@@ -810,9 +860,7 @@ impl Session {
                 }
             }
             Ok(())
-        })
-        .await;
-        created?;
+        })?;
         server.stats.login("ok");
         self.bell = Some(server.store.watch_mailbox(recipient));
         tracing::debug!(client = %self.peer, user, "IMAP login");
@@ -823,14 +871,29 @@ impl Session {
         ok(format!("[CAPABILITY {}] logged in", self.capabilities()))
     }
 
-    fn recipient(&self) -> Result<RecipientId, (String, String)> {
+    /// The mailbox changed during IDLE: its updates (RFC 2177).
+    pub fn idle_update(&mut self, out: &mut Output<'_>) {
+        self.sync(out, true);
+        self.update_live(out);
+    }
+
+    /// The line that ended IDLE: DONE, or anything else (BAD).
+    pub fn idle_done(&mut self, tag: &str, line: &[u8], out: &mut Output<'_>) {
+        if line.eq_ignore_ascii_case(b"DONE") {
+            tagged(out, tag, Status::Ok, "IDLE terminated");
+        } else {
+            tagged(out, tag, Status::Bad, "expected DONE");
+        }
+    }
+
+    fn recipient(&self) -> Result<RecipientId, Refusal> {
         self.user
             .as_ref()
             .map(|u| u.recipient)
-            .ok_or_else(|| ("BAD".into(), "log in first".into()))
+            .ok_or_else(|| Refusal::bad("log in first"))
     }
 
-    async fn execute(&mut self, kind: CommandKind, tag: &str, out: &mut Output<'_>) -> Outcome {
+    fn execute(&mut self, kind: CommandKind, tag: &str, out: &mut Output<'_>) -> Outcome {
         match kind {
             CommandKind::Capability => {
                 out.extend_from_slice(
@@ -839,7 +902,7 @@ impl Session {
                 ok("CAPABILITY completed")
             }
             CommandKind::Noop | CommandKind::Check => {
-                self.sync(out, true).await;
+                self.sync(out, true);
                 ok("done")
             }
             CommandKind::StartTls => bad("STARTTLS is not available yet (no TLS configured)"),
@@ -847,18 +910,20 @@ impl Session {
                 out.extend_from_slice(b"* ID (\"name\" \"Mailroom\" \"vendor\" \"Mailroom\")\r\n");
                 ok("ID completed")
             }
-            CommandKind::Login(user, password) => self.login(user, password).await,
-            CommandKind::Logout | CommandKind::Idle | CommandKind::Authenticate(..) => {
-                unreachable!("handled by the caller")
+            CommandKind::Login(..)
+            | CommandKind::Logout
+            | CommandKind::Idle
+            | CommandKind::Authenticate(..) => {
+                unreachable!("handled by Session::command")
             }
             other => {
                 let recipient = self.recipient()?;
-                self.authenticated(other, tag, recipient, out).await
+                self.authenticated(other, tag, recipient, out)
             }
         }
     }
 
-    async fn authenticated(
+    fn authenticated(
         &mut self,
         kind: CommandKind,
         tag: &str,
@@ -877,7 +942,7 @@ impl Session {
                     {
                         // QRESYNC implies CONDSTORE (RFC 7162 3.2.3).
                         if cap == "CONDSTORE" || cap == "QRESYNC" {
-                            self.enable_condstore(recipient, out).await;
+                            self.enable_condstore(recipient, out);
                         }
                         if cap == "QRESYNC" {
                             self.qresync = true;
@@ -931,7 +996,7 @@ impl Session {
                 // The folder's counters and messages come from one snapshot: a message
                 // changed between two reads would otherwise show a MODSEQ above the
                 // HIGHESTMODSEQ announced (found by bench/imap-stress with QRESYNC).
-                let (claimed, (info, messages)) = blocking(&store, move |s| {
+                let (claimed, (info, messages)) = store_call(&store, move |s| {
                     let claimed = if claim {
                         match s.claim_recent(recipient, &name) {
                             Ok(floor) => Some(floor),
@@ -942,8 +1007,7 @@ impl Session {
                         None
                     };
                     Ok((claimed, s.folder_snapshot(recipient, &name)?))
-                })
-                .await?;
+                })?;
                 let floor = match claimed {
                     Some(floor) => floor,
                     None if rev1 => info.recent_floor,
@@ -1006,7 +1070,7 @@ impl Session {
                     let name = info.name.clone();
                     let since = q.modseq;
                     let vanished =
-                        blocking(&store, move |s| s.vanished(recipient, &name, since)).await?;
+                        store_call(&store, move |s| s.vanished(recipient, &name, since))?;
                     let present: Vec<u32> = messages.iter().map(|m| m.uid).collect();
                     let max = info.uidnext.saturating_sub(1);
                     let set = vanished_set(&vanished, q.known_uids.as_ref(), &present, max);
@@ -1054,7 +1118,7 @@ impl Session {
                 if name == "INBOX" {
                     return no("[ALREADYEXISTS] INBOX exists");
                 }
-                blocking(&store, move |s| {
+                store_call(&store, move |s| {
                     // Parents are created on the way (RFC 9051 6.3.4).
                     let mut path = String::new();
                     let parts: Vec<&str> = name.split('/').collect();
@@ -1068,8 +1132,7 @@ impl Session {
                         }
                     }
                     s.create_folder(recipient, &name, None)
-                })
-                .await?;
+                })?;
                 ok("CREATE completed")
             }
             CommandKind::Delete(name) => {
@@ -1079,7 +1142,7 @@ impl Session {
                 if self.selected.as_ref().is_some_and(|v| v.name == name) {
                     self.selected = None;
                 }
-                blocking(&store, move |s| s.delete_folder(recipient, &name)).await?;
+                store_call(&store, move |s| s.delete_folder(recipient, &name))?;
                 ok("DELETE completed")
             }
             CommandKind::Rename(from, to) => {
@@ -1089,15 +1152,15 @@ impl Session {
                         self.server.config.folder_name_max
                     ));
                 }
-                blocking(&store, move |s| s.rename_folder(recipient, &from, &to)).await?;
+                store_call(&store, move |s| s.rename_folder(recipient, &from, &to))?;
                 ok("RENAME completed")
             }
             CommandKind::Subscribe(name) => {
-                blocking(&store, move |s| s.subscribe(recipient, &name, true)).await?;
+                store_call(&store, move |s| s.subscribe(recipient, &name, true))?;
                 ok("SUBSCRIBE completed")
             }
             CommandKind::Unsubscribe(name) => {
-                blocking(&store, move |s| s.subscribe(recipient, &name, false)).await?;
+                store_call(&store, move |s| s.subscribe(recipient, &name, false))?;
                 ok("UNSUBSCRIBE completed")
             }
             CommandKind::List {
@@ -1105,8 +1168,7 @@ impl Session {
                 patterns,
                 options,
             } => {
-                self.list(recipient, &reference, &patterns, &options, out)
-                    .await?;
+                self.list(recipient, &reference, &patterns, &options, out)?;
                 ok(if options.lsub {
                     "LSUB completed"
                 } else {
@@ -1114,12 +1176,12 @@ impl Session {
                 })
             }
             CommandKind::Status(name, items) => {
-                let folders = blocking(&store, move |s| s.folders(recipient)).await?;
+                let folders = store_call(&store, move |s| s.folders(recipient))?;
                 let info = folders
                     .into_iter()
                     .find(|f| f.name == name)
-                    .ok_or_else(|| ("NO".into(), "[NONEXISTENT] no such folder".into()))?;
-                self.status_line(recipient, &info, &items, out).await?;
+                    .ok_or_else(|| Refusal::no("[NONEXISTENT] no such folder"))?;
+                self.status_line(recipient, &info, &items, out)?;
                 ok("STATUS completed")
             }
             CommandKind::Append(name, mut messages) => {
@@ -1141,7 +1203,7 @@ impl Session {
                                 };
                                 // Reading the message and cutting its section grow with
                                 // its size: both on the blocking pool.
-                                let found = blocking(&store, move |s| {
+                                let found = store_call(&store, move |s| {
                                     let folder = s
                                         .folders(recipient)?
                                         .into_iter()
@@ -1161,8 +1223,7 @@ impl Session {
                                         None => Some(raw),
                                         Some(section) => mime::section(&mime::parse(&raw), section),
                                     })
-                                })
-                                .await;
+                                });
                                 let Ok(Some(bytes)) = found else {
                                     return bad();
                                 };
@@ -1189,7 +1250,7 @@ impl Session {
                     return no(format!("[LIMIT] {refused}; try again later"));
                 }
                 if let Some(limit) = self.hard_quota_kb(recipient) {
-                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    let used = store_call(&store, move |s| s.mailbox_bytes(recipient))?;
                     if used + size > limit * 1024 {
                         return no("[OVERQUOTA] the mailbox is over its quota");
                     }
@@ -1205,7 +1266,7 @@ impl Session {
                     })
                     .collect();
                 let folder = name.clone();
-                let appended = blocking(&store, move |s| match messages.as_slice() {
+                let appended = target_call(&store, move |s| match messages.as_slice() {
                     [one] => s.append(
                         recipient,
                         &folder,
@@ -1215,19 +1276,8 @@ impl Session {
                         one.facts.as_ref(),
                     ),
                     all => s.append_all(recipient, &folder, all),
-                })
-                .await
-                .map_err(|(status, text)| {
-                    if text.starts_with("[NONEXISTENT]") {
-                        (
-                            status,
-                            "[TRYCREATE] no such folder; create it first".to_string(),
-                        )
-                    } else {
-                        (status, text)
-                    }
                 })?;
-                self.sync(out, true).await;
+                self.sync(out, true);
                 let uids: Vec<u32> = appended.uids.iter().map(|(_, uid)| *uid).collect();
                 ok(format!(
                     "[APPENDUID {} {}] APPEND completed",
@@ -1240,7 +1290,7 @@ impl Session {
                 write_mailbox(out, &name);
                 if let Some(limit) = self.hard_quota_kb(recipient) {
                     out.extend_from_slice(b" \"\"\r\n");
-                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    let used = store_call(&store, move |s| s.mailbox_bytes(recipient))?;
                     out.extend_from_slice(
                         format!("* QUOTA \"\" (STORAGE {} {limit})\r\n", used.div_ceil(1024))
                             .as_bytes(),
@@ -1254,7 +1304,7 @@ impl Session {
                 let limit = self.hard_quota_kb(recipient);
                 match (root.is_empty(), limit) {
                     (true, Some(limit)) => {
-                        let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                        let used = store_call(&store, move |s| s.mailbox_bytes(recipient))?;
                         out.extend_from_slice(
                             format!("* QUOTA \"\" (STORAGE {} {limit})\r\n", used.div_ceil(1024))
                                 .as_bytes(),
@@ -1267,7 +1317,7 @@ impl Session {
             CommandKind::SetQuota => {
                 no("[NOPERM] quotas are set in the directory by the administrator")
             }
-            other => self.selected_command(other, tag, recipient, out).await,
+            other => self.selected_command(other, tag, recipient, out),
         }
     }
 
@@ -1278,19 +1328,18 @@ impl Session {
         r.quota.prohibit_send_receive_kb.filter(|kb| *kb > 0)
     }
 
-    async fn status_line(
+    fn status_line(
         &self,
         recipient: RecipientId,
         info: &FolderInfo,
         items: &[StatusItem],
         out: &mut Vec<u8>,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), Refusal> {
         let deleted = if items.contains(&StatusItem::Deleted) {
             let name = info.name.clone();
-            let messages = blocking(&self.server.store, move |s| {
+            let messages = store_call(&self.server.store, move |s| {
                 s.folder_messages(recipient, &name)
-            })
-            .await?;
+            })?;
             messages
                 .iter()
                 .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
@@ -1327,23 +1376,23 @@ impl Session {
         Ok(())
     }
 
-    async fn list(
+    fn list(
         &self,
         recipient: RecipientId,
         reference: &str,
         patterns: &[String],
         options: &ListOptions,
         out: &mut Vec<u8>,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), Refusal> {
         let keyword = if options.lsub { "LSUB" } else { "LIST" };
         if patterns.len() == 1 && patterns[0].is_empty() {
             // The hierarchy delimiter and root (RFC 9051 6.3.9).
             out.extend_from_slice(format!("* {keyword} (\\Noselect) \"/\" \"\"\r\n").as_bytes());
             return Ok(());
         }
-        let folders = blocking(&self.server.store, move |s| s.folders(recipient)).await?;
+        let folders = store_call(&self.server.store, move |s| s.folders(recipient))?;
         // Matching is pattern × name per folder: bounded, but it grows with the number
-        // of folders, so it runs on the blocking pool, never on a runtime thread.
+        // of folders; like every command it runs on the blocking pool.
         let full_patterns: Vec<String> =
             patterns.iter().map(|p| format!("{reference}{p}")).collect();
         let mut names: Vec<String> = folders.iter().map(|f| f.name.clone()).collect();
@@ -1368,24 +1417,23 @@ impl Session {
         }
         let folder_count = names.len();
         names.extend(ancestors.iter().cloned());
-        let matched = tokio::task::spawn_blocking(move || {
-            names
-                .iter()
-                .map(|name| {
-                    full_patterns.iter().any(|p| {
-                        if name == "INBOX" {
-                            pattern_matches(p.to_ascii_uppercase().as_bytes(), b"INBOX")
-                        } else {
-                            pattern_matches(p.as_bytes(), name.as_bytes())
-                        }
-                    })
+        let matched: Vec<bool> = names
+            .iter()
+            .map(|name| {
+                full_patterns.iter().any(|p| {
+                    if name == "INBOX" {
+                        pattern_matches(p.to_ascii_uppercase().as_bytes(), b"INBOX")
+                    } else {
+                        pattern_matches(p.as_bytes(), name.as_bytes())
+                    }
                 })
-                .collect::<Vec<bool>>()
-        })
-        .await
-        .map_err(|_| ("NO".to_string(), "[SERVERBUG] LIST failed".to_string()))?;
+            })
+            .collect();
         let (folder_matched, ancestor_matched) = matched.split_at(folder_count);
-        let names: Vec<&str> = folders.iter().map(|f| f.name.as_str()).collect();
+        // Sorted, so whether a folder has children is one look at the next name after
+        // "name/" (not a scan of every folder for every folder).
+        let names: std::collections::BTreeSet<&str> =
+            folders.iter().map(|f| f.name.as_str()).collect();
         for (folder, matched) in folders.iter().zip(folder_matched) {
             if !matched {
                 continue;
@@ -1397,7 +1445,10 @@ impl Session {
                 continue;
             }
             let prefix = format!("{}/", folder.name);
-            let children = names.iter().any(|n| n.starts_with(&prefix));
+            let children = names
+                .range(prefix.as_str()..)
+                .next()
+                .is_some_and(|n| n.starts_with(&prefix));
             let mut attributes = vec![
                 if children {
                     "\\HasChildren"
@@ -1420,7 +1471,7 @@ impl Session {
             write_mailbox(out, &folder.name);
             out.extend_from_slice(b"\r\n");
             if let Some(items) = &options.status {
-                self.status_line(recipient, folder, items, out).await?;
+                self.status_line(recipient, folder, items, out)?;
             }
         }
         // A parent shows only where the pattern hid its subscribed children ("%").
@@ -1442,7 +1493,7 @@ impl Session {
         Ok(())
     }
 
-    async fn selected_command(
+    fn selected_command(
         &mut self,
         kind: CommandKind,
         tag: &str,
@@ -1483,7 +1534,7 @@ impl Session {
                         .map(|m| m.uid)
                         .collect();
                     let name = view.name.clone();
-                    blocking(&store, move |s| s.expunge(recipient, &name, &uids)).await?;
+                    store_call(&store, move |s| s.expunge(recipient, &name, &uids))?;
                 }
                 if let Some(bell) = &mut self.bell {
                     self.bell_seen = *bell.borrow_and_update();
@@ -1513,9 +1564,9 @@ impl Session {
                     .collect();
                 let name = view.name.clone();
                 let targets = uids.clone();
-                blocking(&store, move |s| s.expunge(recipient, &name, &targets)).await?;
+                store_call(&store, move |s| s.expunge(recipient, &name, &targets))?;
                 self.remove_from_view(&uids, out);
-                self.sync(out, true).await;
+                self.sync(out, true);
                 ok("EXPUNGE completed")
             }
             CommandKind::Thread {
@@ -1523,14 +1574,14 @@ impl Session {
                 references,
                 key,
             } => {
-                self.sync(out, uid).await;
-                let results = self.search(recipient, &key).await?;
+                self.sync(out, uid);
+                let results = self.search(recipient, &key)?;
                 let view = self.selected.as_ref().expect("checked");
                 let states: Vec<MessageState> =
                     results.iter().map(|&i| view.messages[i].clone()).collect();
                 let numbers: Vec<u32> = results.iter().map(|&i| view.number(i, uid)).collect();
                 let name = view.name.clone();
-                let threads = blocking(&store, move |s| {
+                let threads = store_call(&store, move |s| {
                     let mut all = Vec::with_capacity(states.len());
                     with_headers(s, recipient, &name, &states, true, |order, state, m| {
                         let (message_id, refs, reply) = match m {
@@ -1551,8 +1602,7 @@ impl Session {
                     } else {
                         crate::thread::ordered_subject(all)
                     })
-                })
-                .await?;
+                })?;
                 let line = if threads.is_empty() {
                     "* THREAD\r\n".to_string()
                 } else {
@@ -1567,8 +1617,8 @@ impl Session {
                 criteria,
                 key,
             } => {
-                self.sync(out, uid).await;
-                let results = self.search(recipient, &key).await?;
+                self.sync(out, uid);
+                let results = self.search(recipient, &key)?;
                 let view = self.selected.as_ref().expect("checked");
                 let states: Vec<MessageState> =
                     results.iter().map(|&i| view.messages[i].clone()).collect();
@@ -1580,7 +1630,7 @@ impl Session {
                 });
                 let name = view.name.clone();
                 // Reading and parsing headers grows with the folder: on the blocking pool.
-                let order: Vec<usize> = blocking(&store, move |s| {
+                let order: Vec<usize> = store_call(&store, move |s| {
                     let mut keyed: Vec<(usize, crate::sort::SortFields)> =
                         Vec::with_capacity(states.len());
                     with_headers(s, recipient, &name, &states, needs_header, |n, state, m| {
@@ -1591,8 +1641,7 @@ impl Session {
                         crate::sort::compare(&a.1, &b.1, &criteria).then(a.0.cmp(&b.0))
                     });
                     Ok(keyed.into_iter().map(|(j, _)| j).collect())
-                })
-                .await?;
+                })?;
                 let view = self.selected.as_ref().expect("checked");
                 let numbers: Vec<u32> = order
                     .iter()
@@ -1633,10 +1682,10 @@ impl Session {
             }
             CommandKind::Search { uid, ret, key } => {
                 if search::uses_modseq(&key) {
-                    self.enable_condstore(recipient, out).await;
+                    self.enable_condstore(recipient, out);
                 }
-                self.sync(out, uid).await;
-                let results = match self.search(recipient, &key).await {
+                self.sync(out, uid);
+                let results = match self.search(recipient, &key) {
                     Ok(results) => results,
                     Err(e) => {
                         // A SEARCH with SAVE that fails leaves an empty saved result.
@@ -1758,7 +1807,7 @@ impl Session {
                 if modifiers.vanished && !self.qresync {
                     return bad("the VANISHED modifier needs ENABLE QRESYNC first");
                 }
-                self.sync(out, uid).await;
+                self.sync(out, uid);
                 if let (true, Some(since)) = (modifiers.vanished, modifiers.changed_since) {
                     // UIDs of the set expunged since CHANGEDSINCE, ahead of the FETCH
                     // responses (RFC 7162 3.2.6).
@@ -1766,10 +1815,9 @@ impl Session {
                     let name = view.name.clone();
                     let present: Vec<u32> = view.messages.iter().map(|m| m.uid).collect();
                     let max = view.max_uid();
-                    let vanished = blocking(&self.server.store, move |s| {
+                    let vanished = store_call(&self.server.store, move |s| {
                         s.vanished(recipient, &name, since)
-                    })
-                    .await?;
+                    })?;
                     let text = vanished_set(&vanished, Some(&set), &present, max);
                     if !text.is_empty() {
                         out.extend_from_slice(
@@ -1778,7 +1826,6 @@ impl Session {
                     }
                 }
                 self.fetch(recipient, uid, &set, items, modifiers.changed_since, out)
-                    .await
             }
             CommandKind::Store {
                 uid,
@@ -1788,13 +1835,13 @@ impl Session {
                 flags,
                 unchanged_since,
             } => {
-                self.sync(out, uid).await;
+                self.sync(out, uid);
                 let view = self.selected.as_ref().expect("checked");
                 if view.read_only {
                     return no("[READ-ONLY] the folder is read-only");
                 }
                 if unchanged_since.is_some() {
-                    self.enable_condstore(recipient, out).await;
+                    self.enable_condstore(recipient, out);
                 }
                 let view = self.selected.as_ref().expect("checked");
                 let uids: Vec<u32> = view
@@ -1809,10 +1856,9 @@ impl Session {
                     StoreMode::Remove => FlagOperation::Remove,
                 };
                 let name = view.name.clone();
-                let result = blocking(&store, move |s| {
+                let result = store_call(&store, move |s| {
                     s.store_flags(recipient, &name, &uids, operation, &flags, unchanged_since)
-                })
-                .await?;
+                })?;
                 let condstore = self.condstore;
                 let view = self.selected.as_mut().expect("checked");
                 for changed in &result.changed {
@@ -1862,7 +1908,7 @@ impl Session {
                 mailbox,
                 remove,
             } => {
-                self.sync(out, uid).await;
+                self.sync(out, uid);
                 let view = self.selected.as_ref().expect("checked");
                 if remove && view.read_only {
                     return no("[READ-ONLY] the folder is read-only");
@@ -1882,7 +1928,7 @@ impl Session {
                 let from = view.name.clone();
                 let target = mailbox.clone();
                 if let Some(limit) = self.hard_quota_kb(recipient).filter(|_| !remove) {
-                    let used = blocking(&store, move |s| s.mailbox_bytes(recipient)).await?;
+                    let used = store_call(&store, move |s| s.mailbox_bytes(recipient))?;
                     let copying: HashSet<u32> = uids.iter().copied().collect();
                     let adding: u64 = view
                         .messages
@@ -1894,19 +1940,8 @@ impl Session {
                         return no("[OVERQUOTA] the mailbox is over its quota");
                     }
                 }
-                let copied = blocking(&store, move |s| {
+                let copied = target_call(&store, move |s| {
                     s.copy_messages(recipient, &from, &uids, &target, remove)
-                })
-                .await
-                .map_err(|(status, text)| {
-                    if text.starts_with("[NONEXISTENT]") {
-                        (
-                            status,
-                            "[TRYCREATE] no such folder; create it first".to_string(),
-                        )
-                    } else {
-                        (status, text)
-                    }
                 })?;
                 let sources: Vec<u32> = copied.uids.iter().map(|p| p.0).collect();
                 let targets: Vec<u32> = copied.uids.iter().map(|p| p.1).collect();
@@ -1927,10 +1962,10 @@ impl Session {
                 if remove {
                     out.extend_from_slice(format!("* OK [{code}] moved\r\n").as_bytes());
                     self.remove_from_view(&sources, out);
-                    self.sync(out, true).await;
+                    self.sync(out, true);
                     ok("MOVE completed")
                 } else {
-                    self.sync(out, uid).await;
+                    self.sync(out, uid);
                     ok(format!("[{code}] COPY completed"))
                 }
             }
@@ -1942,7 +1977,7 @@ impl Session {
     /// every sequence number is right when the client reads it).
     /// Re-evaluates the live searches (CONTEXT=SEARCH) when the view changed since they
     /// were last evaluated, and reports what joined (ADDTO) and left (REMOVEFROM) each.
-    async fn update_live(&mut self, out: &mut Vec<u8>) {
+    fn update_live(&mut self, out: &mut Vec<u8>) {
         let Some(view) = &self.selected else {
             return;
         };
@@ -1966,7 +2001,7 @@ impl Session {
         for (i, key) in keys.into_iter().enumerate() {
             let incremental = search::needs_content(&key) && !search::depends_on_position(&key);
             let only = incremental.then_some(&changed);
-            let Ok(results) = self.search_among(recipient, &key, only).await else {
+            let Ok(results) = self.search_among(recipient, &key, only) else {
                 continue;
             };
             let view = self.selected.as_mut().expect("checked");
@@ -2047,7 +2082,7 @@ impl Session {
     /// Turns CONDSTORE on (ENABLE, or a command that uses MODSEQ: RFC 7162 3.1). The
     /// first time with a folder open, the client learns its HIGHESTMODSEQ at once, as a
     /// SELECT would have told it.
-    async fn enable_condstore(&mut self, recipient: RecipientId, out: &mut Vec<u8>) {
+    fn enable_condstore(&mut self, recipient: RecipientId, out: &mut Vec<u8>) {
         if self.condstore {
             return;
         }
@@ -2056,11 +2091,9 @@ impl Session {
             return;
         };
         let name = view.name.clone();
-        if let Ok(Some(status)) = blocking(&self.server.store, move |s| {
+        if let Ok(Some(status)) = store_call(&self.server.store, move |s| {
             s.folder_status(recipient, &name)
-        })
-        .await
-        {
+        }) {
             out.extend_from_slice(
                 format!("* OK [HIGHESTMODSEQ {}] highest\r\n", status.highestmodseq).as_bytes(),
             );
@@ -2080,7 +2113,7 @@ impl Session {
 
     /// Brings the view up to date with the store when the mailbox's bell rang: EXPUNGE
     /// (only where allowed), EXISTS, and FETCH FLAGS for changed messages.
-    async fn sync(&mut self, out: &mut Vec<u8>, allow_expunge: bool) {
+    fn sync(&mut self, out: &mut Vec<u8>, allow_expunge: bool) {
         let Some(bell) = &mut self.bell else {
             return;
         };
@@ -2102,7 +2135,7 @@ impl Session {
         // index: a change costs what changed, not a read of the whole folder (every
         // session selected on a 100,000-message INBOX read all of it for each new
         // message). When the records do not reach back that far: the whole folder.
-        let delta = blocking(&self.server.store, move |s| {
+        let delta = store_call(&self.server.store, move |s| {
             if since > 0 {
                 let changes = s.folder_changes(recipient, &name, since)?;
                 if changes.vanished.complete {
@@ -2115,8 +2148,7 @@ impl Session {
             }
             let (info, messages) = s.folder_snapshot(recipient, &name)?;
             Ok((info.highestmodseq, messages, None))
-        })
-        .await;
+        });
         let Ok((highest, current, vanished)) = delta else {
             return;
         };
@@ -2133,10 +2165,9 @@ impl Session {
         let recent_floor = match (rev1 && has_new, read_only) {
             (false, _) => None,
             (true, true) => Some(known),
-            (true, false) => blocking(&self.server.store, move |s| {
+            (true, false) => store_call(&self.server.store, move |s| {
                 s.claim_recent(recipient, &name)
             })
-            .await
             .ok(),
         };
         let view = self.selected.as_mut().expect("checked");
@@ -2232,22 +2263,18 @@ impl Session {
         out_final.extend_from_slice(&updates);
     }
 
-    async fn search(
-        &self,
-        recipient: RecipientId,
-        key: &SearchKey,
-    ) -> Result<Vec<usize>, (String, String)> {
-        self.search_among(recipient, key, None).await
+    fn search(&self, recipient: RecipientId, key: &SearchKey) -> Result<Vec<usize>, Refusal> {
+        self.search_among(recipient, key, None)
     }
 
     /// SEARCH over the view; with `only`, just those UIDs are looked at (a live search
     /// re-reads only the messages that changed).
-    async fn search_among(
+    fn search_among(
         &self,
         recipient: RecipientId,
         key: &SearchKey,
         only: Option<&HashSet<u32>>,
-    ) -> Result<Vec<usize>, (String, String)> {
+    ) -> Result<Vec<usize>, Refusal> {
         let view = self.selected.as_ref().expect("checked");
         let wanted = |uid: u32| only.is_none_or(|o| o.contains(&uid));
         let max_seq = view.messages.len() as u32;
@@ -2258,55 +2285,45 @@ impl Session {
         // chunks, one store call per chunk.
         let header_only = !search::needs_body(key);
         const CHUNK: usize = 500;
-        let shared_key = std::sync::Arc::new(key.clone());
+        let parser = if header_only {
+            search::header_parser(key)
+        } else {
+            mail_parser::MessageParser::default()
+        };
         for (chunk_index, chunk) in view.messages.chunks(CHUNK).enumerate() {
             let first_seq = (chunk_index * CHUNK) as u32 + 1;
             let matched: Vec<usize> = if content {
-                // Reading, parsing and matching a chunk grows with the messages' size:
-                // all of it runs on the blocking pool, never on a runtime thread.
                 let uids: Vec<u32> = chunk.iter().map(|m| m.uid).filter(|u| wanted(*u)).collect();
                 if uids.is_empty() {
                     continue;
                 }
-                let states = chunk.to_vec();
-                let name = view.name.clone();
-                let key = shared_key.clone();
-                let looked_at: HashSet<u32> = uids.iter().copied().collect();
-                blocking(&self.server.store, move |s| {
-                    let raws: std::collections::HashMap<u32, Vec<u8>> = s
-                        .messages_raw(recipient, &name, &uids, header_only)?
-                        .into_iter()
-                        .collect();
-                    let parser = if header_only {
-                        search::header_parser(&key)
-                    } else {
-                        mail_parser::MessageParser::default()
-                    };
-                    Ok(states
-                        .iter()
-                        .enumerate()
-                        .filter(|(j, state)| {
-                            // Left out of this evaluation: a live search's unchanged
-                            // messages.
-                            if !looked_at.contains(&state.uid) {
-                                return false;
-                            }
-                            let parsed = raws
-                                .get(&state.uid)
-                                .map(|raw| mime::parse_with(&parser, raw));
-                            let candidate = Candidate {
-                                seq: first_seq + *j as u32,
-                                state,
-                                message: parsed.as_ref(),
-                            };
-                            search::matches(&key, &candidate, max_seq, max_uid)
-                        })
-                        .map(|(j, _)| j)
-                        .collect())
-                })
-                .await?
+                let raws: std::collections::HashMap<u32, Vec<u8>> =
+                    store_call(&self.server.store, |s| {
+                        s.messages_raw(recipient, &view.name, &uids, header_only)
+                    })?
+                    .into_iter()
+                    .collect();
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, state)| {
+                        // Left out of this evaluation: a live search's unchanged
+                        // messages (not read, so not in `raws`).
+                        let Some(raw) = raws.get(&state.uid) else {
+                            return false;
+                        };
+                        let parsed = mime::parse_with(&parser, raw);
+                        let candidate = Candidate {
+                            seq: first_seq + *j as u32,
+                            state,
+                            message: Some(&parsed),
+                        };
+                        search::matches(key, &candidate, max_seq, max_uid)
+                    })
+                    .map(|(j, _)| j)
+                    .collect()
             } else {
-                let matched = chunk
+                chunk
                     .iter()
                     .enumerate()
                     .filter(|(j, state)| {
@@ -2321,17 +2338,14 @@ impl Session {
                         search::matches(key, &candidate, max_seq, max_uid)
                     })
                     .map(|(j, _)| j)
-                    .collect();
-                // Flags and dates only: cheap, but a big mailbox still yields per chunk.
-                tokio::task::yield_now().await;
-                matched
+                    .collect()
             };
             results.extend(matched.into_iter().map(|j| chunk_index * CHUNK + j));
         }
         Ok(results)
     }
 
-    async fn fetch(
+    fn fetch(
         &mut self,
         recipient: RecipientId,
         uid: bool,
@@ -2345,7 +2359,7 @@ impl Session {
             items.insert(0, FetchItem::Uid);
         }
         if changed_since.is_some() || items.contains(&FetchItem::ModSeq) {
-            self.enable_condstore(recipient, out).await;
+            self.enable_condstore(recipient, out);
             if !items.contains(&FetchItem::ModSeq) {
                 items.push(FetchItem::ModSeq);
             }
@@ -2397,7 +2411,7 @@ impl Session {
                 .collect();
             if !unseen.is_empty() {
                 let folder = name.clone();
-                let result = blocking(&self.server.store, move |s| {
+                let result = store_call(&self.server.store, move |s| {
                     s.store_flags(
                         recipient,
                         &folder,
@@ -2406,8 +2420,7 @@ impl Session {
                         &["\\Seen".to_string()],
                         None,
                     )
-                })
-                .await?;
+                })?;
                 let view = self.selected.as_mut().expect("checked");
                 for changed in result.changed {
                     if let Some(seq) = view.seq_of(changed.uid) {
@@ -2427,10 +2440,9 @@ impl Session {
         let mut cache = if wants_structure {
             let uids: Vec<u32> = indexes.iter().map(|&i| view.messages[i].uid).collect();
             let folder = name.clone();
-            blocking(&self.server.store, move |s| {
+            store_call(&self.server.store, move |s| {
                 s.cached_structures(recipient, &folder, &uids)
-            })
-            .await?
+            })?
         } else {
             std::collections::HashMap::new()
         };
@@ -2440,11 +2452,9 @@ impl Session {
             let missing_structure = wants_structure && !cache.contains_key(&state.uid);
             let raw = if needs_content || missing_structure {
                 let (folder, uid) = (name.clone(), state.uid);
-                match blocking(&self.server.store, move |s| {
+                match store_call(&self.server.store, move |s| {
                     s.message_raw(recipient, &folder, uid)
-                })
-                .await?
-                {
+                })? {
                     Some(raw) => Some(raw),
                     // Expunged by another session since this one's view: nothing to send.
                     None => continue,
@@ -2494,7 +2504,7 @@ impl Session {
                         break;
                     }
                 }
-                if !out.flush_if_full().await {
+                if !out.flush_if_full() {
                     return no("the client stopped reading");
                 }
             }
@@ -2510,75 +2520,19 @@ impl Session {
                 return no("[UNKNOWN-CTE] a part has an unknown Content-Transfer-Encoding");
             }
             out.extend_from_slice(b")\r\n");
-            if !out.flush_if_full().await {
+            if !out.flush_if_full() {
                 return no("the client stopped reading");
             }
         }
         if !fresh.is_empty() {
             let folder = name.clone();
-            if let Err((_, e)) = blocking(&self.server.store, move |s| {
+            if let Err(Refusal { text: e, .. }) = store_call(&self.server.store, move |s| {
                 s.cache_structures(recipient, &folder, &fresh)
-            })
-            .await
-            {
+            }) {
                 tracing::warn!(error = e, "could not cache message structures");
             }
         }
         ok("FETCH completed")
-    }
-
-    /// IDLE (RFC 2177): updates as they happen until DONE. Returns `None` when the
-    /// session must end.
-    async fn idle<S: AsyncRead + AsyncWrite + Unpin + Send>(
-        &mut self,
-        conn: &mut Connection<S>,
-        tag: &str,
-    ) -> std::io::Result<Option<Outcome>> {
-        if self.user.is_none() {
-            return Ok(Some(bad("log in first")));
-        }
-        let mut out = Vec::new();
-        self.sync(&mut out, true).await;
-        out.extend_from_slice(b"+ idling\r\n");
-        conn.write(&out).await?;
-        let _ = tag;
-        let mut bell = self.bell.clone();
-        loop {
-            let changed = async {
-                match &mut bell {
-                    Some(b) => b.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = self.cancel.cancelled() => {
-                    conn.write(b"* BYE [UNAVAILABLE] server shutting down\r\n").await?;
-                    return Ok(None);
-                }
-                alive = changed => {
-                    if !alive {
-                        bell = None;
-                        continue;
-                    }
-                    let mut out = Vec::new();
-                    self.sync(&mut out, true).await;
-                    self.update_live(&mut out).await;
-                    conn.write(&out).await?;
-                }
-                line = tokio::time::timeout(Duration::from_secs(30 * 60), conn.read_line()) => {
-                    return match line {
-                        Ok(Ok(Some(line))) if line.eq_ignore_ascii_case(b"DONE") => Ok(Some(ok("IDLE terminated"))),
-                        Ok(Ok(Some(_))) => Ok(Some(bad("expected DONE"))),
-                        Ok(Ok(None)) => Ok(None),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => {
-                            conn.write(b"* BYE idle for too long\r\n").await?;
-                            Ok(None)
-                        }
-                    };
-                }
-            }
-        }
     }
 }
 
@@ -2769,6 +2723,65 @@ fn command_name(kind: &CommandKind) -> &'static str {
         CommandKind::GetQuotaRoot(_) => "getquotaroot",
         CommandKind::SetQuota => "setquota",
     }
+}
+
+/// Command names as [`command_name`] gives them, for [`peek_command_name`].
+const COMMAND_NAMES: [&str; 36] = [
+    "capability",
+    "noop",
+    "logout",
+    "starttls",
+    "login",
+    "authenticate",
+    "enable",
+    "select",
+    "examine",
+    "create",
+    "delete",
+    "rename",
+    "subscribe",
+    "unsubscribe",
+    "list",
+    "lsub",
+    "namespace",
+    "status",
+    "append",
+    "idle",
+    "cancelupdate",
+    "check",
+    "close",
+    "unselect",
+    "expunge",
+    "search",
+    "sort",
+    "thread",
+    "fetch",
+    "store",
+    "copy",
+    "move",
+    "id",
+    "getquota",
+    "getquotaroot",
+    "setquota",
+];
+
+/// The name of the command in `bytes` without parsing it (the tag, then the word,
+/// `UID` skipped): what the watchdog reports a session as doing while the command runs
+/// on the blocking pool. Unknown words are "command".
+pub fn peek_command_name(bytes: &[u8]) -> &'static str {
+    let mut words = bytes
+        .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
+        .filter(|w| !w.is_empty())
+        .skip(1);
+    let mut word = words.next().unwrap_or_default();
+    if word.eq_ignore_ascii_case(b"UID") {
+        word = words.next().unwrap_or_default();
+    }
+    COMMAND_NAMES
+        .iter()
+        .find(|name| name.as_bytes().eq_ignore_ascii_case(word))
+        .copied()
+        .unwrap_or("command")
 }
 
 #[cfg(test)]

@@ -288,12 +288,14 @@ impl Mailboxes for SqliteStore {
     fn claim_recent(&self, recipient: RecipientId, name: &str) -> Result<u32> {
         // Most SELECTs find nothing new: a read, and no write turn.
         let (floor, last): (u32, u32) = self.with_conn(|conn| {
-            Ok(conn.query_row(
+            conn.query_row(
                 "SELECT recent_floor, uidnext - 1 FROM folders
                  WHERE recipient_id = ?1 AND name = ?2",
                 rusqlite::params![recipient, name],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )?)
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("folder {name}")))
         })?;
         if floor >= last {
             return Ok(floor);
