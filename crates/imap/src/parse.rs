@@ -1322,9 +1322,6 @@ impl<'a> Cursor<'a> {
             if ret.save {
                 return Err("SORT RETURN (SAVE) is not supported".into());
             }
-            if ret.update || ret.partial.is_some() {
-                return Err("SORT RETURN (UPDATE/PARTIAL) needs CONTEXT=SORT, not offered".into());
-            }
             self.sp()?;
         }
         let words = self.option_words()?;
@@ -1402,10 +1399,16 @@ impl<'a> Cursor<'a> {
             match word.as_str() {
                 "MIN" => ret.min = true,
                 "MAX" => ret.max = true,
+                "ALL" if ret.partial.is_some() => {
+                    return Err("RETURN takes one PARTIAL or one ALL (RFC 5267 4.4)".into());
+                }
                 "ALL" => ret.all = true,
                 "COUNT" => ret.count = true,
                 "SAVE" => ret.save = true,
                 "UPDATE" => ret.update = true,
+                "PARTIAL" if ret.partial.is_some() || ret.all => {
+                    return Err("RETURN takes one PARTIAL or one ALL (RFC 5267 4.4)".into());
+                }
                 "PARTIAL" => {
                     // partial-range = nz-number ":" nz-number (no `*`); 4:2 is 2:4.
                     let range = words.next().unwrap_or_default();

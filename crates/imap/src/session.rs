@@ -119,6 +119,65 @@ struct LiveSearch {
     uid: bool,
     key: SearchKey,
     result: std::collections::BTreeSet<u32>,
+    /// A SORT's context (CONTEXT=SORT): updates carry positions in sort order.
+    sorted: Option<Sorted>,
+}
+
+/// A live SORT (RFC 5267 CONTEXT=SORT): the result in sort order and each member's sort
+/// fields, so a change costs reading only the messages that joined. A message's sort
+/// fields never change (its bytes do not), so members keep their relative order and
+/// only joins and departures are reported.
+struct Sorted {
+    criteria: Vec<crate::parse::SortCriterion>,
+    fields: std::collections::HashMap<u32, crate::sort::SortFields>,
+    /// UIDs of the result, in sort order.
+    order: Vec<u32>,
+}
+
+impl Sorted {
+    /// Sort order of two members: the criteria, then mailbox (UID) order (RFC 5256 3).
+    fn compare(&self, a: u32, b: u32) -> std::cmp::Ordering {
+        match (self.fields.get(&a), self.fields.get(&b)) {
+            (Some(x), Some(y)) => crate::sort::compare(x, y, &self.criteria).then(a.cmp(&b)),
+            _ => a.cmp(&b),
+        }
+    }
+}
+
+/// REMOVEFROM pairs that take `gone` out of `order` (RFC 5267 4.3.4): each run of
+/// adjacent members with its 1-based position, the last run first, so every position
+/// still holds when the client applies the pairs in order. `order` loses them.
+fn removals(order: &mut Vec<u32>, gone: &HashSet<u32>) -> Vec<(usize, Vec<u32>)> {
+    let mut pairs = runs(order, gone);
+    order.retain(|u| !gone.contains(u));
+    pairs.reverse();
+    pairs
+}
+
+/// ADDTO pairs that put `added` in place in `order`, the final sort order (RFC 5267
+/// 4.3.3): each run of adjacent new members at its final 1-based position, the first
+/// run first, so everything before a position is in place when the client inserts.
+fn additions(order: &[u32], added: &HashSet<u32>) -> Vec<(usize, Vec<u32>)> {
+    runs(order, added)
+}
+
+/// The runs of adjacent members of `order` that are in `members`, with the 1-based
+/// position of each run's first.
+fn runs(order: &[u32], members: &HashSet<u32>) -> Vec<(usize, Vec<u32>)> {
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        if members.contains(&order[i]) {
+            let start = i;
+            while i < order.len() && members.contains(&order[i]) {
+                i += 1;
+            }
+            pairs.push((start + 1, order[start..i].to_vec()));
+        } else {
+            i += 1;
+        }
+    }
+    pairs
 }
 
 /// Live searches a session may keep; more get `[NOUPDATE]`.
@@ -196,6 +255,39 @@ impl View {
             )
             .as_bytes(),
         );
+    }
+
+    /// ADDTO or REMOVEFROM of a sorted context: (position, UIDs in sort order) pairs,
+    /// as UIDs or sequence numbers as the SORT was given.
+    fn sorted_line(
+        &self,
+        live: &LiveSearch,
+        what: &str,
+        pairs: &[(usize, Vec<u32>)],
+        out: &mut Vec<u8>,
+    ) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut line = format!(
+            "* ESEARCH (TAG \"{}\"){} {what} (",
+            live.tag,
+            if live.uid { " UID" } else { "" }
+        );
+        for (n, (position, uids)) in pairs.iter().enumerate() {
+            let numbers: Vec<u32> = if live.uid {
+                uids.clone()
+            } else {
+                uids.iter().filter_map(|u| self.seq_of(*u)).collect()
+            };
+            if n > 0 {
+                line.push(' ');
+            }
+            // uid_set keeps the order given (sort order), ranges only where it ascends.
+            line.push_str(&format!("{position} {}", uid_set(&numbers)));
+        }
+        line.push_str(")\r\n");
+        out.extend_from_slice(line.as_bytes());
     }
 
     fn max_uid(&self) -> u32 {
@@ -408,6 +500,43 @@ fn with_headers(
         }
     }
     Ok(())
+}
+
+/// The sort fields of `states` (in order), reading their headers only when a criterion
+/// needs them. A message whose header cannot be read sorts by its state alone (and the
+/// failure is logged): a live sort keeps going rather than ending.
+fn sort_fields(
+    store: &dyn MailStore,
+    recipient: RecipientId,
+    folder: &str,
+    states: &[MessageState],
+    criteria: &[crate::parse::SortCriterion],
+) -> Vec<crate::sort::SortFields> {
+    let needs_header = criteria.iter().any(|c| {
+        !matches!(
+            c.key,
+            crate::parse::SortKey::Arrival | crate::parse::SortKey::Size
+        )
+    });
+    let mut fields = Vec::with_capacity(states.len());
+    let read = with_headers(
+        store,
+        recipient,
+        folder,
+        states,
+        needs_header,
+        |_, state, m| {
+            fields.push(crate::sort::fields(m, state));
+        },
+    );
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "could not read headers to sort");
+        fields = states
+            .iter()
+            .map(|state| crate::sort::fields(None, state))
+            .collect();
+    }
+    fields
 }
 
 /// Every proper parent of a folder name: `a`, `a/b` for `a/b/c`.
@@ -652,7 +781,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut caps = String::from(
-            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONTEXT=SEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
+            "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONTEXT=SEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT CONTEXT=SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
         if self.user.is_none() {
@@ -1617,6 +1746,11 @@ impl Session {
                 criteria,
                 key,
             } => {
+                if ret.update && self.live_tag_in_use(tag) {
+                    return bad(format!(
+                        "tag {tag:?} is already kept up to date; use a new tag"
+                    ));
+                }
                 self.sync(out, uid);
                 let results = self.search(recipient, &key)?;
                 let view = self.selected.as_ref().expect("checked");
@@ -1628,28 +1762,33 @@ impl Session {
                         crate::parse::SortKey::Arrival | crate::parse::SortKey::Size
                     )
                 });
-                let name = view.name.clone();
-                // Reading and parsing headers grows with the folder: on the blocking pool.
-                let order: Vec<usize> = store_call(&store, move |s| {
-                    let mut keyed: Vec<(usize, crate::sort::SortFields)> =
-                        Vec::with_capacity(states.len());
-                    with_headers(s, recipient, &name, &states, needs_header, |n, state, m| {
-                        keyed.push((n, crate::sort::fields(m, state)));
-                    })?;
-                    // Ties keep mailbox order (RFC 5256 3).
-                    keyed.sort_by(|a, b| {
-                        crate::sort::compare(&a.1, &b.1, &criteria).then(a.0.cmp(&b.0))
-                    });
-                    Ok(keyed.into_iter().map(|(j, _)| j).collect())
+                let mut keyed: Vec<(u32, crate::sort::SortFields)> =
+                    Vec::with_capacity(states.len());
+                store_call(&store, |s| {
+                    with_headers(
+                        s,
+                        recipient,
+                        &view.name,
+                        &states,
+                        needs_header,
+                        |_, state, m| {
+                            keyed.push((state.uid, crate::sort::fields(m, state)));
+                        },
+                    )
                 })?;
-                let view = self.selected.as_ref().expect("checked");
-                let numbers: Vec<u32> = order
-                    .iter()
-                    .map(|&j| view.number(results[j], uid))
-                    .collect();
+                // Ties keep mailbox order, which is UID order (RFC 5256 3).
+                keyed.sort_by(|a, b| {
+                    crate::sort::compare(&a.1, &b.1, &criteria).then(a.0.cmp(&b.0))
+                });
+                let order: Vec<u32> = keyed.iter().map(|(u, _)| *u).collect();
+                let numbers: Vec<u32> = if uid {
+                    order.clone()
+                } else {
+                    order.iter().filter_map(|u| view.seq_of(*u)).collect()
+                };
                 if ret.extended {
                     // ESORT (RFC 5267): MIN and MAX are the first and last in sort order,
-                    // ALL keeps the order.
+                    // ALL and PARTIAL keep the order.
                     let mut line = format!("* ESEARCH (TAG \"{tag}\")");
                     if uid {
                         line.push_str(" UID");
@@ -1669,6 +1808,21 @@ impl Session {
                     if ret.count {
                         line.push_str(&format!(" COUNT {}", numbers.len()));
                     }
+                    if let Some((low, high)) = ret.partial {
+                        // RFC 5267 4.4: the results at positions low..high of the sort.
+                        let part: Vec<u32> = numbers
+                            .iter()
+                            .copied()
+                            .skip(low as usize - 1)
+                            .take((high - low) as usize + 1)
+                            .collect();
+                        let set = if part.is_empty() {
+                            "NIL".to_string()
+                        } else {
+                            uid_set(&part)
+                        };
+                        line.push_str(&format!(" PARTIAL ({low}:{high} {set})"));
+                    }
                     out.extend_from_slice(line.as_bytes());
                 } else {
                     let mut line = String::from("* SORT");
@@ -1678,9 +1832,28 @@ impl Session {
                     out.extend_from_slice(line.as_bytes());
                 }
                 out.extend_from_slice(b"\r\n");
+                if ret.update {
+                    let live = LiveSearch {
+                        tag: tag.to_string(),
+                        uid,
+                        key,
+                        result: order.iter().copied().collect(),
+                        sorted: Some(Sorted {
+                            criteria,
+                            fields: keyed.into_iter().collect(),
+                            order,
+                        }),
+                    };
+                    self.keep_live(live, out);
+                }
                 ok("SORT completed")
             }
             CommandKind::Search { uid, ret, key } => {
+                if ret.update && self.live_tag_in_use(tag) {
+                    return bad(format!(
+                        "tag {tag:?} is already kept up to date; use a new tag"
+                    ));
+                }
                 if search::uses_modseq(&key) {
                     self.enable_condstore(recipient, out);
                 }
@@ -1714,25 +1887,13 @@ impl Session {
                     results.clone()
                 };
                 let highest = returned.iter().map(|&i| view.messages[i].modseq).max();
-                let mut tagged = "SEARCH completed".to_string();
-                if ret.update {
-                    let result = results.iter().map(|&i| view.messages[i].uid).collect();
-                    let view = self.selected.as_mut().expect("checked");
-                    if view.live.len() >= LIVE_SEARCHES_MAX {
-                        tagged = format!(
-                            "[NOUPDATE \"{tag}\"] SEARCH completed, not kept up to date (too many)"
-                        );
-                    } else {
-                        view.live.retain(|l| l.tag != tag);
-                        view.live.push(LiveSearch {
-                            tag: tag.to_string(),
-                            uid,
-                            key: key.clone(),
-                            result,
-                        });
-                        view.live_stamp = view.stamp();
-                    }
-                }
+                let live = ret.update.then(|| LiveSearch {
+                    tag: tag.to_string(),
+                    uid,
+                    key: key.clone(),
+                    result: results.iter().map(|&i| view.messages[i].uid).collect(),
+                    sorted: None,
+                });
                 if ret.extended {
                     let mut line = format!("* ESEARCH (TAG \"{tag}\")");
                     if uid {
@@ -1796,7 +1957,10 @@ impl Session {
                     out.extend_from_slice(line.as_bytes());
                     out.extend_from_slice(b"\r\n");
                 }
-                ok(tagged)
+                if let Some(live) = live {
+                    self.keep_live(live, out);
+                }
+                ok("SEARCH completed")
             }
             CommandKind::Fetch {
                 uid,
@@ -1973,8 +2137,38 @@ impl Session {
         }
     }
 
-    /// Removes expunged UIDs from the view, sending EXPUNGE for each (highest first, so
-    /// every sequence number is right when the client reads it).
+    /// Whether a search kept up to date already has this tag: RFC 5267 4.3 refuses a
+    /// second UPDATE under it with BAD, since updates are told apart by tag.
+    fn live_tag_in_use(&self, tag: &str) -> bool {
+        self.selected
+            .as_ref()
+            .is_some_and(|v| v.live.iter().any(|l| l.tag == tag))
+    }
+
+    /// Keeps a search or sort up to date (RETURN (UPDATE)), or refuses with an untagged
+    /// `NO [NOUPDATE "tag"]` when the session keeps as many as it may (RFC 5267 4.3.1):
+    /// the command itself still completes.
+    fn keep_live(&mut self, live: LiveSearch, out: &mut Vec<u8>) {
+        let view = self.selected.as_mut().expect("checked");
+        if view.live.len() >= LIVE_SEARCHES_MAX {
+            out.extend_from_slice(
+                format!(
+                    "* NO [NOUPDATE \"{}\"] at most {LIVE_SEARCHES_MAX} searches are kept up to date; cancel one first\r\n",
+                    live.tag
+                )
+                .as_bytes(),
+            );
+            return;
+        }
+        // With other searches kept, the stamp stays: they may not have seen what this
+        // command's sync brought yet (the update after the command tells them; the new
+        // one finds nothing to report, its result is current).
+        if view.live.is_empty() {
+            view.live_stamp = view.stamp();
+        }
+        view.live.push(live);
+    }
+
     /// Re-evaluates the live searches (CONTEXT=SEARCH) when the view changed since they
     /// were last evaluated, and reports what joined (ADDTO) and left (REMOVEFROM) each.
     fn update_live(&mut self, out: &mut Vec<u8>) {
@@ -2023,8 +2217,43 @@ impl Session {
             };
             let removed: Vec<u32> = search.result.difference(&now).copied().collect();
             let added: Vec<u32> = now.difference(&search.result).copied().collect();
-            view.live_line(search, "REMOVEFROM", &removed, out);
-            view.live_line(search, "ADDTO", &added, out);
+            match &mut search.sorted {
+                None => {
+                    view.live_line(search, "REMOVEFROM", &removed, out);
+                    view.live_line(search, "ADDTO", &added, out);
+                }
+                Some(sorted) => {
+                    let gone: HashSet<u32> = removed.into_iter().collect();
+                    let pairs = removals(&mut sorted.order, &gone);
+                    for uid in &gone {
+                        sorted.fields.remove(uid);
+                    }
+                    // Only the messages that joined are read for their sort fields.
+                    let states: Vec<MessageState> = added
+                        .iter()
+                        .filter_map(|u| view.seq_of(*u))
+                        .map(|seq| view.messages[seq as usize - 1].clone())
+                        .collect();
+                    let fields = sort_fields(
+                        self.server.store.as_ref(),
+                        recipient,
+                        &view.name,
+                        &states,
+                        &sorted.criteria,
+                    );
+                    for (state, fields) in states.iter().zip(fields) {
+                        sorted.fields.insert(state.uid, fields);
+                        let at = sorted
+                            .order
+                            .partition_point(|&u| sorted.compare(u, state.uid).is_lt());
+                        sorted.order.insert(at, state.uid);
+                    }
+                    let joined: HashSet<u32> = states.iter().map(|m| m.uid).collect();
+                    let added_pairs = additions(&sorted.order, &joined);
+                    view.sorted_line(search, "REMOVEFROM", &pairs, out);
+                    view.sorted_line(search, "ADDTO", &added_pairs, out);
+                }
+            }
             search.result = now;
             view.live = live;
         }
@@ -2032,6 +2261,9 @@ impl Session {
         view.live_stamp = view.stamp();
     }
 
+    /// Removes expunged UIDs from the view, sending EXPUNGE for each (highest first, so
+    /// every sequence number is right when the client reads it), after the live
+    /// searches' REMOVEFROM.
     fn remove_from_view(&mut self, uids: &[u32], out: &mut Vec<u8>) {
         let Some(view) = self.selected.as_mut() else {
             return;
@@ -2046,7 +2278,17 @@ impl Session {
                 .copied()
                 .filter(|u| search.result.remove(u))
                 .collect();
-            view.live_line(search, "REMOVEFROM", &hit, out);
+            match &mut search.sorted {
+                None => view.live_line(search, "REMOVEFROM", &hit, out),
+                Some(sorted) => {
+                    let gone: HashSet<u32> = hit.into_iter().collect();
+                    let pairs = removals(&mut sorted.order, &gone);
+                    for uid in &gone {
+                        sorted.fields.remove(uid);
+                    }
+                    view.sorted_line(search, "REMOVEFROM", &pairs, out);
+                }
+            }
         }
         view.live = live;
         let mut recent_gone = false;

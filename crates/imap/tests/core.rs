@@ -480,3 +480,160 @@ fn the_watchdog_name_of_a_command_comes_without_parsing() {
     assert_eq!(peek_command_name(b"a1"), "command");
     assert_eq!(peek_command_name(b"a1 XYZZY"), "command");
 }
+
+/// Appends messages with these subjects to INBOX (UIDs in this order).
+fn with_subjects(world: &World, subjects: &[&str]) {
+    for subject in subjects {
+        append(
+            world,
+            "INBOX",
+            &[],
+            &format!("Subject: {subject}\r\n\r\nx\r\n"),
+        );
+    }
+}
+
+#[test]
+fn context_sort_reports_joins_and_departures_with_positions() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    with_subjects(&world, &["b", "d"]);
+    client.answer("e ENABLE IMAP4rev2");
+    client.answer("s SELECT INBOX");
+    assert_eq!(
+        client.answer("u UID SORT RETURN (UPDATE ALL) (SUBJECT) UTF-8 UNDELETED"),
+        "* ESEARCH (TAG \"u\") UID ALL 1:2\r\nu OK SORT completed\r\n"
+    );
+    // "c" (UID 3) sorts between them: position 2.
+    with_subjects(&world, &["c"]);
+    assert_eq!(
+        client.answer("n NOOP"),
+        "* 3 EXISTS\r\n* ESEARCH (TAG \"u\") UID ADDTO (2 3)\r\nn OK done\r\n"
+    );
+    // "a" goes first, "e" last: applied in order, each position holds.
+    with_subjects(&world, &["a", "e"]);
+    assert_eq!(
+        client.answer("n NOOP"),
+        "* 5 EXISTS\r\n* ESEARCH (TAG \"u\") UID ADDTO (1 4 5 5)\r\nn OK done\r\n"
+    );
+    // Sort order is now a(4) b(1) c(3) d(2) e(5). Deleting b and c takes a run of two
+    // out at position 2 (the result holds UNDELETED messages).
+    assert_eq!(
+        client.answer("t UID STORE 1,3 +FLAGS.SILENT (\\Deleted)"),
+        "* ESEARCH (TAG \"u\") UID REMOVEFROM (2 1,3)\r\nt OK STORE completed\r\n"
+    );
+    // d (UID 2) leaves too, now at position 2; expunging members that left already
+    // says nothing more of them.
+    assert_eq!(
+        client.answer("t UID STORE 2 +FLAGS.SILENT (\\Deleted)"),
+        "* ESEARCH (TAG \"u\") UID REMOVEFROM (2 2)\r\nt OK STORE completed\r\n"
+    );
+    assert_eq!(
+        client.answer("x EXPUNGE"),
+        "* 3 EXPUNGE\r\n* 2 EXPUNGE\r\n* 1 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
+    );
+    // Still current: a(4) e(5).
+    assert_eq!(
+        client.answer("v UID SORT RETURN (ALL) (SUBJECT) UTF-8 UNDELETED"),
+        "* ESEARCH (TAG \"v\") UID ALL 4:5\r\nv OK SORT completed\r\n"
+    );
+    assert_eq!(
+        client.answer("c CANCELUPDATE \"u\""),
+        "c OK CANCELUPDATE completed\r\n"
+    );
+    with_subjects(&world, &["f"]);
+    assert_eq!(client.answer("n NOOP"), "* 3 EXISTS\r\nn OK done\r\n");
+}
+
+#[test]
+fn context_sort_by_sequence_number_and_in_reverse() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    with_subjects(&world, &["b", "d", "c"]);
+    client.answer("e ENABLE IMAP4rev2");
+    client.answer("s SELECT INBOX");
+    assert_eq!(
+        client.answer("r SORT RETURN (UPDATE ALL) (REVERSE SUBJECT) UTF-8 ALL"),
+        "* ESEARCH (TAG \"r\") ALL 2:3,1\r\nr OK SORT completed\r\n"
+    );
+    // Expunging message 2 ("d", first in reverse order): REMOVEFROM names it by the
+    // sequence number it has until the EXPUNGE that follows.
+    client.answer("t STORE 2 +FLAGS.SILENT (\\Deleted)");
+    assert_eq!(
+        client.answer("x EXPUNGE"),
+        "* ESEARCH (TAG \"r\") REMOVEFROM (1 2)\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
+    );
+    // "e" is first in reverse order: message 3 at position 1.
+    with_subjects(&world, &["e"]);
+    assert_eq!(
+        client.answer("n NOOP"),
+        "* 3 EXISTS\r\n* ESEARCH (TAG \"r\") ADDTO (1 3)\r\nn OK done\r\n"
+    );
+}
+
+#[test]
+fn sort_partial_is_a_window_of_the_sort_order() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    with_subjects(&world, &["d", "a", "c", "b"]);
+    client.answer("s SELECT INBOX");
+    assert_eq!(
+        client.answer("p UID SORT RETURN (PARTIAL 2:3) (SUBJECT) UTF-8 ALL"),
+        "* ESEARCH (TAG \"p\") UID PARTIAL (2:3 4,3)\r\np OK SORT completed\r\n"
+    );
+    assert_eq!(
+        client.answer("q UID SORT RETURN (PARTIAL 4:9 COUNT) (SUBJECT) UTF-8 ALL"),
+        "* ESEARCH (TAG \"q\") UID COUNT 4 PARTIAL (4:9 1)\r\nq OK SORT completed\r\n"
+    );
+    assert_eq!(
+        client.answer("r UID SORT RETURN (PARTIAL 5:9) (SUBJECT) UTF-8 ALL"),
+        "* ESEARCH (TAG \"r\") UID PARTIAL (5:9 NIL)\r\nr OK SORT completed\r\n"
+    );
+    for options in [
+        "PARTIAL 1:2 ALL",
+        "ALL PARTIAL 1:2",
+        "PARTIAL 1:2 PARTIAL 3:4",
+    ] {
+        let text = client.answer(&format!(
+            "b UID SORT RETURN ({options}) (SUBJECT) UTF-8 ALL"
+        ));
+        assert!(text.starts_with("b BAD "), "{options}: {text}");
+    }
+}
+
+#[test]
+fn update_contexts_are_told_apart_by_tag_and_bounded() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    with_subjects(&world, &["a"]);
+    client.answer("s SELECT INBOX");
+    client.answer("a UID SEARCH RETURN (UPDATE) ALL");
+    // RFC 5267 4.3: a second UPDATE under a tag in use is BAD.
+    for command in [
+        "a UID SEARCH RETURN (UPDATE) ALL",
+        "a UID SORT RETURN (UPDATE) (SUBJECT) UTF-8 ALL",
+    ] {
+        let text = client.answer(command);
+        assert!(text.starts_with("a BAD "), "{command}: {text}");
+    }
+    // A message that arrives while another search is being made kept up to date is
+    // still reported to the first (the new search's sync brings it).
+    with_subjects(&world, &["b"]);
+    let text = client.answer("b UID SEARCH RETURN (UPDATE) ALL");
+    assert!(
+        text.contains("* ESEARCH (TAG \"a\") UID ADDTO (0 2)\r\n"),
+        "{text}"
+    );
+    // Past the limit the command completes and says, untagged, that it is not kept.
+    for n in 3..=16 {
+        client.answer(&format!("t{n} UID SEARCH RETURN (UPDATE) ALL"));
+    }
+    assert_eq!(
+        client.answer("t17 UID SEARCH RETURN (UPDATE COUNT) ALL"),
+        "* ESEARCH (TAG \"t17\") UID COUNT 2\r\n* NO [NOUPDATE \"t17\"] at most 16 searches are kept up to date; cancel one first\r\nt17 OK SEARCH completed\r\n"
+    );
+}
