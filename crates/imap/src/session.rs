@@ -2527,6 +2527,9 @@ impl Session {
         // chunks, one store call per chunk.
         let header_only = !search::needs_body(key);
         const CHUNK: usize = 500;
+        let cached = search::cacheable(key);
+        // Fields computed by this search, cached after it.
+        let mut fresh: Vec<(u32, Vec<u8>)> = Vec::new();
         let parser = if header_only {
             search::header_parser(key)
         } else {
@@ -2534,7 +2537,57 @@ impl Session {
         };
         for (chunk_index, chunk) in view.messages.chunks(CHUNK).enumerate() {
             let first_seq = (chunk_index * CHUNK) as u32 + 1;
-            let matched: Vec<usize> = if content {
+            let matched: Vec<usize> = if content && cached {
+                // The common header keys: from the per-body cache, computing (and
+                // keeping) the fields of messages searched for the first time.
+                let uids: Vec<u32> = chunk.iter().map(|m| m.uid).filter(|u| wanted(*u)).collect();
+                if uids.is_empty() {
+                    continue;
+                }
+                let mut fields: std::collections::HashMap<u32, search::HeaderFields> =
+                    store_call(&self.server.store, |s| {
+                        s.cached_search_fields(recipient, &view.name, &uids)
+                    })?
+                    .into_iter()
+                    .filter_map(|(uid, bytes)| {
+                        search::HeaderFields::decode(&bytes).map(|f| (uid, f))
+                    })
+                    .collect();
+                let missing: Vec<u32> = uids
+                    .iter()
+                    .copied()
+                    .filter(|u| !fields.contains_key(u))
+                    .collect();
+                if !missing.is_empty() {
+                    let raws = store_call(&self.server.store, |s| {
+                        s.messages_raw(recipient, &view.name, &missing, true)
+                    })?;
+                    let parser = search::fields_parser();
+                    for (uid, raw) in raws {
+                        let computed = search::HeaderFields::of(&mime::parse_with(&parser, &raw));
+                        fresh.push((uid, computed.encode()));
+                        fields.insert(uid, computed);
+                    }
+                }
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, state)| {
+                        // Not wanted (a live search's unchanged members), or gone.
+                        let Some(fields) = fields.get(&state.uid) else {
+                            return false;
+                        };
+                        let candidate = Candidate {
+                            seq: first_seq + *j as u32,
+                            state,
+                            message: None,
+                            fields: Some(fields),
+                        };
+                        search::matches(key, &candidate, max_seq, max_uid)
+                    })
+                    .map(|(j, _)| j)
+                    .collect()
+            } else if content {
                 let uids: Vec<u32> = chunk.iter().map(|m| m.uid).filter(|u| wanted(*u)).collect();
                 if uids.is_empty() {
                     continue;
@@ -2559,6 +2612,7 @@ impl Session {
                             seq: first_seq + *j as u32,
                             state,
                             message: Some(&parsed),
+                            fields: None,
                         };
                         search::matches(key, &candidate, max_seq, max_uid)
                     })
@@ -2576,6 +2630,7 @@ impl Session {
                             seq: first_seq + *j as u32,
                             state,
                             message: None,
+                            fields: None,
                         };
                         search::matches(key, &candidate, max_seq, max_uid)
                     })
@@ -2583,6 +2638,16 @@ impl Session {
                     .collect()
             };
             results.extend(matched.into_iter().map(|j| chunk_index * CHUNK + j));
+        }
+        // Kept for the next search, in short write turns (mail delivery shares the
+        // writer); a failure only costs the next search the parse again.
+        for part in fresh.chunks(5_000) {
+            if let Err(e) = store_call(&self.server.store, |s| {
+                s.cache_search_fields(recipient, &view.name, part)
+            }) {
+                tracing::warn!(error = e.text, "could not cache search fields");
+                break;
+            }
         }
         Ok(results)
     }

@@ -637,3 +637,69 @@ fn update_contexts_are_told_apart_by_tag_and_bounded() {
         "* ESEARCH (TAG \"t17\") UID COUNT 2\r\n* NO [NOUPDATE \"t17\"] at most 16 searches are kept up to date; cancel one first\r\nt17 OK SEARCH completed\r\n"
     );
 }
+
+#[test]
+fn header_searches_are_answered_from_the_per_body_cache() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    append(
+        &world,
+        "INBOX",
+        &[],
+        "From: =?utf-8?q?Zo=C3=AB?= <zoe@x.test>\r\nSubject: Quarterly\r\nDate: Thu, 5 Mar 2026 10:00:00 +0100\r\n\r\nx\r\n",
+    );
+    append(
+        &world,
+        "INBOX",
+        &["\\Seen"],
+        "From: bob@x.test\r\nSubject: lunch\r\n\r\nquarterly\r\n",
+    );
+    client.answer("s SELECT INBOX");
+    let nothing_cached = world
+        .store
+        .cached_search_fields(world.user, "INBOX", &[1, 2])
+        .unwrap();
+    assert!(nothing_cached.is_empty());
+    let searches = [
+        ("UID SEARCH SUBJECT quarterly", "* SEARCH 1\r\n"),
+        ("UID SEARCH FROM zoë", "* SEARCH 1\r\n"),
+        (
+            "UID SEARCH OR FROM bob SENTON 5-Mar-2026",
+            "* SEARCH 1 2\r\n",
+        ),
+        ("UID SEARCH UNSEEN NOT SUBJECT lunch", "* SEARCH 1\r\n"),
+        // BODY is not in the cache: read and parsed as before.
+        ("UID SEARCH BODY quarterly", "* SEARCH 2\r\n"),
+    ];
+    for (search, found) in searches {
+        assert_eq!(
+            client.answer(&format!("f {search}")),
+            format!("{found}f OK SEARCH completed\r\n"),
+            "first: {search}"
+        );
+    }
+    let cached = world
+        .store
+        .cached_search_fields(world.user, "INBOX", &[1, 2])
+        .unwrap();
+    assert_eq!(cached.len(), 2, "the first search kept the fields");
+    // The same answers from the cache; a message that arrives later is computed then.
+    for (search, found) in searches {
+        assert_eq!(
+            client.answer(&format!("c {search}")),
+            format!("{found}c OK SEARCH completed\r\n"),
+            "cached: {search}"
+        );
+    }
+    append(
+        &world,
+        "INBOX",
+        &[],
+        "From: zoe@y.test\r\nSubject: later\r\n\r\n",
+    );
+    assert_eq!(
+        client.answer("n UID SEARCH FROM zoe"),
+        "* 3 EXISTS\r\n* 3 RECENT\r\n* SEARCH 1 3\r\nn OK SEARCH completed\r\n"
+    );
+}

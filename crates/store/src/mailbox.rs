@@ -268,6 +268,24 @@ pub trait Mailboxes {
         structures: &[(u32, Structure)],
     ) -> Result<()>;
 
+    /// The cached search fields of these messages (those that have them), by UID. The
+    /// bytes are the IMAP layer's encoding; the store keeps them per body, like the
+    /// structures, so a copy of a message shares them.
+    fn cached_search_fields(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Vec<u8>>>;
+
+    /// Caches search fields computed for these messages (kept until the body goes).
+    fn cache_search_fields(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        fields: &[(u32, Vec<u8>)],
+    ) -> Result<()>;
+
     /// Bytes stored for a mailbox, all folders (quota usage).
     fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64>;
 

@@ -168,6 +168,16 @@ const MIGRATIONS: &[&str] = &[
     -- computed again at the next FETCH.
     DELETE FROM blob_imap;
     "#,
+    // Version 11: IMAP SEARCH on the common header fields (Subject, From, To, Cc, Bcc,
+    // the Date's day) answered from a per-body cache instead of reading and parsing
+    // every message's header for every search. The bytes are the IMAP layer's encoding;
+    // rows are written at a body's first search and go with the body.
+    r#"
+    CREATE TABLE blob_search (
+        blob_id INTEGER PRIMARY KEY REFERENCES blobs(id) ON DELETE CASCADE,
+        fields BLOB NOT NULL
+    );
+    "#,
 ];
 
 /// The newest schema version this binary knows.

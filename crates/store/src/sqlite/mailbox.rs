@@ -928,6 +928,62 @@ impl Mailboxes for SqliteStore {
         })
     }
 
+    fn cached_search_fields(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Vec<u8>>> {
+        self.with_conn(|conn| {
+            let folder = require_folder(conn, recipient, folder)?;
+            let mut found = std::collections::HashMap::with_capacity(uids.len());
+            let (Some(&first), Some(&last)) = (uids.iter().min(), uids.iter().max()) else {
+                return Ok(found);
+            };
+            // A SEARCH chunk is a run of the view: one range scan, filtered.
+            let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.uid, s.fields FROM messages m
+                 JOIN blob_search s ON s.blob_id = m.blob_id
+                 WHERE m.folder_id = ?1 AND m.uid BETWEEN ?2 AND ?3",
+            )?;
+            let mut rows = stmt.query(params![folder, first, last])?;
+            while let Some(r) = rows.next()? {
+                let uid: u32 = r.get(0)?;
+                if wanted.contains(&uid) {
+                    found.insert(uid, r.get(1)?);
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn cache_search_fields(
+        &self,
+        recipient: RecipientId,
+        folder: &str,
+        fields: &[(u32, Vec<u8>)],
+    ) -> Result<()> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        self.write("imap-cache", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let folder = require_folder(&tx, recipient, folder)?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blob_search (blob_id, fields)
+                     SELECT blob_id, ?3 FROM messages WHERE folder_id = ?1 AND uid = ?2",
+                )?;
+                for (uid, bytes) in fields {
+                    put.execute(params![folder, uid, bytes])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64> {
         self.with_conn(|conn| {
             Ok(conn.query_row(

@@ -1729,4 +1729,47 @@ mod tests {
             .unwrap();
         assert_eq!(cached_rows, 0, "the cache goes with the body");
     }
+
+    #[test]
+    fn search_fields_are_cached_per_body_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        store.ensure_folder(a, "Old", None).unwrap();
+        for n in 0..3 {
+            store
+                .append(
+                    a,
+                    "Old",
+                    &[],
+                    0,
+                    format!("Subject: {n}\r\n\r\nx").as_bytes(),
+                    None,
+                )
+                .unwrap();
+        }
+        store
+            .cache_search_fields(a, "Old", &[(1, b"one".to_vec()), (3, b"three".to_vec())])
+            .unwrap();
+        let cached = store.cached_search_fields(a, "Old", &[1, 2, 3]).unwrap();
+        assert_eq!(cached.len(), 2);
+        assert_eq!(cached[&1], b"one");
+        assert_eq!(cached[&3], b"three");
+        // Only the UIDs asked for, even within the scanned range.
+        let cached = store.cached_search_fields(a, "Old", &[1, 2]).unwrap();
+        assert_eq!(cached.keys().copied().collect::<Vec<_>>(), vec![1]);
+        // A copy shares its body, and so its fields.
+        store.ensure_folder(a, "New", None).unwrap();
+        store.copy_messages(a, "Old", &[3], "New", false).unwrap();
+        assert_eq!(
+            store.cached_search_fields(a, "New", &[1]).unwrap()[&1],
+            b"three"
+        );
+        store.delete_folder(a, "Old").unwrap();
+        store.delete_folder(a, "New").unwrap();
+        let rows: i64 = store
+            .with_conn(|c| Ok(c.query_row("SELECT COUNT(*) FROM blob_search", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(rows, 0, "the cache goes with the body");
+    }
 }
