@@ -9,6 +9,7 @@ use mailroom_directory::login::{LoginLimiter, Verifier};
 use mailroom_directory::model::Protocol;
 use mailroom_store::MailStore;
 use mailroom_store::RecipientId;
+use mailroom_tls::BoxedIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,21 +22,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Where plaintext passwords are accepted (LOGIN, AUTHENTICATE PLAIN).
+/// Where passwords (LOGIN, AUTHENTICATE PLAIN) are accepted on a connection that is not
+/// encrypted. Over TLS they always are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plaintext {
     /// From every client.
     Always,
-    /// Only from loopback clients.
+    /// Only from loopback clients, or over TLS.
     Loopback,
-    /// Never (LOGINDISABLED).
+    /// Only over TLS (LOGINDISABLED until STARTTLS).
     Never,
 }
 
 impl Plaintext {
-    /// Whether a client at `ip` may send a password in the clear.
-    pub fn allows(self, ip: IpAddr) -> bool {
-        match self {
+    /// Whether a client at `ip` may send a password, over TLS (`tls`) or not.
+    pub fn allows(self, ip: IpAddr, tls: bool) -> bool {
+        tls || match self {
             Plaintext::Always => true,
             Plaintext::Loopback => ip.is_loopback(),
             Plaintext::Never => false,
@@ -138,6 +140,9 @@ pub struct ImapServer {
     pub(crate) limiter: Arc<LoginLimiter>,
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) stats: ImapStats,
+    /// The certificates, when TLS is configured: STARTTLS is offered, and
+    /// [`ImapServer::serve_tls`] can run an implicit-TLS listener.
+    pub(crate) tls: Option<Arc<mailroom_tls::Tls>>,
 }
 
 /// Longest command line without literals, by default (`imap.command_line_max_bytes`).
@@ -160,7 +165,17 @@ impl ImapServer {
             limiter,
             verifier,
             stats,
+            tls: None,
         })
+    }
+
+    /// Offers STARTTLS with these certificates (and allows [`ImapServer::serve_tls`]).
+    pub fn with_tls(self: Arc<Self>, tls: Arc<mailroom_tls::Tls>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_tls is called right after new, before the server is shared")
+        });
+        server.tls = Some(tls);
+        Arc::new(server)
     }
 
     /// Accepts connections until `cancel` fires; connection tasks are spawned on
@@ -199,12 +214,69 @@ impl ImapServer {
         .await;
     }
 
-    /// Runs one session over any byte stream (TLS can wrap it later).
-    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    /// Accepts implicit-TLS connections (IMAPS, RFC 8314) until `cancel` fires: the
+    /// handshake first, then the session as on the plain port, encrypted from the
+    /// greeting on.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let Some(tls) = self.tls.clone() else {
+            tracing::error!("IMAPS listener without certificates: not started");
+            return;
+        };
+        let limits = mailroom_listen::Limits {
+            protocol: "IMAPS",
+            connections_max: self.config.sessions_max,
+            per_client_max: self.config.sessions_per_client_max,
+            // Said in the clear to a client expecting TLS: it sees a failed handshake,
+            // which is what it would see anyway.
+            refusal: b"",
+        };
+        let metrics = mailroom_listen::SessionMetrics {
+            sessions: self.stats.sessions.clone(),
+            active: self.stats.sessions_active.clone(),
+            tasks: self.stats.tasks.clone(),
+        };
+        let server = self.clone();
+        mailroom_listen::serve_sessions(
+            listener,
+            limits,
+            cancel,
+            tracker,
+            || {},
+            metrics,
+            move |stream, peer, cancel| {
+                let server = server.clone();
+                let tls = tls.clone();
+                async move {
+                    let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
+                    server.handle_io(stream, peer, cancel, true).await
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Runs one session over any byte stream, not encrypted (STARTTLS may encrypt it).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self: &Arc<Self>,
         stream: S,
         peer: SocketAddr,
         cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        self.handle_io(Box::new(stream), peer, cancel, false).await
+    }
+
+    /// Runs one session; `tls` says whether `stream` is encrypted already.
+    async fn handle_io(
+        self: &Arc<Self>,
+        stream: BoxedIo,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        tls: bool,
     ) -> std::io::Result<()> {
         let mut conn = Connection {
             stream,
@@ -212,16 +284,16 @@ impl ImapServer {
             server: self.clone(),
             held: 0,
         };
-        let session = Session::new(self.clone(), peer);
+        let session = Session::new(self.clone(), peer, tls);
         conn.write(&session.greeting()).await?;
         self.drive(&mut conn, session, peer, &cancel).await
     }
 
     /// The driver: reads commands, runs each in the core in one blocking hop, and does
     /// what the core's [`Step`] asks, until LOGOUT, the client leaves, or shutdown.
-    async fn drive<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    async fn drive(
         self: &Arc<Self>,
-        conn: &mut Connection<S>,
+        conn: &mut Connection<BoxedIo>,
         mut session: Session,
         peer: SocketAddr,
         cancel: &CancellationToken,
@@ -280,6 +352,26 @@ impl ImapServer {
                 match step {
                     Step::Next => break,
                     Step::Logout => return Ok(()),
+                    Step::StartTls => {
+                        let Some(tls) = self.tls.clone() else {
+                            return Ok(());
+                        };
+                        // Whatever the client sent after STARTTLS came in the clear and
+                        // is dropped unread (CVE-2011-0411): the first encrypted command
+                        // is the first command that counts.
+                        conn.input.clear();
+                        let plain =
+                            std::mem::replace(&mut conn.stream, Box::new(tokio::io::empty()));
+                        conn.stream = match mailroom_tls::accept(&tls, plain).await {
+                            Ok(encrypted) => encrypted,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "IMAP STARTTLS handshake failed");
+                                return Ok(());
+                            }
+                        };
+                        session.tls_started();
+                        step = Step::Next;
+                    }
                     Step::Login {
                         tag,
                         user,

@@ -70,6 +70,10 @@ pub enum Step {
         /// The command's tag.
         tag: String,
     },
+    /// STARTTLS is answered OK: discard anything the client sent after the command
+    /// (it was sent in the clear: the STARTTLS command-injection class, CVE-2011-0411),
+    /// run the TLS handshake, then call [`Session::tls_started`].
+    StartTls,
     /// LOGOUT is answered: close the connection.
     Logout,
 }
@@ -338,6 +342,8 @@ struct User {
 pub struct Session {
     server: Arc<ImapServer>,
     peer: SocketAddr,
+    /// The connection is encrypted (implicit TLS, or after STARTTLS).
+    tls: bool,
     user: Option<User>,
     selected: Option<View>,
     bell: Option<tokio::sync::watch::Receiver<u64>>,
@@ -760,10 +766,11 @@ fn pattern_matches(pattern: &[u8], name: &[u8]) -> bool {
 
 impl Session {
     /// A new session for a client at `peer`.
-    pub fn new(server: Arc<ImapServer>, peer: SocketAddr) -> Session {
+    pub fn new(server: Arc<ImapServer>, peer: SocketAddr, tls: bool) -> Session {
         Session {
             server,
             peer,
+            tls,
             user: None,
             selected: None,
             bell: None,
@@ -776,7 +783,23 @@ impl Session {
     }
 
     fn plaintext_allowed(&self) -> bool {
-        self.server.config.plaintext.allows(self.peer.ip())
+        self.server
+            .config
+            .plaintext
+            .allows(self.peer.ip(), self.tls)
+    }
+
+    /// Whether STARTTLS is offered: a certificate is configured and the connection is
+    /// not encrypted yet.
+    fn starttls_offered(&self) -> bool {
+        !self.tls && self.server.tls.is_some()
+    }
+
+    /// The handshake after STARTTLS succeeded: the session starts again from the
+    /// greeting's state, and what the client learnt before (capabilities) is void
+    /// (RFC 9051 6.2.1).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
     }
 
     fn capabilities(&self) -> String {
@@ -784,6 +807,9 @@ impl Session {
             "IMAP4rev2 IMAP4rev1 LITERAL+ ENABLE IDLE NAMESPACE UNSELECT UIDPLUS MOVE CHILDREN SPECIAL-USE LIST-EXTENDED LIST-STATUS ESEARCH CONTEXT=SEARCH CONDSTORE QRESYNC QUOTA QUOTA=RES-STORAGE ID BINARY STATUS=SIZE MULTIAPPEND SEARCHRES SORT SORT=DISPLAY ESORT CONTEXT=SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES CATENATE",
         );
         caps.push_str(&format!(" APPENDLIMIT={}", self.server.config.append_limit));
+        if self.starttls_offered() && self.user.is_none() {
+            caps.push_str(" STARTTLS");
+        }
         if self.user.is_none() {
             if self.plaintext_allowed() {
                 caps.push_str(" SASL-IR AUTH=PLAIN");
@@ -858,6 +884,18 @@ impl Session {
                     }
                 },
             },
+            CommandKind::StartTls => {
+                if self.tls {
+                    Err(Refusal::bad("the connection is encrypted already"))
+                } else if self.user.is_some() {
+                    Err(Refusal::bad("STARTTLS is only allowed before login"))
+                } else if self.server.tls.is_none() {
+                    Err(Refusal::bad("STARTTLS is not available (no certificate)"))
+                } else {
+                    tagged(out, &tag, Status::Ok, "Begin TLS negotiation now");
+                    return Step::StartTls;
+                }
+            }
             CommandKind::Login(user, password) => match self.login_allowed() {
                 Err(refusal) => Err(refusal),
                 Ok(()) => {
@@ -1034,12 +1072,12 @@ impl Session {
                 self.sync(out, true);
                 ok("done")
             }
-            CommandKind::StartTls => bad("STARTTLS is not available yet (no TLS configured)"),
             CommandKind::Id => {
                 out.extend_from_slice(b"* ID (\"name\" \"Mailroom\" \"vendor\" \"Mailroom\")\r\n");
                 ok("ID completed")
             }
             CommandKind::Login(..)
+            | CommandKind::StartTls
             | CommandKind::Logout
             | CommandKind::Idle
             | CommandKind::Authenticate(..) => {

@@ -98,7 +98,11 @@ struct Client {
 impl Client {
     fn new(world: &World) -> Client {
         Client {
-            session: Session::new(world.server.clone(), "127.0.0.1:50000".parse().unwrap()),
+            session: Session::new(
+                world.server.clone(),
+                "127.0.0.1:50000".parse().unwrap(),
+                false,
+            ),
         }
     }
 

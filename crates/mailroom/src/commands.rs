@@ -1147,7 +1147,8 @@ pub enum MailboxCommand {
     },
 }
 
-fn format_time(ms: i64) -> String {
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SSZ` (UTC), for listings.
+pub fn format_time(ms: i64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since the epoch (Howard Hinnant's algorithm).

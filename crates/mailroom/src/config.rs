@@ -38,6 +38,27 @@ pub struct Config {
     pub login: LoginSection,
     /// Outbound delivery.
     pub outbound: OutboundSection,
+    /// Certificates for every TLS listener and STARTTLS.
+    pub tls: TlsSection,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Certificate chains and keys (PEM); the client's SNI chooses among several.
+    /// Empty: a self-signed certificate made at first start in the data folder.
+    pub certificates: Vec<CertificatePair>,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    /// The chain, server certificate first (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 /// `[outbound]`
@@ -176,6 +197,8 @@ impl Default for Pop3Section {
 pub struct ImapSection {
     /// Listen address; `--imap` overrides it.
     pub listen: SocketAddr,
+    /// Implicit-TLS (IMAPS, RFC 8314) listen address; `--imaps` overrides it.
+    pub tls_listen: SocketAddr,
     /// Concurrent IMAP sessions, at most.
     pub sessions_max: usize,
     /// Concurrent IMAP sessions from one client address, at most.
@@ -204,6 +227,7 @@ impl Default for ImapSection {
     fn default() -> Self {
         ImapSection {
             listen: "127.0.0.1:1143".parse().expect("valid address"),
+            tls_listen: DEFAULT_IMAPS.parse().expect("valid address"),
             sessions_max: 1000,
             sessions_per_client_max: 50,
             command_before_login_max_bytes: 8192,
@@ -218,6 +242,11 @@ impl Default for ImapSection {
         }
     }
 }
+
+/// The embedded default of `imap.tls_listen`. A default listener whose port is taken
+/// (another server on this machine, parallel tests) is skipped with a warning; a
+/// configured one that cannot listen stops the start-up like every other listener.
+pub const DEFAULT_IMAPS: &str = "127.0.0.1:1993";
 
 /// `[login]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -466,8 +495,8 @@ pub struct DirectorySection {
 
 /// The commented example printed by `mailroom config example`; equal to the defaults.
 pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
-# do not change. Command-line flags (--data, --domain, --smtp, --imap, --pop3, --admin) override
-# it.
+# do not change. Command-line flags (--data, --domain, --smtp, --imap, --imaps, --pop3,
+# --admin) override it.
 
 [server]
 # The name this server gives itself in the SMTP greeting and in Received headers.
@@ -594,6 +623,9 @@ command_line_max_bytes = 4096
 # Where the IMAP server listens (IMAP4rev2 and IMAP4rev1; the standard port 143 needs
 # privileges).
 listen = "127.0.0.1:1143"
+# Where IMAP over implicit TLS listens (IMAPS, RFC 8314; the standard port is 993). If
+# this default port is taken, IMAPS is skipped with a warning.
+tls_listen = "127.0.0.1:1993"
 # Concurrent IMAP sessions; more get * BYE [UNAVAILABLE].
 sessions_max = 1000
 # Concurrent IMAP sessions from one client address; more get * BYE [UNAVAILABLE].
@@ -619,9 +651,10 @@ list_pattern_max_bytes = 1024
 list_patterns_max = 32
 
 [login]
-# Where passwords may be sent in the clear (POP3 USER/PASS and AUTH PLAIN, IMAP LOGIN
-# and AUTHENTICATE PLAIN): "loopback" (clients on this machine only), "always" or
-# "never". There is no TLS yet, so "always" sends passwords readable on the network.
+# Where passwords may be sent on a connection that is not encrypted (POP3 USER/PASS and
+# AUTH PLAIN, IMAP LOGIN and AUTHENTICATE PLAIN): "loopback" (clients on this machine
+# only), "always" (readable on the network!) or "never". Over TLS (IMAPS, or after
+# STARTTLS) passwords are always accepted.
 plaintext_auth = "loopback"
 # After this many failed logins from one client address within the window, that client
 # is refused (without checking passwords) until the window ends.
@@ -665,6 +698,17 @@ test_clock = false
 
 # Host names answered without DNS (for hosts DNS should not be asked about).
 [outbound.hosts]
+
+[tls]
+# Certificates for IMAPS, POP3S and STARTTLS, as PEM files: one entry per chain and key;
+# with several, the name the client asks for (SNI) chooses, else the first. Reloaded when
+# the files change or on SIGHUP, without dropping sessions. With none, the first start
+# makes a self-signed certificate for server.hostname in <data_dir>/tls/ (see
+# `mailroom tls show` for its fingerprint). For example:
+#   [[tls.certificates]]
+#   cert = "/etc/mailroom/mail.example.com.pem"
+#   key = "/etc/mailroom/mail.example.com.key"
+certificates = []
 "#;
 
 impl Config {

@@ -85,6 +85,24 @@ enum Command {
     /// Stress tests that prove Mailroom does not wedge.
     #[command(subcommand)]
     Stress(StressCommand),
+    /// TLS certificates.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Print the certificates the server serves (from the config's [tls] files, or the
+    /// self-signed one in the data folder): names, validity, issuer and SHA-256
+    /// fingerprint, for pinning or checking a renewal.
+    Show {
+        /// Config file (TOML). Without it, the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data folder (overrides server.data_dir).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +171,9 @@ struct ServeArgs {
     /// IMAP listen address (overrides imap.listen).
     #[arg(long)]
     imap: Option<SocketAddr>,
+    /// IMAP over implicit TLS listen address (overrides imap.tls_listen).
+    #[arg(long)]
+    imaps: Option<SocketAddr>,
     /// POP3 listen address (overrides pop3.listen).
     #[arg(long)]
     pop3: Option<SocketAddr>,
@@ -214,6 +235,7 @@ fn main() {
         Command::Mailbox(command) => mailbox(command),
         Command::Queue(command) => queue(command),
         Command::Backup { dir, target } => backup(dir, target),
+        Command::Tls(TlsCommand::Show { config, data }) => tls_show(config, data),
         Command::Restore { dir, data } => restore(dir, data),
         Command::Stress(StressCommand::Churn {
             baseline_secs,
@@ -307,6 +329,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(imap) = args.imap {
         config.imap.listen = imap;
     }
+    if let Some(imaps) = args.imaps {
+        config.imap.tls_listen = imaps;
+    }
     if let Some(pop3) = args.pop3 {
         config.pop3.listen = pop3;
     }
@@ -320,6 +345,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         say(&format!("  data folder: {}", server.data_dir.display()));
         say(&format!("  SMTP:        {}", server.smtp_addr));
         say(&format!("  IMAP:        {}", server.imap_addr));
+        if let Some(imaps) = server.imaps_addr {
+            say(&format!("  IMAPS:       {imaps}"));
+        }
         say(&format!("  POP3:        {}", server.pop3_addr));
         say(&format!(
             "  admin API:   http://{}  (token in {}/admin.token)",
@@ -327,6 +355,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server.data_dir.display()
         ));
         say(&format!("  mail domain: {}", config.server.domain));
+        for served in server.tls.served() {
+            say(&format!(
+                "  TLS:         {} for {}, SHA-256 {}{}",
+                served.cert_file.display(),
+                served.names.join(", "),
+                served.sha256,
+                if server.tls.is_self_signed() {
+                    " (self-signed)"
+                } else {
+                    ""
+                }
+            ));
+        }
         let topology = server.directory.snapshot().topology().clone();
         say(&format!(
             "  directory:   organization {:?}, site {:?}, server {:?}",
@@ -352,6 +393,72 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // cannot hold up the exit.
     drop(log_guard);
     std::process::exit(0);
+}
+
+/// `mailroom tls show`: what the TLS listeners serve.
+fn tls_show(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(data) = data {
+        config.server.data_dir = data;
+    }
+    let files: Vec<mailroom_tls::CertificateFiles> = config
+        .tls
+        .certificates
+        .iter()
+        .map(|pair| mailroom_tls::CertificateFiles {
+            cert: pair.cert.clone(),
+            key: pair.key.clone(),
+        })
+        .collect();
+    if files.is_empty()
+        && !mailroom_tls::self_signed_files(&config.server.data_dir)
+            .cert
+            .exists()
+    {
+        println!(
+            "No certificate yet: none is configured ([tls] certificates), and the first start of `mailroom serve --data {}` makes a self-signed one.",
+            config.server.data_dir.display()
+        );
+        return Ok(());
+    }
+    let tls = mailroom_tls::Tls::start(&files, &config.server.data_dir, &config.server.hostname)
+        .context("cannot load the TLS certificates (check [tls] certificates)")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (n, served) in tls.served().iter().enumerate() {
+        let days_left = (served.not_after - now).div_euclid(86_400);
+        println!(
+            "{}certificate {}{}",
+            if n > 0 { "\n" } else { "" },
+            served.cert_file.display(),
+            if tls.is_self_signed() {
+                " (self-signed, made at first start)"
+            } else if n == 0 {
+                " (default: clients without SNI get it)"
+            } else {
+                ""
+            }
+        );
+        println!("  names:    {}", served.names.join(", "));
+        println!("  subject:  {}", served.subject);
+        println!("  issuer:   {}", served.issuer);
+        println!(
+            "  valid:    {} to {} ({})",
+            commands::format_time(served.not_before * 1000),
+            commands::format_time(served.not_after * 1000),
+            if days_left < 0 {
+                "EXPIRED".to_string()
+            } else {
+                format!("{days_left} days left")
+            }
+        );
+        println!("  SHA-256:  {}", served.sha256);
+    }
+    Ok(())
 }
 
 fn stress_churn(options: mailroom::stress::ChurnOptions) -> anyhow::Result<()> {

@@ -56,6 +56,10 @@ pub struct RunningServer {
     pub pop3_addr: SocketAddr,
     /// Where IMAP listens.
     pub imap_addr: SocketAddr,
+    /// Where IMAP over implicit TLS listens (none: its default port was taken).
+    pub imaps_addr: Option<SocketAddr>,
+    /// The certificates every TLS listener serves.
+    pub tls: Arc<mailroom_tls::Tls>,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
     /// The admin API's bearer token.
@@ -409,6 +413,39 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.pop3.listen
             )
         })?;
+    let imaps_listener = match TcpListener::bind(config.imap.tls_listen).await {
+        Ok(listener) => Some(listener),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && config.imap.tls_listen.to_string() == crate::config::DEFAULT_IMAPS =>
+        {
+            tracing::warn!(
+                address = %config.imap.tls_listen,
+                "IMAPS not started: its default address is in use (set imap.tls_listen or --imaps)"
+            );
+            None
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot listen for IMAPS on {} (imap.tls_listen / --imaps)",
+                    config.imap.tls_listen
+                )
+            });
+        }
+    };
+    let tls_files: Vec<mailroom_tls::CertificateFiles> = config
+        .tls
+        .certificates
+        .iter()
+        .map(|pair| mailroom_tls::CertificateFiles {
+            cert: pair.cert.clone(),
+            key: pair.key.clone(),
+        })
+        .collect();
+    let tls = mailroom_tls::Tls::start(&tls_files, &data_dir, &config.server.hostname)
+        .context("cannot set up TLS (check [tls] certificates)")?;
+    mailroom_tls::spawn_reloader(tls.clone(), cancel.clone());
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| {
@@ -433,6 +470,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let smtp_addr = smtp_listener.local_addr()?;
     let pop3_addr = pop3_listener.local_addr()?;
     let imap_addr = imap_listener.local_addr()?;
+    let imaps_addr = match &imaps_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let admin_addr = admin_listener.local_addr()?;
 
     let admin_token = admin_token(&data_dir)?;
@@ -530,8 +571,15 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         limiter.clone(),
         verifier.clone(),
         imap_stats,
+    )
+    .with_tls(tls.clone());
+    tokio::spawn(
+        imap.clone()
+            .serve(imap_listener, cancel.clone(), sessions.clone()),
     );
-    tokio::spawn(imap.serve(imap_listener, cancel.clone(), sessions.clone()));
+    if let Some(listener) = imaps_listener {
+        tokio::spawn(imap.serve_tls(listener, cancel.clone(), sessions.clone()));
+    }
 
     let admin_state = Arc::new(AdminState {
         store: store.clone(),
@@ -597,6 +645,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         smtp_addr,
         pop3_addr,
         imap_addr,
+        imaps_addr,
+        tls,
         admin_addr,
         admin_token,
         data_dir,

@@ -259,6 +259,8 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
             "127.0.0.1:0",
             "--imap",
             "127.0.0.1:0",
+            "--imaps",
+            "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
             "--admin",

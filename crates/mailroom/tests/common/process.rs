@@ -31,6 +31,8 @@ pub struct Process {
     pub child: Child,
     pub smtp: SocketAddr,
     pub imap: SocketAddr,
+    /// IMAP over implicit TLS.
+    pub imaps: SocketAddr,
     pub pop3: SocketAddr,
     pub admin: String,
     /// The postmaster's password, printed at the first start only.
@@ -75,6 +77,8 @@ impl Spawn {
                 "127.0.0.1:0",
                 "--imap",
                 "127.0.0.1:0",
+                "--imaps",
+                "127.0.0.1:0",
                 "--pop3",
                 "127.0.0.1:0",
                 "--admin",
@@ -115,8 +119,8 @@ impl Spawn {
         let first_start = !self.data.join("mailroom.db").exists();
         let mut child = command.spawn().expect("the binary starts");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut smtp, mut imap, mut pop3, mut admin, mut password) =
-            (None, None, None, None, None);
+        let (mut smtp, mut imap, mut imaps, mut pop3, mut admin, mut password) =
+            (None, None, None, None, None, None);
         for line in lines.by_ref() {
             let line = line.unwrap();
             let field = |name: &str| -> Option<SocketAddr> {
@@ -126,6 +130,7 @@ impl Spawn {
             };
             smtp = smtp.or(field("SMTP:"));
             imap = imap.or(field("IMAP:"));
+            imaps = imaps.or(field("IMAPS:"));
             pop3 = pop3.or(field("POP3:"));
             if let Some(rest) = line.trim().strip_prefix("admin API:") {
                 admin = rest.split_whitespace().next().map(str::to_string);
@@ -149,6 +154,7 @@ impl Spawn {
             child,
             smtp: smtp.expect("SMTP address printed"),
             imap: imap.expect("IMAP address printed"),
+            imaps: imaps.expect("IMAPS address printed"),
             pop3: pop3.expect("POP3 address printed"),
             admin: admin.expect("admin address printed"),
             password,

@@ -1,0 +1,384 @@
+//! TLS on IMAP from outside, with clients we did not write: Python's `ssl` and
+//! `imaplib` with certificate verification against the certificate the server serves,
+//! and `openssl s_client`. STARTTLS and implicit TLS (IMAPS), LOGINDISABLED before TLS
+//! where the policy says so, the STARTTLS command-injection class (CVE-2011-0411), and
+//! certificates replaced under a running server.
+
+mod common;
+
+use common::TestServer;
+use std::path::Path;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// Runs a Python script with arguments; returns its stdout, failing with its stderr.
+async fn python(script: &str, args: &[String]) -> String {
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The client side, shared by the tests: an `ssl` context that trusts only `cafile`
+/// and checks the name `mx.example.test` (the server's hostname in the test config).
+const CLIENT: &str = r#"
+import hashlib, imaplib, json, socket, ssl, sys
+host, port, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+NAME = 'mx.example.test'
+
+class IMAPS(imaplib.IMAP4_SSL):
+    # Connect to the address, verify the certificate for the server's name.
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout)
+        return self.ssl_context.wrap_socket(sock, server_hostname=NAME)
+
+def fingerprint(sock):
+    return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest().upper()
+"#;
+
+fn colonless(fingerprint: &str) -> String {
+    fingerprint.replace(':', "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaps_and_starttls_with_verified_certificates() {
+    // Passwords only over TLS: the plain port says LOGINDISABLED until STARTTLS.
+    let server = TestServer::start_with(
+        |config| config.login.plaintext_auth = mailroom::config::PlaintextAuth::Never,
+        mailroom::ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let tls = &server.server.tls;
+    assert!(tls.is_self_signed());
+    let served = tls.served();
+    assert!(served[0].names.contains(&"mx.example.test".to_string()));
+    let cafile = served[0].cert_file.to_str().unwrap().to_string();
+    let script = format!(
+        r#"{CLIENT}
+out = {{}}
+plain_port, tls_port = port, int(sys.argv[4])
+m = imaplib.IMAP4(host, plain_port)
+out['plain_caps'] = sorted(m.capabilities)
+try:
+    m.login('ann@example.test', '{PASSWORD}')
+    out['plain_login'] = 'OK'
+except imaplib.IMAP4.error as e:
+    out['plain_login'] = str(e)
+m.host = NAME  # the name starttls() verifies
+typ, data = m.starttls(ssl_context=ctx)
+out['starttls'] = typ
+out['starttls_fingerprint'] = fingerprint(m.sock)
+out['tls_caps'] = sorted(m.capabilities)
+typ, _ = m.login('ann@example.test', '{PASSWORD}')
+out['tls_login'] = typ
+typ, data = m.select('INBOX')
+out['select'] = typ
+m.logout()
+s = IMAPS(host, tls_port, ssl_context=ctx)
+out['imaps_caps'] = sorted(s.capabilities)
+out['imaps_fingerprint'] = fingerprint(s.sock)
+out['imaps_version'] = s.sock.version()
+typ, _ = s.login('ann@example.test', '{PASSWORD}')
+out['imaps_login'] = typ
+s.logout()
+# A client that trusts another CA refuses the server: verification is real.
+other = ssl.create_default_context()
+try:
+    raw = socket.create_connection((host, tls_port), 5)
+    other.wrap_socket(raw, server_hostname=NAME)
+    out['untrusted'] = 'accepted'
+except ssl.SSLCertVerificationError:
+    out['untrusted'] = 'refused'
+# TLS 1.1 is not spoken.
+old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+old.load_verify_locations(cafile)
+old.maximum_version = ssl.TLSVersion.TLSv1_1
+try:
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    raw = socket.create_connection((host, tls_port), 5)
+    old.wrap_socket(raw, server_hostname=NAME)
+    out['tls11'] = 'accepted'
+except (ssl.SSLError, ValueError, OSError):
+    out['tls11'] = 'refused'
+print(json.dumps(out))
+"#
+    );
+    let out: serde_json::Value = serde_json::from_str(
+        &python(
+            &script,
+            &[
+                "127.0.0.1".into(),
+                server.server.imap_addr.port().to_string(),
+                cafile.clone(),
+                server.server.imaps_addr.unwrap().port().to_string(),
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    let caps = |k: &str| -> Vec<String> {
+        out[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let plain = caps("plain_caps");
+    assert!(plain.contains(&"STARTTLS".into()), "{plain:?}");
+    assert!(plain.contains(&"LOGINDISABLED".into()), "{plain:?}");
+    assert!(!plain.contains(&"AUTH=PLAIN".into()), "{plain:?}");
+    assert!(
+        out["plain_login"]
+            .as_str()
+            .unwrap()
+            .contains("PRIVACYREQUIRED"),
+        "{out}"
+    );
+    assert_eq!(out["starttls"], "OK");
+    // After STARTTLS the client asked again: no STARTTLS, no LOGINDISABLED.
+    let after = caps("tls_caps");
+    assert!(!after.contains(&"STARTTLS".into()), "{after:?}");
+    assert!(!after.contains(&"LOGINDISABLED".into()), "{after:?}");
+    assert!(after.contains(&"AUTH=PLAIN".into()), "{after:?}");
+    assert_eq!(out["tls_login"], "OK");
+    assert_eq!(out["select"], "OK");
+    let imaps = caps("imaps_caps");
+    assert!(!imaps.contains(&"STARTTLS".into()), "{imaps:?}");
+    assert!(!imaps.contains(&"LOGINDISABLED".into()), "{imaps:?}");
+    assert_eq!(out["imaps_login"], "OK");
+    assert!(
+        ["TLSv1.3", "TLSv1.2"].contains(&out["imaps_version"].as_str().unwrap()),
+        "{out}"
+    );
+    // Both ports serve the certificate `mailroom tls show` describes.
+    let expected = colonless(&served[0].sha256);
+    assert_eq!(out["starttls_fingerprint"], expected.as_str());
+    assert_eq!(out["imaps_fingerprint"], expected.as_str());
+    assert_eq!(out["untrusted"], "refused");
+    assert_eq!(out["tls11"], "refused");
+    // `mailroom tls show` prints what is served: the administrator can compare the
+    // fingerprint with what a client shows.
+    let show = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["tls", "show", "--data"])
+        .arg(&server.server.data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(show.status.success());
+    let show = String::from_utf8(show.stdout).unwrap();
+    assert!(show.contains(&served[0].sha256), "{show}");
+    assert!(
+        show.contains("(self-signed, made at first start)"),
+        "{show}"
+    );
+    assert!(show.contains("days left"), "{show}");
+    server.server.shutdown().await;
+}
+
+/// CVE-2011-0411: a command pipelined after STARTTLS, in the clear, must not run inside
+/// the encrypted session (a man in the middle could inject it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_with_starttls_in_the_clear_are_dropped() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let cafile = server.server.tls.served()[0]
+        .cert_file
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"{CLIENT}
+raw = socket.create_connection((host, port), 5)
+f = raw.makefile('rb')
+greeting = f.readline()
+# STARTTLS and a LOGIN in one packet, as an attacker in the path would add it.
+raw.sendall(b'a STARTTLS\r\nb LOGIN ann@example.test "{PASSWORD}"\r\n')
+answer = f.readline()
+tls = ctx.wrap_socket(raw, server_hostname=NAME)
+g = tls.makefile('rb')
+tls.sendall(b"c NOOP\r\n")
+lines = []
+while True:
+    line = g.readline().decode().rstrip('\r\n')
+    lines.append(line)
+    if line.startswith('c '):
+        break
+tls.sendall(b"d SELECT INBOX\r\n")
+while True:
+    line = g.readline().decode().rstrip('\r\n')
+    lines.append(line)
+    if line.startswith('d '):
+        break
+print(json.dumps({{'answer': answer.decode().rstrip(), 'lines': lines}}))
+"#
+    );
+    let out: serde_json::Value = serde_json::from_str(
+        &python(
+            &script,
+            &[
+                "127.0.0.1".into(),
+                server.server.imap_addr.port().to_string(),
+                cafile,
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(out["answer"], "a OK Begin TLS negotiation now");
+    let lines: Vec<String> = out["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        lines.iter().all(|l| !l.starts_with("b ")),
+        "the injected LOGIN was answered: {lines:?}"
+    );
+    assert_eq!(lines[0], "c OK done", "{lines:?}");
+    // Not logged in: the injected LOGIN never ran.
+    assert_eq!(lines.last().unwrap(), "d BAD log in first", "{lines:?}");
+    server.server.shutdown().await;
+}
+
+/// Writes a fresh self-signed certificate for `name` to `cert` and `key`.
+fn write_certificate(name: &str, cert: &Path, key: &Path) {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    std::fs::write(cert, certified.cert.pem()).unwrap();
+    std::fs::write(key, certified.signing_key.serialize_pem()).unwrap();
+}
+
+/// Configured certificates chosen by SNI, replaced under the running server: new
+/// handshakes get the new certificate, a session already encrypted keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_certificates_by_sni_and_replaced_without_dropping_sessions() {
+    let certs = tempfile::tempdir().unwrap();
+    let (main_cert, main_key) = (certs.path().join("main.pem"), certs.path().join("main.key"));
+    let (other_cert, other_key) = (
+        certs.path().join("other.pem"),
+        certs.path().join("other.key"),
+    );
+    write_certificate("mx.example.test", &main_cert, &main_key);
+    write_certificate("imap.other.test", &other_cert, &other_key);
+    let configured = vec![
+        mailroom::config::CertificatePair {
+            cert: main_cert.clone(),
+            key: main_key.clone(),
+        },
+        mailroom::config::CertificatePair {
+            cert: other_cert.clone(),
+            key: other_key.clone(),
+        },
+    ];
+    let server = TestServer::start_with(
+        move |config| config.tls.certificates = configured,
+        mailroom::ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let tls = server.server.tls.clone();
+    assert!(!tls.is_self_signed());
+    let before = tls.served();
+    assert_eq!(before.len(), 2);
+    let port = server.server.imaps_addr.unwrap().port().to_string();
+    // The fingerprint a handshake asking for `name` gets, trusting `cafile`.
+    let handshake = |name: &'static str, cafile: &Path| {
+        let script = format!(
+            r#"{CLIENT}
+raw = socket.create_connection((host, port), 5)
+print(fingerprint(ctx.wrap_socket(raw, server_hostname='{name}')))
+"#
+        );
+        let args = vec![
+            "127.0.0.1".to_string(),
+            port.clone(),
+            cafile.to_str().unwrap().to_string(),
+        ];
+        async move { python(&script, &args).await.trim().to_string() }
+    };
+    assert_eq!(
+        handshake("mx.example.test", &main_cert).await,
+        colonless(&before[0].sha256)
+    );
+    assert_eq!(
+        handshake("imap.other.test", &other_cert).await,
+        colonless(&before[1].sha256)
+    );
+    // A session encrypted before the change.
+    let mut kept = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            r#"{CLIENT}
+m = IMAPS(host, port, ssl_context=ctx)
+m.login('ann@example.test', '{PASSWORD}')
+print('logged-in', flush=True)
+sys.stdin.readline()
+typ, _ = m.noop()
+print(typ, flush=True)
+m.logout()
+"#
+        ))
+        .args(["127.0.0.1", &port, main_cert.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(kept.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    stdout.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "logged-in");
+    // The main certificate is replaced (a renewal): the server notices the files.
+    let renewed = certs.path().join("renewed");
+    std::fs::create_dir(&renewed).unwrap();
+    write_certificate(
+        "mx.example.test",
+        &renewed.join("c.pem"),
+        &renewed.join("c.key"),
+    );
+    std::fs::copy(renewed.join("c.pem"), &main_cert).unwrap();
+    std::fs::copy(renewed.join("c.key"), &main_key).unwrap();
+    let reloaded = common::eventually(std::time::Duration::from_secs(20), async || {
+        tls.served()[0].sha256 != before[0].sha256
+    })
+    .await;
+    assert!(reloaded, "the renewed certificate was not loaded");
+    let after = tls.served();
+    assert_eq!(
+        handshake("mx.example.test", &main_cert).await,
+        colonless(&after[0].sha256),
+        "a new handshake gets the renewed certificate"
+    );
+    // The session from before is still there.
+    let mut stdin = kept.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    line.clear();
+    stdout.read_line(&mut line).await.unwrap();
+    assert_eq!(
+        line.trim(),
+        "OK",
+        "the session encrypted before the renewal"
+    );
+    assert!(kept.wait().await.unwrap().success());
+    server.server.shutdown().await;
+}
