@@ -169,6 +169,8 @@ pub enum PlaintextAuth {
 pub struct Pop3Section {
     /// Listen address; `--pop3` overrides it.
     pub listen: SocketAddr,
+    /// Implicit-TLS (POP3S, RFC 8314) listen address; `--pop3s` overrides it.
+    pub tls_listen: SocketAddr,
     /// Concurrent POP3 sessions, at most.
     pub sessions_max: usize,
     /// Concurrent POP3 sessions from one client address, at most.
@@ -183,6 +185,7 @@ impl Default for Pop3Section {
     fn default() -> Self {
         Pop3Section {
             listen: "127.0.0.1:1110".parse().expect("valid address"),
+            tls_listen: DEFAULT_POP3S.parse().expect("valid address"),
             sessions_max: 500,
             sessions_per_client_max: 50,
             idle_timeout_secs: 600,
@@ -247,6 +250,9 @@ impl Default for ImapSection {
 /// (another server on this machine, parallel tests) is skipped with a warning; a
 /// configured one that cannot listen stops the start-up like every other listener.
 pub const DEFAULT_IMAPS: &str = "127.0.0.1:1993";
+
+/// The embedded default of `pop3.tls_listen` (see [`DEFAULT_IMAPS`]).
+pub const DEFAULT_POP3S: &str = "127.0.0.1:1995";
 
 /// `[login]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -496,7 +502,7 @@ pub struct DirectorySection {
 /// The commented example printed by `mailroom config example`; equal to the defaults.
 pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
 # do not change. Command-line flags (--data, --domain, --smtp, --imap, --imaps, --pop3,
-# --admin) override it.
+# --pop3s, --admin) override it.
 
 [server]
 # The name this server gives itself in the SMTP greeting and in Received headers.
@@ -608,6 +614,9 @@ deadlock_check_ms = 1000
 [pop3]
 # Where the POP3 server listens (RFC 1939; the standard port 110 needs privileges).
 listen = "127.0.0.1:1110"
+# Where POP3 over implicit TLS listens (POP3S; the standard port is 995). If this
+# default port is taken, POP3S is skipped with a warning.
+tls_listen = "127.0.0.1:1995"
 # Concurrent POP3 sessions; more are refused with -ERR [SYS/TEMP].
 sessions_max = 500
 # Concurrent POP3 sessions from one client address; more are refused with -ERR [SYS/TEMP].
@@ -654,7 +663,7 @@ list_patterns_max = 32
 # Where passwords may be sent on a connection that is not encrypted (POP3 USER/PASS and
 # AUTH PLAIN, IMAP LOGIN and AUTHENTICATE PLAIN): "loopback" (clients on this machine
 # only), "always" (readable on the network!) or "never". Over TLS (IMAPS, or after
-# STARTTLS) passwords are always accepted.
+# STARTTLS/STLS) passwords are always accepted.
 plaintext_auth = "loopback"
 # After this many failed logins from one client address within the window, that client
 # is refused (without checking passwords) until the window ends.

@@ -177,6 +177,9 @@ struct ServeArgs {
     /// POP3 listen address (overrides pop3.listen).
     #[arg(long)]
     pop3: Option<SocketAddr>,
+    /// POP3 over implicit TLS listen address (overrides pop3.tls_listen).
+    #[arg(long)]
+    pop3s: Option<SocketAddr>,
     /// Admin API listen address (overrides admin.listen).
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -335,6 +338,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(pop3) = args.pop3 {
         config.pop3.listen = pop3;
     }
+    if let Some(pop3s) = args.pop3s {
+        config.pop3.tls_listen = pop3s;
+    }
     if let Some(admin) = args.admin {
         config.admin.listen = admin;
     }
@@ -349,6 +355,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             say(&format!("  IMAPS:       {imaps}"));
         }
         say(&format!("  POP3:        {}", server.pop3_addr));
+        if let Some(pop3s) = server.pop3s_addr {
+            say(&format!("  POP3S:       {pop3s}"));
+        }
         say(&format!(
             "  admin API:   http://{}  (token in {}/admin.token)",
             server.admin_addr,

@@ -58,6 +58,8 @@ pub struct RunningServer {
     pub imap_addr: SocketAddr,
     /// Where IMAP over implicit TLS listens (none: its default port was taken).
     pub imaps_addr: Option<SocketAddr>,
+    /// Where POP3 over implicit TLS listens (none: its default port was taken).
+    pub pop3s_addr: Option<SocketAddr>,
     /// The certificates every TLS listener serves.
     pub tls: Arc<mailroom_tls::Tls>,
     /// Where the admin API listens.
@@ -413,27 +415,20 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.pop3.listen
             )
         })?;
-    let imaps_listener = match TcpListener::bind(config.imap.tls_listen).await {
-        Ok(listener) => Some(listener),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::AddrInUse
-                && config.imap.tls_listen.to_string() == crate::config::DEFAULT_IMAPS =>
-        {
-            tracing::warn!(
-                address = %config.imap.tls_listen,
-                "IMAPS not started: its default address is in use (set imap.tls_listen or --imaps)"
-            );
-            None
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot listen for IMAPS on {} (imap.tls_listen / --imaps)",
-                    config.imap.tls_listen
-                )
-            });
-        }
-    };
+    let imaps_listener = bind_tls_listener(
+        config.imap.tls_listen,
+        crate::config::DEFAULT_IMAPS,
+        "IMAPS",
+        "imap.tls_listen / --imaps",
+    )
+    .await?;
+    let pop3s_listener = bind_tls_listener(
+        config.pop3.tls_listen,
+        crate::config::DEFAULT_POP3S,
+        "POP3S",
+        "pop3.tls_listen / --pop3s",
+    )
+    .await?;
     let tls_files: Vec<mailroom_tls::CertificateFiles> = config
         .tls
         .certificates
@@ -471,6 +466,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     let pop3_addr = pop3_listener.local_addr()?;
     let imap_addr = imap_listener.local_addr()?;
     let imaps_addr = match &imaps_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
+    let pop3s_addr = match &pop3s_listener {
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
@@ -542,8 +541,15 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         limiter.clone(),
         verifier.clone(),
         pop3_stats,
+    )
+    .with_tls(tls.clone());
+    tokio::spawn(
+        pop3.clone()
+            .serve(pop3_listener, cancel.clone(), sessions.clone()),
     );
-    tokio::spawn(pop3.serve(pop3_listener, cancel.clone(), sessions.clone()));
+    if let Some(listener) = pop3s_listener {
+        tokio::spawn(pop3.serve_tls(listener, cancel.clone(), sessions.clone()));
+    }
     let imap = ImapServer::new(
         ImapConfig {
             hostname: config.server.hostname.clone(),
@@ -646,6 +652,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         pop3_addr,
         imap_addr,
         imaps_addr,
+        pop3s_addr,
         tls,
         admin_addr,
         admin_token,
@@ -709,5 +716,27 @@ impl RunningServer {
             "shutdown finished"
         );
         report
+    }
+}
+
+/// Binds an implicit-TLS listener. A configured address that cannot be bound stops the
+/// start-up like every listener; the embedded default (`default`) being taken (another
+/// server on this machine, parallel tests) only skips it, with a warning that names the
+/// setting.
+async fn bind_tls_listener(
+    address: SocketAddr,
+    default: &str,
+    name: &str,
+    setting: &str,
+) -> anyhow::Result<Option<TcpListener>> {
+    match TcpListener::bind(address).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && address.to_string() == default => {
+            tracing::warn!(%address, "{name} not started: its default address is in use (set {setting})");
+            Ok(None)
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot listen for {name} on {address} ({setting})"))
+        }
     }
 }

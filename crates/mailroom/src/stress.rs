@@ -263,6 +263,8 @@ fn start_server(binary: &Path, dir: &Path, round: usize) -> anyhow::Result<Serve
             "127.0.0.1:0",
             "--pop3",
             "127.0.0.1:0",
+            "--pop3s",
+            "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--config",

@@ -382,3 +382,113 @@ m.logout()
     assert!(kept.wait().await.unwrap().success());
     server.server.shutdown().await;
 }
+
+/// POP3: STLS (RFC 2595) and POP3S with Python's poplib, passwords only over TLS, and a
+/// command pipelined after STLS in the clear dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_stls_and_pop3s() {
+    let server = TestServer::start_with(
+        |config| config.login.plaintext_auth = mailroom::config::PlaintextAuth::Never,
+        mailroom::ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server
+        .send_raw(
+            "ann@example.test",
+            b"From: b@example.test\r\nSubject: hello\r\n\r\nover TLS\r\n",
+        )
+        .await;
+    server.wait_for_messages("ann@example.test", 1).await;
+    let cafile = server.server.tls.served()[0]
+        .cert_file
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"{CLIENT}
+import poplib
+out = {{}}
+tls_port = int(sys.argv[4])
+p = poplib.POP3(host, port)
+out['plain_capa'] = sorted(p.capa().keys())
+try:
+    p.user('ann@example.test')
+    out['plain_user'] = 'accepted'
+except poplib.error_proto as e:
+    out['plain_user'] = str(e)
+p.host = NAME  # the name stls() verifies
+p.stls(context=ctx)
+out['stls_fingerprint'] = fingerprint(p.sock)
+out['tls_capa'] = sorted(p.capa().keys())
+p.user('ann@example.test')
+p.pass_('{PASSWORD}')
+out['stat'] = list(p.stat())
+p.quit()
+class POP3S(poplib.POP3_SSL):
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout)
+        return self.context.wrap_socket(sock, server_hostname=NAME)
+s = POP3S(host, tls_port, context=ctx)
+s.user('ann@example.test')
+s.pass_('{PASSWORD}')
+out['pop3s_retr'] = b'\n'.join(s.retr(1)[1]).decode()
+s.quit()
+# STLS and a USER in one packet: the USER must not be answered inside TLS.
+raw = socket.create_connection((host, port), 5)
+f = raw.makefile('rb')
+f.readline()
+raw.sendall(b'STLS\r\nUSER ann@example.test\r\n')
+out['stls_answer'] = f.readline().decode().rstrip()
+tls = ctx.wrap_socket(raw, server_hostname=NAME)
+g = tls.makefile('rb')
+tls.sendall(b'NOOP\r\n')
+out['after'] = g.readline().decode().rstrip()
+print(json.dumps(out))
+"#
+    );
+    let out: serde_json::Value = serde_json::from_str(
+        &python(
+            &script,
+            &[
+                "127.0.0.1".into(),
+                server.server.pop3_addr.port().to_string(),
+                cafile,
+                server.server.pop3s_addr.unwrap().port().to_string(),
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    let capa = |k: &str| -> Vec<String> {
+        out[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(capa("plain_capa").contains(&"STLS".into()), "{out}");
+    assert!(!capa("plain_capa").contains(&"USER".into()), "{out}");
+    assert!(
+        out["plain_user"].as_str().unwrap().contains("[AUTH]"),
+        "{out}"
+    );
+    assert_eq!(
+        out["stls_fingerprint"],
+        colonless(&server.server.tls.served()[0].sha256).as_str()
+    );
+    assert!(!capa("tls_capa").contains(&"STLS".into()), "{out}");
+    assert!(capa("tls_capa").contains(&"USER".into()), "{out}");
+    assert_eq!(out["stat"][0], 1);
+    assert!(
+        out["pop3s_retr"].as_str().unwrap().contains("over TLS"),
+        "{out}"
+    );
+    assert_eq!(out["stls_answer"], "+OK Begin TLS negotiation");
+    // NOOP before login is an error; had the injected USER run, it would say "send PASS".
+    assert_eq!(out["after"], "-ERR log in first", "{out}");
+    server.server.shutdown().await;
+}

@@ -33,21 +33,22 @@ pub const LINE_MAX: usize = 4096;
 /// pipelines.
 pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
 
-/// Where plaintext passwords (USER/PASS, AUTH PLAIN) are accepted.
+/// Where passwords (USER/PASS, AUTH PLAIN) are accepted on a connection that is not
+/// encrypted. Over TLS they always are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlaintextPolicy {
     /// From every client.
     Always,
-    /// Only from loopback clients (the default until TLS exists).
+    /// Only from loopback clients, or over TLS.
     Loopback,
-    /// Never.
+    /// Only over TLS.
     Never,
 }
 
 impl PlaintextPolicy {
-    /// Whether a client at `ip` may send a password in the clear.
-    pub fn allows(self, ip: IpAddr) -> bool {
-        match self {
+    /// Whether a client at `ip` may send a password, over TLS (`tls`) or not.
+    pub fn allows(self, ip: IpAddr, tls: bool) -> bool {
+        tls || match self {
             PlaintextPolicy::Always => true,
             PlaintextPolicy::Loopback => ip.is_loopback(),
             PlaintextPolicy::Never => false,
@@ -172,6 +173,9 @@ pub struct Pop3Server {
     verifier: Arc<Verifier>,
     locks: Arc<MaildropLocks>,
     stats: Pop3Stats,
+    /// The certificates, when TLS is configured: STLS is offered, and
+    /// [`Pop3Server::serve_tls`] can run an implicit-TLS listener.
+    tls: Option<Arc<mailroom_tls::Tls>>,
 }
 
 impl Pop3Server {
@@ -193,7 +197,60 @@ impl Pop3Server {
             verifier,
             locks: Arc::new(MaildropLocks::default()),
             stats,
+            tls: None,
         })
+    }
+
+    /// Offers STLS with these certificates (and allows [`Pop3Server::serve_tls`]).
+    pub fn with_tls(self: Arc<Self>, tls: Arc<mailroom_tls::Tls>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_tls is called right after new, before the server is shared")
+        });
+        server.tls = Some(tls);
+        Arc::new(server)
+    }
+
+    /// Accepts implicit-TLS connections (POP3S, RFC 8314) until `cancel` fires: the
+    /// handshake first, then the session as on the plain port.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let Some(tls) = self.tls.clone() else {
+            tracing::error!("POP3S listener without certificates: not started");
+            return;
+        };
+        let limits = mailroom_listen::Limits {
+            protocol: "POP3S",
+            connections_max: self.config.sessions_max,
+            per_client_max: self.config.sessions_per_client_max,
+            refusal: b"",
+        };
+        let metrics = mailroom_listen::SessionMetrics {
+            sessions: self.stats.sessions.clone(),
+            active: self.stats.sessions_active.clone(),
+            tasks: self.stats.tasks.clone(),
+        };
+        let server = self.clone();
+        mailroom_listen::serve_sessions(
+            listener,
+            limits,
+            cancel,
+            tracker,
+            || {},
+            metrics,
+            move |stream, peer, cancel| {
+                let server = server.clone();
+                let tls = tls.clone();
+                async move {
+                    let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
+                    server.handle_io(stream, peer, cancel, true).await
+                }
+            },
+        )
+        .await;
     }
 
     /// Accepts connections until `cancel` fires; connection tasks are spawned on
@@ -232,14 +289,28 @@ impl Pop3Server {
         .await;
     }
 
-    /// Runs one session over any byte stream (TLS can wrap it later).
-    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Runs one session over any byte stream, not encrypted (STLS may encrypt it).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
-        mut stream: S,
+        stream: S,
         peer: SocketAddr,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
-        let mut session = Session::new(self.config.plaintext.allows(peer.ip()));
+        self.handle_io(Box::new(stream), peer, cancel, false).await
+    }
+
+    /// Runs one session; `tls` says whether `stream` is encrypted already.
+    async fn handle_io(
+        &self,
+        mut stream: mailroom_tls::BoxedIo,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        tls: bool,
+    ) -> std::io::Result<()> {
+        let mut session = Session::new(
+            self.config.plaintext.allows(peer.ip(), tls),
+            !tls && self.tls.is_some(),
+        );
         let mut out = Session::greeting(&self.config.hostname);
         let mut input: Vec<u8> = Vec::new();
         let mut buffer = vec![0u8; 16 * 1024];
@@ -277,6 +348,25 @@ impl Pop3Server {
                             out.extend_from_slice(&reply);
                             self.write(&mut stream, &mut out).await?;
                             return stream.shutdown().await;
+                        }
+                        Action::StartTls(reply) => {
+                            out.extend_from_slice(&reply);
+                            self.write(&mut stream, &mut out).await?;
+                            let Some(tls) = self.tls.clone() else {
+                                return Ok(());
+                            };
+                            // What the client sent after STLS came in the clear: dropped
+                            // unread (CVE-2011-0411).
+                            input.clear();
+                            stream = match mailroom_tls::accept(&tls, stream).await {
+                                Ok(encrypted) => encrypted,
+                                Err(e) => {
+                                    tracing::debug!(%peer, error = %e, "POP3 STLS handshake failed");
+                                    return Ok(());
+                                }
+                            };
+                            session.tls_started();
+                            break;
                         }
                         Action::Login { user, password } => {
                             match self.login(peer.ip(), user, password).await {

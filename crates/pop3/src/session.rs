@@ -60,6 +60,10 @@ pub enum Action {
     },
     /// Send these bytes and close the connection.
     Close(Vec<u8>),
+    /// STLS (RFC 2595): send these bytes, drop whatever the client sent after the
+    /// command (it came in the clear: CVE-2011-0411), run the TLS handshake, then call
+    /// [`Session::tls_started`].
+    StartTls(Vec<u8>),
 }
 
 #[derive(Debug)]
@@ -83,6 +87,9 @@ pub struct Session {
     /// Whether USER/PASS and AUTH PLAIN may be used on this connection (plaintext
     /// passwords: loopback only by default, until TLS exists).
     plaintext_allowed: bool,
+    /// Whether STLS is offered (a certificate exists and the connection is not
+    /// encrypted yet).
+    stls: bool,
     errors: u32,
 }
 
@@ -95,13 +102,22 @@ fn err(text: &str) -> Vec<u8> {
 }
 
 impl Session {
-    /// A session in the AUTHORIZATION state.
-    pub fn new(plaintext_allowed: bool) -> Session {
+    /// A session in the AUTHORIZATION state; `stls`: whether STLS is offered.
+    pub fn new(plaintext_allowed: bool, stls: bool) -> Session {
         Session {
             state: State::Authorization { user: None },
             plaintext_allowed,
+            stls,
             errors: 0,
         }
+    }
+
+    /// The handshake after STLS succeeded: passwords are allowed now, and STLS is no
+    /// longer offered. The session is in the AUTHORIZATION state, as before.
+    pub fn tls_started(&mut self) {
+        self.stls = false;
+        self.plaintext_allowed = true;
+        self.state = State::Authorization { user: None };
     }
 
     /// The greeting.
@@ -117,6 +133,9 @@ impl Session {
     fn capabilities(&self) -> Vec<u8> {
         let mut out = String::from("+OK Capability list follows\r\n");
         out.push_str("TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        if self.stls && !self.is_logged_in() {
+            out.push_str("STLS\r\n");
+        }
         if self.plaintext_allowed && !self.is_logged_in() {
             out.push_str("USER\r\nSASL PLAIN\r\n");
         }
@@ -218,6 +237,13 @@ impl Session {
             "QUIT" => {
                 self.state = State::Done;
                 Action::Close(ok("bye"))
+            }
+            "STLS" => {
+                if !self.stls {
+                    return self.failed(err("STLS is not available here"));
+                }
+                self.state = State::Authorization { user: None };
+                Action::StartTls(ok("Begin TLS negotiation"))
             }
             "APOP" => self.failed(err("APOP is not supported; use USER/PASS or AUTH PLAIN")),
             "STAT" | "LIST" | "RETR" | "DELE" | "NOOP" | "RSET" | "TOP" | "UIDL" => {
@@ -454,7 +480,7 @@ mod tests {
     use super::*;
 
     fn logged_in() -> Session {
-        let mut s = Session::new(true);
+        let mut s = Session::new(true, false);
         assert_eq!(s.line(b"USER alice"), Action::Reply(ok("send PASS")));
         assert_eq!(
             s.line(b"PASS secret with spaces"),
@@ -561,7 +587,7 @@ mod tests {
 
     #[test]
     fn auth_plain_with_and_without_initial_response() {
-        let mut s = Session::new(true);
+        let mut s = Session::new(true, false);
         let b64 = base64::engine::general_purpose::STANDARD.encode(b"\0bob\0pw");
         assert_eq!(
             s.line(format!("AUTH PLAIN {b64}").as_bytes()),
@@ -570,7 +596,7 @@ mod tests {
                 password: "pw".into()
             }
         );
-        let mut s = Session::new(true);
+        let mut s = Session::new(true, false);
         assert_eq!(s.line(b"AUTH PLAIN"), Action::Reply(b"+ \r\n".to_vec()));
         assert_eq!(
             s.line(b64.as_bytes()),
@@ -579,7 +605,7 @@ mod tests {
                 password: "pw".into()
             }
         );
-        let mut s = Session::new(true);
+        let mut s = Session::new(true, false);
         assert_eq!(s.line(b"AUTH PLAIN"), Action::Reply(b"+ \r\n".to_vec()));
         assert_eq!(text(s.line(b"*")), "-ERR authentication cancelled\r\n");
         assert!(text(s.line(b"AUTH")).contains("PLAIN"));
@@ -587,11 +613,36 @@ mod tests {
 
     #[test]
     fn plaintext_can_be_refused_and_commands_need_login() {
-        let mut s = Session::new(false);
+        let mut s = Session::new(false, false);
         assert!(text(s.line(b"USER alice")).starts_with("-ERR [AUTH]"));
         assert!(!text(s.line(b"CAPA")).contains("USER"));
         assert_eq!(text(s.line(b"STAT")), "-ERR log in first\r\n");
         assert_eq!(text(s.line(b"PASS x")), "-ERR USER first\r\n");
         assert_eq!(text(s.line(b"QUIT")), "+OK bye\r\n");
+    }
+
+    #[test]
+    fn stls_is_offered_before_tls_and_opens_the_passwords() {
+        let mut s = Session::new(false, true);
+        let capa = text(s.line(b"CAPA"));
+        assert!(capa.contains("STLS\r\n"), "{capa}");
+        assert!(!capa.contains("USER"), "{capa}");
+        assert_eq!(
+            s.line(b"STLS"),
+            Action::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec())
+        );
+        s.tls_started();
+        let capa = text(s.line(b"CAPA"));
+        assert!(!capa.contains("STLS"), "{capa}");
+        assert!(capa.contains("USER\r\nSASL PLAIN\r\n"), "{capa}");
+        assert_eq!(text(s.line(b"STLS")), "-ERR STLS is not available here\r\n");
+        assert_eq!(text(s.line(b"USER alice")), "+OK send PASS\r\n");
+        // Without a certificate STLS is neither offered nor accepted.
+        let mut plain = Session::new(true, false);
+        assert!(!text(plain.line(b"CAPA")).contains("STLS"));
+        assert_eq!(
+            text(plain.line(b"STLS")),
+            "-ERR STLS is not available here\r\n"
+        );
     }
 }

@@ -24,6 +24,7 @@ pub fn test_config(data: &Path) -> Config {
     config.pop3.listen = "127.0.0.1:0".parse().unwrap();
     config.imap.listen = "127.0.0.1:0".parse().unwrap();
     config.imap.tls_listen = "127.0.0.1:0".parse().unwrap();
+    config.pop3.tls_listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.conversion.workers = 2;
     // Tests that route mail out inspect the outbound queue: hold it (the outbound tests
