@@ -104,6 +104,8 @@ pub fn run_smtp_shedding(
                 }
                 Step::NeedInput => break,
                 Step::Close => break 'reads,
+                Step::StartTls(_) => unreachable!("the fuzz session offers no STARTTLS"),
+                Step::Authenticate { .. } => unreachable!("the fuzz session offers no AUTH"),
             }
         }
         if shed_over.is_some_and(|over| session.message_bytes() > over) {

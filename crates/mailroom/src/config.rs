@@ -251,6 +251,12 @@ impl Default for ImapSection {
 /// configured one that cannot listen stops the start-up like every other listener.
 pub const DEFAULT_IMAPS: &str = "127.0.0.1:1993";
 
+/// The embedded default of `smtp.submission_listen` (see [`DEFAULT_IMAPS`]).
+pub const DEFAULT_SUBMISSION: &str = "127.0.0.1:1587";
+
+/// The embedded default of `smtp.submissions_listen` (see [`DEFAULT_IMAPS`]).
+pub const DEFAULT_SUBMISSIONS: &str = "127.0.0.1:1465";
+
 /// The embedded default of `pop3.tls_listen` (see [`DEFAULT_IMAPS`]).
 pub const DEFAULT_POP3S: &str = "127.0.0.1:1995";
 
@@ -341,6 +347,10 @@ impl Default for ServerSection {
 pub struct SmtpSection {
     /// Listen address.
     pub listen: SocketAddr,
+    /// Submission (RFC 6409: STARTTLS, then AUTH) listen address; `--submission`.
+    pub submission_listen: SocketAddr,
+    /// Submission over implicit TLS (RFC 8314) listen address; `--smtps`.
+    pub submissions_listen: SocketAddr,
     /// Largest message, bytes.
     pub message_size_max_bytes: usize,
     /// Largest header section, bytes.
@@ -371,6 +381,8 @@ impl Default for SmtpSection {
     fn default() -> Self {
         SmtpSection {
             listen: "127.0.0.1:2525".parse().expect("valid address"),
+            submission_listen: DEFAULT_SUBMISSION.parse().expect("valid address"),
+            submissions_listen: DEFAULT_SUBMISSIONS.parse().expect("valid address"),
             message_size_max_bytes: 25 << 20,
             header_size_max_bytes: 2 << 20,
             recipients_per_message_max: 100,
@@ -501,8 +513,8 @@ pub struct DirectorySection {
 
 /// The commented example printed by `mailroom config example`; equal to the defaults.
 pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown with its default; delete what you
-# do not change. Command-line flags (--data, --domain, --smtp, --imap, --imaps, --pop3,
-# --pop3s, --admin) override it.
+# do not change. Command-line flags (--data, --domain, --smtp, --submission, --smtps,
+# --imap, --imaps, --pop3, --pop3s, --admin) override it.
 
 [server]
 # The name this server gives itself in the SMTP greeting and in Received headers.
@@ -522,8 +534,16 @@ data_dir = "mailroom-data"
 shutdown_deadline_ms = 5000
 
 [smtp]
-# Where the SMTP server listens. Port 25 needs privileges; 2525 does not.
+# Where the SMTP server listens for mail from other servers (port 25 in production;
+# it needs privileges, 2525 does not). STARTTLS is offered; AUTH is not (see below).
 listen = "127.0.0.1:2525"
+# Where users' mail clients submit mail (RFC 6409, port 587 in production): STARTTLS,
+# then AUTH PLAIN or LOGIN is required before MAIL; an authenticated user may relay and
+# may send only as its own addresses or lists it owns; Message-ID and Date are added
+# when missing. A default port that is taken is skipped with a warning.
+submission_listen = "127.0.0.1:1587"
+# The same over implicit TLS (RFC 8314, port 465 in production).
+submissions_listen = "127.0.0.1:1465"
 # Largest message accepted (advertised with SIZE; larger ones get 552 5.3.4).
 message_size_max_bytes = 26214400
 # Largest header section of a message (larger ones get 552 5.3.4).

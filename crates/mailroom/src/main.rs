@@ -168,6 +168,12 @@ struct ServeArgs {
     /// SMTP listen address (overrides smtp.listen).
     #[arg(long)]
     smtp: Option<SocketAddr>,
+    /// Mail submission (STARTTLS + AUTH) listen address (overrides smtp.submission_listen).
+    #[arg(long)]
+    submission: Option<SocketAddr>,
+    /// Submission over implicit TLS listen address (overrides smtp.submissions_listen).
+    #[arg(long)]
+    smtps: Option<SocketAddr>,
     /// IMAP listen address (overrides imap.listen).
     #[arg(long)]
     imap: Option<SocketAddr>,
@@ -329,6 +335,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(smtp) = args.smtp {
         config.smtp.listen = smtp;
     }
+    if let Some(submission) = args.submission {
+        config.smtp.submission_listen = submission;
+    }
+    if let Some(smtps) = args.smtps {
+        config.smtp.submissions_listen = smtps;
+    }
     if let Some(imap) = args.imap {
         config.imap.listen = imap;
     }
@@ -350,6 +362,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         say("Mailroom is running.");
         say(&format!("  data folder: {}", server.data_dir.display()));
         say(&format!("  SMTP:        {}", server.smtp_addr));
+        if let Some(submission) = server.submission_addr {
+            say(&format!("  submission:  {submission}"));
+        }
+        if let Some(smtps) = server.submissions_addr {
+            say(&format!("  SMTPS:       {smtps}"));
+        }
         say(&format!("  IMAP:        {}", server.imap_addr));
         if let Some(imaps) = server.imaps_addr {
             say(&format!("  IMAPS:       {imaps}"));

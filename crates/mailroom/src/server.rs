@@ -60,6 +60,10 @@ pub struct RunningServer {
     pub imaps_addr: Option<SocketAddr>,
     /// Where POP3 over implicit TLS listens (none: its default port was taken).
     pub pop3s_addr: Option<SocketAddr>,
+    /// Where mail submission (STARTTLS + AUTH) listens (none: its default port was taken).
+    pub submission_addr: Option<SocketAddr>,
+    /// Where submission over implicit TLS listens (none: its default port was taken).
+    pub submissions_addr: Option<SocketAddr>,
     /// The certificates every TLS listener serves.
     pub tls: Arc<mailroom_tls::Tls>,
     /// Where the admin API listens.
@@ -422,6 +426,20 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         "imap.tls_listen / --imaps",
     )
     .await?;
+    let submission_listener = bind_tls_listener(
+        config.smtp.submission_listen,
+        crate::config::DEFAULT_SUBMISSION,
+        "submission",
+        "smtp.submission_listen / --submission",
+    )
+    .await?;
+    let submissions_listener = bind_tls_listener(
+        config.smtp.submissions_listen,
+        crate::config::DEFAULT_SUBMISSIONS,
+        "SMTPS",
+        "smtp.submissions_listen / --smtps",
+    )
+    .await?;
     let pop3s_listener = bind_tls_listener(
         config.pop3.tls_listen,
         crate::config::DEFAULT_POP3S,
@@ -473,6 +491,14 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
+    let submission_addr = match &submission_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
+    let submissions_addr = match &submissions_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let admin_addr = admin_listener.local_addr()?;
 
     let admin_token = admin_token(&data_dir)?;
@@ -481,6 +507,15 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         &format!("http://{admin_addr}"),
     )?;
 
+    let limiter = Arc::new(LoginLimiter::new(LoginLimits {
+        per_client: config.login.failures_per_client,
+        per_account: config.login.failures_per_account,
+        window: Duration::from_secs(config.login.failure_window_secs),
+    }));
+    // Password checks run on a few threads of their own (bounded memory and CPU).
+    let verifier = Arc::new(Verifier::start(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    )?);
     let smtp = SmtpServer::new(
         SmtpLimits {
             hostname: config.server.hostname.clone(),
@@ -509,19 +544,42 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     .with_admission({
         let transfer = transfer.clone();
         Arc::new(move || transfer.get().inbound())
+    })
+    .with_tls(tls.clone())
+    .with_logins(mailroom_smtp::Logins {
+        limiter: limiter.clone(),
+        verifier: verifier.clone(),
+        plaintext_allowed: {
+            let policy = config.login.plaintext_auth;
+            Arc::new(move |ip: std::net::IpAddr| match policy {
+                PlaintextAuth::Always => true,
+                PlaintextAuth::Loopback => ip.is_loopback(),
+                PlaintextAuth::Never => false,
+            })
+        },
     });
     let sessions = TaskTracker::new();
-    tokio::spawn(smtp.serve(smtp_listener, cancel.clone(), sessions.clone()));
+    tokio::spawn(
+        smtp.clone()
+            .serve(smtp_listener, cancel.clone(), sessions.clone()),
+    );
+    if let Some(listener) = submission_listener {
+        tokio::spawn(smtp.clone().serve_mode(
+            listener,
+            cancel.clone(),
+            sessions.clone(),
+            mailroom_smtp::Mode::Submission,
+        ));
+    }
+    if let Some(listener) = submissions_listener {
+        tokio::spawn(smtp.serve_mode(
+            listener,
+            cancel.clone(),
+            sessions.clone(),
+            mailroom_smtp::Mode::Submissions,
+        ));
+    }
 
-    let limiter = Arc::new(LoginLimiter::new(LoginLimits {
-        per_client: config.login.failures_per_client,
-        per_account: config.login.failures_per_account,
-        window: Duration::from_secs(config.login.failure_window_secs),
-    }));
-    // Password checks run on a few threads of their own (bounded memory and CPU).
-    let verifier = Arc::new(Verifier::start(
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    )?);
     let plaintext = match config.login.plaintext_auth {
         PlaintextAuth::Always => PlaintextPolicy::Always,
         PlaintextAuth::Loopback => PlaintextPolicy::Loopback,
@@ -653,6 +711,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         imap_addr,
         imaps_addr,
         pop3s_addr,
+        submission_addr,
+        submissions_addr,
         tls,
         admin_addr,
         admin_token,

@@ -492,3 +492,240 @@ print(json.dumps(out))
     assert_eq!(out["after"], "-ERR log in first", "{out}");
     server.server.shutdown().await;
 }
+
+/// SMTP STARTTLS (RFC 3207) with Python's smtplib verifying the certificate: the
+/// message arrives with `ESMTPS` in its Received header; a command pipelined with
+/// STARTTLS in the clear is not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_starttls() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let cafile = server.server.tls.served()[0]
+        .cert_file
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"{CLIENT}
+import smtplib
+out = {{}}
+s = smtplib.SMTP(host, port, local_hostname='client.test')
+s.ehlo()
+out['plain_ehlo'] = sorted(s.esmtp_features.keys())
+s._host = NAME  # the name starttls() verifies
+code, _ = s.starttls(context=ctx)
+out['starttls'] = code
+out['fingerprint'] = fingerprint(s.sock)
+s.ehlo()
+out['tls_ehlo'] = sorted(s.esmtp_features.keys())
+s.sendmail('b@remote.test', ['ann@example.test'], b'Subject: secret\r\n\r\nover TLS\r\n')
+s.quit()
+# STARTTLS and a MAIL in one packet.
+raw = socket.create_connection((host, port), 5)
+f = raw.makefile('rb')
+f.readline()
+raw.sendall(b'EHLO client.test\r\n')
+while True:
+    line = f.readline()
+    if line[3:4] == b' ':
+        break
+raw.sendall(b'STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\n')
+out['starttls_raw'] = f.readline().decode().rstrip()
+tls = ctx.wrap_socket(raw, server_hostname=NAME)
+g = tls.makefile('rb')
+tls.sendall(b'RCPT TO:<ann@example.test>\r\n')
+out['after'] = g.readline().decode().rstrip()
+print(json.dumps(out))
+"#
+    );
+    let out: serde_json::Value = serde_json::from_str(
+        &python(
+            &script,
+            &[
+                "127.0.0.1".into(),
+                server.server.smtp_addr.port().to_string(),
+                cafile,
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    let features = |k: &str| -> Vec<String> {
+        out[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(features("plain_ehlo").contains(&"starttls".into()), "{out}");
+    assert_eq!(out["starttls"], 220);
+    assert!(!features("tls_ehlo").contains(&"starttls".into()), "{out}");
+    assert_eq!(
+        out["fingerprint"],
+        colonless(&server.server.tls.served()[0].sha256).as_str()
+    );
+    assert_eq!(out["starttls_raw"], "220 2.0.0 Ready to start TLS");
+    // RCPT without a MAIL: had the injected MAIL run, RCPT would be accepted.
+    assert!(
+        out["after"].as_str().unwrap().starts_with("503 5.5.1"),
+        "{out}"
+    );
+    let messages = server.wait_for_messages("ann@example.test", 1).await;
+    let raw = server.raw("ann@example.test", messages[0].uid).await;
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.contains("with ESMTPS id"), "{raw}");
+    server.server.shutdown().await;
+}
+
+/// Mail submission (RFC 6409 on the submission port, RFC 8314 on SMTPS) with Python's
+/// smtplib: AUTH only over TLS when the policy says so, AUTH PLAIN and LOGIN, relay
+/// for the authenticated user, its own addresses only, Message-ID and Date added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submission_with_auth_over_tls() {
+    let server = TestServer::start_with(
+        |config| config.login.plaintext_auth = mailroom::config::PlaintextAuth::Never,
+        mailroom::ServerOptions::default(),
+    )
+    .await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server
+        .add_mailbox("bob@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let cafile = server.server.tls.served()[0]
+        .cert_file
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"{CLIENT}
+import smtplib
+out = {{}}
+submission, smtps, mx = port, int(sys.argv[4]), int(sys.argv[5])
+s = smtplib.SMTP(host, submission, local_hostname='client.test')
+s.ehlo()
+out['plain_ehlo'] = sorted(s.esmtp_features.keys())
+out['plain_auth'] = list(s.docmd('AUTH', 'PLAIN AGFubgBzZWNyZXQ='))
+out['plain_mail'] = list(s.docmd('MAIL', 'FROM:<ann@example.test>'))
+s._host = NAME
+s.starttls(context=ctx)
+s.ehlo()
+out['tls_auth'] = s.esmtp_features.get('auth', '')
+try:
+    s.login('ann@example.test', 'wrong password')
+    out['wrong'] = 'accepted'
+except smtplib.SMTPAuthenticationError as e:
+    out['wrong'] = [e.smtp_code, e.smtp_error.decode()]
+s.user, s.password = 'ann@example.test', '{PASSWORD}'
+code, _ = s.auth('LOGIN', s.auth_login, initial_response_ok=False)
+out['login'] = code
+# Someone else's address as the sender.
+try:
+    s.sendmail('bob@example.test', ['bob@example.test'], b'Subject: forged\r\n\r\nx\r\n')
+    out['forged'] = 'accepted'
+except smtplib.SMTPSenderRefused as e:
+    out['forged'] = [e.smtp_code, e.smtp_error.decode()]
+# No Message-ID, no Date: submission adds them. A remote recipient: relayed.
+refused = s.sendmail('ann@example.test', ['bob@example.test', 'carol@remote.test'],
+                     b'Subject: from a client\r\n\r\nhello Bob\r\n')
+out['refused'] = {{k: list(v) for k, v in refused.items()}}
+s.quit()
+class SMTPS(smtplib.SMTP_SSL):
+    def _get_socket(self, host, port, timeout):
+        sock = socket.create_connection((host, port), timeout)
+        return self.context.wrap_socket(sock, server_hostname=NAME)
+t = SMTPS(host, smtps, context=ctx, local_hostname='client.test')
+t.login('ann@example.test', '{PASSWORD}')  # PLAIN
+t.sendmail('ann@example.test', ['bob@example.test'],
+           b'Subject: over SMTPS\r\nMessage-ID: <kept@client.test>\r\n\r\nhi\r\n')
+t.quit()
+m = smtplib.SMTP(host, mx, local_hostname='client.test')
+m.ehlo()
+out['mx_auth_feature'] = m.has_extn('auth')
+out['mx_auth'] = list(m.docmd('AUTH', 'PLAIN AGFubgBzZWNyZXQ='))
+m.quit()
+print(json.dumps(out, default=lambda b: b.decode()))
+"#
+    );
+    let out: serde_json::Value = serde_json::from_str(
+        &python(
+            &script,
+            &[
+                "127.0.0.1".into(),
+                server.server.submission_addr.unwrap().port().to_string(),
+                cafile,
+                server.server.submissions_addr.unwrap().port().to_string(),
+                server.server.smtp_addr.port().to_string(),
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    let plain_ehlo: Vec<&str> = out["plain_ehlo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(plain_ehlo.contains(&"starttls"), "{out}");
+    assert!(!plain_ehlo.contains(&"auth"), "no AUTH before TLS: {out}");
+    assert_eq!(out["plain_auth"][0], 538, "{out}");
+    assert_eq!(out["plain_mail"][0], 530, "{out}");
+    assert_eq!(out["tls_auth"].as_str().unwrap().trim(), "PLAIN LOGIN");
+    assert_eq!(out["wrong"][0], 535, "{out}");
+    assert!(
+        out["wrong"][1].as_str().unwrap().starts_with("5.7.8"),
+        "{out}"
+    );
+    assert_eq!(out["login"], 235);
+    assert_eq!(out["forged"][0], 553, "{out}");
+    assert!(
+        out["forged"][1]
+            .as_str()
+            .unwrap()
+            .contains("not owned by user ann@example.test"),
+        "{out}"
+    );
+    assert_eq!(out["refused"], serde_json::json!({}), "{out}");
+    assert_eq!(out["mx_auth_feature"], false);
+    assert_eq!(out["mx_auth"][0], 503, "{out}");
+    let messages = server.wait_for_messages("bob@example.test", 2).await;
+    let mut raws = Vec::new();
+    for m in &messages {
+        raws.push(
+            String::from_utf8_lossy(&server.raw("bob@example.test", m.uid).await).into_owned(),
+        );
+    }
+    let submitted = raws
+        .iter()
+        .find(|r| r.contains("Subject: from a client"))
+        .expect("the submitted message");
+    assert!(submitted.contains("with ESMTPSA id"), "{submitted}");
+    assert!(
+        submitted.contains("@mx.example.test>\r\n"),
+        "Message-ID added: {submitted}"
+    );
+    assert!(submitted.contains("\r\nDate: "), "Date added: {submitted}");
+    let kept = raws
+        .iter()
+        .find(|r| r.contains("Subject: over SMTPS"))
+        .expect("the SMTPS message");
+    assert!(kept.contains("Message-ID: <kept@client.test>"), "{kept}");
+    assert_eq!(kept.matches("Message-ID:").count(), 1, "{kept}");
+    assert!(kept.contains("with ESMTPSA id"), "{kept}");
+    // The remote recipient went to the outbound queue (held in the tests).
+    let queues = server.queues().await;
+    let outbound = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "outbound")
+        .unwrap()
+        .clone();
+    assert_eq!(outbound["depth"], 1, "{queues}");
+    server.server.shutdown().await;
+}

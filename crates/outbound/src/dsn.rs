@@ -251,6 +251,7 @@ mod tests {
             }],
             delay_notified: false,
             unauthenticated: false,
+            authenticated_as: None,
         };
         let original = b"Subject: hello\r\nFrom: a@local.test\r\n\r\nbody text\r\n";
         let bytes = build(
@@ -304,6 +305,7 @@ mod tests {
             }],
             delay_notified: false,
             unauthenticated: true,
+            authenticated_as: None,
         };
         let original = b"Subject: hello\r\n\r\nthe whole attack payload\r\n";
         let bytes = build(

@@ -158,6 +158,34 @@ pub struct SmtpServer {
     admission: Option<Admission>,
     /// The data folder's disk: MAIL is refused (452 4.3.1) below its reserve.
     disk: Option<Arc<mailroom_store::Disk>>,
+    /// The certificates, when TLS is configured: STARTTLS is offered.
+    tls: Option<Arc<mailroom_tls::Tls>>,
+    /// Password checks for AUTH on the submission ports: the login limiter and the
+    /// verifier pool shared with IMAP and POP3, and where plaintext passwords are
+    /// accepted without TLS.
+    logins: Option<Logins>,
+}
+
+/// What AUTH needs from the rest of the server.
+#[derive(Clone)]
+pub struct Logins {
+    /// Failed logins per client and account (shared with IMAP and POP3).
+    pub limiter: Arc<mailroom_directory::login::LoginLimiter>,
+    /// The Argon2 verifier threads.
+    pub verifier: Arc<mailroom_directory::login::Verifier>,
+    /// Whether a client at this address may send a password without TLS.
+    pub plaintext_allowed: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Mail from other servers (port 25): no AUTH; relay only from `relay_networks`.
+    Mx,
+    /// Submission (RFC 6409, port 587): STARTTLS, then AUTH before MAIL.
+    Submission,
+    /// Submission over implicit TLS (RFC 8314, port 465): AUTH before MAIL.
+    Submissions,
 }
 
 /// Says whether new SMTP sessions are accepted right now.
@@ -183,6 +211,14 @@ impl RecipientPolicy for QuotaPolicy<'_> {
         // The declared size counts twice: the WAL first, the database at a checkpoint.
         let refused = self.disk?.admit(size.saturating_mul(2)).err()?;
         Some(refused.to_string())
+    }
+
+    fn may_send_as(&self, user: mailroom_store::RecipientId, address: &str) -> bool {
+        self.snapshot.by_address(address).is_some_and(|owner| {
+            owner.id == user
+                || (owner.kind == mailroom_directory::RecipientKind::List
+                    && owner.owner == Some(user))
+        })
     }
 
     fn over_quota(&self, recipient: &mailroom_directory::Recipient) -> bool {
@@ -240,7 +276,27 @@ impl SmtpServer {
             quota_store: None,
             admission: None,
             disk: None,
+            tls: None,
+            logins: None,
         })
+    }
+
+    /// Enables AUTH on the submission ports with these password checks.
+    pub fn with_logins(self: Arc<Self>, logins: Logins) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_logins is called right after new, before the server is shared")
+        });
+        server.logins = Some(logins);
+        Arc::new(server)
+    }
+
+    /// Offers STARTTLS (RFC 3207) with these certificates.
+    pub fn with_tls(self: Arc<Self>, tls: Arc<mailroom_tls::Tls>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_tls is called right after new, before the server is shared")
+        });
+        server.tls = Some(tls);
+        Arc::new(server)
     }
 
     /// Checks "prohibit send and receive" quotas at RCPT against mailbox sizes in `store`.
@@ -287,8 +343,31 @@ impl SmtpServer {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
+        self.serve_mode(listener, cancel, tracker, Mode::Mx).await;
+    }
+
+    /// [`SmtpServer::serve`] for a listener of the given [`Mode`].
+    pub async fn serve_mode(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+        mode: Mode,
+    ) {
+        let tls = match (mode, &self.tls) {
+            (Mode::Submissions, None) => {
+                tracing::error!("SMTPS listener without certificates: not started");
+                return;
+            }
+            (Mode::Submissions, Some(tls)) => Some(tls.clone()),
+            _ => None,
+        };
         let limits = mailroom_listen::Limits {
-            protocol: "SMTP",
+            protocol: match mode {
+                Mode::Mx => "SMTP",
+                Mode::Submission => "submission",
+                Mode::Submissions => "SMTPS",
+            },
             connections_max: self.config.sessions_max,
             per_client_max: self.config.sessions_per_client_max,
             refusal: b"421 4.7.0 Too many connections, try again later\r\n",
@@ -312,18 +391,40 @@ impl SmtpServer {
             metrics,
             move |stream, peer, cancel| {
                 let server = server.clone();
-                async move { server.handle(stream, peer, cancel).await }
+                let tls = tls.clone();
+                async move {
+                    let (stream, encrypted) = match &tls {
+                        Some(tls) => (mailroom_tls::accept(tls, Box::new(stream)).await?, true),
+                        None => (Box::new(stream) as mailroom_tls::BoxedIo, false),
+                    };
+                    server
+                        .handle_io(stream, peer, cancel, encrypted, mode)
+                        .await
+                }
             },
         )
         .await;
     }
 
-    /// Runs one session over any byte stream (TLS can wrap it later).
-    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Runs one session over any byte stream, not encrypted (STARTTLS may encrypt it).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
-        mut stream: S,
+        stream: S,
         peer: SocketAddr,
         cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        self.handle_io(Box::new(stream), peer, cancel, false, Mode::Mx)
+            .await
+    }
+
+    /// Runs one session; `tls` says whether `stream` is encrypted already.
+    async fn handle_io(
+        &self,
+        mut stream: mailroom_tls::BoxedIo,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        tls: bool,
+        mode: Mode,
     ) -> std::io::Result<()> {
         if self.admission.as_ref().is_some_and(|admit| !admit()) {
             self.stats.reject("transfer_mode");
@@ -342,6 +443,17 @@ impl SmtpServer {
             self.relay_allowed(peer.ip()),
             connection_id,
         );
+        session.set_tls(tls, self.tls.is_some());
+        if mode != Mode::Mx {
+            session.set_auth(crate::session::AuthPolicy {
+                offered: self.logins.is_some(),
+                required: true,
+                plaintext_allowed: self
+                    .logins
+                    .as_ref()
+                    .is_some_and(|logins| (logins.plaintext_allowed)(peer.ip())),
+            });
+        }
         let mut out = Vec::new();
         session.greeting().render(&mut out);
         let deadline = Instant::now() + self.config.session_duration_max;
@@ -399,6 +511,30 @@ impl SmtpServer {
                     self.write(&mut stream, &mut out).await?;
                     return stream.shutdown().await;
                 }
+                Step::Authenticate { user, password } => {
+                    self.write(&mut stream, &mut out).await?;
+                    let outcome = self.check_password(peer, &user, password).await;
+                    if outcome.is_ok() {
+                        tracing::debug!(%peer, user, "SMTP AUTH");
+                    }
+                    session.auth_result(outcome).render(&mut out);
+                }
+                Step::StartTls(reply) => {
+                    reply.render(&mut out);
+                    self.write(&mut stream, &mut out).await?;
+                    let Some(tls) = self.tls.clone() else {
+                        return Ok(());
+                    };
+                    stream = match mailroom_tls::accept(&tls, stream).await {
+                        Ok(encrypted) => encrypted,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "SMTP STARTTLS handshake failed");
+                            self.stats.reject("tls_handshake");
+                            return Ok(());
+                        }
+                    };
+                    session.tls_started();
+                }
                 Step::NeedInput => {
                     let held = session.message_bytes();
                     if charge.set(held, self.config.data_in_memory_max)
@@ -438,6 +574,59 @@ impl SmtpServer {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Checks an AUTH password: the login limiter first, then the verifier pool, and
+    /// the mailbox's protocol settings (SMTP submission may be turned off per mailbox).
+    async fn check_password(
+        &self,
+        peer: SocketAddr,
+        user: &str,
+        password: String,
+    ) -> Result<mailroom_store::RecipientId, crate::session::AuthFailure> {
+        use crate::session::AuthFailure;
+        use mailroom_directory::login::LoginError;
+        let Some(logins) = &self.logins else {
+            return Err(AuthFailure::Temporary(
+                "Authentication is not available".into(),
+            ));
+        };
+        let attempt = match logins.limiter.begin(peer.ip(), user).await {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                self.stats.reject("auth_limited");
+                return Err(AuthFailure::Temporary(e.to_string()));
+            }
+        };
+        let snapshot = self.directory.snapshot();
+        match mailroom_directory::login::authenticate_async(
+            &snapshot,
+            user,
+            password,
+            mailroom_directory::model::Protocol::SmtpSubmission,
+            &logins.verifier,
+        )
+        .await
+        {
+            Ok(id) => {
+                attempt.succeeded();
+                Ok(id)
+            }
+            Err(e @ LoginError::Busy) => {
+                attempt.void();
+                Err(AuthFailure::Temporary(e.to_string()))
+            }
+            Err(e @ LoginError::ProtocolDisabled(_)) => {
+                attempt.void();
+                Err(AuthFailure::Disabled(e.to_string()))
+            }
+            Err(_) => {
+                attempt.failed();
+                self.stats.reject("auth_failed");
+                tracing::info!(%peer, user, "SMTP AUTH failed");
+                Err(AuthFailure::Invalid)
             }
         }
     }

@@ -12,6 +12,7 @@
 
 use crate::data::{BdatReceiver, DataReceiver};
 use crate::reply::Reply;
+use base64::Engine;
 use mailroom_directory::{Resolution, Snapshot};
 use smtp_proto::{Error as ProtoError, MAIL_SMTPUTF8, Request};
 use std::borrow::Cow;
@@ -75,6 +76,46 @@ pub trait RecipientPolicy {
     fn storage_refusal(&self, _size: u64) -> Option<String> {
         None
     }
+
+    /// Whether the authenticated `user` may use `address` as the envelope sender: one
+    /// of its own addresses, or the address of a list it owns.
+    fn may_send_as(&self, _user: mailroom_store::RecipientId, _address: &str) -> bool {
+        false
+    }
+}
+
+/// Why a password check after AUTH failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Wrong user or password: 535 5.7.8.
+    Invalid,
+    /// The mailbox may not use SMTP submission: 535 5.7.8 with this text.
+    Disabled(String),
+    /// Too many failures, or the verifier is busy: 454 4.7.0 with this text.
+    Temporary(String),
+}
+
+/// SMTP AUTH (RFC 4954) on this listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuthPolicy {
+    /// AUTH is offered (submission listeners).
+    pub offered: bool,
+    /// MAIL needs AUTH first (530 5.7.0).
+    pub required: bool,
+    /// Passwords may be sent on this connection without TLS (the login policy for the
+    /// client's address).
+    pub plaintext_allowed: bool,
+}
+
+/// Where an AUTH exchange stands.
+#[derive(Debug)]
+enum AuthStep {
+    /// PLAIN: waiting for the response.
+    Plain,
+    /// LOGIN: waiting for the user name.
+    LoginUser,
+    /// LOGIN: waiting for the password of this user.
+    LoginPassword(String),
 }
 
 /// Why the spool did not take a message.
@@ -122,6 +163,18 @@ pub enum Step {
     NeedInput,
     /// Flush buffered replies and close the connection.
     Close,
+    /// AUTH: check this password (the limiter and the verifier are the driver's), then
+    /// call [`Session::auth_result`].
+    Authenticate {
+        /// The user name as the client sent it.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// Send this reply (220), then run the TLS handshake and call
+    /// [`Session::tls_started`] (RFC 3207). Everything the client sent after STARTTLS
+    /// was discarded already: it came in the clear (CVE-2011-0411).
+    StartTls(Reply),
 }
 
 /// Why a message being received will be refused at its end.
@@ -144,6 +197,10 @@ enum Phase {
     Bdat(BdatReceiver, bool),
     BdatDiscard(BdatReceiver, bool, Refusal),
     AwaitingSpool,
+    /// An AUTH exchange: the next line is the client's response.
+    Auth(AuthStep),
+    /// A password is being checked.
+    AwaitingAuth,
     Closed,
 }
 
@@ -174,6 +231,16 @@ pub struct Session {
     errors: u32,
     /// The clock reading passed to the current `advance`.
     now_ms: i64,
+    /// The connection is encrypted (after STARTTLS, or an implicit-TLS port).
+    tls: bool,
+    /// STARTTLS is offered (a certificate exists, not encrypted yet).
+    starttls: bool,
+    /// SMTP AUTH on this listener.
+    auth: AuthPolicy,
+    /// Who the client authenticated as: (user name, recipient).
+    authenticated: Option<(String, mailroom_store::RecipientId)>,
+    /// The user name of the password being checked.
+    auth_pending: Option<String>,
 }
 
 impl Session {
@@ -197,7 +264,66 @@ impl Session {
             input: Vec::new(),
             errors: 0,
             now_ms: 0,
+            tls: false,
+            starttls: false,
+            auth: AuthPolicy::default(),
+            authenticated: None,
+            auth_pending: None,
         }
+    }
+
+    /// SMTP AUTH on this listener (submission: offered and required).
+    pub fn set_auth(&mut self, auth: AuthPolicy) {
+        self.auth = auth;
+    }
+
+    /// Who the client authenticated as.
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.authenticated.as_ref().map(|(user, _)| user.as_str())
+    }
+
+    /// Whether AUTH may be used now: offered, and over TLS unless passwords may travel
+    /// in the clear from this client.
+    fn auth_usable(&self) -> bool {
+        self.auth.offered && (self.tls || self.auth.plaintext_allowed)
+    }
+
+    /// The driver's verdict on [`Step::Authenticate`].
+    pub fn auth_result(
+        &mut self,
+        outcome: Result<mailroom_store::RecipientId, AuthFailure>,
+    ) -> Reply {
+        debug_assert!(matches!(self.phase, Phase::AwaitingAuth));
+        self.phase = Phase::Command;
+        let user = self.auth_pending.take().unwrap_or_default();
+        match outcome {
+            Ok(recipient) => {
+                self.authenticated = Some((user, recipient));
+                Reply::new(235, (2, 7, 0), "Authentication successful")
+            }
+            Err(AuthFailure::Invalid) => {
+                Reply::new(535, (5, 7, 8), "Authentication credentials invalid")
+            }
+            Err(AuthFailure::Disabled(why)) => Reply::new(535, (5, 7, 8), why),
+            Err(AuthFailure::Temporary(why)) => Reply::new(454, (4, 7, 0), why),
+        }
+    }
+
+    /// Whether the connection is encrypted already (`encrypted`) and whether STARTTLS
+    /// may be offered on it (`offered`: a certificate is configured).
+    pub fn set_tls(&mut self, encrypted: bool, offered: bool) {
+        self.tls = encrypted;
+        self.starttls = offered && !encrypted;
+    }
+
+    /// The handshake after STARTTLS succeeded: the session starts over as after the
+    /// greeting, forgetting the EHLO (RFC 3207 4.2), now encrypted.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.starttls = false;
+        self.helo = None;
+        self.transaction = None;
+        self.phase = Phase::Command;
     }
 
     /// The 220 greeting.
@@ -226,6 +352,7 @@ impl Session {
             Phase::Data(_) | Phase::DataDiscard(..) => "DATA",
             Phase::Bdat(..) | Phase::BdatDiscard(..) => "BDAT",
             Phase::AwaitingSpool => "spooling",
+            Phase::Auth(_) | Phase::AwaitingAuth => "AUTH",
             Phase::Closed => "closing",
         }
     }
@@ -280,10 +407,11 @@ impl Session {
         loop {
             let step = match &mut self.phase {
                 Phase::Closed => return Step::Close,
-                Phase::AwaitingSpool => {
-                    debug_assert!(false, "advance called while a submission is pending");
+                Phase::AwaitingSpool | Phase::AwaitingAuth => {
+                    debug_assert!(false, "advance called while the driver is working");
                     return Step::NeedInput;
                 }
+                Phase::Auth(_) => self.auth_response(),
                 Phase::Command => self.command(policy),
                 Phase::SkipLine => self.skip_line(),
                 Phase::Data(_) | Phase::DataDiscard(..) => self.data(),
@@ -389,6 +517,9 @@ impl Session {
     }
 
     fn request(&mut self, request: Request<String>, policy: &dyn RecipientPolicy) -> Step {
+        if matches!(request, Request::StartTls) {
+            return self.starttls();
+        }
         let reply = match request {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
@@ -420,13 +551,176 @@ impl Session {
                 (2, 0, 0),
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT",
             ),
-            Request::StartTls => Reply::new(502, (5, 5, 1), "STARTTLS is not available here"),
-            Request::Auth { .. } => Reply::new(502, (5, 5, 1), "AUTH is not available here"),
+            Request::StartTls => unreachable!("handled above"),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => return self.auth_command(mechanism, initial_response),
             Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 Reply::new(502, (5, 5, 1), "Command not implemented")
             }
         };
         Step::Reply(reply)
+    }
+
+    fn auth_command(&mut self, mechanism: u64, initial: String) -> Step {
+        let refuse = |code, status, text: &'static str| Step::Reply(Reply::new(code, status, text));
+        if !self.auth.offered {
+            return refuse(503, (5, 5, 1), "Authentication is not enabled on this port");
+        }
+        if self.authenticated.is_some() {
+            return refuse(503, (5, 5, 1), "Already authenticated");
+        }
+        if self.transaction.is_some() {
+            return refuse(
+                503,
+                (5, 5, 1),
+                "AUTH is not allowed during a mail transaction",
+            );
+        }
+        if !self.helo.as_ref().is_some_and(|(_, extended)| *extended) {
+            return refuse(503, (5, 5, 1), "Send EHLO first");
+        }
+        if !self.auth_usable() {
+            return refuse(
+                538,
+                (5, 7, 11),
+                "Encryption required for requested authentication mechanism; use STARTTLS",
+            );
+        }
+        let initial = (!initial.is_empty()).then_some(initial);
+        if mechanism == smtp_proto::AUTH_PLAIN {
+            match initial {
+                Some(response) => self.plain_response(response.as_bytes()),
+                None => {
+                    self.phase = Phase::Auth(AuthStep::Plain);
+                    Step::Reply(Reply::plain(334, vec!["".into()]))
+                }
+            }
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            match initial {
+                Some(user) => match decode_base64(user.as_bytes()) {
+                    Some(user) => {
+                        self.phase = Phase::Auth(AuthStep::LoginPassword(user));
+                        Step::Reply(Reply::plain(334, vec!["UGFzc3dvcmQ6".into()]))
+                    }
+                    None => refuse(501, (5, 5, 2), "Invalid base64"),
+                },
+                None => {
+                    self.phase = Phase::Auth(AuthStep::LoginUser);
+                    Step::Reply(Reply::plain(334, vec!["VXNlcm5hbWU6".into()]))
+                }
+            }
+        } else {
+            refuse(
+                504,
+                (5, 5, 4),
+                "Unrecognized authentication type; use PLAIN or LOGIN",
+            )
+        }
+    }
+
+    /// A line of an AUTH exchange.
+    fn auth_response(&mut self) -> Option<Step> {
+        let max = self.limits.line_length_max;
+        let Some(end) = self.input.iter().take(max).position(|&b| b == b'\n') else {
+            if self.input.len() >= max {
+                self.input.clear();
+                self.phase = Phase::SkipLine;
+                return Some(Step::Reply(Reply::new(
+                    500,
+                    (5, 5, 6),
+                    "Authentication exchange line is too long",
+                )));
+            }
+            return Some(Step::NeedInput);
+        };
+        let mut line: Vec<u8> = self.input.drain(..=end).collect();
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let Phase::Auth(step) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            unreachable!("called in the Auth phase");
+        };
+        if line == b"*" {
+            return Some(Step::Reply(Reply::new(
+                501,
+                (5, 0, 0),
+                "Authentication cancelled",
+            )));
+        }
+        Some(match step {
+            AuthStep::Plain => self.plain_response(&line),
+            AuthStep::LoginUser => match decode_base64(&line) {
+                Some(user) => {
+                    self.phase = Phase::Auth(AuthStep::LoginPassword(user));
+                    Step::Reply(Reply::plain(334, vec!["UGFzc3dvcmQ6".into()]))
+                }
+                None => Step::Reply(Reply::new(501, (5, 5, 2), "Invalid base64")),
+            },
+            AuthStep::LoginPassword(user) => match decode_base64(&line) {
+                Some(password) => self.check_password(user, password),
+                None => Step::Reply(Reply::new(501, (5, 5, 2), "Invalid base64")),
+            },
+        })
+    }
+
+    /// A PLAIN response (RFC 4616): authorization identity, user, password.
+    fn plain_response(&mut self, response: &[u8]) -> Step {
+        let decoded = if response == b"=" {
+            Some(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(response)
+                .ok()
+        };
+        let Some(decoded) = decoded else {
+            return Step::Reply(Reply::new(501, (5, 5, 2), "Invalid base64"));
+        };
+        let parts: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
+        let [authz, user, password] = parts.as_slice() else {
+            return Step::Reply(Reply::new(501, (5, 5, 2), "Malformed PLAIN response"));
+        };
+        let (Ok(authz), Ok(user), Ok(password)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(password),
+        ) else {
+            return Step::Reply(Reply::new(
+                501,
+                (5, 5, 2),
+                "The PLAIN response is not UTF-8",
+            ));
+        };
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(user) {
+            return Step::Reply(Reply::new(
+                535,
+                (5, 7, 8),
+                "Acting as another user is not allowed",
+            ));
+        }
+        self.check_password(user.to_string(), password.to_string())
+    }
+
+    fn check_password(&mut self, user: String, password: String) -> Step {
+        self.phase = Phase::AwaitingAuth;
+        self.auth_pending = Some(user.clone());
+        Step::Authenticate { user, password }
+    }
+
+    fn starttls(&mut self) -> Step {
+        if self.tls {
+            return Step::Reply(Reply::new(503, (5, 5, 1), "TLS is already active"));
+        }
+        if !self.starttls {
+            return Step::Reply(Reply::new(502, (5, 5, 1), "STARTTLS is not available here"));
+        }
+        // Pipelined after STARTTLS, in the clear: never read as commands of the
+        // encrypted session.
+        self.input.clear();
+        self.transaction = None;
+        Step::StartTls(Reply::new(220, (2, 0, 0), "Ready to start TLS"))
     }
 
     fn hello(&mut self, host: String, extended: bool) -> Reply {
@@ -443,20 +737,24 @@ impl Session {
         if !extended {
             return Reply::plain(250, vec![name.into()]);
         }
-        Reply::plain(
-            250,
-            vec![
-                format!("{name} greets {host}").into(),
-                "PIPELINING".into(),
-                format!("SIZE {}", self.limits.message_size_max).into(),
-                "8BITMIME".into(),
-                "ENHANCEDSTATUSCODES".into(),
-                "SMTPUTF8".into(),
-                "CHUNKING".into(),
-                "DSN".into(),
-                "HELP".into(),
-            ],
-        )
+        let mut lines = vec![
+            format!("{name} greets {host}").into(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.limits.message_size_max).into(),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+            "DSN".into(),
+        ];
+        if self.starttls {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_usable() && self.authenticated.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        Reply::plain(250, lines)
     }
 
     fn mail(&mut self, from: smtp_proto::MailFrom<String>, policy: &dyn RecipientPolicy) -> Reply {
@@ -488,6 +786,22 @@ impl Session {
         if !from.address.is_ascii() && !smtputf8 {
             return Reply::new(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8");
         }
+        if self.auth.required && self.authenticated.is_none() {
+            return Reply::new(530, (5, 7, 0), "Authentication required");
+        }
+        if let Some((user, recipient)) = &self.authenticated
+            && !from.address.is_empty()
+            && !policy.may_send_as(*recipient, &from.address)
+        {
+            return Reply::new(
+                553,
+                (5, 7, 1),
+                format!(
+                    "<{}>: Sender address rejected: not owned by user {user}",
+                    from.address
+                ),
+            );
+        }
         if let Some(why) = policy.storage_refusal(from.size as u64) {
             return Reply::new(
                 452,
@@ -508,7 +822,8 @@ impl Session {
             envelope: mailroom_store::Envelope {
                 ret,
                 env_id: from.env_id,
-                unauthenticated: !self.relay_allowed,
+                unauthenticated: !self.relay_allowed && self.authenticated.is_none(),
+                authenticated_as: self.authenticated.as_ref().map(|(user, _)| user.clone()),
                 ..Default::default()
             },
             ..Transaction::default()
@@ -517,7 +832,8 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, policy: &dyn RecipientPolicy) -> Reply {
-        let relay_allowed = self.relay_allowed;
+        // Authenticated users relay (their sender address was checked at MAIL).
+        let relay_allowed = self.relay_allowed || self.authenticated.is_some();
         let primary_domain = self.limits.primary_domain.clone();
         let recipients_max = self.limits.recipients_max;
         let Some(transaction) = &mut self.transaction else {
@@ -747,6 +1063,21 @@ impl Session {
         let mut body = self
             .received_header(&transaction, &queue_id, self.now_ms)
             .into_bytes();
+        if self.authenticated.is_some() {
+            // Submission completes what a client left out (RFC 6409 8.2, 8.3).
+            let header_end =
+                find(&transaction.data, b"\r\n\r\n").map_or(transaction.data.len(), |p| p + 2);
+            let header = &transaction.data[..header_end];
+            if !has_field(header, b"message-id") {
+                body.extend_from_slice(
+                    format!("Message-ID: <{queue_id}@{}>\r\n", self.limits.hostname).as_bytes(),
+                );
+            }
+            if !has_field(header, b"date") {
+                let date = mail_builder::headers::date::Date::new(self.now_ms / 1000).to_rfc822();
+                body.extend_from_slice(format!("Date: {date}\r\n").as_bytes());
+            }
+        }
         body.extend_from_slice(&transaction.data);
         self.phase = Phase::AwaitingSpool;
         Step::Submit(Submission {
@@ -788,11 +1119,21 @@ impl Session {
             .helo
             .as_ref()
             .map_or(("unknown", false), |(h, e)| (h.as_str(), *e));
-        let protocol = match (extended, transaction.smtputf8) {
+        // RFC 3848 and RFC 6531: an S for TLS, an A for AUTH.
+        let base = match (extended, transaction.smtputf8) {
             (true, true) => "UTF8SMTP",
             (true, false) => "ESMTP",
             (false, _) => "SMTP",
         };
+        let protocol = format!(
+            "{base}{}{}",
+            if self.tls && extended { "S" } else { "" },
+            if self.authenticated.is_some() && extended {
+                "A"
+            } else {
+                ""
+            }
+        );
         let for_clause = match transaction.recipients.as_slice() {
             [one] => format!("\r\n\tfor <{one}>"),
             _ => String::new(),
@@ -805,6 +1146,23 @@ impl Session {
             host = self.limits.hostname,
         )
     }
+}
+
+/// Whether a header section has a field named `name` (lower case).
+fn has_field(header: &[u8], name: &[u8]) -> bool {
+    header.split(|b| *b == b'\n').any(|line| {
+        line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()..].trim_ascii_start().first() == Some(&b':')
+    })
+}
+
+/// Base64 as UTF-8 text (an AUTH LOGIN user name or password).
+fn decode_base64(line: &[u8]) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(line)
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// `RCPT TO:<Postmaster>` (no domain) must be accepted (RFC 5321 4.5.1); the parser
@@ -1088,6 +1446,8 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
                         session.submitted(Ok(()), &id).render(&mut out);
                     }
                     Step::NeedInput | Step::Close => break,
+                    Step::StartTls(_) => unreachable!("STARTTLS is not offered here"),
+                    Step::Authenticate { .. } => unreachable!("AUTH is not offered here"),
                 }
             }
         }
@@ -1115,6 +1475,8 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
                         session.submitted(Ok(()), &id).render(&mut out);
                     }
                     Step::NeedInput | Step::Close => break,
+                    Step::StartTls(_) => unreachable!("STARTTLS is not offered here"),
+                    Step::Authenticate { .. } => unreachable!("AUTH is not offered here"),
                 }
             }
             if !shed && session.message_bytes() > after {
@@ -1244,5 +1606,235 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
                 "{out}"
             );
         }
+    }
+
+    /// STARTTLS (RFC 3207): offered only with a certificate and before TLS; what was
+    /// pipelined after it in the clear is dropped; the EHLO is forgotten; Received says
+    /// ESMTPS.
+    #[test]
+    fn starttls_discards_what_came_with_it_and_starts_over() {
+        let mut session = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            7,
+        );
+        session.set_tls(false, true);
+        let mut replies = Vec::new();
+        session.receive(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@x.test>\r\n");
+        let step = loop {
+            match session.advance(&Fixed, 0) {
+                Step::Reply(r) => r.render(&mut replies),
+                other => break other,
+            }
+        };
+        let ehlo = String::from_utf8(replies).unwrap();
+        assert!(ehlo.contains("250-STARTTLS\r\n"), "{ehlo}");
+        let Step::StartTls(reply) = step else {
+            panic!("STARTTLS must ask for the handshake");
+        };
+        assert_eq!((reply.code, reply.status), (220, Some((2, 0, 0))));
+        session.tls_started();
+        // The pipelined MAIL is gone, and so is the EHLO.
+        assert!(matches!(session.advance(&Fixed, 0), Step::NeedInput));
+        let (text, _) = drive(&mut session, b"MAIL FROM:<s@x.test>\r\n");
+        assert!(text.starts_with("503 5.5.1 Send EHLO"), "{text}");
+        let (text, submissions) = drive(
+            &mut session,
+            b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: x\r\n\r\ny\r\n.\r\n",
+        );
+        assert!(!text.contains("STARTTLS\r\n"), "{text}");
+        assert!(text.contains("503 5.5.1 TLS is already active"), "{text}");
+        let received = String::from_utf8_lossy(&submissions[0].body).into_owned();
+        assert!(received.contains("with ESMTPS id"), "{received}");
+        // Without a certificate, STARTTLS is neither advertised nor accepted.
+        let mut plain = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            7,
+        );
+        let (text, _) = drive(&mut plain, b"EHLO c\r\nSTARTTLS\r\n");
+        assert!(!text.contains("250-STARTTLS"), "{text}");
+        assert!(
+            text.contains("502 5.5.1 STARTTLS is not available"),
+            "{text}"
+        );
+    }
+
+    /// Feeds `input` and runs the session until it needs more.
+    fn drive(session: &mut Session, input: &[u8]) -> (String, Vec<Submission>) {
+        session.receive(input);
+        let (mut out, mut submissions) = (Vec::new(), Vec::new());
+        loop {
+            match session.advance(&Fixed, 0) {
+                Step::Reply(r) => r.render(&mut out),
+                Step::Submit(s) => {
+                    let id = s.queue_id.clone();
+                    submissions.push(s);
+                    session.submitted(Ok(()), &id).render(&mut out);
+                }
+                Step::NeedInput | Step::Close => break,
+                Step::StartTls(r) => panic!("unexpected STARTTLS step: {r:?}"),
+                Step::Authenticate { user, password } => {
+                    // The test's verifier: one account, recipient 42.
+                    let outcome = if user == "ann@l.test" && password == "secret" {
+                        Ok(42)
+                    } else {
+                        Err(AuthFailure::Invalid)
+                    };
+                    session.auth_result(outcome).render(&mut out);
+                }
+            }
+        }
+        (String::from_utf8(out).unwrap(), submissions)
+    }
+
+    /// A policy where recipient 42 owns `ann@l.test`.
+    struct Owner;
+
+    impl RecipientPolicy for Owner {
+        fn resolve(&self, address: &str) -> Resolution {
+            Fixed.resolve(address)
+        }
+
+        fn may_send_as(&self, user: mailroom_store::RecipientId, address: &str) -> bool {
+            user == 42 && address.eq_ignore_ascii_case("ann@l.test")
+        }
+    }
+
+    /// SMTP AUTH (RFC 4954) on a submission session, from bytes: PLAIN and LOGIN, the
+    /// refusals before TLS and before AUTH, the sender check, relay, and what
+    /// submission adds to a message.
+    #[test]
+    fn auth_on_submission_from_bytes() {
+        let submission = || {
+            let mut s = Session::new(
+                Arc::new(SmtpLimits::default()),
+                "192.0.2.7:1".parse().unwrap(),
+                false,
+                7,
+            );
+            s.set_tls(false, true);
+            s.set_auth(AuthPolicy {
+                offered: true,
+                required: true,
+                plaintext_allowed: false,
+            });
+            s
+        };
+        let run = |s: &mut Session, input: &[u8]| {
+            s.receive(input);
+            let (mut out, mut subs) = (Vec::new(), Vec::new());
+            loop {
+                match s.advance(&Owner, 1_790_000_000_000) {
+                    Step::Reply(r) => r.render(&mut out),
+                    Step::Submit(sub) => {
+                        let id = sub.queue_id.clone();
+                        subs.push(sub);
+                        s.submitted(Ok(()), &id).render(&mut out);
+                    }
+                    Step::Authenticate { user, password } => {
+                        let outcome = if user == "ann@l.test" && password == "secret" {
+                            Ok(42)
+                        } else {
+                            Err(AuthFailure::Invalid)
+                        };
+                        s.auth_result(outcome).render(&mut out);
+                    }
+                    Step::StartTls(r) => {
+                        r.render(&mut out);
+                        s.tls_started();
+                    }
+                    Step::NeedInput | Step::Close => break,
+                }
+            }
+            (String::from_utf8(out).unwrap(), subs)
+        };
+        // In the clear: no AUTH offered, AUTH refused, MAIL needs AUTH.
+        let mut s = submission();
+        let (text, _) = run(
+            &mut s,
+            b"EHLO c\r\nAUTH PLAIN AGFubkBsLnRlc3QAc2VjcmV0\r\nMAIL FROM:<ann@l.test>\r\n",
+        );
+        assert!(!text.contains("AUTH PLAIN LOGIN"), "{text}");
+        assert!(text.contains("538 5.7.11 "), "{text}");
+        assert!(text.contains("530 5.7.0 Authentication required"), "{text}");
+        // After STARTTLS: offered; a wrong password, then PLAIN with an initial response.
+        run(&mut s, b"STARTTLS\r\n");
+        let (text, _) = run(&mut s, b"EHLO c\r\n");
+        assert!(text.contains("250-AUTH PLAIN LOGIN\r\n"), "{text}");
+        // \0ann@l.test\0wrong, then \0ann@l.test\0secret
+        let (text, _) = run(
+            &mut s,
+            b"AUTH PLAIN AGFubkBsLnRlc3QAd3Jvbmc=\r\nAUTH PLAIN AGFubkBsLnRlc3QAc2VjcmV0\r\n",
+        );
+        assert!(text.starts_with("535 5.7.8 "), "{text}");
+        assert!(
+            text.ends_with("235 2.7.0 Authentication successful\r\n"),
+            "{text}"
+        );
+        let (text, _) = run(&mut s, b"EHLO c\r\nAUTH PLAIN AGFubkBsLnRlc3QAc2VjcmV0\r\n");
+        assert!(
+            !text.contains("AUTH PLAIN LOGIN"),
+            "offered no more: {text}"
+        );
+        assert!(text.contains("503 5.5.1 Already authenticated"), "{text}");
+        // Someone else's address is refused; its own goes, to a remote domain too.
+        let (text, subs) = run(
+            &mut s,
+            b"MAIL FROM:<bob@l.test>\r\nMAIL FROM:<ann@l.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
+        );
+        assert!(
+            text.starts_with("553 5.7.1 <bob@l.test>: Sender address rejected"),
+            "{text}"
+        );
+        assert!(text.contains("250 2.1.5"), "relayed: {text}");
+        let body = String::from_utf8_lossy(&subs[0].body).into_owned();
+        assert!(body.contains("with ESMTPSA id"), "{body}");
+        assert!(body.contains("\r\nMessage-ID: <"), "{body}");
+        assert!(body.contains("\r\nDate: "), "{body}");
+        assert_eq!(
+            subs[0].envelope.authenticated_as.as_deref(),
+            Some("ann@l.test")
+        );
+        assert!(!subs[0].envelope.unauthenticated);
+        // LOGIN, step by step, and a cancelled exchange.
+        let mut s = submission();
+        // Anything pipelined behind STARTTLS is dropped: EHLO comes after.
+        run(&mut s, b"STARTTLS\r\n");
+        run(&mut s, b"EHLO c\r\n");
+        let (text, _) = run(
+            &mut s,
+            b"AUTH LOGIN\r\n*\r\nAUTH LOGIN\r\nYW5uQGwudGVzdA==\r\nc2VjcmV0\r\n",
+        );
+        assert_eq!(
+            text,
+            "334 VXNlcm5hbWU6\r\n501 5.0.0 Authentication cancelled\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n"
+        );
+        let (text, _) = run(&mut s, b"AUTH CRAM-MD5\r\n");
+        assert!(text.starts_with("503 5.5.1"), "{text}");
+        let mut s = submission();
+        // Anything pipelined behind STARTTLS is dropped: EHLO comes after.
+        run(&mut s, b"STARTTLS\r\n");
+        run(&mut s, b"EHLO c\r\n");
+        let (text, _) = run(&mut s, b"AUTH CRAM-MD5\r\nAUTH PLAIN\r\n%%%\r\n");
+        assert!(text.starts_with("504 5.5.4"), "{text}");
+        assert!(text.contains("334 \r\n501 5.5.2 Invalid base64"), "{text}");
+        // Without AUTH on the listener (port 25): AUTH is not enabled.
+        let mut mx = Session::new(
+            Arc::new(SmtpLimits::default()),
+            "192.0.2.7:1".parse().unwrap(),
+            false,
+            7,
+        );
+        let (text, _) = run(
+            &mut mx,
+            b"EHLO c\r\nAUTH PLAIN AGFubkBsLnRlc3QAc2VjcmV0\r\n",
+        );
+        assert!(
+            text.contains("503 5.5.1 Authentication is not enabled"),
+            "{text}"
+        );
     }
 }

@@ -146,6 +146,10 @@ pub struct Envelope {
     /// reflect a whole message at a victim (backscatter).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unauthenticated: bool,
+    /// The user the client authenticated as (SMTP AUTH on a submission port), for the
+    /// record: who sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated_as: Option<String>,
 }
 
 impl Envelope {
@@ -188,6 +192,7 @@ impl Envelope {
             recipients,
             delay_notified: false,
             unauthenticated: self.unauthenticated,
+            authenticated_as: self.authenticated_as.clone(),
         }
     }
 

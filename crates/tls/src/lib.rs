@@ -326,9 +326,13 @@ fn generate_self_signed(files: &CertificateFiles, hostname: &str) -> Result<(), 
     if let Some(dir) = files.cert.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    write_private(&files.key, certified.signing_key.serialize_pem().as_bytes())
-        .map_err(io(&files.key))?;
-    std::fs::write(&files.cert, certified.cert.pem()).map_err(io(&files.cert))?;
+    write_synced(
+        &files.key,
+        certified.signing_key.serialize_pem().as_bytes(),
+        true,
+    )
+    .map_err(io(&files.key))?;
+    write_synced(&files.cert, certified.cert.pem().as_bytes(), false).map_err(io(&files.cert))?;
     Ok(())
 }
 
@@ -346,16 +350,19 @@ fn civil(days: i64) -> (i32, u8, u8) {
     (year as i32, month as u8, day as u8)
 }
 
-/// Writes a file only its owner can read (a private key).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file and makes it durable before it is read back (the key: readable by
+/// its owner only).
+fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(if private { 0o600 } else { 0o644 });
     }
+    #[cfg(not(unix))]
+    let _ = private;
     let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()

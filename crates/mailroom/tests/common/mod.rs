@@ -25,6 +25,8 @@ pub fn test_config(data: &Path) -> Config {
     config.imap.listen = "127.0.0.1:0".parse().unwrap();
     config.imap.tls_listen = "127.0.0.1:0".parse().unwrap();
     config.pop3.tls_listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp.submission_listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp.submissions_listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.conversion.workers = 2;
     // Tests that route mail out inspect the outbound queue: hold it (the outbound tests
