@@ -351,6 +351,10 @@ pub struct SmtpSection {
     pub submission_listen: SocketAddr,
     /// Submission over implicit TLS (RFC 8314) listen address; `--smtps`.
     pub submissions_listen: SocketAddr,
+    /// Messages per hour one authenticated user may submit (0: no limit).
+    pub submission_per_user_per_hour: u32,
+    /// Messages per hour submission accepts from one client address (0: no limit).
+    pub submission_per_client_per_hour: u32,
     /// Largest message, bytes.
     pub message_size_max_bytes: usize,
     /// Largest header section, bytes.
@@ -383,6 +387,8 @@ impl Default for SmtpSection {
             listen: "127.0.0.1:2525".parse().expect("valid address"),
             submission_listen: DEFAULT_SUBMISSION.parse().expect("valid address"),
             submissions_listen: DEFAULT_SUBMISSIONS.parse().expect("valid address"),
+            submission_per_user_per_hour: 500,
+            submission_per_client_per_hour: 1000,
             message_size_max_bytes: 25 << 20,
             header_size_max_bytes: 2 << 20,
             recipients_per_message_max: 100,
@@ -544,6 +550,10 @@ listen = "127.0.0.1:2525"
 submission_listen = "127.0.0.1:1587"
 # The same over implicit TLS (RFC 8314, port 465 in production).
 submissions_listen = "127.0.0.1:1465"
+# Messages per hour submission accepts from one user, and from one client address
+# (0: no limit); past it MAIL gets 451 4.7.1 and the client retries later.
+submission_per_user_per_hour = 500
+submission_per_client_per_hour = 1000
 # Largest message accepted (advertised with SIZE; larger ones get 552 5.3.4).
 message_size_max_bytes = 26214400
 # Largest header section of a message (larger ones get 552 5.3.4).

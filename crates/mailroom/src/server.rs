@@ -546,6 +546,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         Arc::new(move || transfer.get().inbound())
     })
     .with_tls(tls.clone())
+    .with_submission_limits(mailroom_smtp::SubmissionLimits {
+        per_user_per_hour: config.smtp.submission_per_user_per_hour,
+        per_client_per_hour: config.smtp.submission_per_client_per_hour,
+    })
     .with_logins(mailroom_smtp::Logins {
         limiter: limiter.clone(),
         verifier: verifier.clone(),

@@ -20,5 +20,7 @@ pub mod reply;
 pub mod server;
 pub mod session;
 
-pub use server::{ListenerConfig, Logins, Mode, SmtpServer, SmtpStats};
+pub use server::{
+    ListenerConfig, Logins, Mode, SmtpServer, SmtpStats, SubmissionLimits, SubmissionRates,
+};
 pub use session::{RecipientPolicy, Session, SmtpLimits, Step, Submission};

@@ -164,6 +164,8 @@ pub struct SmtpServer {
     /// verifier pool shared with IMAP and POP3, and where plaintext passwords are
     /// accepted without TLS.
     logins: Option<Logins>,
+    /// Submission rate limits.
+    rates: SubmissionRates,
 }
 
 /// What AUTH needs from the rest of the server.
@@ -196,6 +198,83 @@ struct QuotaPolicy<'a> {
     snapshot: &'a Snapshot,
     store: Option<&'a Arc<dyn MailStore>>,
     disk: Option<&'a Arc<mailroom_store::Disk>>,
+    rates: &'a SubmissionRates,
+    client: IpAddr,
+}
+
+/// Messages per hour that submission accepts from one user and from one client address
+/// (fixed one-hour windows; `0`: no limit). Past it, MAIL gets `451 4.7.1` and the
+/// client retries later: a compromised password or a looping script cannot send
+/// without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmissionLimits {
+    /// Per authenticated user.
+    pub per_user_per_hour: u32,
+    /// Per client address.
+    pub per_client_per_hour: u32,
+}
+
+/// The submission counters (one map per kind; an entry lives for its window).
+#[derive(Default)]
+pub struct SubmissionRates {
+    limits: Option<SubmissionLimits>,
+    counts: parking_lot::Mutex<RateCounts>,
+}
+
+#[derive(Default)]
+struct RateCounts {
+    /// The hour (Unix time / 3600) the counts are for.
+    window: i64,
+    users: std::collections::HashMap<mailroom_store::RecipientId, u32>,
+    clients: std::collections::HashMap<IpAddr, u32>,
+}
+
+impl SubmissionRates {
+    /// Counters enforcing `limits`.
+    pub fn new(limits: SubmissionLimits) -> SubmissionRates {
+        SubmissionRates {
+            limits: Some(limits),
+            counts: Default::default(),
+        }
+    }
+
+    /// Counts one message for `user` from `client` in the hour of `now_ms`, or says
+    /// which limit it would exceed (and counts nothing).
+    pub fn admit(
+        &self,
+        user: mailroom_store::RecipientId,
+        client: IpAddr,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let Some(limits) = self.limits else {
+            return Ok(());
+        };
+        let mut counts = self.counts.lock();
+        let window = now_ms.div_euclid(3_600_000);
+        if counts.window != window {
+            *counts = RateCounts {
+                window,
+                ..RateCounts::default()
+            };
+        }
+        let user_count = counts.users.get(&user).copied().unwrap_or(0);
+        let client_count = counts.clients.get(&client).copied().unwrap_or(0);
+        if limits.per_user_per_hour > 0 && user_count >= limits.per_user_per_hour {
+            return Err(format!(
+                "You sent {} messages this hour, the most allowed; try again later",
+                limits.per_user_per_hour
+            ));
+        }
+        if limits.per_client_per_hour > 0 && client_count >= limits.per_client_per_hour {
+            return Err(format!(
+                "{} messages this hour from {client}, the most allowed; try again later",
+                limits.per_client_per_hour
+            ));
+        }
+        counts.users.insert(user, user_count + 1);
+        counts.clients.insert(client, client_count + 1);
+        Ok(())
+    }
 }
 
 impl RecipientPolicy for QuotaPolicy<'_> {
@@ -211,6 +290,30 @@ impl RecipientPolicy for QuotaPolicy<'_> {
         // The declared size counts twice: the WAL first, the database at a checkpoint.
         let refused = self.disk?.admit(size.saturating_mul(2)).err()?;
         Some(refused.to_string())
+    }
+
+    fn submission_refusal(
+        &self,
+        user: mailroom_store::RecipientId,
+    ) -> Option<crate::session::SubmissionRefusal> {
+        use crate::session::SubmissionRefusal;
+        if let (Some(recipient), Some(store)) = (self.snapshot.recipient(user), self.store)
+            && let Some(limit_kb) = recipient.quota.prohibit_send_kb.filter(|kb| *kb > 0)
+        {
+            let read = || store.mailbox_bytes(user);
+            let usage = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(read),
+                _ => read(),
+            };
+            // A failed read lets the message through (as for the receive quota).
+            if usage.is_ok_and(|bytes| bytes >= limit_kb * 1024) {
+                return Some(SubmissionRefusal::OverQuota);
+            }
+        }
+        self.rates
+            .admit(user, self.client, now_ms())
+            .err()
+            .map(SubmissionRefusal::RateLimited)
     }
 
     fn may_send_as(&self, user: mailroom_store::RecipientId, address: &str) -> bool {
@@ -278,7 +381,17 @@ impl SmtpServer {
             disk: None,
             tls: None,
             logins: None,
+            rates: SubmissionRates::default(),
         })
+    }
+
+    /// Limits how many messages submission accepts per user and client address.
+    pub fn with_submission_limits(self: Arc<Self>, limits: SubmissionLimits) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_submission_limits is called right after new, before the server is shared")
+        });
+        server.rates = SubmissionRates::new(limits);
+        Arc::new(server)
     }
 
     /// Enables AUTH on the submission ports with these password checks.
@@ -471,6 +584,8 @@ impl SmtpServer {
                 snapshot: snapshot.as_ref(),
                 store: self.quota_store.as_ref(),
                 disk: self.disk.as_ref(),
+                rates: &self.rates,
+                client: peer.ip(),
             };
             mailroom_listen::doing(session.phase_name());
             match session.advance(&policy, now_ms()) {
@@ -686,5 +801,39 @@ fn spin(line: &[u8]) {
     let until = Instant::now() + Duration::from_millis(ms);
     while Instant::now() < until {
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn submission_rates_count_per_user_and_client_and_roll_over_each_hour() {
+        let rates = SubmissionRates::new(SubmissionLimits {
+            per_user_per_hour: 2,
+            per_client_per_hour: 3,
+        });
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let hour = 1_790_000_000_000 / 3_600_000 * 3_600_000;
+        assert!(rates.admit(1, a, hour).is_ok());
+        assert!(rates.admit(1, a, hour + 1).is_ok());
+        let e = rates.admit(1, b, hour + 2).unwrap_err();
+        assert!(e.contains("You sent 2 messages this hour"), "{e}");
+        // Another user from the same address: the client's limit (3) counts both.
+        assert!(rates.admit(2, a, hour + 3).is_ok());
+        let e = rates.admit(3, a, hour + 4).unwrap_err();
+        assert!(e.contains("from 192.0.2.1"), "{e}");
+        assert!(
+            rates.admit(3, b, hour + 5).is_ok(),
+            "other addresses are not limited by it"
+        );
+        // The next hour starts afresh.
+        assert!(rates.admit(1, a, hour + 3_600_000).is_ok());
+        // No limits configured: nothing is counted or refused.
+        let open = SubmissionRates::default();
+        for n in 0..1000 {
+            assert!(open.admit(1, a, hour + n).is_ok());
+        }
     }
 }

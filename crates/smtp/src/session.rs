@@ -82,6 +82,22 @@ pub trait RecipientPolicy {
     fn may_send_as(&self, _user: mailroom_store::RecipientId, _address: &str) -> bool {
         false
     }
+
+    /// Why the authenticated `user` may not start a message now: its mailbox is over
+    /// its "prohibit send" quota (a permanent refusal until it deletes mail), or it or
+    /// its client address sent more than the submission rate allows (temporary).
+    fn submission_refusal(&self, _user: mailroom_store::RecipientId) -> Option<SubmissionRefusal> {
+        None
+    }
+}
+
+/// Why an authenticated user may not send now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmissionRefusal {
+    /// Over the "prohibit send" quota: `552 5.2.2`.
+    OverQuota,
+    /// Over a rate limit (per user or per client address): `451 4.7.1` with this text.
+    RateLimited(String),
 }
 
 /// Why a password check after AUTH failed.
@@ -788,6 +804,21 @@ impl Session {
         }
         if self.auth.required && self.authenticated.is_none() {
             return Reply::new(530, (5, 7, 0), "Authentication required");
+        }
+        if let Some((_, recipient)) = &self.authenticated {
+            match policy.submission_refusal(*recipient) {
+                Some(SubmissionRefusal::OverQuota) => {
+                    return Reply::new(
+                        552,
+                        (5, 2, 2),
+                        "Your mailbox is over its quota; delete messages before sending",
+                    );
+                }
+                Some(SubmissionRefusal::RateLimited(why)) => {
+                    return Reply::new(451, (4, 7, 1), why);
+                }
+                None => {}
+            }
         }
         if let Some((user, recipient)) = &self.authenticated
             && !from.address.is_empty()
@@ -1821,6 +1852,42 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
         let (text, _) = run(&mut s, b"AUTH CRAM-MD5\r\nAUTH PLAIN\r\n%%%\r\n");
         assert!(text.starts_with("504 5.5.4"), "{text}");
         assert!(text.contains("334 \r\n501 5.5.2 Invalid base64"), "{text}");
+        // A user over its "prohibit send" quota, or over a rate limit, may not start
+        // a message.
+        struct Refusing(SubmissionRefusal);
+        impl RecipientPolicy for Refusing {
+            fn resolve(&self, address: &str) -> Resolution {
+                Fixed.resolve(address)
+            }
+            fn may_send_as(&self, _: mailroom_store::RecipientId, _: &str) -> bool {
+                true
+            }
+            fn submission_refusal(
+                &self,
+                _: mailroom_store::RecipientId,
+            ) -> Option<SubmissionRefusal> {
+                Some(self.0.clone())
+            }
+        }
+        for (refusal, expected) in [
+            (SubmissionRefusal::OverQuota, "552 5.2.2 "),
+            (
+                SubmissionRefusal::RateLimited("slow down".into()),
+                "451 4.7.1 slow down",
+            ),
+        ] {
+            let mut s = submission();
+            run(&mut s, b"STARTTLS\r\n");
+            run(&mut s, b"EHLO c\r\nAUTH PLAIN AGFubkBsLnRlc3QAc2VjcmV0\r\n");
+            s.receive(b"MAIL FROM:<ann@l.test>\r\n");
+            let Step::Reply(reply) = s.advance(&Refusing(refusal), 0) else {
+                panic!("MAIL is answered");
+            };
+            let mut text = Vec::new();
+            reply.render(&mut text);
+            let text = String::from_utf8(text).unwrap();
+            assert!(text.starts_with(expected), "{text}");
+        }
         // Without AUTH on the listener (port 25): AUTH is not enabled.
         let mut mx = Session::new(
             Arc::new(SmtpLimits::default()),
