@@ -147,6 +147,8 @@ impl OutboundSection {
             },
             max_hops: self.max_hops,
             keep_idle: Duration::from_secs(30),
+            // The keys live in the data folder; the server adds the signer.
+            dkim: None,
         }
     }
 }

@@ -88,6 +88,36 @@ enum Command {
     /// TLS certificates.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// DKIM signing keys for outbound mail.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a signing key for DOMAIN and print the DNS TXT record to publish. The new
+    /// key signs every message whose From address is in DOMAIN from the next message on
+    /// (a running server notices); an earlier key of the domain stays listed (rotation
+    /// by selector: keep its record until mail it signed has been delivered).
+    Generate {
+        /// The domain whose mail is signed (`d=`).
+        domain: String,
+        /// The selector (`s=`); by default "mr" and this month (e.g. mr202611).
+        #[arg(long)]
+        selector: Option<String>,
+        /// rsa (2048 bits, accepted everywhere) or ed25519 (RFC 8463).
+        #[arg(long, default_value = "rsa")]
+        algorithm: String,
+        /// Data folder.
+        #[arg(long, default_value = "mailroom-data")]
+        data: PathBuf,
+    },
+    /// List the keys: domain, selector, algorithm, which one signs, and the DNS record.
+    List {
+        /// Data folder.
+        #[arg(long, default_value = "mailroom-data")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +275,7 @@ fn main() {
         Command::Queue(command) => queue(command),
         Command::Backup { dir, target } => backup(dir, target),
         Command::Tls(TlsCommand::Show { config, data }) => tls_show(config, data),
+        Command::Dkim(command) => dkim(command),
         Command::Restore { dir, data } => restore(dir, data),
         Command::Stress(StressCommand::Churn {
             baseline_secs,
@@ -420,6 +451,64 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // cannot hold up the exit.
     drop(log_guard);
     std::process::exit(0);
+}
+
+/// `mailroom dkim ...`
+fn dkim(command: DkimCommand) -> anyhow::Result<()> {
+    match command {
+        DkimCommand::Generate {
+            domain,
+            selector,
+            algorithm,
+            data,
+        } => {
+            let algorithm = mailroom_dkim::Algorithm::parse(&algorithm).ok_or_else(|| {
+                anyhow::anyhow!("--algorithm must be rsa or ed25519, not {algorithm:?}")
+            })?;
+            let selector = selector.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                // YYYY-MM of today, from the listing's date format.
+                let date = commands::format_time(now);
+                format!("mr{}{}", &date[0..4], &date[5..7])
+            });
+            let key = mailroom_dkim::generate(&data, &domain, &selector, algorithm)?;
+            println!(
+                "Made a new {} key for {} (selector {}); it signs mail from {} from now on.",
+                key.algorithm.name(),
+                key.domain,
+                key.selector,
+                key.domain
+            );
+            println!(
+                "Publish this DNS TXT record (long values may need splitting into 255-byte strings):"
+            );
+            println!("{}. IN TXT \"{}\"", key.record_name, key.record_value);
+            Ok(())
+        }
+        DkimCommand::List { data } => {
+            let keys = mailroom_dkim::list(&data)?;
+            if keys.is_empty() {
+                println!(
+                    "No DKIM keys. Make one with: mailroom dkim generate DOMAIN --data {}",
+                    data.display()
+                );
+            }
+            for key in keys {
+                println!(
+                    "{} {} {} {}\n  {}. IN TXT \"{}\"",
+                    key.domain,
+                    key.selector,
+                    key.algorithm.name(),
+                    if key.active { "(signing)" } else { "(retired)" },
+                    key.record_name,
+                    key.record_value
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `mailroom tls show`: what the TLS listeners serve.

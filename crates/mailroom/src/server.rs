@@ -476,7 +476,10 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             clock,
             probe: outbound_probe,
         },
-        config.outbound.delivery(&config.server.hostname),
+        mailroom_outbound::OutboundConfig {
+            dkim: Some(Arc::new(mailroom_dkim::Signer::new(&data_dir))),
+            ..config.outbound.delivery(&config.server.hostname)
+        },
         &mut registry,
     )
     .context("cannot start outbound delivery (check [outbound] nameservers)")?;

@@ -985,3 +985,109 @@ async fn a_local_connector_hands_mail_back_to_local_delivery() {
     .await;
     assert!(drained, "{:#?}", get(&server, "/queue").await);
 }
+
+/// DKIM signing: keys made with `mailroom dkim generate` sign outbound mail of their
+/// From domain; the signatures verify with dkimpy (Debian's python3-dkim, not our code)
+/// against the records the command printed; rotation by selector switches the key
+/// under a running server; mail from a domain without a key goes unsigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_mail_is_dkim_signed_with_the_active_key() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    partner(&server, &peer).await;
+    let generate = |selector: &str, algorithm: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(["dkim", "generate", "example.test", "--selector", selector])
+            .args(["--algorithm", algorithm, "--data"])
+            .arg(&server.server.data_dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let text = String::from_utf8(output.stdout).unwrap();
+        // The record line: NAME. IN TXT "VALUE"
+        let line = text
+            .lines()
+            .find(|l| l.contains(" IN TXT "))
+            .unwrap()
+            .to_string();
+        let (name, value) = line.split_once(". IN TXT ").unwrap();
+        (name.to_string(), value.trim_matches('"').to_string())
+    };
+    let (ed_name, ed_value) = generate("ed", "ed25519");
+    assert_eq!(ed_name, "ed._domainkey.example.test");
+    send_from_alice(&server, &["bob@remote.test"], "signed with ed25519").await;
+    peer.wait_for(1).await;
+    let (rsa_name, rsa_value) = generate("rs", "rsa");
+    send_from_alice(&server, &["bob@remote.test"], "signed with rsa").await;
+    let received = peer.wait_for(2).await;
+    let records = json!({ ed_name.clone(): ed_value, rsa_name.clone(): rsa_value });
+    let script = r#"
+import dkim, json, sys
+records = json.loads(sys.argv[1])
+def dns(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    return records.get(name.rstrip('.'), '').encode()
+out = []
+for data in json.loads(sys.argv[2]):
+    message = data.encode()
+    ok = dkim.verify(message, dnsfunc=dns)
+    sig = dkim.DKIM(message)
+    selector = None
+    for line in message.split(b'\r\n'):
+        if line.lower().startswith(b'dkim-signature:'):
+            selector = [t.strip()[2:].decode() for t in line.split(b';') if t.strip().startswith(b's=')]
+    out.append({'ok': ok, 'selector': selector})
+# A tampered message must not verify.
+tampered = json.loads(sys.argv[2])[0].replace('signed with ed25519', 'signed with something').encode()
+out.append({'tampered': dkim.verify(tampered, dnsfunc=dns)})
+print(json.dumps(out))
+"#;
+    let messages: Vec<String> = received
+        .iter()
+        .map(|r| r["data"].as_str().unwrap().to_string())
+        .collect();
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(records.to_string())
+        .arg(serde_json::to_string(&messages).unwrap())
+        .output()
+        .expect("python3 with dkimpy (Debian: python3-dkim)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        out[0]["ok"], true,
+        "ed25519 signature: {out} {}",
+        messages[0]
+    );
+    assert_eq!(out[0]["selector"][0], "ed");
+    assert_eq!(out[1]["ok"], true, "rsa signature: {out} {}", messages[1]);
+    assert_eq!(out[1]["selector"][0], "rs");
+    assert_eq!(out[2]["tampered"], false);
+    assert!(
+        messages[0].starts_with("DKIM-Signature: "),
+        "{}",
+        messages[0]
+    );
+    // A domain without a key: unsigned (the relay host sends as someone else).
+    use lettre::{AsyncTransport, Message};
+    let message = Message::builder()
+        .from("carol@elsewhere.test".parse().unwrap())
+        .to("bob@remote.test".parse().unwrap())
+        .subject("unsigned")
+        .body("no key for this domain\n".to_string())
+        .unwrap();
+    lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(server.smtp().port())
+        .build()
+        .send(message)
+        .await
+        .expect("accepted");
+    let received = peer.wait_for(3).await;
+    let third = received[2]["data"].as_str().unwrap();
+    assert!(!third.contains("DKIM-Signature"), "{third}");
+}

@@ -137,6 +137,8 @@ pub struct OutboundConfig {
     pub max_hops: usize,
     /// How long an idle connection is kept for reuse.
     pub keep_idle: Duration,
+    /// Signs each message with the DKIM key of its From domain, when there is one.
+    pub dkim: Option<Arc<mailroom_dkim::Signer>>,
 }
 
 impl Default for OutboundConfig {
@@ -156,6 +158,7 @@ impl Default for OutboundConfig {
             },
             max_hops: 30,
             keep_idle: Duration::from_secs(30),
+            dkim: None,
         }
     }
 }
@@ -849,12 +852,23 @@ async fn deliver_group(
         mailroom_store::Ret::Headers => "HDRS",
     });
     let env_id = envelope.env_id.clone();
+    // DKIM: the signature of the From domain's active key goes in front (signed at
+    // each attempt, so its timestamp is the sending time).
+    let signed: Option<Vec<u8>> = shared
+        .config
+        .dkim
+        .as_ref()
+        .and_then(|signer| signer.sign(&item.body))
+        .map(|mut header| {
+            header.extend_from_slice(&item.body);
+            header
+        });
     let transaction = Transaction {
         mail_from: &item.mail_from,
         ret,
         env_id: env_id.as_deref(),
         rcpts: &rcpts,
-        body: &item.body,
+        body: signed.as_deref().unwrap_or(&item.body),
     };
     let mut last_failure: Option<(Failure, String)> = None;
     let mut done = false;
