@@ -95,6 +95,11 @@ pub struct OutboundSection {
     pub data_timeout_secs: u64,
     /// Lets the admin API move the delivery clock forward (tests only).
     pub test_clock: bool,
+    /// Opportunistic STARTTLS to next hops that offer it.
+    pub starttls: bool,
+    /// PEM files of roots trusted for next hops' certificates besides the system's
+    /// bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    pub tls_ca_files: Vec<PathBuf>,
 }
 
 impl Default for OutboundSection {
@@ -115,6 +120,8 @@ impl Default for OutboundSection {
             command_timeout_secs: 300,
             data_timeout_secs: 600,
             test_clock: false,
+            starttls: true,
+            tls_ca_files: Vec::new(),
         }
     }
 }
@@ -147,8 +154,9 @@ impl OutboundSection {
             },
             max_hops: self.max_hops,
             keep_idle: Duration::from_secs(30),
-            // The keys live in the data folder; the server adds the signer.
+            // The keys live in the data folder; the server adds the signer and the roots.
             dkim: None,
+            tls: None,
         }
     }
 }
@@ -736,6 +744,12 @@ command_timeout_secs = 300
 data_timeout_secs = 600
 # Let the admin API move the delivery clock forward. For tests only.
 test_clock = false
+# Encrypt with STARTTLS whenever a next hop offers it (opportunistic, RFC 7435). The
+# certificate is checked against the system's roots and these PEM files, and the result
+# is logged and kept per recipient; an unverifiable certificate does not stop delivery,
+# and a failed handshake falls back to the clear, once.
+starttls = true
+tls_ca_files = []
 
 # Host names answered without DNS (for hosts DNS should not be asked about).
 [outbound.hosts]

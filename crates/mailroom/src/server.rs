@@ -478,6 +478,11 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         },
         mailroom_outbound::OutboundConfig {
             dkim: Some(Arc::new(mailroom_dkim::Signer::new(&data_dir))),
+            tls: if config.outbound.starttls {
+                Some(Arc::new(outbound_roots(&config.outbound.tls_ca_files)?))
+            } else {
+                None
+            },
             ..config.outbound.delivery(&config.server.hostname)
         },
         &mut registry,
@@ -806,4 +811,38 @@ async fn bind_tls_listener(
             Err(e).with_context(|| format!("cannot listen for {name} on {address} ({setting})"))
         }
     }
+}
+
+/// The roots outbound TLS trusts: the system's bundle when there is one, and the
+/// configured PEM files (a file that does not load stops the start-up, naming it).
+fn outbound_roots(extra: &[PathBuf]) -> anyhow::Result<mailroom_outbound::client::ClientTls> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let system = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if system.exists() {
+        for cert in CertificateDer::pem_file_iter(system)
+            .with_context(|| format!("cannot read {}", system.display()))?
+            .flatten()
+        {
+            // A certificate the bundle holds but webpki cannot use is skipped.
+            let _ = roots.add(cert);
+        }
+    }
+    for path in extra {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .with_context(|| format!("outbound.tls_ca_files: cannot read {}", path.display()))?;
+        for cert in certs {
+            roots.add(cert).with_context(|| {
+                format!(
+                    "outbound.tls_ca_files: {} holds an unusable certificate",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    Ok(mailroom_outbound::client::ClientTls {
+        roots: Arc::new(roots),
+    })
 }

@@ -39,6 +39,11 @@ struct Peer {
 
 impl Peer {
     fn start() -> Peer {
+        Peer::start_with(&[])
+    }
+
+    /// With `[cert, key]`: the peer offers STARTTLS with that certificate.
+    fn start_with(tls: &[&Path]) -> Peer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smtp_peer.py");
@@ -46,6 +51,7 @@ impl Peer {
             .arg(script)
             .arg(port.to_string())
             .arg(dir.path())
+            .args(tls)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -1090,4 +1096,58 @@ print(json.dumps(out))
     let received = peer.wait_for(3).await;
     let third = received[2]["data"].as_str().unwrap();
     assert!(!third.contains("DKIM-Signature"), "{third}");
+}
+
+/// Opportunistic STARTTLS to the next hop (aiosmtpd with a certificate): the message
+/// travels encrypted; whether the certificate verified depends on the trusted roots
+/// (`outbound.tls_ca_files`), and the outcome shows in the connection metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_uses_starttls_and_records_whether_the_certificate_verified() {
+    let certs = tempfile::tempdir().unwrap();
+    // The smart host is reached by address: the certificate names 127.0.0.1.
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("peer.pem"), certs.path().join("peer.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    for trusted in [false, true] {
+        let peer = Peer::start_with(&[&cert, &key]);
+        let ca = cert.clone();
+        let server = start(move |c| {
+            if trusted {
+                c.outbound.tls_ca_files = vec![ca];
+            }
+        })
+        .await;
+        partner(&server, &peer).await;
+        send_from_alice(&server, &["bob@remote.test"], "over TLS").await;
+        let received = peer.wait_for(1).await;
+        assert_eq!(received[0]["tls"], true, "the message went over TLS");
+        let url = format!("http://{}/metrics", server.server.admin_addr);
+        let metrics = tokio::task::spawn_blocking(move || {
+            ureq::get(&url).call().unwrap().into_string().unwrap()
+        })
+        .await
+        .unwrap();
+        let label = if trusted {
+            "tls-verified"
+        } else {
+            "tls-unverified"
+        };
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mailroom_outbound_connections_total")
+                    && l.contains(&format!("result=\"{label}\""))),
+            "{label}: {metrics}"
+        );
+        server.server.shutdown().await;
+    }
+    // A next hop without STARTTLS still gets the mail, in the clear.
+    let plain = Peer::start();
+    let server = start(|_| {}).await;
+    partner(&server, &plain).await;
+    send_from_alice(&server, &["bob@remote.test"], "in the clear").await;
+    let received = plain.wait_for(1).await;
+    assert_eq!(received[0]["tls"], false);
+    server.server.shutdown().await;
 }

@@ -7,17 +7,195 @@
 //! DSN per recipient). `smtp-proto` parses replies and EHLO capabilities; this module only
 //! orders the commands: EHLO (HELO if refused), then MAIL, every RCPT and DATA in one
 //! write when PIPELINING is offered (RFC 2920), BDAT when CHUNKING is (RFC 3030), and
-//! SIZE, 8BITMIME, SMTPUTF8 and DSN parameters when offered. STARTTLS comes with the TLS
-//! work: `Connection::stream` is the seam where a TLS stream will replace the TCP one.
+//! SIZE, 8BITMIME, SMTPUTF8 and DSN parameters when offered, and STARTTLS (RFC 3207)
+//! whenever the next hop offers it: opportunistic TLS. The certificate is checked
+//! against the trusted roots and the result recorded, but an unverifiable certificate
+//! does not stop delivery (without MTA-STS or DANE nothing says it should: RFC 7435); a
+//! handshake that fails makes the connection start over in the clear, once.
 
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8};
 use smtp_proto::{EhloResponse, Response};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+
+/// How the session with a next hop was protected, for the logs, the metrics and the
+/// recipient states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsOutcome {
+    /// Not offered (or no TLS configured): in the clear.
+    Plain,
+    /// Encrypted; whether the certificate verified against the trusted roots for the
+    /// host's name.
+    Encrypted {
+        /// `TLSv1_3` or `TLSv1_2`.
+        version: String,
+        /// The certificate chains to a trusted root and names the host.
+        verified: bool,
+    },
+    /// STARTTLS was offered but the handshake failed: sent in the clear.
+    Failed(String),
+}
+
+impl std::fmt::Display for TlsOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsOutcome::Plain => f.write_str("no TLS (not offered)"),
+            TlsOutcome::Encrypted { version, verified } => write!(
+                f,
+                "{version}, certificate {}",
+                if *verified {
+                    "verified"
+                } else {
+                    "not verified"
+                }
+            ),
+            TlsOutcome::Failed(why) => write!(f, "TLS failed ({why}); sent in the clear"),
+        }
+    }
+}
+
+impl TlsOutcome {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TlsOutcome::Plain => "plain",
+            TlsOutcome::Encrypted { verified: true, .. } => "tls-verified",
+            TlsOutcome::Encrypted {
+                verified: false, ..
+            } => "tls-unverified",
+            TlsOutcome::Failed(_) => "tls-failed",
+        }
+    }
+}
+
+/// The roots outbound TLS verifies certificates against (the system's, plus any the
+/// configuration adds).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// Trusted roots.
+    pub roots: Arc<rustls::RootCertStore>,
+}
+
+/// Accepts any certificate (opportunistic TLS must not refuse), and notes whether the
+/// standard verification would have passed.
+#[derive(Debug)]
+struct Noting {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    verified: Arc<std::sync::atomic::AtomicBool>,
+    schemes: Vec<rustls::SignatureScheme>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Noting {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &*self.inner,
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp,
+            now,
+        )
+        .is_ok();
+        self.verified
+            .store(ok, std::sync::atomic::Ordering::Relaxed);
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls12_signature(
+            &*self.inner,
+            message,
+            cert,
+            dss,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls13_signature(
+            &*self.inner,
+            message,
+            cert,
+            dss,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes.clone()
+    }
+}
+
+impl ClientTls {
+    /// Encrypts `stream` for `host`; the outcome says whether the certificate verified.
+    async fn connect(
+        &self,
+        stream: mailroom_tls::BoxedIo,
+        host: &str,
+        wait: Duration,
+    ) -> Result<(mailroom_tls::BoxedIo, TlsOutcome), String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let verified = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noting = Noting {
+            schemes: rustls::client::danger::ServerCertVerifier::supported_verify_schemes(&*inner),
+            inner,
+            verified: verified.clone(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(noting))
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host} is not a name TLS can check: {e}"))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let encrypted = timeout(wait, connector.connect(name, stream))
+            .await
+            .map_err(|_| "the TLS handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let version = encrypted
+            .get_ref()
+            .1
+            .protocol_version()
+            .map_or("TLS".to_string(), |v| format!("{v:?}"));
+        let outcome = TlsOutcome::Encrypted {
+            version,
+            verified: verified.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        Ok((Box::new(encrypted), outcome))
+    }
+}
+
+/// How a failed TLS handshake is told apart from other network failures inside
+/// [`Connection::open`].
+const TLS_FAILED: &str = "TLS handshake failed: ";
 
 /// A reply from the next hop: code, enhanced status (when given) and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +308,9 @@ pub struct Timeouts {
 
 /// An open SMTP session with one server.
 pub struct Connection {
-    stream: TcpStream,
+    stream: mailroom_tls::BoxedIo,
+    /// How this session is protected.
+    pub tls: TlsOutcome,
     buffer: Vec<u8>,
     /// How much of `buffer` is known to be continuation lines (`250-...`) of the reply
     /// being read, so each byte is scanned once however the next hop splits its reply.
@@ -157,13 +337,35 @@ fn xtext(value: &str) -> String {
 }
 
 impl Connection {
-    /// Connects, reads the greeting and says EHLO (HELO when EHLO is refused).
+    /// Connects, reads the greeting, says EHLO (HELO when EHLO is refused) and, with
+    /// `tls`, upgrades with STARTTLS when offered. A failed handshake connects again and
+    /// goes on in the clear, with the failure in [`Connection::tls`].
     pub async fn open(
         addr: SocketAddr,
         remote: &str,
         helo: &str,
         timeouts: Timeouts,
         progress: Option<std::sync::Arc<mailroom_watch::Probe>>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Connection, Failure> {
+        match Connection::open_once(addr, remote, helo, timeouts, progress.clone(), tls).await {
+            Err(Failure::Network(why)) if why.starts_with(TLS_FAILED) => {
+                let mut c =
+                    Connection::open_once(addr, remote, helo, timeouts, progress, None).await?;
+                c.tls = TlsOutcome::Failed(why[TLS_FAILED.len()..].to_string());
+                Ok(c)
+            }
+            other => other,
+        }
+    }
+
+    async fn open_once(
+        addr: SocketAddr,
+        remote: &str,
+        helo: &str,
+        timeouts: Timeouts,
+        progress: Option<std::sync::Arc<mailroom_watch::Probe>>,
+        tls: Option<&ClientTls>,
     ) -> Result<Connection, Failure> {
         let stream = timeout(timeouts.connect, TcpStream::connect(addr))
             .await
@@ -171,7 +373,8 @@ impl Connection {
             .map_err(|e| Failure::Network(format!("cannot connect to {remote} ({addr}): {e}")))?;
         let _ = stream.set_nodelay(true);
         let mut c = Connection {
-            stream,
+            stream: Box::new(stream),
+            tls: TlsOutcome::Plain,
             buffer: Vec::new(),
             scanned: 0,
             remote: remote.to_string(),
@@ -199,6 +402,33 @@ impl Connection {
                 }
             }
             Err(refused) => return Err(Failure::Refused(refused)),
+        }
+        if let Some(tls) = tls
+            && c.offers(smtp_proto::EXT_START_TLS)
+        {
+            c.send(b"STARTTLS\r\n").await?;
+            let reply = c.reply(timeouts.command).await?;
+            if reply.code == 220 {
+                // Nothing the server sent before the handshake counts after it.
+                c.buffer.clear();
+                c.scanned = 0;
+                let plain = std::mem::replace(&mut c.stream, Box::new(tokio::io::empty()));
+                let (encrypted, outcome) = tls
+                    .connect(plain, remote, timeouts.connect)
+                    .await
+                    .map_err(|why| Failure::Network(format!("{TLS_FAILED}{why}")))?;
+                c.stream = encrypted;
+                c.tls = outcome;
+                // RFC 3207 4.2: the capabilities are asked again.
+                c.send(format!("EHLO {helo}\r\n").as_bytes()).await?;
+                match c.ehlo().await? {
+                    Ok(ehlo) => {
+                        c.capabilities = ehlo.capabilities;
+                        c.size_max = ehlo.size;
+                    }
+                    Err(refused) => return Err(Failure::Refused(refused)),
+                }
+            }
         }
         Ok(c)
     }

@@ -248,6 +248,7 @@ mod tests {
                 code: Some("5.1.1".into()),
                 reply: Some("550 5.1.1 no such user".into()),
                 remote_mta: Some("mx.remote.test".into()),
+                tls: None,
             }],
             delay_notified: false,
             unauthenticated: false,

@@ -139,6 +139,8 @@ pub struct OutboundConfig {
     pub keep_idle: Duration,
     /// Signs each message with the DKIM key of its From domain, when there is one.
     pub dkim: Option<Arc<mailroom_dkim::Signer>>,
+    /// Opportunistic STARTTLS with these trusted roots (none: in the clear).
+    pub tls: Option<Arc<client::ClientTls>>,
 }
 
 impl Default for OutboundConfig {
@@ -159,6 +161,7 @@ impl Default for OutboundConfig {
             max_hops: 30,
             keep_idle: Duration::from_secs(30),
             dkim: None,
+            tls: None,
         }
     }
 }
@@ -897,11 +900,14 @@ async fn deliver_group(
                     &shared.config.hostname,
                     shared.config.timeouts,
                     Some(shared.probe.clone()),
+                    shared.config.tls.as_deref(),
                 )
                 .await
                 {
                     Ok(c) => {
                         count_connection(shared, &host.name, "opened");
+                        count_connection(shared, &host.name, c.tls.label());
+                        tracing::info!(host = host.name, %addr, tls = %c.tls, "outbound connection");
                         c
                     }
                     Err(e) => {
@@ -917,6 +923,13 @@ async fn deliver_group(
                     let passes_dsn_on = connection.offers(smtp_proto::EXT_DSN);
                     for (rcpt, reply) in rcpts.iter().zip(&replies) {
                         record(envelope, &rcpt.address, reply, data.as_ref(), &host.name);
+                        if let Some(r) = envelope
+                            .recipients
+                            .iter_mut()
+                            .find(|r| r.address == rcpt.address)
+                        {
+                            r.tls = Some(connection.tls.to_string());
+                        }
                         if !passes_dsn_on
                             && envelope.recipient(&rcpt.address).is_some_and(|r| {
                                 r.status == RecipientStatus::Delivered

@@ -108,6 +108,10 @@ pub struct RecipientState {
     /// The host that gave that reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_mta: Option<String>,
+    /// How the session with that host was protected (TLS version and whether the
+    /// certificate verified, or why not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
 }
 
 impl RecipientState {

@@ -1,6 +1,6 @@
 """A next-hop SMTP server for Mailroom's outbound tests, on aiosmtpd (not our code).
 
-Usage: smtp_peer.py PORT OUT_DIR
+Usage: smtp_peer.py PORT OUT_DIR [CERT KEY]   (with CERT and KEY it offers STARTTLS)
 
 Recipients choose their fate by local part: perm* -> 550 5.1.1 for good; temp* -> 451
 4.3.0 the first time it is seen, accepted after; always* -> 451 4.3.0 every time;
@@ -41,6 +41,7 @@ class Peer:
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "data": envelope.content.decode("utf-8", "replace"),
+            "tls": session.ssl is not None,
         }
         path = os.path.join(self.out_dir, "%d.json" % self.count)
         with open(path + ".tmp", "w") as f:
@@ -51,7 +52,13 @@ class Peer:
 
 def main():
     port = int(sys.argv[1])
-    controller = Controller(Peer(sys.argv[2]), hostname="127.0.0.1", port=port)
+    kwargs = {}
+    if len(sys.argv) > 4:
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[3], sys.argv[4])
+        kwargs["tls_context"] = context
+    controller = Controller(Peer(sys.argv[2]), hostname="127.0.0.1", port=port, **kwargs)
     controller.start()
     print("READY", flush=True)
     try:
