@@ -286,7 +286,13 @@ impl ImapServer {
         };
         let session = Session::new(self.clone(), peer, tls);
         conn.write(&session.greeting()).await?;
-        self.drive(&mut conn, session, peer, &cancel).await
+        let result = self.drive(&mut conn, session, peer, &cancel).await;
+        // A session that ends in order ends its TLS in order too (close_notify), so a
+        // client can tell the end from a cut connection.
+        if result.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+        }
+        result
     }
 
     /// The driver: reads commands, runs each in the core in one blocking hop, and does

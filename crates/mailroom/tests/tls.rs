@@ -729,3 +729,133 @@ print(json.dumps(out, default=lambda b: b.decode()))
     assert_eq!(outbound["depth"], 1, "{queues}");
     server.server.shutdown().await;
 }
+
+/// Runs a program and returns (success, stdout and stderr together).
+async fn run(program: &str, args: &[String], stdin: &[u8]) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e} (Debian: swaks, openssl)"));
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    let output = child.wait_with_output().await.unwrap();
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// Clients we did not write, as administrators test a server: swaks submitting with
+/// STARTTLS, certificate verification and AUTH, and OpenSSL's s_client checking the
+/// certificate every TLS port serves, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaks_and_openssl_s_client() {
+    let server = TestServer::start().await;
+    server
+        .add_mailbox("ann@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    server
+        .add_mailbox("bob@example.test", PASSWORD, serde_json::json!({}))
+        .await;
+    let cafile = server.server.tls.served()[0]
+        .cert_file
+        .to_str()
+        .unwrap()
+        .to_string();
+    let swaks = |password: &str| {
+        [
+            "--server",
+            &server.server.submission_addr.unwrap().to_string(),
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &cafile,
+            "--tls-sni",
+            "mx.example.test",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "ann@example.test",
+            "--auth-password",
+            password,
+            "--from",
+            "ann@example.test",
+            "--to",
+            "bob@example.test",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "hello from swaks",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (ok, text) = run("swaks", &swaks(PASSWORD), b"").await;
+    assert!(ok, "{text}");
+    assert!(text.contains("<-  220 2.0.0 Ready to start TLS"), "{text}");
+    assert!(
+        text.contains("<~  235 2.7.0 Authentication successful"),
+        "{text}"
+    );
+    assert!(text.contains("<~  250 2.0.0 Ok: queued as"), "{text}");
+    let (ok, text) = run("swaks", &swaks("wrong"), b"").await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("535 5.7.8"), "{text}");
+    let messages = server.wait_for_messages("bob@example.test", 1).await;
+    let raw = server.raw("bob@example.test", messages[0].uid).await;
+    assert!(String::from_utf8_lossy(&raw).contains("with ESMTPSA id"));
+    // s_client: each port's certificate verifies for the server's name.
+    let addr = |a: std::net::SocketAddr| a.to_string();
+    for (port, starttls, goodbye) in [
+        (
+            addr(server.server.smtp_addr),
+            Some("smtp"),
+            &b"QUIT\r\n"[..],
+        ),
+        (addr(server.server.imap_addr), Some("imap"), b"a LOGOUT\r\n"),
+        (
+            addr(server.server.imaps_addr.unwrap()),
+            None,
+            b"a LOGOUT\r\n",
+        ),
+        (addr(server.server.pop3_addr), Some("pop3"), b"QUIT\r\n"),
+        (addr(server.server.pop3s_addr.unwrap()), None, b"QUIT\r\n"),
+        (
+            addr(server.server.submissions_addr.unwrap()),
+            None,
+            b"QUIT\r\n",
+        ),
+    ] {
+        let mut args = vec![
+            "s_client".to_string(),
+            "-connect".into(),
+            port.clone(),
+            "-CAfile".into(),
+            cafile.clone(),
+            "-verify_return_error".into(),
+            "-verify_hostname".into(),
+            "mx.example.test".into(),
+            "-servername".into(),
+            "mx.example.test".into(),
+            "-ign_eof".into(),
+        ];
+        if let Some(protocol) = starttls {
+            args.extend(["-starttls".to_string(), protocol.to_string()]);
+        }
+        let (ok, text) = run("openssl", &args, goodbye).await;
+        assert!(ok, "{port} {starttls:?}: {text}");
+        assert!(
+            text.contains("Verify return code: 0 (ok)"),
+            "{port}: {text}"
+        );
+        assert!(
+            text.contains("TLSv1.3") || text.contains("TLSv1.2"),
+            "{port}: {text}"
+        );
+    }
+    server.server.shutdown().await;
+}
