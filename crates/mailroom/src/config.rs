@@ -337,10 +337,74 @@ pub struct ServerSection {
     pub shutdown_deadline_ms: u64,
 }
 
+impl ServerSection {
+    /// The configured host name, or (empty) this machine's fully qualified name.
+    pub fn effective_hostname(&self) -> String {
+        let configured = self.hostname.trim();
+        if configured.is_empty() {
+            system_hostname()
+        } else {
+            configured.to_string()
+        }
+    }
+}
+
+/// This machine's fully qualified name, as `hostname -f` finds it: the kernel's host
+/// name, then its canonical name from the resolver (`/etc/hosts`, DNS) when that has
+/// more labels; "localhost" if there is none.
+pub fn system_hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it
+    // on success.
+    let short = unsafe {
+        if libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) != 0 {
+            return "localhost".to_string();
+        }
+        std::ffi::CStr::from_ptr(buffer.as_ptr().cast())
+            .to_string_lossy()
+            .into_owned()
+    };
+    if short.is_empty() {
+        return "localhost".to_string();
+    }
+    if short.contains('.') {
+        return short;
+    }
+    canonical_name(&short).unwrap_or(short)
+}
+
+/// The resolver's canonical name for `host` (getaddrinfo with AI_CANONNAME).
+fn canonical_name(host: &str) -> Option<String> {
+    let name = std::ffi::CString::new(host).ok()?;
+    // SAFETY: hints is zeroed then set; result is freed with freeaddrinfo; ai_canonname
+    // is a NUL-terminated string owned by the result while it lives.
+    unsafe {
+        let mut hints: libc::addrinfo = std::mem::zeroed();
+        hints.ai_flags = libc::AI_CANONNAME;
+        hints.ai_family = libc::AF_UNSPEC;
+        let mut result: *mut libc::addrinfo = std::ptr::null_mut();
+        if libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut result) != 0
+            || result.is_null()
+        {
+            return None;
+        }
+        let canonical = (*result).ai_canonname;
+        let found = (!canonical.is_null())
+            .then(|| {
+                std::ffi::CStr::from_ptr(canonical)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|n| !n.is_empty());
+        libc::freeaddrinfo(result);
+        found
+    }
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            hostname: "localhost".into(),
+            hostname: String::new(),
             domain: "localhost".into(),
             organization: "Mailroom".into(),
             site: "Default-Site".into(),
@@ -533,8 +597,10 @@ pub const EXAMPLE: &str = r#"# Mailroom configuration. Every setting is shown wi
 # --imap, --imaps, --pop3, --pop3s, --admin) override it.
 
 [server]
-# The name this server gives itself in the SMTP greeting and in Received headers.
-hostname = "localhost"
+# The name this server gives itself in greetings, EHLO, Received headers, DSNs and its
+# self-signed certificate. Empty: this machine's fully qualified name (what
+# `hostname -f` says).
+hostname = ""
 # The primary mail domain. postmaster@<domain> is created at first start.
 domain = "localhost"
 # The directory's hierarchy: organization -> site -> server. One of each is created at
@@ -787,8 +853,11 @@ impl Config {
         let rules: [(&str, bool, &str); 11] = [
             (
                 "server.hostname",
-                !self.server.hostname.trim().is_empty(),
-                "must not be empty",
+                !self
+                    .server
+                    .hostname
+                    .contains(|c: char| c.is_whitespace() || c.is_control()),
+                "must be a host name (empty: this machine's name)",
             ),
             (
                 "server.domain",
@@ -916,6 +985,29 @@ mod tests {
     #[test]
     fn the_example_is_the_defaults() {
         assert_eq!(Config::parse(EXAMPLE).unwrap(), Config::default());
+    }
+
+    /// A fresh server names itself as the machine does (`hostname -f`, a tool we did
+    /// not write), not "localhost"; a configured name wins.
+    #[test]
+    fn the_default_hostname_is_the_machines_fully_qualified_name() {
+        let server = ServerSection::default();
+        let name = server.effective_hostname();
+        if let Ok(output) = std::process::Command::new("hostname").arg("-f").output()
+            && output.status.success()
+        {
+            assert_eq!(name, String::from_utf8_lossy(&output.stdout).trim());
+        }
+        assert!(!name.is_empty());
+        let configured = ServerSection {
+            hostname: "mx.example.com".into(),
+            ..ServerSection::default()
+        };
+        assert_eq!(configured.effective_hostname(), "mx.example.com");
+        let mut config = Config::default();
+        config.server.hostname = "bad name".into();
+        let e = config.check().unwrap_err().to_string();
+        assert!(e.contains("server.hostname"), "{e}");
     }
 
     #[test]

@@ -540,8 +540,12 @@ fn tls_show(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<()
         );
         return Ok(());
     }
-    let tls = mailroom_tls::Tls::start(&files, &config.server.data_dir, &config.server.hostname)
-        .context("cannot load the TLS certificates (check [tls] certificates)")?;
+    let tls = mailroom_tls::Tls::start(
+        &files,
+        &config.server.data_dir,
+        &config.server.effective_hostname(),
+    )
+    .context("cannot load the TLS certificates (check [tls] certificates)")?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

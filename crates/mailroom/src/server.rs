@@ -243,6 +243,8 @@ fn initial_site() -> SiteConfig {
 /// Starts every part of the server; see the module documentation for the order.
 pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<RunningServer> {
     config.check()?;
+    let mut config = config;
+    config.server.hostname = config.server.effective_hostname();
     let data_dir = config.server.data_dir.clone();
     let lock = lock_data_dir(&data_dir)?;
     let durability = match config.storage.durability {
