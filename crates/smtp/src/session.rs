@@ -1082,12 +1082,17 @@ impl Session {
             }
             return Step::Reply(refusal_reply(refusal, self.limits.message_size_max));
         }
-        let transaction = self
+        let mut transaction = self
             .transaction
             .take()
             .expect("end of message has a transaction");
         if let Some(reply) = self.content_problem(&transaction.data) {
             return Step::Reply(reply);
+        }
+        // RFC 8601 5: results claiming to come from this server, made by someone else,
+        // must not reach a reader who trusts this server's name.
+        if let Some(cleaned) = without_our_results(&transaction.data, &self.limits.hostname) {
+            transaction.data = cleaned;
         }
         self.messages += 1;
         let queue_id = format!("{:014X}{:04X}", self.connection_id, self.messages);
@@ -1177,6 +1182,61 @@ impl Session {
             host = self.limits.hostname,
         )
     }
+}
+
+/// The message without its `Authentication-Results` fields whose authserv-id is
+/// `hostname` (RFC 8601 5: forged results in this server's name are removed), or `None`
+/// when it has none. Only the header section is looked at; everything else, the body
+/// included, stays byte for byte.
+fn without_our_results(data: &[u8], hostname: &str) -> Option<Vec<u8>> {
+    const NAME: &[u8] = b"authentication-results";
+    // An empty line first: no header section at all (the body may hold anything).
+    if data.starts_with(b"\r\n") {
+        return None;
+    }
+    let header_end = find(data, b"\r\n\r\n").map_or(data.len(), |p| p + 2);
+    // The fields, each with its continuation lines: (start, end) byte ranges.
+    let mut fields: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0;
+    while at < header_end {
+        let line_end = find(&data[at..header_end], b"\r\n").map_or(header_end, |p| at + p + 2);
+        if matches!(data[at], b' ' | b'\t')
+            && let Some(last) = fields.last_mut()
+        {
+            last.1 = line_end;
+        } else {
+            fields.push((at, line_end));
+        }
+        at = line_end;
+    }
+    let ours = |field: &[u8]| {
+        let Some(colon) = field.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        if !field[..colon].trim_ascii().eq_ignore_ascii_case(NAME) {
+            return false;
+        }
+        // The authserv-id: the value up to the first ';' (or the end), unfolded.
+        let value = &field[colon + 1..];
+        let id_end = value.iter().position(|b| *b == b';').unwrap_or(value.len());
+        let id: Vec<u8> = value[..id_end]
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        id.eq_ignore_ascii_case(hostname.as_bytes())
+    };
+    if !fields.iter().any(|&(a, b)| ours(&data[a..b])) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len());
+    for &(a, b) in &fields {
+        if !ours(&data[a..b]) {
+            out.extend_from_slice(&data[a..b]);
+        }
+    }
+    out.extend_from_slice(&data[header_end..]);
+    Some(out)
 }
 
 /// Whether a header section has a field named `name` (lower case).
@@ -1903,5 +1963,43 @@ MAIL FROM:<evil@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nSubject: smuggled\r\n\r
             text.contains("503 5.5.1 Authentication is not enabled"),
             "{text}"
         );
+    }
+
+    /// RFC 8601 5: an Authentication-Results field in this server's name that came from
+    /// outside is removed (folded or not, any case); others, and the body, stay.
+    #[test]
+    fn forged_authentication_results_in_our_name_are_removed() {
+        let host = "mx.example.test";
+        let message = b"Authentication-Results: MX.Example.Test;\r\n\tspf=pass smtp.mailfrom=evil.test\r\nAuthentication-Results: other.example; dkim=pass\r\nSubject: hi\r\nX-Note: Authentication-Results: mx.example.test; spf=pass\r\n\r\nAuthentication-Results: mx.example.test; body text stays\r\n";
+        let cleaned = String::from_utf8(without_our_results(message, host).unwrap()).unwrap();
+        assert_eq!(
+            cleaned,
+            "Authentication-Results: other.example; dkim=pass\r\nSubject: hi\r\nX-Note: Authentication-Results: mx.example.test; spf=pass\r\n\r\nAuthentication-Results: mx.example.test; body text stays\r\n"
+        );
+        assert_eq!(
+            without_our_results(b"Subject: x\r\n\r\nbody\r\n", host),
+            None
+        );
+        assert_eq!(
+            without_our_results(
+                b"\r\nbody\r\n\r\nAuthentication-Results: mx.example.test; x\r\n",
+                host
+            ),
+            None,
+            "no header section: the body is not touched"
+        );
+        // Through a session: the stored message has lost the forged field.
+        let limits = SmtpLimits {
+            hostname: host.into(),
+            ..SmtpLimits::default()
+        };
+        let mut session = Session::new(Arc::new(limits), "192.0.2.1:1".parse().unwrap(), false, 7);
+        let (_, subs) = drive(
+            &mut session,
+            b"EHLO c\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<a@l.test>\r\nDATA\r\nAuthentication-Results: mx.example.test; dmarc=pass\r\nSubject: x\r\n\r\nbody\r\n.\r\n",
+        );
+        let body = String::from_utf8_lossy(&subs[0].body).into_owned();
+        assert!(!body.contains("dmarc=pass"), "{body}");
+        assert!(body.ends_with("Subject: x\r\n\r\nbody\r\n"), "{body}");
     }
 }
