@@ -13,6 +13,30 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// Where passwords (IMAP LOGIN and AUTHENTICATE PLAIN, POP3 USER/PASS and AUTH PLAIN,
+/// SMTP AUTH on submission) are accepted on a connection that is not encrypted; over
+/// TLS they always are. One policy for every protocol (`login.plaintext_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plaintext {
+    /// From every client.
+    Always,
+    /// Only from loopback clients, or over TLS.
+    Loopback,
+    /// Only over TLS (IMAP says LOGINDISABLED, POP3 hides USER, SMTP answers 538).
+    Never,
+}
+
+impl Plaintext {
+    /// Whether a client at `ip` may send a password, over TLS (`tls`) or not.
+    pub fn allows(self, ip: IpAddr, tls: bool) -> bool {
+        tls || match self {
+            Plaintext::Always => true,
+            Plaintext::Loopback => ip.is_loopback(),
+            Plaintext::Never => false,
+        }
+    }
+}
+
 /// Why a login was refused. The text is what the client is told; it never says whether
 /// the user exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,28 +22,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Where passwords (LOGIN, AUTHENTICATE PLAIN) are accepted on a connection that is not
-/// encrypted. Over TLS they always are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plaintext {
-    /// From every client.
-    Always,
-    /// Only from loopback clients, or over TLS.
-    Loopback,
-    /// Only over TLS (LOGINDISABLED until STARTTLS).
-    Never,
-}
-
-impl Plaintext {
-    /// Whether a client at `ip` may send a password, over TLS (`tls`) or not.
-    pub fn allows(self, ip: IpAddr, tls: bool) -> bool {
-        tls || match self {
-            Plaintext::Always => true,
-            Plaintext::Loopback => ip.is_loopback(),
-            Plaintext::Never => false,
-        }
-    }
-}
+/// Where passwords are accepted: the policy every protocol shares.
+pub use mailroom_directory::login::Plaintext;
 
 /// Settings of the IMAP listener.
 #[derive(Debug, Clone)]
@@ -186,32 +166,7 @@ impl ImapServer {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let limits = mailroom_listen::Limits {
-            protocol: "IMAP",
-            connections_max: self.config.sessions_max,
-            per_client_max: self.config.sessions_per_client_max,
-            refusal: b"* BYE [UNAVAILABLE] too many connections, try again later\r\n",
-        };
-        let refused = || {};
-        let metrics = mailroom_listen::SessionMetrics {
-            sessions: self.stats.sessions.clone(),
-            active: self.stats.sessions_active.clone(),
-            tasks: self.stats.tasks.clone(),
-        };
-        let server = self.clone();
-        mailroom_listen::serve_sessions(
-            listener,
-            limits,
-            cancel,
-            tracker,
-            refused,
-            metrics,
-            move |stream, peer, cancel| {
-                let server = server.clone();
-                async move { server.handle(stream, peer, cancel).await }
-            },
-        )
-        .await;
+        self.serve_with(listener, cancel, tracker, None).await;
     }
 
     /// Accepts implicit-TLS connections (IMAPS, RFC 8314) until `cancel` fires: the
@@ -227,13 +182,29 @@ impl ImapServer {
             tracing::error!("IMAPS listener without certificates: not started");
             return;
         };
+        self.serve_with(listener, cancel, tracker, Some(tls)).await;
+    }
+
+    /// The accept loop of both ports; with `tls`, each connection starts with the
+    /// handshake.
+    async fn serve_with(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+        tls: Option<Arc<mailroom_tls::Tls>>,
+    ) {
         let limits = mailroom_listen::Limits {
-            protocol: "IMAPS",
+            protocol: if tls.is_some() { "IMAPS" } else { "IMAP" },
             connections_max: self.config.sessions_max,
             per_client_max: self.config.sessions_per_client_max,
-            // Said in the clear to a client expecting TLS: it sees a failed handshake,
-            // which is what it would see anyway.
-            refusal: b"",
+            // On the TLS port the client expects a handshake: it sees a failed one,
+            // which is what a refusal in the clear would look like to it anyway.
+            refusal: if tls.is_some() {
+                b""
+            } else {
+                b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
+            },
         };
         let metrics = mailroom_listen::SessionMetrics {
             sessions: self.stats.sessions.clone(),
@@ -252,8 +223,17 @@ impl ImapServer {
                 let server = server.clone();
                 let tls = tls.clone();
                 async move {
-                    let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
-                    server.handle_io(stream, peer, cancel, true).await
+                    match tls {
+                        Some(tls) => {
+                            let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
+                            server.handle_io(stream, peer, cancel, true).await
+                        }
+                        None => {
+                            server
+                                .handle_io(Box::new(stream), peer, cancel, false)
+                                .await
+                        }
+                    }
                 }
             },
         )

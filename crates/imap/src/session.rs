@@ -2281,10 +2281,22 @@ impl Session {
                     );
                     for (state, fields) in states.iter().zip(fields) {
                         sorted.fields.insert(state.uid, fields);
-                        let at = sorted
-                            .order
-                            .partition_point(|&u| sorted.compare(u, state.uid).is_lt());
-                        sorted.order.insert(at, state.uid);
+                    }
+                    // A few joiners go in by binary search; many (a big APPEND, a
+                    // flag change over the folder) by one sort, so the cost stays
+                    // O(n log n), not one shift of the whole order per message.
+                    if states.len() <= 64 {
+                        for state in &states {
+                            let at = sorted
+                                .order
+                                .partition_point(|&u| sorted.compare(u, state.uid).is_lt());
+                            sorted.order.insert(at, state.uid);
+                        }
+                    } else {
+                        let mut order = std::mem::take(&mut sorted.order);
+                        order.extend(states.iter().map(|m| m.uid));
+                        order.sort_by(|a, b| sorted.compare(*a, *b));
+                        sorted.order = order;
                     }
                     let joined: HashSet<u32> = states.iter().map(|m| m.uid).collect();
                     let added_pairs = additions(&sorted.order, &joined);

@@ -707,3 +707,90 @@ fn header_searches_are_answered_from_the_per_body_cache() {
         "* 3 EXISTS\r\n* 3 RECENT\r\n* SEARCH 1 3\r\nn OK SEARCH completed\r\n"
     );
 }
+
+/// Applies ADDTO/REMOVEFROM pairs as RFC 5267 4.3.2 tells a client to, in order.
+fn apply_updates(result: &mut Vec<u32>, line: &str) {
+    let Some(rest) = line.split(" UID ").nth(1) else {
+        return;
+    };
+    for item in rest
+        .split(") ")
+        .map(|s| s.trim_end_matches([')', '\r', '\n']))
+    {
+        let Some((what, pairs)) = item.split_once(" (") else {
+            continue;
+        };
+        let words: Vec<&str> = pairs.split(' ').collect();
+        for pair in words.chunks(2) {
+            let position: usize = pair[0].parse().unwrap();
+            let mut uids = Vec::new();
+            for part in pair[1].split(',') {
+                match part.split_once(':') {
+                    Some((a, b)) => {
+                        uids.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap())
+                    }
+                    None => uids.push(part.parse().unwrap()),
+                }
+            }
+            match what {
+                "ADDTO" => {
+                    for (k, uid) in uids.into_iter().enumerate() {
+                        result.insert(position - 1 + k, uid);
+                    }
+                }
+                "REMOVEFROM" => {
+                    result.drain(position - 1..position - 1 + uids.len());
+                }
+                other => panic!("{other}"),
+            }
+        }
+    }
+}
+
+/// Many joiners at once (the bulk path) and departures: a client applying the updates
+/// holds exactly what a fresh SORT says.
+#[test]
+fn context_sort_updates_rebuild_the_fresh_sort_order() {
+    let world = world(Plaintext::Always);
+    let mut client = Client::new(&world);
+    client.log_in(&world);
+    let subject = |n: u32| format!("s{:03}", (n * 37) % 101);
+    let first: Vec<String> = (0..10).map(subject).collect();
+    with_subjects(
+        &world,
+        &first.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    client.answer("e ENABLE IMAP4rev2");
+    client.answer("s SELECT INBOX");
+    let all = |text: &str| -> Vec<u32> {
+        let line = text.lines().next().unwrap();
+        let mut uids = Vec::new();
+        if let Some(set) = line.split(" ALL ").nth(1) {
+            for part in set.split(',') {
+                match part.split_once(':') {
+                    Some((a, b)) => {
+                        uids.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap())
+                    }
+                    None => uids.push(part.parse().unwrap()),
+                }
+            }
+        }
+        uids
+    };
+    let mut result = all(&client.answer("u UID SORT RETURN (UPDATE ALL) (SUBJECT) UTF-8 UNSEEN"));
+    let more: Vec<String> = (10..100).map(subject).collect();
+    with_subjects(&world, &more.iter().map(String::as_str).collect::<Vec<_>>());
+    let text = client.answer("n NOOP");
+    for line in text.lines().filter(|l| l.starts_with("* ESEARCH")) {
+        apply_updates(&mut result, line);
+    }
+    // The departures are reported with the STORE itself.
+    let mut text = client.answer("t UID STORE 5:60 +FLAGS.SILENT (\\Seen)");
+    text.push_str(&client.answer("n NOOP"));
+    for line in text.lines().filter(|l| l.starts_with("* ESEARCH")) {
+        apply_updates(&mut result, line);
+    }
+    let fresh = all(&client.answer("v UID SORT RETURN (ALL) (SUBJECT) UTF-8 UNSEEN"));
+    assert_eq!(fresh.len(), 44);
+    assert_eq!(result, fresh);
+}

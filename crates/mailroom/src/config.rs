@@ -173,6 +173,16 @@ pub enum PlaintextAuth {
     Never,
 }
 
+impl From<PlaintextAuth> for mailroom_directory::login::Plaintext {
+    fn from(setting: PlaintextAuth) -> Self {
+        match setting {
+            PlaintextAuth::Always => mailroom_directory::login::Plaintext::Always,
+            PlaintextAuth::Loopback => mailroom_directory::login::Plaintext::Loopback,
+            PlaintextAuth::Never => mailroom_directory::login::Plaintext::Never,
+        }
+    }
+}
+
 /// `[pop3]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

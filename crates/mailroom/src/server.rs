@@ -8,7 +8,6 @@
 //! Whatever is not done by the deadline stays queued and resumes at the next start.
 
 use crate::config::Config;
-use crate::config::PlaintextAuth;
 use anyhow::{Context, bail};
 use mailroom_admin::{AdminState, QueueGauges};
 use mailroom_convert::{ConversionConfig, ConversionHook, ConversionStats, Workers};
@@ -18,7 +17,7 @@ use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
 use mailroom_directory::{
     Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
 };
-use mailroom_imap::{ImapConfig, ImapServer, ImapStats, Plaintext};
+use mailroom_imap::{ImapConfig, ImapServer, ImapStats};
 use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
@@ -563,14 +562,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     .with_logins(mailroom_smtp::Logins {
         limiter: limiter.clone(),
         verifier: verifier.clone(),
-        plaintext_allowed: {
-            let policy = config.login.plaintext_auth;
-            Arc::new(move |ip: std::net::IpAddr| match policy {
-                PlaintextAuth::Always => true,
-                PlaintextAuth::Loopback => ip.is_loopback(),
-                PlaintextAuth::Never => false,
-            })
-        },
+        plaintext: config.login.plaintext_auth.into(),
     });
     let sessions = TaskTracker::new();
     tokio::spawn(
@@ -594,11 +586,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         ));
     }
 
-    let plaintext = match config.login.plaintext_auth {
-        PlaintextAuth::Always => PlaintextPolicy::Always,
-        PlaintextAuth::Loopback => PlaintextPolicy::Loopback,
-        PlaintextAuth::Never => PlaintextPolicy::Never,
-    };
+    let plaintext: PlaintextPolicy = config.login.plaintext_auth.into();
     let pop3 = Pop3Server::new(
         Pop3Config {
             hostname: config.server.hostname.clone(),
@@ -629,11 +617,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             sessions_per_client_max: config.imap.sessions_per_client_max,
             command_before_login_max: config.imap.command_before_login_max_bytes,
             idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
-            plaintext: match config.login.plaintext_auth {
-                PlaintextAuth::Always => Plaintext::Always,
-                PlaintextAuth::Loopback => Plaintext::Loopback,
-                PlaintextAuth::Never => Plaintext::Never,
-            },
+            plaintext,
             append_limit: config.imap.append_limit_bytes,
             literals_in_memory_max: config.imap.literals_in_memory_max_bytes,
             command_line_max: config.imap.command_line_max_bytes,

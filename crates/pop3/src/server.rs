@@ -33,28 +33,8 @@ pub const LINE_MAX: usize = 4096;
 /// pipelines.
 pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
 
-/// Where passwords (USER/PASS, AUTH PLAIN) are accepted on a connection that is not
-/// encrypted. Over TLS they always are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlaintextPolicy {
-    /// From every client.
-    Always,
-    /// Only from loopback clients, or over TLS.
-    Loopback,
-    /// Only over TLS.
-    Never,
-}
-
-impl PlaintextPolicy {
-    /// Whether a client at `ip` may send a password, over TLS (`tls`) or not.
-    pub fn allows(self, ip: IpAddr, tls: bool) -> bool {
-        tls || match self {
-            PlaintextPolicy::Always => true,
-            PlaintextPolicy::Loopback => ip.is_loopback(),
-            PlaintextPolicy::Never => false,
-        }
-    }
-}
+/// Where passwords are accepted: the policy every protocol shares.
+pub use mailroom_directory::login::Plaintext as PlaintextPolicy;
 
 /// Settings of the POP3 listener.
 #[derive(Debug, Clone)]
@@ -210,8 +190,20 @@ impl Pop3Server {
         Arc::new(server)
     }
 
+    /// Accepts connections until `cancel` fires; connection tasks are spawned on
+    /// `tracker` so the caller can wait for them with a deadline.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        self.serve_with(listener, cancel, tracker, None).await;
+    }
+
     /// Accepts implicit-TLS connections (POP3S, RFC 8314) until `cancel` fires: the
-    /// handshake first, then the session as on the plain port.
+    /// handshake first, then the session as on the plain port, encrypted from the
+    /// greeting on.
     pub async fn serve_tls(
         self: Arc<Self>,
         listener: TcpListener,
@@ -222,11 +214,29 @@ impl Pop3Server {
             tracing::error!("POP3S listener without certificates: not started");
             return;
         };
+        self.serve_with(listener, cancel, tracker, Some(tls)).await;
+    }
+
+    /// The accept loop of both ports; with `tls`, each connection starts with the
+    /// handshake.
+    async fn serve_with(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+        tls: Option<Arc<mailroom_tls::Tls>>,
+    ) {
         let limits = mailroom_listen::Limits {
-            protocol: "POP3S",
+            protocol: if tls.is_some() { "POP3S" } else { "POP3" },
             connections_max: self.config.sessions_max,
             per_client_max: self.config.sessions_per_client_max,
-            refusal: b"",
+            // On the TLS port the client expects a handshake: it sees a failed one,
+            // which is what a refusal in the clear would look like to it anyway.
+            refusal: if tls.is_some() {
+                b""
+            } else {
+                b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+            },
         };
         let metrics = mailroom_listen::SessionMetrics {
             sessions: self.stats.sessions.clone(),
@@ -245,45 +255,18 @@ impl Pop3Server {
                 let server = server.clone();
                 let tls = tls.clone();
                 async move {
-                    let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
-                    server.handle_io(stream, peer, cancel, true).await
+                    match tls {
+                        Some(tls) => {
+                            let stream = mailroom_tls::accept(&tls, Box::new(stream)).await?;
+                            server.handle_io(stream, peer, cancel, true).await
+                        }
+                        None => {
+                            server
+                                .handle_io(Box::new(stream), peer, cancel, false)
+                                .await
+                        }
+                    }
                 }
-            },
-        )
-        .await;
-    }
-
-    /// Accepts connections until `cancel` fires; connection tasks are spawned on
-    /// `tracker` so the caller can wait for them with a deadline.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        let limits = mailroom_listen::Limits {
-            protocol: "POP3",
-            connections_max: self.config.sessions_max,
-            per_client_max: self.config.sessions_per_client_max,
-            refusal: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
-        };
-        let refused = || {};
-        let metrics = mailroom_listen::SessionMetrics {
-            sessions: self.stats.sessions.clone(),
-            active: self.stats.sessions_active.clone(),
-            tasks: self.stats.tasks.clone(),
-        };
-        let server = self.clone();
-        mailroom_listen::serve_sessions(
-            listener,
-            limits,
-            cancel,
-            tracker,
-            refused,
-            metrics,
-            move |stream, peer, cancel| {
-                let server = server.clone();
-                async move { server.handle(stream, peer, cancel).await }
             },
         )
         .await;

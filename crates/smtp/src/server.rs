@@ -175,8 +175,8 @@ pub struct Logins {
     pub limiter: Arc<mailroom_directory::login::LoginLimiter>,
     /// The Argon2 verifier threads.
     pub verifier: Arc<mailroom_directory::login::Verifier>,
-    /// Whether a client at this address may send a password without TLS.
-    pub plaintext_allowed: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    /// Where passwords may be sent without TLS.
+    pub plaintext: mailroom_directory::login::Plaintext,
 }
 
 /// What a listener is for.
@@ -564,7 +564,7 @@ impl SmtpServer {
                 plaintext_allowed: self
                     .logins
                     .as_ref()
-                    .is_some_and(|logins| (logins.plaintext_allowed)(peer.ip())),
+                    .is_some_and(|logins| logins.plaintext.allows(peer.ip(), tls)),
             });
         }
         let mut out = Vec::new();
