@@ -40,6 +40,88 @@ pub struct Config {
     pub outbound: OutboundSection,
     /// Certificates for every TLS listener and STARTTLS.
     pub tls: TlsSection,
+    /// SPF, DKIM, DMARC, ARC and iprev on mail from the Internet.
+    pub inbound_checks: InboundChecksSection,
+}
+
+/// What a failed DMARC check does (`inbound_checks.dmarc` and its overrides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcSetting {
+    /// Follow the author domain's published policy.
+    Published,
+    /// Only record the result.
+    None,
+    /// Deliver into the Junk folder.
+    Quarantine,
+    /// Refuse with 550 5.7.1.
+    Reject,
+}
+
+impl From<DmarcSetting> for mailroom_smtp::checks::DmarcAction {
+    fn from(setting: DmarcSetting) -> Self {
+        use mailroom_smtp::checks::DmarcAction;
+        match setting {
+            DmarcSetting::Published => DmarcAction::Published,
+            DmarcSetting::None => DmarcAction::None,
+            DmarcSetting::Quarantine => DmarcAction::Quarantine,
+            DmarcSetting::Reject => DmarcAction::Reject,
+        }
+    }
+}
+
+/// `[inbound_checks]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundChecksSection {
+    /// Check mail from the Internet and add Authentication-Results.
+    pub enabled: bool,
+    /// Clients whose mail is not checked (loopback by default).
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// What a failed DMARC check does.
+    pub dmarc: DmarcSetting,
+    /// Per author domain, what a failed DMARC check does.
+    pub dmarc_overrides: std::collections::BTreeMap<String, DmarcSetting>,
+    /// Refuse mail claiming a local domain that SPF and DKIM do not prove.
+    pub reject_local_spoofing: bool,
+    /// Seconds all DNS lookups for one message may take.
+    pub timeout_secs: u64,
+}
+
+impl Default for InboundChecksSection {
+    fn default() -> Self {
+        let policy = mailroom_smtp::checks::CheckPolicy::default();
+        InboundChecksSection {
+            enabled: true,
+            trusted_networks: policy.trusted_networks,
+            dmarc: DmarcSetting::Published,
+            dmarc_overrides: Default::default(),
+            reject_local_spoofing: policy.reject_local_spoofing,
+            timeout_secs: policy.timeout.as_secs(),
+        }
+    }
+}
+
+impl InboundChecksSection {
+    /// The policy this section describes.
+    pub fn policy(&self) -> mailroom_smtp::checks::CheckPolicy {
+        mailroom_smtp::checks::CheckPolicy {
+            trusted_networks: self.trusted_networks.clone(),
+            dmarc: self.dmarc.into(),
+            dmarc_overrides: self
+                .dmarc_overrides
+                .iter()
+                .map(|(domain, setting)| {
+                    (
+                        domain.trim_end_matches('.').to_ascii_lowercase(),
+                        (*setting).into(),
+                    )
+                })
+                .collect(),
+            reject_local_spoofing: self.reject_local_spoofing,
+            timeout: std::time::Duration::from_secs(self.timeout_secs.max(1)),
+        }
+    }
 }
 
 /// `[tls]`
@@ -840,6 +922,30 @@ tls_ca_files = []
 #   cert = "/etc/mailroom/mail.example.com.pem"
 #   key = "/etc/mailroom/mail.example.com.key"
 certificates = []
+
+[inbound_checks]
+# Check mail from the Internet with SPF, DKIM, DMARC, ARC and iprev, and record the
+# results in an Authentication-Results header (any such header in this server's name that
+# arrives from outside is removed first). Checked: clients of the SMTP port that are not
+# authenticated, not in smtp.relay_networks and not in trusted_networks. DNS lookups go to
+# outbound.nameservers (or /etc/resolv.conf).
+enabled = true
+# Clients whose mail is not checked: by default this machine's own programs (loopback).
+trusted_networks = ["127.0.0.0/8", "::1/128"]
+# What a failed DMARC check does: "published" follows the author domain's policy (p=reject
+# refuses with 550 5.7.1 at the end of DATA, p=quarantine delivers into the Junk folder),
+# "none" only records it, "quarantine" or "reject" act so whatever the domain asks.
+dmarc = "published"
+# Mail from the Internet that claims one of our domains (envelope sender or From) is
+# refused unless SPF or DKIM proves it (451 while DNS fails).
+reject_local_spoofing = true
+# Seconds all DNS lookups for one message may take; after that the checks count as a
+# temporary error and the message is accepted with "none".
+timeout_secs = 10
+
+# Per author domain, the same choices as dmarc, e.g. "partner.example" = "none" for a
+# partner whose mail fails DMARC through a forwarder.
+[inbound_checks.dmarc_overrides]
 "#;
 
 impl Config {

@@ -564,6 +564,17 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         verifier: verifier.clone(),
         plaintext: config.login.plaintext_auth.into(),
     });
+    let smtp = if config.inbound_checks.enabled {
+        let checker = mailroom_smtp::checks::Checker::new(
+            &config.outbound.nameservers,
+            config.inbound_checks.policy(),
+            &config.server.hostname,
+        )
+        .map_err(|e| anyhow::anyhow!("inbound_checks: {e}"))?;
+        smtp.with_checks(Arc::new(checker))
+    } else {
+        smtp
+    };
     let sessions = TaskTracker::new();
     tokio::spawn(
         smtp.clone()

@@ -253,6 +253,7 @@ mod tests {
             delay_notified: false,
             unauthenticated: false,
             authenticated_as: None,
+            junk: None,
         };
         let original = b"Subject: hello\r\nFrom: a@local.test\r\n\r\nbody text\r\n";
         let bytes = build(
@@ -307,6 +308,7 @@ mod tests {
             delay_notified: false,
             unauthenticated: true,
             authenticated_as: None,
+            junk: None,
         };
         let original = b"Subject: hello\r\n\r\nthe whole attack payload\r\n";
         let bytes = build(

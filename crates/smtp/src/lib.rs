@@ -15,6 +15,7 @@
 //! What it never does: touch the store directly, or keep a directory snapshot beyond one
 //! transaction.
 
+pub mod checks;
 pub mod data;
 pub mod reply;
 pub mod server;

@@ -41,6 +41,9 @@ pub struct SmtpStats {
     /// Message bytes held by all sessions now, counted against
     /// `ListenerConfig::data_in_memory_max`.
     pub data_in_memory: Gauge,
+    /// Messages checked by SPF/DKIM/DMARC (see [`crate::checks`]), by DMARC result and
+    /// what was done.
+    pub checked: Family<Vec<(String, String)>, Counter>,
     /// Where sessions are watched for polls that do not return (shared with the
     /// watchdog's registry).
     pub tasks: std::sync::Arc<mailroom_watch::Tasks>,
@@ -73,6 +76,11 @@ impl SmtpStats {
             "mailroom_smtp_rejected",
             "SMTP commands or messages refused, by reason",
             self.rejected.clone(),
+        );
+        registry.register(
+            "mailroom_smtp_checked",
+            "Messages from the Internet checked by SPF, DKIM and DMARC, by DMARC result and action",
+            self.checked.clone(),
         );
     }
 
@@ -166,6 +174,8 @@ pub struct SmtpServer {
     logins: Option<Logins>,
     /// Submission rate limits.
     rates: SubmissionRates,
+    /// SPF, DKIM, DMARC, ARC and iprev for mail from the Internet on the MX port.
+    checker: Option<Arc<crate::checks::Checker>>,
 }
 
 /// What AUTH needs from the rest of the server.
@@ -382,7 +392,17 @@ impl SmtpServer {
             tls: None,
             logins: None,
             rates: SubmissionRates::default(),
+            checker: None,
         })
+    }
+
+    /// Checks mail from the Internet (SPF, DKIM, DMARC, ARC, iprev) at the end of DATA.
+    pub fn with_checks(self: Arc<Self>, checker: Arc<crate::checks::Checker>) -> Arc<Self> {
+        let mut server = Arc::try_unwrap(self).unwrap_or_else(|_| {
+            panic!("with_checks is called right after new, before the server is shared")
+        });
+        server.checker = Some(checker);
+        Arc::new(server)
     }
 
     /// Limits how many messages submission accepts per user and client address.
@@ -593,11 +613,70 @@ impl SmtpServer {
                     self.count(&reply);
                     reply.render(&mut out);
                 }
-                Step::Submit(submission) => {
+                Step::Submit(mut submission) => {
                     // The message now belongs to the spool (its queue is bounded).
                     charge.set(session.message_bytes(), usize::MAX);
                     self.write(&mut stream, &mut out).await?;
                     let queue_id = submission.queue_id.clone();
+                    if let Some(checker) = self.checker.as_ref().filter(|checker| {
+                        mode == Mode::Mx
+                            && session.authenticated_user().is_none()
+                            && !session.relay_allowed()
+                            && checker.applies_to(peer.ip())
+                    }) {
+                        let input = crate::checks::CheckInput {
+                            ip: peer.ip(),
+                            helo: session.helo_name().unwrap_or(""),
+                            mail_from: &submission.mail_from,
+                            message: &submission.body,
+                        };
+                        let verdict = checker
+                            .check(input, &|domain| snapshot.is_local_domain(domain))
+                            .await;
+                        let evidence = &verdict.evidence;
+                        let dmarc = match &evidence.dmarc {
+                            crate::checks::DmarcOutcome::Pass => "pass",
+                            crate::checks::DmarcOutcome::Fail(_) => "fail",
+                            crate::checks::DmarcOutcome::TempError => "temperror",
+                            crate::checks::DmarcOutcome::None => "none",
+                        };
+                        let action = match &verdict.action {
+                            crate::checks::Action::Accept => "accept",
+                            crate::checks::Action::Junk(_) => "junk",
+                            crate::checks::Action::Reject(_) => "reject",
+                        };
+                        self.stats
+                            .checked
+                            .get_or_create(&vec![
+                                ("dmarc".to_string(), dmarc.to_string()),
+                                ("action".to_string(), action.to_string()),
+                            ])
+                            .inc();
+                        tracing::info!(
+                            %peer, %queue_id, mail_from = %submission.mail_from,
+                            from = evidence.from_domain.as_deref().unwrap_or(""),
+                            spf = ?evidence.spf, dkim = ?evidence.dkim_pass, dmarc, action,
+                            "message checked"
+                        );
+                        match verdict.action {
+                            crate::checks::Action::Reject(reply) => {
+                                self.stats.reject("authentication");
+                                let reply = session.submitted(
+                                    Err(crate::session::SpoolRefusal::Refused(reply)),
+                                    &queue_id,
+                                );
+                                reply.render(&mut out);
+                                continue;
+                            }
+                            crate::checks::Action::Junk(reason) => {
+                                submission.envelope.junk = Some(reason);
+                            }
+                            crate::checks::Action::Accept => {}
+                        }
+                        let mut body = verdict.header.into_bytes();
+                        body.extend_from_slice(&submission.body);
+                        submission.body = body;
+                    }
                     let entry = SpoolEntry {
                         queue_id: submission.queue_id,
                         mail_from: submission.mail_from,

@@ -141,6 +141,8 @@ pub enum SpoolRefusal {
     NoSpace(String),
     /// Anything else (an I/O error, shutdown): 451 4.3.0.
     Failed(String),
+    /// The message was refused by policy at its end (mail authentication): this reply.
+    Refused(Reply),
 }
 
 impl RecipientPolicy for Snapshot {
@@ -291,6 +293,16 @@ impl Session {
     /// SMTP AUTH on this listener (submission: offered and required).
     pub fn set_auth(&mut self, auth: AuthPolicy) {
         self.auth = auth;
+    }
+
+    /// The name the client gave in HELO or EHLO, once it has.
+    pub fn helo_name(&self) -> Option<&str> {
+        self.helo.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// Whether this client may relay (it is in `relay_networks`).
+    pub fn relay_allowed(&self) -> bool {
+        self.relay_allowed
     }
 
     /// Who the client authenticated as.
@@ -456,6 +468,7 @@ impl Session {
                 (4, 3, 0),
                 "Temporary failure storing the message; please try again later",
             ),
+            Err(SpoolRefusal::Refused(reply)) => reply,
         }
     }
 

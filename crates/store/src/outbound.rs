@@ -154,6 +154,11 @@ pub struct Envelope {
     /// record: who sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authenticated_as: Option<String>,
+    /// Inbound checks quarantined the message (a failed DMARC with `p=quarantine`):
+    /// local copies go into each recipient's Junk folder instead of the INBOX. The
+    /// reason, for the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub junk: Option<String>,
 }
 
 impl Envelope {
@@ -197,6 +202,7 @@ impl Envelope {
             delay_notified: false,
             unauthenticated: self.unauthenticated,
             authenticated_as: self.authenticated_as.clone(),
+            junk: self.junk.clone(),
         }
     }
 

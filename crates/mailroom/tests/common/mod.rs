@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod process;
 
 use mailroom::client::{AdminClient, path_segment};

@@ -425,6 +425,28 @@ fn inbox_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64)
     Ok(tx.last_insert_rowid())
 }
 
+/// The recipient's Junk folder: the one marked `\\Junk` (RFC 6154) if any, else the
+/// one named "Junk", created (with the mark) when missing, for quarantined mail.
+fn junk_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64) -> Result<i64> {
+    let existing: Option<i64> = tx
+        .prepare_cached(
+            "SELECT id FROM folders WHERE recipient_id = ?1
+               AND (special_use = '\\Junk' OR name = 'Junk')
+             ORDER BY special_use IS NULL, id LIMIT 1",
+        )?
+        .query_row([recipient], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    tx.execute(
+        "INSERT INTO folders (recipient_id, name, uidvalidity, special_use)
+         VALUES (?1, 'Junk', ?2, '\\Junk')",
+        params![recipient, mailbox::next_uidvalidity(tx, now_ms)?],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn insert_queue_item(
     tx: &rusqlite::Transaction<'_>,
@@ -1068,7 +1090,10 @@ fn deliver_one(
     let size = blob_size + return_path_header(&item.mail_from).len() as i64;
     let mut delivered = Vec::with_capacity(plan.local.len());
     for &recipient in &plan.local {
-        let folder = inbox_id(tx, recipient, now_ms)?;
+        let folder = match &item.envelope.junk {
+            None => inbox_id(tx, recipient, now_ms)?,
+            Some(_) => junk_id(tx, recipient, now_ms)?,
+        };
         let (uid, modseq): (u32, i64) = tx
             .prepare_cached(
                 "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
