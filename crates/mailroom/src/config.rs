@@ -131,6 +131,51 @@ pub struct TlsSection {
     /// Certificate chains and keys (PEM); the client's SNI chooses among several.
     /// Empty: a self-signed certificate made at first start in the data folder.
     pub certificates: Vec<CertificatePair>,
+    /// Certificates from an ACME CA instead.
+    pub acme: AcmeSection,
+}
+
+/// `[tls.acme]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeSection {
+    /// The CA's directory URL; "letsencrypt" for Let's Encrypt; empty: no ACME.
+    pub directory: String,
+    /// Contact URLs for the account, e.g. "mailto:postmaster@example.com".
+    pub contact: Vec<String>,
+    /// Names the certificate covers; empty: `server.hostname`.
+    pub names: Vec<String>,
+    /// Where HTTP-01 challenges are answered (the CA connects to port 80).
+    pub http_listen: SocketAddr,
+    /// A PEM root trusted for the CA's own HTTPS (test CAs); empty: the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for AcmeSection {
+    fn default() -> Self {
+        AcmeSection {
+            directory: String::new(),
+            contact: Vec::new(),
+            names: Vec::new(),
+            http_listen: "0.0.0.0:80".parse().expect("valid address"),
+            ca_file: None,
+        }
+    }
+}
+
+impl AcmeSection {
+    /// Whether ACME is on.
+    pub fn enabled(&self) -> bool {
+        !self.directory.trim().is_empty()
+    }
+
+    /// The directory URL ("letsencrypt" expanded).
+    pub fn directory_url(&self) -> String {
+        match self.directory.trim() {
+            "letsencrypt" => mailroom_tls::acme::LETS_ENCRYPT.to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// One `[[tls.certificates]]` entry.
@@ -923,6 +968,21 @@ tls_ca_files = []
 #   key = "/etc/mailroom/mail.example.com.key"
 certificates = []
 
+[tls.acme]
+# Certificates from an ACME CA (RFC 8555) instead, proved over HTTP-01: set directory to
+# "letsencrypt" (or another CA's directory URL), make server.hostname (or names) point
+# at this machine in DNS, and let port 80 reach http_listen. Until the first certificate
+# is issued a self-signed one is served; it is renewed 30 days before it ends and kept
+# in <data_dir>/tls/acme/. Not together with [[tls.certificates]].
+directory = ""
+# e.g. ["mailto:postmaster@example.com"]
+contact = []
+# The names to cover; empty: server.hostname.
+names = []
+http_listen = "0.0.0.0:80"
+# For a test CA (pebble): the root its own HTTPS is signed by, e.g. "/etc/pebble/ca.pem".
+# ca_file = ""
+
 [inbound_checks]
 # Check mail from the Internet with SPF, DKIM, DMARC, ARC and iprev, and record the
 # results in an Authentication-Results header (any such header in this server's name that
@@ -1031,6 +1091,31 @@ impl Config {
             if !ok {
                 bail!("{key} {what}");
             }
+        }
+        if self.tls.acme.enabled() && !self.tls.certificates.is_empty() {
+            bail!(
+                "tls.acme.directory cannot be used together with [[tls.certificates]]: choose one source of certificates"
+            );
+        }
+        if self.tls.acme.enabled() {
+            let url = self.tls.acme.directory_url();
+            if !url.starts_with("https://") {
+                bail!(
+                    "tls.acme.directory must be an https:// URL or \"letsencrypt\" (got {url:?})"
+                );
+            }
+            if let Some(bad) = self
+                .tls
+                .acme
+                .contact
+                .iter()
+                .find(|c| !c.starts_with("mailto:"))
+            {
+                bail!("tls.acme.contact entries must be mailto: URLs (got {bad:?})");
+            }
+        }
+        if self.inbound_checks.timeout_secs == 0 {
+            bail!("inbound_checks.timeout_secs must be at least 1");
         }
         if smtp.idle_timeout_secs == 0 || smtp.session_duration_max_secs == 0 {
             bail!("smtp.idle_timeout_secs and smtp.session_duration_max_secs must be at least 1");

@@ -520,15 +520,29 @@ fn tls_show(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<()
     if let Some(data) = data {
         config.server.data_dir = data;
     }
-    let files: Vec<mailroom_tls::CertificateFiles> = config
-        .tls
-        .certificates
-        .iter()
-        .map(|pair| mailroom_tls::CertificateFiles {
-            cert: pair.cert.clone(),
-            key: pair.key.clone(),
-        })
-        .collect();
+    let acme = config.tls.acme.enabled();
+    let files: Vec<mailroom_tls::CertificateFiles> = if acme {
+        let files = mailroom_tls::acme::acme_files(&config.server.data_dir);
+        if !files.cert.exists() {
+            println!(
+                "No ACME certificate yet: the first start of `mailroom serve --data {}` asks {} for one.",
+                config.server.data_dir.display(),
+                config.tls.acme.directory_url()
+            );
+            return Ok(());
+        }
+        vec![files]
+    } else {
+        config
+            .tls
+            .certificates
+            .iter()
+            .map(|pair| mailroom_tls::CertificateFiles {
+                cert: pair.cert.clone(),
+                key: pair.key.clone(),
+            })
+            .collect()
+    };
     if files.is_empty()
         && !mailroom_tls::self_signed_files(&config.server.data_dir)
             .cert
@@ -557,6 +571,10 @@ fn tls_show(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<()
             served.cert_file.display(),
             if tls.is_self_signed() {
                 " (self-signed, made at first start)"
+            } else if acme && served.issuer == served.subject {
+                " (ACME: self-signed placeholder until the CA issues one)"
+            } else if acme {
+                " (ACME)"
             } else if n == 0 {
                 " (default: clients without SNI get it)"
             } else {

@@ -457,8 +457,40 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             key: pair.key.clone(),
         })
         .collect();
-    let tls = mailroom_tls::Tls::start(&tls_files, &data_dir, &config.server.hostname)
-        .context("cannot set up TLS (check [tls] certificates)")?;
+    let tls = if config.tls.acme.enabled() {
+        let acme = &config.tls.acme;
+        let tls = mailroom_tls::Tls::start_acme(&data_dir, &config.server.hostname)
+            .context("cannot set up TLS for ACME (check <data_dir>/tls/acme)")?;
+        let http = TcpListener::bind(acme.http_listen).await.with_context(|| {
+            format!(
+                "cannot listen for ACME HTTP-01 challenges on {} (tls.acme.http_listen)",
+                acme.http_listen
+            )
+        })?;
+        let challenges = mailroom_tls::acme::Challenges::default();
+        mailroom_tls::acme::serve_http01(http, challenges.clone(), cancel.clone());
+        let names = if acme.names.is_empty() {
+            vec![config.server.hostname.clone()]
+        } else {
+            acme.names.clone()
+        };
+        mailroom_tls::acme::spawn_acme(
+            tls.clone(),
+            mailroom_tls::acme::AcmeSettings {
+                directory: acme.directory_url(),
+                contact: acme.contact.clone(),
+                names,
+                ca_file: acme.ca_file.clone(),
+                data_dir: data_dir.clone(),
+            },
+            challenges,
+            cancel.clone(),
+        );
+        tls
+    } else {
+        mailroom_tls::Tls::start(&tls_files, &data_dir, &config.server.hostname)
+            .context("cannot set up TLS (check [tls] certificates)")?
+    };
     mailroom_tls::spawn_reloader(tls.clone(), cancel.clone());
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await

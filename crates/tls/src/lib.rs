@@ -18,6 +18,10 @@
 //!   one. [`spawn_reloader`] calls it on SIGHUP and when a file's modification time
 //!   changes. A file that does not load leaves the old certificates in service and is
 //!   logged with its path.
+//! - [`acme`]: certificates from an ACME CA (Let's Encrypt) over HTTP-01, renewed
+//!   before they end, written in the data folder and reloaded like any other.
+
+pub mod acme;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -154,6 +158,25 @@ impl Tls {
             files,
             loaded: ArcSwap::from_pointee(loaded),
             self_signed,
+        }))
+    }
+
+    /// Serves the ACME certificate of `data_dir` (see [`acme`]); until one is issued,
+    /// or when its files do not load, a self-signed placeholder for `hostname` written
+    /// in its place.
+    pub fn start_acme(data_dir: &Path, hostname: &str) -> Result<Arc<Tls>, TlsError> {
+        let files = acme::acme_files(data_dir);
+        if let Err(e) = load_pair(&files) {
+            if files.cert.exists() {
+                tracing::warn!(error = %e, "the ACME certificate does not load; serving a self-signed placeholder until a new one is issued");
+            }
+            generate_self_signed(&files, hostname)?;
+        }
+        let loaded = load(std::slice::from_ref(&files))?;
+        Ok(Arc::new(Tls {
+            files: vec![files],
+            loaded: ArcSwap::from_pointee(loaded),
+            self_signed: false,
         }))
     }
 
@@ -352,7 +375,7 @@ fn civil(days: i64) -> (i32, u8, u8) {
 
 /// Writes a file and makes it durable before it is read back (the key: readable by
 /// its owner only).
-fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
