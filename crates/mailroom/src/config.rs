@@ -227,6 +227,10 @@ pub struct OutboundSection {
     /// PEM files of roots trusted for next hops' certificates besides the system's
     /// bundle (`/etc/ssl/certs/ca-certificates.crt`).
     pub tls_ca_files: Vec<PathBuf>,
+    /// Honour destination domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The HTTPS port MTA-STS policy hosts are asked on (443; tests only change it).
+    pub mta_sts_port: u16,
 }
 
 impl Default for OutboundSection {
@@ -249,6 +253,8 @@ impl Default for OutboundSection {
             test_clock: false,
             starttls: true,
             tls_ca_files: Vec::new(),
+            mta_sts: true,
+            mta_sts_port: 443,
         }
     }
 }
@@ -284,6 +290,8 @@ impl OutboundSection {
             // The keys live in the data folder; the server adds the signer and the roots.
             dkim: None,
             tls: None,
+            mta_sts: self.mta_sts,
+            mta_sts_port: self.mta_sts_port,
         }
     }
 }
@@ -953,6 +961,12 @@ test_clock = false
 # and a failed handshake falls back to the clear, once.
 starttls = true
 tls_ca_files = []
+# MTA-STS (RFC 8461): a domain that publishes a policy in "enforce" mode gets its mail only
+# over TLS with a verified certificate, and only to the MX hosts it lists (else the
+# message waits, 4.7.5); "testing" policies are logged. Needs starttls.
+mta_sts = true
+# The HTTPS port policies are fetched from (443; only tests change it).
+mta_sts_port = 443
 
 # Host names answered without DNS (for hosts DNS should not be asked about).
 [outbound.hosts]

@@ -1091,3 +1091,182 @@ async fn outbound_uses_starttls_and_records_whether_the_certificate_verified() {
     assert_eq!(received[0]["tls"], false);
     server.server.shutdown().await;
 }
+
+/// An HTTPS server (Python's http.server with ssl) answering MTA-STS policy requests by
+/// Host: `policies` maps `mta-sts.<domain>` to the policy text. Killed when dropped.
+struct PolicyServer {
+    child: Child,
+    port: u16,
+}
+
+impl PolicyServer {
+    fn start(cert: &Path, key: &Path, policies: &Value) -> PolicyServer {
+        let port = free_port();
+        let script = r#"
+import http.server, json, ssl, sys
+port, cert, key, policies = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        host = (self.headers.get("Host") or "").split(":")[0]
+        body = policies.get(host)
+        if self.path != "/.well-known/mta-sts.txt" or body is None:
+            self.send_error(404)
+            return
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print("READY", flush=True)
+server.serve_forever()
+"#;
+        let mut child = Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(cert)
+            .arg(key)
+            .arg(policies.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "the policy server did not start");
+        PolicyServer { child, port }
+    }
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// MTA-STS (RFC 8461): a domain whose policy is "enforce" gets mail only over TLS with
+/// a certificate valid for an MX host the policy lists; otherwise the message waits
+/// (4.7.5) instead of going out unprotected. A domain without a policy still gets it
+/// opportunistically from the same next hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_enforce_policies_are_honoured() {
+    let certs = tempfile::tempdir().unwrap();
+    // One test CA signs the next hop (mx.sts.test) and the policy host.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "MTA-STS test root");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let issue = |names: &[&str], stem: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let (c, k) = (
+            certs.path().join(format!("{stem}.pem")),
+            certs.path().join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let root = certs.path().join("root.pem");
+    std::fs::write(&root, ca.pem()).unwrap();
+    let (mx_cert, mx_key) = issue(&["mx.sts.test"], "mx");
+    let (web_cert, web_key) = issue(
+        &[
+            "mta-sts.sts.test",
+            "mta-sts.wrongname.test",
+            "mta-sts.unlisted.test",
+        ],
+        "web",
+    );
+    let policy =
+        |mx: &str| format!("version: STSv1\r\nmode: enforce\r\nmx: {mx}\r\nmax_age: 86400\r\n");
+    let web = PolicyServer::start(
+        &web_cert,
+        &web_key,
+        &json!({
+            "mta-sts.sts.test": policy("mx.sts.test"),
+            "mta-sts.wrongname.test": policy("*.wrongname.test"),
+            "mta-sts.unlisted.test": policy("mx.elsewhere.test"),
+        }),
+    );
+    let peer = Peer::start_with(&[&mx_cert, &mx_key]);
+    let dns = Dns::start(&[
+        "--local=/test/",
+        // sts.test: its MX has a certificate for its name; policy enforce.
+        "--mx-host=sts.test,mx.sts.test,10",
+        "--host-record=mx.sts.test,127.0.0.1",
+        "--txt-record=_mta-sts.sts.test,v=STSv1; id=20261130",
+        "--host-record=mta-sts.sts.test,127.0.0.1",
+        // wrongname.test: same next hop, whose certificate does not name mx.wrongname.test.
+        "--mx-host=wrongname.test,mx.wrongname.test,10",
+        "--host-record=mx.wrongname.test,127.0.0.1",
+        "--txt-record=_mta-sts.wrongname.test,v=STSv1; id=1",
+        "--host-record=mta-sts.wrongname.test,127.0.0.1",
+        // unlisted.test: its policy does not list its MX host.
+        "--mx-host=unlisted.test,mx.unlisted.test,10",
+        "--host-record=mx.unlisted.test,127.0.0.1",
+        "--txt-record=_mta-sts.unlisted.test,v=STSv1; id=1",
+        "--host-record=mta-sts.unlisted.test,127.0.0.1",
+        // nosts.test: no policy; delivered opportunistically whatever the certificate.
+        "--mx-host=nosts.test,mx.nosts.test,10",
+        "--host-record=mx.nosts.test,127.0.0.1",
+    ]);
+    let (peer_port, web_port) = (peer.port, web.port);
+    let server = start(move |c| {
+        c.outbound.nameservers = vec![dns.addr];
+        c.outbound.smtp_port = peer_port;
+        c.outbound.mta_sts_port = web_port;
+        c.outbound.tls_ca_files = vec![root];
+    })
+    .await;
+    connector(&server, "internet", json!({"kind": "mx"}), "*").await;
+
+    send_from_alice(&server, &["bob@sts.test"], "protected").await;
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["rcpt_tos"], json!(["bob@sts.test"]));
+    assert_eq!(received[0]["tls"], true);
+
+    send_from_alice(&server, &["bob@wrongname.test"], "wrong name").await;
+    send_from_alice(&server, &["bob@unlisted.test"], "unlisted").await;
+    let items = wait_outbound_settled(&server, 2).await;
+    let reply = |domain: &str| {
+        items
+            .iter()
+            .flat_map(|i| i["envelope"]["recipients"].as_array().unwrap().clone())
+            .find(|r| r["address"].as_str().unwrap().ends_with(domain))
+            .map(|r| r["reply"].as_str().unwrap_or("").to_string())
+            .unwrap()
+    };
+    let wrong = reply("@wrongname.test");
+    assert!(wrong.starts_with("4.7.5 MTA-STS"), "{wrong}");
+    assert!(wrong.contains("not verified"), "{wrong}");
+    let unlisted = reply("@unlisted.test");
+    assert!(
+        unlisted.starts_with("4.7.5 MTA-STS policy of unlisted.test lists none"),
+        "{unlisted}"
+    );
+    // Nothing of theirs reached the next hop.
+    assert_eq!(peer.received().len(), 1);
+
+    // Without a policy the same next hop gets mail over TLS it cannot verify.
+    send_from_alice(&server, &["bob@nosts.test"], "opportunistic").await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["bob@nosts.test"]));
+    drop(web);
+}

@@ -41,6 +41,21 @@ pub enum TlsOutcome {
     Failed(String),
 }
 
+impl Connection {
+    /// The host name this connection was opened for (what its certificate was checked
+    /// against).
+    pub fn remote(&self) -> &str {
+        &self.remote
+    }
+}
+
+impl TlsOutcome {
+    /// Encrypted with a certificate that verified for the host's name.
+    pub fn verified(&self) -> bool {
+        matches!(self, TlsOutcome::Encrypted { verified: true, .. })
+    }
+}
+
 impl std::fmt::Display for TlsOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod dsn;
+pub mod mta_sts;
 pub mod resolve;
 pub mod schedule;
 
@@ -141,6 +142,10 @@ pub struct OutboundConfig {
     pub dkim: Option<Arc<mailroom_dkim::Signer>>,
     /// Opportunistic STARTTLS with these trusted roots (none: in the clear).
     pub tls: Option<Arc<client::ClientTls>>,
+    /// Honour MTA-STS policies (RFC 8461) of destination domains (needs `tls`).
+    pub mta_sts: bool,
+    /// The HTTPS port policy hosts are asked on (443; tests use another).
+    pub mta_sts_port: u16,
 }
 
 impl Default for OutboundConfig {
@@ -162,6 +167,8 @@ impl Default for OutboundConfig {
             keep_idle: Duration::from_secs(30),
             dkim: None,
             tls: None,
+            mta_sts: true,
+            mta_sts_port: 443,
         }
     }
 }
@@ -183,8 +190,10 @@ struct Metrics {
 struct Shared {
     store: Arc<dyn MailStore>,
     directory: Directory,
-    resolver: Resolver,
+    resolver: Arc<Resolver>,
     config: OutboundConfig,
+    /// MTA-STS policies of destination domains (with TLS configured).
+    mta_sts: Option<mta_sts::MtaSts>,
     clock: Clock,
     transfer: Transfer,
     inbound_bell: Doorbell,
@@ -228,7 +237,14 @@ impl Outbound {
         config: OutboundConfig,
         registry: &mut Registry,
     ) -> anyhow::Result<Outbound> {
-        let resolver = Resolver::new(&config.nameservers, config.hosts.clone(), config.port)?;
+        let resolver = Arc::new(Resolver::new(
+            &config.nameservers,
+            config.hosts.clone(),
+            config.port,
+        )?);
+        let mta_sts = config.tls.as_ref().filter(|_| config.mta_sts).map(|tls| {
+            mta_sts::MtaSts::new(resolver.clone(), tls.roots.clone(), config.mta_sts_port)
+        });
         let metrics = Metrics::default();
         registry.register(
             "mailroom_outbound_recipients",
@@ -257,6 +273,7 @@ impl Outbound {
             store: parts.store,
             directory: parts.directory,
             resolver,
+            mta_sts,
             clock: parts.clock,
             transfer: parts.transfer,
             inbound_bell: parts.inbound_bell,
@@ -616,6 +633,15 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                     continue;
                 }
             };
+            // MTA-STS (RFC 8461) for MX delivery: what the domain publishes.
+            let policy = match (&destination, &shared.mta_sts) {
+                (Destination::Mx(domain), Some(sts)) => sts
+                    .policy(domain)
+                    .await
+                    .filter(|p| p.mode != mta_sts::Mode::None)
+                    .map(|p| (domain.clone(), p)),
+                _ => None,
+            };
             deliver_group(
                 shared,
                 &item,
@@ -623,6 +649,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                 &addresses,
                 hosts,
                 &connector,
+                policy.as_ref().map(|(d, p)| (d.as_str(), &**p)),
                 &mut log,
             )
             .await;
@@ -814,6 +841,7 @@ fn notice_entry(
 
 /// Tries the hosts in order for these recipients; records each recipient's result in
 /// `envelope`.
+#[allow(clippy::too_many_arguments)]
 async fn deliver_group(
     shared: &Shared,
     item: &OutboundItem,
@@ -821,9 +849,11 @@ async fn deliver_group(
     addresses: &[String],
     hosts: Result<Vec<Host>, NoHost>,
     connector: &str,
+    sts: Option<(&str, &mta_sts::Policy)>,
     log: &mut AttemptLog,
 ) {
-    let hosts = match hosts {
+    let enforce = sts.filter(|(_, p)| p.mode == mta_sts::Mode::Enforce);
+    let mut hosts = match hosts {
         Ok(hosts) => hosts,
         Err(NoHost::Permanent { code, reason }) => {
             for a in addresses {
@@ -839,6 +869,30 @@ async fn deliver_group(
             return;
         }
     };
+    if let Some((domain, policy)) = sts {
+        let unlisted: Vec<String> = hosts
+            .iter()
+            .filter(|h| !policy.allows_mx(&h.name))
+            .map(|h| h.name.clone())
+            .collect();
+        if !unlisted.is_empty() {
+            tracing::warn!(domain, mode = ?policy.mode, ?unlisted, allowed = ?policy.mx, "MTA-STS: MX hosts the policy does not list");
+        }
+        if enforce.is_some() {
+            hosts.retain(|h| policy.allows_mx(&h.name));
+            if hosts.is_empty() {
+                let text = format!(
+                    "4.7.5 MTA-STS policy of {domain} lists none of its MX hosts ({})",
+                    unlisted.join(", ")
+                );
+                for a in addresses {
+                    defer(envelope, a, "4.7.5", text.clone(), None);
+                }
+                log.summary = Some(text);
+                return;
+            }
+        }
+    }
     let rcpts: Vec<Rcpt> = addresses
         .iter()
         .map(|a| {
@@ -889,7 +943,11 @@ async fn deliver_group(
             let Ok(_permit) = limit.acquire_owned().await else {
                 continue;
             };
-            let mut connection = match take_idle(shared, *addr) {
+            // Under an enforced policy, only a connection verified for this very host
+            // name (the pool is by address, which several names may share).
+            let idle = take_idle(shared, *addr)
+                .filter(|c| enforce.is_none() || (c.tls.verified() && c.remote() == host.name));
+            let mut connection = match idle {
                 Some(c) => {
                     count_connection(shared, &host.name, "reused");
                     c
@@ -908,6 +966,21 @@ async fn deliver_group(
                         count_connection(shared, &host.name, "opened");
                         count_connection(shared, &host.name, c.tls.label());
                         tracing::info!(host = host.name, %addr, tls = %c.tls, "outbound connection");
+                        if !c.tls.verified()
+                            && let Some((domain, policy)) = sts
+                        {
+                            let why = format!(
+                                "MTA-STS policy of {domain} ({:?}) needs TLS with a verified certificate; {} gave: {}",
+                                policy.mode, host.name, c.tls
+                            );
+                            if enforce.is_some() {
+                                tracing::warn!(domain, host = host.name, tls = %c.tls, "MTA-STS: not delivering without verified TLS");
+                                c.quit().await;
+                                last_failure = Some((Failure::Network(why), host.name.clone()));
+                                continue;
+                            }
+                            tracing::warn!(domain, host = host.name, tls = %c.tls, "MTA-STS (testing): would not deliver without verified TLS");
+                        }
                         c
                     }
                     Err(e) => {
@@ -928,7 +1001,17 @@ async fn deliver_group(
                             .iter_mut()
                             .find(|r| r.address == rcpt.address)
                         {
-                            r.tls = Some(connection.tls.to_string());
+                            r.tls = Some(match sts {
+                                Some((_, policy)) => format!(
+                                    "{}; MTA-STS {}",
+                                    connection.tls,
+                                    match policy.mode {
+                                        mta_sts::Mode::Enforce => "enforce",
+                                        _ => "testing",
+                                    }
+                                ),
+                                None => connection.tls.to_string(),
+                            });
                         }
                         if !passes_dsn_on
                             && envelope.recipient(&rcpt.address).is_some_and(|r| {
@@ -979,6 +1062,9 @@ async fn deliver_group(
                 reply.to_string(),
                 Some(host),
             ),
+            Some((Failure::Network(e), host)) if e.starts_with("MTA-STS") => {
+                ("4.7.5".to_string(), format!("4.7.5 {e}"), Some(host))
+            }
             Some((Failure::Network(e), host)) => {
                 ("4.4.1".to_string(), format!("4.4.1 {e}"), Some(host))
             }

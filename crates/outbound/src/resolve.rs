@@ -108,6 +108,31 @@ impl Resolver {
         }
     }
 
+    /// The TXT records at `name`, each one's strings joined (none: an empty list).
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        match self
+            .dns
+            .txt_lookup(format!("{}.", name.trim_end_matches('.')))
+            .await
+        {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(format!("TXT lookup for {name}: {e}")),
+        }
+    }
+
     /// The mail hosts of `domain`, most preferred first.
     pub async fn mail_hosts(&self, domain: &str) -> Result<Vec<Host>, NoHost> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();

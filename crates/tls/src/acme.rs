@@ -364,7 +364,10 @@ mod tests {
         // may not see when the close resets the connection), not read on.
         let endless = vec![b'A'; 8 * 1024];
         let answer = ask(addr, &endless).await;
-        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 404 "), "{answer}");
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 404 "),
+            "{answer}"
+        );
         cancel.cancel();
     }
 }
