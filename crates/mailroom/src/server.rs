@@ -500,6 +500,9 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 config.admin.listen
             )
         })?;
+    // DKIM keys: sign outbound mail of their From domain, and (the primary domain's)
+    // seal forwarded mail with ARC.
+    let dkim_keys = Arc::new(mailroom_dkim::Signer::new(&data_dir));
     let outbound = mailroom_outbound::Outbound::start(
         mailroom_outbound::Parts {
             store: store.clone(),
@@ -510,7 +513,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             probe: outbound_probe,
         },
         mailroom_outbound::OutboundConfig {
-            dkim: Some(Arc::new(mailroom_dkim::Signer::new(&data_dir))),
+            dkim: Some(dkim_keys.clone()),
             tls: if config.outbound.starttls {
                 Some(Arc::new(outbound_roots(&config.outbound.tls_ca_files)?))
             } else {
@@ -602,7 +605,8 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             config.inbound_checks.policy(),
             &config.server.hostname,
         )
-        .map_err(|e| anyhow::anyhow!("inbound_checks: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("inbound_checks: {e}"))?
+        .with_sealer(dkim_keys.clone(), &config.server.domain);
         smtp.with_checks(Arc::new(checker))
     } else {
         smtp

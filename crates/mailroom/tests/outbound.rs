@@ -1270,3 +1270,117 @@ async fn mta_sts_enforce_policies_are_honoured() {
     assert_eq!(received[1]["rcpt_tos"], json!(["bob@nosts.test"]));
     drop(web);
 }
+
+/// ARC (RFC 8617): mail from the Internet forwarded through a contact to an outside
+/// address leaves sealed with the primary domain's key (the results of SPF and DMARC at
+/// receipt in the seal); dkimpy (not our code) validates the chain. Mail to a mailbox
+/// is not sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_mail_is_arc_sealed() {
+    let peer = Peer::start();
+    let dns = Dns::start(&[
+        "--local=/test/",
+        "--txt-record=good.test,v=spf1 ip4:127.0.0.1 -all",
+        "--txt-record=_dmarc.good.test,v=DMARC1; p=reject",
+    ]);
+    let dns_addr = dns.addr;
+    let server = start(move |c| {
+        // Mail from 127.0.0.1 is "the Internet" here: checked, not a relay client.
+        c.smtp.relay_networks = Vec::new();
+        c.inbound_checks.trusted_networks = Vec::new();
+        c.outbound.nameservers = vec![dns_addr];
+    })
+    .await;
+    partner(&server, &peer).await;
+    server
+        .cli(&[
+            "contact",
+            "add",
+            "bob",
+            "--target-address",
+            "bob@remote.test",
+            "--address",
+            "bob@example.test",
+        ])
+        .await;
+    let output = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["dkim", "generate", "example.test", "--selector", "arc"])
+        .args(["--algorithm", "rsa", "--data"])
+        .arg(&server.server.data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let line = text.lines().find(|l| l.contains(" IN TXT ")).unwrap();
+    let (name, value) = line.split_once(". IN TXT ").unwrap();
+    let records = json!({ name: value.trim_matches('"') });
+
+    let smtp = server.smtp();
+    let send = move |to: &'static str, subject: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut s = common::RawSmtp::connect(smtp);
+            for (command, code) in [
+                ("EHLO mx.good.test\r\n".to_string(), "250"),
+                ("MAIL FROM:<news@good.test>\r\n".into(), "250"),
+                (format!("RCPT TO:<{to}>\r\n"), "250"),
+                ("DATA\r\n".into(), "354"),
+                (
+                    format!(
+                        "From: <news@good.test>\r\nTo: <{to}>\r\nSubject: {subject}\r\n\
+Message-ID: <{subject}@good.test>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\nHello.\r\n.\r\n"
+                    ),
+                    "250",
+                ),
+            ] {
+                s.send(command.as_bytes());
+                let reply = s.reply();
+                assert!(reply.starts_with(code), "{command:?}: {reply}");
+            }
+        })
+    };
+    send("bob@example.test", "forwarded").await.unwrap();
+    let received = peer.wait_for(1).await;
+    let data = received[0]["data"].as_str().unwrap().to_string();
+    assert!(data.starts_with("ARC-Seal: i=1; a=rsa-sha256;"), "{data}");
+    assert!(data.contains("ARC-Message-Signature: i=1;"), "{data}");
+    assert!(
+        data.contains("ARC-Authentication-Results: i=1; mx.example.test;"),
+        "{data}"
+    );
+    assert!(data.contains("spf=pass"), "{data}");
+
+    let script = r#"
+import dkim, json, sys
+records = json.loads(sys.argv[1])
+def dns(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    return records.get(name.rstrip('.'), '').encode()
+message = sys.argv[2].encode()
+cv, results, reason = dkim.arc_verify(message, dnsfunc=dns)
+print(json.dumps({"cv": cv.decode(), "reason": reason}))
+"#;
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(records.to_string())
+        .arg(&data)
+        .output()
+        .expect("python3 with dkimpy (Debian: python3-dkim)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(out["cv"], "pass", "{out}");
+
+    // A mailbox recipient: checked (Authentication-Results), not sealed.
+    send("alice@example.test", "kept").await.unwrap();
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let raw = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert!(
+        raw.contains("Authentication-Results: mx.example.test;"),
+        "{raw}"
+    );
+    assert!(!raw.contains("ARC-Seal"), "{raw}");
+}

@@ -624,11 +624,17 @@ impl SmtpServer {
                             && !session.relay_allowed()
                             && checker.applies_to(peer.ip())
                     }) {
+                        // Forwarded (a list or a contact among the recipients): sealed.
+                        let seal = submission.recipients.iter().any(|r| {
+                            matches!(snapshot.resolve(r), Resolution::Local(rec)
+                                if rec.kind != mailroom_directory::RecipientKind::Mailbox)
+                        });
                         let input = crate::checks::CheckInput {
                             ip: peer.ip(),
                             helo: session.helo_name().unwrap_or(""),
                             mail_from: &submission.mail_from,
                             message: &submission.body,
+                            seal,
                         };
                         let verdict = checker
                             .check(input, &|domain| snapshot.is_local_domain(domain))
