@@ -356,6 +356,9 @@ pub struct RecipientView {
     pub members: Vec<String>,
     /// A list's owner, by alias.
     pub owner: Option<String>,
+    /// Mailboxes granted "send as" this recipient, by alias.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_as: Vec<String>,
     /// Hidden from the address book.
     pub hidden: bool,
     /// Protocol overrides (`imap:off` ...).
@@ -386,6 +389,7 @@ pub fn view(snapshot: &Snapshot, r: &Recipient) -> RecipientView {
         target_address: r.target_address.clone(),
         members: r.members.iter().filter_map(|m| alias_of(*m)).collect(),
         owner: r.owner.and_then(alias_of),
+        send_as: r.send_as.iter().filter_map(|m| alias_of(*m)).collect(),
         hidden: r.hidden,
         protocols: r.protocols.to_csv(),
         quota: r.quota,
@@ -477,6 +481,9 @@ pub struct RecipientRequest {
     /// A list's owner.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Mailboxes (alias or address) granted "send as" this recipient; replaces them.
+    #[serde(default)]
+    pub send_as: Option<Vec<String>>,
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: Option<bool>,
@@ -536,6 +543,7 @@ impl RecipientRequest {
             add_members: Vec::new(),
             remove_members: Vec::new(),
             owner: self.owner,
+            send_as: self.send_as,
             hidden: self.hidden,
             protocols: self.protocols,
             quota_warning_kb: self.quota_warning_kb,

@@ -243,6 +243,10 @@ pub struct Recipient {
     /// A list's owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<RecipientId>,
+    /// Mailboxes granted "send as" this recipient (Exchange's Send As permission): they
+    /// may use its addresses as the sender on the submission ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_as: Vec<RecipientId>,
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: bool,
@@ -272,6 +276,7 @@ impl Recipient {
             target_address: None,
             members: Vec::new(),
             owner: None,
+            send_as: Vec::new(),
             hidden: false,
             protocols: ProtocolOverrides::default(),
             quota: Quota::default(),

@@ -401,7 +401,12 @@ impl Snapshot {
         }
         self.by_alias
             .insert(recipient.alias.to_lowercase(), recipient.id);
-        for referenced in recipient.members.iter().chain(recipient.owner.iter()) {
+        for referenced in recipient
+            .members
+            .iter()
+            .chain(recipient.owner.iter())
+            .chain(recipient.send_as.iter())
+        {
             self.referenced_by
                 .entry(*referenced)
                 .or_default()
@@ -415,7 +420,12 @@ impl Snapshot {
             self.by_address.remove(&address_key(&address.address));
         }
         self.by_alias.remove(&old.alias.to_lowercase());
-        for referenced in old.members.iter().chain(old.owner.iter()) {
+        for referenced in old
+            .members
+            .iter()
+            .chain(old.owner.iter())
+            .chain(old.send_as.iter())
+        {
             if let Some(lists) = self.referenced_by.get_mut(referenced) {
                 lists.remove(&old.id);
                 if lists.is_empty() {
@@ -548,6 +558,7 @@ impl Snapshot {
         for list in referencing {
             let mut list = (*list).clone();
             list.members.retain(|m| *m != existing.id);
+            list.send_as.retain(|m| *m != existing.id);
             if list.owner == Some(existing.id) {
                 list.owner = None;
             }
@@ -705,6 +716,25 @@ impl Snapshot {
                         .id,
                 )
             };
+        }
+        if let Some(grants) = &fields.send_as {
+            let mut ids = Vec::with_capacity(grants.len());
+            for grant in grants.iter().map(|g| g.trim()).filter(|g| !g.is_empty()) {
+                let found = self
+                    .find(grant)
+                    .ok_or_else(|| invalid(object, "send_as", format!("no recipient {grant:?}")))?;
+                if found.kind != RecipientKind::Mailbox {
+                    return Err(invalid(
+                        object,
+                        "send_as",
+                        format!("{grant:?} is not a mailbox: only mailboxes send mail"),
+                    ));
+                }
+                if found.id != r.id && !ids.contains(&found.id) {
+                    ids.push(found.id);
+                }
+            }
+            r.send_as = ids;
         }
         match r.kind {
             RecipientKind::Contact => {

@@ -555,3 +555,51 @@ fn a_newer_regeneration_job_supersedes_a_running_one() {
         );
     }
 }
+
+/// "Send as" grants: only mailboxes may be granted, a bad grant names its field and
+/// changes nothing, and deleting a granted mailbox removes its grants.
+#[test]
+fn send_as_grants_name_mailboxes_and_go_with_them() {
+    let (directory, _dir) = start();
+    let ann = ok(&directory, mailbox("ann@example.test"))
+        .recipient
+        .unwrap();
+    ok(&directory, mailbox("sales@example.test"));
+    ok(&directory, list("team", &["ann"]));
+    let grant = |who: &[&str]| Change::ModifyRecipient {
+        alias: "sales".into(),
+        fields: RecipientFields {
+            send_as: Some(who.iter().map(|w| w.to_string()).collect()),
+            ..Default::default()
+        },
+    };
+    let before = directory.snapshot().generation();
+    match directory.apply_blocking(grant(&["team"])) {
+        Err(DirectoryError::Invalid { field, reason, .. }) => {
+            assert_eq!(field, "send_as");
+            assert!(reason.contains("not a mailbox"), "{reason}");
+        }
+        other => panic!("a list cannot be granted send as: {other:?}"),
+    }
+    assert!(matches!(
+        directory.apply_blocking(grant(&["nobody@example.test"])),
+        Err(DirectoryError::Invalid {
+            field: "send_as",
+            ..
+        })
+    ));
+    assert_eq!(directory.snapshot().generation(), before);
+    ok(&directory, grant(&["ann", "ann@example.test"]));
+    let snapshot = directory.snapshot();
+    let sales = snapshot.by_address("sales@example.test").unwrap();
+    assert_eq!(sales.send_as, vec![ann.id]);
+    ok(
+        &directory,
+        Change::DeleteRecipient {
+            alias: "ann".into(),
+        },
+    );
+    let snapshot = directory.snapshot();
+    let sales = snapshot.by_address("sales@example.test").unwrap();
+    assert!(sales.send_as.is_empty());
+}

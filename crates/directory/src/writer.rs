@@ -78,6 +78,10 @@ pub struct RecipientFields {
     /// A list's owner by alias or address; empty clears.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Mailboxes (alias or address) granted "send as" this recipient; replaces the
+    /// grants (empty: none).
+    #[serde(default)]
+    pub send_as: Option<Vec<String>>,
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: Option<bool>,

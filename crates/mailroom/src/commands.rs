@@ -145,6 +145,12 @@ pub enum RecipientCommand {
         /// Quota prohibit send and receive, KB (0: none).
         #[arg(long)]
         quota_prohibit_send_receive: Option<u64>,
+        /// Grant a mailbox "send as" this recipient (repeat; replaces the grants).
+        #[arg(long = "send-as", value_name = "MAILBOX")]
+        send_as: Vec<String>,
+        /// Remove every "send as" grant.
+        #[arg(long, conflicts_with = "send_as")]
+        no_send_as: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -205,6 +211,9 @@ fn print_recipient(r: &RecipientView) {
     }
     if !r.members.is_empty() {
         println!("{:<13} {}", "members:", r.members.join(", "));
+    }
+    if !r.send_as.is_empty() {
+        println!("{:<13} {}", "send as:", r.send_as.join(", "));
     }
     if let Some(o) = &r.owner {
         println!("{:<13} {o}", "owner:");
@@ -296,9 +305,12 @@ pub fn recipient(command: RecipientCommand) -> anyhow::Result<()> {
             quota_warning,
             quota_prohibit_send,
             quota_prohibit_send_receive,
+            send_as,
+            no_send_as,
             target,
         } => {
             let mut request = RecipientRequest {
+                send_as: (no_send_as || !send_as.is_empty()).then_some(send_as),
                 addresses: (!addresses.is_empty()).then_some(addresses),
                 protocols: (!protocols.is_empty()).then_some(protocols),
                 quota_warning_kb: quota_warning,

@@ -596,6 +596,15 @@ async fn submission_with_auth_over_tls() {
     server
         .add_mailbox("bob@example.test", PASSWORD, serde_json::json!({}))
         .await;
+    // A shared mailbox ann is granted "send as" (Exchange's Send As).
+    server.add_recipients(&["sales@example.test"]).await;
+    let shown = server
+        .cli(&["recipient", "modify", "sales", "--send-as", "ann"])
+        .await;
+    assert!(
+        shown.contains("send as:") && shown.contains("ann"),
+        "{shown}"
+    );
     let cafile = server.server.tls.served()[0]
         .cert_file
         .to_str()
@@ -629,6 +638,9 @@ try:
     out['forged'] = 'accepted'
 except smtplib.SMTPSenderRefused as e:
     out['forged'] = [e.smtp_code, e.smtp_error.decode()]
+# An address ann was granted "send as".
+out['send_as'] = s.sendmail('sales@example.test', ['bob@example.test'],
+                            b'Subject: as sales\r\n\r\nhello from sales\r\n')
 # No Message-ID, no Date: submission adds them. A remote recipient: relayed.
 refused = s.sendmail('ann@example.test', ['bob@example.test', 'carol@remote.test'],
                      b'Subject: from a client\r\n\r\nhello Bob\r\n')
@@ -691,9 +703,10 @@ print(json.dumps(out, default=lambda b: b.decode()))
         "{out}"
     );
     assert_eq!(out["refused"], serde_json::json!({}), "{out}");
+    assert_eq!(out["send_as"], serde_json::json!({}), "{out}");
     assert_eq!(out["mx_auth_feature"], false);
     assert_eq!(out["mx_auth"][0], 503, "{out}");
-    let messages = server.wait_for_messages("bob@example.test", 2).await;
+    let messages = server.wait_for_messages("bob@example.test", 3).await;
     let mut raws = Vec::new();
     for m in &messages {
         raws.push(
@@ -710,6 +723,14 @@ print(json.dumps(out, default=lambda b: b.decode()))
         "Message-ID added: {submitted}"
     );
     assert!(submitted.contains("\r\nDate: "), "Date added: {submitted}");
+    let as_sales = raws
+        .iter()
+        .find(|r| r.contains("Subject: as sales"))
+        .expect("the message sent as sales");
+    assert!(
+        as_sales.contains("Return-Path: <sales@example.test>"),
+        "{as_sales}"
+    );
     let kept = raws
         .iter()
         .find(|r| r.contains("Subject: over SMTPS"))

@@ -331,6 +331,7 @@ impl RecipientPolicy for QuotaPolicy<'_> {
             owner.id == user
                 || (owner.kind == mailroom_directory::RecipientKind::List
                     && owner.owner == Some(user))
+                || owner.send_as.contains(&user)
         })
     }
 

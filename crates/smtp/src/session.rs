@@ -1410,6 +1410,7 @@ mod tests {
                     target_address: None,
                     members: Vec::new(),
                     owner: None,
+                    send_as: Vec::new(),
                     hidden: false,
                     protocols: Default::default(),
                     quota: Default::default(),
