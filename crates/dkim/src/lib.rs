@@ -376,7 +376,7 @@ impl Signer {
     }
 
     /// The `DKIM-Signature` field (with its CRLF) to put in front of `message`, when
-    /// its From domain has an active key; `None` otherwise (or if signing failed, which
+    /// its From domain (or a parent of it) has an active key; `None` otherwise (or if signing failed, which
     /// is logged: the message goes unsigned rather than not at all).
     pub fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
         let loaded = self.refresh();
@@ -384,8 +384,13 @@ impl Signer {
             return None;
         }
         let domain = from_domain(message)?;
-        let (selector, key) = loaded.keys.get(&domain)?;
-        let _ = selector;
+        // The From domain's key, else its nearest parent's (DMARC's relaxed alignment:
+        // MAILER-DAEMON@mx.example.com is signed with example.com's key).
+        let (_, key) = std::iter::successors(Some(domain.as_str()), |d| {
+            d.split_once('.').map(|(_, parent)| parent)
+        })
+        .take_while(|d| d.contains('.'))
+        .find_map(|d| loaded.keys.get(d))?;
         let result = match key.as_ref() {
             Key::Rsa(signer, _) => signer.sign(message),
             Key::Ed25519(signer, _) => signer.sign(message),
@@ -553,6 +558,19 @@ mod tests {
         );
         // Other domains go unsigned; an existing selector is not overwritten.
         assert_eq!(signer.sign(b"From: x@other.test\r\n\r\nbody\r\n"), None);
+        assert_eq!(
+            signer.sign(b"From: x@badexample.test\r\n\r\nbody\r\n"),
+            None
+        );
+        // A subdomain (the host name in MAILER-DAEMON@mx.example.test) uses the
+        // parent's key: aligned for DMARC.
+        let header = String::from_utf8(
+            signer
+                .sign(b"From: MAILER-DAEMON@mx.example.test\r\n\r\nbody\r\n")
+                .expect("signed with the parent's key"),
+        )
+        .unwrap();
+        assert!(header.contains("d=example.test"), "{header}");
         let e = generate(dir.path(), "example.test", "s1", Algorithm::Rsa).unwrap_err();
         assert!(e.to_string().contains("already has a key"), "{e}");
         for (domain, selector) in [("exa mple.test", "s"), ("example.test", "a/b"), ("", "s")] {

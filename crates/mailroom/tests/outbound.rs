@@ -1384,3 +1384,119 @@ print(json.dumps({"cv": cv.decode(), "reason": reason}))
     );
     assert!(!raw.contains("ARC-Seal"), "{raw}");
 }
+
+/// A fresh server and a real Internet sender: mail for a local recipient is taken,
+/// relay is closed, and the DSN for a forward that fails goes back DKIM-signed (its
+/// From is MAILER-DAEMON@<host name>, signed with the parent domain's key: aligned),
+/// which dkimpy verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internet_sender_gets_local_delivery_no_relay_and_signed_dsns() {
+    let peer = Peer::start();
+    let dns = Dns::start(&["--local=/test/"]);
+    let dns_addr = dns.addr;
+    let server = start(move |c| {
+        c.smtp.relay_networks = Vec::new();
+        c.inbound_checks.trusted_networks = Vec::new();
+        c.outbound.nameservers = vec![dns_addr];
+    })
+    .await;
+    partner(&server, &peer).await;
+    server
+        .cli(&[
+            "contact",
+            "add",
+            "gone",
+            "--target-address",
+            "perm@remote.test",
+            "--address",
+            "gone@example.test",
+        ])
+        .await;
+    let output = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args([
+            "dkim",
+            "generate",
+            "example.test",
+            "--selector",
+            "dsn",
+            "--data",
+        ])
+        .arg(&server.server.data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let line = text.lines().find(|l| l.contains(" IN TXT ")).unwrap();
+    let (name, value) = line.split_once(". IN TXT ").unwrap();
+    let records = json!({ name: value.trim_matches('"') });
+
+    let smtp = server.smtp();
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut s = common::RawSmtp::connect(smtp);
+        let mut replies = Vec::new();
+        for command in [
+            "EHLO mail.remote.test\r\n",
+            "MAIL FROM:<sender@remote.test>\r\n",
+            "RCPT TO:<alice@example.test>\r\n",
+            "RCPT TO:<someone@elsewhere.test>\r\n",
+            "RCPT TO:<gone@example.test>\r\n",
+            "DATA\r\n",
+            "From: <sender@remote.test>\r\nSubject: hello from outside\r\n\
+Message-ID: <outside@remote.test>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\nHi.\r\n.\r\n",
+            "QUIT\r\n",
+        ] {
+            s.send(command.as_bytes());
+            replies.push(s.reply());
+        }
+        replies
+    })
+    .await
+    .unwrap();
+    assert!(replies[2].starts_with("250 "), "{replies:?}");
+    assert!(
+        replies[3].starts_with("550 5.7.1 "),
+        "relay closed: {replies:?}"
+    );
+    assert!(replies[4].starts_with("250 "), "{replies:?}");
+    assert!(replies[6].starts_with("250 "), "{replies:?}");
+    let inbox = server.wait_for_messages("alice@example.test", 1).await;
+    let raw = String::from_utf8(server.raw("alice@example.test", inbox[0].uid).await).unwrap();
+    assert!(raw.contains("spf=none"), "{raw}");
+
+    // The forward to perm@remote.test is refused for good: the DSN goes to the sender,
+    // through the same next hop, signed.
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["mail_from"], "<>", "the null sender");
+    assert_eq!(received[0]["rcpt_tos"], json!(["sender@remote.test"]));
+    let dsn = received[0]["data"].as_str().unwrap().to_string();
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; perm@remote.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("d=example.test"), "{dsn}");
+    let script = r#"
+import dkim, json, sys
+records = json.loads(sys.argv[1])
+def dns(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    return records.get(name.rstrip('.'), '').encode()
+print(json.dumps(dkim.verify(sys.argv[2].encode(), dnsfunc=dns)))
+"#;
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(records.to_string())
+        .arg(&dsn)
+        .output()
+        .expect("python3 with dkimpy (Debian: python3-dkim)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "true",
+        "{dsn}"
+    );
+}
