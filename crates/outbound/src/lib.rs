@@ -3,6 +3,12 @@
 //! mailbox), with retries on the classic schedule, expiry, and delivery status
 //! notifications (RFC 3464) to the sender.
 //!
+//! Shape (as conversion's): [`plan`] decides from one entry and one directory snapshot,
+//! with no I/O; the workers do the I/O (DNS, MTA-STS, SMTP with [`client`]); [`outcome`]
+//! turns the recipients' states into what the store records (notices, next attempt),
+//! again with no I/O. Errors of starting and of administrator actions are
+//! [`OutboundError`].
+//!
 //! Why it routes again at every attempt: the routing table may change while mail waits
 //! (a connector removed, re-costed), and an administrator expects the next attempt to
 //! follow the table as it is now; the entry records the connector and generation used.
@@ -17,30 +23,44 @@
 pub mod client;
 pub mod dsn;
 pub mod mta_sts;
+pub mod outcome;
+pub mod plan;
 pub mod resolve;
 pub mod schedule;
 
-use crate::client::{Connection, Failure, Rcpt, Reply, Timeouts, Transaction};
+use crate::client::{Connection, Failure, Rcpt, Timeouts, Transaction};
+use crate::outcome::{AttemptLog, defer, fail, record};
+use crate::plan::Destination;
 use crate::resolve::{Host, NoHost, Resolver};
 use crate::schedule::{Clock, Schedule};
-use mailroom_directory::{Directory, Resolution, routing::ConnectorKind};
+use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
-use mailroom_store::{
-    Envelope, MailStore, OutboundItem, OutboundOutcome, QueueName, RecipientStatus, SpoolEntry,
-};
+use mailroom_store::{Envelope, MailStore, OutboundItem, OutboundOutcome, RecipientStatus};
 use mailroom_watch::{Probe, RankedMutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// Why outbound delivery could not start or an administrator's action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// The DNS resolver could not be set up (a bad name server, an unreadable
+    /// `/etc/resolv.conf`).
+    #[error("DNS resolver: {0}")]
+    Resolver(String),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] mailroom_store::StoreError),
+}
 
 /// Which directions mail moves (the classic "transfer mode"); switchable at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -236,7 +256,7 @@ impl Outbound {
         parts: Parts,
         config: OutboundConfig,
         registry: &mut Registry,
-    ) -> anyhow::Result<Outbound> {
+    ) -> Result<Outbound, OutboundError> {
         let resolver = Arc::new(Resolver::new(
             &config.nameservers,
             config.hosts.clone(),
@@ -347,7 +367,7 @@ impl OutboundHandle {
     /// Removes a claimed entry; with `notify`, every pending recipient is failed
     /// ("5.3.0 deleted by the administrator") and the sender gets a DSN as for any
     /// failure. Returns the DSNs spooled.
-    pub fn delete(&self, item: OutboundItem, notify: bool) -> anyhow::Result<usize> {
+    pub fn delete(&self, item: OutboundItem, notify: bool) -> Result<usize, OutboundError> {
         let mut envelope = item.envelope.clone();
         let mut failed = Vec::new();
         for r in &mut envelope.recipients {
@@ -359,7 +379,13 @@ impl OutboundHandle {
             }
         }
         let notices = if notify {
-            failure_notices(&self.shared, &item, &envelope, &failed)
+            outcome::failure_notices(
+                &item,
+                &envelope,
+                &failed,
+                &self.shared.config.hostname,
+                wall_ms(),
+            )
         } else {
             Vec::new()
         };
@@ -461,382 +487,94 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn hops(body: &[u8]) -> usize {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(body.len());
-    body[..end]
-        .split(|&b| b == b'\n')
-        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
-        .count()
-}
-
-fn fail(envelope: &mut Envelope, address: &str, code: &str, reply: String, mta: Option<&str>) {
-    if let Some(r) = envelope
-        .recipients
-        .iter_mut()
-        .find(|r| r.address == address && r.status == RecipientStatus::Pending)
-    {
-        r.status = RecipientStatus::Failed;
-        r.code = Some(code.to_string());
-        r.reply = Some(reply);
-        r.remote_mta = mta.map(str::to_string);
-    }
-}
-
-fn defer(envelope: &mut Envelope, address: &str, code: &str, reply: String, mta: Option<&str>) {
-    if let Some(r) = envelope
-        .recipients
-        .iter_mut()
-        .find(|r| r.address == address && r.status == RecipientStatus::Pending)
-    {
-        r.code = Some(code.to_string());
-        r.reply = Some(reply);
-        r.remote_mta = mta.map(str::to_string);
-    }
-}
-
-/// What one attempt noted besides the recipient states.
-#[derive(Default)]
-struct AttemptLog {
-    /// A one-line summary of the last failure, for the queue viewer.
-    summary: Option<String>,
-    /// Delivered to a next hop that does not offer DSN, with NOTIFY=SUCCESS asked.
-    relayed: Vec<String>,
-}
-
-/// Where a group of recipients goes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Destination {
-    Mx(String),
-    SmartHost(String),
-    Local,
-}
-
-/// One attempt at an entry: route, deliver, decide.
+/// One attempt at an entry: a pure plan from one directory snapshot, the I/O for each
+/// destination, then a pure outcome from the recipients' states.
 async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
     let now = shared.clock.now_ms();
     // One directory snapshot for the whole attempt: routing and the connector's retry
     // schedule come from the same table.
     let snapshot = shared.directory.snapshot();
-    let mut envelope = item.envelope.clone();
-    // An undeliverable entry is born with its recipients failed (conversion knew why),
-    // so they count as failed by this attempt: that is what sends their DSN. Counting
-    // only pending ones here once made such mail vanish with neither delivery nor DSN.
-    let before: Vec<String> = if item.queue == QueueName::Undeliverable {
-        envelope
-            .recipients
-            .iter()
-            .filter(|r| r.status != RecipientStatus::Delivered)
-            .map(|r| r.address.clone())
-            .collect()
-    } else {
-        envelope.pending().map(|r| r.address.clone()).collect()
-    };
-    let mut route = None;
-    let mut respool = Vec::new();
+    let plan::Plan {
+        before,
+        mut envelope,
+        groups,
+        respool,
+        route,
+        connector_retry,
+    } = plan::plan(
+        &item,
+        &snapshot,
+        now,
+        &shared.config.schedule,
+        shared.config.max_hops,
+    );
     let mut log = AttemptLog::default();
-    if item.queue == QueueName::Undeliverable {
-        // Conversion found these unresolvable; each carries its reason already.
-        for r in &mut envelope.recipients {
-            if r.status == RecipientStatus::Pending {
-                r.status = RecipientStatus::Failed;
-                r.code.get_or_insert_with(|| "5.1.1".into());
-            }
-        }
-    } else if hops(&item.body) > shared.config.max_hops {
-        for address in &before {
-            fail(
-                &mut envelope,
-                address,
-                "5.4.6",
-                format!(
-                    "5.4.6 too many hops: {} Received headers (the limit is {}); the message is looping",
-                    hops(&item.body),
-                    shared.config.max_hops
-                ),
-                None,
-            );
-        }
-    } else if now >= shared.config.schedule.expires_at_ms(item.received_at_ms) {
-        for r in &mut envelope.recipients {
-            if r.status == RecipientStatus::Pending {
-                r.status = RecipientStatus::Failed;
-                let last = r
-                    .reply
-                    .clone()
-                    .unwrap_or_else(|| "no attempt succeeded".into());
-                r.code = Some("4.4.7".into());
-                r.reply = Some(format!(
-                    "4.4.7 delivery time expired after {} days; last error: {last}",
-                    shared.config.schedule.expire_after.as_secs() / 86_400
-                ));
-            }
-        }
-    } else {
-        let balance = item.id as u64;
-        let mut groups: BTreeMap<Destination, Vec<String>> = BTreeMap::new();
-        for address in &before {
-            let Some(chosen) = snapshot.routing().route("SMTP", address, balance) else {
-                fail(
-                    &mut envelope,
-                    address,
-                    "5.4.4",
-                    "5.4.4 no route: no connector's address space matches this address".into(),
-                    None,
-                );
-                continue;
-            };
-            let Some(connector) = snapshot.site().connectors.get(&chosen.connector) else {
-                continue;
-            };
-            route = Some((chosen.connector.clone(), snapshot.generation()));
-            let destination = match &connector.kind {
-                ConnectorKind::Mx => Destination::Mx(
-                    address
-                        .rsplit_once('@')
-                        .map_or(String::new(), |(_, d)| d.to_ascii_lowercase()),
-                ),
-                ConnectorKind::SmartHost { host } => Destination::SmartHost(host.clone()),
-                ConnectorKind::Local => Destination::Local,
-            };
-            groups.entry(destination).or_default().push(address.clone());
-        }
-        for (destination, addresses) in groups {
-            let connector = route.as_ref().map_or("", |r| r.0.as_str()).to_string();
-            let hosts = match &destination {
-                Destination::Mx(domain) => shared.resolver.mail_hosts(domain).await,
-                Destination::SmartHost(spec) => shared.resolver.smart_host(spec).await,
-                Destination::Local => {
-                    for address in &addresses {
-                        if matches!(snapshot.resolve(address), Resolution::Local(_)) {
-                            respool.push(address.clone());
-                            if let Some(r) = envelope
-                                .recipients
-                                .iter_mut()
-                                .find(|r| &r.address == address)
-                            {
-                                r.status = RecipientStatus::Delivered;
-                                r.reply = Some("handed to local delivery".into());
-                            }
-                        } else {
-                            fail(
-                                &mut envelope,
-                                address,
-                                "5.1.1",
-                                "5.1.1 routed to the local connector, but no local recipient has this address".into(),
-                                None,
-                            );
-                        }
-                    }
-                    continue;
-                }
-            };
-            // MTA-STS (RFC 8461) for MX delivery: what the domain publishes.
-            let policy = match (&destination, &shared.mta_sts) {
-                (Destination::Mx(domain), Some(sts)) => sts
-                    .policy(domain)
-                    .await
-                    .filter(|p| p.mode != mta_sts::Mode::None)
-                    .map(|p| (domain.clone(), p)),
-                _ => None,
-            };
-            deliver_group(
-                shared,
-                &item,
-                &mut envelope,
-                &addresses,
-                hosts,
-                &connector,
-                policy.as_ref().map(|(d, p)| (d.as_str(), &**p)),
-                &mut log,
-            )
-            .await;
-        }
+    let connector = route.as_ref().map_or("", |r| r.0.as_str()).to_string();
+    for (destination, addresses) in groups {
+        let hosts = match &destination {
+            Destination::Mx(domain) => shared.resolver.mail_hosts(domain).await,
+            Destination::SmartHost(spec) => shared.resolver.smart_host(spec).await,
+        };
+        // MTA-STS (RFC 8461) for MX delivery: what the domain publishes.
+        let policy = match (&destination, &shared.mta_sts) {
+            (Destination::Mx(domain), Some(sts)) => sts
+                .policy(domain)
+                .await
+                .filter(|p| p.mode != mta_sts::Mode::None)
+                .map(|p| (domain.clone(), p)),
+            _ => None,
+        };
+        deliver_group(
+            shared,
+            &item,
+            &mut envelope,
+            &addresses,
+            hosts,
+            &connector,
+            policy.as_ref().map(|(d, p)| (d.as_str(), &**p)),
+            &mut log,
+        )
+        .await;
     }
-
-    // Count results and build the notices.
-    let connector = route
+    let settled = outcome::settle(outcome::Attempted {
+        item: &item,
+        before: &before,
+        envelope,
+        route,
+        respool,
+        connector_retry,
+        log,
+        schedule: &shared.config.schedule,
+        hostname: &shared.config.hostname,
+        now_ms: now,
+        wall_ms: wall_ms(),
+    });
+    let connector = settled
+        .outcome
+        .route
         .as_ref()
         .map(|r| r.0.clone())
         .or(item.connector.clone())
         .unwrap_or_default();
-    let mut newly_failed = Vec::new();
-    for address in &before {
-        if let Some(r) = envelope.recipient(address) {
-            let result = match r.status {
-                RecipientStatus::Delivered => "delivered",
-                RecipientStatus::Failed => {
-                    newly_failed.push(address.clone());
-                    "failed"
-                }
-                RecipientStatus::Pending => "deferred",
-            };
-            shared
-                .metrics
-                .recipients
-                .get_or_create(&ResultLabels {
-                    connector: connector.clone(),
-                    result: result.into(),
-                })
-                .inc();
-        }
-    }
-    let mut notices = failure_notices(shared, &item, &envelope, &newly_failed);
-    if !log.relayed.is_empty() && !item.mail_from.is_empty() {
-        let relayed: Vec<_> = envelope
+    for (address, result) in &settled.results {
+        shared
+            .metrics
             .recipients
-            .iter()
-            .filter(|r| log.relayed.contains(&r.address))
-            .collect();
-        notices.push(notice_entry(
-            shared,
-            &item,
-            &envelope,
-            relayed,
-            dsn::Action::Relayed,
-            None,
-        ));
-    }
-    if !respool.is_empty() {
-        notices.push(SpoolEntry {
-            queue_id: format!("{}L", item.queue_id),
-            mail_from: item.mail_from.clone(),
-            recipients: respool.clone(),
-            body: item.body.clone(),
-            received_at_ms: wall_ms(),
-            client: "outbound (local connector)".into(),
-            envelope: envelope.derive(&respool, |_| None),
-        });
-    }
-    let pending = envelope.pending().count();
-    // The connector's own retry schedule, when it has one.
-    let connector_retry = route.as_ref().and_then(|(name, _)| {
-        snapshot
-            .site()
-            .connectors
-            .get(name)
-            .and_then(|c| c.retry_minutes.clone())
-            .filter(|m| !m.is_empty())
-    });
-    let next_attempt_at_ms = (pending > 0).then(|| {
-        let wait = match connector_retry {
-            Some(minutes) => Schedule {
-                intervals: minutes
-                    .iter()
-                    .map(|m| Duration::from_secs(m * 60))
-                    .collect(),
-                ..shared.config.schedule.clone()
-            }
-            .wait_after(item.attempts),
-            None => shared.config.schedule.wait_after(item.attempts),
-        };
-        let expires = shared.config.schedule.expires_at_ms(item.received_at_ms);
-        (now + wait.as_millis() as i64).min(expires.max(now + 1))
-    });
-    // One "delayed" notice once the message has waited long enough.
-    if pending > 0
-        && !envelope.delay_notified
-        && now - item.received_at_ms >= shared.config.schedule.delay_notice_after.as_millis() as i64
-        && !item.mail_from.is_empty()
-    {
-        let delayed: Vec<_> = envelope
-            .pending()
-            .filter(|r| dsn::wanted(r, dsn::Action::Delayed))
-            .collect();
-        if !delayed.is_empty() {
-            notices.push(notice_entry(
-                shared,
-                &item,
-                &envelope,
-                delayed,
-                dsn::Action::Delayed,
-                Some(shared.config.schedule.expires_at_ms(item.received_at_ms)),
-            ));
-        }
-        envelope.delay_notified = true;
-    }
-    for r in envelope
-        .recipients
-        .iter()
-        .filter(|r| before.contains(&r.address))
-    {
+            .get_or_create(&ResultLabels {
+                connector: connector.clone(),
+                result: (*result).into(),
+            })
+            .inc();
+        let r = settled.outcome.envelope.recipient(address);
         tracing::info!(
             queue_id = %item.queue_id,
-            recipient = %r.address,
-            status = ?r.status,
-            reply = r.reply.as_deref().unwrap_or(""),
+            recipient = %address,
+            status = ?r.map(|r| r.status),
+            reply = r.and_then(|r| r.reply.as_deref()).unwrap_or(""),
             "outbound attempt"
         );
     }
-    OutboundOutcome {
-        envelope,
-        next_attempt_at_ms,
-        last_error: log.summary,
-        route,
-        notices,
-    }
-}
-
-/// The failure DSN for `failed` recipients that asked for one (none to the null sender).
-fn failure_notices(
-    shared: &Shared,
-    item: &OutboundItem,
-    envelope: &Envelope,
-    failed: &[String],
-) -> Vec<SpoolEntry> {
-    if item.mail_from.is_empty() {
-        return Vec::new();
-    }
-    let reported: Vec<_> = envelope
-        .recipients
-        .iter()
-        .filter(|r| failed.contains(&r.address) && dsn::wanted(r, dsn::Action::Failed))
-        .collect();
-    if reported.is_empty() {
-        return Vec::new();
-    }
-    vec![notice_entry(
-        shared,
-        item,
-        envelope,
-        reported,
-        dsn::Action::Failed,
-        None,
-    )]
-}
-
-fn notice_entry(
-    shared: &Shared,
-    item: &OutboundItem,
-    envelope: &Envelope,
-    recipients: Vec<&mailroom_store::RecipientState>,
-    action: dsn::Action,
-    retry_until_ms: Option<i64>,
-) -> SpoolEntry {
-    let body = dsn::build(
-        &dsn::Notice {
-            reporting_mta: &shared.config.hostname,
-            envelope,
-            recipients,
-            action,
-            arrival_ms: item.received_at_ms,
-            queue_id: &item.queue_id,
-            original: &item.body,
-            retry_until_ms,
-        },
-        &item.mail_from,
-    );
-    SpoolEntry {
-        queue_id: format!("{}D{}", item.queue_id, item.attempts),
-        mail_from: String::new(),
-        recipients: vec![item.mail_from.clone()],
-        body,
-        received_at_ms: wall_ms(),
-        client: "outbound (delivery status notification)".into(),
-        envelope: Envelope::default(),
-    }
+    settled.outcome
 }
 
 /// Tries the hosts in order for these recipients; records each recipient's result in
@@ -1078,50 +816,6 @@ async fn deliver_group(
             defer(envelope, a, &code, text.clone(), host.as_deref());
         }
         log.summary = Some(text);
-    }
-}
-
-/// Records one recipient's outcome from its RCPT reply and the data reply.
-fn record(envelope: &mut Envelope, address: &str, rcpt: &Reply, data: Option<&Reply>, host: &str) {
-    if !rcpt.positive() {
-        let code = rcpt.status_or("5.0.0", "4.0.0");
-        if rcpt.permanent() {
-            fail(envelope, address, &code, rcpt.to_string(), Some(host));
-        } else {
-            defer(envelope, address, &code, rcpt.to_string(), Some(host));
-        }
-        return;
-    }
-    let Some(data) = data else {
-        return;
-    };
-    if data.positive() {
-        if let Some(r) = envelope
-            .recipients
-            .iter_mut()
-            .find(|r| r.address == address && r.status == RecipientStatus::Pending)
-        {
-            r.status = RecipientStatus::Delivered;
-            r.code = Some(data.status_or("2.0.0", "2.0.0"));
-            r.reply = Some(data.to_string());
-            r.remote_mta = Some(host.to_string());
-        }
-    } else if data.permanent() {
-        fail(
-            envelope,
-            address,
-            &data.status_or("5.0.0", "4.0.0"),
-            data.to_string(),
-            Some(host),
-        );
-    } else {
-        defer(
-            envelope,
-            address,
-            &data.status_or("5.0.0", "4.0.0"),
-            data.to_string(),
-            Some(host),
-        );
     }
 }
 

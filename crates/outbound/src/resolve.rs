@@ -49,9 +49,13 @@ impl Resolver {
         nameservers: &[SocketAddr],
         hosts: HashMap<String, Vec<IpAddr>>,
         port: u16,
-    ) -> anyhow::Result<Resolver> {
+    ) -> Result<Resolver, crate::OutboundError> {
+        let failed = |e: &dyn std::fmt::Display| crate::OutboundError::Resolver(e.to_string());
         let dns = if nameservers.is_empty() {
-            TokioResolver::builder_tokio()?.build()?
+            TokioResolver::builder_tokio()
+                .map_err(|e| failed(&e))?
+                .build()
+                .map_err(|e| failed(&e))?
         } else {
             let servers = nameservers
                 .iter()
@@ -67,7 +71,8 @@ impl Resolver {
                 ResolverConfig::from_name_servers(servers),
                 TokioRuntimeProvider::default(),
             )
-            .build()?
+            .build()
+            .map_err(|e| failed(&e))?
         };
         let hosts = hosts
             .into_iter()
