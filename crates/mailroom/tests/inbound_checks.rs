@@ -229,6 +229,29 @@ async fn published_policies_are_verified_and_applied() {
     assert!(header.contains("spf=none"), "{header}");
     assert!(header.contains("dkim=none"), "{header}");
 
+    // A message with more DKIM signatures than anyone needs: accepted, none checked
+    // (no DNS flood on its behalf), SPF still decides DMARC.
+    let signatures: String = (0..11)
+        .map(|n| {
+            format!(
+                "DKIM-Signature: v=1; a=rsa-sha256; d=sig{n}.test; s=s; h=from; bh=AAAA; b=AAAA\r\n"
+            )
+        })
+        .collect();
+    let reply = deliver(
+        smtp,
+        "mx.good.test",
+        "news@good.test",
+        format!("{signatures}{}", message("news@good.test", "many")),
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    let inbox = server.wait_for_messages("alice@example.test", 3).await;
+    let raw = server.raw("alice@example.test", inbox[2].uid).await;
+    let header = results(&raw);
+    assert!(header.contains("dkim=none"), "{header}");
+    assert!(header.contains("dmarc=pass"), "{header}");
+
     let client = server.client();
     let metrics = tokio::task::spawn_blocking(move || client.metrics().expect("metrics"))
         .await
