@@ -1500,3 +1500,161 @@ print(json.dumps(dkim.verify(sys.argv[2].encode(), dnsfunc=dns)))
         "{dsn}"
     );
 }
+
+/// A DNSSEC-signed root zone served by NSD (signed with ldns-signzone, Debian's
+/// ldnsutils), and the KSK to trust: a world where DNSSEC validates, for DANE.
+struct SignedZone {
+    child: Child,
+    addr: std::net::SocketAddr,
+    anchor: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SignedZone {
+    fn start(records: &str) -> SignedZone {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        std::fs::write(
+            path.join("root.zone"),
+            format!(
+                "$ORIGIN .\n$TTL 300\n. IN SOA ns.root.test. admin.root.test. 1 3600 600 86400 300\n\
+. IN NS ns.root.test.\nns.root.test. IN A 127.0.0.1\n{records}"
+            ),
+        )
+        .unwrap();
+        let keygen = |ksk: bool| {
+            let mut command = Command::new("ldns-keygen");
+            command.current_dir(path).args(["-a", "ECDSAP256SHA256"]);
+            if ksk {
+                command.arg("-k");
+            }
+            let output = command
+                .arg(".")
+                .output()
+                .expect("ldns-keygen (Debian: ldnsutils)");
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8(output.stdout).unwrap().trim().to_string()
+        };
+        let (ksk, zsk) = (keygen(true), keygen(false));
+        let signed = Command::new("ldns-signzone")
+            .current_dir(path)
+            .args(["-f", "root.zone.signed", "root.zone", &ksk, &zsk])
+            .status()
+            .unwrap();
+        assert!(signed.success());
+        let anchor = path.join("anchor.key");
+        std::fs::copy(path.join(format!("{ksk}.key")), &anchor).unwrap();
+        let port = free_port();
+        std::fs::write(
+            path.join("nsd.conf"),
+            format!(
+                "server:\n  ip-address: 127.0.0.1@{port}\n  port: {port}\n  username: \"\"\n  chroot: \"\"\n\
+  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  zonelistfile: \"{d}/zone.list\"\n\
+  xfrdfile: \"{d}/xfrd.state\"\n  logfile: \"{d}/nsd.log\"\nremote-control:\n  control-enable: no\n\
+zone:\n  name: \".\"\n  zonefile: root.zone.signed\n",
+                d = path.display()
+            ),
+        )
+        .unwrap();
+        let nsd = ["/usr/sbin/nsd", "nsd"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap();
+        let child = Command::new(nsd)
+            .arg("-d")
+            .arg("-c")
+            .arg(path.join("nsd.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nsd (Debian: nsd)");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Ready once it answers a query over UDP.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let query = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 6, 0, 1];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        loop {
+            assert!(std::time::Instant::now() < deadline, "nsd did not answer");
+            let _ = socket.send_to(&query, addr);
+            if socket.recv_from(&mut buf).is_ok() {
+                break;
+            }
+        }
+        SignedZone {
+            child,
+            addr,
+            anchor,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for SignedZone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DANE (RFC 7672): with signed MX and TLSA records, the next hop's self-signed
+/// certificate is accepted because a DANE-EE record pins its key, a certificate that
+/// no record matches makes the mail wait (4.7.5), and a signed domain without TLSA
+/// records gets opportunistic TLS as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_tlsa_records_are_enforced() {
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["mx.dane.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (certs.path().join("mx.pem"), certs.path().join("mx.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, &spki)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let zone = SignedZone::start(&format!(
+        "dane.test. IN MX 10 mx.dane.test.\nmx.dane.test. IN A 127.0.0.1\n\
+_25._tcp.mx.dane.test. IN TLSA 3 1 1 {hash}\n\
+wrongtlsa.test. IN MX 10 mx.wrongtlsa.test.\nmx.wrongtlsa.test. IN A 127.0.0.1\n\
+_25._tcp.mx.wrongtlsa.test. IN TLSA 3 1 1 {}\n\
+nodane.test. IN MX 10 mx.nodane.test.\nmx.nodane.test. IN A 127.0.0.1\n",
+        "ab".repeat(32)
+    ));
+    let peer = Peer::start_with(&[&cert_file, &key_file]);
+    let (dns, anchor, peer_port) = (zone.addr, zone.anchor.clone(), peer.port);
+    let server = start(move |c| {
+        c.outbound.nameservers = vec![dns];
+        c.outbound.dnssec_trust_anchor = Some(anchor);
+        c.outbound.smtp_port = peer_port;
+    })
+    .await;
+    connector(&server, "internet", json!({"kind": "mx"}), "*").await;
+
+    send_from_alice(&server, &["bob@dane.test"], "pinned").await;
+    let received = peer.wait_for(1).await;
+    assert_eq!(received[0]["rcpt_tos"], json!(["bob@dane.test"]));
+    assert_eq!(received[0]["tls"], true);
+
+    send_from_alice(&server, &["bob@wrongtlsa.test"], "mismatch").await;
+    let items = wait_outbound_settled(&server, 1).await;
+    let reply = items[0]["envelope"]["recipients"][0]["reply"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reply.starts_with("4.7.5 DANE"), "{reply}");
+    assert!(reply.contains("must match"), "{reply}");
+    assert_eq!(peer.received().len(), 1);
+
+    send_from_alice(&server, &["bob@nodane.test"], "no tlsa").await;
+    let received = peer.wait_for(2).await;
+    assert_eq!(received[1]["rcpt_tos"], json!(["bob@nodane.test"]));
+}

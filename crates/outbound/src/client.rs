@@ -168,7 +168,7 @@ impl ClientTls {
         stream: mailroom_tls::BoxedIo,
         host: &str,
         wait: Duration,
-    ) -> Result<(mailroom_tls::BoxedIo, TlsOutcome), String> {
+    ) -> Result<(mailroom_tls::BoxedIo, TlsOutcome, Option<Vec<u8>>), String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             self.roots.clone(),
@@ -204,7 +204,13 @@ impl ClientTls {
             version,
             verified: verified.load(std::sync::atomic::Ordering::Relaxed),
         };
-        Ok((Box::new(encrypted), outcome))
+        let certificate = encrypted
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|der| der.to_vec());
+        Ok((Box::new(encrypted), outcome, certificate))
     }
 }
 
@@ -332,6 +338,8 @@ pub struct Connection {
     scanned: usize,
     /// The server's name from its greeting line, for DSNs (`Remote-MTA`).
     pub remote: String,
+    /// The next hop's certificate (DER) when the session is encrypted, for DANE.
+    pub peer_certificate: Option<Vec<u8>>,
     capabilities: u32,
     size_max: usize,
     timeouts: Timeouts,
@@ -390,6 +398,7 @@ impl Connection {
         let mut c = Connection {
             stream: Box::new(stream),
             tls: TlsOutcome::Plain,
+            peer_certificate: None,
             buffer: Vec::new(),
             scanned: 0,
             remote: remote.to_string(),
@@ -428,12 +437,13 @@ impl Connection {
                 c.buffer.clear();
                 c.scanned = 0;
                 let plain = std::mem::replace(&mut c.stream, Box::new(tokio::io::empty()));
-                let (encrypted, outcome) = tls
+                let (encrypted, outcome, certificate) = tls
                     .connect(plain, remote, timeouts.connect)
                     .await
                     .map_err(|why| Failure::Network(format!("{TLS_FAILED}{why}")))?;
                 c.stream = encrypted;
                 c.tls = outcome;
+                c.peer_certificate = certificate;
                 // RFC 3207 4.2: the capabilities are asked again.
                 c.send(format!("EHLO {helo}\r\n").as_bytes()).await?;
                 match c.ehlo().await? {

@@ -21,6 +21,7 @@
 //! every claim (docs/outbound.md states this window).
 
 pub mod client;
+pub mod dane;
 pub mod dsn;
 pub mod mta_sts;
 pub mod outcome;
@@ -166,6 +167,10 @@ pub struct OutboundConfig {
     pub mta_sts: bool,
     /// The HTTPS port policy hosts are asked on (443; tests use another).
     pub mta_sts_port: u16,
+    /// Honour DANE TLSA records (RFC 7672) of DNSSEC-signed destinations (needs `tls`).
+    pub dane: bool,
+    /// DNSKEY records to trust for DNSSEC instead of the root's keys (tests).
+    pub dnssec_trust_anchor: Option<std::path::PathBuf>,
 }
 
 impl Default for OutboundConfig {
@@ -189,6 +194,8 @@ impl Default for OutboundConfig {
             tls: None,
             mta_sts: true,
             mta_sts_port: 443,
+            dane: true,
+            dnssec_trust_anchor: None,
         }
     }
 }
@@ -214,6 +221,8 @@ struct Shared {
     config: OutboundConfig,
     /// MTA-STS policies of destination domains (with TLS configured).
     mta_sts: Option<mta_sts::MtaSts>,
+    /// DNSSEC-validated MX and TLSA lookups (with TLS configured).
+    dane: Option<dane::Dane>,
     clock: Clock,
     transfer: Transfer,
     inbound_bell: Doorbell,
@@ -265,6 +274,14 @@ impl Outbound {
         let mta_sts = config.tls.as_ref().filter(|_| config.mta_sts).map(|tls| {
             mta_sts::MtaSts::new(resolver.clone(), tls.roots.clone(), config.mta_sts_port)
         });
+        let dane = if config.tls.is_some() && config.dane {
+            Some(dane::Dane::new(
+                &config.nameservers,
+                config.dnssec_trust_anchor.as_deref(),
+            )?)
+        } else {
+            None
+        };
         let metrics = Metrics::default();
         registry.register(
             "mailroom_outbound_recipients",
@@ -294,6 +311,7 @@ impl Outbound {
             directory: parts.directory,
             resolver,
             mta_sts,
+            dane,
             clock: parts.clock,
             transfer: parts.transfer,
             inbound_bell: parts.inbound_bell,
@@ -524,6 +542,20 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
                 .map(|p| (domain.clone(), p)),
             _ => None,
         };
+        // DANE (RFC 7672): TLSA records of each MX host, when the MX records are signed.
+        let mut tlsa = HashMap::new();
+        if let (Destination::Mx(domain), Some(dane), Ok(hosts)) =
+            (&destination, &shared.dane, &hosts)
+            && dane.mx_secure(domain).await
+        {
+            for host in hosts {
+                let policy = dane.host(&host.name).await;
+                if policy != dane::HostPolicy::None {
+                    tracing::debug!(domain, host = host.name, ?policy, "DANE");
+                    tlsa.insert(host.name.clone(), policy);
+                }
+            }
+        }
         deliver_group(
             shared,
             &item,
@@ -532,6 +564,7 @@ async fn attempt(shared: &Shared, item: OutboundItem) -> OutboundOutcome {
             hosts,
             &connector,
             policy.as_ref().map(|(d, p)| (d.as_str(), &**p)),
+            &tlsa,
             &mut log,
         )
         .await;
@@ -588,6 +621,7 @@ async fn deliver_group(
     hosts: Result<Vec<Host>, NoHost>,
     connector: &str,
     sts: Option<(&str, &mta_sts::Policy)>,
+    tlsa: &HashMap<String, dane::HostPolicy>,
     log: &mut AttemptLog,
 ) {
     let enforce = sts.filter(|(_, p)| p.mode == mta_sts::Mode::Enforce);
@@ -683,8 +717,18 @@ async fn deliver_group(
             };
             // Under an enforced policy, only a connection verified for this very host
             // name (the pool is by address, which several names may share).
-            let idle = take_idle(shared, *addr)
-                .filter(|c| enforce.is_none() || (c.tls.verified() && c.remote() == host.name));
+            let dane = tlsa.get(&host.name);
+            if let Some(dane::HostPolicy::Failed(why)) = dane {
+                last_failure = Some((Failure::Network(format!("DANE: {why}")), host.name.clone()));
+                continue;
+            }
+            // Under DANE a fresh connection is checked against the TLSA records; under
+            // an enforced MTA-STS policy only one verified for this very host name is
+            // reused (the pool is by address, which several names may share).
+            let idle = take_idle(shared, *addr).filter(|c| {
+                dane.is_none()
+                    && (enforce.is_none() || (c.tls.verified() && c.remote() == host.name))
+            });
             let mut connection = match idle {
                 Some(c) => {
                     count_connection(shared, &host.name, "reused");
@@ -704,7 +748,35 @@ async fn deliver_group(
                         count_connection(shared, &host.name, "opened");
                         count_connection(shared, &host.name, c.tls.label());
                         tracing::info!(host = host.name, %addr, tls = %c.tls, "outbound connection");
-                        if !c.tls.verified()
+                        let encrypted = matches!(c.tls, client::TlsOutcome::Encrypted { .. });
+                        let dane_refusal = match dane {
+                            Some(dane::HostPolicy::Authenticate(records)) => {
+                                let ok = encrypted
+                                    && c.peer_certificate
+                                        .as_deref()
+                                        .is_some_and(|der| dane::matches(records, der));
+                                (!ok).then(|| {
+                                    format!(
+                                        "DANE: {} has TLSA records; its certificate must match one over TLS ({})",
+                                        host.name, c.tls
+                                    )
+                                })
+                            }
+                            Some(dane::HostPolicy::EncryptOnly) if !encrypted => Some(format!(
+                                "DANE: {} has TLSA records; TLS is required ({})",
+                                host.name, c.tls
+                            )),
+                            _ => None,
+                        };
+                        if let Some(why) = dane_refusal {
+                            tracing::warn!(host = host.name, tls = %c.tls, "DANE: not delivering");
+                            c.quit().await;
+                            last_failure = Some((Failure::Network(why), host.name.clone()));
+                            continue;
+                        }
+                        // DANE, when it applies, takes the place of MTA-STS (RFC 8461 §2).
+                        if dane.is_none()
+                            && !c.tls.verified()
                             && let Some((domain, policy)) = sts
                         {
                             let why = format!(
@@ -739,8 +811,14 @@ async fn deliver_group(
                             .iter_mut()
                             .find(|r| r.address == rcpt.address)
                         {
-                            r.tls = Some(match sts {
-                                Some((_, policy)) => format!(
+                            r.tls = Some(match (dane, sts) {
+                                (Some(dane::HostPolicy::Authenticate(_)), _) => {
+                                    format!("{}; DANE", connection.tls)
+                                }
+                                (Some(_), _) => {
+                                    format!("{}; DANE (encrypted only)", connection.tls)
+                                }
+                                (None, Some((_, policy))) => format!(
                                     "{}; MTA-STS {}",
                                     connection.tls,
                                     match policy.mode {
@@ -748,7 +826,7 @@ async fn deliver_group(
                                         _ => "testing",
                                     }
                                 ),
-                                None => connection.tls.to_string(),
+                                (None, None) => connection.tls.to_string(),
                             });
                         }
                         if !passes_dsn_on
@@ -800,7 +878,9 @@ async fn deliver_group(
                 reply.to_string(),
                 Some(host),
             ),
-            Some((Failure::Network(e), host)) if e.starts_with("MTA-STS") => {
+            Some((Failure::Network(e), host))
+                if e.starts_with("MTA-STS") || e.starts_with("DANE") =>
+            {
                 ("4.7.5".to_string(), format!("4.7.5 {e}"), Some(host))
             }
             Some((Failure::Network(e), host)) => {
