@@ -1600,33 +1600,50 @@ impl Drop for SignedZone {
     }
 }
 
-/// DANE (RFC 7672): with signed MX and TLSA records, the next hop's self-signed
-/// certificate is accepted because a DANE-EE record pins its key, a certificate that
-/// no record matches makes the mail wait (4.7.5), and a signed domain without TLSA
-/// records gets opportunistic TLS as before.
+/// DANE (RFC 7672): with signed MX and TLSA records, the next hop's certificate from
+/// a private authority (trusted by nobody's root store) is accepted because a DANE-EE
+/// record pins its key, or because a DANE-TA record names the authority it sends in
+/// its chain; a certificate that no record matches makes the mail wait (4.7.5), and a
+/// signed domain without TLSA records gets opportunistic TLS as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dane_tlsa_records_are_enforced() {
     let certs = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "private authority");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["mx.dane.test".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let cert = rcgen::CertificateParams::new(vec![
+        "mx.dane.test".to_string(),
+        "mx.tadane.test".to_string(),
+    ])
+    .unwrap()
+    .signed_by(&key, &ca)
+    .unwrap();
     let (cert_file, key_file) = (certs.path().join("mx.pem"), certs.path().join("mx.key"));
-    std::fs::write(&cert_file, cert.pem()).unwrap();
+    // The chain: the server's certificate, then the authority (RFC 7672 §3.1.2).
+    std::fs::write(&cert_file, format!("{}{}", cert.pem(), ca.pem())).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, &spki)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = |bytes: &[u8]| -> String {
+        ring::digest::digest(&ring::digest::SHA256, bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let hash = hex(&rcgen::PublicKeyData::subject_public_key_info(&key));
+    let ta_hash = hex(ca.der());
     let zone = SignedZone::start(&format!(
         "dane.test. IN MX 10 mx.dane.test.\nmx.dane.test. IN A 127.0.0.1\n\
 _25._tcp.mx.dane.test. IN TLSA 3 1 1 {hash}\n\
 wrongtlsa.test. IN MX 10 mx.wrongtlsa.test.\nmx.wrongtlsa.test. IN A 127.0.0.1\n\
 _25._tcp.mx.wrongtlsa.test. IN TLSA 3 1 1 {}\n\
-nodane.test. IN MX 10 mx.nodane.test.\nmx.nodane.test. IN A 127.0.0.1\n",
+nodane.test. IN MX 10 mx.nodane.test.\nmx.nodane.test. IN A 127.0.0.1\n\
+tadane.test. IN MX 10 mx.tadane.test.\nmx.tadane.test. IN A 127.0.0.1\n\
+_25._tcp.mx.tadane.test. IN TLSA 2 0 1 {ta_hash}\n",
         "ab".repeat(32)
     ));
     let peer = Peer::start_with(&[&cert_file, &key_file]);
@@ -1657,4 +1674,8 @@ nodane.test. IN MX 10 mx.nodane.test.\nmx.nodane.test. IN A 127.0.0.1\n",
     send_from_alice(&server, &["bob@nodane.test"], "no tlsa").await;
     let received = peer.wait_for(2).await;
     assert_eq!(received[1]["rcpt_tos"], json!(["bob@nodane.test"]));
+
+    send_from_alice(&server, &["bob@tadane.test"], "by authority").await;
+    let received = peer.wait_for(3).await;
+    assert_eq!(received[2]["rcpt_tos"], json!(["bob@tadane.test"]));
 }

@@ -168,7 +168,7 @@ impl ClientTls {
         stream: mailroom_tls::BoxedIo,
         host: &str,
         wait: Duration,
-    ) -> Result<(mailroom_tls::BoxedIo, TlsOutcome, Option<Vec<u8>>), String> {
+    ) -> Result<(mailroom_tls::BoxedIo, TlsOutcome, Vec<Vec<u8>>), String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             self.roots.clone(),
@@ -204,13 +204,13 @@ impl ClientTls {
             version,
             verified: verified.load(std::sync::atomic::Ordering::Relaxed),
         };
-        let certificate = encrypted
+        let chain = encrypted
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|der| der.to_vec());
-        Ok((Box::new(encrypted), outcome, certificate))
+            .map(|chain| chain.iter().map(|der| der.to_vec()).collect())
+            .unwrap_or_default();
+        Ok((Box::new(encrypted), outcome, chain))
     }
 }
 
@@ -338,8 +338,9 @@ pub struct Connection {
     scanned: usize,
     /// The server's name from its greeting line, for DSNs (`Remote-MTA`).
     pub remote: String,
-    /// The next hop's certificate (DER) when the session is encrypted, for DANE.
-    pub peer_certificate: Option<Vec<u8>>,
+    /// The next hop's certificate chain (DER, end entity first) when the session is
+    /// encrypted, for DANE.
+    pub peer_certificates: Vec<Vec<u8>>,
     capabilities: u32,
     size_max: usize,
     timeouts: Timeouts,
@@ -398,7 +399,7 @@ impl Connection {
         let mut c = Connection {
             stream: Box::new(stream),
             tls: TlsOutcome::Plain,
-            peer_certificate: None,
+            peer_certificates: Vec::new(),
             buffer: Vec::new(),
             scanned: 0,
             remote: remote.to_string(),
@@ -437,13 +438,13 @@ impl Connection {
                 c.buffer.clear();
                 c.scanned = 0;
                 let plain = std::mem::replace(&mut c.stream, Box::new(tokio::io::empty()));
-                let (encrypted, outcome, certificate) = tls
+                let (encrypted, outcome, chain) = tls
                     .connect(plain, remote, timeouts.connect)
                     .await
                     .map_err(|why| Failure::Network(format!("{TLS_FAILED}{why}")))?;
                 c.stream = encrypted;
                 c.tls = outcome;
-                c.peer_certificate = certificate;
+                c.peer_certificates = chain;
                 // RFC 3207 4.2: the capabilities are asked again.
                 c.send(format!("EHLO {helo}\r\n").as_bytes()).await?;
                 match c.ehlo().await? {

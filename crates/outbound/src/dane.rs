@@ -6,12 +6,13 @@
 //! the root's by default, and does not trust a resolver's AD bit). Only records proved
 //! `Secure` count: an unsigned domain simply has no DANE.
 //!
-//! What is supported: DANE-EE (usage 3) with either selector (full certificate or
-//! SubjectPublicKeyInfo) and SHA-256, SHA-512 or exact matching; the name in the
-//! certificate and its expiry are not checked, as RFC 7672 §3.1.1 says. DANE-TA
-//! (usage 2) needs a path validation to the named authority that is not built yet: a
-//! host with only such records gets mandatory (unauthenticated) TLS, which RFC 7672
-//! §2.2 allows for "unusable" records. PKIX usages 0 and 1 are unusable for SMTP.
+//! What is supported: DANE-EE (usage 3) and DANE-TA (usage 2), either selector (full
+//! certificate or SubjectPublicKeyInfo), SHA-256, SHA-512 or exact matching. For
+//! DANE-EE the name in the certificate and its expiry are not checked (RFC 7672
+//! §3.1.1). For DANE-TA the authority must be a certificate the server sends in its
+//! chain (RFC 7672 §3.1.2 asks servers to), and the end entity must validate to it,
+//! by WebPKI rules, for the MX host's name (§3.2.2). PKIX usages 0 and 1 are unusable
+//! for SMTP: a host with only those gets mandatory (unauthenticated) TLS (§2.2).
 
 use crate::OutboundError;
 use hickory_resolver::TokioResolver;
@@ -49,12 +50,77 @@ pub enum HostPolicy {
     Failed(String),
 }
 
+/// Whether a certificate chain (DER, the end entity first, as the server sent it)
+/// satisfies one of the records for `host`: a DANE-EE record matches the end entity,
+/// or a DANE-TA record matches a certificate of the chain to which the end entity
+/// validates for `host`.
+pub fn chain_matches(records: &[Tlsa], chain: &[Vec<u8>], host: &str) -> bool {
+    let Some(end_entity) = chain.first() else {
+        return false;
+    };
+    if records
+        .iter()
+        .filter(|r| r.usage == 3)
+        .any(|r| matches_one(r, end_entity))
+    {
+        return true;
+    }
+    records.iter().filter(|r| r.usage == 2).any(|r| {
+        chain[1..]
+            .iter()
+            .filter(|authority| matches_one(r, authority))
+            .any(|authority| validates_to(chain, authority, host))
+    })
+}
+
+/// Whether `chain`'s end entity validates, for `host`, up to `authority` taken as the
+/// trust anchor.
+fn validates_to(chain: &[Vec<u8>], authority: &[u8], host: &str) -> bool {
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add(CertificateDer::from(authority.to_vec())).is_err() {
+        return false;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(verifier) =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+    else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(host.trim_end_matches('.').to_string()) else {
+        return false;
+    };
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    rustls::client::danger::ServerCertVerifier::verify_server_cert(
+        &*verifier,
+        &CertificateDer::from(chain[0].as_slice()),
+        &intermediates,
+        &name,
+        &[],
+        UnixTime::now(),
+    )
+    .is_ok()
+}
+
 /// Whether `certificate` (DER, the end entity's) matches one of the DANE-EE records.
 pub fn matches(records: &[Tlsa], certificate: &[u8]) -> bool {
+    records
+        .iter()
+        .filter(|r| r.usage == 3)
+        .any(|r| matches_one(r, certificate))
+}
+
+/// Whether one record's association data is this certificate's (by its selector and
+/// matching type).
+fn matches_one(r: &Tlsa, certificate: &[u8]) -> bool {
     let spki = x509_parser::parse_x509_certificate(certificate)
         .ok()
         .map(|(_, cert)| cert.tbs_certificate.subject_pki.raw.to_vec());
-    records.iter().filter(|r| r.usage == 3).any(|r| {
+    {
         let selected: &[u8] = match r.selector {
             0 => certificate,
             1 => match &spki {
@@ -69,7 +135,7 @@ pub fn matches(records: &[Tlsa], certificate: &[u8]) -> bool {
             2 => ring::digest::digest(&ring::digest::SHA512, selected).as_ref() == r.data,
             _ => false,
         }
-    })
+    }
 }
 
 /// Looks up MX and TLSA records with DNSSEC validation.
@@ -165,7 +231,7 @@ impl Dane {
         }
         let usable: Vec<Tlsa> = records
             .into_iter()
-            .filter(|r| r.usage == 3 && r.selector <= 1 && r.matching <= 2)
+            .filter(|r| (r.usage == 2 || r.usage == 3) && r.selector <= 1 && r.matching <= 2)
             .collect();
         if usable.is_empty() {
             HostPolicy::EncryptOnly
@@ -217,5 +283,79 @@ mod tests {
             &[tlsa(3, 1, 1, vec![1; 32]), tlsa(3, 1, 1, sha256(&spki))],
             &der
         ));
+    }
+
+    /// DANE-TA: the authority must be in the chain the server sent, match the record,
+    /// and the end entity must validate to it for the MX host's name.
+    #[test]
+    fn dane_ta_needs_the_authority_in_the_chain_and_the_name() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "DANE test authority");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["mx.example.test".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let (leaf_der, ca_der) = (leaf.der().to_vec(), ca.der().to_vec());
+        let sha256 = |b: &[u8]| {
+            ring::digest::digest(&ring::digest::SHA256, b)
+                .as_ref()
+                .to_vec()
+        };
+        let by_cert = Tlsa {
+            usage: 2,
+            selector: 0,
+            matching: 1,
+            data: sha256(&ca_der),
+        };
+        let by_key = Tlsa {
+            usage: 2,
+            selector: 1,
+            matching: 1,
+            data: sha256(&rcgen::PublicKeyData::subject_public_key_info(ca.key())),
+        };
+        let chain = vec![leaf_der.clone(), ca_der.clone()];
+        assert!(chain_matches(
+            std::slice::from_ref(&by_cert),
+            &chain,
+            "mx.example.test"
+        ));
+        assert!(chain_matches(
+            std::slice::from_ref(&by_key),
+            &chain,
+            "mx.example.test"
+        ));
+        // Another host name, an authority the server did not send, a record that
+        // names the end entity as an authority: no.
+        assert!(!chain_matches(
+            std::slice::from_ref(&by_cert),
+            &chain,
+            "mx.other.test"
+        ));
+        assert!(!chain_matches(
+            std::slice::from_ref(&by_cert),
+            &chain[..1],
+            "mx.example.test"
+        ));
+        let leaf_as_ta = Tlsa {
+            usage: 2,
+            selector: 0,
+            matching: 1,
+            data: sha256(&leaf_der),
+        };
+        assert!(!chain_matches(&[leaf_as_ta], &chain, "mx.example.test"));
+        // DANE-EE through the same entry point.
+        let ee = Tlsa {
+            usage: 3,
+            selector: 0,
+            matching: 1,
+            data: sha256(&leaf_der),
+        };
+        assert!(chain_matches(&[ee], &chain[..1], "anything"));
     }
 }

@@ -752,9 +752,11 @@ async fn deliver_group(
                         let dane_refusal = match dane {
                             Some(dane::HostPolicy::Authenticate(records)) => {
                                 let ok = encrypted
-                                    && c.peer_certificate
-                                        .as_deref()
-                                        .is_some_and(|der| dane::matches(records, der));
+                                    && dane::chain_matches(
+                                        records,
+                                        &c.peer_certificates,
+                                        &host.name,
+                                    );
                                 (!ok).then(|| {
                                     format!(
                                         "DANE: {} has TLSA records; its certificate must match one over TLS ({})",

@@ -19,6 +19,7 @@
 use crate::reply::Reply;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use ipnet::IpNet;
+use mail_auth::Parameters;
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -27,9 +28,104 @@ use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
     SpfResult,
 };
+use mail_auth::{MX, RecordSet, ResolverCache, Txt};
+use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// DNS answers kept between messages, by their TTL (at most [`CACHE_TTL_MAX`]): the
+/// same senders come back, and each message asks for SPF, DKIM keys, DMARC and PTR
+/// records. Bounded: past [`CACHE_ENTRIES_MAX`] entries the expired ones go, then all.
+/// The lock is a leaf, held only to look up or insert (never across `.await`).
+struct Cache<K, V> {
+    entries: parking_lot::Mutex<HashMap<K, (V, Instant)>>,
+}
+
+/// The longest a DNS answer is kept.
+pub const CACHE_TTL_MAX: Duration = Duration::from_secs(3600);
+
+/// Entries per record type, at most.
+pub const CACHE_ENTRIES_MAX: usize = 10_000;
+
+impl<K, V> Default for Cache<K, V> {
+    fn default() -> Self {
+        Cache {
+            entries: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Cache<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut entries = self.entries.lock();
+        match entries.get(name) {
+            Some((value, until)) if *until > Instant::now() => Some(value.clone()),
+            Some(_) => {
+                entries.remove(name);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries.lock().remove(name).map(|(value, _)| value)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: Instant) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries.len() >= CACHE_ENTRIES_MAX {
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= CACHE_ENTRIES_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (value, valid_until.min(now + CACHE_TTL_MAX)));
+    }
+}
+
+/// One cache per record type mail-auth asks for.
+#[derive(Default)]
+struct Caches {
+    txt: Cache<Box<str>, Txt>,
+    mx: Cache<Box<str>, RecordSet<MX>>,
+    ipv4: Cache<Box<str>, RecordSet<Ipv4Addr>>,
+    ipv6: Cache<Box<str>, RecordSet<Ipv6Addr>>,
+    ptr: Cache<IpAddr, RecordSet<Box<str>>>,
+}
+
+/// mail-auth's parameters with every cache plugged in.
+type Cached<'x, P> = Parameters<
+    'x,
+    P,
+    Cache<Box<str>, Txt>,
+    Cache<Box<str>, RecordSet<MX>>,
+    Cache<Box<str>, RecordSet<Ipv4Addr>>,
+    Cache<Box<str>, RecordSet<Ipv6Addr>>,
+    Cache<IpAddr, RecordSet<Box<str>>>,
+>;
+
+impl Caches {
+    fn params<'x, P>(&'x self, params: P) -> Cached<'x, P> {
+        Parameters::new(params)
+            .with_txt_cache(&self.txt)
+            .with_mx_cache(&self.mx)
+            .with_ipv4_cache(&self.ipv4)
+            .with_ipv6_cache(&self.ipv6)
+            .with_ptr_cache(&self.ptr)
+    }
+}
 
 /// DKIM signatures checked per message at most (more: none is checked).
 pub const DKIM_SIGNATURES_MAX: usize = 10;
@@ -237,6 +333,8 @@ pub struct Checker {
     hostname: String,
     /// ARC sealing (RFC 8617): the keys, and the domain whose active key seals.
     sealer: Option<(std::sync::Arc<mailroom_dkim::Signer>, String)>,
+    /// DNS answers kept between messages.
+    caches: Caches,
 }
 
 impl std::fmt::Debug for Checker {
@@ -280,6 +378,7 @@ impl Checker {
             policy,
             hostname: hostname.to_string(),
             sealer: None,
+            caches: Caches::default(),
         })
     }
 
@@ -341,6 +440,7 @@ impl Checker {
 
     async fn run(&self, input: CheckInput<'_>) -> (String, Evidence) {
         let auth = &self.authenticator;
+        let caches = &self.caches;
         let mail_from_domain = envelope_domain(input.mail_from, input.helo);
         let spf_domain = mail_from_domain.clone().unwrap_or_default();
         let spf_params = if input.mail_from.is_empty() {
@@ -350,8 +450,8 @@ impl Checker {
         };
         let Some(message) = AuthenticatedMessage::parse(input.message) else {
             // Not even a header section: SPF alone, and DMARC cannot apply.
-            let spf = auth.verify_spf(spf_params).await;
-            let iprev = auth.verify_iprev(input.ip).await;
+            let spf = auth.verify_spf(caches.params(spf_params)).await;
+            let iprev = auth.verify_iprev(caches.params(input.ip)).await;
             let header = AuthenticationResults::new(&self.hostname)
                 .with_spf_mailfrom_result(&spf, input.ip, input.mail_from, input.helo)
                 .with_iprev_result(&iprev, input.ip)
@@ -378,17 +478,17 @@ impl Checker {
                 );
                 Vec::new()
             } else {
-                auth.verify_dkim(&message).await
+                auth.verify_dkim(caches.params(&message)).await
             }
         };
         let (spf, dkim, arc, iprev) = tokio::join!(
-            auth.verify_spf(spf_params),
+            auth.verify_spf(caches.params(spf_params)),
             dkim_future,
-            auth.verify_arc(&message),
-            auth.verify_iprev(input.ip),
+            auth.verify_arc(caches.params(&message)),
+            auth.verify_iprev(caches.params(input.ip)),
         );
         let dmarc = auth
-            .verify_dmarc(DmarcParameters::new(&message, &dkim, &spf_domain, &spf))
+            .verify_dmarc(caches.params(DmarcParameters::new(&message, &dkim, &spf_domain, &spf)))
             .await;
         let from = message.from.first().cloned().unwrap_or_default();
         let from_domain = from
@@ -565,6 +665,26 @@ mod tests {
         assert_eq!(decide(&failing, &policy, &local), Action::Accept);
         failing.dmarc = DmarcOutcome::Pass;
         assert_eq!(decide(&failing, &policy, &local), Action::Accept);
+    }
+
+    /// Cached DNS answers expire by their TTL (capped at an hour) and the cache stays
+    /// bounded.
+    #[test]
+    fn dns_answers_are_cached_by_ttl_and_bounded() {
+        let cache: Cache<Box<str>, u32> = Cache::default();
+        let now = Instant::now();
+        cache.insert("fresh".into(), 1, now + Duration::from_secs(60));
+        cache.insert("stale".into(), 2, now - Duration::from_secs(1));
+        assert_eq!(cache.get("fresh"), Some(1));
+        assert_eq!(cache.get("stale"), None);
+        cache.insert("long".into(), 3, now + Duration::from_secs(86_400));
+        let until = cache.entries.lock()["long"].1;
+        assert!(until <= Instant::now() + CACHE_TTL_MAX);
+        for n in 0..CACHE_ENTRIES_MAX + 5 {
+            cache.insert(n.to_string().into(), 0, now + Duration::from_secs(60));
+        }
+        assert!(cache.entries.lock().len() <= CACHE_ENTRIES_MAX);
+        assert_eq!(cache.remove("fresh"), None, "cleared when it filled up");
     }
 
     #[test]
