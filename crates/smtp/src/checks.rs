@@ -438,6 +438,55 @@ impl Checker {
         }
     }
 
+    /// [`Checker::check`] in a task of its own: a panic inside the protocol code (a
+    /// message built to hit a bug in a parser) costs the checks, not the session or
+    /// the message, which is then accepted with `none (checks failed)` and logged.
+    pub async fn check_contained(
+        self: &std::sync::Arc<Self>,
+        ip: IpAddr,
+        helo: String,
+        mail_from: String,
+        message: std::sync::Arc<Vec<u8>>,
+        seal: bool,
+        is_local: std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Verdict {
+        let checker = self.clone();
+        let task = tokio::spawn({
+            let (helo, mail_from, message) = (helo.clone(), mail_from.clone(), message.clone());
+            async move {
+                let input = CheckInput {
+                    ip,
+                    helo: &helo,
+                    mail_from: &mail_from,
+                    message: &message,
+                    seal,
+                };
+                checker.check(input, &|domain| is_local(domain)).await
+            }
+        });
+        match task.await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                tracing::error!(%ip, mail_from, error = %e, "inbound checks failed (a bug); the message is accepted unchecked");
+                Verdict {
+                    header: format!(
+                        "Authentication-Results: {}; none (checks failed)\r\n",
+                        self.hostname
+                    ),
+                    action: Action::Accept,
+                    evidence: Evidence {
+                        from_domain: None,
+                        mail_from_domain: envelope_domain(&mail_from, &helo),
+                        spf: SpfResult::None,
+                        dkim_pass: Vec::new(),
+                        dkim_temperror: false,
+                        dmarc: DmarcOutcome::None,
+                    },
+                }
+            }
+        }
+    }
+
     async fn run(&self, input: CheckInput<'_>) -> (String, Evidence) {
         let auth = &self.authenticator;
         let caches = &self.caches;

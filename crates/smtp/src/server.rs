@@ -630,16 +630,20 @@ impl SmtpServer {
                             matches!(snapshot.resolve(r), Resolution::Local(rec)
                                 if rec.kind != mailroom_directory::RecipientKind::Mailbox)
                         });
-                        let input = crate::checks::CheckInput {
-                            ip: peer.ip(),
-                            helo: session.helo_name().unwrap_or(""),
-                            mail_from: &submission.mail_from,
-                            message: &submission.body,
-                            seal,
-                        };
+                        let body = Arc::new(std::mem::take(&mut submission.body));
+                        let local = snapshot.clone();
                         let verdict = checker
-                            .check(input, &|domain| snapshot.is_local_domain(domain))
+                            .check_contained(
+                                peer.ip(),
+                                session.helo_name().unwrap_or("").to_string(),
+                                submission.mail_from.clone(),
+                                body.clone(),
+                                seal,
+                                Arc::new(move |domain: &str| local.is_local_domain(domain)),
+                            )
                             .await;
+                        // The task is over: its reference is gone, the bytes come back.
+                        submission.body = Arc::try_unwrap(body).unwrap_or_else(|b| (*b).clone());
                         let evidence = &verdict.evidence;
                         let dmarc = match &evidence.dmarc {
                             crate::checks::DmarcOutcome::Pass => "pass",
