@@ -223,9 +223,15 @@ async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Resul
 }
 
 /// The site settings of a new data folder: one connector for the Internet, as the
-/// classic Internet Mail Service had (`SMTP:*`, cost 1, by DNS MX).
-fn initial_site() -> SiteConfig {
+/// classic Internet Mail Service had (`SMTP:*`, cost 1, by DNS MX), and an SMTP site
+/// addressing template `%m@<domain>` (Exchange always had one), so a mailbox created or
+/// imported without an address gets `<alias>@<domain>`.
+fn initial_site(domain: &str) -> SiteConfig {
     let mut site = SiteConfig::default();
+    site.addressing.insert(
+        "SMTP".into(),
+        format!("%m@{}", domain.trim().to_ascii_lowercase()),
+    );
     site.connectors.insert(
         "internet".into(),
         Connector {
@@ -275,8 +281,12 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
             config.server.server_name.clone()
         },
     };
-    let (directory, _writer_thread) =
-        Directory::start(store.clone(), &domains, &topology, initial_site())?;
+    let (directory, _writer_thread) = Directory::start(
+        store.clone(),
+        &domains,
+        &topology,
+        initial_site(&config.server.domain),
+    )?;
     let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
 
     let watch = Arc::new(WatchRegistry::default());

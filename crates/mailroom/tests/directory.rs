@@ -78,12 +78,23 @@ async fn a_template_change_makes_the_new_address_deliverable_and_keeps_the_old()
         "{out}"
     );
 
-    // The new template: its domain becomes local, and every generated address moves
-    // (postmaster's address was entered by hand, so it is not even scanned).
+    // The new template: its domain becomes local, and every generated address moves.
+    // postmaster@example.test is what a fresh server's template (%m@example.test)
+    // generates, so it counts as generated too; the new template gives a recipient
+    // without names nothing, so postmaster keeps its address and the job says why.
     let out = server.cli(&["template", "set", "%1g%s@corp.test"]).await;
     assert!(
-        out.contains("done: scanned 2, updated 2, failed 0"),
+        out.contains("done: scanned 3, updated 2, failed 1"),
         "{out}"
+    );
+    assert!(
+        out.contains("postmaster: field addresses: the template %1g%s@corp.test gives no address"),
+        "{out}"
+    );
+    let postmaster = server.cli(&["recipient", "show", "postmaster"]).await;
+    assert!(
+        postmaster.contains("postmaster@example.test"),
+        "{postmaster}"
     );
     assert!(
         out.contains("generated address taken, used MClark2@corp.test"),

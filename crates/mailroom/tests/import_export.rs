@@ -273,3 +273,34 @@ async fn a_100000_row_import_completes_and_mail_reaches_imported_addresses() {
     server.wait_for_messages("user99999@example.test", 1).await;
     server.server.shutdown().await;
 }
+
+/// A fresh server has the SMTP site addressing template `%m@<domain>`, as Exchange
+/// always had: a CSV of mailboxes without addresses imports, each getting
+/// `<alias>@<domain>`, and mail reaches them; `template show` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_generates_addresses_for_a_csv_without_them() {
+    let server = TestServer::start().await;
+    let shown = ok(&server, &["template", "show"]).await;
+    assert!(shown.contains("%m@example.test"), "{shown}");
+    let file = server.dir.path().join("people.csv");
+    std::fs::write(
+        &file,
+        "Obj-Class,Directory Name,Display Name\nMailbox,dana,Dana Scully\nMailbox,fox,Fox Mulder\n",
+    )
+    .unwrap();
+    let out = ok(&server, &["directory", "import", file.to_str().unwrap()]).await;
+    assert!(out.contains("applied 2, failed 0"), "{out}");
+    let addr = server.smtp();
+    tokio::task::spawn_blocking(move || {
+        let mut smtp = RawSmtp::connect(addr);
+        smtp.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<dana@example.test>\r\nRCPT TO:<fox@example.test>\r\nDATA\r\n");
+        assert_eq!(smtp.codes(5), ["250", "250", "250", "250", "354"]);
+        smtp.send(b"Subject: welcome\r\n\r\nhi\r\n.\r\n");
+        assert!(smtp.reply().starts_with("250"));
+    })
+    .await
+    .unwrap();
+    server.wait_for_messages("dana@example.test", 1).await;
+    server.wait_for_messages("fox@example.test", 1).await;
+    server.server.shutdown().await;
+}
