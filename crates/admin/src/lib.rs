@@ -26,13 +26,13 @@ use mailroom_directory::{
     RecipientKind, SiteChange, Snapshot, hash_password,
 };
 use mailroom_store::{MailStore, QueueName, QueueSummary};
+use mailroom_watch::now_ms;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 type Labels = Vec<(String, String)>;
@@ -153,12 +153,6 @@ fn store_error(e: mailroom_store::StoreError) -> ApiError {
         None => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError(status, e.to_string())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The router with every route.

@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
 use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
+use mailroom_watch::now_ms;
 use mailroom_watch::{Activity, Probe};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -29,7 +30,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// A function run on every message before parsing; tests use it to make conversion
@@ -241,12 +242,6 @@ impl ParsePool {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Workers {

@@ -500,9 +500,7 @@ async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
 /// Wall-clock time for what enters the inbound queue: conversion runs on the wall clock,
 /// whatever the delivery clock says.
 fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    mailroom_watch::now_ms()
 }
 
 /// One attempt at an entry: a pure plan from one directory snapshot, the I/O for each

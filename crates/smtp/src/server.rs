@@ -11,6 +11,7 @@ use mailroom_directory::Directory;
 use mailroom_directory::{Resolution, Snapshot};
 use mailroom_queue::{Spool, SpoolError};
 use mailroom_store::{MailStore, SpoolEntry};
+use mailroom_watch::now_ms;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -871,12 +872,6 @@ impl SmtpServer {
         };
         self.stats.reject(reason);
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The test hook behind `XSPIN <ms>`: a busy loop on the runtime thread, exactly what a

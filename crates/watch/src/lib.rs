@@ -40,7 +40,8 @@ pub use watchdog::{
     WorkerReport,
 };
 
-/// Milliseconds since the Unix epoch (wall clock), the unit every probe uses.
+/// Milliseconds since the Unix epoch (wall clock): the one clock reading every crate
+/// uses for stored times and probes (the outbound delivery clock aside).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

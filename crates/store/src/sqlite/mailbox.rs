@@ -3,6 +3,7 @@
 use super::{SqliteStore, adjust_blob_refs, folder_id, put_blob};
 use crate::mailbox::*;
 use crate::{RecipientId, Result, StoreError, UnixMillis};
+use mailroom_watch::now_ms;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 /// A body from its blob handle: all of it, or (`header_only`) up to and including the
@@ -67,12 +68,6 @@ pub(super) fn next_uidvalidity(tx: &rusqlite::Transaction<'_>, now_ms: i64) -> R
         [next],
     )?;
     Ok(next as u32)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn require_folder(tx: &rusqlite::Connection, recipient: RecipientId, name: &str) -> Result<i64> {
