@@ -231,7 +231,11 @@ impl Jobs {
             list: ArcSwap::from_pointee(Vec::new()),
             probe: Probe::new("directory jobs"),
             registry,
-            threads: RankedMutex::new(80, "directory job threads", Vec::new()),
+            threads: RankedMutex::new(
+                mailroom_watch::rank::DIRECTORY_JOB_THREADS,
+                "directory job threads",
+                Vec::new(),
+            ),
             newest_regeneration: Arc::new(AtomicU64::new(0)),
         }
     }

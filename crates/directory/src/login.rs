@@ -231,7 +231,11 @@ impl LoginLimiter {
     pub fn new(limits: LoginLimits) -> LoginLimiter {
         LoginLimiter {
             limits,
-            tallies: RankedMutex::new(85, "login failures", HashMap::new()),
+            tallies: RankedMutex::new(
+                mailroom_watch::rank::LOGIN_FAILURES,
+                "login failures",
+                HashMap::new(),
+            ),
             finished: tokio::sync::Notify::new(),
         }
     }

@@ -308,7 +308,8 @@ pub const ARC_SIGNED_FIELDS: [&str; 13] = [
 /// the next message).
 pub struct Signer {
     data_dir: PathBuf,
-    loaded: parking_lot::Mutex<Arc<Loaded>>,
+    /// Rank `DKIM_KEYS` (leaf): held to read or replace the loaded set.
+    loaded: mailroom_watch::RankedMutex<Arc<Loaded>>,
 }
 
 impl Signer {
@@ -316,10 +317,14 @@ impl Signer {
     pub fn new(data_dir: &Path) -> Signer {
         let signer = Signer {
             data_dir: data_dir.to_path_buf(),
-            loaded: parking_lot::Mutex::new(Arc::new(Loaded {
-                keys: HashMap::new(),
-                stamp: Vec::new(),
-            })),
+            loaded: mailroom_watch::RankedMutex::new(
+                mailroom_watch::rank::DKIM_KEYS,
+                "DKIM keys",
+                Arc::new(Loaded {
+                    keys: HashMap::new(),
+                    stamp: Vec::new(),
+                }),
+            ),
         };
         signer.refresh();
         signer

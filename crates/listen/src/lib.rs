@@ -95,7 +95,7 @@ struct ClientCounts(Arc<RankedMutex<HashMap<IpAddr, usize>>>);
 impl Default for ClientCounts {
     fn default() -> ClientCounts {
         ClientCounts(Arc::new(RankedMutex::new(
-            84,
+            mailroom_watch::rank::LISTENER_CLIENT_COUNTS,
             "listener client counts",
             HashMap::new(),
         )))

@@ -316,8 +316,16 @@ impl Outbound {
             transfer: parts.transfer,
             inbound_bell: parts.inbound_bell,
             wake: tokio::sync::Notify::new(),
-            limits: RankedMutex::new(87, "outbound destination limits", HashMap::new()),
-            pool: RankedMutex::new(88, "outbound connection pool", HashMap::new()),
+            limits: RankedMutex::new(
+                mailroom_watch::rank::OUTBOUND_LIMITS,
+                "outbound destination limits",
+                HashMap::new(),
+            ),
+            pool: RankedMutex::new(
+                mailroom_watch::rank::OUTBOUND_POOL,
+                "outbound connection pool",
+                HashMap::new(),
+            ),
             probe,
             metrics,
             config,

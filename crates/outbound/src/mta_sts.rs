@@ -140,7 +140,11 @@ impl MtaSts {
             resolver,
             roots,
             port,
-            cache: RankedMutex::new(89, "MTA-STS policy cache", HashMap::new()),
+            cache: RankedMutex::new(
+                mailroom_watch::rank::MTA_STS_CACHE,
+                "MTA-STS policy cache",
+                HashMap::new(),
+            ),
         }
     }
 

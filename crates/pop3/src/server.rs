@@ -117,7 +117,11 @@ pub struct MaildropLocks {
 impl Default for MaildropLocks {
     fn default() -> Self {
         MaildropLocks {
-            held: RankedMutex::new(86, "POP3 maildrop locks", HashSet::new()),
+            held: RankedMutex::new(
+                mailroom_watch::rank::POP3_MAILDROPS,
+                "POP3 maildrop locks",
+                HashSet::new(),
+            ),
         }
     }
 }

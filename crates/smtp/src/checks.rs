@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 /// records. Bounded: past [`CACHE_ENTRIES_MAX`] entries the expired ones go, then all.
 /// The lock is a leaf, held only to look up or insert (never across `.await`).
 struct Cache<K, V> {
-    entries: parking_lot::Mutex<HashMap<K, (V, Instant)>>,
+    entries: mailroom_watch::RankedMutex<HashMap<K, (V, Instant)>>,
 }
 
 /// The longest a DNS answer is kept.
@@ -52,7 +52,11 @@ pub const CACHE_ENTRIES_MAX: usize = 10_000;
 impl<K, V> Default for Cache<K, V> {
     fn default() -> Self {
         Cache {
-            entries: parking_lot::Mutex::new(HashMap::new()),
+            entries: mailroom_watch::RankedMutex::new(
+                mailroom_watch::rank::INBOUND_DNS_CACHE,
+                "inbound DNS cache",
+                HashMap::new(),
+            ),
         }
     }
 }

@@ -226,10 +226,23 @@ pub struct SubmissionLimits {
 }
 
 /// The submission counters (one map per kind; an entry lives for its window).
-#[derive(Default)]
 pub struct SubmissionRates {
     limits: Option<SubmissionLimits>,
-    counts: parking_lot::Mutex<RateCounts>,
+    /// Rank `SUBMISSION_RATES` (leaf): held to count one message.
+    counts: mailroom_watch::RankedMutex<RateCounts>,
+}
+
+impl Default for SubmissionRates {
+    fn default() -> Self {
+        SubmissionRates {
+            limits: None,
+            counts: mailroom_watch::RankedMutex::new(
+                mailroom_watch::rank::SUBMISSION_RATES,
+                "submission rates",
+                RateCounts::default(),
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -245,7 +258,7 @@ impl SubmissionRates {
     pub fn new(limits: SubmissionLimits) -> SubmissionRates {
         SubmissionRates {
             limits: Some(limits),
-            counts: Default::default(),
+            ..SubmissionRates::default()
         }
     }
 

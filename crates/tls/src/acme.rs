@@ -17,7 +17,7 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
 };
-use parking_lot::Mutex;
+use mailroom_watch::RankedMutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,9 +57,26 @@ pub fn acme_files(data_dir: &Path) -> crate::CertificateFiles {
     }
 }
 
-/// Tokens being proved now, and the key authorization to answer each with.
-#[derive(Debug, Default, Clone)]
-pub struct Challenges(Arc<Mutex<HashMap<String, String>>>);
+/// Tokens being proved now, and the key authorization to answer each with. The lock is
+/// a leaf (rank `ACME_CHALLENGES`), held for one lookup, insert or removal.
+#[derive(Clone)]
+pub struct Challenges(Arc<RankedMutex<HashMap<String, String>>>);
+
+impl Default for Challenges {
+    fn default() -> Self {
+        Challenges(Arc::new(RankedMutex::new(
+            mailroom_watch::rank::ACME_CHALLENGES,
+            "ACME challenges",
+            HashMap::new(),
+        )))
+    }
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges").finish_non_exhaustive()
+    }
+}
 
 impl Challenges {
     fn answer(&self, token: &str) -> Option<String> {

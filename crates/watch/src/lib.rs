@@ -25,6 +25,7 @@
 
 mod deadlock;
 mod probe;
+pub mod rank;
 mod ranked;
 mod tasks;
 mod ticket;

@@ -85,8 +85,12 @@ impl Default for Tasks {
     fn default() -> Tasks {
         Tasks {
             next_id: AtomicU64::new(0),
-            tasks: RankedMutex::new(96, "watched tasks", Vec::new()),
-            heartbeats: RankedMutex::new(97, "runtime heartbeats", Vec::new()),
+            tasks: RankedMutex::new(crate::rank::WATCHED_TASKS, "watched tasks", Vec::new()),
+            heartbeats: RankedMutex::new(
+                crate::rank::RUNTIME_HEARTBEATS,
+                "runtime heartbeats",
+                Vec::new(),
+            ),
         }
     }
 }
@@ -99,7 +103,7 @@ impl Tasks {
             protocol,
             peer,
             poll_since_ms: AtomicI64::new(0),
-            doing: RankedMutex::new(98, "session doing", "starting"),
+            doing: RankedMutex::new(crate::rank::SESSION_DOING, "session doing", "starting"),
         });
         self.tasks.lock().push(watch.clone());
         TaskGuard {

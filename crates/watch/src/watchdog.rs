@@ -182,7 +182,7 @@ impl Default for Registry {
             deadlock_count: Gauge::default(),
             tasks: Arc::default(),
             reported: crate::RankedMutex::new(
-                99,
+                crate::rank::WATCHDOG_REPORTED,
                 "watchdog reported tasks",
                 std::collections::HashSet::new(),
             ),

@@ -113,7 +113,7 @@ struct AppendSlot {
 impl Default for AppendSlot {
     fn default() -> Self {
         AppendSlot {
-            result: RankedMutex::new(97, "append outcome", None),
+            result: RankedMutex::new(mailroom_watch::rank::APPEND_OUTCOME, "append outcome", None),
         }
     }
 }
@@ -177,14 +177,26 @@ impl SqliteStore {
     pub fn open_with(path: &Path, durability: Durability) -> Result<SqliteStore> {
         let store = SqliteStore {
             path: path.to_path_buf(),
-            idle: RankedMutex::new(90, "store connection pool", Vec::new()),
-            write_turn: TicketLock::new(95, "store write turn"),
+            idle: RankedMutex::new(
+                mailroom_watch::rank::STORE_CONNECTIONS,
+                "store connection pool",
+                Vec::new(),
+            ),
+            write_turn: TicketLock::new(mailroom_watch::rank::STORE_WRITE_TURN, "store write turn"),
             write_stats: WriteStats::default(),
-            bells: RankedMutex::new(92, "mailbox change bells", HashMap::new()),
+            bells: RankedMutex::new(
+                mailroom_watch::rank::MAILBOX_BELLS,
+                "mailbox change bells",
+                HashMap::new(),
+            ),
             disk: std::sync::OnceLock::new(),
             durability,
             recovering: std::sync::atomic::AtomicBool::new(false),
-            appends: RankedMutex::new(96, "pending appends", Vec::new()),
+            appends: RankedMutex::new(
+                mailroom_watch::rank::PENDING_APPENDS,
+                "pending appends",
+                Vec::new(),
+            ),
         };
         let mut conn = store.connect()?;
         migrate(&mut conn)?;
