@@ -442,9 +442,11 @@ impl Checker {
         }
     }
 
-    /// [`Checker::check`] in a task of its own: a panic inside the protocol code (a
-    /// message built to hit a bug in a parser) costs the checks, not the session or
-    /// the message, which is then accepted with `none (checks failed)` and logged.
+    /// [`Checker::check`] on a thread of the blocking pool: its CPU work grows with
+    /// the message and must not hold a runtime thread, and a panic inside the protocol
+    /// code (a message built to hit a bug in a parser) costs the checks, not the
+    /// session or the message, which is then accepted with `none (checks failed)` and
+    /// logged.
     pub async fn check_contained(
         self: &std::sync::Arc<Self>,
         ip: IpAddr,
@@ -455,17 +457,24 @@ impl Checker {
         is_local: std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Verdict {
         let checker = self.clone();
-        let task = tokio::spawn({
+        // On the blocking pool, not a runtime worker: parsing, body hashes (a whole
+        // message per canonicalization), RSA verification and the ARC seal grow with
+        // the message, and a 25 MB one would hold a runtime thread for tens of
+        // milliseconds. The DNS lookups still run on the runtime's reactor.
+        let runtime = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking({
             let (helo, mail_from, message) = (helo.clone(), mail_from.clone(), message.clone());
-            async move {
-                let input = CheckInput {
-                    ip,
-                    helo: &helo,
-                    mail_from: &mail_from,
-                    message: &message,
-                    seal,
-                };
-                checker.check(input, &|domain| is_local(domain)).await
+            move || {
+                runtime.block_on(async move {
+                    let input = CheckInput {
+                        ip,
+                        helo: &helo,
+                        mail_from: &mail_from,
+                        message: &message,
+                        seal,
+                    };
+                    checker.check(input, &|domain| is_local(domain)).await
+                })
             }
         });
         match task.await {
