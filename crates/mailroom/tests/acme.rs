@@ -6,29 +6,13 @@
 
 mod common;
 
-use common::TestServer;
 use common::dns::Dns;
+use common::{TestServer, free_port, python};
 use mailroom::ServerOptions;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// pebble on loopback ports; killed when dropped.
 struct Pebble {

@@ -5,30 +5,13 @@
 mod common;
 
 use common::dns::Dns;
-use common::{TestServer, eventually};
+use common::{TestServer, eventually, free_port, python};
 use mailroom::ServerOptions;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Debian's python3 (where python3-aiosmtpd is installed), else whatever `python3` is.
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// aiosmtpd as the next hop; killed when dropped.
 struct Peer {

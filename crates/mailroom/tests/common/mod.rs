@@ -15,6 +15,25 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// A loopback TCP port free right now (for a peer that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's python3 (where python3-aiosmtpd and python3-dkim are installed), else
+/// whatever `python3` is.
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
 /// A config for tests: ephemeral ports, the given data folder, domain example.test.
 pub fn test_config(data: &Path) -> Config {
     let mut config = Config::default();
