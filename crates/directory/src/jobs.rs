@@ -53,6 +53,9 @@ pub struct Job {
     failed: AtomicU64,
     errors: ArcSwap<Vec<String>>,
     summary: ArcSwap<String>,
+    /// Whether the directory writer was pacing background work for mail at the job's
+    /// last step.
+    paced: std::sync::atomic::AtomicBool,
     /// The jobs queue's probe: a running job is one item; rows scanned are progress.
     probe: Arc<Probe>,
     /// What the job's thread is doing, listed with the watchdog while it runs.
@@ -83,6 +86,11 @@ pub struct JobReport {
     pub errors: Vec<String>,
     /// A closing line.
     pub summary: String,
+    /// True while the job yields to mail: mail is moving, and the directory writer
+    /// gives background work (imports, address regeneration) a small share of its
+    /// time, serving administrators' single changes first.
+    #[serde(default)]
+    pub paced: bool,
 }
 
 impl Job {
@@ -109,6 +117,7 @@ impl Job {
             failed: AtomicU64::new(0),
             errors: ArcSwap::from_pointee(Vec::new()),
             summary: ArcSwap::from_pointee(String::new()),
+            paced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -138,6 +147,12 @@ impl Job {
         ));
         self.updated.fetch_add(updated, Ordering::Relaxed);
         self.failed.fetch_add(failed, Ordering::Relaxed);
+    }
+
+    /// Records whether the directory is pacing background work (see
+    /// [`JobReport::paced`]).
+    pub fn set_paced(&self, paced: bool) {
+        self.paced.store(paced, Ordering::Relaxed);
     }
 
     /// Records failures (only the job's thread calls this).
@@ -196,6 +211,7 @@ impl Job {
             failed: self.failed.load(Ordering::Relaxed),
             errors: (**self.errors.load()).clone(),
             summary: (**self.summary.load()).clone(),
+            paced: self.state() == JobState::Running && self.paced.load(Ordering::Relaxed),
         }
     }
 }
@@ -354,9 +370,17 @@ pub(crate) fn regenerate(directory: Directory, job: &Job, newest: &AtomicU64) {
             job.supersede(newest);
             return;
         }
-        match directory.apply_blocking(Change::RegenerateAddresses {
-            ids: chunk.to_vec(),
-        }) {
+        let applied = directory
+            .apply_all_background(
+                vec![Change::RegenerateAddresses {
+                    ids: chunk.to_vec(),
+                }],
+                false,
+            )
+            .pop()
+            .unwrap_or(Err(crate::writer::DirectoryError::Stopped));
+        job.set_paced(directory.background_paced());
+        match applied {
             Ok(applied) => {
                 job.progress(
                     chunk.len() as u64,
@@ -563,7 +587,7 @@ fn import(directory: &Directory, job: &Job, file: &std::path::Path, options: Imp
             format!("nothing applied: {parse_failures} record(s) do not parse and the import is all-or-nothing"),
         );
     }
-    let results = directory.apply_all_blocking(changes, true);
+    let results = directory.apply_all_background(changes, true);
     let rolled_back = results.iter().any(Result::is_err);
     tally.results(&all, results);
     let r = job.report();
@@ -589,7 +613,8 @@ fn apply_chunk(directory: &Directory, tally: &mut Tally<'_>, chunk: &mut Vec<cra
         return;
     }
     let changes: Vec<Change> = chunk.iter().map(|r| r.change.clone()).collect();
-    let results = directory.apply_all_blocking(changes, false);
+    let results = directory.apply_all_background(changes, false);
+    tally.job.set_paced(directory.background_paced());
     tally.results(chunk, results);
     chunk.clear();
 }

@@ -384,6 +384,12 @@ impl Snapshot {
         self.site = Arc::new(site);
     }
 
+    /// Never hands out an identity below `floor` (start-up: identities of deleted
+    /// recipients are not reused, see `StoredDirectory::id_floor`).
+    pub(crate) fn reserve_ids(&mut self, floor: RecipientId) {
+        self.next_id = self.next_id.max(floor);
+    }
+
     /// Loads a stored recipient (start-up); ids stay as stored.
     pub(crate) fn load(&mut self, recipient: Recipient) {
         self.next_id = self.next_id.max(recipient.id + 1);

@@ -20,6 +20,28 @@ use tokio::sync::{mpsc, oneshot};
 /// Pending requests the writer accepts before senders wait (bounded, DESIGN.md rule 5).
 const REQUESTS_MAX: usize = 1024;
 
+/// Pending background requests (imports, address regeneration): each job thread waits
+/// for its request's answer before sending the next, so a few suffice.
+const BACKGROUND_REQUESTS_MAX: usize = 64;
+
+/// Recipients touched by one background batch, at most: short transactions, so that an
+/// administrator's change that arrives meanwhile waits at most one of them.
+const BACKGROUND_WEIGHT_MAX: usize = 256;
+
+/// While mail is moving, background work takes at most this share of the writer's time:
+/// after a background batch that took `t`, the lane rests `t * (1 - share) / share`.
+/// The directory's work is CPU (applying changes, building the snapshot) and its own
+/// database's fsyncs; on a small machine every millisecond of it is one mail does not
+/// get. An administrator's change never waits for the rest.
+const BACKGROUND_SHARE_WHILE_MAIL_MOVES: f64 = 0.1;
+
+/// The longest rest between background batches, so that a job always progresses (the
+/// watchdog expects progress) and an import never stops for long.
+const BACKGROUND_REST_MAX: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Mail that moved within this window counts as moving (see `MailStore::mail_active_at_ms`).
+const MAIL_MOVING_WINDOW_MS: i64 = 1000;
+
 /// Recipients touched by one store transaction and one publication, at most (an atomic
 /// request is never split, whatever its size). Small enough that one directory
 /// transaction holds the database's write turn for a fraction of a second even on a
@@ -347,8 +369,13 @@ impl Change {
 pub struct Directory {
     /// The published snapshot; readers load it lock-free.
     current: Arc<ArcSwap<Snapshot>>,
-    /// The writer's input (bounded).
+    /// The first lane (bounded): single changes from administrators and the server.
     requests: mpsc::Sender<Request>,
+    /// The second lane (bounded): background jobs' chunks, served only when the first
+    /// is empty, and paced while mail moves.
+    background: mpsc::Sender<Request>,
+    /// Whether the background lane is resting for mail right now (job progress says so).
+    paced: Arc<std::sync::atomic::AtomicBool>,
     /// The writer's input queue: depth, oldest request, progress.
     probe: Arc<Probe>,
     /// What the writer thread is doing.
@@ -381,6 +408,7 @@ impl Directory {
             String::new(),
         );
         snapshot.restore_site(site, stored.previous_routing.clone());
+        snapshot.reserve_ids(stored.id_floor);
         for row in stored.recipients {
             snapshot.load(from_row(row));
         }
@@ -394,12 +422,16 @@ impl Directory {
         }
         let current = Arc::new(ArcSwap::from_pointee(snapshot.with_generation(1)));
         let (requests, receiver) = mpsc::channel(REQUESTS_MAX);
+        let (background, background_receiver) = mpsc::channel(BACKGROUND_REQUESTS_MAX);
+        let paced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let probe = Probe::new("directory writer");
         let activity = Activity::new("directory-writer");
         let writer = Writer {
             store,
             current: current.clone(),
             receiver,
+            background: background_receiver,
+            paced: paced.clone(),
             probe: probe.clone(),
             activity: activity.clone(),
         };
@@ -411,6 +443,8 @@ impl Directory {
             Directory {
                 current,
                 requests,
+                background,
+                paced,
                 probe,
                 activity,
             },
@@ -462,6 +496,20 @@ impl Directory {
             .unwrap_or_else(|_| vec![Err(DirectoryError::Stopped); count])
     }
 
+    /// Submits changes as background work (an import's or a regeneration's chunk) and
+    /// waits for their results; for job threads outside the async runtime. Background
+    /// work is applied only when no administrator's change is waiting, and while mail
+    /// moves it takes a small share of the writer's time (see
+    /// [`Directory::background_paced`]).
+    pub fn apply_all_background(&self, changes: Vec<Change>, atomic: bool) -> Results {
+        self.submit_blocking(&self.background, changes, atomic)
+    }
+
+    /// Whether background work is being paced right now because mail is moving.
+    pub fn background_paced(&self) -> bool {
+        self.paced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// [`Directory::apply`] for threads outside the async runtime.
     pub fn apply_blocking(&self, change: Change) -> Result<Applied, DirectoryError> {
         self.apply_all_blocking(vec![change], false)
@@ -471,6 +519,15 @@ impl Directory {
 
     /// [`Directory::apply_all`] for threads outside the async runtime.
     pub fn apply_all_blocking(&self, changes: Vec<Change>, atomic: bool) -> Results {
+        self.submit_blocking(&self.requests, changes, atomic)
+    }
+
+    fn submit_blocking(
+        &self,
+        lane: &mpsc::Sender<Request>,
+        changes: Vec<Change>,
+        atomic: bool,
+    ) -> Results {
         let count = changes.len();
         let (reply, answer) = oneshot::channel();
         self.probe.enqueued(1);
@@ -480,7 +537,7 @@ impl Directory {
             enqueued_ms: now_ms(),
             reply,
         };
-        if self.requests.blocking_send(request).is_err() {
+        if lane.blocking_send(request).is_err() {
             self.probe.finished(1);
             return vec![Err(DirectoryError::Stopped); count];
         }
@@ -494,31 +551,78 @@ struct Writer {
     store: Arc<dyn MailStore>,
     current: Arc<ArcSwap<Snapshot>>,
     receiver: mpsc::Receiver<Request>,
+    background: mpsc::Receiver<Request>,
+    paced: Arc<std::sync::atomic::AtomicBool>,
     probe: Arc<Probe>,
     activity: Arc<Activity>,
 }
 
+/// Which lane a batch came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    First,
+    Background,
+}
+
 impl Writer {
-    fn run(mut self) {
+    fn run(self) {
         let _alive = self.activity.guard();
+        // The writer's own small runtime: it waits on two lanes and a timer at once.
+        // Nothing else runs on it, and every store call stays on this thread.
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "the directory writer cannot start its timer");
+                return;
+            }
+        };
+        runtime.block_on(self.serve());
+        tracing::debug!("directory writer stopped");
+    }
+
+    async fn serve(mut self) {
         // A request received that would have made the last batch too heavy: it starts
         // the next one.
-        let mut carried: Option<Request> = None;
+        let mut carried: Option<(Request, Lane)> = None;
+        // While mail moves, background batches wait until then.
+        let mut rest_until = tokio::time::Instant::now();
         loop {
-            let first = match carried.take() {
-                Some(request) => request,
-                None => match self.receiver.blocking_recv() {
-                    Some(request) => request,
-                    None => break,
-                },
+            let (first, lane) = match carried.take() {
+                Some(carried) => carried,
+                None => {
+                    let resting = tokio::time::Instant::now() < rest_until;
+                    self.paced
+                        .store(resting, std::sync::atomic::Ordering::Relaxed);
+                    tokio::select! {
+                        biased;
+                        request = self.receiver.recv() => match request {
+                            Some(request) => (request, Lane::First),
+                            None => break,
+                        },
+                        request = self.background.recv(), if !resting => match request {
+                            Some(request) => (request, Lane::Background),
+                            None => continue,
+                        },
+                        () = tokio::time::sleep_until(rest_until), if resting => continue,
+                    }
+                }
+            };
+            let limit = match lane {
+                Lane::First => BATCH_WEIGHT_MAX,
+                Lane::Background => BACKGROUND_WEIGHT_MAX,
             };
             let mut weight = first.weight();
             let mut size = first.changes.len();
             let mut batch = vec![first];
-            while weight < BATCH_WEIGHT_MAX {
+            // More of the first lane joins any batch (an administrator's change should
+            // not wait a batch); background requests wait for their own.
+            while weight < limit {
                 match self.receiver.try_recv() {
-                    Ok(request) if weight + request.weight() > BATCH_WEIGHT_MAX => {
-                        carried = Some(request);
+                    Ok(request) if weight + request.weight() > limit => {
+                        carried = Some((request, Lane::First));
                         break;
                     }
                     Ok(request) => {
@@ -535,12 +639,26 @@ impl Writer {
             self.activity.set(format!(
                 "applying {size} change(s) from {requests} request(s)"
             ));
+            let started = tokio::time::Instant::now();
             self.apply_batch(batch);
             self.probe.finished(requests);
             self.probe.working_on(None);
             self.activity.idle();
+            if lane == Lane::Background {
+                rest_until = tokio::time::Instant::now() + self.rest_after(started.elapsed());
+            }
         }
-        tracing::debug!("directory writer stopped");
+    }
+
+    /// How long the background lane rests after a batch that took `took`: nothing
+    /// while mail is still, and enough to keep to its share while mail moves.
+    fn rest_after(&self, took: std::time::Duration) -> std::time::Duration {
+        let mail_moving = now_ms() - self.store.mail_active_at_ms() < MAIL_MOVING_WINDOW_MS;
+        if !mail_moving {
+            return std::time::Duration::ZERO;
+        }
+        let share = BACKGROUND_SHARE_WHILE_MAIL_MOVES;
+        took.mul_f64((1.0 - share) / share).min(BACKGROUND_REST_MAX)
     }
 
     fn apply_batch(&self, batch: Vec<Request>) {

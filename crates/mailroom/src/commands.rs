@@ -528,7 +528,11 @@ fn follow_job(target: &Target, id: u64) -> anyhow::Result<JobReport> {
         let report: JobReport = client.get(&format!("/jobs/{id}"))?;
         bar.set_length(report.total.max(report.scanned));
         bar.set_position(report.scanned);
-        bar.set_message(report.kind.clone());
+        bar.set_message(if report.paced {
+            format!("{} (yielding to mail)", report.kind)
+        } else {
+            report.kind.clone()
+        });
         if report.state != "running" {
             break report;
         }

@@ -102,9 +102,9 @@ pub struct ChurnReport {
     pub imap_refused: u64,
     /// Time from SIGTERM to exit, each round, ms.
     pub shutdown_ms: Vec<u128>,
-    /// During the churn, per database writer (spool, claim, deliver, directory ...):
-    /// seconds it held the write turn and seconds it waited for it, summed over its
-    /// transactions. Where the shared write lock's time went.
+    /// During the churn, per database writer (spool, claim, deliver, directory ...) and
+    /// database file (mail, directory): seconds it held that file's write turn and
+    /// seconds it waited for it, summed over its transactions.
     pub write_turns: Vec<(String, f64, f64)>,
 }
 
@@ -124,10 +124,18 @@ fn write_turn_sums(metrics: &str) -> HashMap<String, (f64, f64)> {
         let Some((labels, value)) = rest.split_once("} ") else {
             continue;
         };
-        let caller = labels
-            .trim_start_matches("caller=\"")
-            .trim_end_matches('"')
-            .to_string();
+        // `caller="spool",database="mail"`: shown as `spool (mail)`.
+        let label = |name: &str| {
+            labels.split(',').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                (key == name).then(|| value.trim_matches('"').to_string())
+            })
+        };
+        let caller = match (label("caller"), label("database")) {
+            (Some(caller), Some(database)) => format!("{caller} ({database})"),
+            (Some(caller), None) => caller,
+            _ => continue,
+        };
         let value: f64 = value.trim().parse().unwrap_or(0.0);
         let entry = sums.entry(caller).or_default();
         if held {
@@ -1017,6 +1025,35 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         serving(&site["site"])
     };
 
+    // The readers run through both phases: they are load the server carries whatever
+    // the directory does, so the ratio compares the same load with and without
+    // directory work.
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    let reading = {
+        let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
+        tokio::task::spawn_blocking(move || readers(c, stable, stop))
+    };
+    let pop3_reading: Vec<_> = match server.pop3 {
+        Some(addr) => (0..POP3_READERS.min(options.stable))
+            .map(|i| {
+                let stop = admin_stop.clone();
+                tokio::task::spawn_blocking(move || pop3_reader(addr, format!("stable{i}"), stop))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    // IMAP readers use the mailboxes after the POP3 readers' (both have the password).
+    let imap_reading: Vec<_> = match server.imap {
+        Some(addr) => (POP3_READERS..2 * POP3_READERS)
+            .filter(|i| *i < options.stable)
+            .map(|i| {
+                let stop = admin_stop.clone();
+                tokio::task::spawn_blocking(move || imap_reader(addr, format!("stable{i}"), stop))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+
     // Phase 1: load without churn.
     let stop = Arc::new(AtomicBool::new(false));
     let baseline = Arc::new(AtomicBool::new(true));
@@ -1054,34 +1091,9 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         })
         .await?
     };
-    let admin_stop = Arc::new(AtomicBool::new(false));
     let admin = {
         let (c, stop, interval) = (client.clone(), admin_stop.clone(), options.admin_interval);
         tokio::task::spawn_blocking(move || admin_loop(c, interval, stop))
-    };
-    let reading = {
-        let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
-        tokio::task::spawn_blocking(move || readers(c, stable, stop))
-    };
-    let pop3_reading: Vec<_> = match server.pop3 {
-        Some(addr) => (0..POP3_READERS.min(options.stable))
-            .map(|i| {
-                let stop = admin_stop.clone();
-                tokio::task::spawn_blocking(move || pop3_reader(addr, format!("stable{i}"), stop))
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    // IMAP readers use the mailboxes after the POP3 readers' (both have the password).
-    let imap_reading: Vec<_> = match server.imap {
-        Some(addr) => (POP3_READERS..2 * POP3_READERS)
-            .filter(|i| *i < options.stable)
-            .map(|i| {
-                let stop = admin_stop.clone();
-                tokio::task::spawn_blocking(move || imap_reader(addr, format!("stable{i}"), stop))
-            })
-            .collect(),
-        None => Vec::new(),
     };
     let turns_before = {
         let c = client.clone();

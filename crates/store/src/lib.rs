@@ -37,7 +37,9 @@ pub use outbound::{
     Envelope, Notify, OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,
     RecipientState, RecipientStatus, Ret,
 };
-pub use sqlite::{BACKUP_DATABASE, BACKUP_MANIFEST, BackupManifest, Durability, SqliteStore};
+pub use sqlite::{
+    BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest, Durability, SqliteStore,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -376,6 +378,10 @@ pub struct RecipientRow {
 /// What the directory stored, loaded at start-up.
 #[derive(Debug, Clone, Default)]
 pub struct StoredDirectory {
+    /// The lowest identity a new recipient may get: above every recipient ever
+    /// deleted, so that a new recipient never inherits a deleted one's identity (the
+    /// mail database purged that identity's mailboxes and refuses to recreate them).
+    pub id_floor: RecipientId,
     /// Every recipient.
     pub recipients: Vec<RecipientRow>,
     /// The site settings document, if ever saved.
@@ -431,6 +437,13 @@ pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Copies everything stored, as of one moment, into the empty folder `dir` while
     /// writers go on (`mailroom backup`).
     fn backup_to(&self, dir: &std::path::Path) -> Result<BackupManifest>;
+
+    /// When mail last moved (a spool or delivery commit), Unix ms; 0 when never. The
+    /// directory's background lane (imports, address regeneration) slows down while
+    /// mail is moving, so that it uses what mail flow leaves.
+    fn mail_active_at_ms(&self) -> UnixMillis {
+        0
+    }
 
     /// Releases every claim left by a previous process; called once at start-up, while
     /// no worker runs. Returns how many entries were released.

@@ -178,7 +178,151 @@ const MIGRATIONS: &[&str] = &[
         fields BLOB NOT NULL
     );
     "#,
+    // Version 12: the directory moves to its own database file (`directory.db`, see
+    // `DIRECTORY_MIGRATIONS`), so that directory work never takes the write turn mail
+    // needs. Before this step runs, `move_directory` has copied the directory's tables
+    // into that file; here they leave the mail database. `folders` is rebuilt without
+    // its foreign key to `recipients` (SQLite cannot drop a constraint; this is its
+    // documented table rebuild, run with foreign keys off so that dropping the old
+    // table deletes nothing). `purged_recipients`: recipients whose mailboxes were
+    // purged after the directory deleted them; no folder is created for them again.
+    r#"
+    CREATE TABLE folders_split (
+        id INTEGER PRIMARY KEY,
+        recipient_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        uidvalidity INTEGER NOT NULL,
+        uidnext INTEGER NOT NULL DEFAULT 1,
+        highestmodseq INTEGER NOT NULL DEFAULT 1,
+        subscribed INTEGER NOT NULL DEFAULT 1,
+        special_use TEXT,
+        recent_floor INTEGER NOT NULL DEFAULT 0,
+        vanished_floor INTEGER NOT NULL DEFAULT 0,
+        expunged_count INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (recipient_id, name)
+    );
+    INSERT INTO folders_split (id, recipient_id, name, uidvalidity, uidnext, highestmodseq,
+                               subscribed, special_use, recent_floor, vanished_floor,
+                               expunged_count)
+        SELECT id, recipient_id, name, uidvalidity, uidnext, highestmodseq, subscribed,
+               special_use, recent_floor, vanished_floor, expunged_count
+        FROM folders;
+    DROP TABLE folders;
+    ALTER TABLE folders_split RENAME TO folders;
+    DROP TABLE recipient_addresses;
+    DROP TABLE recipients;
+    DROP TABLE directory_settings;
+    DROP TABLE topology;
+    CREATE TABLE purged_recipients (id INTEGER PRIMARY KEY);
+    "#,
 ];
+
+/// The mail database's version that moves the directory out (see `move_directory`).
+pub const SPLIT_VERSION: i64 = 12;
+
+/// The directory database's migrations (its own `user_version`), index 0 to version 1.
+const DIRECTORY_MIGRATIONS: &[&str] = &[
+    // Version 1: the directory as the mail database held it up to its version 11, and
+    // `deleted_recipients`: every recipient ever deleted, with whether its mailboxes
+    // were purged from the mail database yet (identities are never reused).
+    r#"
+    CREATE TABLE recipients (
+        id INTEGER PRIMARY KEY,
+        alias TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        display_name TEXT NOT NULL,
+        password_hash TEXT,
+        kind TEXT NOT NULL DEFAULT 'mailbox',
+        doc TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE recipient_addresses (
+        address TEXT PRIMARY KEY COLLATE NOCASE,
+        recipient_id INTEGER NOT NULL REFERENCES recipients(id) ON DELETE CASCADE,
+        is_primary INTEGER NOT NULL,
+        generated INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX recipient_addresses_recipient ON recipient_addresses(recipient_id);
+    CREATE TABLE directory_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE topology (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        organization TEXT NOT NULL,
+        site TEXT NOT NULL,
+        server TEXT NOT NULL
+    );
+    CREATE TABLE deleted_recipients (
+        id INTEGER PRIMARY KEY,
+        purged INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX deleted_recipients_unpurged ON deleted_recipients(id) WHERE purged = 0;
+    "#,
+];
+
+/// The newest directory schema version this binary knows.
+pub const DIRECTORY_SCHEMA_VERSION: i64 = DIRECTORY_MIGRATIONS.len() as i64;
+
+/// Brings the directory database to [`DIRECTORY_SCHEMA_VERSION`].
+pub fn migrate_directory(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > DIRECTORY_SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: DIRECTORY_SCHEMA_VERSION,
+        });
+    }
+    for (index, sql) in DIRECTORY_MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(current as usize)
+    {
+        let version = index as i64 + 1;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!(version, "applied directory schema migration");
+    }
+    Ok(())
+}
+
+/// Copies the directory's tables from a mail database at a version before
+/// [`SPLIT_VERSION`] (at `mail`) into the directory database, replacing what it holds,
+/// in one transaction. Idempotent: if the process dies before the mail database's
+/// split step commits, the next start copies again.
+pub fn move_directory(directory: &mut Connection, mail: &std::path::Path) -> Result<()> {
+    directory.execute(
+        "ATTACH DATABASE ?1 AS premove",
+        [mail.to_string_lossy().as_ref()],
+    )?;
+    let copied = (|| -> Result<i64> {
+        let tx = directory.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+        tx.execute_batch(
+            "DELETE FROM main.recipient_addresses;
+             DELETE FROM main.recipients;
+             DELETE FROM main.directory_settings;
+             DELETE FROM main.topology;
+             INSERT INTO main.recipients (id, alias, display_name, password_hash, kind, doc)
+                 SELECT id, alias, display_name, password_hash, kind, doc FROM premove.recipients;
+             INSERT INTO main.recipient_addresses (address, recipient_id, is_primary, generated)
+                 SELECT address, recipient_id, is_primary, generated
+                 FROM premove.recipient_addresses;
+             INSERT INTO main.directory_settings (key, value)
+                 SELECT key, value FROM premove.directory_settings;
+             INSERT INTO main.topology (id, organization, site, server)
+                 SELECT id, organization, site, server FROM premove.topology;",
+        )?;
+        let count: i64 = tx.query_row("SELECT count(*) FROM main.recipients", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok(count)
+    })();
+    directory.execute("DETACH DATABASE premove", [])?;
+    let count = copied?;
+    if count > 0 {
+        tracing::info!(
+            recipients = count,
+            "moved the directory into its own database file"
+        );
+    }
+    Ok(())
+}
 
 /// The newest schema version this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -210,8 +354,14 @@ fn repair_version_4(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-/// Brings the database to [`SCHEMA_VERSION`], one transaction per step.
-pub fn migrate(conn: &mut Connection) -> Result<()> {
+/// Brings the database to [`SCHEMA_VERSION`], one transaction per step; `before` runs
+/// before each step is applied, with its version (the split copies the directory out).
+/// Foreign keys are off during the steps (a table rebuild must not cascade) and checked
+/// after them.
+pub fn migrate(
+    conn: &mut Connection,
+    mut before: impl FnMut(i64, &mut Connection) -> Result<()>,
+) -> Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew {
@@ -219,16 +369,36 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
-    if current >= 4 {
+    if (4..SPLIT_VERSION).contains(&current) {
         repair_version_4(conn)?;
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let version = index as i64 + 1;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
-        tracing::info!(version, "applied schema migration");
+    if current == SCHEMA_VERSION {
+        return Ok(());
+    }
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let applied = (|| -> Result<()> {
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let version = index as i64 + 1;
+            before(version, conn)?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(version, "applied schema migration");
+        }
+        Ok(())
+    })();
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    applied?;
+    let violations: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+            r.get(0)
+        })?;
+    if violations > 0 {
+        tracing::warn!(
+            violations,
+            "the migrated database has rows that refer to rows that do not exist"
+        );
     }
     Ok(())
 }

@@ -29,7 +29,10 @@ pub const STORE_CONNECTIONS: u32 = 90;
 pub const INBOUND_DNS_CACHE: u32 = 91;
 /// Mailbox change bells.
 pub const MAILBOX_BELLS: u32 = 92;
-/// The store's write turn (a fair ticket lock).
+/// The directory database's write turn (a fair ticket lock); never held together with
+/// the mail database's.
+pub const DIRECTORY_STORE_WRITE_TURN: u32 = 94;
+/// The mail database's write turn (a fair ticket lock).
 pub const STORE_WRITE_TURN: u32 = 95;
 /// IMAP APPENDs waiting for the write turn (taken inside it).
 pub const PENDING_APPENDS: u32 = 96;

@@ -14,8 +14,12 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The database file's name inside a backup folder.
+/// The mail database file's name inside a backup folder (and in the data folder).
 pub const BACKUP_DATABASE: &str = "mailroom.db";
+/// The directory database file's name inside a backup folder (and in the data folder).
+/// Backups from before the split have none: their directory is inside the mail database
+/// and moves out at the first start after the restore.
+pub const BACKUP_DIRECTORY: &str = "directory.db";
 /// The manifest's name inside a backup folder.
 pub const BACKUP_MANIFEST: &str = "backup.json";
 
@@ -24,7 +28,7 @@ pub const BACKUP_MANIFEST: &str = "backup.json";
 pub struct BackupManifest {
     /// When the copy was taken (Unix ms).
     pub taken_at_ms: i64,
-    /// The schema version of the copy.
+    /// The schema version of the mail database's copy.
     pub schema_version: i64,
     /// Messages in mailboxes.
     pub messages: u64,
@@ -34,25 +38,40 @@ pub struct BackupManifest {
     pub recipients: u64,
     /// Queue entries (inbound, outbound, quarantine, undeliverable).
     pub queue_entries: u64,
-    /// Bytes of the database file.
+    /// Bytes of the database files.
     pub bytes: u64,
 }
 
-fn counts(conn: &Connection) -> Result<(i64, u64, u64, u64, u64)> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let count = |table: &str| -> Result<u64> {
-        Ok(
-            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64,
-        )
+/// Rows in `table`, 0 when the table does not exist (a directory table in a mail
+/// database after the split).
+fn count(conn: &Connection, table: &str) -> Result<u64> {
+    let exists = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?
+        .exists([table])?;
+    if !exists {
+        return Ok(0);
+    }
+    Ok(
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
+}
+
+/// Schema version, messages, folders, recipients and queue entries of a backup's mail
+/// database and (when it has one) directory database.
+fn counts(mail: &Connection, directory: Option<&Connection>) -> Result<(i64, u64, u64, u64, u64)> {
+    let version: i64 = mail.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let recipients = match directory {
+        Some(directory) => count(directory, "recipients")?,
+        None => count(mail, "recipients")?,
     };
     Ok((
         version,
-        count("messages")?,
-        count("folders")?,
-        count("recipients")?,
-        count("queue_items")?,
+        count(mail, "messages")?,
+        count(mail, "folders")?,
+        recipients,
+        count(mail, "queue_items")?,
     ))
 }
 
@@ -67,30 +86,58 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Conflict(format!("cannot {what} {}: {e}", path.display()))
 }
 
+/// Checks a copy's integrity.
+fn quick_check(copy: &Connection, what: &str) -> Result<()> {
+    let check: String = copy.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(StoreError::Conflict(format!(
+            "{what} fails its integrity check: {check}"
+        )));
+    }
+    Ok(())
+}
+
 impl SqliteStore {
-    /// Copies the database, as of one moment, into `dir` (created; must be empty),
-    /// with a manifest. Mail keeps flowing meanwhile.
-    pub fn backup_to(&self, dir: &Path) -> Result<BackupManifest> {
-        prepare_empty_dir(dir)?;
-        let target = dir.join(BACKUP_DATABASE);
-        let partial = dir.join(format!("{BACKUP_DATABASE}.partial"));
-        let source = self.checkout()?;
+    /// Copies `db` as of one moment into `partial`, checks the copy and syncs it.
+    fn copy_db(&self, db: &super::Db, partial: &Path) -> Result<()> {
+        let source = self.checkout(db)?;
         {
-            let mut copy = Connection::open(&partial)?;
+            let mut copy = Connection::open(partial)?;
             copy_all(&source, &mut copy)?;
         }
-        self.checkin(source);
-        let copy = Connection::open(&partial)?;
-        let check: String = copy.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        if check != "ok" {
-            return Err(StoreError::Conflict(format!(
-                "the backup copy fails its integrity check: {check}"
-            )));
+        self.checkin(db, source);
+        quick_check(&Connection::open(partial)?, "the backup copy")?;
+        sync_path(partial)
+    }
+
+    /// Copies both databases into `dir` (created; must be empty), with a manifest. Mail
+    /// keeps flowing meanwhile.
+    ///
+    /// Each file is copied as of one moment, the mail database first: the directory's
+    /// copy is then at least as new, so every mailbox in the copy belongs to a recipient
+    /// the directory's copy has or had deleted (whose mailboxes the next start purges),
+    /// and a recipient created in between simply has no mail yet.
+    pub fn backup_to(&self, dir: &Path) -> Result<BackupManifest> {
+        prepare_empty_dir(dir)?;
+        let mail_partial = dir.join(format!("{BACKUP_DATABASE}.partial"));
+        let directory_partial = dir.join(format!("{BACKUP_DIRECTORY}.partial"));
+        self.copy_db(&self.mail, &mail_partial)?;
+        self.copy_db(&self.directory, &directory_partial)?;
+        let (schema_version, messages, folders, recipients, queue_entries) = counts(
+            &Connection::open(&mail_partial)?,
+            Some(&Connection::open(&directory_partial)?),
+        )?;
+        let mut bytes = 0;
+        for (partial, name) in [
+            (&mail_partial, BACKUP_DATABASE),
+            (&directory_partial, BACKUP_DIRECTORY),
+        ] {
+            let target = dir.join(name);
+            std::fs::rename(partial, &target).map_err(|e| io("rename", partial, e))?;
+            bytes += std::fs::metadata(&target)
+                .map_err(|e| io("read", &target, e))?
+                .len();
         }
-        let (schema_version, messages, folders, recipients, queue_entries) = counts(&copy)?;
-        drop(copy);
-        sync_path(&partial)?;
-        std::fs::rename(&partial, &target).map_err(|e| io("rename", &partial, e))?;
         let manifest = BackupManifest {
             taken_at_ms: mailroom_watch::now_ms(),
             schema_version,
@@ -98,9 +145,7 @@ impl SqliteStore {
             folders,
             recipients,
             queue_entries,
-            bytes: std::fs::metadata(&target)
-                .map_err(|e| io("read", &target, e))?
-                .len(),
+            bytes,
         };
         let manifest_path = dir.join(BACKUP_MANIFEST);
         std::fs::write(
@@ -113,9 +158,10 @@ impl SqliteStore {
         Ok(manifest)
     }
 
-    /// Brings a backup folder back as the database `database` (which must not exist).
-    /// Checks the copy's integrity and that this binary can read its schema first; the
-    /// server migrates an older schema at its next start.
+    /// Brings a backup folder back as the mail database `database` and the directory
+    /// database beside it (neither may exist). Checks the copies' integrity and that
+    /// this binary can read their schema first; the server migrates an older schema at
+    /// its next start (a backup from before the split has its directory moved out then).
     pub fn restore_from(backup: &Path, database: &Path) -> Result<BackupManifest> {
         let manifest_path = backup.join(BACKUP_MANIFEST);
         let manifest: BackupManifest = serde_json::from_slice(
@@ -127,23 +173,29 @@ impl SqliteStore {
                 manifest_path.display()
             ))
         })?;
-        let source_path = backup.join(BACKUP_DATABASE);
-        if database.exists() {
-            return Err(StoreError::Conflict(format!(
-                "{} exists; restore only into an empty data folder",
-                database.display()
-            )));
+        let directory_target = SqliteStore::directory_path(database);
+        for target in [database, directory_target.as_path()] {
+            if target.exists() {
+                return Err(StoreError::Conflict(format!(
+                    "{} exists; restore only into an empty data folder",
+                    target.display()
+                )));
+            }
         }
-        let source =
-            Connection::open_with_flags(&source_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let check: String = source.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        if check != "ok" {
-            return Err(StoreError::Conflict(format!(
-                "the backup {} fails its integrity check: {check}",
-                source_path.display()
-            )));
-        }
-        let found = counts(&source)?;
+        let open = |path: &Path| -> Result<Connection> {
+            let source =
+                Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            quick_check(&source, &format!("the backup {}", path.display()))?;
+            Ok(source)
+        };
+        let mail_source = open(&backup.join(BACKUP_DATABASE))?;
+        let directory_path = backup.join(BACKUP_DIRECTORY);
+        let directory_source = if directory_path.exists() {
+            Some(open(&directory_path)?)
+        } else {
+            None
+        };
+        let found = counts(&mail_source, directory_source.as_ref())?;
         if found.0 > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 found: found.0,
@@ -163,13 +215,22 @@ impl SqliteStore {
                 "the backup's database does not match its manifest (found {found:?})"
             )));
         }
-        let partial = database.with_extension("db.restoring");
-        {
-            let mut copy = Connection::open(&partial)?;
-            copy_all(&source, &mut copy)?;
+        // The directory first: a mail database without its directory beside it would
+        // start as a data folder from before the split and find no directory to move.
+        let mut pairs = Vec::new();
+        if let Some(source) = &directory_source {
+            pairs.push((source, directory_target.clone()));
         }
-        sync_path(&partial)?;
-        std::fs::rename(&partial, database).map_err(|e| io("rename", &partial, e))?;
+        pairs.push((&mail_source, database.to_path_buf()));
+        for (source, target) in pairs {
+            let partial = target.with_extension("db.restoring");
+            {
+                let mut copy = Connection::open(&partial)?;
+                copy_all(source, &mut copy)?;
+            }
+            sync_path(&partial)?;
+            std::fs::rename(&partial, &target).map_err(|e| io("rename", &partial, e))?;
+        }
         if let Some(parent) = database.parent() {
             sync_path(parent)?;
         }

@@ -221,6 +221,7 @@ fn insert_folder(
     name: &str,
     special_use: Option<&str>,
 ) -> Result<i64> {
+    super::ensure_live(tx, recipient)?;
     let uidvalidity = next_uidvalidity(tx, now_ms())?;
     tx.execute(
         "INSERT INTO folders (recipient_id, name, uidvalidity, special_use) VALUES (?1, ?2, ?3, ?4)",

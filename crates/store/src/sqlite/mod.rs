@@ -13,7 +13,7 @@ mod backup;
 mod mailbox;
 mod outbound;
 
-pub use backup::{BACKUP_DATABASE, BACKUP_MANIFEST, BackupManifest};
+pub use backup::{BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest};
 
 use crate::migrations::migrate;
 use crate::*;
@@ -32,16 +32,48 @@ const POOL_IDLE_MAX: usize = 16;
 /// How long a writer waits for SQLite's write lock before giving up with an error.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The embedded SQLite store. Cheap to share behind an `Arc`.
-pub struct SqliteStore {
+/// One SQLite database file with its own connection pool and write turn. The store has
+/// two: the mail database (spool, queues, bodies, mailboxes) and the directory database
+/// (recipients, addresses, site settings), so that directory work never takes the
+/// write turn mail needs (see `docs/storage.md`, "Two database files").
+struct Db {
+    /// What metrics and logs call this database.
+    name: &'static str,
     path: PathBuf,
     /// Idle connections. Rank 90 (leaf): held only to push or pop.
     idle: RankedMutex<Vec<Connection>>,
     /// Whose turn it is to write. SQLite has one write lock per database and makes
     /// waiting writers poll it; taking turns here first, in arrival order, means no
-    /// writer of ours ever polls (and so never starves). Rank 95: held for one
-    /// transaction, nothing ranked is taken inside it.
+    /// writer of ours ever polls (and so never starves). Held for one transaction;
+    /// nothing ranked is taken inside it, and no one holds both databases' turns.
     write_turn: TicketLock,
+    /// Set by an I/O error: no write runs until a checkpoint has rewritten the database
+    /// from what SQLite considers committed and truncated the WAL (see `recover`).
+    recovering: std::sync::atomic::AtomicBool,
+}
+
+impl Db {
+    fn new(name: &'static str, path: &Path, turn_rank: u32, turn_name: &'static str) -> Db {
+        Db {
+            name,
+            path: path.to_path_buf(),
+            idle: RankedMutex::new(
+                mailroom_watch::rank::STORE_CONNECTIONS,
+                "store connection pool",
+                Vec::new(),
+            ),
+            write_turn: TicketLock::new(turn_rank, turn_name),
+            recovering: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// The embedded SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    /// Spool, queues, bodies, mailboxes (`mailroom.db`).
+    mail: Db,
+    /// Recipients, addresses, site settings, topology (`directory.db` beside it).
+    directory: Db,
     write_stats: WriteStats,
     /// Each mailbox's change bell (see `Mailboxes::watch_mailbox`). Rank 92 (leaf): held
     /// for one map lookup; rung after the write turn is released.
@@ -54,9 +86,9 @@ pub struct SqliteStore {
     /// Rank 96: taken inside the write turn (95) to take the whole queue, or alone to
     /// push; nothing is taken inside it.
     appends: RankedMutex<Vec<PendingAppend>>,
-    /// Set by an I/O error: no write runs until a checkpoint has rewritten the database
-    /// from what SQLite considers committed and truncated the WAL (see `recover`).
-    recovering: std::sync::atomic::AtomicBool,
+    /// When mail last committed (spool, delivery), Unix ms: what the directory's
+    /// background lane paces itself by ([`MailStore::mail_active_at_ms`]).
+    mail_active_at_ms: std::sync::atomic::AtomicI64,
 }
 
 /// When a write's commit reaches the disk. The spool always commits with `Full`
@@ -173,16 +205,39 @@ impl SqliteStore {
         self.disk.get()
     }
 
-    /// Opens (creating if needed) the database at `path` and migrates its schema.
+    /// The directory database that goes with the mail database at `mail`: `directory.db`
+    /// beside `mailroom.db`, or `<name>-directory.db` beside any other name.
+    pub fn directory_path(mail: &Path) -> PathBuf {
+        let name = mail
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name == BACKUP_DATABASE {
+            mail.with_file_name(BACKUP_DIRECTORY)
+        } else {
+            mail.with_file_name(format!("{name}-directory.db"))
+        }
+    }
+
+    /// Opens (creating if needed) the mail database at `path` and the directory
+    /// database beside it ([`SqliteStore::directory_path`]), and migrates both. A data
+    /// folder from before the split has its directory moved into the directory database
+    /// here (copied, then dropped from the mail database: a crash in between copies it
+    /// again at the next start).
     pub fn open_with(path: &Path, durability: Durability) -> Result<SqliteStore> {
         let store = SqliteStore {
-            path: path.to_path_buf(),
-            idle: RankedMutex::new(
-                mailroom_watch::rank::STORE_CONNECTIONS,
-                "store connection pool",
-                Vec::new(),
+            mail: Db::new(
+                "mail",
+                path,
+                mailroom_watch::rank::STORE_WRITE_TURN,
+                "mail store write turn",
             ),
-            write_turn: TicketLock::new(mailroom_watch::rank::STORE_WRITE_TURN, "store write turn"),
+            directory: Db::new(
+                "directory",
+                &Self::directory_path(path),
+                mailroom_watch::rank::DIRECTORY_STORE_WRITE_TURN,
+                "directory store write turn",
+            ),
             write_stats: WriteStats::default(),
             bells: RankedMutex::new(
                 mailroom_watch::rank::MAILBOX_BELLS,
@@ -191,21 +246,30 @@ impl SqliteStore {
             ),
             disk: std::sync::OnceLock::new(),
             durability,
-            recovering: std::sync::atomic::AtomicBool::new(false),
             appends: RankedMutex::new(
                 mailroom_watch::rank::PENDING_APPENDS,
                 "pending appends",
                 Vec::new(),
             ),
+            mail_active_at_ms: std::sync::atomic::AtomicI64::new(0),
         };
-        let mut conn = store.connect()?;
-        migrate(&mut conn)?;
-        store.checkin(conn);
+        let mut directory = store.connect(&store.directory)?;
+        crate::migrations::migrate_directory(&mut directory)?;
+        let mut mail = store.connect(&store.mail)?;
+        migrate(&mut mail, |version, _| {
+            if version == crate::migrations::SPLIT_VERSION {
+                crate::migrations::move_directory(&mut directory, path)?;
+            }
+            Ok(())
+        })?;
+        store.checkin(&store.mail, mail);
+        store.checkin(&store.directory, directory);
+        store.purge_deleted()?;
         Ok(store)
     }
 
-    fn connect(&self) -> Result<Connection> {
-        let conn = Connection::open(&self.path)?;
+    fn connect(&self, db: &Db) -> Result<Connection> {
+        let conn = Connection::open(&db.path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: each commit fsyncs the WAL before it returns. NORMAL (a setting, see
@@ -232,14 +296,14 @@ impl SqliteStore {
     /// pool is emptied and every later call opens a fresh connection, which reads the
     /// database and its WAL from the file again (the "fsyncgate" lesson: after a failed
     /// write or fsync, what a connection has cached may not be what is on disk).
-    fn note_error(&self, error: &StoreError) {
+    fn note_error(&self, db: &Db, error: &StoreError) {
         if let Some(disk) = self.disk.get() {
             disk.record(error);
         }
         if error.fault() == Some(crate::Fault::Io) {
-            self.recovering
+            db.recovering
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            let dropped = std::mem::take(&mut *self.idle.lock());
+            let dropped = std::mem::take(&mut *db.idle.lock());
             drop(dropped);
         }
     }
@@ -255,7 +319,7 @@ impl SqliteStore {
     /// afresh into the database file and only succeeds once that file is fsynced; the
     /// WAL starts over empty. Until it succeeds every write fails as an I/O fault (SMTP
     /// 451, conversion waits), so nothing is acknowledged on top of doubtful pages.
-    fn recover(&self, conn: &Connection) -> Result<()> {
+    fn recover(&self, db: &Db, conn: &Connection) -> Result<()> {
         let (busy, _log, _done): (i64, i64, i64) =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -265,48 +329,63 @@ impl SqliteStore {
                 "recovering from an I/O error: the checkpoint could not complete yet",
             ));
         }
-        self.recovering
+        db.recovering
             .store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(disk) = self.disk.get() {
             disk.wrote();
         }
         tracing::warn!(
+            database = db.name,
             "recovered from the storage I/O error: the database was rewritten from its WAL, fsynced, and the WAL truncated"
         );
         Ok(())
     }
 
-    fn checkout(&self) -> Result<Connection> {
-        let pooled = self.idle.lock().pop();
+    fn checkout(&self, db: &Db) -> Result<Connection> {
+        let pooled = db.idle.lock().pop();
         match pooled {
             Some(conn) => Ok(conn),
-            None => self.connect(),
+            None => self.connect(db),
         }
     }
 
-    fn checkin(&self, conn: Connection) {
-        let mut idle = self.idle.lock();
+    fn checkin(&self, db: &Db, conn: Connection) {
+        let mut idle = db.idle.lock();
         if idle.len() < POOL_IDLE_MAX {
             idle.push(conn);
         }
     }
 
-    /// Runs `f` with a pooled connection. The connection goes back to the pool only when
-    /// `f` succeeded, so a connection left in an odd state by an error is dropped.
+    /// Runs `f` with a pooled connection to the mail database. The connection goes back
+    /// to the pool only when `f` succeeded, so a connection left in an odd state by an
+    /// error is dropped.
     fn with_conn<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
-        let mut conn = self.checkout().inspect_err(|e| self.note_error(e))?;
+        self.with_conn_to(&self.mail, f)
+    }
+
+    fn with_conn_to<R>(&self, db: &Db, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let mut conn = self.checkout(db).inspect_err(|e| self.note_error(db, e))?;
         let result = f(&mut conn);
         match &result {
-            Ok(_) => self.checkin(conn),
-            Err(e) => self.note_error(e),
+            Ok(_) => self.checkin(db, conn),
+            Err(e) => self.note_error(db, e),
         }
         result
     }
 
-    /// Runs `f`, which writes, with a pooled connection in this writer's turn (see
-    /// `write_turn`). `caller` labels the wait and hold metrics.
+    /// Runs `f`, which writes the mail database, with a pooled connection in this
+    /// writer's turn (see `Db::write_turn`). `caller` labels the wait and hold metrics.
     fn write<R>(
         &self,
+        caller: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<R>,
+    ) -> Result<R> {
+        self.write_to(&self.mail, caller, f)
+    }
+
+    fn write_to<R>(
+        &self,
+        db: &Db,
         caller: &'static str,
         f: impl FnOnce(&mut Connection) -> Result<R>,
     ) -> Result<R> {
@@ -315,16 +394,16 @@ impl SqliteStore {
         // claimable again or a cache be computed again. The next durable commit fsyncs
         // it along with its own (one WAL).
         let relaxed = self.durability == Durability::Full && RELAXED_CALLERS.contains(&caller);
-        let mut conn = self.checkout().inspect_err(|e| self.note_error(e))?;
+        let mut conn = self.checkout(db).inspect_err(|e| self.note_error(db, e))?;
         if relaxed && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
             let e = e.into();
-            self.note_error(&e);
+            self.note_error(db, &e);
             return Err(e);
         }
-        let turn = self.write_turn.lock();
+        let turn = db.write_turn.lock();
         let started = Instant::now();
-        let result = if self.recovering.load(std::sync::atomic::Ordering::SeqCst) {
-            self.recover(&conn).and_then(|()| f(&mut conn))
+        let result = if db.recovering.load(std::sync::atomic::Ordering::SeqCst) {
+            self.recover(db, &conn).and_then(|()| f(&mut conn))
         } else {
             f(&mut conn)
         };
@@ -339,13 +418,16 @@ impl SqliteStore {
                 // A connection that cannot be set back to FULL is dropped, not reused
                 // with the wrong setting (the write itself has committed).
                 if !relaxed || conn.pragma_update(None, "synchronous", "FULL").is_ok() {
-                    self.checkin(conn);
+                    self.checkin(db, conn);
                 }
             }
             // A connection left in an odd state by an error is dropped.
-            Err(e) => self.note_error(e),
+            Err(e) => self.note_error(db, e),
         }
-        let labels = vec![("caller".to_string(), caller.to_string())];
+        let labels = vec![
+            ("caller".to_string(), caller.to_string()),
+            ("database".to_string(), db.name.to_string()),
+        ];
         self.write_stats
             .waited
             .get_or_create(&labels)
@@ -357,12 +439,52 @@ impl SqliteStore {
         if held > SLOW_WRITE {
             tracing::warn!(
                 caller,
+                database = db.name,
                 held_ms = held.as_millis() as u64,
-                "a database write held the write turn for {} ms; every other writer waited",
+                "a database write held the write turn for {} ms; every other writer of that database waited",
                 held.as_millis()
             );
         }
         result
+    }
+
+    /// Removes the mailboxes of deleted recipients from the mail database, for every
+    /// deletion the directory database records as not purged yet, then marks them
+    /// purged. Idempotent: a crash anywhere repeats it at the next call (start-up, or
+    /// the next directory write that deletes).
+    fn purge_deleted(&self) -> Result<()> {
+        loop {
+            let ids: Vec<RecipientId> = self.with_conn_to(&self.directory, |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT id FROM deleted_recipients WHERE purged = 0 ORDER BY id LIMIT 500",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<std::result::Result<_, _>>()?)
+            })?;
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.write("purge", |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                for &id in &ids {
+                    purge_mailbox(&tx, id)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })?;
+            self.write_to(&self.directory, "directory purge", |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut mark =
+                    tx.prepare_cached("UPDATE deleted_recipients SET purged = 1 WHERE id = ?1")?;
+                for &id in &ids {
+                    mark.execute([id])?;
+                }
+                drop(mark);
+                tx.commit()?;
+                Ok(())
+            })?;
+        }
     }
 
     /// Rings the change bells of these mailboxes (after their change committed). A bell
@@ -378,6 +500,14 @@ impl SqliteStore {
                 }
             }
         }
+    }
+
+    /// Records that mail just committed (see [`MailStore::mail_active_at_ms`]).
+    fn mail_moved(&self) {
+        self.mail_active_at_ms.store(
+            mailroom_watch::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Adds the write-turn metrics to a Prometheus registry.
@@ -430,6 +560,7 @@ fn inbox_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64)
     if let Some(id) = existing {
         return Ok(id);
     }
+    ensure_live(tx, recipient)?;
     tx.execute(
         "INSERT INTO folders (recipient_id, name, uidvalidity) VALUES (?1, 'INBOX', ?2)",
         params![recipient, mailbox::next_uidvalidity(tx, now_ms)?],
@@ -451,6 +582,7 @@ fn junk_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64) 
     if let Some(id) = existing {
         return Ok(id);
     }
+    ensure_live(tx, recipient)?;
     tx.execute(
         "INSERT INTO folders (recipient_id, name, uidvalidity, special_use)
          VALUES (?1, 'Junk', ?2, '\\Junk')",
@@ -590,9 +722,24 @@ fn put_recipient(tx: &rusqlite::Transaction<'_>, row: &RecipientRow) -> Result<(
     Ok(())
 }
 
-/// Deletes a recipient: its messages release their bodies first, then the cascade
-/// removes addresses, folders and messages.
+/// Deletes a recipient from the directory database and records the deletion, so that
+/// its mailboxes are purged from the mail database ([`SqliteStore::purge_deleted`]) and
+/// its identity is never handed out again (`StoredDirectory::id_floor`).
 fn delete_recipient(tx: &rusqlite::Transaction<'_>, id: RecipientId) -> Result<()> {
+    tx.prepare_cached("DELETE FROM recipients WHERE id = ?1")?
+        .execute([id])?;
+    tx.prepare_cached(
+        "INSERT INTO deleted_recipients (id, purged) VALUES (?1, 0)
+         ON CONFLICT (id) DO UPDATE SET purged = 0",
+    )?
+    .execute([id])?;
+    Ok(())
+}
+
+/// Removes a deleted recipient's folders and messages from the mail database, releasing
+/// their bodies, and records it as purged so that a late delivery planned before the
+/// deletion cannot create its INBOX again (see [`ensure_live`]).
+fn purge_mailbox(tx: &rusqlite::Transaction<'_>, id: RecipientId) -> Result<()> {
     let bodies: Vec<(i64, i64)> = tx
         .prepare_cached(
             "SELECT m.blob_id, COUNT(*) FROM messages m JOIN folders f ON f.id = m.folder_id
@@ -600,10 +747,28 @@ fn delete_recipient(tx: &rusqlite::Transaction<'_>, id: RecipientId) -> Result<(
         )?
         .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<std::result::Result<_, _>>()?;
-    tx.prepare_cached("DELETE FROM recipients WHERE id = ?1")?
+    tx.prepare_cached("DELETE FROM folders WHERE recipient_id = ?1")?
         .execute([id])?;
     for (blob_id, count) in bodies {
         adjust_blob_refs(tx, blob_id, -count)?;
+    }
+    tx.prepare_cached("INSERT OR IGNORE INTO purged_recipients (id) VALUES (?1)")?
+        .execute([id])?;
+    Ok(())
+}
+
+/// Refuses to create a folder for a recipient whose mailboxes were purged: the
+/// directory deleted it, and a delivery planned from an older snapshot must be planned
+/// again (it then finds the recipient gone), not recreate its INBOX. Checked only when
+/// a folder is created, so deliveries to existing folders pay nothing.
+pub(crate) fn ensure_live(tx: &rusqlite::Transaction<'_>, recipient: RecipientId) -> Result<()> {
+    let purged = tx
+        .prepare_cached("SELECT 1 FROM purged_recipients WHERE id = ?1")?
+        .exists([recipient])?;
+    if purged {
+        return Err(StoreError::NotFound(format!(
+            "recipient {recipient} was deleted"
+        )));
     }
     Ok(())
 }
@@ -684,6 +849,12 @@ impl MailStore for SqliteStore {
             conn.pragma_update(None, "synchronous", self.synchronous())?;
             result
         })
+        .inspect(|_| self.mail_moved())
+    }
+
+    fn mail_active_at_ms(&self) -> UnixMillis {
+        self.mail_active_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn release_claims(&self) -> Result<u64> {
@@ -755,6 +926,7 @@ impl MailStore for SqliteStore {
             .flat_map(|(_, plan)| plan.local.iter().copied())
             .collect();
         self.ring(&touched);
+        self.mail_moved();
         Ok(results)
     }
 
@@ -859,7 +1031,7 @@ impl MailStore for SqliteStore {
     }
 
     fn ensure_topology(&self, wanted: &Topology) -> Result<Topology> {
-        self.write("topology", |conn| {
+        self.write_to(&self.directory, "topology", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<Topology> = tx
                 .query_row(
@@ -890,8 +1062,10 @@ impl MailStore for SqliteStore {
     }
 
     fn load_directory(&self) -> Result<StoredDirectory> {
-        self.with_conn(|conn| {
+        self.with_conn_to(&self.directory, |conn| {
             let recipients = load_rows(conn)?;
+            let deleted_max: Option<RecipientId> =
+                conn.query_row("SELECT MAX(id) FROM deleted_recipients", [], |r| r.get(0))?;
             let setting = |key: &str| -> Result<Option<String>> {
                 Ok(conn
                     .query_row(
@@ -902,6 +1076,7 @@ impl MailStore for SqliteStore {
                     .optional()?)
             };
             Ok(StoredDirectory {
+                id_floor: deleted_max.map_or(1, |id| id + 1),
                 recipients,
                 site: setting("site")?,
                 previous_routing: setting("routing.previous")?.unwrap_or_default(),
@@ -910,7 +1085,7 @@ impl MailStore for SqliteStore {
     }
 
     fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()> {
-        self.write("directory", |conn| {
+        self.write_to(&self.directory, "directory", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for write in writes {
                 match write {
@@ -931,7 +1106,18 @@ impl MailStore for SqliteStore {
             }
             tx.commit()?;
             Ok(())
-        })
+        })?;
+        if writes
+            .iter()
+            .any(|w| matches!(w, DirectoryWrite::DeleteRecipient(_)))
+            && let Err(e) = self.purge_deleted()
+        {
+            // The deletion stands (the directory committed it, and the recipient can no
+            // longer log in or receive mail); its mailboxes are purged at the next
+            // deletion or start-up.
+            tracing::warn!(error = %e, "the mailboxes of deleted recipients could not be purged yet");
+        }
+        Ok(())
     }
 
     fn mailbox_messages(
@@ -1220,6 +1406,105 @@ mod tests {
             ))])
             .unwrap();
         id
+    }
+
+    #[test]
+    fn the_directory_lives_in_its_own_file_and_deletions_purge_mailboxes_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailroom.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let a = recipient(&store, "a");
+        let b = recipient(&store, "b");
+        store
+            .spool(&[
+                entry(b"first", &["a@example.test"]),
+                entry(b"second", &["a@example.test"]),
+            ])
+            .unwrap();
+        let mut items = store.claim_inbound(2000, 10).unwrap();
+        let late = items.pop().unwrap();
+        let first = items.pop().unwrap();
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&first, &plan)], 3000).unwrap();
+        // The directory's rows are in directory.db, not in the mail database.
+        let directory = Connection::open(dir.path().join("directory.db")).unwrap();
+        let in_directory: i64 = directory
+            .query_row("SELECT count(*) FROM recipients", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(in_directory, 2);
+        let mail = Connection::open(&path).unwrap();
+        let directory_tables_in_mail: i64 = mail
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('recipients', 'recipient_addresses', 'directory_settings', 'topology')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(directory_tables_in_mail, 0);
+
+        store
+            .write_directory(&[DirectoryWrite::DeleteRecipient(a)])
+            .unwrap();
+        assert!(
+            store.folder_status(a, "INBOX").unwrap().is_none(),
+            "the deletion purged the mailbox"
+        );
+        // A delivery planned before the deletion (an older snapshot) must not bring the
+        // mailbox back: the whole batch is refused and nothing changes.
+        let error = store
+            .deliver_inbound(&[(&late, &plan)], 4000)
+            .expect_err("a purged recipient gets no new INBOX");
+        assert!(error.to_string().contains("was deleted"), "{error}");
+        assert!(store.folder_status(a, "INBOX").unwrap().is_none());
+        assert_eq!(
+            store.inbound_due(5000).unwrap().0,
+            1,
+            "the entry waits to be planned again"
+        );
+        drop(store);
+
+        // Deleted identities are never handed out again, across restarts.
+        let store = SqliteStore::open(&path).unwrap();
+        let stored = store.load_directory().unwrap();
+        assert_eq!(stored.recipients.len(), 1);
+        assert_eq!(stored.recipients[0].id, b);
+        assert!(
+            stored.id_floor > a,
+            "floor {} after deleting {a}",
+            stored.id_floor
+        );
+    }
+
+    #[test]
+    fn a_purge_interrupted_by_a_crash_finishes_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailroom.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let a = recipient(&store, "a");
+        store.spool(&[entry(b"body", &["a@example.test"])]).unwrap();
+        let item = store.claim_inbound(2000, 10).unwrap().pop().unwrap();
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&item, &plan)], 3000).unwrap();
+        drop(store);
+        // What a crash after the directory's commit and before the purge leaves: the
+        // recipient deleted in directory.db, its mailbox still in mailroom.db.
+        let directory = Connection::open(dir.path().join("directory.db")).unwrap();
+        directory
+            .execute_batch(&format!(
+                "DELETE FROM recipients WHERE id = {a};
+                 INSERT INTO deleted_recipients (id, purged) VALUES ({a}, 0);"
+            ))
+            .unwrap();
+        drop(directory);
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.folder_status(a, "INBOX").unwrap().is_none());
+        assert_eq!(store.blob_count().unwrap(), 0, "the body was released");
     }
 
     #[test]
