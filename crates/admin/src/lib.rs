@@ -102,7 +102,7 @@ pub struct AdminState {
     /// Outbound delivery: wake-ups, deletion with DSNs, the delivery clock.
     pub outbound: mailroom_outbound::OutboundHandle,
     /// The transfer mode switch.
-    pub transfer: mailroom_outbound::Transfer,
+    pub transfer: mailroom_queue::Transfer,
     /// Whether `POST /api/v1/clock/advance` is allowed (tests only).
     pub test_clock: bool,
 }
@@ -1246,7 +1246,7 @@ async fn show_transfer_mode(State(state): State<Arc<AdminState>>) -> Json<serde_
 
 #[derive(Debug, Deserialize)]
 struct ModeBody {
-    mode: mailroom_outbound::TransferMode,
+    mode: mailroom_queue::TransferMode,
 }
 
 async fn set_transfer_mode(

@@ -193,7 +193,7 @@ pub struct CertificatePair {
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundSection {
     /// `both`, `inbound`, `outbound` or `none`; switchable at runtime.
-    pub transfer_mode: mailroom_outbound::TransferMode,
+    pub transfer_mode: mailroom_queue::TransferMode,
     /// Concurrent deliveries.
     pub workers: usize,
     /// Concurrent connections to one destination host.
@@ -241,7 +241,7 @@ pub struct OutboundSection {
 impl Default for OutboundSection {
     fn default() -> Self {
         OutboundSection {
-            transfer_mode: mailroom_outbound::TransferMode::Both,
+            transfer_mode: mailroom_queue::TransferMode::Both,
             workers: 16,
             connections_per_destination: 5,
             nameservers: Vec::new(),

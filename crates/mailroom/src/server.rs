@@ -91,6 +91,9 @@ pub struct RunningServer {
     /// Rung at shutdown so idle workers notice the cancellation at once.
     doorbell: Doorbell,
     shutdown_deadline: Duration,
+    /// Checkpoints the mail database's WAL off the write path; stops when dropped,
+    /// after everything that writes.
+    _checkpointer: mailroom_store::Checkpointer,
     _lock: File,
 }
 
@@ -262,6 +265,9 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     );
     let disk = mailroom_store::Disk::new(&data_dir, config.storage.free_space_reserve_bytes);
     sqlite.attach_disk(disk.clone());
+    let checkpointer = sqlite
+        .start_checkpointer()
+        .context("cannot start the checkpointer thread")?;
     let store: Arc<dyn MailStore> = sqlite.clone();
     // Uploads belong to import jobs, which do not survive a restart.
     let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
@@ -348,7 +354,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     // Outbound delivery: entries due and not held, while the transfer mode delivers. Its
     // patience (set by the delivery workers) covers the longest wait for a next hop's
     // reply, so a slow remote server is not a stall but a wedge of ours is.
-    let transfer = mailroom_outbound::Transfer::new(config.outbound.transfer_mode);
+    let transfer = mailroom_queue::Transfer::new(config.outbound.transfer_mode);
     let clock = mailroom_outbound::schedule::Clock::default();
     let outbound_probe = {
         let (store, transfer, clock) = (store.clone(), transfer.clone(), clock.clone());
@@ -785,6 +791,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         outbound: Some(outbound),
         doorbell: shutdown_bell,
         shutdown_deadline: Duration::from_millis(config.server.shutdown_deadline_ms),
+        _checkpointer: checkpointer,
         _lock: lock,
     })
 }

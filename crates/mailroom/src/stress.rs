@@ -8,7 +8,8 @@
 //! small create/modify/delete rows (the classic trigger); an administrator loop changing
 //! protocol settings, the addressing template (which regenerates addresses) and the
 //! connectors that route the remote domain every few milliseconds; and readers
-//! (protocol-permission checks and admin API reads).
+//! (protocol-permission checks, admin API reads, POP3 and IMAP logins), which run
+//! through the baseline too so that the ratio measures the directory work alone.
 //!
 //! It asserts: no lock-order violation or deadlock report; the watchdog never fires;
 //! inbound conversion progresses in every one-second window of the churn; every queue
@@ -106,21 +107,28 @@ pub struct ChurnReport {
     /// database file (mail, directory): seconds it held that file's write turn and
     /// seconds it waited for it, summed over its transactions.
     pub write_turns: Vec<(String, f64, f64)>,
+    /// Mean time each writer held its write turn per transaction, ms: (baseline,
+    /// churn). A longer hold for the same work means the commit (its fsync) or the CPU
+    /// was slower.
+    pub hold_per_commit_ms: HashMap<String, (f64, f64)>,
 }
 
 /// Sums of the store's write-turn histograms by caller, from `/metrics` text:
-/// caller -> (held seconds, waited seconds).
-fn write_turn_sums(metrics: &str) -> HashMap<String, (f64, f64)> {
-    let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
+/// caller -> (held seconds, waited seconds, transactions).
+fn write_turn_sums(metrics: &str) -> HashMap<String, (f64, f64, f64)> {
+    let mut sums: HashMap<String, (f64, f64, f64)> = HashMap::new();
     for line in metrics.lines() {
-        let (held, rest) =
-            if let Some(rest) = line.strip_prefix("mailroom_store_write_hold_seconds_sum{") {
-                (true, rest)
-            } else if let Some(rest) = line.strip_prefix("mailroom_store_write_wait_seconds_sum{") {
-                (false, rest)
-            } else {
-                continue;
-            };
+        let (field, rest) = if let Some(rest) =
+            line.strip_prefix("mailroom_store_write_hold_seconds_sum{")
+        {
+            (0, rest)
+        } else if let Some(rest) = line.strip_prefix("mailroom_store_write_wait_seconds_sum{") {
+            (1, rest)
+        } else if let Some(rest) = line.strip_prefix("mailroom_store_write_hold_seconds_count{") {
+            (2, rest)
+        } else {
+            continue;
+        };
         let Some((labels, value)) = rest.split_once("} ") else {
             continue;
         };
@@ -138,13 +146,28 @@ fn write_turn_sums(metrics: &str) -> HashMap<String, (f64, f64)> {
         };
         let value: f64 = value.trim().parse().unwrap_or(0.0);
         let entry = sums.entry(caller).or_default();
-        if held {
-            entry.0 = value;
-        } else {
-            entry.1 = value;
+        match field {
+            0 => entry.0 = value,
+            1 => entry.1 = value,
+            _ => entry.2 = value,
         }
     }
     sums
+}
+
+/// Per caller, the mean hold per transaction (ms) between two metric readings.
+fn hold_per_commit(
+    before: &HashMap<String, (f64, f64, f64)>,
+    after: &HashMap<String, (f64, f64, f64)>,
+) -> HashMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(caller, (held, _, count))| {
+            let (held0, _, count0) = before.get(caller).copied().unwrap_or_default();
+            let commits = count - count0;
+            (commits > 0.0).then(|| (caller.clone(), (held - held0) * 1000.0 / commits))
+        })
+        .collect()
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -207,11 +230,19 @@ impl fmt::Display for ChurnReport {
             writeln!(f)?;
             writeln!(
                 f,
-                "| database writer (during churn) | held the write turn, s | waited for it, s |"
+                "| database writer | held the write turn during churn, s | waited for it, s | mean hold per transaction without / with churn, ms |"
             )?;
-            writeln!(f, "|---|---:|---:|")?;
+            writeln!(f, "|---|---:|---:|---:|")?;
             for (caller, held, waited) in &self.write_turns {
-                writeln!(f, "| {caller} | {held:.1} | {waited:.1} |")?;
+                let (base, churn) = self
+                    .hold_per_commit_ms
+                    .get(caller)
+                    .copied()
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "| {caller} | {held:.1} | {waited:.1} | {base:.2} / {churn:.2} |"
+                )?;
             }
         }
         Ok(())
@@ -1067,6 +1098,10 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         counter.clone(),
     ));
     let (_, progress0, _) = first_report(&client).await?;
+    let turns_baseline_start = {
+        let c = client.clone();
+        write_turn_sums(&call(move || c.metrics()).await?)
+    };
     tokio::time::sleep(options.baseline).await;
     let accepted_baseline = counter.load(Ordering::Relaxed);
     let (_, progress1, healthy) = inbound(&client).await?;
@@ -1099,6 +1134,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         let c = client.clone();
         write_turn_sums(&call(move || c.metrics()).await?)
     };
+    let baseline_holds = hold_per_commit(&turns_baseline_start, &turns_before);
     // Inbound conversion must progress in every one-second window, and stay healthy.
     let (_, mut last_progress, _) = inbound(&client).await?;
     let progress_churn_start = last_progress;
@@ -1128,10 +1164,18 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     {
         let c = client.clone();
         let after = write_turn_sums(&call(move || c.metrics()).await?);
+        let churn_holds = hold_per_commit(&turns_before, &after);
+        report.hold_per_commit_ms = churn_holds
+            .iter()
+            .map(|(caller, churn)| {
+                let base = baseline_holds.get(caller).copied().unwrap_or_default();
+                (caller.clone(), (base, *churn))
+            })
+            .collect();
         let mut turns: Vec<(String, f64, f64)> = after
             .into_iter()
-            .map(|(caller, (held, waited))| {
-                let (held0, waited0) = turns_before.get(&caller).copied().unwrap_or_default();
+            .map(|(caller, (held, waited, _))| {
+                let (held0, waited0, _) = turns_before.get(&caller).copied().unwrap_or_default();
                 (caller, held - held0, waited - waited0)
             })
             .collect();

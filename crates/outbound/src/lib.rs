@@ -42,11 +42,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -63,78 +61,9 @@ pub enum OutboundError {
     Store(#[from] mailroom_store::StoreError),
 }
 
-/// Which directions mail moves (the classic "transfer mode"); switchable at runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferMode {
-    /// Accept inbound SMTP and deliver outbound.
-    #[default]
-    Both,
-    /// Accept inbound SMTP; hold the outbound queue.
-    Inbound,
-    /// Refuse inbound SMTP (421); deliver outbound.
-    Outbound,
-    /// Refuse inbound SMTP and hold the outbound queue.
-    None,
-}
-
-impl TransferMode {
-    /// Whether SMTP sessions are accepted.
-    pub fn inbound(self) -> bool {
-        matches!(self, TransferMode::Both | TransferMode::Inbound)
-    }
-
-    /// Whether the outbound queue is delivered.
-    pub fn outbound(self) -> bool {
-        matches!(self, TransferMode::Both | TransferMode::Outbound)
-    }
-
-    fn to_u8(self) -> u8 {
-        match self {
-            TransferMode::Both => 0,
-            TransferMode::Inbound => 1,
-            TransferMode::Outbound => 2,
-            TransferMode::None => 3,
-        }
-    }
-
-    fn from_u8(v: u8) -> TransferMode {
-        match v {
-            0 => TransferMode::Both,
-            1 => TransferMode::Inbound,
-            2 => TransferMode::Outbound,
-            _ => TransferMode::None,
-        }
-    }
-}
-
-/// The transfer mode, shared by the SMTP listener (which refuses sessions when inbound
-/// is off) and the delivery workers.
-#[derive(Clone, Default)]
-pub struct Transfer {
-    mode: Arc<AtomicU8>,
-    changed: Arc<tokio::sync::Notify>,
-}
-
-impl Transfer {
-    /// A switch starting in `mode`.
-    pub fn new(mode: TransferMode) -> Transfer {
-        let t = Transfer::default();
-        t.set(mode);
-        t
-    }
-
-    /// The mode now.
-    pub fn get(&self) -> TransferMode {
-        TransferMode::from_u8(self.mode.load(Ordering::Acquire))
-    }
-
-    /// Switches; delivery workers wake at once.
-    pub fn set(&self, mode: TransferMode) {
-        self.mode.store(mode.to_u8(), Ordering::Release);
-        self.changed.notify_waiters();
-    }
-}
+// The transfer mode lives with the queues (SMTP and the admin API use it without the
+// delivery workers); re-exported here for the workers' callers.
+pub use mailroom_queue::{Transfer, TransferMode};
 
 /// Delivery settings (`[outbound]` in the config).
 #[derive(Debug, Clone)]
@@ -454,7 +383,7 @@ async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
         if claimed.is_empty() {
             // Wait for a wake-up, a mode change, or the next due entry (at most a second,
             // so a moved test clock or another process's change is noticed).
-            let changed = shared.transfer.changed.clone();
+            let changed = shared.transfer.changes();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = shared.wake.notified() => {}

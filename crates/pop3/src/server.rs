@@ -496,13 +496,17 @@ impl Pop3Server {
             );
         };
         let store = self.store.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let status = store.folder_status(recipient, "INBOX")?;
-            let messages = store.mailbox_messages(recipient, "INBOX")?;
-            Ok::<_, mailroom_store::StoreError>((status, messages))
-        })
-        .await;
-        let (status, messages) = match loaded {
+        // UIDs and sizes from one snapshot of INBOX (no headers: a maildrop needs
+        // none, and parsing each message's stored facts made a login's cost grow with
+        // the mailbox). No INBOX yet: an empty maildrop.
+        let loaded =
+            tokio::task::spawn_blocking(move || match store.folder_snapshot(recipient, "INBOX") {
+                Ok((info, messages)) => Ok((info.uidvalidity, messages)),
+                Err(mailroom_store::StoreError::NotFound(_)) => Ok((0, Vec::new())),
+                Err(e) => Err(e),
+            })
+            .await;
+        let (uidvalidity, messages) = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(e)) => {
                 tracing::error!(%client, error = %e, "POP3 could not load a maildrop");
@@ -517,7 +521,7 @@ impl Pop3Server {
             guard,
             Maildrop {
                 recipient,
-                uidvalidity: status.map_or(0, |s| s.uidvalidity),
+                uidvalidity,
                 messages: messages
                     .into_iter()
                     .map(|m| DropMessage {

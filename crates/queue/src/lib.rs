@@ -16,6 +16,8 @@
 
 mod doorbell;
 mod spool;
+mod transfer;
 
 pub use doorbell::Doorbell;
 pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats};
+pub use transfer::{Transfer, TransferMode};

@@ -38,7 +38,8 @@ pub use outbound::{
     RecipientState, RecipientStatus, Ret,
 };
 pub use sqlite::{
-    BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest, Durability, SqliteStore,
+    BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest, Checkpointer, Durability,
+    SqliteStore,
 };
 
 use serde::{Deserialize, Serialize};

@@ -89,7 +89,35 @@ pub struct SqliteStore {
     /// When mail last committed (spool, delivery), Unix ms: what the directory's
     /// background lane paces itself by ([`MailStore::mail_active_at_ms`]).
     mail_active_at_ms: std::sync::atomic::AtomicI64,
+    /// Set once a [`Checkpointer`] runs: the mail database's connections no longer
+    /// checkpoint at commit (see [`SqliteStore::start_checkpointer`]).
+    background_checkpoints: std::sync::atomic::AtomicBool,
 }
+
+/// The thread that checkpoints the mail database's WAL off the write path; stops when
+/// dropped (or when the store is gone).
+pub struct Checkpointer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// A WAL longer than this (pages, 4 KiB each) after a passive checkpoint is
+/// checkpointed and truncated in the write turn: readers that never let a passive
+/// checkpoint finish must not let the WAL grow without bound.
+const WAL_PAGES_MAX: i64 = 16_384;
 
 /// When a write's commit reaches the disk. The spool always commits with `Full`
 /// (SMTP's "250" promises it).
@@ -252,6 +280,7 @@ impl SqliteStore {
                 Vec::new(),
             ),
             mail_active_at_ms: std::sync::atomic::AtomicI64::new(0),
+            background_checkpoints: std::sync::atomic::AtomicBool::new(false),
         };
         let mut directory = store.connect(&store.directory)?;
         crate::migrations::migrate_directory(&mut directory)?;
@@ -282,7 +311,65 @@ impl SqliteStore {
         // by every connection (bench/imap profile: copying pages was a quarter of a
         // header SEARCH). Address space only; the kernel keeps what is used.
         conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+        if db.name == "mail"
+            && self
+                .background_checkpoints
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        }
         Ok(conn)
+    }
+
+    /// Moves the mail database's WAL checkpoints off the write path: from now on no
+    /// commit checkpoints (SQLite's default makes the commit that crosses 1,000 WAL
+    /// pages copy them into the database file and fsync it, inside the write turn that
+    /// the spool and delivery wait for); a thread does it every 250 ms instead, with
+    /// passive checkpoints that run beside writers. Stops when the handle is dropped.
+    pub fn start_checkpointer(self: &Arc<Self>) -> std::io::Result<Checkpointer> {
+        self.background_checkpoints
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Pooled connections were opened with automatic checkpoints: drop them.
+        drop(std::mem::take(&mut *self.mail.idle.lock()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = Arc::downgrade(self);
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::park_timeout(CHECKPOINT_EVERY);
+                    let Some(store) = store.upgrade() else { break };
+                    if let Err(e) = store.checkpoint() {
+                        tracing::warn!(error = %e, "the WAL checkpoint failed; it is retried");
+                    }
+                }
+                // A last one, so that a clean stop leaves a short WAL.
+                if let Some(store) = store.upgrade() {
+                    let _ = store.checkpoint();
+                }
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// One passive checkpoint of the mail database; if the WAL stays long (readers
+    /// kept it from finishing), a truncating one in the write turn.
+    fn checkpoint(&self) -> Result<()> {
+        let (_, log, done): (i64, i64, i64) = self.with_conn(|conn| {
+            Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?)
+        })?;
+        if log - done > WAL_PAGES_MAX {
+            self.write("checkpoint", |conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     fn synchronous(&self) -> &'static str {
