@@ -77,6 +77,11 @@ pub struct ChurnReport {
     pub converted_per_s_baseline: f64,
     /// Messages converted per second with churn.
     pub converted_per_s_churn: f64,
+    /// Messages accepted per second in the control phase after the churn: the same
+    /// load and readers, no directory work, on the store as the churn left it.
+    pub accepted_per_s_after: f64,
+    /// Messages converted per second in the control phase.
+    pub converted_per_s_after: f64,
     /// Conversion latency (accepted -> in the mailbox), p50 and p99, ms, without churn.
     pub latency_ms_baseline: (f64, f64),
     /// The same with churn.
@@ -192,6 +197,29 @@ impl fmt::Display for ChurnReport {
             self.converted_per_s_churn,
             ratio(self.converted_per_s_churn, self.converted_per_s_baseline)
         )?;
+        if self.accepted_per_s_after > 0.0 {
+            // The store grows through the run; the churn phase sits between the two
+            // phases without directory work, so their mean is the fair comparison.
+            let before_after = |a: f64, b: f64| (a + b) / 2.0;
+            writeln!(
+                f,
+                "| accepted msg/s, control after the churn (no directory work) | {:.0} | | {:.2} against the mean of both phases without churn |",
+                self.accepted_per_s_after,
+                ratio(
+                    self.accepted_per_s_churn,
+                    before_after(self.accepted_per_s_baseline, self.accepted_per_s_after)
+                )
+            )?;
+            writeln!(
+                f,
+                "| converted msg/s, control after the churn | {:.0} | | {:.2} against the mean of both phases without churn |",
+                self.converted_per_s_after,
+                ratio(
+                    self.converted_per_s_churn,
+                    before_after(self.converted_per_s_baseline, self.converted_per_s_after)
+                )
+            )?;
+        }
         writeln!(
             f,
             "| conversion latency p50 / p99 ms | {:.0} / {:.0} | {:.0} / {:.0} | |",
@@ -1060,14 +1088,15 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     // the directory does, so the ratio compares the same load with and without
     // directory work.
     let admin_stop = Arc::new(AtomicBool::new(false));
+    let readers_stop = Arc::new(AtomicBool::new(false));
     let reading = {
-        let (c, stop, stable) = (client.clone(), admin_stop.clone(), options.stable);
+        let (c, stop, stable) = (client.clone(), readers_stop.clone(), options.stable);
         tokio::task::spawn_blocking(move || readers(c, stable, stop))
     };
     let pop3_reading: Vec<_> = match server.pop3 {
         Some(addr) => (0..POP3_READERS.min(options.stable))
             .map(|i| {
-                let stop = admin_stop.clone();
+                let stop = readers_stop.clone();
                 tokio::task::spawn_blocking(move || pop3_reader(addr, format!("stable{i}"), stop))
             })
             .collect(),
@@ -1078,7 +1107,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         Some(addr) => (POP3_READERS..2 * POP3_READERS)
             .filter(|i| *i < options.stable)
             .map(|i| {
-                let stop = admin_stop.clone();
+                let stop = readers_stop.clone();
                 tokio::task::spawn_blocking(move || imap_reader(addr, format!("stable{i}"), stop))
             })
             .collect(),
@@ -1188,11 +1217,38 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
         (last_progress - progress_churn_start) as f64 / churn_elapsed.as_secs_f64();
 
     stop.store(true, Ordering::Relaxed);
-    let sent = load.await?;
+    let mut sent = load.await?;
     // Let the import finish before the administrator loop stops, then stop it.
     let job = wait_job(&client, import).await?;
     admin_stop.store(true, Ordering::Relaxed);
     let admin = admin.await??;
+    let directory_elapsed = churn_started.elapsed();
+
+    // Phase 3, the control: the same load and readers again, with no directory work,
+    // on the store as the churn left it (bigger than at the baseline).
+    drain(&client, Duration::from_secs(60)).await?;
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counter = Arc::new(AtomicU64::new(0));
+        let (_, progress0, _) = inbound(&client).await?;
+        let load = tokio::spawn(smtp_load(
+            server.smtp,
+            options.sessions,
+            options.stable,
+            stop.clone(),
+            Arc::new(AtomicBool::new(true)),
+            counter.clone(),
+        ));
+        tokio::time::sleep(options.baseline).await;
+        let accepted = counter.load(Ordering::Relaxed);
+        let (_, progress1, _) = inbound(&client).await?;
+        stop.store(true, Ordering::Relaxed);
+        sent.extend(load.await?);
+        report.accepted_per_s_after = accepted as f64 / options.baseline.as_secs_f64();
+        report.converted_per_s_after =
+            (progress1 - progress0) as f64 / options.baseline.as_secs_f64();
+    }
+    readers_stop.store(true, Ordering::Relaxed);
     report.reads = reading.await??;
     for reader in pop3_reading {
         let (logins, refused) = reader.await??;
@@ -1208,7 +1264,7 @@ async fn run(options: ChurnOptions, dir: &Path) -> anyhow::Result<ChurnReport> {
     report.admin_changes = admin.changes;
     report.publish_ms = percentiles(admin.publish_ms.clone());
     report.changes_per_s =
-        (report.import_rows as f64 + admin.changes as f64) / churn_started.elapsed().as_secs_f64();
+        (report.import_rows as f64 + admin.changes as f64) / directory_elapsed.as_secs_f64();
     ensure!(job["failed"] == 0, "import rows failed: {}", job["errors"]);
     drain(&client, Duration::from_secs(60)).await?;
     report.accepted = sent.len();
