@@ -20,6 +20,10 @@ const JOBS_KEPT: usize = 100;
 /// Row errors kept per job; beyond that only the count grows.
 const ERRORS_KEPT: usize = 10_000;
 
+/// How long a regeneration job waits before it starts, so that a newer one started
+/// meanwhile supersedes it before it scans the directory.
+const REGENERATION_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Recipients per regeneration step (one writer request each).
 const REGENERATION_CHUNK: usize = 250;
 
@@ -356,6 +360,16 @@ pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
 }
 
 pub(crate) fn regenerate(directory: Directory, job: &Job, newest: &AtomicU64) {
+    // A burst of template changes (an administrator trying templates, a script, the
+    // churn test's loop) starts a job each, and only the newest has work to do: each
+    // would first scan every recipient. Settle a moment so that the older ones stop
+    // before scanning (the churn profile: a scan per change, 24 a second).
+    std::thread::sleep(REGENERATION_SETTLE);
+    let latest = newest.load(Ordering::Acquire);
+    if latest != job.id {
+        job.supersede(latest);
+        return;
+    }
     let snapshot = directory.snapshot();
     let mut ids: Vec<i64> = snapshot
         .recipients()
