@@ -16,8 +16,7 @@
 
 use crate::OutboundError;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::rr::{RData, RecordType};
 use std::net::SocketAddr;
@@ -155,24 +154,7 @@ impl Dane {
         };
         let mut options = ResolverOpts::default();
         options.validate = true;
-        let builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| failed(&e))?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|addr| {
-                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                    for connection in &mut server.connections {
-                        connection.port = addr.port();
-                    }
-                    server
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
+        let builder = crate::resolve::builder(nameservers)?;
         let dns = builder
             .with_options(options)
             .with_trust_anchor(Arc::new(anchors))

@@ -51,29 +51,7 @@ impl Resolver {
         port: u16,
     ) -> Result<Resolver, crate::OutboundError> {
         let failed = |e: &dyn std::fmt::Display| crate::OutboundError::Resolver(e.to_string());
-        let dns = if nameservers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| failed(&e))?
-                .build()
-                .map_err(|e| failed(&e))?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|addr| {
-                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                    for connection in &mut server.connections {
-                        connection.port = addr.port();
-                    }
-                    server
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-            .build()
-            .map_err(|e| failed(&e))?
-        };
+        let dns = builder(nameservers)?.build().map_err(|e| failed(&e))?;
         let hosts = hosts
             .into_iter()
             .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
@@ -214,4 +192,30 @@ impl Resolver {
         };
         Ok(vec![self.host(name, port).await?])
     }
+}
+
+/// A resolver builder for `nameservers` (UDP and TCP each, at their own ports), or for
+/// the system's `/etc/resolv.conf` when none are configured; delivery and DANE both
+/// start from it.
+pub(crate) fn builder(
+    nameservers: &[SocketAddr],
+) -> Result<hickory_resolver::ResolverBuilder<TokioRuntimeProvider>, crate::OutboundError> {
+    if nameservers.is_empty() {
+        return TokioResolver::builder_tokio()
+            .map_err(|e| crate::OutboundError::Resolver(e.to_string()));
+    }
+    let servers = nameservers
+        .iter()
+        .map(|addr| {
+            let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+            for connection in &mut server.connections {
+                connection.port = addr.port();
+            }
+            server
+        })
+        .collect();
+    Ok(TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(servers),
+        TokioRuntimeProvider::default(),
+    ))
 }
