@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 /// Where passwords (IMAP LOGIN and AUTHENTICATE PLAIN, POP3 USER/PASS and AUTH PLAIN,
 /// SMTP AUTH on submission) are accepted on a connection that is not encrypted; over
-/// TLS they always are. One policy for every protocol (`login.plaintext_auth`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// TLS they always are. One policy for every protocol (`login.plaintext_auth` in the
+/// config file, spelt `always`, `loopback` or `never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Plaintext {
     /// From every client.
     Always,

@@ -11,7 +11,7 @@ use mailroom_directory::login::{LoginLimiter, LoginLimits, Verifier};
 use mailroom_directory::routing::{AddressSpace, Connector, ConnectorKind};
 use mailroom_directory::{Change, Directory, RecipientFields, RecipientKind, SiteConfig};
 use mailroom_imap::{ImapConfig, ImapServer, ImapStats, Plaintext};
-use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
+use mailroom_pop3::{Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_store::{MailStore, SqliteStore, Topology};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -182,7 +182,7 @@ impl World {
                 sessions_max: 16,
                 sessions_per_client_max: 16,
                 idle_timeout: Duration::from_secs(60),
-                plaintext: PlaintextPolicy::Always,
+                plaintext: Plaintext::Always,
                 command_line_max: mailroom_pop3::server::LINE_MAX,
             },
             directory.clone(),

@@ -305,27 +305,9 @@ impl OutboundSection {
     }
 }
 
-/// Where plaintext passwords are accepted (`plaintext_auth`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PlaintextAuth {
-    /// From every client (only behind a TLS-terminating proxy or on a trusted network).
-    Always,
-    /// Only from loopback clients.
-    Loopback,
-    /// Never.
-    Never,
-}
-
-impl From<PlaintextAuth> for mailroom_directory::login::Plaintext {
-    fn from(setting: PlaintextAuth) -> Self {
-        match setting {
-            PlaintextAuth::Always => mailroom_directory::login::Plaintext::Always,
-            PlaintextAuth::Loopback => mailroom_directory::login::Plaintext::Loopback,
-            PlaintextAuth::Never => mailroom_directory::login::Plaintext::Never,
-        }
-    }
-}
+/// Where plaintext passwords are accepted (`login.plaintext_auth`): the directory's one
+/// policy type, used as it is by SMTP, IMAP and POP3.
+pub use mailroom_directory::login::Plaintext as PlaintextAuth;
 
 /// `[pop3]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,11 +1,20 @@
-//! Start-up and shutdown orchestration of `mailroom serve`.
+//! Start-up and shutdown orchestration of `mailroom serve`, in the three layers the
+//! design names.
 //!
-//! Start-up order follows the mail's path backwards, so that nothing accepts work before
-//! the part that takes it over is running: store, directory, spool writer, conversion
-//! workers, then the listeners. Shutdown runs it forwards, within one deadline: stop the
-//! listeners (open sessions get 421), let sessions that wait on the spool get their
-//! answer, let the spool writer drain, let each conversion worker finish its message.
-//! Whatever is not done by the deadline stays queued and resumes at the next start.
+//! - **Foundation**: the data folder's lock, the store (checkpointer, free-space guard),
+//!   the directory and its writer, the watch registry.
+//! - **Pipeline**: the spool writer, the inbound conversion workers, outbound delivery.
+//! - **Listeners**: SMTP and submission, IMAP, POP3, TLS (and ACME), the admin API, the
+//!   watchdog.
+//!
+//! Start-up goes up the layers, so that nothing accepts work before the part that takes
+//! it over is running. Shutdown comes down them within one deadline: the listeners stop
+//! accepting (open sessions get 421) and sessions waiting on the spool get their answer;
+//! then the pipeline stops (delivery finishes or leaves its connection, the spool writer
+//! drains, each conversion worker finishes its message); then the foundation. Each layer
+//! has its own cancellation token, a child of the one below, so that a layer is never
+//! told to stop before the layers above it. Whatever is not done by the deadline stays
+//! queued and resumes at the next start.
 
 use crate::config::Config;
 use anyhow::{Context, bail};
@@ -18,7 +27,7 @@ use mailroom_directory::{
     Change, Directory, RecipientFields, RecipientKind, SiteConfig, generate_password, hash_password,
 };
 use mailroom_imap::{ImapConfig, ImapServer, ImapStats};
-use mailroom_pop3::{PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
+use mailroom_pop3::{Pop3Config, Pop3Server, Pop3Stats};
 use mailroom_queue::{Doorbell, Spool, SpoolConfig, SpoolStats};
 use mailroom_smtp::{ListenerConfig, SmtpLimits, SmtpServer, SmtpStats};
 use mailroom_store::{MailStore, SqliteStore, Topology};
@@ -79,22 +88,10 @@ pub struct RunningServer {
     pub directory: Directory,
     /// Probes, activities and the watchdog's verdict.
     pub watch: Arc<WatchRegistry>,
-    cancel: CancellationToken,
-    sessions: TaskTracker,
-    /// Fires when the admin API's thread has finished.
-    admin_task: tokio::sync::oneshot::Receiver<()>,
-    spool: Option<Spool>,
-    spool_thread: std::thread::JoinHandle<()>,
-    workers: Workers,
-    /// Outbound delivery workers.
-    outbound: Option<mailroom_outbound::Outbound>,
-    /// Rung at shutdown so idle workers notice the cancellation at once.
-    doorbell: Doorbell,
     shutdown_deadline: Duration,
-    /// Checkpoints the mail database's WAL off the write path; stops when dropped,
-    /// after everything that writes.
-    _checkpointer: mailroom_store::Checkpointer,
-    _lock: File,
+    /// Foundation, pipeline, listeners; taken by the shutdown, which stops them in
+    /// reverse.
+    layers: Option<(Foundation, Pipeline, Listeners)>,
 }
 
 /// What a shutdown achieved, for the log and for tests.
@@ -248,486 +245,681 @@ fn initial_site(domain: &str) -> SiteConfig {
     site
 }
 
-/// Starts every part of the server; see the module documentation for the order.
-pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<RunningServer> {
-    config.check()?;
-    let mut config = config;
-    config.server.hostname = config.server.effective_hostname();
-    let data_dir = config.server.data_dir.clone();
-    let lock = lock_data_dir(&data_dir)?;
-    let durability = match config.storage.durability {
-        crate::config::Durability::Full => mailroom_store::Durability::Full,
-        crate::config::Durability::Normal => mailroom_store::Durability::Normal,
-    };
-    let sqlite = Arc::new(
-        SqliteStore::open_with(&data_dir.join(DATABASE_FILE), durability)
-            .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
-    );
-    let disk = mailroom_store::Disk::new(&data_dir, config.storage.free_space_reserve_bytes);
-    sqlite.attach_disk(disk.clone());
-    let checkpointer = sqlite
-        .start_checkpointer()
-        .context("cannot start the checkpointer thread")?;
-    let store: Arc<dyn MailStore> = sqlite.clone();
-    // Uploads belong to import jobs, which do not survive a restart.
-    let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
-    let released = store.release_claims()?;
-    if released > 0 {
-        tracing::info!(released, "released claims left by the previous run");
-    }
+/// The bottom layer: what every other part stands on. The data folder's lock, the
+/// store (with its checkpointer and free-space guard), the directory, and the watch
+/// registry with the metrics registry it reports into. Started first, stopped last.
+struct Foundation {
+    data_dir: PathBuf,
+    store: Arc<dyn MailStore>,
+    disk: Arc<mailroom_store::Disk>,
+    directory: Directory,
+    postmaster_password: Option<String>,
+    watch: Arc<WatchRegistry>,
+    jobs: Arc<Jobs>,
+    /// Parent of the other layers' tokens; cancelled last (the free-space monitor).
+    cancel: CancellationToken,
+    /// Checkpoints the mail database's WAL off the write path; stops when dropped,
+    /// after everything that writes.
+    checkpointer: mailroom_store::Checkpointer,
+    lock: File,
+}
 
-    let mut domains = vec![config.server.domain.clone()];
-    domains.extend(config.directory.accepted_domains.iter().cloned());
-    let topology = Topology {
-        organization: config.server.organization.clone(),
-        site: config.server.site.clone(),
-        server: if config.server.server_name.is_empty() {
-            config.server.hostname.clone()
-        } else {
-            config.server.server_name.clone()
-        },
-    };
-    let (directory, _writer_thread) = Directory::start(
-        store.clone(),
-        &domains,
-        &topology,
-        initial_site(&config.server.domain),
-    )?;
-    let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
-
-    let watch = Arc::new(WatchRegistry::default());
-    if config.watchdog.deadlock_check_ms > 0 {
-        watch.set_deadlock_report(mailroom_watch::start_deadlock_detector(
-            Duration::from_millis(config.watchdog.deadlock_check_ms),
-        ));
-    }
-    watch.add_probe(directory.probe());
-    watch.add_activity(directory.activity());
-    disk.attach(watch.condition("disk"), watch.condition("storage"));
-
-    let mut registry = Registry::default();
-    let spool_stats = SpoolStats::default();
-    let conversion_stats = ConversionStats::default();
-    let smtp_stats = SmtpStats {
-        tasks: watch.tasks().clone(),
-        ..SmtpStats::default()
-    };
-    let pop3_stats = Pop3Stats {
-        tasks: watch.tasks().clone(),
-        ..Pop3Stats::default()
-    };
-    let imap_stats = ImapStats {
-        tasks: watch.tasks().clone(),
-        ..ImapStats::default()
-    };
-    let queue_gauges = QueueGauges::default();
-    sqlite.register_metrics(&mut registry);
-    disk.register(&mut registry);
-    spool_stats.register(&mut registry);
-    conversion_stats.register(&mut registry);
-    smtp_stats.register(&mut registry);
-    pop3_stats.register(&mut registry);
-    imap_stats.register(&mut registry);
-    queue_gauges.register(&mut registry);
-
-    let doorbell = Doorbell::default();
-    let shutdown_bell = doorbell.clone();
-    let spool_config = SpoolConfig {
-        group_commit: config.spool.group_commit,
-        batch_messages_max: config.spool.batch_messages_max,
-        batch_bytes_max: config.spool.batch_bytes_max,
-        disk: Some(disk.clone()),
-        ..SpoolConfig::default()
-    };
-    let (spool, spool_thread) =
-        Spool::start(store.clone(), spool_config, doorbell.clone(), spool_stats)?;
-    watch.add_probe(spool.probe());
-    watch.add_activity(spool.activity());
-    let conversion_probe = {
-        let store = store.clone();
-        Probe::sampled("inbound conversion", true, move || {
-            let (depth, oldest_ms) = store.inbound_due(now_ms()).ok()?;
-            Some(Sample { depth, oldest_ms })
-        })
-    };
-    watch.add_probe(conversion_probe.clone());
-    // Outbound delivery: entries due and not held, while the transfer mode delivers. Its
-    // patience (set by the delivery workers) covers the longest wait for a next hop's
-    // reply, so a slow remote server is not a stall but a wedge of ours is.
-    let transfer = mailroom_queue::Transfer::new(config.outbound.transfer_mode);
-    let clock = mailroom_outbound::schedule::Clock::default();
-    let outbound_probe = {
-        let (store, transfer, clock) = (store.clone(), transfer.clone(), clock.clone());
-        Probe::sampled("outbound", true, move || {
-            if !transfer.get().outbound() {
-                return Some(Sample::default());
-            }
-            let (depth, oldest_ms) = store.outbound_due(clock.now_ms()).ok()?;
-            Some(Sample { depth, oldest_ms })
-        })
-    };
-    watch.add_probe(outbound_probe.clone());
-
-    let cancel = CancellationToken::new();
-    let workers = if config.conversion.workers == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        config.conversion.workers
-    };
-    let dsn_bell = doorbell.clone();
-    let workers = Workers::start(
-        store.clone(),
-        directory.clone(),
-        doorbell,
-        ConversionConfig {
-            workers,
-            time_budget: Duration::from_millis(config.conversion.time_budget_ms),
-            attempts_max: config.conversion.attempts_max,
-            retry_delay: Duration::from_millis(config.conversion.retry_delay_ms),
-            batch_max: config.conversion.batch_max,
-            ..ConversionConfig::default()
-        },
-        options.conversion_hook,
-        cancel.clone(),
-        conversion_stats,
-        conversion_probe,
-    )?;
-    for activity in workers.activities() {
-        watch.add_activity(activity.clone());
-    }
-    let jobs = Arc::new(Jobs::new(Some(watch.clone())));
-    watch.add_probe(jobs.probe());
-    watch.register(&mut registry);
-    {
-        let cancel = cancel.clone();
-        Watchdog::start(
-            watch.clone(),
-            Duration::from_millis(config.watchdog.stall_after_ms),
-            Duration::from_millis(config.watchdog.check_interval_ms),
-            move || cancel.is_cancelled(),
-        )?;
-    }
-    {
-        let cancel = cancel.clone();
-        disk.start_monitor(Duration::from_secs(1), move || cancel.is_cancelled())?;
-    }
-
-    let smtp_listener = TcpListener::bind(config.smtp.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for SMTP on {} (smtp.listen / --smtp)",
-                config.smtp.listen
-            )
-        })?;
-    let imap_listener = TcpListener::bind(config.imap.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for IMAP on {} (imap.listen / --imap)",
-                config.imap.listen
-            )
-        })?;
-    let pop3_listener = TcpListener::bind(config.pop3.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for POP3 on {} (pop3.listen / --pop3)",
-                config.pop3.listen
-            )
-        })?;
-    let imaps_listener = bind_tls_listener(
-        config.imap.tls_listen,
-        crate::config::DEFAULT_IMAPS,
-        "IMAPS",
-        "imap.tls_listen / --imaps",
-    )
-    .await?;
-    let submission_listener = bind_tls_listener(
-        config.smtp.submission_listen,
-        crate::config::DEFAULT_SUBMISSION,
-        "submission",
-        "smtp.submission_listen / --submission",
-    )
-    .await?;
-    let submissions_listener = bind_tls_listener(
-        config.smtp.submissions_listen,
-        crate::config::DEFAULT_SUBMISSIONS,
-        "SMTPS",
-        "smtp.submissions_listen / --smtps",
-    )
-    .await?;
-    let pop3s_listener = bind_tls_listener(
-        config.pop3.tls_listen,
-        crate::config::DEFAULT_POP3S,
-        "POP3S",
-        "pop3.tls_listen / --pop3s",
-    )
-    .await?;
-    let tls_files: Vec<mailroom_tls::CertificateFiles> = config
-        .tls
-        .certificates
-        .iter()
-        .map(|pair| mailroom_tls::CertificateFiles {
-            cert: pair.cert.clone(),
-            key: pair.key.clone(),
-        })
-        .collect();
-    let tls = if config.tls.acme.enabled() {
-        let acme = &config.tls.acme;
-        let tls = mailroom_tls::Tls::start_acme(&data_dir, &config.server.hostname)
-            .context("cannot set up TLS for ACME (check <data_dir>/tls/acme)")?;
-        let http = TcpListener::bind(acme.http_listen).await.with_context(|| {
-            format!(
-                "cannot listen for ACME HTTP-01 challenges on {} (tls.acme.http_listen)",
-                acme.http_listen
-            )
-        })?;
-        let challenges = mailroom_tls::acme::Challenges::default();
-        mailroom_tls::acme::serve_http01(http, challenges.clone(), cancel.clone());
-        let names = if acme.names.is_empty() {
-            vec![config.server.hostname.clone()]
-        } else {
-            acme.names.clone()
+impl Foundation {
+    async fn start(config: &Config, registry: &mut Registry) -> anyhow::Result<Foundation> {
+        let data_dir = config.server.data_dir.clone();
+        let lock = lock_data_dir(&data_dir)?;
+        let durability = match config.storage.durability {
+            crate::config::Durability::Full => mailroom_store::Durability::Full,
+            crate::config::Durability::Normal => mailroom_store::Durability::Normal,
         };
-        mailroom_tls::acme::spawn_acme(
-            tls.clone(),
-            mailroom_tls::acme::AcmeSettings {
-                directory: acme.directory_url(),
-                contact: acme.contact.clone(),
-                names,
-                ca_file: acme.ca_file.clone(),
-                data_dir: data_dir.clone(),
-            },
-            challenges,
-            cancel.clone(),
+        let sqlite = Arc::new(
+            SqliteStore::open_with(&data_dir.join(DATABASE_FILE), durability)
+                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
         );
-        tls
-    } else {
-        mailroom_tls::Tls::start(&tls_files, &data_dir, &config.server.hostname)
-            .context("cannot set up TLS (check [tls] certificates)")?
-    };
-    mailroom_tls::spawn_reloader(tls.clone(), cancel.clone());
-    let admin_listener = TcpListener::bind(config.admin.listen)
+        let disk = mailroom_store::Disk::new(&data_dir, config.storage.free_space_reserve_bytes);
+        sqlite.attach_disk(disk.clone());
+        let checkpointer = sqlite
+            .start_checkpointer()
+            .context("cannot start the checkpointer thread")?;
+        let store: Arc<dyn MailStore> = sqlite.clone();
+        // Uploads belong to import jobs, which do not survive a restart.
+        let _ = std::fs::remove_dir_all(data_dir.join("uploads"));
+        let released = store.release_claims()?;
+        if released > 0 {
+            tracing::info!(released, "released claims left by the previous run");
+        }
+
+        let mut domains = vec![config.server.domain.clone()];
+        domains.extend(config.directory.accepted_domains.iter().cloned());
+        let topology = Topology {
+            organization: config.server.organization.clone(),
+            site: config.server.site.clone(),
+            server: if config.server.server_name.is_empty() {
+                config.server.hostname.clone()
+            } else {
+                config.server.server_name.clone()
+            },
+        };
+        // The writer thread stops by itself when the last directory handle is dropped.
+        let (directory, _writer_thread) = Directory::start(
+            store.clone(),
+            &domains,
+            &topology,
+            initial_site(&config.server.domain),
+        )?;
+        let postmaster_password = ensure_postmaster(&directory, &config.server.domain).await?;
+
+        let watch = Arc::new(WatchRegistry::default());
+        if config.watchdog.deadlock_check_ms > 0 {
+            watch.set_deadlock_report(mailroom_watch::start_deadlock_detector(
+                Duration::from_millis(config.watchdog.deadlock_check_ms),
+            ));
+        }
+        watch.add_probe(directory.probe());
+        watch.add_activity(directory.activity());
+        disk.attach(watch.condition("disk"), watch.condition("storage"));
+        let jobs = Arc::new(Jobs::new(Some(watch.clone())));
+        watch.add_probe(jobs.probe());
+        sqlite.register_metrics(registry);
+        disk.register(registry);
+
+        let cancel = CancellationToken::new();
+        {
+            let cancel = cancel.clone();
+            disk.start_monitor(Duration::from_secs(1), move || cancel.is_cancelled())?;
+        }
+        Ok(Foundation {
+            data_dir,
+            store,
+            disk,
+            directory,
+            postmaster_password,
+            watch,
+            jobs,
+            cancel,
+            checkpointer,
+            lock,
+        })
+    }
+
+    /// Stops the free-space monitor, then the checkpointer (a last passive checkpoint),
+    /// then releases the data folder's lock, in that order.
+    fn stop(self) {
+        self.cancel.cancel();
+        drop(self.checkpointer);
+        drop(self.lock);
+    }
+}
+
+/// The middle layer: the mail's path between the listeners and the mailboxes. The
+/// spool writer, the inbound conversion workers and outbound delivery, with the
+/// doorbell that wakes them. Started before any listener accepts work for it, stopped
+/// after the last session has had its answer.
+struct Pipeline {
+    spool: Option<Spool>,
+    spool_thread: std::thread::JoinHandle<()>,
+    workers: Workers,
+    outbound: Option<mailroom_outbound::Outbound>,
+    transfer: mailroom_queue::Transfer,
+    /// DKIM keys: sign outbound mail of their From domain, and (the primary domain's)
+    /// seal forwarded mail with ARC (the SMTP listener's inbound checks use them too).
+    dkim_keys: Arc<mailroom_dkim::Signer>,
+    /// Rung at shutdown so idle workers notice the cancellation at once.
+    doorbell: Doorbell,
+    cancel: CancellationToken,
+}
+
+impl Pipeline {
+    fn start(
+        config: &Config,
+        foundation: &Foundation,
+        options: ServerOptions,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Pipeline> {
+        let (store, watch) = (&foundation.store, &foundation.watch);
+        let cancel = foundation.cancel.child_token();
+        let spool_stats = SpoolStats::default();
+        let conversion_stats = ConversionStats::default();
+        spool_stats.register(registry);
+        conversion_stats.register(registry);
+
+        let doorbell = Doorbell::default();
+        let spool_config = SpoolConfig {
+            group_commit: config.spool.group_commit,
+            batch_messages_max: config.spool.batch_messages_max,
+            batch_bytes_max: config.spool.batch_bytes_max,
+            disk: Some(foundation.disk.clone()),
+            ..SpoolConfig::default()
+        };
+        let (spool, spool_thread) =
+            Spool::start(store.clone(), spool_config, doorbell.clone(), spool_stats)?;
+        watch.add_probe(spool.probe());
+        watch.add_activity(spool.activity());
+        let conversion_probe = {
+            let store = store.clone();
+            Probe::sampled("inbound conversion", true, move || {
+                let (depth, oldest_ms) = store.inbound_due(now_ms()).ok()?;
+                Some(Sample { depth, oldest_ms })
+            })
+        };
+        watch.add_probe(conversion_probe.clone());
+        // Outbound delivery: entries due and not held, while the transfer mode delivers.
+        // Its patience (set by the delivery workers) covers the longest wait for a next
+        // hop's reply, so a slow remote server is not a stall but a wedge of ours is.
+        let transfer = mailroom_queue::Transfer::new(config.outbound.transfer_mode);
+        let clock = mailroom_outbound::schedule::Clock::default();
+        let outbound_probe = {
+            let (store, transfer, clock) = (store.clone(), transfer.clone(), clock.clone());
+            Probe::sampled("outbound", true, move || {
+                if !transfer.get().outbound() {
+                    return Some(Sample::default());
+                }
+                let (depth, oldest_ms) = store.outbound_due(clock.now_ms()).ok()?;
+                Some(Sample { depth, oldest_ms })
+            })
+        };
+        watch.add_probe(outbound_probe.clone());
+
+        let workers = if config.conversion.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            config.conversion.workers
+        };
+        let workers = Workers::start(
+            store.clone(),
+            foundation.directory.clone(),
+            doorbell.clone(),
+            ConversionConfig {
+                workers,
+                time_budget: Duration::from_millis(config.conversion.time_budget_ms),
+                attempts_max: config.conversion.attempts_max,
+                retry_delay: Duration::from_millis(config.conversion.retry_delay_ms),
+                batch_max: config.conversion.batch_max,
+                ..ConversionConfig::default()
+            },
+            options.conversion_hook,
+            cancel.clone(),
+            conversion_stats,
+            conversion_probe,
+        )?;
+        for activity in workers.activities() {
+            watch.add_activity(activity.clone());
+        }
+
+        let dkim_keys = Arc::new(mailroom_dkim::Signer::new(&foundation.data_dir));
+        let outbound = mailroom_outbound::Outbound::start(
+            mailroom_outbound::Parts {
+                store: store.clone(),
+                directory: foundation.directory.clone(),
+                inbound_bell: doorbell.clone(),
+                transfer: transfer.clone(),
+                clock,
+                probe: outbound_probe,
+            },
+            mailroom_outbound::OutboundConfig {
+                dkim: Some(dkim_keys.clone()),
+                tls: if config.outbound.starttls {
+                    Some(Arc::new(outbound_roots(&config.outbound.tls_ca_files)?))
+                } else {
+                    None
+                },
+                ..config.outbound.delivery(&config.server.hostname)
+            },
+            registry,
+        )
+        .context("cannot start outbound delivery (check [outbound] nameservers)")?;
+        Ok(Pipeline {
+            spool: Some(spool),
+            spool_thread,
+            workers,
+            outbound: Some(outbound),
+            transfer,
+            dkim_keys,
+            doorbell,
+            cancel,
+        })
+    }
+
+    /// Stops outbound delivery (a connection in flight finishes or stays queued), lets
+    /// the spool writer commit what is pending, and lets each conversion worker finish
+    /// its message. Returns false when something was still running at `deadline`.
+    async fn stop(mut self, deadline: Instant) -> bool {
+        self.cancel.cancel();
+        self.doorbell.ring(usize::MAX);
+        if let Some(outbound) = self.outbound.take() {
+            outbound
+                .stop(deadline.saturating_duration_since(Instant::now()))
+                .await;
+        }
+        // The last spool handle goes; the writer commits what is pending and stops.
+        drop(self.spool.take());
+        let spool_thread = self.spool_thread;
+        let workers = self.workers;
+        tokio::time::timeout_at(
+            deadline.into(),
+            tokio::task::spawn_blocking(move || {
+                let _ = spool_thread.join();
+                workers.join();
+            }),
+        )
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen for the admin API on {} (admin.listen / --admin)",
-                config.admin.listen
+        .is_ok()
+    }
+}
+
+/// Where each listener ended up (the real port when the config said 0; none for an
+/// implicit-TLS or submission listener whose default port was taken).
+struct Addresses {
+    smtp: SocketAddr,
+    pop3: SocketAddr,
+    imap: SocketAddr,
+    imaps: Option<SocketAddr>,
+    pop3s: Option<SocketAddr>,
+    submission: Option<SocketAddr>,
+    submissions: Option<SocketAddr>,
+    admin: SocketAddr,
+}
+
+/// The top layer: everything that takes work from outside. SMTP (with submission),
+/// IMAP, POP3, TLS with its reloader and ACME, the admin API on its own thread, and
+/// the watchdog that watches them all. Started last; stopped first, so that nothing
+/// new arrives while the layers below drain.
+struct Listeners {
+    addresses: Addresses,
+    tls: Arc<mailroom_tls::Tls>,
+    admin_token: String,
+    sessions: TaskTracker,
+    /// Fires when the admin API's thread has finished.
+    admin_task: tokio::sync::oneshot::Receiver<()>,
+    cancel: CancellationToken,
+}
+
+impl Listeners {
+    async fn start(
+        config: &Config,
+        foundation: &Foundation,
+        pipeline: &Pipeline,
+        mut registry: Registry,
+    ) -> anyhow::Result<Listeners> {
+        let (store, directory, watch) =
+            (&foundation.store, &foundation.directory, &foundation.watch);
+        let data_dir = &foundation.data_dir;
+        let cancel = pipeline.cancel.child_token();
+        let smtp_stats = SmtpStats {
+            tasks: watch.tasks().clone(),
+            ..SmtpStats::default()
+        };
+        let pop3_stats = Pop3Stats {
+            tasks: watch.tasks().clone(),
+            ..Pop3Stats::default()
+        };
+        let imap_stats = ImapStats {
+            tasks: watch.tasks().clone(),
+            ..ImapStats::default()
+        };
+        let queue_gauges = QueueGauges::default();
+        smtp_stats.register(&mut registry);
+        pop3_stats.register(&mut registry);
+        imap_stats.register(&mut registry);
+        queue_gauges.register(&mut registry);
+        watch.register(&mut registry);
+        {
+            // The watchdog stops watching when the server starts to stop: the
+            // listeners' heartbeats end then, which is no stall.
+            let cancel = cancel.clone();
+            Watchdog::start(
+                watch.clone(),
+                Duration::from_millis(config.watchdog.stall_after_ms),
+                Duration::from_millis(config.watchdog.check_interval_ms),
+                move || cancel.is_cancelled(),
+            )?;
+        }
+
+        let bound = Bound::bind(config).await?;
+        let tls = start_tls(config, data_dir, &cancel).await?;
+        mailroom_tls::spawn_reloader(tls.clone(), cancel.clone());
+        let addresses = bound.addresses()?;
+        let admin_token = admin_token(data_dir)?;
+        write_private(
+            &data_dir.join(ADMIN_URL_FILE),
+            &format!("http://{}", addresses.admin),
+        )?;
+
+        let limiter = Arc::new(LoginLimiter::new(LoginLimits {
+            per_client: config.login.failures_per_client,
+            per_account: config.login.failures_per_account,
+            window: Duration::from_secs(config.login.failure_window_secs),
+        }));
+        // Password checks run on a few threads of their own (bounded memory and CPU).
+        let verifier = Arc::new(Verifier::start(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )?);
+        let smtp = SmtpServer::new(
+            SmtpLimits {
+                hostname: config.server.hostname.clone(),
+                primary_domain: config.server.domain.clone(),
+                message_size_max: config.smtp.message_size_max_bytes,
+                header_size_max: config.smtp.header_size_max_bytes,
+                recipients_max: config.smtp.recipients_per_message_max,
+                line_length_max: config.smtp.command_line_length_max_bytes,
+                errors_max: config.smtp.errors_per_session_max,
+            },
+            ListenerConfig {
+                sessions_max: config.smtp.sessions_max,
+                sessions_per_client_max: config.smtp.sessions_per_client_max,
+                idle_timeout: Duration::from_secs(config.smtp.idle_timeout_secs),
+                session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
+                relay_networks: config.smtp.relay_networks.clone(),
+                test_spin_command: config.smtp.test_spin_command,
+                data_in_memory_max: config.smtp.data_in_memory_max_bytes,
+            },
+            directory.clone(),
+            pipeline
+                .spool
+                .clone()
+                .context("the spool is running while listeners start")?,
+            smtp_stats,
+        )
+        .with_quotas(store.clone())
+        .with_disk(foundation.disk.clone())
+        .with_admission({
+            let transfer = pipeline.transfer.clone();
+            Arc::new(move || transfer.get().inbound())
+        })
+        .with_tls(tls.clone())
+        .with_submission_limits(mailroom_smtp::SubmissionLimits {
+            per_user_per_hour: config.smtp.submission_per_user_per_hour,
+            per_client_per_hour: config.smtp.submission_per_client_per_hour,
+        })
+        .with_logins(mailroom_smtp::Logins {
+            limiter: limiter.clone(),
+            verifier: verifier.clone(),
+            plaintext: config.login.plaintext_auth,
+        });
+        let smtp = if config.inbound_checks.enabled {
+            let checker = mailroom_smtp::checks::Checker::new(
+                &config.outbound.nameservers,
+                config.inbound_checks.policy(),
+                &config.server.hostname,
             )
-        })?;
-    // DKIM keys: sign outbound mail of their From domain, and (the primary domain's)
-    // seal forwarded mail with ARC.
-    let dkim_keys = Arc::new(mailroom_dkim::Signer::new(&data_dir));
-    let outbound = mailroom_outbound::Outbound::start(
-        mailroom_outbound::Parts {
+            .map_err(|e| anyhow::anyhow!("inbound_checks: {e}"))?
+            .with_sealer(pipeline.dkim_keys.clone(), &config.server.domain);
+            smtp.with_checks(Arc::new(checker))
+        } else {
+            smtp
+        };
+        let sessions = TaskTracker::new();
+        tokio::spawn(
+            smtp.clone()
+                .serve(bound.smtp, cancel.clone(), sessions.clone()),
+        );
+        if let Some(listener) = bound.submission {
+            tokio::spawn(smtp.clone().serve_mode(
+                listener,
+                cancel.clone(),
+                sessions.clone(),
+                mailroom_smtp::Mode::Submission,
+            ));
+        }
+        if let Some(listener) = bound.submissions {
+            tokio::spawn(smtp.serve_mode(
+                listener,
+                cancel.clone(),
+                sessions.clone(),
+                mailroom_smtp::Mode::Submissions,
+            ));
+        }
+
+        let plaintext = config.login.plaintext_auth;
+        let pop3 = Pop3Server::new(
+            Pop3Config {
+                hostname: config.server.hostname.clone(),
+                sessions_max: config.pop3.sessions_max,
+                sessions_per_client_max: config.pop3.sessions_per_client_max,
+                idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
+                plaintext,
+                command_line_max: config.pop3.command_line_max_bytes,
+            },
+            directory.clone(),
+            store.clone(),
+            limiter.clone(),
+            verifier.clone(),
+            pop3_stats,
+        )
+        .with_tls(tls.clone());
+        tokio::spawn(
+            pop3.clone()
+                .serve(bound.pop3, cancel.clone(), sessions.clone()),
+        );
+        if let Some(listener) = bound.pop3s {
+            tokio::spawn(pop3.serve_tls(listener, cancel.clone(), sessions.clone()));
+        }
+        let imap = ImapServer::new(
+            ImapConfig {
+                hostname: config.server.hostname.clone(),
+                sessions_max: config.imap.sessions_max,
+                sessions_per_client_max: config.imap.sessions_per_client_max,
+                command_before_login_max: config.imap.command_before_login_max_bytes,
+                idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
+                plaintext,
+                append_limit: config.imap.append_limit_bytes,
+                literals_in_memory_max: config.imap.literals_in_memory_max_bytes,
+                command_line_max: config.imap.command_line_max_bytes,
+                folder_name_max: config.imap.folder_name_max_bytes,
+                parse_limits: mailroom_imap::parse::ParseLimits {
+                    search_depth_max: config.imap.search_depth_max,
+                    list_pattern_max_bytes: config.imap.list_pattern_max_bytes,
+                    list_patterns_max: config.imap.list_patterns_max,
+                },
+            },
+            directory.clone(),
+            store.clone(),
+            limiter.clone(),
+            verifier.clone(),
+            imap_stats,
+        )
+        .with_tls(tls.clone());
+        tokio::spawn(
+            imap.clone()
+                .serve(bound.imap, cancel.clone(), sessions.clone()),
+        );
+        if let Some(listener) = bound.imaps {
+            tokio::spawn(imap.serve_tls(listener, cancel.clone(), sessions.clone()));
+        }
+
+        let admin_state = Arc::new(AdminState {
             store: store.clone(),
             directory: directory.clone(),
-            inbound_bell: dsn_bell,
-            transfer: transfer.clone(),
-            clock,
-            probe: outbound_probe,
-        },
-        mailroom_outbound::OutboundConfig {
-            dkim: Some(dkim_keys.clone()),
-            tls: if config.outbound.starttls {
-                Some(Arc::new(outbound_roots(&config.outbound.tls_ca_files)?))
-            } else {
-                None
-            },
-            ..config.outbound.delivery(&config.server.hostname)
-        },
-        &mut registry,
-    )
-    .context("cannot start outbound delivery (check [outbound] nameservers)")?;
-    let smtp_addr = smtp_listener.local_addr()?;
-    let pop3_addr = pop3_listener.local_addr()?;
-    let imap_addr = imap_listener.local_addr()?;
-    let imaps_addr = match &imaps_listener {
-        Some(listener) => Some(listener.local_addr()?),
-        None => None,
-    };
-    let pop3s_addr = match &pop3s_listener {
-        Some(listener) => Some(listener.local_addr()?),
-        None => None,
-    };
-    let submission_addr = match &submission_listener {
-        Some(listener) => Some(listener.local_addr()?),
-        None => None,
-    };
-    let submissions_addr = match &submissions_listener {
-        Some(listener) => Some(listener.local_addr()?),
-        None => None,
-    };
-    let admin_addr = admin_listener.local_addr()?;
+            registry,
+            queue_gauges,
+            token: admin_token.clone(),
+            jobs: foundation.jobs.clone(),
+            watch: watch.clone(),
+            upload_dir: data_dir.join("uploads"),
+            import_size_max: config.admin.import_size_max_bytes,
+            outbound: pipeline
+                .outbound
+                .as_ref()
+                .context("outbound delivery is running while listeners start")?
+                .handle(),
+            transfer: pipeline.transfer.clone(),
+            test_clock: config.outbound.test_clock,
+        });
+        let heartbeat_every =
+            Duration::from_millis(config.watchdog.check_interval_ms.clamp(10, 250));
+        let admin_task = spawn_admin(
+            bound.admin.into_std()?,
+            admin_state,
+            watch.tasks().heartbeat("admin"),
+            heartbeat_every,
+            cancel.clone(),
+        )?;
+        mailroom_listen::spawn_heartbeat(
+            watch.tasks().heartbeat("protocols"),
+            heartbeat_every,
+            cancel.clone(),
+        );
+        Ok(Listeners {
+            addresses,
+            tls,
+            admin_token,
+            sessions,
+            admin_task,
+            cancel,
+        })
+    }
 
-    let admin_token = admin_token(&data_dir)?;
-    write_private(
-        &data_dir.join(ADMIN_URL_FILE),
-        &format!("http://{admin_addr}"),
-    )?;
+    /// Stops accepting (open sessions get 421), and waits until `deadline` for the
+    /// sessions still waiting on the spool to get their answer and for the admin API's
+    /// thread. Returns false when something was still running at `deadline`.
+    async fn stop(mut self, deadline: Instant) -> bool {
+        self.cancel.cancel();
+        self.sessions.close();
+        let sessions_done = tokio::time::timeout_at(deadline.into(), self.sessions.wait())
+            .await
+            .is_ok();
+        let admin_done = tokio::time::timeout_at(deadline.into(), &mut self.admin_task)
+            .await
+            .is_ok();
+        sessions_done && admin_done
+    }
+}
 
-    let limiter = Arc::new(LoginLimiter::new(LoginLimits {
-        per_client: config.login.failures_per_client,
-        per_account: config.login.failures_per_account,
-        window: Duration::from_secs(config.login.failure_window_secs),
-    }));
-    // Password checks run on a few threads of their own (bounded memory and CPU).
-    let verifier = Arc::new(Verifier::start(
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    )?);
-    let smtp = SmtpServer::new(
-        SmtpLimits {
-            hostname: config.server.hostname.clone(),
-            primary_domain: config.server.domain.clone(),
-            message_size_max: config.smtp.message_size_max_bytes,
-            header_size_max: config.smtp.header_size_max_bytes,
-            recipients_max: config.smtp.recipients_per_message_max,
-            line_length_max: config.smtp.command_line_length_max_bytes,
-            errors_max: config.smtp.errors_per_session_max,
-        },
-        ListenerConfig {
-            sessions_max: config.smtp.sessions_max,
-            sessions_per_client_max: config.smtp.sessions_per_client_max,
-            idle_timeout: Duration::from_secs(config.smtp.idle_timeout_secs),
-            session_duration_max: Duration::from_secs(config.smtp.session_duration_max_secs),
-            relay_networks: config.smtp.relay_networks.clone(),
-            test_spin_command: config.smtp.test_spin_command,
-            data_in_memory_max: config.smtp.data_in_memory_max_bytes,
-        },
-        directory.clone(),
-        spool.clone(),
-        smtp_stats,
-    )
-    .with_quotas(store.clone())
-    .with_disk(disk.clone())
-    .with_admission({
-        let transfer = transfer.clone();
-        Arc::new(move || transfer.get().inbound())
-    })
-    .with_tls(tls.clone())
-    .with_submission_limits(mailroom_smtp::SubmissionLimits {
-        per_user_per_hour: config.smtp.submission_per_user_per_hour,
-        per_client_per_hour: config.smtp.submission_per_client_per_hour,
-    })
-    .with_logins(mailroom_smtp::Logins {
-        limiter: limiter.clone(),
-        verifier: verifier.clone(),
-        plaintext: config.login.plaintext_auth.into(),
-    });
-    let smtp = if config.inbound_checks.enabled {
-        let checker = mailroom_smtp::checks::Checker::new(
-            &config.outbound.nameservers,
-            config.inbound_checks.policy(),
-            &config.server.hostname,
+/// The listening sockets, bound before anything is served on them, so that an address
+/// in use stops the start-up with the setting's name before any session begins.
+struct Bound {
+    smtp: TcpListener,
+    imap: TcpListener,
+    pop3: TcpListener,
+    imaps: Option<TcpListener>,
+    submission: Option<TcpListener>,
+    submissions: Option<TcpListener>,
+    pop3s: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+impl Bound {
+    async fn bind(config: &Config) -> anyhow::Result<Bound> {
+        Ok(Bound {
+            smtp: bind_listener(config.smtp.listen, "SMTP", "smtp.listen / --smtp").await?,
+            imap: bind_listener(config.imap.listen, "IMAP", "imap.listen / --imap").await?,
+            pop3: bind_listener(config.pop3.listen, "POP3", "pop3.listen / --pop3").await?,
+            imaps: bind_tls_listener(
+                config.imap.tls_listen,
+                crate::config::DEFAULT_IMAPS,
+                "IMAPS",
+                "imap.tls_listen / --imaps",
+            )
+            .await?,
+            submission: bind_tls_listener(
+                config.smtp.submission_listen,
+                crate::config::DEFAULT_SUBMISSION,
+                "submission",
+                "smtp.submission_listen / --submission",
+            )
+            .await?,
+            submissions: bind_tls_listener(
+                config.smtp.submissions_listen,
+                crate::config::DEFAULT_SUBMISSIONS,
+                "SMTPS",
+                "smtp.submissions_listen / --smtps",
+            )
+            .await?,
+            pop3s: bind_tls_listener(
+                config.pop3.tls_listen,
+                crate::config::DEFAULT_POP3S,
+                "POP3S",
+                "pop3.tls_listen / --pop3s",
+            )
+            .await?,
+            admin: bind_listener(
+                config.admin.listen,
+                "the admin API",
+                "admin.listen / --admin",
+            )
+            .await?,
+        })
+    }
+
+    fn addresses(&self) -> anyhow::Result<Addresses> {
+        let optional = |listener: &Option<TcpListener>| -> std::io::Result<Option<SocketAddr>> {
+            listener.as_ref().map(|l| l.local_addr()).transpose()
+        };
+        Ok(Addresses {
+            smtp: self.smtp.local_addr()?,
+            pop3: self.pop3.local_addr()?,
+            imap: self.imap.local_addr()?,
+            imaps: optional(&self.imaps)?,
+            pop3s: optional(&self.pop3s)?,
+            submission: optional(&self.submission)?,
+            submissions: optional(&self.submissions)?,
+            admin: self.admin.local_addr()?,
+        })
+    }
+}
+
+/// The certificates every TLS listener serves: the configured files, or ACME (with its
+/// HTTP-01 responder) when `[tls.acme]` is on.
+async fn start_tls(
+    config: &Config,
+    data_dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Arc<mailroom_tls::Tls>> {
+    if !config.tls.acme.enabled() {
+        let files: Vec<mailroom_tls::CertificateFiles> = config
+            .tls
+            .certificates
+            .iter()
+            .map(|pair| mailroom_tls::CertificateFiles {
+                cert: pair.cert.clone(),
+                key: pair.key.clone(),
+            })
+            .collect();
+        return mailroom_tls::Tls::start(&files, data_dir, &config.server.hostname)
+            .context("cannot set up TLS (check [tls] certificates)");
+    }
+    let acme = &config.tls.acme;
+    let tls = mailroom_tls::Tls::start_acme(data_dir, &config.server.hostname)
+        .context("cannot set up TLS for ACME (check <data_dir>/tls/acme)")?;
+    let http = TcpListener::bind(acme.http_listen).await.with_context(|| {
+        format!(
+            "cannot listen for ACME HTTP-01 challenges on {} (tls.acme.http_listen)",
+            acme.http_listen
         )
-        .map_err(|e| anyhow::anyhow!("inbound_checks: {e}"))?
-        .with_sealer(dkim_keys.clone(), &config.server.domain);
-        smtp.with_checks(Arc::new(checker))
+    })?;
+    let challenges = mailroom_tls::acme::Challenges::default();
+    mailroom_tls::acme::serve_http01(http, challenges.clone(), cancel.clone());
+    let names = if acme.names.is_empty() {
+        vec![config.server.hostname.clone()]
     } else {
-        smtp
+        acme.names.clone()
     };
-    let sessions = TaskTracker::new();
-    tokio::spawn(
-        smtp.clone()
-            .serve(smtp_listener, cancel.clone(), sessions.clone()),
-    );
-    if let Some(listener) = submission_listener {
-        tokio::spawn(smtp.clone().serve_mode(
-            listener,
-            cancel.clone(),
-            sessions.clone(),
-            mailroom_smtp::Mode::Submission,
-        ));
-    }
-    if let Some(listener) = submissions_listener {
-        tokio::spawn(smtp.serve_mode(
-            listener,
-            cancel.clone(),
-            sessions.clone(),
-            mailroom_smtp::Mode::Submissions,
-        ));
-    }
-
-    let plaintext: PlaintextPolicy = config.login.plaintext_auth.into();
-    let pop3 = Pop3Server::new(
-        Pop3Config {
-            hostname: config.server.hostname.clone(),
-            sessions_max: config.pop3.sessions_max,
-            sessions_per_client_max: config.pop3.sessions_per_client_max,
-            idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
-            plaintext,
-            command_line_max: config.pop3.command_line_max_bytes,
+    mailroom_tls::acme::spawn_acme(
+        tls.clone(),
+        mailroom_tls::acme::AcmeSettings {
+            directory: acme.directory_url(),
+            contact: acme.contact.clone(),
+            names,
+            ca_file: acme.ca_file.clone(),
+            data_dir: data_dir.to_path_buf(),
         },
-        directory.clone(),
-        store.clone(),
-        limiter.clone(),
-        verifier.clone(),
-        pop3_stats,
-    )
-    .with_tls(tls.clone());
-    tokio::spawn(
-        pop3.clone()
-            .serve(pop3_listener, cancel.clone(), sessions.clone()),
+        challenges,
+        cancel.clone(),
     );
-    if let Some(listener) = pop3s_listener {
-        tokio::spawn(pop3.serve_tls(listener, cancel.clone(), sessions.clone()));
-    }
-    let imap = ImapServer::new(
-        ImapConfig {
-            hostname: config.server.hostname.clone(),
-            sessions_max: config.imap.sessions_max,
-            sessions_per_client_max: config.imap.sessions_per_client_max,
-            command_before_login_max: config.imap.command_before_login_max_bytes,
-            idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
-            plaintext,
-            append_limit: config.imap.append_limit_bytes,
-            literals_in_memory_max: config.imap.literals_in_memory_max_bytes,
-            command_line_max: config.imap.command_line_max_bytes,
-            folder_name_max: config.imap.folder_name_max_bytes,
-            parse_limits: mailroom_imap::parse::ParseLimits {
-                search_depth_max: config.imap.search_depth_max,
-                list_pattern_max_bytes: config.imap.list_pattern_max_bytes,
-                list_patterns_max: config.imap.list_patterns_max,
-            },
-        },
-        directory.clone(),
-        store.clone(),
-        limiter.clone(),
-        verifier.clone(),
-        imap_stats,
-    )
-    .with_tls(tls.clone());
-    tokio::spawn(
-        imap.clone()
-            .serve(imap_listener, cancel.clone(), sessions.clone()),
-    );
-    if let Some(listener) = imaps_listener {
-        tokio::spawn(imap.serve_tls(listener, cancel.clone(), sessions.clone()));
-    }
+    Ok(tls)
+}
 
-    let admin_state = Arc::new(AdminState {
-        store: store.clone(),
-        directory: directory.clone(),
-        registry,
-        queue_gauges,
-        token: admin_token.clone(),
-        jobs,
-        watch: watch.clone(),
-        upload_dir: data_dir.join("uploads"),
-        import_size_max: config.admin.import_size_max_bytes,
-        outbound: outbound.handle(),
-        transfer: transfer.clone(),
-        test_clock: config.outbound.test_clock,
-    });
-    // The admin API (and so /health) runs on a runtime of its own, on its own thread:
-    // a session that wedges a thread of the protocol runtime must not silence the one
-    // place that reports it.
-    let admin_cancel = cancel.clone();
-    let (admin_done_tx, admin_task) = tokio::sync::oneshot::channel();
-    let admin_listener = admin_listener.into_std()?;
-    let admin_beat = watch.tasks().heartbeat("admin");
-    let heartbeat_every = Duration::from_millis(config.watchdog.check_interval_ms.clamp(10, 250));
+/// Runs the admin API (and so /health) on a runtime of its own, on its own thread: a
+/// session that wedges a thread of the protocol runtime must not silence the one place
+/// that reports it. The receiver fires when the thread has finished.
+fn spawn_admin(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+    beat: Arc<mailroom_watch::Heartbeat>,
+    heartbeat_every: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -744,93 +936,73 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
                 }
             };
             runtime.block_on(async move {
-                mailroom_listen::spawn_heartbeat(admin_beat, heartbeat_every, admin_cancel.clone());
-                let listener = match TcpListener::from_std(admin_listener) {
+                mailroom_listen::spawn_heartbeat(beat, heartbeat_every, cancel.clone());
+                let listener = match TcpListener::from_std(listener) {
                     Ok(listener) => listener,
                     Err(e) => {
                         tracing::error!(error = %e, "admin API stopped");
                         return;
                     }
                 };
-                if let Err(e) = mailroom_admin::serve(listener, admin_state, admin_cancel).await {
+                if let Err(e) = mailroom_admin::serve(listener, state, cancel).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });
             // Handlers still running (a long export) do not hold up shutdown.
             runtime.shutdown_background();
-            let _ = admin_done_tx.send(());
+            let _ = done_tx.send(());
         })?;
-    mailroom_listen::spawn_heartbeat(
-        watch.tasks().heartbeat("protocols"),
-        heartbeat_every,
-        cancel.clone(),
-    );
+    Ok(done)
+}
 
+/// Starts every part of the server, layer by layer: the foundation, the pipeline, then
+/// the listeners; see the module documentation for why in that order.
+pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<RunningServer> {
+    config.check()?;
+    let mut config = config;
+    config.server.hostname = config.server.effective_hostname();
+    let mut registry = Registry::default();
+    let foundation = Foundation::start(&config, &mut registry).await?;
+    let pipeline = Pipeline::start(&config, &foundation, options, &mut registry)?;
+    let listeners = Listeners::start(&config, &foundation, &pipeline, registry).await?;
+    let a = &listeners.addresses;
     Ok(RunningServer {
-        smtp_addr,
-        pop3_addr,
-        imap_addr,
-        imaps_addr,
-        pop3s_addr,
-        submission_addr,
-        submissions_addr,
-        tls,
-        admin_addr,
-        admin_token,
-        data_dir,
-        postmaster_password,
-        store,
-        directory,
-        watch,
-        cancel,
-        sessions,
-        admin_task,
-        spool: Some(spool),
-        spool_thread,
-        workers,
-        outbound: Some(outbound),
-        doorbell: shutdown_bell,
+        smtp_addr: a.smtp,
+        pop3_addr: a.pop3,
+        imap_addr: a.imap,
+        imaps_addr: a.imaps,
+        pop3s_addr: a.pop3s,
+        submission_addr: a.submission,
+        submissions_addr: a.submissions,
+        admin_addr: a.admin,
+        tls: listeners.tls.clone(),
+        admin_token: listeners.admin_token.clone(),
+        data_dir: foundation.data_dir.clone(),
+        postmaster_password: foundation.postmaster_password.clone(),
+        store: foundation.store.clone(),
+        directory: foundation.directory.clone(),
+        watch: foundation.watch.clone(),
         shutdown_deadline: Duration::from_millis(config.server.shutdown_deadline_ms),
-        _checkpointer: checkpointer,
-        _lock: lock,
+        layers: Some((foundation, pipeline, listeners)),
     })
 }
 
 impl RunningServer {
-    /// Stops everything within the configured deadline; see the module documentation.
+    /// Stops the layers in reverse, within the configured deadline: the listeners
+    /// (sessions get their answers), the pipeline (spool drained, conversion and
+    /// delivery finish their message), then the foundation. See the module docs.
     pub async fn shutdown(mut self) -> ShutdownReport {
         let started = Instant::now();
         let deadline = started + self.shutdown_deadline;
-        self.cancel.cancel();
-        self.doorbell.ring(usize::MAX);
-        self.sessions.close();
-        if let Some(outbound) = self.outbound.take() {
-            outbound
-                .stop(deadline.saturating_duration_since(Instant::now()))
-                .await;
+        let mut clean = true;
+        if let Some((foundation, pipeline, listeners)) = self.layers.take() {
+            clean &= listeners.stop(deadline).await;
+            clean &= pipeline.stop(deadline).await;
+            foundation.stop();
         }
-        let sessions_done = tokio::time::timeout_at(deadline.into(), self.sessions.wait())
-            .await
-            .is_ok();
-        // The last spool handle goes; the writer commits what is pending and stops.
-        drop(self.spool.take());
-        let spool_thread = self.spool_thread;
-        let workers = self.workers;
-        let threads_done = tokio::time::timeout_at(
-            deadline.into(),
-            tokio::task::spawn_blocking(move || {
-                let _ = spool_thread.join();
-                workers.join();
-            }),
-        )
-        .await
-        .is_ok();
-        let admin_done = tokio::time::timeout_at(deadline.into(), &mut self.admin_task)
-            .await
-            .is_ok();
         let report = ShutdownReport {
             elapsed: started.elapsed(),
-            clean: sessions_done && threads_done && admin_done,
+            clean,
         };
         tracing::info!(
             elapsed_ms = report.elapsed.as_millis() as u64,
@@ -839,6 +1011,18 @@ impl RunningServer {
         );
         report
     }
+}
+
+/// Binds a listener every server has; an address that cannot be bound stops the
+/// start-up, naming the setting.
+async fn bind_listener(
+    address: SocketAddr,
+    name: &str,
+    setting: &str,
+) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for {name} on {address} ({setting})"))
 }
 
 /// Binds an implicit-TLS listener. A configured address that cannot be bound stops the

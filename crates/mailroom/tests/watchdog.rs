@@ -156,12 +156,14 @@ async fn health_lists_every_queue_and_worker_when_all_is_well() {
         .collect();
     assert_eq!(
         names,
+        // By layer, as the server starts them: the foundation's directory queues, then
+        // the pipeline's.
         [
             "directory writer",
+            "directory jobs",
             "spool",
             "inbound conversion",
-            "outbound",
-            "directory jobs"
+            "outbound"
         ]
     );
     let workers: Vec<&str> = report["workers"]

@@ -13,5 +13,5 @@
 pub mod server;
 pub mod session;
 
-pub use server::{MaildropLocks, PlaintextPolicy, Pop3Config, Pop3Server, Pop3Stats};
+pub use server::{MaildropLocks, Plaintext, Pop3Config, Pop3Server, Pop3Stats};
 pub use session::{Action, Session};

@@ -34,7 +34,7 @@ pub const LINE_MAX: usize = 4096;
 pub const RESPONSE_FLUSH_BYTES: usize = 256 * 1024;
 
 /// Where passwords are accepted: the policy every protocol shares.
-pub use mailroom_directory::login::Plaintext as PlaintextPolicy;
+pub use mailroom_directory::login::Plaintext;
 
 /// Settings of the POP3 listener.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub struct Pop3Config {
     /// A session silent this long is closed (RFC 1939 asks for at least 10 minutes).
     pub idle_timeout: Duration,
     /// Where plaintext passwords are accepted.
-    pub plaintext: PlaintextPolicy,
+    pub plaintext: Plaintext,
     /// Longest command line, bytes (`pop3.command_line_max_bytes`).
     pub command_line_max: usize,
 }
