@@ -315,16 +315,20 @@ const FLUSH_PATIENCE: Duration = Duration::from_millis(50);
 impl Worker {
     fn run(self) {
         let _alive = self.activity.guard();
+        let batch_max = self.config.batch_max.max(1);
         while !self.cancel.is_cancelled() {
-            match self
-                .store
-                .claim_inbound(now_ms(), self.config.batch_max.max(1))
-            {
+            // Rings up to here are answered by this claim (see `Doorbell::drain`).
+            self.doorbell.drain();
+            match self.store.claim_inbound(now_ms(), batch_max) {
                 Ok(items) if items.is_empty() => {
                     self.activity.idle();
                     self.doorbell.wait(self.config.idle_poll)
                 }
                 Ok(items) => {
+                    if items.len() == batch_max {
+                        // A full batch: more is probably waiting; wake a peer for it.
+                        self.doorbell.ring(1);
+                    }
                     self.activity.set(format!(
                         "converting {} message(s), first {} (attempt {})",
                         items.len(),

@@ -261,7 +261,9 @@ impl Writer {
                 for (reply, id) in replies.into_iter().zip(ids) {
                     let _ = reply.send(Ok(id));
                 }
-                self.doorbell.ring(entries.len());
+                // One ring per commit: the worker it wakes claims the whole commit (up
+                // to its batch size) and wakes a peer itself when there is more.
+                self.doorbell.ring(1);
             }
             Err(e) => {
                 self.stats.failures.inc();

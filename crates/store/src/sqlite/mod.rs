@@ -482,7 +482,7 @@ impl SqliteStore {
         // it along with its own (one WAL).
         let relaxed = self.durability == Durability::Full && RELAXED_CALLERS.contains(&caller);
         let mut conn = self.checkout(db).inspect_err(|e| self.note_error(db, e))?;
-        if relaxed && let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+        if relaxed && let Err(e) = set_synchronous(&conn, "NORMAL") {
             let e = e.into();
             self.note_error(db, &e);
             return Err(e);
@@ -504,7 +504,7 @@ impl SqliteStore {
                 }
                 // A connection that cannot be set back to FULL is dropped, not reused
                 // with the wrong setting (the write itself has committed).
-                if !relaxed || conn.pragma_update(None, "synchronous", "FULL").is_ok() {
+                if !relaxed || set_synchronous(&conn, "FULL").is_ok() {
                     self.checkin(db, conn);
                 }
             }
@@ -613,25 +613,40 @@ impl SqliteStore {
 }
 
 /// Inserts a body or takes one more reference to an identical stored body.
+/// Sets `synchronous` on a connection through a cached statement: the write path does
+/// it twice per relaxed commit, and `pragma_update` prepares its statement anew each time.
+fn set_synchronous(conn: &Connection, level: &'static str) -> rusqlite::Result<()> {
+    let sql = match level {
+        "FULL" => "PRAGMA synchronous = FULL",
+        _ => "PRAGMA synchronous = NORMAL",
+    };
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 fn put_blob(tx: &rusqlite::Transaction<'_>, body: &[u8]) -> Result<i64> {
     let hash = blake3::hash(body);
-    let id = tx.query_row(
-        "INSERT INTO blobs (hash, refcount, size, data) VALUES (?1, 1, ?2, ?3)
-         ON CONFLICT (hash) DO UPDATE SET refcount = refcount + 1
-         RETURNING id",
-        params![hash.as_bytes(), body.len() as i64, body],
-        |r| r.get(0),
-    )?;
+    // Cached: the spool runs this for every message, and planning the upsert anew each
+    // time was most of the spool writer's SQLite time.
+    let id = tx
+        .prepare_cached(
+            "INSERT INTO blobs (hash, refcount, size, data) VALUES (?1, 1, ?2, ?3)
+             ON CONFLICT (hash) DO UPDATE SET refcount = refcount + 1
+             RETURNING id",
+        )?
+        .query_row(params![hash.as_bytes(), body.len() as i64, body], |r| {
+            r.get(0)
+        })?;
     Ok(id)
 }
 
 /// Changes a body's reference count, deleting the body when nothing references it.
 fn adjust_blob_refs(tx: &rusqlite::Transaction<'_>, blob_id: i64, delta: i64) -> Result<()> {
-    let remaining: i64 = tx.query_row(
-        "UPDATE blobs SET refcount = refcount + ?2 WHERE id = ?1 RETURNING refcount",
-        params![blob_id, delta],
-        |r| r.get(0),
-    )?;
+    let remaining: i64 = tx
+        .prepare_cached(
+            "UPDATE blobs SET refcount = refcount + ?2 WHERE id = ?1 RETURNING refcount",
+        )?
+        .query_row(params![blob_id, delta], |r| r.get(0))?;
     debug_assert!(remaining >= 0, "blob {blob_id} refcount went negative");
     if remaining == 0 {
         tx.execute("DELETE FROM blobs WHERE id = ?1", [blob_id])?;
@@ -910,7 +925,11 @@ impl MailStore for SqliteStore {
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
-            conn.pragma_update(None, "synchronous", "FULL")?;
+            // (Under `durability = "full"` every connection already runs so.)
+            let switch = self.synchronous() != "FULL";
+            if switch {
+                set_synchronous(conn, "FULL")?;
+            }
             let result = (|| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut ids = Vec::with_capacity(entries.len());
@@ -933,7 +952,9 @@ impl MailStore for SqliteStore {
                 tx.commit()?;
                 Ok(ids)
             })();
-            conn.pragma_update(None, "synchronous", self.synchronous())?;
+            if switch {
+                set_synchronous(conn, self.synchronous())?;
+            }
             result
         })
         .inspect(|_| self.mail_moved())
