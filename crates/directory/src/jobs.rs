@@ -351,7 +351,10 @@ pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
     let newest = jobs.newest_regeneration.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{}", job.id))
-        .spawn(move || regenerate(directory, &handle, &newest));
+        .spawn(move || {
+            mailroom_watch::lower_thread_priority(mailroom_watch::BACKGROUND_NICE);
+            regenerate(directory, &handle, &newest)
+        });
     match spawned {
         Ok(thread) => jobs.keep(thread),
         Err(e) => job.finish(false, format!("cannot start the job: {e}")),
@@ -452,6 +455,7 @@ pub fn start_import(
     let spawned = std::thread::Builder::new()
         .name(format!("job-{}", job.id))
         .spawn(move || {
+            mailroom_watch::lower_thread_priority(mailroom_watch::BACKGROUND_NICE);
             import(&directory, &handle, &file, options);
             let _ = std::fs::remove_file(&file);
         });

@@ -437,7 +437,10 @@ impl Directory {
         };
         let thread = std::thread::Builder::new()
             .name("directory-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                mailroom_watch::lower_thread_priority(mailroom_watch::DIRECTORY_WRITER_NICE);
+                writer.run()
+            })
             .map_err(|e| DirectoryError::Store(format!("cannot start the writer: {e}")))?;
         Ok((
             Directory {

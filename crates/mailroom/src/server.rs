@@ -923,9 +923,15 @@ fn spawn_admin(
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
+            // Mail first: the administrator's requests (and the directory work they
+            // start) take what mail flow leaves of the CPU; see mailroom_watch::priority.
+            mailroom_watch::lower_thread_priority(mailroom_watch::DIRECTORY_WRITER_NICE);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("admin-rt")
+                .on_thread_start(|| {
+                    mailroom_watch::lower_thread_priority(mailroom_watch::DIRECTORY_WRITER_NICE)
+                })
                 .enable_all()
                 .build()
             {

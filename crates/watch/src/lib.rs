@@ -24,6 +24,7 @@
 //! turns at one resource (the database's write lock) in arrival order.
 
 mod deadlock;
+mod priority;
 mod probe;
 pub mod rank;
 mod ranked;
@@ -32,6 +33,7 @@ mod ticket;
 mod watchdog;
 
 pub use deadlock::{DeadlockReport, start_deadlock_detector};
+pub use priority::{BACKGROUND_NICE, DIRECTORY_WRITER_NICE, lower_thread_priority};
 pub use probe::{Activity, ActivityGuard, Probe, Sample};
 pub use ranked::{RankedGuard, RankedMutex};
 pub use tasks::{Heartbeat, TaskGuard, TaskWatch, Tasks, Watched};
