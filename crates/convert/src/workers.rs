@@ -151,7 +151,20 @@ struct Worker {
     activity: Arc<Activity>,
     /// The parse helpers.
     pool: std::cell::RefCell<ParsePool>,
+    /// Workers converting a batch right now, and a bell rung when one finishes: see
+    /// `PEER_PATIENCE`.
+    converting: Arc<AtomicUsize>,
+    batch_done: Doorbell,
 }
+
+/// How long a worker that was woken lets a peer that is converting finish first. The
+/// deliveries of all workers take one write turn in turn, and the parses run on helper
+/// threads whichever worker claims, so two workers splitting a trickle into small
+/// batches only added transactions, fsyncs and wake-ups (and took the CPU that
+/// accepting mail needed: measured in docs/benchmarks.md). One worker at a time
+/// claims what came meanwhile as one batch; a peer stuck on a slow message is not
+/// waited for longer than this.
+const PEER_PATIENCE: Duration = Duration::from_millis(50);
 
 /// One message's parse, for a helper: its index in the batch, its bytes, and where to
 /// send the outcome.
@@ -260,6 +273,8 @@ impl Workers {
     ) -> std::io::Result<Workers> {
         let mut threads = Vec::new();
         let mut activities = Vec::new();
+        let converting = Arc::new(AtomicUsize::new(0));
+        let batch_done = Doorbell::default();
         for index in 0..config.workers.max(1) {
             let activity = Activity::new(format!("conversion-{index}"));
             activities.push(activity.clone());
@@ -277,6 +292,8 @@ impl Workers {
                 config: config.clone(),
                 cancel: cancel.clone(),
                 stats: stats.clone(),
+                converting: converting.clone(),
+                batch_done: batch_done.clone(),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -322,7 +339,12 @@ impl Worker {
             match self.store.claim_inbound(now_ms(), batch_max) {
                 Ok(items) if items.is_empty() => {
                     self.activity.idle();
-                    self.doorbell.wait(self.config.idle_poll)
+                    self.doorbell.wait(self.config.idle_poll);
+                    // Drained first: a peer finishing after this still wakes us.
+                    self.batch_done.drain();
+                    if self.converting.load(Ordering::Acquire) > 0 {
+                        self.batch_done.wait(PEER_PATIENCE);
+                    }
                 }
                 Ok(items) => {
                     if items.len() == batch_max {
@@ -335,7 +357,10 @@ impl Worker {
                         items[0].queue_id,
                         items[0].attempts
                     ));
-                    self.convert_batch(items)
+                    self.converting.fetch_add(1, Ordering::AcqRel);
+                    self.convert_batch(items);
+                    self.converting.fetch_sub(1, Ordering::AcqRel);
+                    self.batch_done.ring(1);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim from the inbound queue");
