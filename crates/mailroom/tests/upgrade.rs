@@ -170,6 +170,46 @@ async fn every_earlier_schema_opens_migrates_and_keeps_everything() {
         })
         .await;
         assert!(delivered, "{name}: delivery after the upgrade");
+        // Quota usage (folder sizes kept by the store since schema 14, computed for
+        // the migrated messages) is what IMAP reports, message by message.
+        let mut reported = 0u64;
+        let names: Vec<String> = {
+            use futures_util::TryStreamExt;
+            let list: Vec<_> = session
+                .list(None, Some("*"))
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            list.iter().map(|n| n.name().to_string()).collect()
+        };
+        for folder in names {
+            use futures_util::TryStreamExt;
+            let selected = session.select(&folder).await.unwrap();
+            if selected.exists == 0 {
+                continue;
+            }
+            let fetched: Vec<_> = session
+                .fetch("1:*", "RFC822.SIZE")
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            reported += fetched.iter().map(|f| f.size.unwrap() as u64).sum::<u64>();
+        }
+        let alice = server
+            .directory
+            .snapshot()
+            .by_address("alice@example.test")
+            .unwrap()
+            .id;
+        assert_eq!(
+            server.store.mailbox_bytes(alice).unwrap(),
+            reported,
+            "{name}: quota usage after the upgrade"
+        );
         session.logout().await.unwrap();
         server.shutdown().await;
     }

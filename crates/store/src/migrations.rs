@@ -225,6 +225,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_state
         ON messages(folder_id, uid, modseq, flags, received_at_ms, size);
     "#,
+    // Version 14: each folder's total message size, kept by triggers in the same
+    // transaction as every change to `messages` (whatever code path makes it). A
+    // recipient with a hard quota cost a sum over every message of the mailbox at each
+    // RCPT and each delivery: ingestion into a 100,000-message mailbox with a quota
+    // slowed with its size. Now it is a sum over the recipient's folders.
+    r#"
+    ALTER TABLE folders ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE folders SET bytes =
+        (SELECT COALESCE(SUM(size), 0) FROM messages WHERE folder_id = folders.id);
+    CREATE TRIGGER messages_bytes_insert AFTER INSERT ON messages BEGIN
+        UPDATE folders SET bytes = bytes + NEW.size WHERE id = NEW.folder_id;
+    END;
+    CREATE TRIGGER messages_bytes_delete AFTER DELETE ON messages BEGIN
+        UPDATE folders SET bytes = bytes - OLD.size WHERE id = OLD.folder_id;
+    END;
+    CREATE TRIGGER messages_bytes_update AFTER UPDATE OF folder_id, size ON messages BEGIN
+        UPDATE folders SET bytes = bytes - OLD.size WHERE id = OLD.folder_id;
+        UPDATE folders SET bytes = bytes + NEW.size WHERE id = NEW.folder_id;
+    END;
+    "#,
 ];
 
 /// The mail database's version that moves the directory out (see `move_directory`).

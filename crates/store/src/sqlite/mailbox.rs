@@ -982,12 +982,13 @@ impl Mailboxes for SqliteStore {
 
     fn mailbox_bytes(&self, recipient: RecipientId) -> Result<u64> {
         self.with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT COALESCE(SUM(m.size), 0) FROM messages m JOIN folders f ON f.id = m.folder_id
-                 WHERE f.recipient_id = ?1",
-                [recipient],
-                |r| r.get::<_, i64>(0),
-            )? as u64)
+            // Each folder's `bytes` is kept by triggers (schema 14): a sum over the
+            // recipient's folders, not over every message.
+            Ok(conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(bytes), 0) FROM folders WHERE recipient_id = ?1",
+                )?
+                .query_row([recipient], |r| r.get::<_, i64>(0))? as u64)
         })
     }
 

@@ -2040,6 +2040,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let a = recipient(&store, "a");
+        // The trigger-kept folder sizes (schema 14) against a sum over the messages.
+        let sizes_agree = |when: &str| {
+            let summed: i64 = store
+                .with_conn(|conn| {
+                    Ok(conn.query_row(
+                        "SELECT COALESCE(SUM(m.size), 0) FROM messages m
+                         JOIN folders f ON f.id = m.folder_id WHERE f.recipient_id = ?1",
+                        [a],
+                        |r| r.get(0),
+                    )?)
+                })
+                .unwrap();
+            assert_eq!(store.mailbox_bytes(a).unwrap(), summed as u64, "{when}");
+        };
         let bell = store.watch_mailbox(a);
         store.ensure_folder(a, "INBOX", None).unwrap();
         store.ensure_folder(a, "INBOX", None).unwrap();
@@ -2065,6 +2079,8 @@ mod tests {
         let rung = *bell.borrow();
         store.deliver_inbound(&batch, 3000).unwrap();
         assert!(*bell.borrow() > rung, "delivery rings the bell");
+        sizes_agree("after delivery");
+        assert!(store.mailbox_bytes(a).unwrap() > 0);
 
         let seen = vec!["\\Seen".to_string()];
         let before = store.folder_messages(a, "INBOX").unwrap();
@@ -2096,6 +2112,7 @@ mod tests {
             .copy_messages(a, "INBOX", &[2], "Archive", true)
             .unwrap();
         assert_eq!(moved.uids, vec![(2, 3)]);
+        sizes_agree("after a copy and a move");
         assert_eq!(store.folder_messages(a, "INBOX").unwrap().len(), 1);
         let archive = store.folder_messages(a, "Archive").unwrap();
         assert_eq!(
@@ -2125,6 +2142,7 @@ mod tests {
         store.rename_folder(a, "INBOX", "Old").unwrap();
         assert_eq!(store.folder_messages(a, "INBOX").unwrap().len(), 0);
         assert_eq!(store.folder_messages(a, "Old").unwrap().len(), 1);
+        sizes_agree("after an append and renaming INBOX");
         store.create_folder(a, "Archive/2026", None).unwrap();
         store.rename_folder(a, "Archive", "Kept").unwrap();
         let names: Vec<String> = store
@@ -2137,6 +2155,7 @@ mod tests {
         let bytes = store.mailbox_bytes(a).unwrap();
         store.delete_folder(a, "Kept").unwrap();
         assert!(store.mailbox_bytes(a).unwrap() < bytes);
+        sizes_agree("after deleting a folder");
         assert!(matches!(
             store.delete_folder(a, "INBOX"),
             Err(StoreError::Conflict(_))
@@ -2152,6 +2171,8 @@ mod tests {
         let cached = store.cached_structures(a, "Old", &[1, 2]).unwrap();
         assert_eq!(cached.len(), 1);
         assert_eq!(cached[&1], structure);
+        assert_eq!(store.expunge(a, "Old", &[1]).unwrap(), 1);
+        sizes_agree("after an expunge");
         store.delete_folder(a, "Old").unwrap();
         assert_eq!(store.blob_count().unwrap(), 0, "every body released");
         let cached_rows: i64 = store
