@@ -625,7 +625,15 @@ fn set_synchronous(conn: &Connection, level: &'static str) -> rusqlite::Result<(
 }
 
 fn put_blob(tx: &rusqlite::Transaction<'_>, body: &[u8]) -> Result<i64> {
-    let hash = blake3::hash(body);
+    put_hashed_blob(tx, body, &blake3::hash(body))
+}
+
+/// `put_blob` with the hash computed by the caller, before it took the write turn.
+fn put_hashed_blob(
+    tx: &rusqlite::Transaction<'_>,
+    body: &[u8],
+    hash: &blake3::Hash,
+) -> Result<i64> {
     // Cached: the spool runs this for every message, and planning the upsert anew each
     // time was most of the spool writer's SQLite time.
     let id = tx
@@ -923,6 +931,9 @@ impl MailStore for SqliteStore {
     }
 
     fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
+        // Hashed before the write turn: everything done inside it is time that delivery
+        // and the next spool commit wait for.
+        let hashes: Vec<blake3::Hash> = entries.iter().map(|e| blake3::hash(&e.body)).collect();
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             // (Under `durability = "full"` every connection already runs so.)
@@ -933,8 +944,8 @@ impl MailStore for SqliteStore {
             let result = (|| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut ids = Vec::with_capacity(entries.len());
-                for entry in entries {
-                    let blob_id = put_blob(&tx, &entry.body)?;
+                for (entry, hash) in entries.iter().zip(&hashes) {
+                    let blob_id = put_hashed_blob(&tx, &entry.body, hash)?;
                     ids.push(insert_queue_item(
                         &tx,
                         QueueName::Inbound,
@@ -1020,11 +1031,16 @@ impl MailStore for SqliteStore {
         batch: &[(&ClaimedItem, &DeliveryPlan)],
         now_ms: UnixMillis,
     ) -> Result<Vec<Vec<Delivered>>> {
+        // Serialised before the write turn (see `spool`).
+        let facts: Vec<String> = batch
+            .iter()
+            .map(|(_, plan)| serde_json::to_string(&plan.facts).expect("facts serialise"))
+            .collect();
         let results = self.write("deliver", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
-            for (item, plan) in batch {
-                results.push(deliver_one(&tx, item, plan, now_ms)?);
+            for ((item, plan), facts) in batch.iter().zip(&facts) {
+                results.push(deliver_one(&tx, item, plan, facts, now_ms)?);
             }
             tx.commit()?;
             Ok(results)
@@ -1370,6 +1386,7 @@ fn deliver_one(
     tx: &rusqlite::Transaction<'_>,
     item: &ClaimedItem,
     plan: &DeliveryPlan,
+    facts: &str,
     now_ms: UnixMillis,
 ) -> Result<Vec<Delivered>> {
     // Removing the inbound entry first proves the claim is still ours: if it is gone,
@@ -1387,7 +1404,6 @@ fn deliver_one(
             item.id, item.queue_id
         )));
     };
-    let facts = serde_json::to_string(&plan.facts).expect("facts serialise");
     tx.prepare_cached("INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)")?
         .execute(params![blob_id, facts])?;
     let blob_size: i64 = tx
