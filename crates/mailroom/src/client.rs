@@ -9,11 +9,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
 
-/// A client of one server's admin API.
+/// A client of one server's admin API. Clones share one connection pool: requests
+/// reuse kept-alive connections (`ureq::get` and friends build a new agent, and so a
+/// new TCP connection, for every request; a CLI command that polls a job's progress,
+/// or the stress's readers at thousands of requests a second, paid an accept each).
 #[derive(Clone)]
 pub struct AdminClient {
     base: String,
     token: String,
+    agent: ureq::Agent,
 }
 
 impl AdminClient {
@@ -22,6 +26,7 @@ impl AdminClient {
         AdminClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
+            agent: ureq::AgentBuilder::new().build(),
         }
     }
 
@@ -63,7 +68,7 @@ impl AdminClient {
 
     /// `GET /health`: the report whether healthy (200) or not (503).
     pub fn health(&self) -> anyhow::Result<serde_json::Value> {
-        match ureq::get(&format!("{}/health", self.base)).call() {
+        match self.agent.get(&format!("{}/health", self.base)).call() {
             Ok(response) => Ok(response.into_json()?),
             Err(ureq::Error::Status(503, response)) => Ok(response.into_json()?),
             Err(e) => bail!("cannot reach {}/health: {e}", self.base),
@@ -72,7 +77,7 @@ impl AdminClient {
 
     /// The server's `/metrics` (OpenMetrics text).
     pub fn metrics(&self) -> anyhow::Result<String> {
-        match ureq::get(&format!("{}/metrics", self.base)).call() {
+        match self.agent.get(&format!("{}/metrics", self.base)).call() {
             Ok(response) => Ok(response.into_string()?),
             Err(e) => bail!("cannot reach {}/metrics: {e}", self.base),
         }
@@ -80,8 +85,10 @@ impl AdminClient {
 
     /// GET a JSON resource under `/api/v1`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let request =
-            ureq::get(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let request = self
+            .agent
+            .get(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
         self.answer(request.call())
     }
 
@@ -91,15 +98,19 @@ impl AdminClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let request = ureq::request("PATCH", &self.url(path))
+        let request = self
+            .agent
+            .request("PATCH", &self.url(path))
             .set("Authorization", &format!("Bearer {}", self.token));
         self.answer(request.send_json(body))
     }
 
     /// DELETE a resource under `/api/v1`.
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let request =
-            ureq::delete(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let request = self
+            .agent
+            .delete(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
         match request.call() {
             Ok(_) => Ok(()),
             Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
@@ -108,8 +119,10 @@ impl AdminClient {
 
     /// POST a JSON body and ignore an empty answer.
     pub fn post_no_content<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
-        let request =
-            ureq::post(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let request = self
+            .agent
+            .post(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
         match request.send_json(body) {
             Ok(_) => Ok(()),
             Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
@@ -122,7 +135,9 @@ impl AdminClient {
         path: &str,
         body: impl std::io::Read,
     ) -> anyhow::Result<T> {
-        let request = ureq::post(&self.url(path))
+        let request = self
+            .agent
+            .post(&self.url(path))
             .set("Authorization", &format!("Bearer {}", self.token))
             .set("Content-Type", "application/octet-stream");
         self.answer(request.send(body))
@@ -130,8 +145,10 @@ impl AdminClient {
 
     /// GET a text resource under `/api/v1`.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let request =
-            ureq::get(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let request = self
+            .agent
+            .get(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
         match request.call() {
             Ok(response) => Ok(response.into_string()?),
             Err(e) => self
@@ -146,8 +163,10 @@ impl AdminClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let request =
-            ureq::post(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let request = self
+            .agent
+            .post(&self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token));
         self.answer(request.send_json(body))
     }
 }
