@@ -135,6 +135,20 @@ pub struct TlsSection {
     pub acme: AcmeSection,
 }
 
+impl TlsSection {
+    /// The configured certificate pairs as the TLS crate takes them (the server's start
+    /// and `mailroom tls check` read the same list).
+    pub fn certificate_files(&self) -> Vec<mailroom_tls::CertificateFiles> {
+        self.certificates
+            .iter()
+            .map(|pair| mailroom_tls::CertificateFiles {
+                cert: pair.cert.clone(),
+                key: pair.key.clone(),
+            })
+            .collect()
+    }
+}
+
 /// `[tls.acme]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -533,15 +533,7 @@ fn tls_show(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<()
         }
         vec![files]
     } else {
-        config
-            .tls
-            .certificates
-            .iter()
-            .map(|pair| mailroom_tls::CertificateFiles {
-                cert: pair.cert.clone(),
-                key: pair.key.clone(),
-            })
-            .collect()
+        config.tls.certificate_files()
     };
     if files.is_empty()
         && !mailroom_tls::self_signed_files(&config.server.data_dir)

@@ -866,15 +866,7 @@ async fn start_tls(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<mailroom_tls::Tls>> {
     if !config.tls.acme.enabled() {
-        let files: Vec<mailroom_tls::CertificateFiles> = config
-            .tls
-            .certificates
-            .iter()
-            .map(|pair| mailroom_tls::CertificateFiles {
-                cert: pair.cert.clone(),
-                key: pair.key.clone(),
-            })
-            .collect();
+        let files = config.tls.certificate_files();
         return mailroom_tls::Tls::start(&files, data_dir, &config.server.hostname)
             .context("cannot set up TLS (check [tls] certificates)");
     }
