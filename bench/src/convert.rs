@@ -141,7 +141,7 @@ fn convert_all(corpus: &[Vec<u8>], workers: usize) -> anyhow::Result<f64> {
                 body: body.clone(),
                 received_at_ms: 1,
                 client: "bench".into(),
-                envelope: Default::default(),
+                ..Default::default()
             })
             .collect();
         store.spool(&entries)?;

@@ -192,6 +192,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/queue/{id}/retry", post(queue_retry))
         .route("/queue/{id}/hold", post(queue_hold))
         .route("/queue/{id}/release", post(queue_release))
+        .route("/track", get(track))
         .route(
             "/transfer-mode",
             get(show_transfer_mode).post(set_transfer_mode),
@@ -1173,13 +1174,35 @@ async fn queue_item(
         .ok_or_else(|| no_entry(id))
 }
 
+/// The header naming who acts through the API, for the trail's "admin" events: the CLI
+/// sends `cli:USER` (the operating-system user); a script may send its own name.
+pub const ACTOR_HEADER: &str = "x-mailroom-actor";
+
+/// Who asked for an action: the actor header (printable ASCII, at most 100 characters),
+/// or "api" (the token's holder) without one.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .take(100)
+                .collect::<String>()
+        })
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "api".to_string())
+}
+
 async fn queue_retry(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<i64>,
+    headers: HeaderMap,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
     let store = state.store.clone();
     let now = state.outbound.clock().now_ms();
-    blocking(move || store.retry_now(id, now))
+    let by = actor(&headers);
+    blocking(move || store.retry_now(id, now, &by))
         .await?
         .map_err(|e| action_error(id, e))?;
     state.outbound.wake();
@@ -1189,15 +1212,17 @@ async fn queue_retry(
 async fn queue_hold(
     state: State<Arc<AdminState>>,
     id: Path<i64>,
+    headers: HeaderMap,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
-    set_held(state, id, true).await
+    set_held(state, id, true, actor(&headers)).await
 }
 
 async fn queue_release(
     state: State<Arc<AdminState>>,
     id: Path<i64>,
+    headers: HeaderMap,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
-    set_held(state, id, false).await
+    set_held(state, id, false, actor(&headers)).await
 }
 
 /// Holds or releases an entry; a release wakes the delivery workers.
@@ -1205,9 +1230,10 @@ async fn set_held(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<i64>,
     held: bool,
+    by: String,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
     let store = state.store.clone();
-    blocking(move || store.set_held(id, held))
+    blocking(move || store.set_held(id, held, &by))
         .await?
         .map_err(|e| action_error(id, e))?;
     if !held {
@@ -1227,17 +1253,30 @@ async fn queue_delete(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<i64>,
     Query(query): Query<DeleteQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.store.clone();
     let item = blocking(move || store.claim_one(id))
         .await?
         .map_err(|e| action_error(id, e))?;
     let handle = state.outbound.clone();
-    let notices = tokio::task::spawn_blocking(move || handle.delete(item, query.dsn))
+    let by = actor(&headers);
+    let notices = tokio::task::spawn_blocking(move || handle.delete(item, query.dsn, &by))
         .await
         .map_err(internal)?
         .map_err(internal)?;
     Ok(Json(serde_json::json!({"deleted": id, "notices": notices})))
+}
+
+/// `GET /api/v1/track?message_id=&sender=&recipient=&queue_id=&since_ms=&limit=`: the
+/// trails of the matching messages (newest message first), every event an object with
+/// an `event` field.
+async fn track(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<mailroom_store::TrackQuery>,
+) -> Result<Json<Vec<mailroom_store::TrackEvent>>, ApiError> {
+    let store = state.store.clone();
+    Ok(Json(blocking(move || store.track(&query)).await?))
 }
 
 async fn show_transfer_mode(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {

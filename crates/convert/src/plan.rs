@@ -1,7 +1,7 @@
 //! Where each envelope recipient goes, decided from one directory snapshot.
 
 use mailroom_directory::routing::ConnectorKind;
-use mailroom_directory::{Snapshot, Target, address_key};
+use mailroom_directory::{RecipientKind, Snapshot, Target, address_key};
 use mailroom_store::{DeliveryPlan, MessageFacts, RemoteRoute};
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -34,11 +34,29 @@ pub fn delivery_plan(
         if !seen_addresses.insert(address_key(address)) {
             continue;
         }
-        for target in snapshot.expand(address) {
+        let targets = snapshot.expand(address);
+        if snapshot
+            .by_address(address)
+            .is_some_and(|r| r.kind == RecipientKind::List)
+        {
+            // For the trail: the list and every member address it reached.
+            let members = targets
+                .iter()
+                .filter_map(|target| match target {
+                    Target::Mailbox(id) => mailbox_address(snapshot, *id),
+                    Target::Remote(remote) => Some(remote.clone()),
+                    Target::Undeliverable(what, _) => Some(what.clone()),
+                })
+                .collect();
+            plan.expanded.push((address.clone(), members));
+        }
+        for target in targets {
             match target {
                 Target::Mailbox(id) => {
                     if seen_mailboxes.insert(id) {
                         plan.local.push(id);
+                        plan.local_addresses
+                            .push(mailbox_address(snapshot, id).unwrap_or_default());
                     }
                 }
                 Target::Remote(remote) => {
@@ -63,6 +81,13 @@ pub fn delivery_plan(
         }
     }
     plan
+}
+
+/// A mailbox's primary address, as the trail names it.
+fn mailbox_address(snapshot: &Snapshot, id: mailroom_store::RecipientId) -> Option<String> {
+    snapshot
+        .recipient(id)
+        .and_then(|r| r.primary_address().map(str::to_string))
 }
 
 fn route(plan: &mut DeliveryPlan, snapshot: &Snapshot, address: String, balance: u64) {

@@ -48,6 +48,22 @@ impl AdminClient {
         format!("{}/api/v1{}", self.base, path)
     }
 
+    /// A request under `/api/v1` with the token, naming the operating-system user as
+    /// the actor the trail records for queue actions (`cli:USER`).
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata("/proc/self")
+                    .map_or("unknown".to_string(), |m| format!("uid {}", m.uid()))
+            });
+        self.agent
+            .request(method, &self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .set("X-Mailroom-Actor", &format!("cli:{user}"))
+    }
+
     fn answer<T: DeserializeOwned>(
         &self,
         result: Result<ureq::Response, ureq::Error>,
@@ -85,10 +101,7 @@ impl AdminClient {
 
     /// GET a JSON resource under `/api/v1`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let request = self
-            .agent
-            .get(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("GET", path);
         self.answer(request.call())
     }
 
@@ -98,19 +111,13 @@ impl AdminClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let request = self
-            .agent
-            .request("PATCH", &self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("PATCH", path);
         self.answer(request.send_json(body))
     }
 
     /// DELETE a resource under `/api/v1`.
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let request = self
-            .agent
-            .delete(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("DELETE", path);
         match request.call() {
             Ok(_) => Ok(()),
             Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
@@ -119,10 +126,7 @@ impl AdminClient {
 
     /// POST a JSON body and ignore an empty answer.
     pub fn post_no_content<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
-        let request = self
-            .agent
-            .post(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("POST", path);
         match request.send_json(body) {
             Ok(_) => Ok(()),
             Err(e) => self.answer::<serde_json::Value>(Err(e)).map(|_| ()),
@@ -136,19 +140,14 @@ impl AdminClient {
         body: impl std::io::Read,
     ) -> anyhow::Result<T> {
         let request = self
-            .agent
-            .post(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token))
+            .request("POST", path)
             .set("Content-Type", "application/octet-stream");
         self.answer(request.send(body))
     }
 
     /// GET a text resource under `/api/v1`.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let request = self
-            .agent
-            .get(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("GET", path);
         match request.call() {
             Ok(response) => Ok(response.into_string()?),
             Err(e) => self
@@ -163,10 +162,7 @@ impl AdminClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let request = self
-            .agent
-            .post(&self.url(path))
-            .set("Authorization", &format!("Bearer {}", self.token));
+        let request = self.request("POST", path);
         self.answer(request.send_json(body))
     }
 }

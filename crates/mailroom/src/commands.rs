@@ -1165,24 +1165,162 @@ pub enum MailboxCommand {
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SSZ` (UTC), for listings.
 pub fn format_time(ms: i64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = mailroom_store::track::rfc3339(ms);
+    format!("{} {}Z", &t[..10], &t[11..19])
+}
+
+/// `mailroom track`'s filters.
+#[derive(Args)]
+pub struct TrackArgs {
+    /// The Message-ID header (with or without angle brackets).
+    #[arg(long)]
+    message_id: Option<String>,
+    /// Part of the envelope sender.
+    #[arg(long)]
+    sender: Option<String>,
+    /// Part of a recipient address: an envelope recipient, a list member, a mailbox.
+    #[arg(long)]
+    recipient: Option<String>,
+    /// One queue identifier (as in the Received header and `queue` listings).
+    #[arg(long)]
+    queue_id: Option<String>,
+    /// Only messages with an event since then: a time ago (`90s`, `30m`, `2h`, `7d`) or
+    /// a UTC date or time (`2026-12-01`, `2026-12-01T08:00:00Z`).
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many messages, newest first.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// `--since`: a time ago (`30m`) or a UTC date/time, as Unix ms.
+pub fn parse_since(text: &str, now_ms: i64) -> anyhow::Result<i64> {
+    let text = text.trim();
+    let unit = |c: char| match c {
+        's' => Some(1_000),
+        'm' => Some(60_000),
+        'h' => Some(3_600_000),
+        'd' => Some(86_400_000),
+        _ => None,
+    };
+    if let Some(last) = text.chars().last()
+        && let Some(ms) = unit(last)
+        && let Ok(n) = text[..text.len() - 1].parse::<i64>()
+    {
+        return Ok(now_ms - n * ms);
+    }
+    // YYYY-MM-DD[THH:MM[:SS]][Z]
+    let bad = || {
+        anyhow::anyhow!(
+            "--since {text:?}: give a time ago (90s, 30m, 2h, 7d) or a UTC date or time \
+             (2026-12-01, 2026-12-01T08:00:00Z)"
+        )
+    };
+    let text = text.trim_end_matches('Z');
+    let (date, time) = text.split_once(['T', ' ']).unwrap_or((text, "00:00:00"));
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (Some(Ok(y)), Some(Ok(m)), Some(Ok(day)), None) = (d.next(), d.next(), d.next(), d.next())
+    else {
+        return Err(bad());
+    };
+    let mut t = time.split(':').map(|p| p.parse::<i64>());
+    let (h, min, sec) = match (t.next(), t.next(), t.next()) {
+        (Some(Ok(h)), Some(Ok(min)), None) => (h, min, 0),
+        (Some(Ok(h)), Some(Ok(min)), Some(Ok(sec))) => (h, min, sec),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return Err(bad());
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(((days * 86_400) + h * 3600 + min * 60 + sec) * 1000)
+}
+
+/// `mailroom track ...`: each matching message's trail.
+pub fn track(args: TrackArgs) -> anyhow::Result<()> {
+    let TrackArgs {
+        message_id,
+        sender,
+        recipient,
+        queue_id,
+        since,
+        limit,
+        target,
+    } = args;
+    let mut query = vec![format!("limit={limit}")];
+    let since_ms = since
+        .map(|s| parse_since(&s, mailroom_watch::now_ms()))
+        .transpose()?;
+    for (key, value) in [
+        ("message_id", message_id),
+        ("sender", sender),
+        ("recipient", recipient),
+        ("queue_id", queue_id),
+        ("since_ms", since_ms.map(|ms| ms.to_string())),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", path_segment(&value)));
+        }
+    }
+    let events: Vec<mailroom_store::TrackEvent> = target
+        .client()?
+        .get(&format!("/track?{}", query.join("&")))?;
+    target.print(&events, |events| {
+        let mut current: Option<&str> = None;
+        let mut messages = 0;
+        for event in events {
+            if current != Some(event.queue_id.as_str()) {
+                current = Some(event.queue_id.as_str());
+                messages += 1;
+                println!(
+                    "\n{}  <{}>  from <{}>",
+                    event.queue_id,
+                    event.message_id.as_deref().unwrap_or(""),
+                    event.sender.as_deref().unwrap_or("")
+                );
+            }
+            println!(
+                "  {}  {:<11}  {}",
+                format_time(event.at_ms),
+                event.event.as_str(),
+                event.summary()
+            );
+        }
+        println!("\n{messages} message(s)");
+    })
+}
+
+#[cfg(test)]
+mod track_tests {
+    use super::parse_since;
+
+    #[test]
+    fn since_takes_a_time_ago_or_a_utc_time_and_names_what_it_wants_otherwise() {
+        let now = 1_796_180_645_678;
+        assert_eq!(parse_since("30m", now).unwrap(), now - 1_800_000);
+        assert_eq!(parse_since("7d", now).unwrap(), now - 7 * 86_400_000);
+        assert_eq!(parse_since("2026-12-02", now).unwrap(), 1_796_169_600_000);
+        assert_eq!(
+            parse_since("2026-12-02T03:04:05Z", now).unwrap(),
+            1_796_180_645_000
+        );
+        assert_eq!(
+            parse_since("2000-02-29 00:00", now).unwrap(),
+            951_782_400_000
+        );
+        let error = parse_since("yesterday", now).unwrap_err().to_string();
+        assert!(error.contains("--since"), "{error}");
+        assert!(parse_since("2026-13-01", now).is_err());
+    }
 }
 
 /// `mailroom mailbox ...`

@@ -22,6 +22,8 @@ pub struct Config {
     pub spool: SpoolSection,
     /// The database: durability and the disk's free-space reserve.
     pub storage: StorageSection,
+    /// Message tracking: how long each message's trail is kept.
+    pub tracking: TrackingSection,
     /// Inbound conversion.
     pub conversion: ConversionSection,
     /// The admin HTTP API.
@@ -663,6 +665,21 @@ impl Default for StorageSection {
     }
 }
 
+/// `[tracking]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSection {
+    /// Days a message's trail (`mailroom track`) is kept; older events are removed a
+    /// few thousand at a time in the background.
+    pub retention_days: u32,
+}
+
+impl Default for TrackingSection {
+    fn default() -> Self {
+        TrackingSection { retention_days: 30 }
+    }
+}
+
 /// `[spool]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -831,6 +848,12 @@ free_space_reserve_bytes = 67108864
 # (a "250" always means on disk); the others survive a crash of the process, but a power
 # loss may undo the newest of them (they are redone: a delivery happens again, once).
 durability = "full"
+
+[tracking]
+# Every message's trail (received, converted, delivered, relayed, deferred, DSN,
+# quarantined, an administrator's action) is recorded with the step itself and shown by
+# `mailroom track` and the web admin. Events older than this many days are removed.
+retention_days = 30
 
 [conversion]
 # Inbound conversion threads; 0 means one per CPU core.
@@ -1139,6 +1162,9 @@ impl Config {
             {
                 bail!("tls.acme.contact entries must be mailto: URLs (got {bad:?})");
             }
+        }
+        if !(1..=3650).contains(&self.tracking.retention_days) {
+            bail!("tracking.retention_days must be between 1 and 3650");
         }
         if self.inbound_checks.timeout_secs == 0 {
             bail!("inbound_checks.timeout_secs must be at least 1");

@@ -66,6 +66,10 @@ enum Command {
     /// Inspect the queues.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Message tracking: each matching message's trail of events (received, converted,
+    /// expanded, delivered, relayed, failed, deferred, dsn, quarantined, admin), newest
+    /// message first. With --json, a list of events, each with an `event` field.
+    Track(TrackArgs),
     /// Copy a running server's database into an empty folder, consistent as of one
     /// moment, while mail keeps flowing.
     Backup {
@@ -274,6 +278,7 @@ fn main() {
         Command::Mailbox(command) => mailbox(command),
         Command::Queue(command) => queue(command),
         Command::Backup { dir, target } => backup(dir, target),
+        Command::Track(args) => track(args),
         Command::Tls(TlsCommand::Show { config, data }) => tls_show(config, data),
         Command::Dkim(command) => dkim(command),
         Command::Restore { dir, data } => restore(dir, data),

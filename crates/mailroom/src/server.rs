@@ -328,6 +328,11 @@ impl Foundation {
             let cancel = cancel.clone();
             disk.start_monitor(Duration::from_secs(1), move || cancel.is_cancelled())?;
         }
+        spawn_tracking_pruner(
+            store.clone(),
+            Duration::from_secs(u64::from(config.tracking.retention_days) * 86_400),
+            cancel.clone(),
+        );
         Ok(Foundation {
             data_dir,
             store,
@@ -349,6 +354,44 @@ impl Foundation {
         drop(self.checkpointer);
         drop(self.lock);
     }
+}
+
+/// Tracking events removed per transaction: a short write turn, so mail never waits
+/// long behind retention.
+const TRACKING_PRUNE_BATCH: u32 = 2_000;
+
+/// Removes tracking events older than `retention`: at start, then once a minute, in
+/// batches of [`TRACKING_PRUNE_BATCH`] until none is left to remove.
+fn spawn_tracking_pruner(
+    store: Arc<dyn MailStore>,
+    retention: Duration,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            while !cancel.is_cancelled() {
+                let before = mailroom_watch::now_ms() - retention.as_millis() as i64;
+                let store = store.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    store.prune_tracking(before, TRACKING_PRUNE_BATCH)
+                })
+                .await;
+                match removed {
+                    Ok(Ok(n)) if n == u64::from(TRACKING_PRUNE_BATCH) => continue,
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot remove old tracking events; trying again in a minute");
+                        break;
+                    }
+                    Err(_) => return,
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    });
 }
 
 /// The middle layer: the mail's path between the listeners and the mailboxes. The

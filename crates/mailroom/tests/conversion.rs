@@ -155,6 +155,28 @@ async fn poison_messages_are_quarantined_and_do_not_block_the_queue() {
         "{reasons:?}"
     );
     assert_eq!(queues["queues"][0]["depth"], 0, "inbound queue drained");
+    // Each poison message's trail: received, deferred after the failed attempt, then
+    // quarantined with the same reason the queue shows.
+    for item in queues["quarantine"].as_array().unwrap() {
+        let queue_id = item["queue_id"].as_str().unwrap();
+        let out = server
+            .cli(&["track", "--queue-id", queue_id, "--json"])
+            .await;
+        let trail: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let kinds: Vec<&str> = trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["received", "deferred", "quarantined"], "{trail:#}");
+        assert_eq!(trail[1]["stage"], "conversion");
+        assert_eq!(trail[2]["reason"], item["last_error"], "{trail:#}");
+        assert_eq!(
+            trail[2]["recipients"],
+            serde_json::json!(["alice@example.test"])
+        );
+    }
     assert_eq!(
         server.mailbox("alice@example.test").await.len(),
         5,

@@ -1662,3 +1662,224 @@ _25._tcp.mx.tadane.test. IN TLSA 2 0 1 {ta_hash}\n",
     let received = peer.wait_for(3).await;
     assert_eq!(received[2]["rcpt_tos"], json!(["bob@tadane.test"]));
 }
+
+/// `mailroom track --json` for these arguments, as a list of events.
+async fn track(server: &TestServer, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["track", "--json"];
+    all.extend_from_slice(args);
+    let out = server.cli(&all).await;
+    serde_json::from_str::<Value>(&out)
+        .unwrap_or_else(|e| panic!("track --json printed no JSON ({e}): {out}"))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_tracking_follows_a_message_from_receipt_to_the_next_hop_and_back() {
+    let peer = Peer::start();
+    let server = start(|_| {}).await;
+    server.add_recipients(&["bob@example.test"]).await;
+    partner(&server, &peer).await;
+    server
+        .cli(&[
+            "list",
+            "add",
+            "team",
+            "--address",
+            "team@example.test",
+            "--member",
+            "alice@example.test",
+            "--member",
+            "bob@example.test",
+        ])
+        .await;
+
+    // One message: a list of two mailboxes here, and three fates at the next hop.
+    {
+        use lettre::{AsyncTransport, Message};
+        let mut builder = Message::builder()
+            .from("alice@example.test".parse().unwrap())
+            .message_id(Some("<tracked-1@example.test>".into()))
+            .subject("tracked");
+        for to in [
+            "team@example.test",
+            "ok@remote.test",
+            "perm@remote.test",
+            "temp@remote.test",
+        ] {
+            builder = builder.to(to.parse().unwrap());
+        }
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(server.smtp().port())
+            .hello_name(lettre::transport::smtp::extension::ClientId::Domain(
+                "client.example".into(),
+            ))
+            .build()
+            .send(builder.body("follow me\n".to_string()).unwrap())
+            .await
+            .expect("accepted");
+    }
+    peer.wait_for(1).await;
+    wait_outbound_settled(&server, 1).await;
+    server.wait_for_messages("alice@example.test", 2).await; // the message and the DSN
+
+    let mut events = Vec::new();
+    let complete = eventually(Duration::from_secs(10), async || {
+        events = track(&server, &["--message-id", "<tracked-1@example.test>"]).await;
+        [
+            "received",
+            "converted",
+            "expanded",
+            "delivered",
+            "relayed",
+            "failed",
+            "dsn",
+            "deferred",
+        ]
+        .iter()
+        .all(|kind| !of_kind(&events, kind).is_empty())
+    })
+    .await;
+    assert!(complete, "{events:#?}");
+    let queue_id = events[0]["queue_id"].as_str().unwrap().to_string();
+    for e in &events {
+        assert_eq!(e["queue_id"], queue_id.as_str(), "one message: {e}");
+        assert_eq!(e["message_id"], "tracked-1@example.test", "{e}");
+        assert_eq!(e["sender"], "alice@example.test", "{e}");
+        assert!(e["at_ms"].as_i64().unwrap() > 0, "{e}");
+    }
+    let received = of_kind(&events, "received")[0];
+    assert!(
+        received["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{received}"
+    );
+    assert_eq!(received["helo"], "client.example");
+    assert!(received["size"].as_u64().unwrap() > 100, "{received}");
+    assert_eq!(received["recipients"].as_array().unwrap().len(), 4);
+    assert_eq!(of_kind(&events, "converted")[0]["subject"], "tracked");
+    let expanded = of_kind(&events, "expanded")[0];
+    assert_eq!(expanded["list"], "team@example.test");
+    assert_eq!(
+        expanded["recipients"],
+        json!(["alice@example.test", "bob@example.test"])
+    );
+    let mut mailboxes: Vec<&str> = of_kind(&events, "delivered")
+        .iter()
+        .map(|e| {
+            assert_eq!(e["folder"], "INBOX");
+            assert!(e["uid"].as_u64().unwrap() >= 1);
+            e["mailbox"].as_str().unwrap()
+        })
+        .collect();
+    mailboxes.sort();
+    assert_eq!(mailboxes, ["alice@example.test", "bob@example.test"]);
+    let relayed = of_kind(&events, "relayed")[0];
+    assert_eq!(relayed["recipients"], json!(["ok@remote.test"]));
+    assert_eq!(relayed["connector"], "partner");
+    assert!(
+        relayed["host"].as_str().unwrap().contains("127.0.0.1"),
+        "{relayed}"
+    );
+    assert!(
+        relayed["reply"].as_str().unwrap().starts_with("250"),
+        "{relayed}"
+    );
+    let failed = of_kind(&events, "failed")[0];
+    assert_eq!(failed["recipients"], json!(["perm@remote.test"]));
+    assert!(
+        failed["reply"].as_str().unwrap().starts_with("550 5.1.1"),
+        "{failed}"
+    );
+    let dsn = of_kind(&events, "dsn")[0];
+    assert_eq!(dsn["action"], "failed");
+    assert_eq!(dsn["to"], "alice@example.test");
+    assert_eq!(dsn["recipients"], json!(["perm@remote.test"]));
+    let deferred = of_kind(&events, "deferred")[0];
+    assert_eq!(deferred["recipients"], json!(["temp@remote.test"]));
+    assert!(
+        deferred["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("451 4.3.0"),
+        "{deferred}"
+    );
+    assert!(deferred["next_attempt_at_ms"].as_i64().unwrap() > now_ms() + 10 * 60_000);
+
+    // The DSN is a message of its own, with its own trail into alice's INBOX.
+    let notice = dsn["notice"].as_str().unwrap();
+    let trail = track(&server, &["--queue-id", notice]).await;
+    let kinds: Vec<&str> = trail.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["received", "converted", "delivered"], "{trail:#?}");
+    assert_eq!(trail[0]["sender"], "");
+    assert_eq!(trail[2]["mailbox"], "alice@example.test");
+
+    // An administrator holds and releases the waiting recipient: both are on the trail,
+    // with who did it; then the retry relays it.
+    let entry = entry_for(&server, "temp@remote.test").await;
+    server.cli(&["queue", "hold", &entry.to_string()]).await;
+    // The release by a script through the API with the token alone: "api" acted.
+    let url = std::fs::read_to_string(server.dir.path().join("admin.url")).unwrap();
+    let token = std::fs::read_to_string(server.dir.path().join("admin.token")).unwrap();
+    let release = format!("{}/api/v1/queue/{entry}/release", url.trim());
+    tokio::task::spawn_blocking(move || {
+        ureq::post(&release)
+            .set("Authorization", &format!("Bearer {}", token.trim()))
+            .call()
+            .expect("released")
+    })
+    .await
+    .unwrap();
+    advance(&server, 16 * 60 + 40).await;
+    peer.wait_for(2).await;
+    let mut events = Vec::new();
+    let relayed_twice = eventually(Duration::from_secs(10), async || {
+        events = track(&server, &["--recipient", "TEMP@remote", "--since", "1h"]).await;
+        of_kind(&events, "relayed")
+            .iter()
+            .any(|e| e["recipients"] == json!(["temp@remote.test"]))
+    })
+    .await;
+    assert!(relayed_twice, "{events:#?}");
+    let admin = of_kind(&events, "admin");
+    assert_eq!(admin.len(), 2, "{admin:#?}");
+    assert_eq!(admin[0]["action"], "hold");
+    assert!(
+        admin[0]["by"].as_str().unwrap().starts_with("cli:"),
+        "{}",
+        admin[0]
+    );
+    assert_eq!(admin[1]["action"], "release");
+    assert_eq!(admin[1]["by"], "api");
+
+    // The filters: sender, a recipient no event names, a time after everything.
+    assert!(!track(&server, &["--sender", "alice@"]).await.is_empty());
+    assert!(
+        track(&server, &["--recipient", "nobody@nowhere"])
+            .await
+            .is_empty()
+    );
+    assert!(track(&server, &["--since", "2999-01-01"]).await.is_empty());
+    // The table names each step in words.
+    let table = server
+        .cli(&["track", "--message-id", "tracked-1@example.test"])
+        .await;
+    for words in [
+        "received",
+        "HELO client.example",
+        "list team@example.test",
+        "to mailbox bob@example.test (INBOX uid",
+        "ok@remote.test to 127.0.0.1",
+        "failed notice to <alice@example.test> about perm@remote.test",
+        "hold by cli:",
+    ] {
+        assert!(table.contains(words), "missing {words:?} in:\n{table}");
+    }
+}

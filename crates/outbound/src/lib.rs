@@ -36,7 +36,9 @@ use crate::resolve::{Host, NoHost, Resolver};
 use crate::schedule::{Clock, Schedule};
 use mailroom_directory::Directory;
 use mailroom_queue::Doorbell;
-use mailroom_store::{Envelope, MailStore, OutboundItem, OutboundOutcome, RecipientStatus};
+use mailroom_store::{
+    Envelope, MailStore, OutboundItem, OutboundOutcome, RecipientStatus, TrackEvent, TrackKind,
+};
 use mailroom_watch::{Probe, RankedMutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -321,8 +323,13 @@ impl OutboundHandle {
 
     /// Removes a claimed entry; with `notify`, every pending recipient is failed
     /// ("5.3.0 deleted by the administrator") and the sender gets a DSN as for any
-    /// failure. Returns the DSNs spooled.
-    pub fn delete(&self, item: OutboundItem, notify: bool) -> Result<usize, OutboundError> {
+    /// failure. The trail records that `by` deleted it. Returns the DSNs spooled.
+    pub fn delete(
+        &self,
+        item: OutboundItem,
+        notify: bool,
+        by: &str,
+    ) -> Result<usize, OutboundError> {
         let mut envelope = item.envelope.clone();
         let mut failed = Vec::new();
         for r in &mut envelope.recipients {
@@ -333,17 +340,29 @@ impl OutboundHandle {
                 failed.push(r.address.clone());
             }
         }
+        let wall = wall_ms();
+        let mut events = vec![
+            TrackEvent::new(TrackKind::Admin, &item.queue_id, wall)
+                .recipients(failed.iter().cloned())
+                .with("action", if notify { "delete with DSN" } else { "delete" })
+                .with("by", by)
+                .with("entry", item.id)
+                .with("queue", item.queue.as_str()),
+        ];
+        let mut dsn_events = Vec::new();
         let notices = if notify {
             outcome::failure_notices(
                 &item,
                 &envelope,
                 &failed,
                 &self.shared.config.hostname,
-                wall_ms(),
+                wall,
+                &mut dsn_events,
             )
         } else {
             Vec::new()
         };
+        events.append(&mut dsn_events);
         let spooled = self.shared.store.finish_outbound(
             item.id,
             &OutboundOutcome {
@@ -352,6 +371,7 @@ impl OutboundHandle {
                 last_error: None,
                 route: None,
                 notices,
+                events,
             },
         )?;
         if spooled > 0 {

@@ -11,7 +11,9 @@
 use crate::client::Reply;
 use crate::dsn;
 use crate::schedule::Schedule;
-use mailroom_store::{Envelope, OutboundItem, OutboundOutcome, RecipientStatus, SpoolEntry};
+use mailroom_store::{
+    Envelope, OutboundItem, OutboundOutcome, RecipientStatus, SpoolEntry, TrackEvent, TrackKind,
+};
 use std::time::Duration;
 
 /// What one attempt noted besides the recipient states.
@@ -165,14 +167,22 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
             results.push((address.clone(), result));
         }
     }
-    let mut notices = failure_notices(item, &envelope, &newly_failed, hostname, wall_ms);
+    let mut dsn_events = Vec::new();
+    let mut notices = failure_notices(
+        item,
+        &envelope,
+        &newly_failed,
+        hostname,
+        wall_ms,
+        &mut dsn_events,
+    );
     if !log.relayed.is_empty() && !item.mail_from.is_empty() {
         let relayed: Vec<_> = envelope
             .recipients
             .iter()
             .filter(|r| log.relayed.contains(&r.address))
             .collect();
-        notices.push(notice_entry(
+        let (notice, event) = notice_entry(
             item,
             &envelope,
             relayed,
@@ -180,7 +190,9 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
             None,
             hostname,
             wall_ms,
-        ));
+        );
+        notices.push(notice);
+        dsn_events.push(event);
     }
     if !respool.is_empty() {
         notices.push(SpoolEntry {
@@ -191,6 +203,7 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
             received_at_ms: wall_ms,
             client: "outbound (local connector)".into(),
             envelope: envelope.derive(&respool, |_| None),
+            ..SpoolEntry::default()
         });
     }
     let pending = envelope.pending().count();
@@ -220,7 +233,7 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
             .filter(|r| dsn::wanted(r, dsn::Action::Delayed))
             .collect();
         if !delayed.is_empty() {
-            notices.push(notice_entry(
+            let (notice, event) = notice_entry(
                 item,
                 &envelope,
                 delayed,
@@ -228,10 +241,31 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
                 Some(schedule.expires_at_ms(item.received_at_ms)),
                 hostname,
                 wall_ms,
-            ));
+            );
+            notices.push(notice);
+            dsn_events.push(event);
         }
         envelope.delay_notified = true;
     }
+    let mut events = attempt_events(
+        item,
+        &results,
+        &envelope,
+        route.as_ref().map(|r| r.0.as_str()),
+        next_attempt_at_ms,
+        log.summary.as_deref(),
+        wall_ms,
+    );
+    if !respool.is_empty() {
+        events.push(
+            TrackEvent::new(TrackKind::Relayed, &item.queue_id, wall_ms)
+                .recipients(respool.iter().cloned())
+                .with("host", "local delivery")
+                .with("connector", route.as_ref().map_or("", |r| r.0.as_str()))
+                .with("notice", format!("{}L", item.queue_id)),
+        );
+    }
+    events.append(&mut dsn_events);
     Settled {
         outcome: OutboundOutcome {
             envelope,
@@ -239,18 +273,90 @@ pub fn settle(attempted: Attempted<'_>) -> Settled {
             last_error: log.summary,
             route,
             notices,
+            events,
         },
         results,
     }
 }
 
-/// The failure DSN for `failed` recipients that asked for one (none to the null sender).
+/// The trail's events for the recipients an attempt was about: "relayed" (a next hop
+/// took it), "failed" (for good) and "deferred" (another attempt follows), one event
+/// per next hop and reply.
+pub fn attempt_events(
+    item: &OutboundItem,
+    results: &[(String, &'static str)],
+    envelope: &Envelope,
+    connector: Option<&str>,
+    next_attempt_at_ms: Option<i64>,
+    summary: Option<&str>,
+    wall_ms: i64,
+) -> Vec<TrackEvent> {
+    // Grouped by (kind, host, reply), in the order first met.
+    /// Recipients that share a kind, a next hop and a reply.
+    type Group = (TrackKind, Option<String>, Option<String>, Vec<String>);
+    let mut groups: Vec<Group> = Vec::new();
+    for (address, result) in results {
+        let Some(r) = envelope.recipient(address) else {
+            continue;
+        };
+        let kind = match *result {
+            "delivered" => TrackKind::Relayed,
+            "failed" => TrackKind::Failed,
+            _ => TrackKind::Deferred,
+        };
+        let reply = r.reply.clone().or_else(|| summary.map(str::to_string));
+        match groups
+            .iter_mut()
+            .find(|(k, h, rep, _)| *k == kind && *h == r.remote_mta && *rep == reply)
+        {
+            Some(group) => group.3.push(address.clone()),
+            None => groups.push((kind, r.remote_mta.clone(), reply, vec![address.clone()])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(kind, host, reply, recipients)| {
+            let mut event = TrackEvent::new(kind, &item.queue_id, wall_ms)
+                .recipients(recipients)
+                .with("attempt", item.attempts);
+            if let Some(connector) = connector.or(item.connector.as_deref()) {
+                event = event.with("connector", connector);
+            }
+            if let Some(host) = host {
+                event = event.with("host", host);
+            }
+            if let Some(reply) = reply {
+                event = event.with(
+                    if kind == TrackKind::Deferred {
+                        "reason"
+                    } else {
+                        "reply"
+                    },
+                    reply,
+                );
+            }
+            if kind == TrackKind::Deferred
+                && let Some(next) = next_attempt_at_ms
+            {
+                event = event.with("next_attempt_at_ms", next);
+            }
+            event
+        })
+        .collect()
+}
+
+/// The client a generated DSN is spooled as (the queue viewer shows it).
+const NOTICE_CLIENT: &str = "outbound (delivery status notification)";
+
+/// The failure DSN for `failed` recipients that asked for one (none to the null sender),
+/// with its "dsn" event for the trail pushed onto `events`.
 pub fn failure_notices(
     item: &OutboundItem,
     envelope: &Envelope,
     failed: &[String],
     hostname: &str,
     wall_ms: i64,
+    events: &mut Vec<TrackEvent>,
 ) -> Vec<SpoolEntry> {
     if item.mail_from.is_empty() {
         return Vec::new();
@@ -263,7 +369,7 @@ pub fn failure_notices(
     if reported.is_empty() {
         return Vec::new();
     }
-    vec![notice_entry(
+    let (notice, event) = notice_entry(
         item,
         envelope,
         reported,
@@ -271,7 +377,9 @@ pub fn failure_notices(
         None,
         hostname,
         wall_ms,
-    )]
+    );
+    events.push(event);
+    vec![notice]
 }
 
 fn notice_entry(
@@ -282,7 +390,20 @@ fn notice_entry(
     retry_until_ms: Option<i64>,
     hostname: &str,
     wall_ms: i64,
-) -> SpoolEntry {
+) -> (SpoolEntry, TrackEvent) {
+    let queue_id = format!("{}D{}", item.queue_id, item.attempts);
+    let event = TrackEvent::new(TrackKind::Dsn, &item.queue_id, wall_ms)
+        .recipients(recipients.iter().map(|r| r.address.clone()))
+        .with(
+            "action",
+            match action {
+                dsn::Action::Failed => "failed",
+                dsn::Action::Delayed => "delayed",
+                dsn::Action::Relayed => "relayed",
+            },
+        )
+        .with("to", item.mail_from.as_str())
+        .with("notice", queue_id.as_str());
     let body = dsn::build(
         &dsn::Notice {
             reporting_mta: hostname,
@@ -296,15 +417,17 @@ fn notice_entry(
         },
         &item.mail_from,
     );
-    SpoolEntry {
-        queue_id: format!("{}D{}", item.queue_id, item.attempts),
+    let entry = SpoolEntry {
+        queue_id,
         mail_from: String::new(),
         recipients: vec![item.mail_from.clone()],
         body,
         received_at_ms: wall_ms,
-        client: "outbound (delivery status notification)".into(),
+        client: NOTICE_CLIENT.into(),
         envelope: Envelope::default(),
-    }
+        ..SpoolEntry::default()
+    };
+    (entry, event)
 }
 
 #[cfg(test)]

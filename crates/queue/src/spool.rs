@@ -313,8 +313,7 @@ mod tests {
                             recipients: vec!["c@d".into()],
                             body: format!("Subject: {i}\r\n\r\nbody\r\n").into_bytes(),
                             received_at_ms: 1,
-                            client: String::new(),
-                            envelope: Default::default(),
+                            ..Default::default()
                         })
                         .await
                 })

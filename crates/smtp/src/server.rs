@@ -711,6 +711,8 @@ impl SmtpServer {
                         body: submission.body,
                         received_at_ms: now_ms(),
                         client: format!("{peer}"),
+                        helo: session.helo_name().map(str::to_string),
+                        user: session.authenticated_user().map(str::to_string),
                         envelope: submission.envelope,
                     };
                     let outcome = self.spool.submit(entry).await;

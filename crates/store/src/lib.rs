@@ -27,6 +27,7 @@ mod mailbox;
 mod migrations;
 pub mod outbound;
 mod sqlite;
+pub mod track;
 
 pub use disk::{Disk, NoSpace};
 pub use mailbox::{
@@ -41,6 +42,7 @@ pub use sqlite::{
     BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest, Checkpointer, Durability,
     SqliteStore,
 };
+pub use track::{TrackEvent, TrackKind, TrackQuery};
 
 use serde::{Deserialize, Serialize};
 
@@ -165,7 +167,7 @@ impl QueueName {
 }
 
 /// One accepted message as the SMTP layer hands it to the spool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpoolEntry {
     /// The identifier printed in the Received header and in logs.
     pub queue_id: String,
@@ -177,8 +179,12 @@ pub struct SpoolEntry {
     pub body: Vec<u8>,
     /// When the final "250" is about to be sent.
     pub received_at_ms: UnixMillis,
-    /// The client's address and HELO name, for the queue viewer.
+    /// The client's address, for the queue viewer and the trail.
     pub client: String,
+    /// The name the client gave in HELO or EHLO, for the trail.
+    pub helo: Option<String>,
+    /// Who the client authenticated as, for the trail.
+    pub user: Option<String>,
     /// DSN parameters given at MAIL and RCPT (RET, ENVID, NOTIFY, ORCPT).
     pub envelope: Envelope,
 }
@@ -237,6 +243,12 @@ pub struct DeliveryPlan {
     pub remote: Vec<RemoteRoute>,
     /// Addresses that could not be resolved, with the reason, for a non-delivery report.
     pub undeliverable: Vec<(String, String)>,
+    /// The primary address of each mailbox in `local` (same order), for the trail's
+    /// "delivered" events; empty when the planner did not know them.
+    pub local_addresses: Vec<String>,
+    /// Distribution lists expanded: the list's address and the members' addresses it
+    /// reached, for the trail's "expanded" events.
+    pub expanded: Vec<(String, Vec<String>)>,
 }
 
 /// Remote recipients that share a connector: one outbound queue entry.
@@ -522,6 +534,15 @@ pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Removes the messages `uids` from a folder (those still there), releasing their
     /// bodies, in one transaction. Returns how many were removed.
     fn expunge(&self, recipient: RecipientId, folder: &str, uids: &[u32]) -> Result<u64>;
+
+    /// The trails of the messages matching `query` (every filter given), newest message
+    /// first, each message's events in order, every event with the message's
+    /// Message-ID and envelope sender filled in.
+    fn track(&self, query: &TrackQuery) -> Result<Vec<TrackEvent>>;
+
+    /// Removes up to `max` tracking events older than `before_ms` (the retention), in
+    /// one short transaction; returns how many. Called repeatedly by a background task.
+    fn prune_tracking(&self, before_ms: UnixMillis, max: u32) -> Result<u64>;
 }
 
 /// The header prepended to a delivered message: the envelope sender, per RFC 5321 4.4.

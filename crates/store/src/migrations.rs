@@ -245,6 +245,27 @@ const MIGRATIONS: &[&str] = &[
         UPDATE folders SET bytes = bytes + NEW.size WHERE id = NEW.folder_id;
     END;
     "#,
+    // Version 15: message tracking (`mailroom track`). Each row is one event of a
+    // message's trail, written in the same transaction as the step it records. Rows
+    // are appended in time order, so the rowid doubles as the time index (retention
+    // prunes from the lowest id; `--since` scans from the highest). The Message-ID and
+    // sender are stored on the "received" event only; a query fills them in for the
+    // rest of the trail.
+    r#"
+    CREATE TABLE track_events (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        queue_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        message_id TEXT,
+        sender TEXT,
+        recipients TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX track_events_queue ON track_events(queue_id);
+    CREATE INDEX track_events_message_id ON track_events(message_id)
+        WHERE message_id IS NOT NULL;
+    "#,
 ];
 
 /// The mail database's version that moves the directory out (see `move_directory`).

@@ -254,6 +254,9 @@ pub struct OutboundOutcome {
     pub route: Option<(String, u64)>,
     /// Delivery status notifications to spool (inbound), in the same transaction.
     pub notices: Vec<SpoolEntry>,
+    /// The trail's events for this attempt (relayed, failed, deferred, DSN sent, an
+    /// administrator's delete), recorded in the same transaction.
+    pub events: Vec<crate::TrackEvent>,
 }
 
 /// How `queue list` narrows the entries.
@@ -318,15 +321,23 @@ pub trait OutboundQueue: Send + Sync {
     /// One entry.
     fn queue_item(&self, id: i64) -> Result<Option<QueueItemInfo>>;
 
-    /// Makes an entry due now (and releases it if held).
+    /// Makes an entry due now (and releases it if held); the trail records that `by`
+    /// (an administrator) did.
     fn retry_now(
         &self,
         id: i64,
         now_ms: UnixMillis,
+        by: &str,
     ) -> Result<std::result::Result<(), QueueActionError>>;
 
-    /// Holds (true) or releases (false) an entry: a held entry is never attempted.
-    fn set_held(&self, id: i64, held: bool) -> Result<std::result::Result<(), QueueActionError>>;
+    /// Holds (true) or releases (false) an entry: a held entry is never attempted. The
+    /// trail records that `by` (an administrator) did.
+    fn set_held(
+        &self,
+        id: i64,
+        held: bool,
+        by: &str,
+    ) -> Result<std::result::Result<(), QueueActionError>>;
 
     /// Claims one entry for an administrator's action (delete, with or without a DSN),
     /// to be finished with [`OutboundQueue::finish_outbound`].

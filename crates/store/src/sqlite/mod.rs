@@ -12,6 +12,7 @@
 mod backup;
 mod mailbox;
 mod outbound;
+mod track;
 
 pub use backup::{BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest};
 
@@ -981,6 +982,7 @@ impl MailStore for SqliteStore {
         // Hashed before the write turn: everything done inside it is time that delivery
         // and the next spool commit wait for.
         let hashes: Vec<blake3::Hash> = entries.iter().map(|e| blake3::hash(&e.body)).collect();
+        let received: Vec<TrackEvent> = entries.iter().map(TrackEvent::received).collect();
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             // (Under `durability = "full"` every connection already runs so.)
@@ -1007,6 +1009,7 @@ impl MailStore for SqliteStore {
                         &entry.envelope,
                     )?);
                 }
+                track::record_events(&tx, &received)?;
                 tx.commit()?;
                 Ok(ids)
             })();
@@ -1102,23 +1105,50 @@ impl MailStore for SqliteStore {
     }
 
     fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()> {
+        let now = mailroom_watch::now_ms();
         self.write("defer", |conn| {
-            conn.execute(
-                "UPDATE queue_items SET claimed = 0, last_error = ?2, next_attempt_at_ms = ?3
-                 WHERE id = ?1 AND queue = 'inbound'",
-                params![id, error, retry_at_ms],
-            )?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deferred: Option<(String, i64)> = tx
+                .query_row(
+                    "UPDATE queue_items SET claimed = 0, last_error = ?2, next_attempt_at_ms = ?3
+                     WHERE id = ?1 AND queue = 'inbound' RETURNING queue_id, attempts",
+                    params![id, error, retry_at_ms],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((queue_id, attempts)) = deferred {
+                let event = TrackEvent::new(TrackKind::Deferred, &queue_id, now)
+                    .with("stage", "conversion")
+                    .with("reason", error)
+                    .with("attempt", attempts)
+                    .with("next_attempt_at_ms", retry_at_ms);
+                track::record_events(&tx, &[event])?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
 
     fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()> {
+        let now = mailroom_watch::now_ms();
         self.write("quarantine", |conn| {
-            conn.execute(
-                "UPDATE queue_items SET queue = 'quarantine', claimed = 0, last_error = ?2
-                 WHERE id = ?1 AND queue = 'inbound'",
-                params![id, reason],
-            )?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let moved: Option<(String, String)> = tx
+                .query_row(
+                    "UPDATE queue_items SET queue = 'quarantine', claimed = 0, last_error = ?2
+                     WHERE id = ?1 AND queue = 'inbound' RETURNING queue_id, recipients",
+                    params![id, reason],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((queue_id, recipients)) = moved {
+                let event = TrackEvent::new(TrackKind::Quarantined, &queue_id, now)
+                    .recipients(parse_recipients(recipients))
+                    .with("reason", reason)
+                    .with("entry", id);
+                track::record_events(&tx, &[event])?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -1426,6 +1456,19 @@ impl MailStore for SqliteStore {
             }
         })
     }
+
+    fn track(&self, query: &TrackQuery) -> Result<Vec<TrackEvent>> {
+        self.with_conn(|conn| track::track(conn, query))
+    }
+
+    fn prune_tracking(&self, before_ms: UnixMillis, max: u32) -> Result<u64> {
+        self.write("prune tracking", |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = track::prune(&tx, before_ms, max)?;
+            tx.commit()?;
+            Ok(removed)
+        })
+    }
 }
 
 /// One entry's delivery inside the caller's transaction; see `deliver_inbound`.
@@ -1485,6 +1528,58 @@ fn deliver_one(
         ])?;
         delivered.push(Delivered { recipient, uid });
     }
+    let mut events = Vec::with_capacity(2 + delivered.len() + plan.expanded.len());
+    let remote: Vec<serde_json::Value> = plan
+        .remote
+        .iter()
+        .map(|r| serde_json::json!({"connector": r.connector, "recipients": r.recipients}))
+        .collect();
+    let mut converted = TrackEvent::new(TrackKind::Converted, &item.queue_id, now_ms)
+        .recipients(item.recipients.iter().cloned())
+        .with("parsed", plan.facts.parsed)
+        .with("local", plan.local.len())
+        .with("remote", remote)
+        .with("attempt", item.attempts);
+    if let Some(subject) = &plan.facts.subject {
+        converted = converted.with("subject", subject.chars().take(200).collect::<String>());
+    }
+    if !plan.undeliverable.is_empty() {
+        let undeliverable: Vec<serde_json::Value> = plan
+            .undeliverable
+            .iter()
+            .map(|(a, why)| serde_json::json!({"address": a, "reason": why}))
+            .collect();
+        converted = converted.with("undeliverable", undeliverable);
+    }
+    if let Some(junk) = &item.envelope.junk {
+        converted = converted.with("junk", junk.as_str());
+    }
+    events.push(converted);
+    for (list, members) in &plan.expanded {
+        events.push(
+            TrackEvent::new(TrackKind::Expanded, &item.queue_id, now_ms)
+                .recipients(members.iter().cloned())
+                .with("list", list.as_str()),
+        );
+    }
+    let folder = if item.envelope.junk.is_some() {
+        "Junk"
+    } else {
+        "INBOX"
+    };
+    for (i, d) in delivered.iter().enumerate() {
+        let mut event = TrackEvent::new(TrackKind::Delivered, &item.queue_id, now_ms)
+            .with("folder", folder)
+            .with("uid", d.uid)
+            .with("recipient_id", d.recipient);
+        if let Some(address) = plan.local_addresses.get(i) {
+            event = event
+                .recipients([address.as_str()])
+                .with("mailbox", address.as_str());
+        }
+        events.push(event);
+    }
+    track::record_events(tx, &events)?;
     let mut references = plan.local.len() as i64 - 1;
     for route in &plan.remote {
         insert_queue_item(
@@ -1547,7 +1642,7 @@ mod tests {
             body: body.to_vec(),
             received_at_ms: 1000,
             client: "127.0.0.1".into(),
-            envelope: Envelope::default(),
+            ..SpoolEntry::default()
         }
     }
 
@@ -1789,6 +1884,156 @@ mod tests {
             .map(|m| m.uid)
             .collect();
         assert_eq!(uids, [1, 2]);
+    }
+
+    #[test]
+    fn the_trail_is_written_with_each_step_and_only_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        let first = SpoolEntry {
+            queue_id: "Q1".into(),
+            helo: Some("client.example".into()),
+            user: Some("a".into()),
+            ..entry(
+                b"Message-ID: <m1@example.test>\r\nSubject: hello\r\n\r\nhi\r\n",
+                &["list@example.test", "x@remote.example"],
+            )
+        };
+        let second = SpoolEntry {
+            queue_id: "Q2".into(),
+            mail_from: "other@b.example".into(),
+            ..entry(b"Subject: two\r\n\r\nhi\r\n", &["b@example.test"])
+        };
+        store.spool(&[first, second]).unwrap();
+        let items = store.claim_inbound(2000, 10).unwrap();
+        let plan = DeliveryPlan {
+            facts: MessageFacts {
+                subject: Some("hello".into()),
+                parsed: true,
+                ..Default::default()
+            },
+            local: vec![a],
+            local_addresses: vec!["a@example.test".into()],
+            expanded: vec![("list@example.test".into(), vec!["a@example.test".into()])],
+            remote: vec![RemoteRoute {
+                connector: "internet".into(),
+                generation: 7,
+                recipients: vec!["x@remote.example".into()],
+            }],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&items[0], &plan)], 3000).unwrap();
+        // A batch that fails rolls its events back with it: Q2 was not converted.
+        assert!(
+            store
+                .deliver_inbound(&[(&items[1], &plan), (&items[0], &plan)], 3000)
+                .is_err()
+        );
+        let query = |q: TrackQuery| store.track(&q).unwrap();
+        let kinds = |events: &[TrackEvent]| events.iter().map(|e| e.event).collect::<Vec<_>>();
+        let q2 = query(TrackQuery {
+            queue_id: Some("Q2".into()),
+            ..Default::default()
+        });
+        assert_eq!(kinds(&q2), [TrackKind::Received]);
+
+        store
+            .defer_inbound(items[1].id, "4.3.0 busy", 9_000)
+            .unwrap();
+        let again = store.claim_inbound(10_000, 10).unwrap();
+        store
+            .quarantine_inbound(again[0].id, "conversion failed 5 times")
+            .unwrap();
+        let q2 = query(TrackQuery {
+            sender: Some("OTHER@b".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            kinds(&q2),
+            [
+                TrackKind::Received,
+                TrackKind::Deferred,
+                TrackKind::Quarantined
+            ]
+        );
+        assert_eq!(q2[1].text("reason"), Some("4.3.0 busy"));
+        assert_eq!(q2[1].detail["next_attempt_at_ms"], 9_000);
+        assert_eq!(q2[2].text("reason"), Some("conversion failed 5 times"));
+
+        let outbound = store
+            .queue_items(Some(QueueName::Outbound), None, 10)
+            .unwrap();
+        store
+            .set_held(outbound[0].id, true, "cli:tester")
+            .unwrap()
+            .unwrap();
+        let q1 = query(TrackQuery {
+            message_id: Some("<m1@example.test>".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            kinds(&q1),
+            [
+                TrackKind::Received,
+                TrackKind::Converted,
+                TrackKind::Expanded,
+                TrackKind::Delivered,
+                TrackKind::Admin
+            ]
+        );
+        assert!(q1.iter().all(|e| e.queue_id == "Q1"
+            && e.message_id.as_deref() == Some("m1@example.test")
+            && e.sender.as_deref() == Some("a@b.example")));
+        let received = &q1[0];
+        assert_eq!(received.text("helo"), Some("client.example"));
+        assert_eq!(received.text("user"), Some("a"));
+        assert_eq!(received.text("client"), Some("127.0.0.1"));
+        assert_eq!(
+            received.recipients,
+            ["list@example.test", "x@remote.example"]
+        );
+        assert_eq!(q1[1].text("subject"), Some("hello"));
+        assert_eq!(q1[1].detail["remote"][0]["connector"], "internet");
+        assert_eq!(q1[2].text("list"), Some("list@example.test"));
+        assert_eq!(q1[3].text("mailbox"), Some("a@example.test"));
+        assert_eq!(q1[3].text("folder"), Some("INBOX"));
+        assert_eq!(q1[3].detail["uid"], 1);
+        assert_eq!(q1[4].text("action"), Some("hold"));
+        assert_eq!(q1[4].text("by"), Some("cli:tester"));
+
+        // A list member is found by the recipient filter (any case); newest message first.
+        let by_member = query(TrackQuery {
+            recipient: Some("A@EXAMPLE.TEST".into()),
+            ..Default::default()
+        });
+        assert_eq!(by_member[0].queue_id, "Q1");
+        assert!(by_member.iter().all(|e| e.queue_id == "Q1"));
+        let both = query(TrackQuery::default());
+        assert_eq!(both.first().unwrap().queue_id, "Q1", "Q1 moved last");
+        assert!(
+            query(TrackQuery {
+                since_ms: Some(mailroom_watch::now_ms() + 60_000),
+                ..Default::default()
+            })
+            .is_empty()
+        );
+        assert!(
+            query(TrackQuery {
+                message_id: Some("m1@example.test".into()),
+                sender: Some("nobody".into()),
+                ..Default::default()
+            })
+            .is_empty(),
+            "filters combine"
+        );
+
+        // Retention: a batch at a time, then nothing older is left.
+        let total = both.len() as u64;
+        let future = mailroom_watch::now_ms() + 1;
+        assert_eq!(store.prune_tracking(future, 3).unwrap(), 3);
+        assert_eq!(store.prune_tracking(future, 100).unwrap(), total - 3);
+        assert!(query(TrackQuery::default()).is_empty());
     }
 
     #[test]

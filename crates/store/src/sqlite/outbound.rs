@@ -8,6 +8,7 @@ use super::{
 use crate::outbound::{
     OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,
 };
+use crate::track::{TrackEvent, TrackKind};
 use crate::{QueueItemInfo, QueueName, Result, UnixMillis};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
@@ -93,7 +94,9 @@ impl OutboundQueue for SqliteStore {
                 // Deleted meanwhile (an administrator); nothing to record, no DSN twice.
                 return Ok(0);
             };
+            let mut events = outcome.events.clone();
             for notice in &outcome.notices {
+                events.push(TrackEvent::received(notice));
                 let notice_blob = put_blob(&tx, &notice.body)?;
                 insert_queue_item(
                     &tx,
@@ -138,6 +141,7 @@ impl OutboundQueue for SqliteStore {
                     )?;
                 }
             }
+            super::track::record_events(&tx, &events)?;
             tx.commit()?;
             Ok(outcome.notices.len())
         })
@@ -238,48 +242,68 @@ impl OutboundQueue for SqliteStore {
         &self,
         id: i64,
         now_ms: UnixMillis,
+        by: &str,
     ) -> Result<std::result::Result<(), QueueActionError>> {
+        let wall = mailroom_watch::now_ms();
         self.write("queue admin", |conn| {
-            let state: Option<(String, bool)> = conn
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let state: Option<(String, bool, String, String)> = tx
                 .query_row(
-                    "SELECT queue, claimed FROM queue_items WHERE id = ?1",
+                    "SELECT queue, claimed, queue_id, recipients FROM queue_items WHERE id = ?1",
                     [id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
             match state {
                 None => Ok(Err(QueueActionError::NotFound)),
-                Some((_, true)) => Ok(Err(QueueActionError::Busy)),
-                Some((queue, false)) => {
+                Some((_, true, _, _)) => Ok(Err(QueueActionError::Busy)),
+                Some((queue, false, queue_id, recipients)) => {
                     // A quarantined message goes back to conversion, with a fresh count.
-                    let (queue, attempts_reset) = if queue == "quarantine" {
+                    let (to_queue, attempts_reset) = if queue == "quarantine" {
                         ("inbound".to_string(), true)
                     } else {
-                        (queue, false)
+                        (queue.clone(), false)
                     };
-                    conn.execute(
+                    tx.execute(
                         "UPDATE queue_items SET queue = ?2, next_attempt_at_ms = ?3, held = 0,
                                 attempts = CASE WHEN ?4 THEN 0 ELSE attempts END
                          WHERE id = ?1",
-                        params![id, queue, now_ms, attempts_reset],
+                        params![id, to_queue, now_ms, attempts_reset],
                     )?;
+                    let event = admin_event(&queue_id, wall, "retry", by, id, &queue, recipients);
+                    super::track::record_events(&tx, &[event])?;
+                    tx.commit()?;
                     Ok(Ok(()))
                 }
             }
         })
     }
 
-    fn set_held(&self, id: i64, held: bool) -> Result<std::result::Result<(), QueueActionError>> {
+    fn set_held(
+        &self,
+        id: i64,
+        held: bool,
+        by: &str,
+    ) -> Result<std::result::Result<(), QueueActionError>> {
+        let wall = mailroom_watch::now_ms();
         self.write("queue admin", |conn| {
-            let changed = conn.execute(
-                "UPDATE queue_items SET held = ?2 WHERE id = ?1",
-                params![id, held],
-            )?;
-            Ok(if changed == 0 {
-                Err(QueueActionError::NotFound)
-            } else {
-                Ok(())
-            })
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let changed: Option<(String, String, String)> = tx
+                .query_row(
+                    "UPDATE queue_items SET held = ?2 WHERE id = ?1
+                     RETURNING queue_id, queue, recipients",
+                    params![id, held],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((queue_id, queue, recipients)) = changed else {
+                return Ok(Err(QueueActionError::NotFound));
+            };
+            let action = if held { "hold" } else { "release" };
+            let event = admin_event(&queue_id, wall, action, by, id, &queue, recipients);
+            super::track::record_events(&tx, &[event])?;
+            tx.commit()?;
+            Ok(Ok(()))
         })
     }
 
@@ -313,4 +337,22 @@ impl OutboundQueue for SqliteStore {
             Ok(Ok(items.remove(0)))
         })
     }
+}
+
+/// The trail's record of an administrator's action on queue entry `id`.
+fn admin_event(
+    queue_id: &str,
+    at_ms: UnixMillis,
+    action: &str,
+    by: &str,
+    id: i64,
+    queue: &str,
+    recipients: String,
+) -> TrackEvent {
+    TrackEvent::new(TrackKind::Admin, queue_id, at_ms)
+        .recipients(super::parse_recipients(recipients))
+        .with("action", action)
+        .with("by", by)
+        .with("entry", id)
+        .with("queue", queue)
 }
