@@ -209,12 +209,15 @@ pub fn router(state: Arc<AdminState>) -> Router {
 /// Serves the API on `listener` until `cancel` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: Arc<AdminState>,
+    app: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await
 }
 
 async fn require_token(
@@ -362,6 +365,9 @@ pub struct RecipientView {
     pub quota: Quota,
     /// True when a password is set.
     pub has_password: bool,
+    /// The administrator role: may sign in to the web admin.
+    #[serde(default)]
+    pub admin: bool,
     /// What the administrator should know about the change just made (for example a
     /// generated address that needed a numeric suffix).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -389,6 +395,7 @@ pub fn view(snapshot: &Snapshot, r: &Recipient) -> RecipientView {
         protocols: r.protocols.to_csv(),
         quota: r.quota,
         has_password: r.password_hash.is_some(),
+        admin: r.admin,
         notes: Vec::new(),
     }
 }
@@ -482,6 +489,9 @@ pub struct RecipientRequest {
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: Option<bool>,
+    /// The administrator role (web admin sign-in); mailboxes only.
+    #[serde(default)]
+    pub admin: Option<bool>,
     /// Protocol overrides, `imap:off` etc.
     #[serde(default)]
     pub protocols: Option<Vec<String>>,
@@ -540,6 +550,7 @@ impl RecipientRequest {
             owner: self.owner,
             send_as: self.send_as,
             hidden: self.hidden,
+            admin: self.admin,
             protocols: self.protocols,
             quota_warning_kb: self.quota_warning_kb,
             quota_prohibit_send_kb: self.quota_prohibit_send_kb,
@@ -851,19 +862,17 @@ struct ImportQuery {
 }
 
 fn format_of(format: Option<&str>, name: Option<&str>) -> Result<Format, ApiError> {
+    import_format(format, name).map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))
+}
+
+/// An import's format: as given (`csv`, `ldif`), or by the file name's extension; the
+/// error says what to give. Shared with the web admin's upload form.
+pub fn import_format(format: Option<&str>, name: Option<&str>) -> Result<Format, String> {
     let from_name = name.and_then(|n| Format::from_path(std::path::Path::new(n)));
     match format {
-        Some(f) => Format::parse(f).ok_or_else(|| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("format {f:?}: say csv or ldif"),
-            )
-        }),
+        Some(f) => Format::parse(f).ok_or_else(|| format!("format {f:?}: say csv or ldif")),
         None => from_name.ok_or_else(|| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "say format=csv or format=ldif (or give a name ending in .csv or .ldif)".into(),
-            )
+            "say format=csv or format=ldif (or give a name ending in .csv or .ldif)".into()
         }),
     }
 }

@@ -98,21 +98,7 @@ pub async fn authenticate_async(
     protocol: Protocol,
     verifier: &Verifier,
 ) -> Result<RecipientId, LoginError> {
-    let found = snapshot
-        .find(user.trim())
-        .filter(|r| r.kind == RecipientKind::Mailbox)
-        .and_then(|r| r.password_hash.clone().map(|hash| (r.id, hash)));
-    let (id, hash) = match found {
-        Some(found) => found,
-        None => {
-            // Same work as a real check: a missing user is not told apart by timing.
-            verifier.verify(password, DUMMY_HASH.to_string()).await?;
-            return Err(LoginError::Invalid);
-        }
-    };
-    if !verifier.verify(password, hash).await? {
-        return Err(LoginError::Invalid);
-    }
+    let id = check_password(snapshot, user, password, verifier).await?.id;
     if !snapshot.may_use(id, protocol) {
         return Err(LoginError::ProtocolDisabled(match protocol {
             Protocol::Imap => "IMAP",
@@ -162,6 +148,33 @@ impl Verifier {
             .map_err(|_| LoginError::Busy)?;
         answer.await.map_err(|_| LoginError::Busy)
     }
+}
+
+/// The mailbox whose alias or address is `user`, when `password` is its password (the
+/// web admin's sign-in; the protocols add their settings in [`authenticate_async`]).
+/// Missing users cost the same time as wrong passwords.
+pub async fn check_password(
+    snapshot: &Snapshot,
+    user: &str,
+    password: String,
+    verifier: &Verifier,
+) -> Result<std::sync::Arc<crate::Recipient>, LoginError> {
+    let found = snapshot
+        .find(user.trim())
+        .filter(|r| r.kind == RecipientKind::Mailbox)
+        .and_then(|r| r.password_hash.clone().map(|hash| (r.clone(), hash)));
+    let (recipient, hash) = match found {
+        Some(found) => found,
+        None => {
+            // Same work as a real check: a missing user is not told apart by timing.
+            verifier.verify(password, DUMMY_HASH.to_string()).await?;
+            return Err(LoginError::Invalid);
+        }
+    };
+    if !verifier.verify(password, hash).await? {
+        return Err(LoginError::Invalid);
+    }
+    Ok(recipient)
 }
 
 /// An Argon2id hash of a random password nobody knows, for timing parity.

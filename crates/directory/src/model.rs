@@ -250,6 +250,10 @@ pub struct Recipient {
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: bool,
+    /// May sign in to the web admin (the administrator role; the first-start
+    /// postmaster has it, `mailroom recipient role ADDR admin` grants it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
     /// Per-protocol overrides.
     #[serde(default)]
     pub protocols: ProtocolOverrides,
@@ -278,6 +282,7 @@ impl Recipient {
             owner: None,
             send_as: Vec::new(),
             hidden: false,
+            admin: false,
             protocols: ProtocolOverrides::default(),
             quota: Quota::default(),
             password_hash: None,

@@ -643,6 +643,16 @@ impl Snapshot {
         if let Some(hidden) = fields.hidden {
             r.hidden = hidden;
         }
+        if let Some(admin) = fields.admin {
+            if admin && r.kind != RecipientKind::Mailbox {
+                return Err(invalid(
+                    &object,
+                    "admin",
+                    "only a mailbox (which has a password) can be an administrator",
+                ));
+            }
+            r.admin = admin;
+        }
         if let Some(hash) = &fields.password_hash {
             r.password_hash = Some(hash.clone());
         }

@@ -107,6 +107,9 @@ pub struct RecipientFields {
     /// Hidden from the address book.
     #[serde(default)]
     pub hidden: Option<bool>,
+    /// The administrator role (web admin sign-in); mailboxes only.
+    #[serde(default)]
+    pub admin: Option<bool>,
     /// Protocol overrides as `protocol:on|off|default`; replaces all overrides.
     #[serde(default)]
     pub protocols: Option<Vec<String>>,

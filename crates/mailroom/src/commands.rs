@@ -168,6 +168,17 @@ pub enum RecipientCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Give a mailbox a role: `admin` may sign in to the web admin (at /login on the
+    /// admin listener) with its address and password; `user` takes that away.
+    Role {
+        /// Alias or address.
+        recipient: String,
+        /// `admin` or `user`.
+        #[arg(value_parser = ["admin", "user"])]
+        role: String,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn names_into(request: &mut RecipientRequest, names: NameArgs) {
@@ -340,6 +351,27 @@ pub fn recipient(command: RecipientCommand) -> anyhow::Result<()> {
             )?;
             println!("password set for {recipient}");
             Ok(())
+        }
+        RecipientCommand::Role {
+            recipient,
+            role,
+            target,
+        } => {
+            let view: RecipientView = target.client()?.patch(
+                &format!("/recipients/{}", path_segment(&recipient)),
+                &json!({ "admin": role == "admin" }),
+            )?;
+            target.print(&view, |view| {
+                println!(
+                    "{} is {}",
+                    view.alias,
+                    if view.admin {
+                        "an administrator (may sign in to the web admin)"
+                    } else {
+                        "a user (no web admin)"
+                    }
+                )
+            })
         }
     }
 }

@@ -738,6 +738,9 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// Largest directory import upload, in bytes.
     pub import_size_max_bytes: u64,
+    /// Host names (or `name:port`) the web admin answers to besides the listen address
+    /// and `localhost`; any other Host header is refused.
+    pub web_hosts: Vec<String>,
 }
 
 impl Default for AdminSection {
@@ -745,6 +748,7 @@ impl Default for AdminSection {
         AdminSection {
             listen: "127.0.0.1:8025".parse().expect("valid address"),
             import_size_max_bytes: 268_435_456,
+            web_hosts: Vec::new(),
         }
     }
 }
@@ -868,11 +872,17 @@ retry_delay_ms = 10000
 batch_max = 32
 
 [admin]
-# The admin HTTP API (/api/v1, /health, /metrics). Loopback by default.
+# The admin listener: the web admin at / (sign in at /login as a mailbox with the
+# administrator role; the postmaster has it), the API at /api/v1, /health, /metrics.
+# Loopback by default.
 listen = "127.0.0.1:8025"
 # Largest directory import (CSV or LDIF) accepted; larger uploads get 413 and nothing
 # of them is kept. 256 MiB holds well over a million recipients.
 import_size_max_bytes = 268435456
+# Names the web admin answers to besides the listen address and localhost, e.g.
+# ["mail.example.com"] behind a reverse proxy; pages asked for under any other Host
+# header are refused (a defence against DNS rebinding).
+web_hosts = []
 
 [directory]
 # Domains delivered here besides server.domain, the site addressing templates' domains

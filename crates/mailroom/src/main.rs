@@ -350,14 +350,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .buffered_lines_limit(16_384)
         .thread_name("log-writer")
         .finish(NeverFails(std::io::stderr()));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MAILROOM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(writer)
-        .log_internal_errors(false)
-        .init();
+    // The web admin's dashboard shows the last warnings and errors: a layer beside the
+    // log's, keeping them in memory.
+    let recent_log = mailroom_web::recent::RecentLog::default();
+    {
+        use tracing_subscriber::prelude::*;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::EnvFilter::try_from_env("MAILROOM_LOG")
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .log_internal_errors(false),
+            )
+            .with(recent_log.clone())
+            .init();
+    }
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -394,7 +404,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = runtime.block_on(async move {
-        let server = mailroom::start(config.clone(), ServerOptions::default()).await?;
+        let server = mailroom::start(
+            config.clone(),
+            ServerOptions {
+                recent_log: Some(recent_log),
+                ..ServerOptions::default()
+            },
+        )
+        .await?;
         say("Mailroom is running.");
         say(&format!("  data folder: {}", server.data_dir.display()));
         say(&format!("  SMTP:        {}", server.smtp_addr));
@@ -413,7 +430,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             say(&format!("  POP3S:       {pop3s}"));
         }
         say(&format!(
-            "  admin API:   http://{}  (token in {}/admin.token)",
+            "  web admin:   http://{}/  (sign in as an administrator, e.g. postmaster@{})",
+            server.admin_addr, config.server.domain
+        ));
+        say(&format!(
+            "  admin API:   http://{}/api/v1  (token in {}/admin.token)",
             server.admin_addr,
             server.data_dir.display()
         ));

@@ -54,6 +54,9 @@ const DATABASE_FILE: &str = "mailroom.db";
 pub struct ServerOptions {
     /// Run before every message's conversion; tests make it panic or block.
     pub conversion_hook: Option<ConversionHook>,
+    /// The process's recent warnings and errors (a layer of its log subscriber, set by
+    /// `mailroom serve`), shown on the web admin's dashboard.
+    pub recent_log: Option<mailroom_web::recent::RecentLog>,
 }
 
 /// A running server.
@@ -200,7 +203,24 @@ fn admin_token(dir: &Path) -> anyhow::Result<String> {
 
 async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Result<Option<String>> {
     let address = format!("postmaster@{domain}");
-    if directory.snapshot().by_address(&address).is_some() {
+    let snapshot = directory.snapshot();
+    if let Some(postmaster) = snapshot.by_address(&address) {
+        // A data folder from before the administrator role: nobody has it yet, so
+        // the postmaster gets it (as at a first start), or nobody could sign in to
+        // the web admin.
+        let anyone = snapshot.recipients().any(|r| r.admin);
+        if !anyone && postmaster.kind == RecipientKind::Mailbox {
+            directory
+                .apply(Change::ModifyRecipient {
+                    alias: postmaster.alias.clone(),
+                    fields: RecipientFields {
+                        admin: Some(true),
+                        ..RecipientFields::default()
+                    },
+                })
+                .await
+                .context("cannot give the postmaster the administrator role")?;
+        }
         return Ok(None);
     }
     let password = generate_password();
@@ -215,6 +235,7 @@ async fn ensure_postmaster(directory: &Directory, domain: &str) -> anyhow::Resul
             display_name: Some("Postmaster".into()),
             addresses: Some(vec![address]),
             password_hash: Some(hash),
+            admin: Some(true),
             ..RecipientFields::default()
         }))
         .await
@@ -583,6 +604,7 @@ impl Listeners {
         foundation: &Foundation,
         pipeline: &Pipeline,
         mut registry: Registry,
+        recent_log: mailroom_web::recent::RecentLog,
     ) -> anyhow::Result<Listeners> {
         let (store, directory, watch) =
             (&foundation.store, &foundation.directory, &foundation.watch);
@@ -788,11 +810,28 @@ impl Listeners {
             transfer: pipeline.transfer.clone(),
             test_clock: config.outbound.test_clock,
         });
+        // The web admin answers under the listener's own address, `localhost` with its
+        // port, and the names the config adds (DNS rebinding: a foreign name is refused).
+        let mut hosts = vec![
+            addresses.admin.to_string(),
+            format!("localhost:{}", addresses.admin.port()),
+        ];
+        hosts.extend(config.admin.web_hosts.iter().cloned());
+        let web_state = Arc::new(mailroom_web::WebState {
+            admin: admin_state.clone(),
+            limiter: limiter.clone(),
+            verifier: verifier.clone(),
+            hosts,
+            secure_cookies: false,
+            sessions: mailroom_web::session::Sessions::default(),
+            recent: recent_log,
+        });
+        let app = mailroom_admin::router(admin_state).merge(mailroom_web::router(web_state));
         let heartbeat_every =
             Duration::from_millis(config.watchdog.check_interval_ms.clamp(10, 250));
         let admin_task = spawn_admin(
             bound.admin.into_std()?,
-            admin_state,
+            app,
             watch.tasks().heartbeat("admin"),
             heartbeat_every,
             cancel.clone(),
@@ -949,7 +988,7 @@ async fn start_tls(
 /// that reports it. The receiver fires when the thread has finished.
 fn spawn_admin(
     listener: std::net::TcpListener,
-    state: Arc<AdminState>,
+    app: axum::Router,
     beat: Arc<mailroom_watch::Heartbeat>,
     heartbeat_every: Duration,
     cancel: CancellationToken,
@@ -985,7 +1024,7 @@ fn spawn_admin(
                         return;
                     }
                 };
-                if let Err(e) = mailroom_admin::serve(listener, state, cancel).await {
+                if let Err(e) = mailroom_admin::serve(listener, app, cancel).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
             });
@@ -1004,8 +1043,9 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
     config.server.hostname = config.server.effective_hostname();
     let mut registry = Registry::default();
     let foundation = Foundation::start(&config, &mut registry).await?;
+    let recent_log = options.recent_log.clone().unwrap_or_default();
     let pipeline = Pipeline::start(&config, &foundation, options, &mut registry)?;
-    let listeners = Listeners::start(&config, &foundation, &pipeline, registry).await?;
+    let listeners = Listeners::start(&config, &foundation, &pipeline, registry, recent_log).await?;
     let a = &listeners.addresses;
     Ok(RunningServer {
         smtp_addr: a.smtp,

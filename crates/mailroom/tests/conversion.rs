@@ -100,6 +100,7 @@ async fn poison_messages_are_quarantined_and_do_not_block_the_queue() {
         },
         ServerOptions {
             conversion_hook: Some(hook),
+            ..ServerOptions::default()
         },
     )
     .await;

@@ -52,6 +52,7 @@ async fn a_blocked_conversion_is_reported_as_a_stall_and_the_queue_still_drains(
         },
         ServerOptions {
             conversion_hook: Some(hook),
+            ..ServerOptions::default()
         },
     )
     .await;

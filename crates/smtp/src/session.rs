@@ -1412,6 +1412,7 @@ mod tests {
                     owner: None,
                     send_as: Vec::new(),
                     hidden: false,
+                    admin: false,
                     protocols: Default::default(),
                     quota: Default::default(),
                     password_hash: None,

@@ -212,8 +212,10 @@ impl TrackEvent {
             ),
             TrackKind::Expanded => format!("list {} to {to}", text("list")),
             TrackKind::Relayed | TrackKind::Failed => format!(
-                "{to} to {}{}: {}",
-                self.text("host").unwrap_or("?"),
+                "{to}{}{}: {}",
+                self.text("host")
+                    .map(|h| format!(" to {h}"))
+                    .unwrap_or_default(),
                 self.text("connector")
                     .map(|c| format!(" via {c}"))
                     .unwrap_or_default(),

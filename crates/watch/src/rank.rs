@@ -3,6 +3,8 @@
 //! the table with each lock's owner, holders and hold time). A new lock gets a rank
 //! here first, so two crates cannot pick the same number for locks that nest.
 
+/// The web admin's signed-in sessions (`web::Sessions`): a map lookup, taken alone.
+pub const WEB_SESSIONS: u32 = 79;
 /// Finished directory job threads (`directory::jobs`).
 pub const DIRECTORY_JOB_THREADS: u32 = 80;
 /// The DKIM keys loaded for signing and sealing (`dkim::Signer`).
@@ -46,3 +48,7 @@ pub const RUNTIME_HEARTBEATS: u32 = 97;
 pub const SESSION_DOING: u32 = 98;
 /// Blocked tasks the watchdog has logged.
 pub const WATCHDOG_REPORTED: u32 = 99;
+/// The last warnings and errors logged, for the web admin (`web::recent::RecentLog`).
+/// Ranked above every other lock: a warning may be logged while any lock is held, and
+/// the tracing layer takes this one innermost, for one push.
+pub const RECENT_LOG: u32 = 100;
