@@ -79,6 +79,7 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), signed_in));
     Router::new()
         .route("/login", get(pages::login_form).post(login))
+        .route("/assets/{name}", get(pages::asset))
         .merge(signed_in)
         .route_layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
@@ -227,7 +228,7 @@ async fn login(
         .to_string();
     tracing::info!(%peer, %user, "web admin sign-in");
     let id = state.sessions.create(&user);
-    let target = if next.starts_with('/') && !next.starts_with("//") {
+    let target = if local_path(&next) {
         next
     } else {
         "/".to_string()
@@ -245,6 +246,15 @@ async fn login(
         )
         .body(Body::empty())
         .expect("a valid response")
+}
+
+/// Whether `next` (after sign-in) is a path on this server: `/x`, never `//host` or
+/// `/\\host` (browsers read both as another host: an open redirect).
+fn local_path(next: &str) -> bool {
+    let mut chars = next.chars();
+    chars.next() == Some('/')
+        && !matches!(chars.next(), Some('/' | '\\'))
+        && !next.chars().any(|c| c.is_control())
 }
 
 /// `POST /logout`.
@@ -270,3 +280,20 @@ async fn logout(State(state): State<Arc<WebState>>, request: Request) -> Respons
 
 /// The signed-in administrator, as the middleware found them.
 pub(crate) type Signed = axum::Extension<Session>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn after_sign_in_only_paths_here_are_followed() {
+        assert!(super::local_path("/queues?queue=outbound"));
+        for foreign in [
+            "//evil.example/",
+            "/\\evil.example",
+            "https://evil.example",
+            "",
+            "/\n",
+        ] {
+            assert!(!super::local_path(foreign), "{foreign:?}");
+        }
+    }
+}
