@@ -220,6 +220,54 @@ pub async fn serve(
     .await
 }
 
+/// Serves `app` over implicit TLS (HTTPS) on `listener` until `cancel`: each connection
+/// is a TLS handshake (bounded by the TLS crate's timeout), then HTTP/1.1 with the
+/// client's address available to handlers as `ConnectInfo`, as on the plain listener.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<mailroom_tls::Tls>,
+    app: Router,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin HTTPS accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (tls, app, cancel) = (tls.clone(), app.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let stream = match mailroom_tls::accept(&tls, Box::new(stream)).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "admin HTTPS handshake failed");
+                    return;
+                }
+            };
+            let service =
+                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(app.clone(), request)
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = cancel.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
 async fn require_token(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,

@@ -419,6 +419,8 @@ pub const DEFAULT_SUBMISSION: &str = "127.0.0.1:1587";
 /// The embedded default of `smtp.submissions_listen` (see [`DEFAULT_IMAPS`]).
 pub const DEFAULT_SUBMISSIONS: &str = "127.0.0.1:1465";
 
+/// The embedded default of `admin.tls_listen` (see [`DEFAULT_IMAPS`]).
+pub const DEFAULT_ADMIN_TLS: &str = "127.0.0.1:8443";
 /// The embedded default of `pop3.tls_listen` (see [`DEFAULT_IMAPS`]).
 pub const DEFAULT_POP3S: &str = "127.0.0.1:1995";
 
@@ -738,6 +740,9 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// Largest directory import upload, in bytes.
     pub import_size_max_bytes: u64,
+    /// The same over HTTPS (the TLS section's certificates); the web admin's cookies
+    /// are Secure there, and passwords from other machines are accepted only there.
+    pub tls_listen: SocketAddr,
     /// Host names (or `name:port`) the web admin answers to besides the listen address
     /// and `localhost`; any other Host header is refused.
     pub web_hosts: Vec<String>,
@@ -748,6 +753,7 @@ impl Default for AdminSection {
         AdminSection {
             listen: "127.0.0.1:8025".parse().expect("valid address"),
             import_size_max_bytes: 268_435_456,
+            tls_listen: DEFAULT_ADMIN_TLS.parse().expect("valid address"),
             web_hosts: Vec::new(),
         }
     }
@@ -879,6 +885,10 @@ listen = "127.0.0.1:8025"
 # Largest directory import (CSV or LDIF) accepted; larger uploads get 413 and nothing
 # of them is kept. 256 MiB holds well over a million recipients.
 import_size_max_bytes = 268435456
+# The same over HTTPS, with the [tls] certificates: the web admin's session cookie is
+# marked Secure there, and a password from another machine is accepted only there
+# (login.plaintext_auth). A taken default port is skipped with a warning.
+tls_listen = "127.0.0.1:8443"
 # Names the web admin answers to besides the listen address and localhost, e.g.
 # ["mail.example.com"] behind a reverse proxy; pages asked for under any other Host
 # header are refused (a defence against DNS rebinding).

@@ -434,10 +434,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server.admin_addr, config.server.domain
         ));
         say(&format!(
-            "  admin API:   http://{}/api/v1  (token in {}/admin.token)",
+            "  admin API:   http://{}  (/api/v1, token in {}/admin.token)",
             server.admin_addr,
             server.data_dir.display()
         ));
+        if let Some(https) = server.admin_tls_addr {
+            say(&format!("  admin HTTPS: https://{https}/"));
+        }
         say(&format!("  mail domain: {}", config.server.domain));
         for served in server.tls.served() {
             say(&format!(

@@ -79,6 +79,8 @@ pub struct RunningServer {
     pub tls: Arc<mailroom_tls::Tls>,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
+    /// Where the admin listener serves HTTPS, unless its default port was taken.
+    pub admin_tls_addr: Option<SocketAddr>,
     /// The admin API's bearer token.
     pub admin_token: String,
     /// The data folder.
@@ -582,6 +584,7 @@ struct Addresses {
     submission: Option<SocketAddr>,
     submissions: Option<SocketAddr>,
     admin: SocketAddr,
+    admin_tls: Option<SocketAddr>,
 }
 
 /// The top layer: everything that takes work from outside. SMTP (with submission),
@@ -812,26 +815,37 @@ impl Listeners {
         });
         // The web admin answers under the listener's own address, `localhost` with its
         // port, and the names the config adds (DNS rebinding: a foreign name is refused).
-        let mut hosts = vec![
-            addresses.admin.to_string(),
-            format!("localhost:{}", addresses.admin.port()),
-        ];
+        let mut hosts = Vec::new();
+        for address in std::iter::once(addresses.admin).chain(addresses.admin_tls) {
+            hosts.push(address.to_string());
+            hosts.push(format!("localhost:{}", address.port()));
+        }
         hosts.extend(config.admin.web_hosts.iter().cloned());
-        let web_state = Arc::new(mailroom_web::WebState {
-            admin: admin_state.clone(),
-            limiter: limiter.clone(),
-            verifier: verifier.clone(),
-            hosts,
-            secure_cookies: false,
-            sessions: mailroom_web::session::Sessions::default(),
-            recent: recent_log,
-        });
-        let app = mailroom_admin::router(admin_state).merge(mailroom_web::router(web_state));
+        let web_sessions = Arc::new(mailroom_web::session::Sessions::default());
+        let app_for = |tls: bool| {
+            let web_state = Arc::new(mailroom_web::WebState {
+                admin: admin_state.clone(),
+                limiter: limiter.clone(),
+                verifier: verifier.clone(),
+                hosts: hosts.clone(),
+                tls,
+                plaintext: config.login.plaintext_auth,
+                sessions: web_sessions.clone(),
+                recent: recent_log.clone(),
+            });
+            mailroom_admin::router(admin_state.clone()).merge(mailroom_web::router(web_state))
+        };
+        let app = app_for(false);
+        let https = match bound.admin_tls {
+            Some(listener) => Some((listener.into_std()?, tls.clone(), app_for(true))),
+            None => None,
+        };
         let heartbeat_every =
             Duration::from_millis(config.watchdog.check_interval_ms.clamp(10, 250));
         let admin_task = spawn_admin(
             bound.admin.into_std()?,
             app,
+            https,
             watch.tasks().heartbeat("admin"),
             heartbeat_every,
             cancel.clone(),
@@ -878,6 +892,7 @@ struct Bound {
     submissions: Option<TcpListener>,
     pop3s: Option<TcpListener>,
     admin: TcpListener,
+    admin_tls: Option<TcpListener>,
 }
 
 impl Bound {
@@ -920,6 +935,13 @@ impl Bound {
                 "admin.listen / --admin",
             )
             .await?,
+            admin_tls: bind_tls_listener(
+                config.admin.tls_listen,
+                crate::config::DEFAULT_ADMIN_TLS,
+                "the admin API over HTTPS",
+                "admin.tls_listen",
+            )
+            .await?,
         })
     }
 
@@ -936,6 +958,7 @@ impl Bound {
             submission: optional(&self.submission)?,
             submissions: optional(&self.submissions)?,
             admin: self.admin.local_addr()?,
+            admin_tls: optional(&self.admin_tls)?,
         })
     }
 }
@@ -989,6 +1012,7 @@ async fn start_tls(
 fn spawn_admin(
     listener: std::net::TcpListener,
     app: axum::Router,
+    https: Option<(std::net::TcpListener, Arc<mailroom_tls::Tls>, axum::Router)>,
     beat: Arc<mailroom_watch::Heartbeat>,
     heartbeat_every: Duration,
     cancel: CancellationToken,
@@ -1024,6 +1048,19 @@ fn spawn_admin(
                         return;
                     }
                 };
+                if let Some((listener, tls, app)) = https {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            tokio::spawn(mailroom_admin::serve_tls(
+                                listener,
+                                tls,
+                                app,
+                                cancel.clone(),
+                            ));
+                        }
+                        Err(e) => tracing::error!(error = %e, "admin HTTPS not started"),
+                    }
+                }
                 if let Err(e) = mailroom_admin::serve(listener, app, cancel).await {
                     tracing::error!(error = %e, "admin API stopped");
                 }
@@ -1056,6 +1093,7 @@ pub async fn start(config: Config, options: ServerOptions) -> anyhow::Result<Run
         submission_addr: a.submission,
         submissions_addr: a.submissions,
         admin_addr: a.admin,
+        admin_tls_addr: a.admin_tls,
         tls: listeners.tls.clone(),
         admin_token: listeners.admin_token.clone(),
         data_dir: foundation.data_dir.clone(),

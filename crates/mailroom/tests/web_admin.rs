@@ -51,6 +51,8 @@ impl Driver {
                     "--headless=new", "--no-sandbox", "--disable-gpu",
                     "--disable-dev-shm-usage", "--window-size=1280,800",
                     "--host-resolver-rules=MAP evil.test 127.0.0.1",
+                    // The admin listener's HTTPS uses the server's self-signed certificate.
+                    "--ignore-certificate-errors",
                 ],
             }),
         );
@@ -246,6 +248,8 @@ async fn an_administrator_runs_the_server_from_a_browser() {
         "{}",
         page.url().await
     );
+    let (http_only, same_site, secure) = session_cookie(&page.client).await;
+    assert!(http_only && same_site == "Some(Strict)" && !secure);
 
     // The dashboard updates by itself: the inbound count of accepted mail rises while
     // the page stays open.
@@ -489,5 +493,46 @@ async fn an_administrator_runs_the_server_from_a_browser() {
     page.open("/").await;
     assert!(page.url().await.contains("/login"), "{}", page.url().await);
 
+    // Over HTTPS (the admin listener's TLS port) the session cookie is also Secure.
+    let https = server
+        .server
+        .admin_tls_addr
+        .expect("the admin listener serves HTTPS");
+    page.client
+        .goto(&format!("https://{https}/login"))
+        .await
+        .unwrap();
+    page.fill("#username", "boss@example.test").await;
+    page.fill("#password", "boss password").await;
+    page.click("button[type=submit]").await;
+    page.wait_text("h1", |t| t == "Dashboard").await;
+    let (http_only, same_site, secure) = session_cookie(&page.client).await;
+    assert!(http_only && same_site == "Some(Strict)" && secure);
+
+    // The role is granted and taken away from the command line.
+    server
+        .cli(&["recipient", "role", "alice@example.test", "admin"])
+        .await;
+    assert_eq!(api(&server, "/recipients/alice").await["admin"], true);
+    server
+        .cli(&["recipient", "role", "alice@example.test", "user"])
+        .await;
+    assert_eq!(api(&server, "/recipients/alice").await["admin"], false);
+
     page.client.close().await.unwrap();
+}
+
+/// The session cookie's HttpOnly, SameSite and Secure attributes, as the browser holds
+/// them.
+async fn session_cookie(client: &Client) -> (bool, String, bool) {
+    let cookies = client.get_all_cookies().await.unwrap();
+    let cookie = cookies
+        .iter()
+        .find(|c| c.name() == "mailroom_session")
+        .unwrap_or_else(|| panic!("no session cookie among {cookies:?}"));
+    (
+        cookie.http_only() == Some(true),
+        format!("{:?}", cookie.same_site()),
+        cookie.secure() == Some(true),
+    )
 }

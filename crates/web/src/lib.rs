@@ -40,10 +40,12 @@ pub struct WebState {
     pub verifier: Arc<Verifier>,
     /// Host header values the pages answer to (`host:port`, or a name for any port).
     pub hosts: Vec<String>,
-    /// Mark cookies Secure (the admin listener is behind TLS).
-    pub secure_cookies: bool,
-    /// Signed-in administrators.
-    pub sessions: Sessions,
+    /// This listener is HTTPS: cookies are marked Secure, and passwords are welcome.
+    pub tls: bool,
+    /// Where passwords may come over plain HTTP (`login.plaintext_auth`).
+    pub plaintext: mailroom_directory::login::Plaintext,
+    /// Signed-in administrators (shared by the HTTP and HTTPS listeners).
+    pub sessions: Arc<Sessions>,
     /// The last warnings and errors logged.
     pub recent: recent::RecentLog,
 }
@@ -189,6 +191,13 @@ async fn login(
     let refused = |status: StatusCode, why: &str| {
         pages::login_page(&state, status, Some(why), &username, &next)
     };
+    if !state.plaintext.allows(peer.ip(), state.tls) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "passwords are accepted only over HTTPS from other machines: open the web admin \
+             on the admin listener's HTTPS address (admin.tls_listen)",
+        );
+    }
     let attempt = match state.limiter.begin(peer.ip(), &username).await {
         Ok(attempt) => attempt,
         Err(e) => return refused(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
@@ -238,11 +247,11 @@ async fn login(
         .header(header::LOCATION, target)
         .header(
             header::SET_COOKIE,
-            session::set_cookie(session::SESSION_COOKIE, &id, state.secure_cookies, None),
+            session::set_cookie(session::SESSION_COOKIE, &id, state.tls, None),
         )
         .header(
             header::SET_COOKIE,
-            session::set_cookie(session::LOGIN_COOKIE, "", state.secure_cookies, Some(0)),
+            session::set_cookie(session::LOGIN_COOKIE, "", state.tls, Some(0)),
         )
         .body(Body::empty())
         .expect("a valid response")
@@ -272,7 +281,7 @@ async fn logout(State(state): State<Arc<WebState>>, request: Request) -> Respons
         .header(header::LOCATION, "/login")
         .header(
             header::SET_COOKIE,
-            session::set_cookie(session::SESSION_COOKIE, "", state.secure_cookies, Some(0)),
+            session::set_cookie(session::SESSION_COOKIE, "", state.tls, Some(0)),
         )
         .body(Body::empty())
         .expect("a valid response")

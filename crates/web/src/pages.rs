@@ -269,9 +269,7 @@ pub fn login_page(
         }
     };
     let mut response = html_response(status, markup);
-    if let Ok(value) =
-        session::set_cookie(session::LOGIN_COOKIE, &token, state.secure_cookies, None).parse()
-    {
+    if let Ok(value) = session::set_cookie(session::LOGIN_COOKIE, &token, state.tls, None).parse() {
         response.headers_mut().append(header::SET_COOKIE, value);
     }
     response

@@ -48,6 +48,7 @@ pub fn test_config(data: &Path) -> Config {
     config.smtp.submission_listen = "127.0.0.1:0".parse().unwrap();
     config.smtp.submissions_listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.tls_listen = "127.0.0.1:0".parse().unwrap();
     config.conversion.workers = 2;
     // Tests that route mail out inspect the outbound queue: hold it (the outbound tests
     // turn delivery on).
