@@ -1485,8 +1485,10 @@ const JOB_JS: &str = r#"
     bar.max = Math.max(1, j.total); bar.value = j.scanned;
     document.getElementById('state').textContent = j.state;
     document.getElementById('counts').textContent = j.scanned + ' of ' + j.total + ' rows; ' + j.updated + ' changed, ' + j.failed + ' failed' + (j.paced ? ' (yielding to mail)' : '');
-    const list = document.getElementById('errors');
-    list.replaceChildren(...j.errors.map(t => { const li = document.createElement('li'); li.textContent = t; return li; }));
+    if (j.errors) {
+      const list = document.getElementById('errors');
+      list.replaceChildren(...j.errors.map(t => { const li = document.createElement('li'); li.textContent = t; return li; }));
+    }
     document.getElementById('summary').textContent = j.summary;
     root.dataset.state = j.state;
     if (j.state !== 'running') source.close();
@@ -1539,15 +1541,27 @@ pub async fn job_events(
     let Some(job) = state.admin.jobs.get(id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let stream = futures_util::stream::unfold(Some((job, true)), |step| async move {
-        let (job, first) = step?;
-        if !first {
+    // The failed lines (up to the job's 10,000) go out only when more have come, so a
+    // long list is not sent twice a second.
+    let stream = futures_util::stream::unfold(Some((job, None)), |step| async move {
+        let (job, sent_errors) = step?;
+        if sent_errors.is_some() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let report = job.report();
         let running = report.state == "running";
-        let event = Event::default().data(serde_json::to_string(&report).unwrap_or_default());
-        Some((Ok::<_, Infallible>(event), running.then_some((job, false))))
+        let errors = report.errors.len();
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        if sent_errors == Some(errors)
+            && let Some(object) = value.as_object_mut()
+        {
+            object.remove("errors");
+        }
+        let event = Event::default().data(value.to_string());
+        Some((
+            Ok::<_, Infallible>(event),
+            running.then_some((job, Some(errors))),
+        ))
     });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
