@@ -519,6 +519,16 @@ async fn the_administrator_holds_releases_deletes_and_switches_the_transfer_mode
         "{dsn}"
     );
     assert!(outbound_items(&server).await.is_empty());
+    // The trail says who deleted it, and that the sender was told.
+    let trail = track(&server, &["--recipient", "always@remote.test"]).await;
+    let admin = of_kind(&trail, "admin");
+    assert_eq!(admin.len(), 1, "{trail:#?}");
+    assert_eq!(admin[0]["action"], "delete with DSN");
+    assert!(admin[0]["by"].as_str().unwrap().starts_with("cli:"));
+    assert_eq!(admin[0]["recipients"], json!(["always@remote.test"]));
+    let dsn_sent = of_kind(&trail, "dsn");
+    assert_eq!(dsn_sent.len(), 1, "{trail:#?}");
+    assert_eq!(dsn_sent[0]["to"], "alice@example.test");
 
     // Outbound only: new SMTP sessions are refused with 421, nothing lost.
     server.cli(&["queue", "transfer-mode", "outbound"]).await;
