@@ -1216,8 +1216,8 @@ pub struct TrackArgs {
     /// One queue identifier (as in the Received header and `queue` listings).
     #[arg(long)]
     queue_id: Option<String>,
-    /// Only messages with an event since then: a time ago (`90s`, `30m`, `2h`, `7d`) or
-    /// a UTC date or time (`2026-12-01`, `2026-12-01T08:00:00Z`).
+    /// Only messages with an event since then: a time ago (`90s`, `30m`, `2h`, `7d`), a
+    /// UTC date or time (`2026-12-01`, `2026-12-01T08:00:00Z`), or a Unix time.
     #[arg(long)]
     since: Option<String>,
     /// At most this many messages, newest first.
@@ -1243,11 +1243,15 @@ pub fn parse_since(text: &str, now_ms: i64) -> anyhow::Result<i64> {
     {
         return Ok(now_ms - n * ms);
     }
+    // A bare number: a Unix time (seconds, or milliseconds when that large).
+    if let Ok(n) = text.parse::<i64>() {
+        return Ok(if n >= 100_000_000_000 { n } else { n * 1000 });
+    }
     // YYYY-MM-DD[THH:MM[:SS]][Z]
     let bad = || {
         anyhow::anyhow!(
-            "--since {text:?}: give a time ago (90s, 30m, 2h, 7d) or a UTC date or time \
-             (2026-12-01, 2026-12-01T08:00:00Z)"
+            "--since {text:?}: give a time ago (90s, 30m, 2h, 7d), a UTC date or time \
+             (2026-12-01, 2026-12-01T08:00:00Z) or a Unix time"
         )
     };
     let text = text.trim_end_matches('Z');
@@ -1348,6 +1352,11 @@ mod track_tests {
         assert_eq!(
             parse_since("2000-02-29 00:00", now).unwrap(),
             951_782_400_000
+        );
+        assert_eq!(parse_since("1796180645", now).unwrap(), 1_796_180_645_000);
+        assert_eq!(
+            parse_since("1796180645678", now).unwrap(),
+            1_796_180_645_678
         );
         let error = parse_since("yesterday", now).unwrap_err().to_string();
         assert!(error.contains("--since"), "{error}");

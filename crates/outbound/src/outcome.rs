@@ -338,7 +338,9 @@ pub fn attempt_events(
             if kind == TrackKind::Deferred
                 && let Some(next) = next_attempt_at_ms
             {
-                event = event.with("next_attempt_at_ms", next);
+                event = event
+                    .with("next_attempt_at_ms", next)
+                    .with("next_attempt", mailroom_store::track::rfc3339(next));
             }
             event
         })

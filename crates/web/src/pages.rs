@@ -320,45 +320,56 @@ fn prometheus_text(state: &WebState, text: &mut String) -> std::fmt::Result {
 
 const DASHBOARD_JS: &str = r#"
 (function(){
-  const canvas = document.getElementById('rates');
-  if (!canvas || !window.EventSource) return;
-  const ctx = canvas.getContext('2d');
-  const series = {accepted: [], delivered: []};
-  let last = null;
-  function draw(){
-    ctx.clearRect(0,0,canvas.width,canvas.height);
-    const all = series.accepted.concat(series.delivered);
-    const max = Math.max(1, ...all);
-    const colors = {accepted:'#1f3a5f', delivered:'#2a9d3a'};
-    for (const name of ['accepted','delivered']) {
-      const s = series[name];
-      ctx.strokeStyle = colors[name]; ctx.lineWidth = 2; ctx.beginPath();
-      s.forEach((v,i)=>{
-        const x = canvas.width - (s.length-1-i)*(canvas.width/59);
-        const y = canvas.height - 4 - v/max*(canvas.height-20);
-        if (i===0) ctx.moveTo(x,y); else ctx.lineTo(x,y);
-      });
-      ctx.stroke();
-    }
-    ctx.fillStyle='#1d2430'; ctx.fillText('max '+max.toFixed(1)+' msg/s', 6, 12);
+  if (!window.EventSource) return;
+  // One minute of samples per series, drawn as lines on a canvas.
+  function chart(id, names, colors){
+    const canvas = document.getElementById(id);
+    if (!canvas) return null;
+    const ctx = canvas.getContext('2d');
+    const series = {};
+    for (const n of names) series[n] = [];
+    return {
+      push(name, v){ const s = series[name]; s.push(v); if (s.length > 30) s.shift(); },
+      draw(unit){
+        ctx.clearRect(0,0,canvas.width,canvas.height);
+        let max = 1;
+        for (const n of names) for (const v of series[n]) max = Math.max(max, v);
+        names.forEach((n, k) => {
+          const s = series[n];
+          ctx.strokeStyle = colors[k]; ctx.lineWidth = 2; ctx.beginPath();
+          s.forEach((v,i)=>{
+            const x = canvas.width - 4 - (s.length-1-i)*((canvas.width-8)/29);
+            const y = canvas.height - 4 - v/max*(canvas.height-22);
+            if (i===0) ctx.moveTo(x,y); else ctx.lineTo(x,y);
+          });
+          ctx.stroke();
+          ctx.fillStyle = colors[k]; ctx.fillText(n, 8 + k*90, canvas.height - 8);
+        });
+        ctx.fillStyle='#1d2430'; ctx.fillText('max ' + (Number.isInteger(max) ? max : max.toFixed(1)) + ' ' + unit, 6, 12);
+      }
+    };
   }
+  const rates = chart('rates', ['accepted','delivered'], ['#1f3a5f','#2a9d3a']);
+  const depths = chart('depths', ['inbound','outbound','quarantine','undeliverable'], ['#1f3a5f','#b5651d','#a4161a','#6c757d']);
+  let last = null;
   const source = new EventSource('/events/dashboard');
   source.onmessage = function(e){
     const p = JSON.parse(e.data);
     for (const [queue, depth] of p.queues) {
       const cell = document.getElementById('depth-'+queue);
       if (cell) cell.textContent = depth;
+      if (depths) depths.push(queue, depth);
     }
+    if (depths) depths.draw('messages');
     const verdict = document.getElementById('verdict');
     if (verdict) { verdict.textContent = p.healthy ? 'healthy' : 'UNHEALTHY'; verdict.className = p.healthy ? 'big ok' : 'big bad'; }
     if (last) {
       const secs = Math.max(0.001, (p.at_ms - last.at_ms)/1000);
-      series.accepted.push((p.accepted_total - last.accepted_total)/secs);
-      series.delivered.push((p.delivered_total - last.delivered_total)/secs);
-      for (const k in series) if (series[k].length > 60) series[k].shift();
-      document.getElementById('rate-accepted').textContent = series.accepted[series.accepted.length-1].toFixed(1);
-      document.getElementById('rate-delivered').textContent = series.delivered[series.delivered.length-1].toFixed(1);
-      draw();
+      const accepted = (p.accepted_total - last.accepted_total)/secs;
+      const delivered = (p.delivered_total - last.delivered_total)/secs;
+      document.getElementById('rate-accepted').textContent = accepted.toFixed(1);
+      document.getElementById('rate-delivered').textContent = delivered.toFixed(1);
+      if (rates) { rates.push('accepted', accepted); rates.push('delivered', delivered); rates.draw('msg/s'); }
     }
     last = p;
     document.body.dataset.pulses = String(Number(document.body.dataset.pulses||0)+1);
@@ -407,8 +418,16 @@ pub async fn dashboard(State(state): State<Arc<WebState>>, Extension(session): S
                 div.card { div { "Queue " (queue) } div.big id={"depth-" (queue)} { (depth) } }
             }
         }
-        h2 { "Message rates, last minute" }
-        canvas #rates width="640" height="160" role="img" aria-label="Accepted (blue) and delivered (green) messages per second" {}
+        div.cards {
+            div {
+                h2 { "Message rates, last minute" }
+                canvas #rates width="560" height="170" role="img" aria-label="Messages accepted (blue) and delivered here (green) per second over the last minute" {}
+            }
+            div {
+                h2 { "Queue depths, last minute" }
+                canvas #depths width="560" height="170" role="img" aria-label="Depth of the inbound, outbound, quarantine and undeliverable queues over the last minute" {}
+            }
+        }
         p { small { "Updated every two seconds while this page is open (server-sent events). Without JavaScript, reload the page." } }
         @if !health.stalled.is_empty() || !health.blocked.is_empty() || !health.conditions.is_empty() {
             h2 { "What the watchdog reports" }

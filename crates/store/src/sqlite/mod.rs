@@ -982,7 +982,10 @@ impl MailStore for SqliteStore {
         // Hashed before the write turn: everything done inside it is time that delivery
         // and the next spool commit wait for.
         let hashes: Vec<blake3::Hash> = entries.iter().map(|e| blake3::hash(&e.body)).collect();
-        let received: Vec<TrackEvent> = entries.iter().map(TrackEvent::received).collect();
+        let received: Vec<track::Prepared> = entries
+            .iter()
+            .map(|e| track::Prepared::from(&TrackEvent::received(e)))
+            .collect();
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             // (Under `durability = "full"` every connection already runs so.)
@@ -1009,7 +1012,7 @@ impl MailStore for SqliteStore {
                         &entry.envelope,
                     )?);
                 }
-                track::record_events(&tx, &received)?;
+                track::record_prepared(&tx, &received)?;
                 tx.commit()?;
                 Ok(ids)
             })();
@@ -1086,11 +1089,15 @@ impl MailStore for SqliteStore {
             .iter()
             .map(|(_, plan)| serde_json::to_string(&plan.facts).expect("facts serialise"))
             .collect();
+        let trails: Vec<Vec<track::Prepared>> = batch
+            .iter()
+            .map(|(item, plan)| plan_events(item, plan, now_ms))
+            .collect();
         let results = self.write("deliver", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
-            for ((item, plan), facts) in batch.iter().zip(&facts) {
-                results.push(deliver_one(&tx, item, plan, facts, now_ms)?);
+            for (((item, plan), facts), trail) in batch.iter().zip(&facts).zip(&trails) {
+                results.push(deliver_one(&tx, item, plan, facts, trail, now_ms)?);
             }
             tx.commit()?;
             Ok(results)
@@ -1121,7 +1128,8 @@ impl MailStore for SqliteStore {
                     .with("stage", "conversion")
                     .with("reason", error)
                     .with("attempt", attempts)
-                    .with("next_attempt_at_ms", retry_at_ms);
+                    .with("next_attempt_at_ms", retry_at_ms)
+                    .with("next_attempt", crate::track::rfc3339(retry_at_ms));
                 track::record_events(&tx, &[event])?;
             }
             tx.commit()?;
@@ -1472,11 +1480,56 @@ impl MailStore for SqliteStore {
 }
 
 /// One entry's delivery inside the caller's transaction; see `deliver_inbound`.
+/// The trail's "converted" and "expanded" events of one delivery, prepared before the
+/// write turn.
+fn plan_events(
+    item: &ClaimedItem,
+    plan: &DeliveryPlan,
+    now_ms: UnixMillis,
+) -> Vec<track::Prepared> {
+    let mut events = Vec::with_capacity(1 + plan.expanded.len());
+    let remote: Vec<serde_json::Value> = plan
+        .remote
+        .iter()
+        .map(|r| serde_json::json!({"connector": r.connector, "recipients": r.recipients}))
+        .collect();
+    let mut converted = TrackEvent::new(TrackKind::Converted, &item.queue_id, now_ms)
+        .recipients(item.recipients.iter().cloned())
+        .with("parsed", plan.facts.parsed)
+        .with("local", plan.local.len())
+        .with("remote", remote)
+        .with("attempt", item.attempts);
+    if let Some(subject) = &plan.facts.subject {
+        converted = converted.with("subject", subject.chars().take(200).collect::<String>());
+    }
+    if !plan.undeliverable.is_empty() {
+        let undeliverable: Vec<serde_json::Value> = plan
+            .undeliverable
+            .iter()
+            .map(|(a, why)| serde_json::json!({"address": a, "reason": why}))
+            .collect();
+        converted = converted.with("undeliverable", undeliverable);
+    }
+    if let Some(junk) = &item.envelope.junk {
+        converted = converted.with("junk", junk.as_str());
+    }
+    events.push(converted);
+    for (list, members) in &plan.expanded {
+        events.push(
+            TrackEvent::new(TrackKind::Expanded, &item.queue_id, now_ms)
+                .recipients(members.iter().cloned())
+                .with("list", list.as_str()),
+        );
+    }
+    events.iter().map(track::Prepared::from).collect()
+}
+
 fn deliver_one(
     tx: &rusqlite::Transaction<'_>,
     item: &ClaimedItem,
     plan: &DeliveryPlan,
     facts: &str,
+    trail: &[track::Prepared],
     now_ms: UnixMillis,
 ) -> Result<Vec<Delivered>> {
     // Removing the inbound entry first proves the claim is still ours: if it is gone,
@@ -1528,45 +1581,15 @@ fn deliver_one(
         ])?;
         delivered.push(Delivered { recipient, uid });
     }
-    let mut events = Vec::with_capacity(2 + delivered.len() + plan.expanded.len());
-    let remote: Vec<serde_json::Value> = plan
-        .remote
-        .iter()
-        .map(|r| serde_json::json!({"connector": r.connector, "recipients": r.recipients}))
-        .collect();
-    let mut converted = TrackEvent::new(TrackKind::Converted, &item.queue_id, now_ms)
-        .recipients(item.recipients.iter().cloned())
-        .with("parsed", plan.facts.parsed)
-        .with("local", plan.local.len())
-        .with("remote", remote)
-        .with("attempt", item.attempts);
-    if let Some(subject) = &plan.facts.subject {
-        converted = converted.with("subject", subject.chars().take(200).collect::<String>());
-    }
-    if !plan.undeliverable.is_empty() {
-        let undeliverable: Vec<serde_json::Value> = plan
-            .undeliverable
-            .iter()
-            .map(|(a, why)| serde_json::json!({"address": a, "reason": why}))
-            .collect();
-        converted = converted.with("undeliverable", undeliverable);
-    }
-    if let Some(junk) = &item.envelope.junk {
-        converted = converted.with("junk", junk.as_str());
-    }
-    events.push(converted);
-    for (list, members) in &plan.expanded {
-        events.push(
-            TrackEvent::new(TrackKind::Expanded, &item.queue_id, now_ms)
-                .recipients(members.iter().cloned())
-                .with("list", list.as_str()),
-        );
-    }
+    // The conversion's events were prepared before the write turn; only the UIDs
+    // are new here.
+    track::record_prepared(tx, trail)?;
     let folder = if item.envelope.junk.is_some() {
         "Junk"
     } else {
         "INBOX"
     };
+    let mut events = Vec::with_capacity(delivered.len());
     for (i, d) in delivered.iter().enumerate() {
         let mut event = TrackEvent::new(TrackKind::Delivered, &item.queue_id, now_ms)
             .with("folder", folder)

@@ -6,8 +6,34 @@ use crate::{Result, UnixMillis};
 use rusqlite::{params, params_from_iter};
 use std::collections::HashSet;
 
-/// Appends `events` in the caller's transaction.
-pub(crate) fn record_events(tx: &rusqlite::Transaction<'_>, events: &[TrackEvent]) -> Result<()> {
+/// An event ready to insert, serialised before the write turn: everything done inside
+/// the turn is time the spool and delivery wait for.
+pub(crate) struct Prepared {
+    at_ms: UnixMillis,
+    queue_id: String,
+    event: &'static str,
+    message_id: Option<String>,
+    sender: Option<String>,
+    recipients: String,
+    detail: String,
+}
+
+impl From<&TrackEvent> for Prepared {
+    fn from(e: &TrackEvent) -> Prepared {
+        Prepared {
+            at_ms: e.at_ms,
+            queue_id: e.queue_id.clone(),
+            event: e.event.as_str(),
+            message_id: e.message_id.clone(),
+            sender: e.sender.clone(),
+            recipients: e.recipients.join("\n"),
+            detail: serde_json::to_string(&e.detail).expect("a JSON map serialises"),
+        }
+    }
+}
+
+/// Appends prepared events in the caller's transaction.
+pub(crate) fn record_prepared(tx: &rusqlite::Transaction<'_>, events: &[Prepared]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
@@ -20,14 +46,20 @@ pub(crate) fn record_events(tx: &rusqlite::Transaction<'_>, events: &[TrackEvent
         insert.execute(params![
             e.at_ms,
             e.queue_id,
-            e.event.as_str(),
+            e.event,
             e.message_id,
             e.sender,
-            e.recipients.join("\n"),
-            serde_json::to_string(&e.detail).expect("a JSON map serialises"),
+            e.recipients,
+            e.detail,
         ])?;
     }
     Ok(())
+}
+
+/// Appends `events` in the caller's transaction.
+pub(crate) fn record_events(tx: &rusqlite::Transaction<'_>, events: &[TrackEvent]) -> Result<()> {
+    let prepared: Vec<Prepared> = events.iter().map(Prepared::from).collect();
+    record_prepared(tx, &prepared)
 }
 
 /// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` pattern, wrapped in `%`.
