@@ -671,14 +671,19 @@ impl Default for StorageSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingSection {
-    /// Days a message's trail (`mailroom track`) is kept; older events are removed a
-    /// few thousand at a time in the background.
+    /// Record every message's trail (`mailroom track`, the web admin's tracking).
+    pub enabled: bool,
+    /// Days a message's trail is kept; older events are removed a few thousand at a
+    /// time in the background.
     pub retention_days: u32,
 }
 
 impl Default for TrackingSection {
     fn default() -> Self {
-        TrackingSection { retention_days: 30 }
+        TrackingSection {
+            enabled: true,
+            retention_days: 30,
+        }
     }
 }
 
@@ -862,7 +867,11 @@ durability = "full"
 [tracking]
 # Every message's trail (received, converted, delivered, relayed, deferred, DSN,
 # quarantined, an administrator's action) is recorded with the step itself and shown by
-# `mailroom track` and the web admin. Events older than this many days are removed.
+# `mailroom track` and the web admin. It costs a few rows per message in the same
+# transactions (about a tenth of the top ingestion rate; docs/benchmarks.md); false
+# turns it off.
+enabled = true
+# Events older than this many days are removed.
 retention_days = 30
 
 [conversion]

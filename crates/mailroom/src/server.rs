@@ -301,6 +301,7 @@ impl Foundation {
         );
         let disk = mailroom_store::Disk::new(&data_dir, config.storage.free_space_reserve_bytes);
         sqlite.attach_disk(disk.clone());
+        sqlite.set_tracking(config.tracking.enabled);
         let checkpointer = sqlite
             .start_checkpointer()
             .context("cannot start the checkpointer thread")?;

@@ -94,6 +94,8 @@ pub struct SqliteStore {
     /// Set once a [`Checkpointer`] runs: the mail database's connections no longer
     /// checkpoint at commit (see [`SqliteStore::start_checkpointer`]).
     background_checkpoints: std::sync::atomic::AtomicBool,
+    /// Message tracking on (`[tracking] enabled`): steps write their trail events.
+    tracking: std::sync::atomic::AtomicBool,
     /// The WAL length (frames) past which the checkpointer restarts it: [`WAL_PAGES_MAX`]
     /// (a field so that a test can make it small).
     wal_pages_max: i64,
@@ -248,6 +250,17 @@ impl SqliteStore {
         Self::open_with(path, Durability::Full)
     }
 
+    /// Turns message tracking on or off (`[tracking] enabled`, on by default): off, no
+    /// step writes trail events (what is recorded stays until the retention removes it).
+    pub fn set_tracking(&self, enabled: bool) {
+        self.tracking
+            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn tracking(&self) -> bool {
+        self.tracking.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reports faults to `disk` from now on (the server's `/health` and metrics).
     pub fn attach_disk(&self, disk: Arc<crate::Disk>) {
         let _ = self.disk.set(disk);
@@ -306,6 +319,7 @@ impl SqliteStore {
             ),
             mail_active_at_ms: std::sync::atomic::AtomicI64::new(0),
             background_checkpoints: std::sync::atomic::AtomicBool::new(false),
+            tracking: std::sync::atomic::AtomicBool::new(true),
             wal_pages_max: WAL_PAGES_MAX,
         };
         let mut directory = store.connect(&store.directory)?;
@@ -982,10 +996,14 @@ impl MailStore for SqliteStore {
         // Hashed before the write turn: everything done inside it is time that delivery
         // and the next spool commit wait for.
         let hashes: Vec<blake3::Hash> = entries.iter().map(|e| blake3::hash(&e.body)).collect();
-        let received: Vec<track::Prepared> = entries
-            .iter()
-            .map(|e| track::Prepared::from(&TrackEvent::received(e)))
-            .collect();
+        let received: Vec<track::Prepared> = if self.tracking() {
+            entries
+                .iter()
+                .map(|e| track::Prepared::from(&TrackEvent::received(e)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.write("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             // (Under `durability = "full"` every connection already runs so.)
@@ -1089,15 +1107,24 @@ impl MailStore for SqliteStore {
             .iter()
             .map(|(_, plan)| serde_json::to_string(&plan.facts).expect("facts serialise"))
             .collect();
+        let tracking = self.tracking();
         let trails: Vec<Vec<track::Prepared>> = batch
             .iter()
-            .map(|(item, plan)| plan_events(item, plan, now_ms))
+            .map(|(item, plan)| {
+                if tracking {
+                    plan_events(item, plan, now_ms)
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         let results = self.write("deliver", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(batch.len());
             for (((item, plan), facts), trail) in batch.iter().zip(&facts).zip(&trails) {
-                results.push(deliver_one(&tx, item, plan, facts, trail, now_ms)?);
+                results.push(deliver_one(
+                    &tx, item, plan, facts, trail, tracking, now_ms,
+                )?);
             }
             tx.commit()?;
             Ok(results)
@@ -1123,7 +1150,7 @@ impl MailStore for SqliteStore {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((queue_id, attempts)) = deferred {
+            if let Some((queue_id, attempts)) = deferred.filter(|_| self.tracking()) {
                 let event = TrackEvent::new(TrackKind::Deferred, &queue_id, now)
                     .with("stage", "conversion")
                     .with("reason", error)
@@ -1149,7 +1176,7 @@ impl MailStore for SqliteStore {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((queue_id, recipients)) = moved {
+            if let Some((queue_id, recipients)) = moved.filter(|_| self.tracking()) {
                 let event = TrackEvent::new(TrackKind::Quarantined, &queue_id, now)
                     .recipients(parse_recipients(recipients))
                     .with("reason", reason)
@@ -1530,6 +1557,7 @@ fn deliver_one(
     plan: &DeliveryPlan,
     facts: &str,
     trail: &[track::Prepared],
+    tracking: bool,
     now_ms: UnixMillis,
 ) -> Result<Vec<Delivered>> {
     // Removing the inbound entry first proves the claim is still ours: if it is gone,
@@ -1583,6 +1611,9 @@ fn deliver_one(
     }
     // The conversion's events were prepared before the write turn; only the UIDs
     // are new here.
+    if !tracking {
+        return Ok(delivered);
+    }
     track::record_prepared(tx, trail)?;
     let folder = if item.envelope.junk.is_some() {
         "Junk"
@@ -2056,6 +2087,19 @@ mod tests {
         let future = mailroom_watch::now_ms() + 1;
         assert_eq!(store.prune_tracking(future, 3).unwrap(), 3);
         assert_eq!(store.prune_tracking(future, 100).unwrap(), total - 3);
+        assert!(query(TrackQuery::default()).is_empty());
+
+        // Tracking off (`[tracking] enabled = false`): mail flows, no trail is written.
+        store.set_tracking(false);
+        store
+            .spool(&[SpoolEntry {
+                queue_id: "Q3".into(),
+                ..entry(b"Subject: three\r\n\r\nhi\r\n", &["a@example.test"])
+            }])
+            .unwrap();
+        let items = store.claim_inbound(20_000, 10).unwrap();
+        store.deliver_inbound(&[(&items[0], &plan)], 3000).unwrap();
+        assert_eq!(store.mailbox_messages(a, "INBOX").unwrap().len(), 2);
         assert!(query(TrackQuery::default()).is_empty());
     }
 

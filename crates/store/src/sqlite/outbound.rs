@@ -94,9 +94,16 @@ impl OutboundQueue for SqliteStore {
                 // Deleted meanwhile (an administrator); nothing to record, no DSN twice.
                 return Ok(0);
             };
-            let mut events = outcome.events.clone();
+            let tracking = self.tracking();
+            let mut events = if tracking {
+                outcome.events.clone()
+            } else {
+                Vec::new()
+            };
             for notice in &outcome.notices {
-                events.push(TrackEvent::received(notice));
+                if tracking {
+                    events.push(TrackEvent::received(notice));
+                }
                 let notice_blob = put_blob(&tx, &notice.body)?;
                 insert_queue_item(
                     &tx,
@@ -270,8 +277,11 @@ impl OutboundQueue for SqliteStore {
                          WHERE id = ?1",
                         params![id, to_queue, now_ms, attempts_reset],
                     )?;
-                    let event = admin_event(&queue_id, wall, "retry", by, id, &queue, recipients);
-                    super::track::record_events(&tx, &[event])?;
+                    if self.tracking() {
+                        let event =
+                            admin_event(&queue_id, wall, "retry", by, id, &queue, recipients);
+                        super::track::record_events(&tx, &[event])?;
+                    }
                     tx.commit()?;
                     Ok(Ok(()))
                 }
@@ -300,8 +310,10 @@ impl OutboundQueue for SqliteStore {
                 return Ok(Err(QueueActionError::NotFound));
             };
             let action = if held { "hold" } else { "release" };
-            let event = admin_event(&queue_id, wall, action, by, id, &queue, recipients);
-            super::track::record_events(&tx, &[event])?;
+            if self.tracking() {
+                let event = admin_event(&queue_id, wall, action, by, id, &queue, recipients);
+                super::track::record_events(&tx, &[event])?;
+            }
             tx.commit()?;
             Ok(Ok(()))
         })
