@@ -868,8 +868,8 @@ durability = "full"
 # Every message's trail (received, converted, delivered, relayed, deferred, DSN,
 # quarantined, an administrator's action) is recorded with the step itself and shown by
 # `mailroom track` and the web admin. It costs a few rows per message in the same
-# transactions (about a tenth of the top ingestion rate; docs/benchmarks.md); false
-# turns it off.
+# transactions (under a tenth of the top ingestion rate, within the benchmark's noise;
+# docs/benchmarks.md); false turns it off.
 enabled = true
 # Events older than this many days are removed.
 retention_days = 30
