@@ -467,6 +467,27 @@ async fn an_administrator_runs_the_server_from_a_browser() {
         api(&server, &format!("/queue/{entry}")).await["held"],
         false
     );
+    // Nor does the same action sent as a multipart form (only the import's upload is
+    // multipart, and it checks the token itself).
+    page.open("/queues").await;
+    let status = page
+        .client
+        .execute_async(
+            &format!(
+                "const done = arguments[0]; const form = new FormData(); \
+                 form.append('back', '/queues?'); \
+                 fetch('/queues/{entry}/hold', {{method: 'POST', body: form}}) \
+                   .then(r => done(r.status));"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, json!(403));
+    assert_eq!(
+        api(&server, &format!("/queue/{entry}")).await["held"],
+        false
+    );
 
     // A foreign Host header is refused, in the browser (evil.test resolves to the
     // server here) and by hand.

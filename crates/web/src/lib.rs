@@ -130,7 +130,14 @@ async fn signed_in(State(state): State<Arc<WebState>>, request: Request, next: N
             .into_response();
     };
     let (mut parts, body) = request.into_parts();
-    let body = if parts.method == Method::POST && !is_multipart(&parts.headers) {
+    // Only the import's upload is multipart; its handler checks the token (it comes
+    // first in the form) before it reads anything else. Multipart anywhere else would
+    // get past the check below, so it is refused.
+    let upload = parts.method == Method::POST && parts.uri.path() == "/import";
+    if parts.method == Method::POST && is_multipart(&parts.headers) && !upload {
+        return csrf_refusal();
+    }
+    let body = if parts.method == Method::POST && !upload {
         let bytes = match axum::body::to_bytes(body, FORM_BODY_MAX).await {
             Ok(bytes) => bytes,
             Err(_) => {

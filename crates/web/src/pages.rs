@@ -612,7 +612,9 @@ pub async fn queue_action(
 ) -> Response {
     // Back to the list as it was filtered (only ever a /queues page).
     let back = session::form_field(&body, "back")
-        .filter(|b| b.starts_with("/queues?") && !b.contains("//"))
+        .filter(|b| {
+            b.starts_with("/queues?") && !b.contains("//") && !b.chars().any(char::is_control)
+        })
         .unwrap_or_else(|| "/queues?".to_string());
     let by = format!("web:{}", session.user);
     let store = state.admin.store.clone();
