@@ -847,19 +847,26 @@ pub async fn directory(
 ) -> Response {
     let snapshot = state.admin.directory.snapshot();
     let needle = query.q.trim().to_lowercase();
-    let found: Vec<Arc<Recipient>> = snapshot
-        .recipients_by_alias()
-        .into_iter()
-        .filter(|r| {
-            needle.is_empty()
-                || r.alias.to_lowercase().contains(&needle)
-                || r.display_name.to_lowercase().contains(&needle)
-                || r.addresses
-                    .iter()
-                    .any(|a| a.address.to_lowercase().contains(&needle))
-        })
-        .take(200)
-        .collect();
+    // Sorting and searching every recipient grows with the directory (hundreds of
+    // thousands after an import): on the blocking pool, not the admin runtime's thread.
+    let searched = snapshot.clone();
+    let found: Vec<Arc<Recipient>> = tokio::task::spawn_blocking(move || {
+        searched
+            .recipients_by_alias()
+            .into_iter()
+            .filter(|r| {
+                needle.is_empty()
+                    || r.alias.to_lowercase().contains(&needle)
+                    || r.display_name.to_lowercase().contains(&needle)
+                    || r.addresses
+                        .iter()
+                        .any(|a| a.address.to_lowercase().contains(&needle))
+            })
+            .take(200)
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
     let body = html! {
         @if !query.done.is_empty() { p.note role="status" { (query.done) } }
         p { a href="/directory/new" { "New mailbox, contact or list" } " · " a href="/directory/site" { "Site: protocols and addressing" } }
