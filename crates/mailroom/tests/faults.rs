@@ -135,11 +135,19 @@ fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
 
     // Space returns: no restart, no operator action beyond freeing it.
     std::fs::remove_file(&ballast).unwrap();
+    let (mut sizes, mut polls) = (Vec::new(), 0);
+    let green = wait_until(Duration::from_secs(20), || {
+        polls += 1;
+        if polls % 10 == 1 {
+            sizes.push(files_and_free(disk.path()));
+        }
+        server.health()["status"] == "ok"
+    });
     assert!(
-        wait_until(Duration::from_secs(20), || server.health()["status"]
-            == "ok"),
-        "health stays red after space returned: {:#}",
-        server.health()
+        green,
+        "health stays red after space returned: {:#}\nthe disk meanwhile:\n{}",
+        server.health(),
+        sizes.join("\n")
     );
     let after = Mutex::new(Tally::default());
     for sender in 0..5 {
@@ -174,6 +182,44 @@ fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
     expected.sort();
     assert!(delivered, "{} of {} delivered", ids.len(), expected.len());
     assert_eq!(ids, expected, "{full} accepted while filling");
+}
+
+/// The free space and each file's size under `dir`, on one line: what the failure of
+/// a recovery shows, so that where the space went can be read from it.
+fn files_and_free(dir: &std::path::Path) -> String {
+    let mut line = match nix_free(dir) {
+        Some(free) => format!("free {:.1} MiB:", free as f64 / 1048576.0),
+        None => "free ?:".to_string(),
+    };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                let name = entry.path();
+                let name = name.strip_prefix(dir).unwrap_or(&name);
+                line += &format!(" {} {:.1}", name.display(), meta.len() as f64 / 1048576.0);
+            }
+        }
+    }
+    line
+}
+
+/// Bytes free on the filesystem holding `dir` (`df`'s number).
+fn nix_free(dir: &std::path::Path) -> Option<u64> {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// One message; records the outcome.

@@ -132,11 +132,19 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// a second of the heaviest load measured here.
 const WAL_PAGES_MAX: i64 = 16_384;
 
+/// The shortest WAL (frames) worth restarting, however little the disk has free: a
+/// restart takes the write turn, so it is not done for every few commits.
+const WAL_PAGES_MIN: i64 = 256;
+
 /// How long a restart waits for readers still on an older snapshot before it gives
 /// up until the next round. It holds the write turn meanwhile, so it is short: mail's
 /// read transactions last milliseconds; one that lasts longer costs a retry, never a
 /// stall.
 const WAL_RESTART_PATIENCE: Duration = Duration::from_millis(100);
+
+/// How long the recovery after an I/O error retries its checkpoint while another
+/// connection's checkpoint holds SQLite's checkpoint lock (see `SqliteStore::recover`).
+const RECOVER_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The WAL file is cut back to this size when it is restarted or checkpointed, should
 /// a burst (or readers that kept restarts failing) have grown it beyond: what stays is
@@ -397,35 +405,70 @@ impl SqliteStore {
     }
 
     /// One passive checkpoint of the mail database (beside writers, no write turn);
-    /// then, if the WAL has grown past [`WAL_PAGES_MAX`] frames, a restart in the write
-    /// turn so that the next commit writes from the WAL's beginning again.
+    /// then, if the WAL has grown past its limit, a restart in the write turn so that
+    /// the next commit writes from the WAL's beginning again.
+    ///
+    /// The limit is [`WAL_PAGES_MAX`] frames, or a quarter of the disk's free space if
+    /// that is less; and when the WAL file is larger than what is left free, the
+    /// restart truncates the file to nothing (`TRUNCATE`), giving its space back. Why:
+    /// on a small or nearly full disk a WAL of 64 MiB can be most of what the disk
+    /// holds. The full-disk test (48 MiB) found a WAL of 27 MiB of frames long copied
+    /// back when the disk filled; once space returned, the checkpoint's growth of the
+    /// database file and new deliveries filled it again, and `/health` stayed red.
     fn checkpoint(&self) -> Result<()> {
+        // After an I/O error the next write checkpoints the whole WAL itself
+        // ([`Self::recover`]); a passive round meanwhile would only make it wait.
+        if self
+            .mail
+            .recovering
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
         let passive = || -> Result<i64> {
             self.with_conn(|conn| {
                 Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?)
             })
         };
-        if passive()? > self.wal_pages_max {
-            // A second passive round first copies what was committed during the first
-            // (a quarter second of mail at most), outside the turn: the restart in the
-            // turn then copies and fsyncs only the last few frames (the short churn
-            // stress: a restart's hold of the turn 21-36 ms before, 15-27 ms with it).
-            passive()?;
-            let busy = self.write("checkpoint", |conn| {
-                // In the turn no writer of ours adds frames; what the restart waits for
-                // is readers on older snapshots, briefly (new readers read the file).
-                conn.busy_timeout(WAL_RESTART_PATIENCE)?;
-                let busy =
-                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
-                conn.busy_timeout(BUSY_TIMEOUT)?;
-                Ok(busy? != 0)
-            })?;
-            let outcome = if busy { "busy" } else { "restarted" };
-            self.write_stats
-                .wal_restarts
-                .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
-                .inc();
+        let free_pages = self.disk.get().map_or(i64::MAX, |disk| {
+            (disk.free_bytes() / 4096).min(i64::MAX as u64) as i64
+        });
+        let limit = self.wal_pages_max.min(free_pages / 4).max(WAL_PAGES_MIN);
+        let frames = passive()?;
+        if frames <= limit {
+            return Ok(());
         }
+        let wal_pages = std::fs::metadata(self.mail.path.with_extension("db-wal"))
+            .map_or(0, |m| (m.len() / 4096).min(i64::MAX as u64) as i64);
+        let mode = if wal_pages > free_pages {
+            "TRUNCATE"
+        } else {
+            "RESTART"
+        };
+        // A second passive round first copies what was committed during the first
+        // (a quarter second of mail at most), outside the turn: the restart in the
+        // turn then copies and fsyncs only the last few frames (the short churn
+        // stress: a restart's hold of the turn 21-36 ms before, 15-27 ms with it).
+        passive()?;
+        let busy = self.write("checkpoint", |conn| {
+            // In the turn no writer of ours adds frames; what the restart waits for
+            // is readers on older snapshots, briefly (new readers read the file).
+            conn.busy_timeout(WAL_RESTART_PATIENCE)?;
+            let busy = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                r.get::<_, i64>(0)
+            });
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            Ok(busy? != 0)
+        })?;
+        let outcome = match (busy, mode) {
+            (true, _) => "busy",
+            (false, "TRUNCATE") => "truncated",
+            (false, _) => "restarted",
+        };
+        self.write_stats
+            .wal_restarts
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+            .inc();
         Ok(())
     }
 
@@ -463,11 +506,23 @@ impl SqliteStore {
     /// afresh into the database file and only succeeds once that file is fsynced; the
     /// WAL starts over empty. Until it succeeds every write fails as an I/O fault (SMTP
     /// 451, conversion waits), so nothing is acknowledged on top of doubtful pages.
+    ///
+    /// The checkpoint answers "busy" at once, without waiting, while another
+    /// connection runs one (the checkpointer's passive round): it is tried again for
+    /// up to [`RECOVER_PATIENCE`], so that the first write after the fault ends does
+    /// not fail for that alone.
     fn recover(&self, db: &Db, conn: &Connection) -> Result<()> {
-        let (busy, _log, _done): (i64, i64, i64) =
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
+        let deadline = Instant::now() + RECOVER_PATIENCE;
+        let busy = loop {
+            let (busy, _log, _done): (i64, i64, i64) =
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            if busy == 0 || Instant::now() >= deadline {
+                break busy;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         if busy != 0 {
             return Err(io_fault(
                 "recovering from an I/O error: the checkpoint could not complete yet",
