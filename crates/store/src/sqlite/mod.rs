@@ -1665,30 +1665,12 @@ fn deliver_one(
         delivered.push(Delivered { recipient, uid });
     }
     // The conversion's events were prepared before the write turn; only the UIDs
-    // are new here.
-    if !tracking {
-        return Ok(delivered);
+    // are new here. (With tracking off nothing is recorded, and the routing below
+    // still runs: an early return here once left remote and undeliverable
+    // recipients unqueued.)
+    if tracking {
+        record_delivery_trail(tx, item, plan, trail, &delivered, now_ms)?;
     }
-    track::record_prepared(tx, trail)?;
-    let folder = if item.envelope.junk.is_some() {
-        "Junk"
-    } else {
-        "INBOX"
-    };
-    let mut events = Vec::with_capacity(delivered.len());
-    for (i, d) in delivered.iter().enumerate() {
-        let mut event = TrackEvent::new(TrackKind::Delivered, &item.queue_id, now_ms)
-            .with("folder", folder)
-            .with("uid", d.uid)
-            .with("recipient_id", d.recipient);
-        if let Some(address) = plan.local_addresses.get(i) {
-            event = event
-                .recipients([address.as_str()])
-                .with("mailbox", address.as_str());
-        }
-        events.push(event);
-    }
-    track::record_events(tx, &events)?;
     let mut references = plan.local.len() as i64 - 1;
     for route in &plan.remote {
         insert_queue_item(
@@ -1737,6 +1719,38 @@ fn deliver_one(
         adjust_blob_refs(tx, blob_id, references)?;
     }
     Ok(delivered)
+}
+
+/// Records a delivery's trail: the conversion's prepared events, then one
+/// `delivered` event per mailbox with its folder and UID.
+fn record_delivery_trail(
+    tx: &rusqlite::Transaction<'_>,
+    item: &ClaimedItem,
+    plan: &DeliveryPlan,
+    trail: &[track::Prepared],
+    delivered: &[Delivered],
+    now_ms: UnixMillis,
+) -> Result<()> {
+    track::record_prepared(tx, trail)?;
+    let folder = if item.envelope.junk.is_some() {
+        "Junk"
+    } else {
+        "INBOX"
+    };
+    let mut events = Vec::with_capacity(delivered.len());
+    for (i, d) in delivered.iter().enumerate() {
+        let mut event = TrackEvent::new(TrackKind::Delivered, &item.queue_id, now_ms)
+            .with("folder", folder)
+            .with("uid", d.uid)
+            .with("recipient_id", d.recipient);
+        if let Some(address) = plan.local_addresses.get(i) {
+            event = event
+                .recipients([address.as_str()])
+                .with("mailbox", address.as_str());
+        }
+        events.push(event);
+    }
+    track::record_events(tx, &events)
 }
 
 #[cfg(test)]
@@ -2153,9 +2167,39 @@ mod tests {
             }])
             .unwrap();
         let items = store.claim_inbound(20_000, 10).unwrap();
-        store.deliver_inbound(&[(&items[0], &plan)], 3000).unwrap();
+        let unknown = DeliveryPlan {
+            undeliverable: vec![("nobody@example.test".into(), "5.1.1 no such user".into())],
+            ..plan.clone()
+        };
+        store
+            .deliver_inbound(&[(&items[0], &unknown)], 3000)
+            .unwrap();
         assert_eq!(store.mailbox_messages(a, "INBOX").unwrap().len(), 2);
         assert!(query(TrackQuery::default()).is_empty());
+        // ... and the routing still happens: the remote recipient is queued for the
+        // connector, the unknown one for a non-delivery report, and the body is kept
+        // for both (an early return once skipped all three with tracking off).
+        let queued = |queue| {
+            store
+                .queue_items(Some(queue), None, 10)
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.queue_id == "Q3")
+                .count()
+        };
+        assert_eq!(queued(QueueName::Outbound), 1);
+        assert_eq!(queued(QueueName::Undeliverable), 1);
+        let refs: i64 = store
+            .with_conn(|conn| {
+                Ok(conn.query_row(
+                    "SELECT b.refcount FROM blobs b JOIN queue_items q ON q.blob_id = b.id
+                     WHERE q.queue_id = 'Q3' AND q.queue = 'outbound'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(refs, 3, "the mailbox copy, the outbound entry, the report");
     }
 
     #[test]
