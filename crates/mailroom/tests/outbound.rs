@@ -191,8 +191,22 @@ async fn advance(server: &TestServer, secs: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smart_host_delivers_retries_a_4xx_and_returns_a_5xx_to_the_sender() {
+    three_fates(true).await;
+}
+
+/// The same with message tracking off (`[tracking] enabled = false`): relaying,
+/// retries and reports must not depend on the trail (they once did: a delivery with
+/// tracking off queued nothing for its remote recipients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tracking_off_mail_is_still_relayed_retried_and_returned() {
+    three_fates(false).await;
+}
+
+/// One message to three remote recipients: delivered, refused for good (a DSN to the
+/// sender), refused for now (retried later).
+async fn three_fates(tracking: bool) {
     let peer = Peer::start();
-    let server = start(|_| {}).await;
+    let server = start(|c| c.tracking.enabled = tracking).await;
     partner(&server, &peer).await;
     send_from_alice(
         &server,
