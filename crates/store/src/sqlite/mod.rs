@@ -599,7 +599,13 @@ impl SqliteStore {
             self.note_error(db, &e);
             return Err(e);
         }
-        let turn = db.write_turn.lock();
+        // The spool goes first: an SMTP client waits on its commit (see
+        // `TicketLock::lock_first`); everyone else takes turns in arrival order.
+        let turn = if caller == "spool" {
+            db.write_turn.lock_first()
+        } else {
+            db.write_turn.lock()
+        };
         let started = Instant::now();
         let result = if db.recovering.load(std::sync::atomic::Ordering::SeqCst) {
             self.recover(db, &conn).and_then(|()| f(&mut conn))
