@@ -1259,11 +1259,39 @@ async fn queue_retry(
     let store = state.store.clone();
     let now = state.outbound.clock().now_ms();
     let by = actor(&headers);
+    let before = blocking({
+        let store = store.clone();
+        move || store.queue_item(id)
+    })
+    .await?;
     blocking(move || store.retry_now(id, now, &by))
         .await?
         .map_err(|e| action_error(id, e))?;
+    acted(state, id, before, |item| item.next_attempt_at_ms = now).await
+}
+
+/// The answer to a retry or a release, which succeeded: the entry as it is now, read
+/// before the delivery worker is woken; or, when a worker took it and finished it
+/// meanwhile (it was due at once), the entry as it was with the change applied. Why:
+/// a release whose entry was delivered before the answer was read used to answer
+/// 404 "no queue entry" although it had worked (seen in the outbound test under load).
+async fn acted(
+    state: Arc<AdminState>,
+    id: i64,
+    before: Option<mailroom_store::QueueItemInfo>,
+    change: impl FnOnce(&mut mailroom_store::QueueItemInfo),
+) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
+    let store = state.store.clone();
+    let now = blocking(move || store.queue_item(id)).await?;
     state.outbound.wake();
-    queue_item(State(state), Path(id)).await
+    match (now, before) {
+        (Some(now), _) => Ok(Json(now)),
+        (None, Some(mut before)) => {
+            change(&mut before);
+            Ok(Json(before))
+        }
+        (None, None) => Err(no_entry(id)),
+    }
 }
 
 async fn queue_hold(
@@ -1290,13 +1318,15 @@ async fn set_held(
     by: String,
 ) -> Result<Json<mailroom_store::QueueItemInfo>, ApiError> {
     let store = state.store.clone();
+    let before = blocking({
+        let store = store.clone();
+        move || store.queue_item(id)
+    })
+    .await?;
     blocking(move || store.set_held(id, held, &by))
         .await?
         .map_err(|e| action_error(id, e))?;
-    if !held {
-        state.outbound.wake();
-    }
-    queue_item(State(state), Path(id)).await
+    acted(state, id, before, |item| item.held = held).await
 }
 
 #[derive(Debug, Deserialize)]
