@@ -187,7 +187,7 @@ fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
 /// The free space and each file's size under `dir`, on one line: what the failure of
 /// a recovery shows, so that where the space went can be read from it.
 fn files_and_free(dir: &std::path::Path) -> String {
-    let mut line = match nix_free(dir) {
+    let mut line = match df_free(dir) {
         Some(free) => format!("free {:.1} MiB:", free as f64 / 1048576.0),
         None => "free ?:".to_string(),
     };
@@ -208,7 +208,7 @@ fn files_and_free(dir: &std::path::Path) -> String {
 }
 
 /// Bytes free on the filesystem holding `dir` (`df`'s number).
-fn nix_free(dir: &std::path::Path) -> Option<u64> {
+fn df_free(dir: &std::path::Path) -> Option<u64> {
     let out = std::process::Command::new("df")
         .args(["--output=avail", "-B1"])
         .arg(dir)

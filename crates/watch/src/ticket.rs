@@ -132,6 +132,15 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Waits (with a deadline) until `n` threads hold or wait for a turn.
+    fn wait_queued(lock: &TicketLock, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock.queued() < n {
+            assert!(Instant::now() < deadline, "{n} never queued");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn turns_are_served_in_arrival_order() {
         let lock = Arc::new(TicketLock::new(50, "test turn"));
@@ -145,11 +154,7 @@ mod tests {
                 order.lock().push(i);
             }));
             // Wait until thread i holds its ticket before starting the next one.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while lock.queued() < i + 2 {
-                assert!(Instant::now() < deadline, "thread {i} never queued");
-                std::thread::yield_now();
-            }
+            wait_queued(&lock, i + 2);
         }
         drop(first);
         for t in threads {
@@ -165,27 +170,20 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let holder = lock.lock();
         let mut threads = Vec::new();
-        let wait_queued = |n: u64| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while lock.queued() < n {
-                assert!(Instant::now() < deadline, "{n} never queued");
-                std::thread::yield_now();
-            }
-        };
         for i in 0..3u64 {
             let (mine, order) = (lock.clone(), order.clone());
             threads.push(std::thread::spawn(move || {
                 let _turn = mine.lock();
                 order.lock().push(i);
             }));
-            wait_queued(i + 2);
+            wait_queued(&lock, i + 2);
         }
         let (mine, first) = (lock.clone(), order.clone());
         threads.push(std::thread::spawn(move || {
             let _turn = mine.lock_first();
             first.lock().push(100);
         }));
-        wait_queued(5);
+        wait_queued(&lock, 5);
         // The holder is not interrupted: nothing ran yet.
         assert!(order.lock().is_empty());
         drop(holder);
