@@ -60,6 +60,16 @@ fn with_bodies(
 
 impl OutboundQueue for SqliteStore {
     fn claim_outbound(&self, now_ms: UnixMillis, limit: usize) -> Result<Vec<OutboundItem>> {
+        // Read first: an idle worker's poll must not take the write turn (see
+        // `anything_due`).
+        if !self.anything_due(
+            "SELECT EXISTS (SELECT 1 FROM queue_items
+                            WHERE queue IN ('outbound', 'undeliverable') AND claimed = 0
+                              AND held = 0 AND next_attempt_at_ms <= ?1)",
+            now_ms,
+        )? {
+            return Ok(Vec::new());
+        }
         self.write("claim outbound", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let rows = {
