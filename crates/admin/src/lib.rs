@@ -206,49 +206,90 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `cancel` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { cancel.cancelled().await })
-    .await
+/// How many connections the admin listeners (plain and HTTPS together) hold at once,
+/// and how long a connection may go without sending a complete request header.
+///
+/// Why: each connection is a file descriptor of the whole process. Without a bound, a
+/// client that opens connections and never finishes a request (slowloris) exhausts the
+/// descriptors, and then SMTP, IMAP and POP3 cannot accept either; the admin listener is
+/// also where `/health` reports a stall, so it must stay answerable.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections served at once; one more is closed at accept (and logged).
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// A connection idle this long between requests, or this slow to send a request's
+    /// header, is closed (hyper's header read timeout, which also covers keep-alive).
+    pub idle_timeout: std::time::Duration,
 }
 
-/// Serves `app` over implicit TLS (HTTPS) on `listener` until `cancel`: each connection
-/// is a TLS handshake (bounded by the TLS crate's timeout), then HTTP/1.1 with the
-/// client's address available to handlers as `ConnectInfo`, as on the plain listener.
-pub async fn serve_tls(
+impl ConnectionLimits {
+    /// `max` connections at once, each closed after `idle_timeout` without a request.
+    pub fn new(max: usize, idle_timeout: std::time::Duration) -> ConnectionLimits {
+        ConnectionLimits {
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            idle_timeout,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `cancel` fires: over implicit TLS (HTTPS) when
+/// `tls` is given (each connection a handshake bounded by the TLS crate's timeout),
+/// else plain HTTP/1.1. The client's address is available to handlers as
+/// `ConnectInfo`. Connections are bounded by `limits`.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    tls: Arc<mailroom_tls::Tls>,
+    tls: Option<Arc<mailroom_tls::Tls>>,
     app: Router,
+    limits: ConnectionLimits,
     cancel: CancellationToken,
 ) {
+    let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
+    let mut refused_logged: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin HTTPS accept failed");
+                    // Out of descriptors, most likely: wait rather than spin.
+                    tracing::warn!(error = %e, "admin {scheme} accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let (tls, app, cancel) = (tls.clone(), app.clone(), cancel.clone());
+        let Ok(slot) = limits.slots.clone().try_acquire_owned() else {
+            // Closed at once: holding it would spend the descriptor the bound protects.
+            if refused_logged.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(10)) {
+                tracing::warn!(
+                    %peer,
+                    "admin {scheme} connection refused: all admin connection slots are in use (admin.connections_max)"
+                );
+                refused_logged = Some(std::time::Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        // Answers are small and often written in pieces (head, then body): without
+        // this, Nagle's algorithm holds the second piece for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let (tls, app, cancel, idle) = (
+            tls.clone(),
+            app.clone(),
+            cancel.clone(),
+            limits.idle_timeout,
+        );
         tokio::spawn(async move {
-            let stream = match mailroom_tls::accept(&tls, Box::new(stream)).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "admin HTTPS handshake failed");
-                    return;
-                }
+            let _slot = slot;
+            let stream: mailroom_tls::BoxedIo = match tls {
+                Some(tls) => match mailroom_tls::accept(&tls, Box::new(stream)).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "admin HTTPS handshake failed");
+                        return;
+                    }
+                },
+                None => Box::new(stream),
             };
             let service =
                 hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
@@ -258,6 +299,8 @@ pub async fn serve_tls(
                     tower::ServiceExt::oneshot(app.clone(), request)
                 });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {

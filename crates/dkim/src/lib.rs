@@ -160,11 +160,14 @@ pub fn generate(
     );
     let key_path = dir.join(format!("{selector}.{}.key", algorithm.name()));
     let private = base64::engine::general_purpose::STANDARD.encode(pair.private_key());
-    write_file(&key_path, format!("{private}\n").as_bytes(), true).map_err(io(&key_path))?;
+    mailroom_watch::durable::write_replacing(&key_path, format!("{private}\n").as_bytes(), true)
+        .map_err(io(&key_path))?;
     let txt_path = dir.join(format!("{selector}.txt"));
-    write_file(&txt_path, format!("{record}\n").as_bytes(), false).map_err(io(&txt_path))?;
+    mailroom_watch::durable::write_replacing(&txt_path, format!("{record}\n").as_bytes(), false)
+        .map_err(io(&txt_path))?;
     let active = dir.join("active");
-    write_file(&active, format!("{selector}\n").as_bytes(), false).map_err(io(&active))?;
+    mailroom_watch::durable::write_replacing(&active, format!("{selector}\n").as_bytes(), false)
+        .map_err(io(&active))?;
     Ok(KeyInfo {
         record_name: format!("{selector}._domainkey.{domain}"),
         domain,
@@ -173,23 +176,6 @@ pub fn generate(
         active: true,
         record_value: record,
     })
-}
-
-/// Writes a file durably (the key readable by its owner only).
-fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// Every key in the data folder, by domain then selector.

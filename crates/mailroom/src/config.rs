@@ -751,6 +751,12 @@ pub struct AdminSection {
     /// Host names (or `name:port`) the web admin answers to besides the listen address
     /// and `localhost`; any other Host header is refused.
     pub web_hosts: Vec<String>,
+    /// Connections the admin listeners (HTTP and HTTPS together) serve at once; one
+    /// more is closed at accept.
+    pub connections_max: usize,
+    /// A connection that sends no complete request header for this long (idle between
+    /// requests, or a slow sender) is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminSection {
@@ -760,6 +766,8 @@ impl Default for AdminSection {
             import_size_max_bytes: 268_435_456,
             tls_listen: DEFAULT_ADMIN_TLS.parse().expect("valid address"),
             web_hosts: Vec::new(),
+            connections_max: 256,
+            idle_timeout_ms: 30_000,
         }
     }
 }
@@ -902,6 +910,14 @@ tls_listen = "127.0.0.1:8443"
 # ["mail.example.com"] behind a reverse proxy; pages asked for under any other Host
 # header are refused (a defence against DNS rebinding).
 web_hosts = []
+# Connections the admin listeners (HTTP and HTTPS together) serve at once; one more is
+# closed at once and logged. Each is a file descriptor of the whole server, so without
+# a bound a client that opens connections and never finishes a request would leave
+# SMTP, IMAP and POP3 unable to accept.
+connections_max = 256
+# A connection that sends no complete request header for this long (idle between
+# requests, or sending its header slowly) is closed.
+idle_timeout_ms = 30000
 
 [directory]
 # Domains delivered here besides server.domain, the site addressing templates' domains
@@ -1104,7 +1120,7 @@ impl Config {
     /// Checks values that parse but make no sense; errors name the key.
     pub fn check(&self) -> anyhow::Result<()> {
         let smtp = &self.smtp;
-        let rules: [(&str, bool, &str); 11] = [
+        let rules: [(&str, bool, &str); 13] = [
             (
                 "server.hostname",
                 !self
@@ -1163,6 +1179,16 @@ impl Config {
                 "conversion.batch_max",
                 self.conversion.batch_max >= 1,
                 "must be at least 1",
+            ),
+            (
+                "admin.connections_max",
+                self.admin.connections_max >= 1,
+                "must be at least 1",
+            ),
+            (
+                "admin.idle_timeout_ms",
+                self.admin.idle_timeout_ms >= 100,
+                "must be at least 100",
             ),
         ];
         for (key, ok, what) in rules {

@@ -175,18 +175,11 @@ pub fn make_private(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The admin token and URL files: owner-only, replaced whole (a CLI reading them while
+/// the server starts never sees half a file).
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    Ok(())
+    mailroom_watch::durable::write_replacing(path, contents.as_bytes(), true)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn admin_token(dir: &Path) -> anyhow::Result<String> {
@@ -847,6 +840,10 @@ impl Listeners {
             bound.admin.into_std()?,
             app,
             https,
+            mailroom_admin::ConnectionLimits::new(
+                config.admin.connections_max,
+                Duration::from_millis(config.admin.idle_timeout_ms),
+            ),
             watch.tasks().heartbeat("admin"),
             heartbeat_every,
             cancel.clone(),
@@ -1014,6 +1011,7 @@ fn spawn_admin(
     listener: std::net::TcpListener,
     app: axum::Router,
     https: Option<(std::net::TcpListener, Arc<mailroom_tls::Tls>, axum::Router)>,
+    limits: mailroom_admin::ConnectionLimits,
     beat: Arc<mailroom_watch::Heartbeat>,
     heartbeat_every: Duration,
     cancel: CancellationToken,
@@ -1052,19 +1050,18 @@ fn spawn_admin(
                 if let Some((listener, tls, app)) = https {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            tokio::spawn(mailroom_admin::serve_tls(
+                            tokio::spawn(mailroom_admin::serve(
                                 listener,
-                                tls,
+                                Some(tls),
                                 app,
+                                limits.clone(),
                                 cancel.clone(),
                             ));
                         }
                         Err(e) => tracing::error!(error = %e, "admin HTTPS not started"),
                     }
                 }
-                if let Err(e) = mailroom_admin::serve(listener, app, cancel).await {
-                    tracing::error!(error = %e, "admin API stopped");
-                }
+                mailroom_admin::serve(listener, None, app, limits, cancel).await;
             });
             // Handlers still running (a long export) do not hold up shutdown.
             runtime.shutdown_background();

@@ -729,3 +729,89 @@ async fn many_concurrent_logins_to_one_account_all_succeed() {
     }
     all_greet(&server).await;
 }
+
+/// The admin listener is where `/health` reports a stall, and each of its connections
+/// is a descriptor of the whole server: connections that never finish a request
+/// (idle, or a header sent a byte at a time) are bounded by `admin.connections_max`
+/// and closed after `admin.idle_timeout_ms`; one past the bound is closed at once; and
+/// when the flood ends the API answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connection_floods_and_slow_headers_are_bounded_and_cut_off() {
+    let server = TestServer::start_with(
+        |c| {
+            c.admin.connections_max = 4;
+            c.admin.idle_timeout_ms = 1_000;
+        },
+        ServerOptions::default(),
+    )
+    .await;
+    let admin = server.server.admin_addr;
+    tokio::task::spawn_blocking(move || {
+        // Two silent connections and two that stall in the middle of a header.
+        let mut held: Vec<TcpStream> = (0..4)
+            .map(|i| {
+                let mut stream = TcpStream::connect(admin).unwrap();
+                if i % 2 == 1 {
+                    stream
+                        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                        .unwrap();
+                }
+                stream
+            })
+            .collect();
+        // The slots are taken once the server has accepted all four; until then a fifth
+        // may still get one, so the check waits for the refusal with a deadline.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut fifth = TcpStream::connect(admin).unwrap();
+            fifth
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = fifth.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+            let mut answer = Vec::new();
+            let closed = match fifth.read_to_end(&mut answer) {
+                Ok(_) => answer.is_empty(),
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            };
+            if closed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a fifth connection was served: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        // Every held connection is closed by the server after the idle timeout.
+        let started = Instant::now();
+        for stream in &mut held {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut rest = Vec::new();
+            let outcome = stream.read_to_end(&mut rest);
+            assert!(
+                !matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut),
+                "a held admin connection was still open after {:?}",
+                started.elapsed()
+            );
+        }
+    })
+    .await
+    .unwrap();
+    // The slots came back: the API answers.
+    let url = format!("http://{admin}/health");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || ureq::get(&url).call().is_ok())
+                .await
+                .unwrap()
+        })
+        .await,
+        "/health did not answer after the flood ended"
+    );
+    all_greet(&server).await;
+    server.server.shutdown().await;
+}

@@ -12,12 +12,13 @@
 //! [`RENEW_DAYS`] before expiry, and after a failure tries again after 1 minute,
 //! doubling up to 6 hours, logging each error.
 
-use crate::{Tls, TlsError, write_synced};
+use crate::{Tls, TlsError};
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
 };
 use mailroom_watch::RankedMutex;
+use mailroom_watch::durable::write_replacing;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -253,7 +254,7 @@ async fn account(settings: &AcmeSettings) -> Result<Account, AcmeError> {
         )
         .await?;
     let text = serde_json::to_string_pretty(&credentials).expect("credentials serialise");
-    write_synced(&path, text.as_bytes(), true).map_err(|source| TlsError::Io {
+    write_replacing(&path, text.as_bytes(), true).map_err(|source| TlsError::Io {
         path: path.clone(),
         source,
     })?;
@@ -321,7 +322,7 @@ pub async fn obtain(settings: &AcmeSettings, challenges: &Challenges) -> Result<
         (&files.key, key.as_bytes(), true),
         (&files.cert, chain.as_bytes(), false),
     ] {
-        write_synced(&fresh(path), bytes, private).map_err(|source| TlsError::Io {
+        write_replacing(&fresh(path), bytes, private).map_err(|source| TlsError::Io {
             path: fresh(path),
             source,
         })?;

@@ -349,13 +349,14 @@ fn generate_self_signed(files: &CertificateFiles, hostname: &str) -> Result<(), 
     if let Some(dir) = files.cert.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    write_synced(
+    mailroom_watch::durable::write_replacing(
         &files.key,
         certified.signing_key.serialize_pem().as_bytes(),
         true,
     )
     .map_err(io(&files.key))?;
-    write_synced(&files.cert, certified.cert.pem().as_bytes(), false).map_err(io(&files.cert))?;
+    mailroom_watch::durable::write_replacing(&files.cert, certified.cert.pem().as_bytes(), false)
+        .map_err(io(&files.cert))?;
     Ok(())
 }
 
@@ -371,24 +372,6 @@ fn civil(days: i64) -> (i32, u8, u8) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year as i32, month as u8, day as u8)
-}
-
-/// Writes a file and makes it durable before it is read back (the key: readable by
-/// its owner only).
-pub(crate) fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 fn load(files: &[CertificateFiles]) -> Result<Loaded, TlsError> {

@@ -24,6 +24,7 @@
 //! turns at one resource (the database's write lock) in arrival order.
 
 mod deadlock;
+pub mod durable;
 mod priority;
 mod probe;
 pub mod rank;
