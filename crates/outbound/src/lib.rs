@@ -638,15 +638,31 @@ async fn deliver_group(
     let env_id = envelope.env_id.clone();
     // DKIM: the signature of the From domain's active key goes in front (signed at
     // each attempt, so its timestamp is the sending time).
-    let signed: Option<Vec<u8>> = shared
-        .config
-        .dkim
-        .as_ref()
-        .and_then(|signer| signer.sign(&item.body))
-        .map(|mut header| {
-            header.extend_from_slice(&item.body);
-            header
-        });
+    // Hashing the body (up to the size limit) and an RSA signature are milliseconds of
+    // CPU: on a runtime worker they would hold up every session scheduled there, so the
+    // worker hands its other tasks over first (the multi-threaded runtime can; a
+    // single-threaded one, in tests, just signs).
+    let sign = || {
+        shared
+            .config
+            .dkim
+            .as_ref()
+            .and_then(|signer| signer.sign(&item.body))
+            .map(|mut header| {
+                header.extend_from_slice(&item.body);
+                header
+            })
+    };
+    let signed: Option<Vec<u8>> = match shared.config.dkim {
+        None => None,
+        Some(_)
+            if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread =>
+        {
+            tokio::task::block_in_place(sign)
+        }
+        Some(_) => sign(),
+    };
     let transaction = Transaction {
         mail_from: &item.mail_from,
         ret,
