@@ -573,10 +573,10 @@ impl SqliteStore {
     }
 
     /// Whether `exists_sql` (a `SELECT EXISTS (...)` with the time as `?1`) finds
-    /// anything, read outside the write turn. Claims ask this first: most of a busy
-    /// server's claims find nothing (two conversion workers woken by one doorbell, the
-    /// outbound workers' polls), and each took the write turn that the spool's next
-    /// commit waited behind (docs/benchmarks.md, fifth session of issue 16). A read
+    /// anything, read outside the write turn. Claims ask this first: under load about
+    /// half of conversion's claims found nothing (two workers woken by one doorbell),
+    /// as did every idle outbound poll, and each took the write turn that the spool's
+    /// next commit waited behind (docs/benchmarks.md, fifth session of issue 16). A read
     /// sees every commit finished before it began, and whoever makes an entry due
     /// rings its worker after committing, so a claim that skips on a stale "nothing"
     /// is followed by another.
