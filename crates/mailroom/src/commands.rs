@@ -1270,14 +1270,7 @@ pub fn parse_since(text: &str, now_ms: i64) -> anyhow::Result<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
         return Err(bad());
     }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = mailroom_watch::civil::days_from_civil(y, m as u32, day as u32);
     Ok(((days * 86_400) + h * 3600 + min * 60 + sec) * 1000)
 }
 

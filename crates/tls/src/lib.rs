@@ -362,15 +362,7 @@ fn generate_self_signed(files: &CertificateFiles, hostname: &str) -> Result<(), 
 
 /// (year, month, day) of a day counted from 1970-01-01 (Howard Hinnant's algorithm).
 fn civil(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = mailroom_watch::civil::civil_from_days(days);
     (year as i32, month as u8, day as u8)
 }
 

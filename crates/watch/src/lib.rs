@@ -23,6 +23,7 @@
 //! slow database read never delays the verdict). [`TicketLock`] serves threads that take
 //! turns at one resource (the database's write lock) in arrival order.
 
+pub mod civil;
 mod deadlock;
 pub mod durable;
 mod priority;
