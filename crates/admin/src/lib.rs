@@ -206,36 +206,32 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// How many connections the admin listeners (plain and HTTPS together) hold at once,
-/// and how long a connection may go without sending a complete request header.
+/// How many connections an admin listener holds at once, and how long a connection
+/// may go without sending a complete request header.
 ///
 /// Why: each connection is a file descriptor of the whole process. Without a bound, a
 /// client that opens connections and never finishes a request (slowloris) exhausts the
 /// descriptors, and then SMTP, IMAP and POP3 cannot accept either; the admin listener is
 /// also where `/health` reports a stall, so it must stay answerable.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Connections served at once; one more is closed at accept (and logged).
-    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Connections served at once; one more is answered 503 and closed (and logged).
+    pub connections_max: usize,
     /// A connection idle this long between requests, or this slow to send a request's
     /// header, is closed (hyper's header read timeout, which also covers keep-alive).
     pub idle_timeout: std::time::Duration,
 }
 
-impl ConnectionLimits {
-    /// `max` connections at once, each closed after `idle_timeout` without a request.
-    pub fn new(max: usize, idle_timeout: std::time::Duration) -> ConnectionLimits {
-        ConnectionLimits {
-            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
-            idle_timeout,
-        }
-    }
-}
+/// What a connection beyond `admin.connections_max` is told before it is closed.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\
+Content-Type: text/plain\r\nContent-Length: 61\r\n\r\n\
+all admin connection slots are in use (admin.connections_max)";
 
 /// Serves `app` on `listener` until `cancel` fires: over implicit TLS (HTTPS) when
 /// `tls` is given (each connection a handshake bounded by the TLS crate's timeout),
 /// else plain HTTP/1.1. The client's address is available to handlers as
-/// `ConnectInfo`. Connections are bounded by `limits`.
+/// `ConnectInfo`. Accepting is the protocol listeners' loop (`mailroom_listen`): the
+/// connection bound, back-off when accept fails, the refusal beyond the bound.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<mailroom_tls::Tls>>,
@@ -243,44 +239,31 @@ pub async fn serve(
     limits: ConnectionLimits,
     cancel: CancellationToken,
 ) {
-    let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
-    let mut refused_logged: Option<std::time::Instant> = None;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors, most likely: wait rather than spin.
-                    tracing::warn!(error = %e, "admin {scheme} accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = limits.slots.clone().try_acquire_owned() else {
-            // Closed at once: holding it would spend the descriptor the bound protects.
-            if refused_logged.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(10)) {
-                tracing::warn!(
-                    %peer,
-                    "admin {scheme} connection refused: all admin connection slots are in use (admin.connections_max)"
-                );
-                refused_logged = Some(std::time::Instant::now());
-            }
-            drop(stream);
-            continue;
-        };
-        // Answers are small and often written in pieces (head, then body): without
-        // this, Nagle's algorithm holds the second piece for the client's delayed ACK.
-        let _ = stream.set_nodelay(true);
+    let protocol = if tls.is_some() {
+        "admin HTTPS"
+    } else {
+        "admin HTTP"
+    };
+    // Refusals are logged at most every 10 s: a flood must not flood the log too.
+    let refused_logged_ms = AtomicU64::new(0);
+    let refused = || {
+        let now = now_ms() as u64;
+        let last = refused_logged_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) > 10_000 {
+            refused_logged_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                "{protocol} connection refused: all admin connection slots are in use (admin.connections_max)"
+            );
+        }
+    };
+    let handle = |stream: tokio::net::TcpStream, peer: std::net::SocketAddr| {
         let (tls, app, cancel, idle) = (
             tls.clone(),
             app.clone(),
             cancel.clone(),
             limits.idle_timeout,
         );
-        tokio::spawn(async move {
-            let _slot = slot;
+        async move {
             let stream: mailroom_tls::BoxedIo = match tls {
                 Some(tls) => match mailroom_tls::accept(&tls, Box::new(stream)).await {
                     Ok(stream) => stream,
@@ -307,8 +290,24 @@ pub async fn serve(
                 _ = connection.as_mut() => {}
                 _ = cancel.cancelled() => connection.as_mut().graceful_shutdown(),
             }
-        });
-    }
+        }
+    };
+    mailroom_listen::serve(
+        listener,
+        mailroom_listen::Limits {
+            protocol,
+            connections_max: limits.connections_max,
+            // The bound is the whole listener's; the admin listener is loopback by
+            // default, where every client has the same address.
+            per_client_max: limits.connections_max,
+            refusal: REFUSAL,
+        },
+        cancel.clone(),
+        tokio_util::task::TaskTracker::new(),
+        refused,
+        handle,
+    )
+    .await;
 }
 
 async fn require_token(

@@ -751,8 +751,8 @@ pub struct AdminSection {
     /// Host names (or `name:port`) the web admin answers to besides the listen address
     /// and `localhost`; any other Host header is refused.
     pub web_hosts: Vec<String>,
-    /// Connections the admin listeners (HTTP and HTTPS together) serve at once; one
-    /// more is closed at accept.
+    /// Connections each admin listener (HTTP, HTTPS) serves at once; one more is
+    /// answered 503 and closed.
     pub connections_max: usize,
     /// A connection that sends no complete request header for this long (idle between
     /// requests, or a slow sender) is closed.
@@ -910,8 +910,8 @@ tls_listen = "127.0.0.1:8443"
 # ["mail.example.com"] behind a reverse proxy; pages asked for under any other Host
 # header are refused (a defence against DNS rebinding).
 web_hosts = []
-# Connections the admin listeners (HTTP and HTTPS together) serve at once; one more is
-# closed at once and logged. Each is a file descriptor of the whole server, so without
+# Connections each admin listener (HTTP, HTTPS) serves at once; one more is answered
+# 503 and closed, and logged. Each is a file descriptor of the whole server, so without
 # a bound a client that opens connections and never finishes a request would leave
 # SMTP, IMAP and POP3 unable to accept.
 connections_max = 256

@@ -840,10 +840,10 @@ impl Listeners {
             bound.admin.into_std()?,
             app,
             https,
-            mailroom_admin::ConnectionLimits::new(
-                config.admin.connections_max,
-                Duration::from_millis(config.admin.idle_timeout_ms),
-            ),
+            mailroom_admin::ConnectionLimits {
+                connections_max: config.admin.connections_max,
+                idle_timeout: Duration::from_millis(config.admin.idle_timeout_ms),
+            },
             watch.tasks().heartbeat("admin"),
             heartbeat_every,
             cancel.clone(),
@@ -1054,7 +1054,7 @@ fn spawn_admin(
                                 listener,
                                 Some(tls),
                                 app,
-                                limits.clone(),
+                                limits,
                                 cancel.clone(),
                             ));
                         }

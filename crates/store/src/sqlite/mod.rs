@@ -598,10 +598,31 @@ impl SqliteStore {
         self.write_to(&self.mail, caller, f)
     }
 
+    /// `write`, served before every writer already waiting (never before the one in
+    /// progress): for the spool, whose commit an SMTP client waits on with the
+    /// connection open (see `TicketLock::lock_first`).
+    fn write_first<R>(
+        &self,
+        caller: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<R>,
+    ) -> Result<R> {
+        self.write_in_turn(&self.mail, caller, true, f)
+    }
+
     fn write_to<R>(
         &self,
         db: &Db,
         caller: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<R>,
+    ) -> Result<R> {
+        self.write_in_turn(db, caller, false, f)
+    }
+
+    fn write_in_turn<R>(
+        &self,
+        db: &Db,
+        caller: &'static str,
+        first: bool,
         f: impl FnOnce(&mut Connection) -> Result<R>,
     ) -> Result<R> {
         // Bookkeeping nobody was promised (claims, retry times, a cache) need not be
@@ -615,9 +636,7 @@ impl SqliteStore {
             self.note_error(db, &e);
             return Err(e);
         }
-        // The spool goes first: an SMTP client waits on its commit (see
-        // `TicketLock::lock_first`); everyone else takes turns in arrival order.
-        let turn = if caller == "spool" {
+        let turn = if first {
             db.write_turn.lock_first()
         } else {
             db.write_turn.lock()
@@ -1081,7 +1100,7 @@ impl MailStore for SqliteStore {
         } else {
             Vec::new()
         };
-        self.write("spool", |conn| {
+        self.write_first("spool", |conn| {
             // FULL: the WAL is fsynced at this commit, which is what lets SMTP say "250".
             // (Under `durability = "full"` every connection already runs so.)
             let switch = self.synchronous() != "FULL";
