@@ -579,8 +579,7 @@ async fn deliver_group(
     tlsa: &HashMap<String, dane::HostPolicy>,
     log: &mut AttemptLog,
 ) {
-    let enforce = sts.filter(|(_, p)| p.mode == mta_sts::Mode::Enforce);
-    let mut hosts = match hosts {
+    let hosts = match hosts {
         Ok(hosts) => hosts,
         Err(NoHost::Permanent { code, reason }) => {
             for a in addresses {
@@ -596,30 +595,16 @@ async fn deliver_group(
             return;
         }
     };
-    if let Some((domain, policy)) = sts {
-        let unlisted: Vec<String> = hosts
-            .iter()
-            .filter(|h| !policy.allows_mx(&h.name))
-            .map(|h| h.name.clone())
-            .collect();
-        if !unlisted.is_empty() {
-            tracing::warn!(domain, mode = ?policy.mode, ?unlisted, allowed = ?policy.mx, "MTA-STS: MX hosts the policy does not list");
-        }
-        if enforce.is_some() {
-            hosts.retain(|h| policy.allows_mx(&h.name));
-            if hosts.is_empty() {
-                let text = format!(
-                    "4.7.5 MTA-STS policy of {domain} lists none of its MX hosts ({})",
-                    unlisted.join(", ")
-                );
-                for a in addresses {
-                    defer(envelope, a, "4.7.5", text.clone(), None);
-                }
-                log.summary = Some(text);
-                return;
+    let hosts = match hosts_under_sts(hosts, sts) {
+        Ok(hosts) => hosts,
+        Err(text) => {
+            for a in addresses {
+                defer(envelope, a, "4.7.5", text.clone(), None);
             }
+            log.summary = Some(text);
+            return;
         }
-    }
+    };
     let rcpts: Vec<Rcpt> = addresses
         .iter()
         .map(|a| {
@@ -636,33 +621,7 @@ async fn deliver_group(
         mailroom_store::Ret::Headers => "HDRS",
     });
     let env_id = envelope.env_id.clone();
-    // DKIM: the signature of the From domain's active key goes in front (signed at
-    // each attempt, so its timestamp is the sending time).
-    // Hashing the body (up to the size limit) and an RSA signature are milliseconds of
-    // CPU: on a runtime worker they would hold up every session scheduled there, so the
-    // worker hands its other tasks over first (the multi-threaded runtime can; a
-    // single-threaded one, in tests, just signs).
-    let sign = || {
-        shared
-            .config
-            .dkim
-            .as_ref()
-            .and_then(|signer| signer.sign(&item.body))
-            .map(|mut header| {
-                header.extend_from_slice(&item.body);
-                header
-            })
-    };
-    let signed: Option<Vec<u8>> = match shared.config.dkim {
-        None => None,
-        Some(_)
-            if tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::MultiThread =>
-        {
-            tokio::task::block_in_place(sign)
-        }
-        Some(_) => sign(),
-    };
+    let signed = signed_body(shared, item);
     let transaction = Transaction {
         mail_from: &item.mail_from,
         ret,
@@ -671,8 +630,7 @@ async fn deliver_group(
         body: signed.as_deref().unwrap_or(&item.body),
     };
     let mut last_failure: Option<(Failure, String)> = None;
-    let mut done = false;
-    'hosts: for host in &hosts {
+    for host in &hosts {
         for addr in &host.addrs {
             let limit = {
                 let mut limits = shared.limits.lock();
@@ -686,97 +644,18 @@ async fn deliver_group(
             let Ok(_permit) = limit.acquire_owned().await else {
                 continue;
             };
-            // Under an enforced policy, only a connection verified for this very host
-            // name (the pool is by address, which several names may share).
             let dane = tlsa.get(&host.name);
-            if let Some(dane::HostPolicy::Failed(why)) = dane {
-                last_failure = Some((Failure::Network(format!("DANE: {why}")), host.name.clone()));
-                continue;
-            }
-            // Under DANE a fresh connection is checked against the TLSA records; under
-            // an enforced MTA-STS policy only one verified for this very host name is
-            // reused (the pool is by address, which several names may share).
-            let idle = take_idle(shared, *addr).filter(|c| {
-                dane.is_none()
-                    && (enforce.is_none() || (c.tls.verified() && c.remote() == host.name))
-            });
-            let mut connection = match idle {
-                Some(c) => {
-                    count_connection(shared, &host.name, "reused");
-                    c
+            let mut connection = match connection_for(shared, host, *addr, dane, sts).await {
+                Ok(connection) => connection,
+                Err(failure) => {
+                    last_failure = Some((failure, host.name.clone()));
+                    continue;
                 }
-                None => match Connection::open(
-                    *addr,
-                    &host.name,
-                    &shared.config.hostname,
-                    shared.config.timeouts,
-                    Some(shared.probe.clone()),
-                    shared.config.tls.as_deref(),
-                )
-                .await
-                {
-                    Ok(c) => {
-                        count_connection(shared, &host.name, "opened");
-                        count_connection(shared, &host.name, c.tls.label());
-                        tracing::info!(host = host.name, %addr, tls = %c.tls, "outbound connection");
-                        let encrypted = matches!(c.tls, client::TlsOutcome::Encrypted { .. });
-                        let dane_refusal = match dane {
-                            Some(dane::HostPolicy::Authenticate(records)) => {
-                                let ok = encrypted
-                                    && dane::chain_matches(
-                                        records,
-                                        &c.peer_certificates,
-                                        &host.name,
-                                    );
-                                (!ok).then(|| {
-                                    format!(
-                                        "DANE: {} has TLSA records; its certificate must match one over TLS ({})",
-                                        host.name, c.tls
-                                    )
-                                })
-                            }
-                            Some(dane::HostPolicy::EncryptOnly) if !encrypted => Some(format!(
-                                "DANE: {} has TLSA records; TLS is required ({})",
-                                host.name, c.tls
-                            )),
-                            _ => None,
-                        };
-                        if let Some(why) = dane_refusal {
-                            tracing::warn!(host = host.name, tls = %c.tls, "DANE: not delivering");
-                            c.quit().await;
-                            last_failure = Some((Failure::Network(why), host.name.clone()));
-                            continue;
-                        }
-                        // DANE, when it applies, takes the place of MTA-STS (RFC 8461 §2).
-                        if dane.is_none()
-                            && !c.tls.verified()
-                            && let Some((domain, policy)) = sts
-                        {
-                            let why = format!(
-                                "MTA-STS policy of {domain} ({:?}) needs TLS with a verified certificate; {} gave: {}",
-                                policy.mode, host.name, c.tls
-                            );
-                            if enforce.is_some() {
-                                tracing::warn!(domain, host = host.name, tls = %c.tls, "MTA-STS: not delivering without verified TLS");
-                                c.quit().await;
-                                last_failure = Some((Failure::Network(why), host.name.clone()));
-                                continue;
-                            }
-                            tracing::warn!(domain, host = host.name, tls = %c.tls, "MTA-STS (testing): would not deliver without verified TLS");
-                        }
-                        c
-                    }
-                    Err(e) => {
-                        shared.probe.progressed(1);
-                        count_connection(shared, &host.name, "failed");
-                        last_failure = Some((e, host.name.clone()));
-                        continue;
-                    }
-                },
             };
             match connection.transaction(&transaction).await {
                 Ok((replies, data)) => {
                     let passes_dsn_on = connection.offers(smtp_proto::EXT_DSN);
+                    let tls = tls_note(&connection, dane, sts);
                     for (rcpt, reply) in rcpts.iter().zip(&replies) {
                         record(envelope, &rcpt.address, reply, data.as_ref(), &host.name);
                         if let Some(r) = envelope
@@ -784,23 +663,7 @@ async fn deliver_group(
                             .iter_mut()
                             .find(|r| r.address == rcpt.address)
                         {
-                            r.tls = Some(match (dane, sts) {
-                                (Some(dane::HostPolicy::Authenticate(_)), _) => {
-                                    format!("{}; DANE", connection.tls)
-                                }
-                                (Some(_), _) => {
-                                    format!("{}; DANE (encrypted only)", connection.tls)
-                                }
-                                (None, Some((_, policy))) => format!(
-                                    "{}; MTA-STS {}",
-                                    connection.tls,
-                                    match policy.mode {
-                                        mta_sts::Mode::Enforce => "enforce",
-                                        _ => "testing",
-                                    }
-                                ),
-                                (None, None) => connection.tls.to_string(),
-                            });
+                            r.tls = Some(tls.clone());
                         }
                         if !passes_dsn_on
                             && envelope.recipient(&rcpt.address).is_some_and(|r| {
@@ -814,8 +677,7 @@ async fn deliver_group(
                     if connection.reset().await {
                         put_idle(shared, *addr, connection);
                     }
-                    done = true;
-                    break 'hosts;
+                    return;
                 }
                 Err(Failure::Refused(reply)) if reply.permanent() => {
                     // The server refused the transaction for good (MAIL or DATA): every
@@ -832,8 +694,7 @@ async fn deliver_group(
                     if connection.reset().await {
                         put_idle(shared, *addr, connection);
                     }
-                    done = true;
-                    break 'hosts;
+                    return;
                 }
                 Err(e) => {
                     last_failure = Some((e, host.name.clone()));
@@ -843,32 +704,203 @@ async fn deliver_group(
             }
         }
     }
-    if !done {
-        // No host took the transaction: every recipient waits for the next attempt.
-        let (code, text, host) = match last_failure {
-            Some((Failure::Refused(reply), host)) => (
-                reply.status_or("4.0.0", "4.0.0"),
-                reply.to_string(),
-                Some(host),
-            ),
-            Some((Failure::Network(e), host))
-                if e.starts_with("MTA-STS") || e.starts_with("DANE") =>
-            {
-                ("4.7.5".to_string(), format!("4.7.5 {e}"), Some(host))
-            }
-            Some((Failure::Network(e), host)) => {
-                ("4.4.1".to_string(), format!("4.4.1 {e}"), Some(host))
-            }
-            None => (
-                "4.4.1".to_string(),
-                format!("4.4.1 no address to connect to for {connector}"),
-                None,
-            ),
-        };
-        for a in addresses {
-            defer(envelope, a, &code, text.clone(), host.as_deref());
+    // No host took the transaction: every recipient waits for the next attempt.
+    let (code, text, host) = match last_failure {
+        Some((Failure::Refused(reply), host)) => (
+            reply.status_or("4.0.0", "4.0.0"),
+            reply.to_string(),
+            Some(host),
+        ),
+        Some((Failure::Network(e), host)) if e.starts_with("MTA-STS") || e.starts_with("DANE") => {
+            ("4.7.5".to_string(), format!("4.7.5 {e}"), Some(host))
         }
-        log.summary = Some(text);
+        Some((Failure::Network(e), host)) => {
+            ("4.4.1".to_string(), format!("4.4.1 {e}"), Some(host))
+        }
+        None => (
+            "4.4.1".to_string(),
+            format!("4.4.1 no address to connect to for {connector}"),
+            None,
+        ),
+    };
+    for a in addresses {
+        defer(envelope, a, &code, text.clone(), host.as_deref());
+    }
+    log.summary = Some(text);
+}
+
+/// The hosts a delivery may use under the domain's MTA-STS policy (RFC 8461 §4.1):
+/// those its policy lists when it is enforced (a warning names the others in either
+/// mode), or the temporary failure's text when an enforced policy lists none of them.
+fn hosts_under_sts(
+    mut hosts: Vec<Host>,
+    sts: Option<(&str, &mta_sts::Policy)>,
+) -> Result<Vec<Host>, String> {
+    let Some((domain, policy)) = sts else {
+        return Ok(hosts);
+    };
+    let unlisted: Vec<String> = hosts
+        .iter()
+        .filter(|h| !policy.allows_mx(&h.name))
+        .map(|h| h.name.clone())
+        .collect();
+    if !unlisted.is_empty() {
+        tracing::warn!(domain, mode = ?policy.mode, ?unlisted, allowed = ?policy.mx, "MTA-STS: MX hosts the policy does not list");
+    }
+    if policy.mode != mta_sts::Mode::Enforce {
+        return Ok(hosts);
+    }
+    hosts.retain(|h| policy.allows_mx(&h.name));
+    if hosts.is_empty() {
+        return Err(format!(
+            "4.7.5 MTA-STS policy of {domain} lists none of its MX hosts ({})",
+            unlisted.join(", ")
+        ));
+    }
+    Ok(hosts)
+}
+
+/// The message with the DKIM signature of its From domain's active key in front, when
+/// signing is configured (signed at each attempt, so its timestamp is the sending
+/// time); `None` sends the body as stored.
+///
+/// Hashing the body (up to the size limit) and an RSA signature are milliseconds of
+/// CPU: on a runtime worker they would hold up every session scheduled there, so the
+/// worker hands its other tasks over first (the multi-threaded runtime can; a
+/// single-threaded one, in tests, just signs).
+fn signed_body(shared: &Shared, item: &OutboundItem) -> Option<Vec<u8>> {
+    let signer = shared.config.dkim.as_ref()?;
+    let sign = || {
+        signer.sign(&item.body).map(|mut header| {
+            header.extend_from_slice(&item.body);
+            header
+        })
+    };
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(sign)
+    } else {
+        sign()
+    }
+}
+
+/// A connection to `addr` for `host` that the destination's policies let carry the
+/// message: an idle one from the pool when that is allowed, else a new one, which
+/// DANE (when the host has TLSA records) or an MTA-STS policy may refuse; the failure
+/// says why, and counts for the next attempt's reason.
+async fn connection_for(
+    shared: &Shared,
+    host: &Host,
+    addr: SocketAddr,
+    dane: Option<&dane::HostPolicy>,
+    sts: Option<(&str, &mta_sts::Policy)>,
+) -> Result<Connection, Failure> {
+    if let Some(dane::HostPolicy::Failed(why)) = dane {
+        return Err(Failure::Network(format!("DANE: {why}")));
+    }
+    let enforce = sts.is_some_and(|(_, p)| p.mode == mta_sts::Mode::Enforce);
+    // Under DANE a fresh connection is checked against the TLSA records; under an
+    // enforced MTA-STS policy only one verified for this very host name is reused (the
+    // pool is by address, which several names may share).
+    let idle = take_idle(shared, addr)
+        .filter(|c| dane.is_none() && (!enforce || (c.tls.verified() && c.remote() == host.name)));
+    if let Some(connection) = idle {
+        count_connection(shared, &host.name, "reused");
+        return Ok(connection);
+    }
+    let connection = match Connection::open(
+        addr,
+        &host.name,
+        &shared.config.hostname,
+        shared.config.timeouts,
+        Some(shared.probe.clone()),
+        shared.config.tls.as_deref(),
+    )
+    .await
+    {
+        Ok(connection) => connection,
+        Err(e) => {
+            shared.probe.progressed(1);
+            count_connection(shared, &host.name, "failed");
+            return Err(e);
+        }
+    };
+    count_connection(shared, &host.name, "opened");
+    count_connection(shared, &host.name, connection.tls.label());
+    tracing::info!(host = host.name, %addr, tls = %connection.tls, "outbound connection");
+    match policy_refusal(&connection, &host.name, dane, sts) {
+        Some(why) => {
+            connection.quit().await;
+            Err(Failure::Network(why))
+        }
+        None => Ok(connection),
+    }
+}
+
+/// Why a new connection must not carry the message: DANE's TLSA records (RFC 7672 §2)
+/// need TLS, and a certificate one of them matches unless none is usable; where DANE
+/// does not apply, an enforced MTA-STS policy needs TLS with a verified certificate
+/// (one in testing mode only logs that it would not deliver). `None`: it may.
+fn policy_refusal(
+    connection: &Connection,
+    host: &str,
+    dane: Option<&dane::HostPolicy>,
+    sts: Option<(&str, &mta_sts::Policy)>,
+) -> Option<String> {
+    let encrypted = matches!(connection.tls, client::TlsOutcome::Encrypted { .. });
+    let dane_refusal = match dane {
+        Some(dane::HostPolicy::Authenticate(records)) => {
+            let ok = encrypted && dane::chain_matches(records, &connection.peer_certificates, host);
+            (!ok).then(|| {
+                format!(
+                    "DANE: {host} has TLSA records; its certificate must match one over TLS ({})",
+                    connection.tls
+                )
+            })
+        }
+        Some(dane::HostPolicy::EncryptOnly) if !encrypted => Some(format!(
+            "DANE: {host} has TLSA records; TLS is required ({})",
+            connection.tls
+        )),
+        _ => None,
+    };
+    if dane_refusal.is_some() {
+        tracing::warn!(host, tls = %connection.tls, "DANE: not delivering");
+        return dane_refusal;
+    }
+    // DANE, when it applies, takes the place of MTA-STS (RFC 8461 §2).
+    let (domain, policy) = sts.filter(|_| dane.is_none() && !connection.tls.verified())?;
+    if policy.mode != mta_sts::Mode::Enforce {
+        tracing::warn!(domain, host, tls = %connection.tls, "MTA-STS (testing): would not deliver without verified TLS");
+        return None;
+    }
+    tracing::warn!(domain, host, tls = %connection.tls, "MTA-STS: not delivering without verified TLS");
+    Some(format!(
+        "MTA-STS policy of {domain} ({:?}) needs TLS with a verified certificate; {host} gave: {}",
+        policy.mode, connection.tls
+    ))
+}
+
+/// How the session that carried the message was protected, for the recipient's record
+/// (and its DSN): the TLS outcome and the policy that applied.
+fn tls_note(
+    connection: &Connection,
+    dane: Option<&dane::HostPolicy>,
+    sts: Option<(&str, &mta_sts::Policy)>,
+) -> String {
+    match (dane, sts) {
+        (Some(dane::HostPolicy::Authenticate(_)), _) => format!("{}; DANE", connection.tls),
+        (Some(_), _) => format!("{}; DANE (encrypted only)", connection.tls),
+        (None, Some((_, policy))) => format!(
+            "{}; MTA-STS {}",
+            connection.tls,
+            match policy.mode {
+                mta_sts::Mode::Enforce => "enforce",
+                _ => "testing",
+            }
+        ),
+        (None, None) => connection.tls.to_string(),
     }
 }
 
