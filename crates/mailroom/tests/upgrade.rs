@@ -184,20 +184,37 @@ async fn every_earlier_schema_opens_migrates_and_keeps_everything() {
                 .unwrap();
             list.iter().map(|n| n.name().to_string()).collect()
         };
+        // So are the message and unseen counts (kept since schema 16) that STATUS
+        // reports, against the messages' own flags.
         for folder in names {
             use futures_util::TryStreamExt;
+            let status = session
+                .status(&folder, "(MESSAGES UNSEEN)")
+                .await
+                .unwrap();
             let selected = session.select(&folder).await.unwrap();
+            assert_eq!(status.exists, selected.exists, "{name}: {folder}");
             if selected.exists == 0 {
+                assert_eq!(status.unseen, Some(0), "{name}: {folder}");
                 continue;
             }
             let fetched: Vec<_> = session
-                .fetch("1:*", "RFC822.SIZE")
+                .fetch("1:*", "(FLAGS RFC822.SIZE)")
                 .await
                 .unwrap()
                 .try_collect()
                 .await
                 .unwrap();
             reported += fetched.iter().map(|f| f.size.unwrap() as u64).sum::<u64>();
+            let unseen = fetched
+                .iter()
+                .filter(|f| !f.flags().any(|flag| flag == async_imap::types::Flag::Seen))
+                .count();
+            assert_eq!(
+                (status.exists as usize, status.unseen),
+                (fetched.len(), Some(unseen as u32)),
+                "{name}: STATUS of {folder} after the upgrade"
+            );
         }
         let alice = server
             .directory

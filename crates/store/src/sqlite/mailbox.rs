@@ -84,14 +84,11 @@ fn bump_modseq(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
         .query_row([folder], |r| r.get(0))?)
 }
 
-/// A folder's row as [`FolderInfo`], with its message counts (add a WHERE on `f`).
+/// A folder's row as [`FolderInfo`], with its message counts (add a WHERE on `f`). The
+/// counts and size are the folder's trigger-kept columns (schema 16); only the recent
+/// count is read from the messages, a range of the UID index above the floor.
 const FOLDER_INFO: &str = "SELECT f.name, f.uidvalidity, f.uidnext, f.highestmodseq, f.subscribed,
-        f.special_use,
-        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
-        (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id
-            AND (' ' || m.flags || ' ') NOT LIKE '% \\Seen %'),
-        (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id),
-        f.recent_floor,
+        f.special_use, f.message_count, f.unseen_count, f.bytes, f.recent_floor,
         (SELECT COUNT(*) FROM messages m
             WHERE m.folder_id = f.id AND m.uid > f.recent_floor)
      FROM folders f";
@@ -112,12 +109,17 @@ fn folder_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FolderInfo> {
     })
 }
 
-/// A `messages` row selected as `uid, modseq, flags, received_at_ms, size`.
+/// A `messages` row selected as `uid, modseq, flags, received_at_ms, size`. The flags
+/// are read in place (a folder snapshot reads every row of the folder).
 fn message_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageState> {
+    let flags = r.get_ref(2)?;
+    let flags = flags.as_str().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, flags.data_type(), Box::new(e))
+    })?;
     Ok(MessageState {
         uid: r.get(0)?,
         modseq: r.get::<_, i64>(1)? as u64,
-        flags: parse_flags(&r.get::<_, String>(2)?),
+        flags: parse_flags(flags),
         internal_date_ms: r.get(3)?,
         size: r.get::<_, i64>(4)? as u64,
     })

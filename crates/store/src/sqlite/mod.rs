@@ -1533,9 +1533,7 @@ impl MailStore for SqliteStore {
         self.with_conn(|conn| {
             Ok(conn
                 .query_row(
-                    "SELECT f.uidvalidity, f.uidnext, f.highestmodseq,
-                            (SELECT COUNT(*) FROM messages m WHERE m.folder_id = f.id),
-                            (SELECT COALESCE(SUM(size), 0) FROM messages m WHERE m.folder_id = f.id)
+                    "SELECT f.uidvalidity, f.uidnext, f.highestmodseq, f.message_count, f.bytes
                      FROM folders f WHERE f.recipient_id = ?1 AND f.name = ?2",
                     params![recipient, folder],
                     |r| {
@@ -2607,7 +2605,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let a = recipient(&store, "a");
-        // The trigger-kept folder sizes (schema 14) against a sum over the messages.
+        // The trigger-kept folder sizes and counts (schemas 14 and 16) against the
+        // messages themselves, folder by folder, as LIST, STATUS and SELECT report them.
         let sizes_agree = |when: &str| {
             let summed: i64 = store
                 .with_conn(|conn| {
@@ -2620,6 +2619,31 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(store.mailbox_bytes(a).unwrap(), summed as u64, "{when}");
+            for folder in store.folders(a).unwrap() {
+                let messages = store.folder_messages(a, &folder.name).unwrap();
+                let unseen = messages
+                    .iter()
+                    .filter(|m| !m.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Seen")))
+                    .count();
+                let bytes: u64 = messages.iter().map(|m| m.size).sum();
+                assert_eq!(
+                    (
+                        folder.messages as usize,
+                        folder.unseen as usize,
+                        folder.bytes
+                    ),
+                    (messages.len(), unseen, bytes),
+                    "{when}: {}",
+                    folder.name
+                );
+                let status = store.folder_status(a, &folder.name).unwrap().unwrap();
+                assert_eq!(
+                    (status.messages as usize, status.bytes),
+                    (messages.len(), bytes),
+                    "{when}: STATUS of {}",
+                    folder.name
+                );
+            }
         };
         let bell = store.watch_mailbox(a);
         store.ensure_folder(a, "INBOX", None).unwrap();
@@ -2662,6 +2686,29 @@ mod tests {
             .store_flags(a, "INBOX", &[1], FlagOperation::Remove, &seen, Some(1))
             .unwrap();
         assert_eq!(refused.modified, vec![1]);
+        sizes_agree("after \\Seen was set");
+        // A flag other than \Seen, set and cleared, leaves the unseen count alone; a
+        // \Seen written in another case counts as seen (flags are case-insensitive).
+        let flagged = vec!["\\Flagged".to_string()];
+        store
+            .store_flags(a, "INBOX", &[2], FlagOperation::Add, &flagged, None)
+            .unwrap();
+        sizes_agree("after \\Flagged was set");
+        store
+            .store_flags(
+                a,
+                "INBOX",
+                &[2],
+                FlagOperation::Replace,
+                &["\\SEEN".to_string()],
+                None,
+            )
+            .unwrap();
+        sizes_agree("after \\SEEN replaced the flags");
+        store
+            .store_flags(a, "INBOX", &[2], FlagOperation::Replace, &[], None)
+            .unwrap();
+        sizes_agree("after the flags were cleared");
         let inbox = store
             .folders(a)
             .unwrap()
