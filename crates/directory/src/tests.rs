@@ -603,3 +603,78 @@ fn send_as_grants_name_mailboxes_and_go_with_them() {
     let sales = snapshot.by_address("sales@example.test").unwrap();
     assert!(sales.send_as.is_empty());
 }
+
+/// The writer applies a batch's changes to one working snapshot in place; a change that
+/// fails must leave it as it was, or a bad import row would leave half of itself behind
+/// for the rows after it (and in the published directory).
+#[test]
+fn a_change_that_fails_in_place_leaves_the_snapshot_unchanged() {
+    let mut snapshot = Snapshot::empty(&["example.test".to_string()]);
+    let (writes, _) = snapshot
+        .apply_in_place(&mailbox("ann@example.test"))
+        .unwrap();
+    assert_eq!(writes.len(), 1);
+    snapshot
+        .apply_in_place(&list("team", &["ann@example.test"]))
+        .unwrap();
+    let before: Vec<Arc<Recipient>> = snapshot.recipients_by_alias();
+    let site_before = snapshot.site().clone();
+    let failing = [
+        // The address is taken.
+        mailbox("ann@example.test"),
+        // The address is invalid, after a valid alias.
+        Change::CreateRecipient(RecipientFields {
+            kind: Some(RecipientKind::Mailbox),
+            alias: Some("bob".into()),
+            addresses: Some(vec!["not an address".into()]),
+            ..Default::default()
+        }),
+        // A list member that does not exist.
+        list("crew", &["ann@example.test", "nobody@example.test"]),
+        Change::ModifyRecipient {
+            alias: "nobody".into(),
+            fields: RecipientFields::default(),
+        },
+        // A mailbox cannot become a list.
+        Change::ModifyRecipient {
+            alias: "ann".into(),
+            fields: RecipientFields {
+                kind: Some(RecipientKind::List),
+                display_name: Some("Changed".into()),
+                ..Default::default()
+            },
+        },
+        Change::DeleteRecipient {
+            alias: "nobody".into(),
+        },
+        Change::SetPassword {
+            address: "team@example.test".into(),
+            password_hash: "x".into(),
+        },
+        site(SiteChange::SetTemplate {
+            address_type: "SMTP".into(),
+            template: Some("%q@".into()),
+        }),
+    ];
+    for change in &failing {
+        assert!(
+            snapshot.apply_in_place(change).is_err(),
+            "{change:?} should fail"
+        );
+        let after = snapshot.recipients_by_alias();
+        assert_eq!(after.len(), before.len(), "{change:?}");
+        assert!(
+            after.iter().zip(&before).all(|(a, b)| Arc::ptr_eq(a, b)),
+            "{change:?} changed a recipient"
+        );
+        assert!(snapshot.by_address("bob@example.test").is_none());
+        assert_eq!(
+            snapshot
+                .by_address("ann@example.test")
+                .unwrap()
+                .display_name,
+            "X"
+        );
+        assert_eq!(*snapshot.site(), site_before, "{change:?}");
+    }
+}

@@ -680,8 +680,7 @@ impl Writer {
                     .changes
                     .iter()
                     .map(|change| {
-                        let (next, more, applied) = working.apply(change)?;
-                        working = next;
+                        let (more, applied) = working.apply_in_place(change)?;
                         writes.extend(more);
                         Ok(applied)
                     })
@@ -733,9 +732,8 @@ fn apply_atomic(
     let mut results: Results = Vec::with_capacity(changes.len());
     let mut failed = false;
     for change in changes {
-        match trial.apply(change) {
-            Ok((next, more, applied)) => {
-                trial = next;
+        match trial.apply_in_place(change) {
+            Ok((more, applied)) => {
                 trial_writes.extend(more);
                 results.push(Ok(applied));
             }
@@ -767,8 +765,7 @@ pub fn dry_run(snapshot: &Snapshot, changes: &[Change], atomic: bool) -> Results
     changes
         .iter()
         .map(|change| {
-            let (next, _, applied) = working.apply(change)?;
-            working = next;
+            let (_, applied) = working.apply_in_place(change)?;
             Ok(applied)
         })
         .collect()

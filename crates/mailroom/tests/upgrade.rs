@@ -188,10 +188,7 @@ async fn every_earlier_schema_opens_migrates_and_keeps_everything() {
         // reports, against the messages' own flags.
         for folder in names {
             use futures_util::TryStreamExt;
-            let status = session
-                .status(&folder, "(MESSAGES UNSEEN)")
-                .await
-                .unwrap();
+            let status = session.status(&folder, "(MESSAGES UNSEEN)").await.unwrap();
             let selected = session.select(&folder).await.unwrap();
             assert_eq!(status.exists, selected.exists, "{name}: {folder}");
             if selected.exists == 0 {
