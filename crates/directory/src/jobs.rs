@@ -412,6 +412,9 @@ pub(crate) fn regenerate(directory: Directory, job: &Job, newest: &AtomicU64) {
             }
         }
     }
+    if let Err(e) = directory.sync_background_blocking() {
+        return job.finish(false, format!("stopped: {e}"));
+    }
     let r = job.report();
     job.finish(
         true,
@@ -565,6 +568,11 @@ fn import(directory: &Directory, job: &Job, file: &std::path::Path, options: Imp
             }
         }
         apply_chunk(directory, &mut tally, &mut chunk);
+        // Its chunks were committed without an fsync each: "finished" only once they
+        // are durable.
+        if let Err(e) = directory.sync_background_blocking() {
+            return job.finish(false, format!("applied, but not made durable: {e}"));
+        }
         let r = job.report();
         return job.finish(
             true,
@@ -608,6 +616,9 @@ fn import(directory: &Directory, job: &Job, file: &std::path::Path, options: Imp
     let results = directory.apply_all_background(changes, true);
     let rolled_back = results.iter().any(Result::is_err);
     tally.results(&all, results);
+    if !rolled_back && let Err(e) = directory.sync_background_blocking() {
+        return job.finish(false, format!("applied, but not made durable: {e}"));
+    }
     let r = job.report();
     if rolled_back {
         job.finish(

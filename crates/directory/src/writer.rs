@@ -39,6 +39,13 @@ const BACKGROUND_SHARE_WHILE_MAIL_MOVES: f64 = 0.1;
 /// watchdog expects progress) and an import never stops for long.
 const BACKGROUND_REST_MAX: std::time::Duration = std::time::Duration::from_millis(1000);
 
+/// Background writes are committed without an fsync of their own (see
+/// `MailStore::write_directory_background`); they are made durable at least this often
+/// while they continue, at an administrator's change, and when a job finishes. A power
+/// loss can undo at most this much of a running import, which reports nothing done
+/// for it yet.
+const BACKGROUND_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Mail that moved within this window counts as moving (see `MailStore::mail_active_at_ms`).
 const MAIL_MOVING_WINDOW_MS: i64 = 1000;
 
@@ -345,6 +352,9 @@ type Results = Vec<Result<Applied, DirectoryError>>;
 struct Request {
     changes: Vec<Change>,
     atomic: bool,
+    /// Make every background write durable before answering (a job about to report
+    /// that it finished; see [`Directory::sync_background_blocking`]).
+    sync: bool,
     enqueued_ms: i64,
     reply: oneshot::Sender<Results>,
 }
@@ -437,6 +447,7 @@ impl Directory {
             paced: paced.clone(),
             probe: probe.clone(),
             activity: activity.clone(),
+            unsynced_since: std::cell::Cell::new(None),
         };
         let thread = std::thread::Builder::new()
             .name("directory-writer".into())
@@ -490,6 +501,7 @@ impl Directory {
         let request = Request {
             changes,
             atomic,
+            sync: false,
             enqueued_ms: now_ms(),
             reply,
         };
@@ -509,6 +521,30 @@ impl Directory {
     /// [`Directory::background_paced`]).
     pub fn apply_all_background(&self, changes: Vec<Change>, atomic: bool) -> Results {
         self.submit_blocking(&self.background, changes, atomic)
+    }
+
+    /// Makes every background write applied so far durable (they are committed without
+    /// an fsync of their own, see `MailStore::write_directory_background`); a job calls
+    /// it before it reports that it finished, so that "done" survives a power loss. Not
+    /// paced: it goes in the administrators' lane.
+    pub fn sync_background_blocking(&self) -> Result<(), DirectoryError> {
+        let (reply, answer) = oneshot::channel();
+        self.probe.enqueued(1);
+        let request = Request {
+            changes: Vec::new(),
+            atomic: false,
+            sync: true,
+            enqueued_ms: now_ms(),
+            reply,
+        };
+        if self.requests.blocking_send(request).is_err() {
+            self.probe.finished(1);
+            return Err(DirectoryError::Stopped);
+        }
+        match answer.blocking_recv() {
+            Ok(results) => results.into_iter().next().map_or(Ok(()), |r| r.map(drop)),
+            Err(_) => Err(DirectoryError::Stopped),
+        }
     }
 
     /// Whether background work is being paced right now because mail is moving.
@@ -540,6 +576,7 @@ impl Directory {
         let request = Request {
             changes,
             atomic,
+            sync: false,
             enqueued_ms: now_ms(),
             reply,
         };
@@ -561,6 +598,9 @@ struct Writer {
     paced: Arc<std::sync::atomic::AtomicBool>,
     probe: Arc<Probe>,
     activity: Arc<Activity>,
+    /// Since when background writes have been committed without being made durable
+    /// (`None`: everything is durable).
+    unsynced_since: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 /// Which lane a batch came from.
@@ -646,12 +686,40 @@ impl Writer {
                 "applying {size} change(s) from {requests} request(s)"
             ));
             let started = tokio::time::Instant::now();
-            self.apply_batch(batch);
+            self.apply_batch(batch, lane);
+            if self
+                .unsynced_since
+                .get()
+                .is_some_and(|since| since.elapsed() >= BACKGROUND_SYNC_INTERVAL)
+            {
+                // A long import's chunks become durable at least this often.
+                let _ = self.sync();
+            }
             self.probe.finished(requests);
             self.probe.working_on(None);
             self.activity.idle();
             if lane == Lane::Background {
                 rest_until = tokio::time::Instant::now() + self.rest_after(started.elapsed());
+            }
+        }
+        // Stopping: what the background lane wrote is made durable before the store
+        // closes.
+        let _ = self.sync();
+    }
+
+    /// Makes the background writes durable, if any are not.
+    fn sync(&self) -> Result<(), DirectoryError> {
+        if self.unsynced_since.get().is_none() {
+            return Ok(());
+        }
+        match self.store.sync_directory() {
+            Ok(()) => {
+                self.unsynced_since.set(None);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "background directory changes could not be made durable");
+                Err(DirectoryError::Store(e.to_string()))
             }
         }
     }
@@ -667,7 +735,7 @@ impl Writer {
         took.mul_f64((1.0 - share) / share).min(BACKGROUND_REST_MAX)
     }
 
-    fn apply_batch(&self, batch: Vec<Request>) {
+    fn apply_batch(&self, batch: Vec<Request>, lane: Lane) {
         let base = self.current.load_full();
         let mut working = (*base).clone();
         let mut writes = Vec::new();
@@ -686,13 +754,19 @@ impl Writer {
                     })
                     .collect()
             };
-            answers.push((request.reply, results));
+            answers.push((request.reply, results, request.sync));
         }
         if !writes.is_empty() {
-            if let Err(e) = self.store.write_directory(&writes) {
+            // An administrator's change is durable when it is answered, and its commit's
+            // fsync makes the background writes before it durable too (one WAL).
+            let written = match lane {
+                Lane::First => self.store.write_directory(&writes),
+                Lane::Background => self.store.write_directory_background(&writes),
+            };
+            if let Err(e) = written {
                 tracing::error!(error = %e, "directory changes could not be saved");
                 let error = DirectoryError::Store(e.to_string());
-                for (reply, results) in answers {
+                for (reply, results, _) in answers {
                     let failed = results
                         .into_iter()
                         .map(|r| r.and(Err(error.clone())))
@@ -701,10 +775,17 @@ impl Writer {
                 }
                 return;
             }
+            self.unsynced_since.set(match lane {
+                Lane::First => None,
+                Lane::Background => self
+                    .unsynced_since
+                    .get()
+                    .or_else(|| Some(std::time::Instant::now())),
+            });
             let generation = base.generation() + 1;
             self.current
                 .store(Arc::new(working.with_generation(generation)));
-            for (_, results) in &mut answers {
+            for (_, results, _) in &mut answers {
                 for applied in results.iter_mut().flatten() {
                     applied.generation = generation;
                 }
@@ -715,7 +796,15 @@ impl Writer {
                 "published directory snapshot"
             );
         }
-        for (reply, results) in answers {
+        let synced = if answers.iter().any(|(_, _, sync)| *sync) {
+            self.sync()
+        } else {
+            Ok(())
+        };
+        for (reply, mut results, sync) in answers {
+            if sync && let Err(e) = &synced {
+                results = vec![Err(e.clone())];
+            }
             let _ = reply.send(results);
         }
     }

@@ -508,8 +508,29 @@ pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Everything the directory stored, for building the first snapshot.
     fn load_directory(&self) -> Result<StoredDirectory>;
 
-    /// Applies the directory writer's writes in one transaction.
+    /// Applies the directory writer's writes in one transaction, durable when it
+    /// returns (an administrator's change is acknowledged on its strength).
     fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()>;
+
+    /// Applies background directory writes (an import's or a regeneration's chunk) in
+    /// one transaction that need not be durable when it returns: it is atomic and
+    /// survives a process crash, and becomes durable with the next
+    /// [`MailStore::write_directory`] or [`MailStore::sync_directory`]; only a power
+    /// loss before then can undo it. Why: an import's chunks, each fsynced, queued
+    /// with the spool's fsyncs on the same disk and slowed mail (docs/benchmarks.md,
+    /// sixth session of issue 16). A backend without the distinction makes it durable
+    /// at once (the default).
+    fn write_directory_background(&self, writes: &[DirectoryWrite]) -> Result<()> {
+        self.write_directory(writes)
+    }
+
+    /// Makes every directory write durable (see
+    /// [`MailStore::write_directory_background`]): a job calls it before it reports
+    /// that it finished, and the writer at least once a second while background
+    /// writes are pending.
+    fn sync_directory(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// The messages of a recipient's folder, by UID.
     fn mailbox_messages(&self, recipient: RecipientId, folder: &str)

@@ -245,6 +245,9 @@ const RELAXED_CALLERS: &[&str] = &[
     "imap-cache",
     // Undoing a claim of \Recent makes messages recent again: harmless.
     "recent",
+    // An import's or regeneration's chunk: the job reports nothing as done before
+    // `sync_directory` (see `MailStore::write_directory_background`).
+    "directory background",
 ];
 
 /// A write turn held longer than this is logged (with its caller): every other writer,
@@ -1076,6 +1079,46 @@ fn folder_id(conn: &Connection, recipient: RecipientId, folder: &str) -> Result<
         .optional()?)
 }
 
+impl SqliteStore {
+    /// [`MailStore::write_directory`] as `caller` (a relaxed caller's commit is not
+    /// fsynced, see `RELAXED_CALLERS`).
+    fn write_directory_as(&self, caller: &'static str, writes: &[DirectoryWrite]) -> Result<()> {
+        self.write_to(&self.directory, caller, |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for write in writes {
+                match write {
+                    DirectoryWrite::PutRecipient(row) => put_recipient(&tx, row)?,
+                    DirectoryWrite::DeleteRecipient(id) => delete_recipient(&tx, *id)?,
+                    DirectoryWrite::PutSettings {
+                        site,
+                        previous_routing,
+                    } => {
+                        let mut put = tx.prepare_cached(
+                            "INSERT INTO directory_settings (key, value) VALUES (?1, ?2)
+                             ON CONFLICT (key) DO UPDATE SET value = ?2",
+                        )?;
+                        put.execute(params!["site", site])?;
+                        put.execute(params!["routing.previous", previous_routing])?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        if writes
+            .iter()
+            .any(|w| matches!(w, DirectoryWrite::DeleteRecipient(_)))
+            && let Err(e) = self.purge_deleted()
+        {
+            // The deletion stands (the directory committed it, and the recipient can no
+            // longer log in or receive mail); its mailboxes are purged at the next
+            // deletion or start-up.
+            tracing::warn!(error = %e, "the mailboxes of deleted recipients could not be purged yet");
+        }
+        Ok(())
+    }
+}
+
 impl MailStore for SqliteStore {
     fn backup_to(&self, dir: &Path) -> Result<BackupManifest> {
         SqliteStore::backup_to(self, dir)
@@ -1424,39 +1467,31 @@ impl MailStore for SqliteStore {
     }
 
     fn write_directory(&self, writes: &[DirectoryWrite]) -> Result<()> {
-        self.write_to(&self.directory, "directory", |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for write in writes {
-                match write {
-                    DirectoryWrite::PutRecipient(row) => put_recipient(&tx, row)?,
-                    DirectoryWrite::DeleteRecipient(id) => delete_recipient(&tx, *id)?,
-                    DirectoryWrite::PutSettings {
-                        site,
-                        previous_routing,
-                    } => {
-                        let mut put = tx.prepare_cached(
-                            "INSERT INTO directory_settings (key, value) VALUES (?1, ?2)
-                             ON CONFLICT (key) DO UPDATE SET value = ?2",
-                        )?;
-                        put.execute(params!["site", site])?;
-                        put.execute(params!["routing.previous", previous_routing])?;
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })?;
-        if writes
-            .iter()
-            .any(|w| matches!(w, DirectoryWrite::DeleteRecipient(_)))
-            && let Err(e) = self.purge_deleted()
-        {
-            // The deletion stands (the directory committed it, and the recipient can no
-            // longer log in or receive mail); its mailboxes are purged at the next
-            // deletion or start-up.
-            tracing::warn!(error = %e, "the mailboxes of deleted recipients could not be purged yet");
-        }
-        Ok(())
+        self.write_directory_as("directory", writes)
+    }
+
+    fn write_directory_background(&self, writes: &[DirectoryWrite]) -> Result<()> {
+        self.write_directory_as("directory background", writes)
+    }
+
+    fn sync_directory(&self) -> Result<()> {
+        // Every commit appended its frames to the WAL file; an fsync of that file makes
+        // all of them durable, as the next FULL commit's would. (What a checkpoint
+        // already copied into the database file was fsynced by the checkpoint.) In the
+        // write turn, so that no commit or checkpoint runs meanwhile.
+        let mut wal = self.directory.path.clone().into_os_string();
+        wal.push("-wal");
+        self.write_to(
+            &self.directory,
+            "directory sync",
+            |_| match std::fs::File::open(&wal) {
+                Ok(file) => file
+                    .sync_data()
+                    .map_err(|e| io_fault(&format!("fsync of the directory's WAL: {e}"))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_fault(&format!("opening the directory's WAL: {e}"))),
+            },
+        )
     }
 
     fn mailbox_messages(
