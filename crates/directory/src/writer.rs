@@ -686,7 +686,15 @@ impl Writer {
                 "applying {size} change(s) from {requests} request(s)"
             ));
             let started = tokio::time::Instant::now();
+            // A background batch runs in the CPU time mail leaves idle; an
+            // administrator's change (first lane) at the writer's normal priority.
+            if lane == Lane::Background {
+                mailroom_watch::set_idle_class(true);
+            }
             self.apply_batch(batch, lane);
+            if lane == Lane::Background {
+                mailroom_watch::set_idle_class(false);
+            }
             if self
                 .unsynced_since
                 .get()
