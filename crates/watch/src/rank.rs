@@ -38,6 +38,8 @@ pub const DIRECTORY_STORE_WRITE_TURN: u32 = 94;
 pub const STORE_WRITE_TURN: u32 = 95;
 /// IMAP APPENDs waiting for the write turn (taken inside it).
 pub const PENDING_APPENDS: u32 = 96;
+/// A store database's writer connection, taken and returned inside its write turn.
+pub const STORE_WRITER_CONNECTION: u32 = 96;
 /// Watched sessions (`watch::Tasks`).
 pub const WATCHED_TASKS: u32 = 96;
 /// One APPEND's outcome.
