@@ -2691,9 +2691,7 @@ mod tests {
         };
         let read_version = || {
             store
-                .with_conn(|c| {
-                    Ok(c.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))?)
-                })
+                .with_conn(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))?))
                 .unwrap()
         };
         let writer_before = version("probe");
