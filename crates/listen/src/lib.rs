@@ -169,20 +169,38 @@ pub fn doing(what: &'static str) {
 
 /// Stamps `beat` every `interval` on the current runtime until `cancel` fires: the
 /// watchdog reports the runtime when the stamp goes stale.
+///
+/// The stamp is a task spawned onto the runtime from a thread of its own, not a task
+/// that sleeps on the runtime's timer. Why: a session that holds its worker thread in
+/// one poll can leave the runtime with nobody driving its I/O and timers. Tokio lets
+/// one parked worker wait on the I/O and timer driver and the others on a condition
+/// variable; when the driver's worker wakes for an event and then blocks in the
+/// session it woke, the others sleep on, so no connection is accepted and no timer
+/// fires (the heartbeat's own included) until the poll returns. The watchdog test
+/// found it: in 2 runs of 5 nothing on the runtime moved for the whole 8 s of a
+/// blocked session. A task spawned from outside the runtime wakes a sleeping worker,
+/// which runs it and then parks on the driver, so the other sessions go on; and if
+/// every worker is blocked, the stamp goes stale, which is what the watchdog reports.
 pub fn spawn_heartbeat(
     beat: Arc<mailroom_watch::Heartbeat>,
     interval: Duration,
     cancel: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        loop {
-            beat.beat();
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+    let runtime = tokio::runtime::Handle::current();
+    beat.beat();
+    let spawned = std::thread::Builder::new()
+        .name(format!("heartbeat-{}", beat.name))
+        .spawn(move || {
+            while !cancel.is_cancelled() {
+                std::thread::sleep(interval);
+                let beat = beat.clone();
+                // After the runtime has shut down the task is dropped unrun.
+                drop(runtime.spawn(async move { beat.beat() }));
             }
-        }
-    });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the runtime's heartbeat thread");
+    }
 }
 
 /// [`serve`] for a protocol server: each connection runs `session` with the shutdown
