@@ -353,7 +353,6 @@ pub fn start_regeneration(directory: Directory, jobs: &Jobs) -> Arc<Job> {
         .name(format!("job-{}", job.id))
         .spawn(move || {
             mailroom_watch::lower_thread_priority(mailroom_watch::BACKGROUND_NICE);
-            mailroom_watch::set_idle_class(true);
             regenerate(directory, &handle, &newest)
         });
     match spawned {
@@ -460,7 +459,6 @@ pub fn start_import(
         .name(format!("job-{}", job.id))
         .spawn(move || {
             mailroom_watch::lower_thread_priority(mailroom_watch::BACKGROUND_NICE);
-            mailroom_watch::set_idle_class(true);
             import(&directory, &handle, &file, options);
             let _ = std::fs::remove_file(&file);
         });

@@ -679,6 +679,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // What the batch is, for its durability: background only when no
+            // administrator's change joined it.
+            let kind = if batch.len() > 1 { Lane::First } else { lane };
             let requests = batch.len() as u64;
             self.probe
                 .working_on(batch.iter().map(|r| r.enqueued_ms).min());
@@ -686,15 +689,8 @@ impl Writer {
                 "applying {size} change(s) from {requests} request(s)"
             ));
             let started = tokio::time::Instant::now();
-            // A background batch runs in the CPU time mail leaves idle; an
-            // administrator's change (first lane) at the writer's normal priority.
-            if lane == Lane::Background {
-                mailroom_watch::set_idle_class(true);
-            }
-            self.apply_batch(batch, lane);
-            if lane == Lane::Background {
-                mailroom_watch::set_idle_class(false);
-            }
+            // A batch with an administrator's change is durable when answered.
+            self.apply_batch(batch, kind);
             if self
                 .unsynced_since
                 .get()

@@ -35,7 +35,7 @@ mod ticket;
 mod watchdog;
 
 pub use deadlock::{DeadlockReport, start_deadlock_detector};
-pub use priority::{BACKGROUND_NICE, DIRECTORY_WRITER_NICE, lower_thread_priority, set_idle_class};
+pub use priority::{BACKGROUND_NICE, DIRECTORY_WRITER_NICE, lower_thread_priority};
 pub use probe::{Activity, ActivityGuard, Probe, Sample};
 pub use ranked::{RankedGuard, RankedMutex};
 pub use tasks::{Heartbeat, TaskGuard, TaskWatch, Tasks, Watched};

@@ -31,38 +31,6 @@ pub fn lower_thread_priority(nice: i32) {
     }
 }
 
-/// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`), or back in
-/// the normal one (`SCHED_OTHER`, its nice value kept). An idle-class thread runs when a
-/// CPU would otherwise idle, and a normal thread that wakes up preempts it at once,
-/// where a niced thread still takes its weighted share of a busy CPU.
-///
-/// Why: mail on a small machine is bound by its write turn and fsyncs as much as by
-/// CPU, and leaves gaps (13 % idle in the churn replay's profile); background directory
-/// work (an import's parsing and chunks, a regeneration's scans) in those gaps costs
-/// mail nothing, where at nice 10 it still took CPU from mail's threads when they
-/// woke. Only for work nobody is waiting on: a thread in the idle class holding
-/// something a normal thread needs would hold it up (priority inversion), which is why
-/// the directory writer enters it for a background batch only, and an administrator's
-/// change waits at most that one batch. A failure is logged and ignored.
-pub fn set_idle_class(idle: bool) {
-    let policy = if idle {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; the parameter is a valid, initialised
-    // sched_param, and priority 0 is the only one these two policies take.
-    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if result != 0 {
-        tracing::debug!(
-            idle,
-            error = %std::io::Error::last_os_error(),
-            "cannot change this thread's scheduling class"
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,31 +50,5 @@ mod tests {
         .unwrap();
         assert_eq!(inside, before + 3);
         assert_eq!(read(), before, "the spawning thread keeps its priority");
-    }
-
-    #[test]
-    fn the_idle_class_is_entered_and_left_with_the_nice_value_kept() {
-        let (policy, nice) = std::thread::spawn(|| {
-            let read = || unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::getpriority(libc::PRIO_PROCESS, tid)
-            };
-            let nice = read() + 2;
-            lower_thread_priority(nice);
-            set_idle_class(true);
-            let idle = unsafe { libc::sched_getscheduler(0) };
-            set_idle_class(false);
-            let normal = unsafe { libc::sched_getscheduler(0) };
-            ((idle, normal), (nice, read()))
-        })
-        .join()
-        .unwrap();
-        assert_eq!(policy, (libc::SCHED_IDLE, libc::SCHED_OTHER));
-        assert_eq!(nice.0, nice.1, "the nice value survives the idle class");
-        assert_eq!(
-            unsafe { libc::sched_getscheduler(0) },
-            libc::SCHED_OTHER,
-            "only the calling thread changed"
-        );
     }
 }
