@@ -204,6 +204,21 @@ fn verify(server: &Process, password: &str, acked: &Acknowledged) -> usize {
     acked.smtp.len() + acked.appended.len() + acked.flagged.len()
 }
 
+/// Mounts the lazy filesystem over `backing` at `mountpoint`; `None` (the test skips,
+/// or fails when fault tests are required) where FUSE is not available.
+fn lazy_mount(
+    backing: &tempfile::TempDir,
+    mountpoint: &tempfile::TempDir,
+) -> Option<mailroom_lazyfs::Mounted> {
+    match mailroom_lazyfs::mount(backing.path(), mountpoint.path()) {
+        Ok(fs) => Some(fs),
+        Err(e) => {
+            fault_tests_unavailable(&format!("cannot mount the lazy FUSE filesystem: {e}"));
+            None
+        }
+    }
+}
+
 #[test]
 fn every_acknowledgement_survives_power_loss_at_random_moments() {
     let cycles: usize = std::env::var("MAILROOM_POWER_CYCLES")
@@ -218,13 +233,7 @@ fn every_acknowledgement_survives_power_loss_at_random_moments() {
     let mut rng = Rng(seed);
     let backing = tempfile::tempdir().unwrap();
     let mountpoint = tempfile::tempdir().unwrap();
-    let mount = || match mailroom_lazyfs::mount(backing.path(), mountpoint.path()) {
-        Ok(fs) => Some(fs),
-        Err(e) => {
-            fault_tests_unavailable(&format!("cannot mount the lazy FUSE filesystem: {e}"));
-            None
-        }
-    };
+    let mount = || lazy_mount(&backing, &mountpoint);
     let Some(mut fs) = mount() else {
         return;
     };
@@ -334,13 +343,7 @@ fn cli(args: &[&str]) -> String {
 fn a_finished_import_survives_power_loss() {
     let backing = tempfile::tempdir().unwrap();
     let mountpoint = tempfile::tempdir().unwrap();
-    let mount = || match mailroom_lazyfs::mount(backing.path(), mountpoint.path()) {
-        Ok(fs) => Some(fs),
-        Err(e) => {
-            fault_tests_unavailable(&format!("cannot mount the lazy FUSE filesystem: {e}"));
-            None
-        }
-    };
+    let mount = || lazy_mount(&backing, &mountpoint);
     let Some(fs) = mount() else {
         return;
     };
