@@ -1,18 +1,25 @@
 //! The inbound conversion workers.
 //!
 //! Each worker is an OS thread that claims a batch of due inbound entries (one
-//! transaction), parses each on a helper thread of its own pool with a time budget (all
-//! of a batch in parallel), and delivers the parsed ones together (one transaction). A
+//! transaction), has a helper thread of its own pool parse them one after another, each
+//! with its own time budget, and delivers the parsed ones together (one transaction). A
 //! message that panics the parser, or takes longer than its budget, is deferred (and
 //! after `attempts_max` tries, quarantined with the reason) while the others are
-//! delivered: a slow parse holds its batch-mates up by [`FLUSH_PATIENCE`] at most. A
-//! helper that overruns its budget is given up on, not killed (Rust cannot kill a
-//! thread): the pool starts another in its place, and the lost one rejoins the pool if
-//! its parse ever ends. It writes nothing, and the attempt limit bounds how many one
-//! poison message can hold (`mailroom_conversion_abandoned` counts them).
+//! delivered: messages parsed before a slow one wait for it [`FLUSH_PATIENCE`] at most,
+//! and the ones after it go to another helper once its budget is spent. A helper that
+//! overruns its budget is given up on, not killed (Rust cannot kill a thread): the pool
+//! starts another in its place, and the lost one rejoins the pool if its parse ever
+//! ends (it parses nothing more of the batch it was given up on). It writes nothing,
+//! and the attempt limit bounds how many one poison message can hold
+//! (`mailroom_conversion_abandoned` counts them).
 //!
 //! The helpers are kept between batches: starting a thread per message was a fifth of
-//! conversion's time (docs/benchmarks.md, profile).
+//! conversion's time (docs/benchmarks.md, profile). One helper takes a whole batch, not
+//! one helper per message in parallel: every parse then cost a wake-up and two thread
+//! switches, more than the parse of a small message, and the parallelism bought nothing
+//! on a machine whose cores the sessions and the spool already keep busy. During the
+//! directory churn replay the parse helpers used 4 times the CPU per message they used
+//! without churn (docs/benchmarks.md, seventh session of issue 16).
 //!
 //! The attempt is counted when the entry is claimed, so a message that crashes the whole
 //! process is also quarantined after `attempts_max` restarts.
@@ -26,9 +33,10 @@ use mailroom_watch::now_ms;
 use mailroom_watch::{Activity, Probe};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -50,7 +58,8 @@ pub struct ConversionConfig {
     pub retry_delay: Duration,
     /// Longest a worker sleeps without a doorbell ring before looking for due retries.
     pub idle_poll: Duration,
-    /// Messages claimed, parsed in parallel and delivered in one transaction, at most.
+    /// Messages claimed, parsed (in order, on a helper) and delivered in one transaction,
+    /// at most.
     pub batch_max: usize,
 }
 
@@ -166,14 +175,21 @@ struct Worker {
 /// waited for longer than this.
 const PEER_PATIENCE: Duration = Duration::from_millis(50);
 
-/// One message's parse, for a helper: its index in the batch, its bytes, and where to
-/// send the outcome.
-type ParseJob = (usize, Arc<[u8]>, Sender<ParseOutcome>);
+/// A batch's parses, for one helper to do in order.
+struct ParseJob {
+    /// Each message's index in the batch, and its bytes.
+    messages: Vec<(usize, Arc<[u8]>)>,
+    /// Where each outcome goes, as soon as it is known.
+    done: Sender<ParseOutcome>,
+    /// Set by the worker when it gives up on this helper: the helper then parses nothing
+    /// more of the job (another helper has the rest).
+    abandoned: Arc<AtomicBool>,
+}
 type ParseOutcome = (usize, Result<MessageFacts, String>);
 
 /// A worker's parse helper threads, kept between batches. Every helper waits on one job
-/// channel; before a batch of `n` is sent, the pool makes sure `n` helpers are free, so
-/// every parse starts at once and its budget is its own.
+/// channel; before a job is sent, the pool makes sure a helper is free, so the job's
+/// first parse starts at once.
 struct ParsePool {
     jobs: Option<Sender<ParseJob>>,
     receiver: Receiver<ParseJob>,
@@ -189,10 +205,9 @@ struct ParsePool {
 }
 
 impl ParsePool {
-    /// A pool for batches of at most `capacity` messages. The job channel holds that
-    /// many: a batch is sent only once as many helpers are free and the previous batch
-    /// has been taken (abandoned parses were taken by their helper), so a send never
-    /// waits.
+    /// A pool for batches of at most `capacity` messages. A job is sent only once a
+    /// helper is free and every earlier job has been taken (a job given up on was taken
+    /// by its helper), so the job channel (room for `capacity`) never makes a send wait.
     fn new(name: String, capacity: usize, hook: Option<ConversionHook>) -> ParsePool {
         let (jobs, receiver) = bounded(capacity.max(1));
         ParsePool {
@@ -220,18 +235,34 @@ impl ParsePool {
             let handle = std::thread::Builder::new()
                 .name(format!("parse-{}-{}", self.name, self.helpers.len()))
                 .spawn(move || {
-                    while let Ok((index, body, done)) = receiver.recv() {
+                    while let Ok(job) = receiver.recv() {
                         busy.fetch_add(1, Ordering::AcqRel);
-                        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            if let Some(hook) = &hook {
-                                hook(&body);
+                        let last = job.messages.len();
+                        let mut freed = false;
+                        for (n, (index, body)) in job.messages.into_iter().enumerate() {
+                            if job.abandoned.load(Ordering::Acquire) {
+                                break;
                             }
-                            message_facts(&body)
-                        }));
-                        // Free again before the worker hears of it, so the next batch
-                        // counts this helper as free.
-                        busy.fetch_sub(1, Ordering::AcqRel);
-                        let _ = done.send((index, outcome.map_err(|panic| panic_message(&*panic))));
+                            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                if let Some(hook) = &hook {
+                                    hook(&body);
+                                }
+                                message_facts(&body)
+                            }));
+                            if n + 1 == last {
+                                // Free again before the worker hears of the last
+                                // outcome, so its next batch counts this helper free.
+                                busy.fetch_sub(1, Ordering::AcqRel);
+                                freed = true;
+                            }
+                            let outcome = outcome.map_err(|panic| panic_message(&*panic));
+                            if job.done.send((index, outcome)).is_err() {
+                                break;
+                            }
+                        }
+                        if !freed {
+                            busy.fetch_sub(1, Ordering::AcqRel);
+                        }
                     }
                 })?;
             self.helpers.push(handle);
@@ -371,24 +402,12 @@ impl Worker {
         self.pool.borrow_mut().stop();
     }
 
-    /// Parses every item on a helper thread (all in parallel), delivers the parsed ones
-    /// in as few transactions as patience allows, and fails the rest.
+    /// Has a helper parse the batch's items in order, delivers the parsed ones in as few
+    /// transactions as patience allows, and fails the rest.
     fn convert_batch(&self, items: Vec<ClaimedItem>) {
         let mut slots: Vec<Option<ClaimedItem>> = Vec::with_capacity(items.len());
-        let (done, results) = bounded(items.len());
-        let mut outstanding = 0usize;
-        let mut pool = self.pool.borrow_mut();
-        let jobs = match pool.ensure_free(items.len()) {
-            Ok(()) => pool.jobs.clone(),
-            Err(e) => {
-                drop(pool);
-                for item in &items {
-                    self.fail(item, &format!("cannot start a parse thread: {e}"));
-                }
-                return;
-            }
-        };
-        drop(pool);
+        // Not parsed yet, in the order the helper takes them.
+        let mut pending: VecDeque<(usize, Arc<[u8]>)> = VecDeque::with_capacity(items.len());
         for item in items {
             if item.attempts > self.config.attempts_max {
                 let reason = format!(
@@ -398,56 +417,106 @@ impl Worker {
                 self.quarantine(&item, &reason);
                 continue;
             }
-            let index = slots.len();
-            let body: Arc<[u8]> = Arc::from(item.body.as_slice());
-            // Never waits: as many helpers are free as the batch has messages. Should
-            // that ever be wrong, the message is deferred (a failed attempt), not waited
-            // for: a worker must not block behind its own helpers.
-            let sent = jobs
-                .as_ref()
-                .map(|jobs| jobs.try_send((index, body, done.clone())));
-            if !matches!(sent, Some(Ok(()))) {
-                self.fail(&item, "no parse helper was free to take it");
-                continue;
-            }
+            pending.push_back((slots.len(), Arc::from(item.body.as_slice())));
             slots.push(Some(item));
-            outstanding += 1;
         }
-        drop(done);
-        let deadline = Instant::now() + self.config.time_budget;
+        let budget = self.config.time_budget;
         let mut ready: Vec<(ClaimedItem, MessageFacts)> = Vec::new();
-        while outstanding > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let wait = if ready.is_empty() {
-                left
-            } else {
-                left.min(FLUSH_PATIENCE)
+        'helpers: while !pending.is_empty() {
+            let (results, abandoned) = match self.start_parses(pending.iter().cloned().collect()) {
+                Ok(started) => started,
+                Err(reason) => {
+                    for (index, _) in pending.drain(..) {
+                        if let Some(item) = slots[index].take() {
+                            self.fail(&item, &reason);
+                        }
+                    }
+                    break;
+                }
             };
-            match results.recv_timeout(wait) {
-                Ok((index, outcome)) => {
-                    outstanding -= 1;
-                    let item = slots[index].take().expect("each parse reports once");
-                    match outcome {
-                        Ok(facts) => ready.push((item, facts)),
-                        Err(message) => {
-                            self.fail(&item, &format!("conversion panicked: {message}"))
+            // The budget of the message the helper is parsing now runs from the moment
+            // the one before it was reported (or the job was sent).
+            let mut started = Instant::now();
+            while !pending.is_empty() {
+                let deadline = started + budget;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = if ready.is_empty() {
+                    left
+                } else {
+                    left.min(FLUSH_PATIENCE)
+                };
+                match results.recv_timeout(wait) {
+                    Ok((index, outcome)) => {
+                        started = Instant::now();
+                        pending.retain(|(i, _)| *i != index);
+                        let Some(item) = slots[index].take() else {
+                            continue;
+                        };
+                        match outcome {
+                            Ok(facts) => ready.push((item, facts)),
+                            Err(message) => {
+                                self.fail(&item, &format!("conversion panicked: {message}"))
+                            }
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                        self.deliver(std::mem::take(&mut ready));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Stuck in the first message not reported: give up on it and on
+                        // its helper; another helper takes the rest.
+                        abandoned.store(true, Ordering::Release);
+                        self.stats.abandoned.inc();
+                        if let Some((index, _)) = pending.pop_front()
+                            && let Some(item) = slots[index].take()
+                        {
+                            self.fail(
+                                &item,
+                                &format!(
+                                    "conversion exceeded its time budget of {} ms",
+                                    budget.as_millis()
+                                ),
+                            );
+                        }
+                        continue 'helpers;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // The helper has gone without a word (it catches panics, so it
+                        // should not): what it did not report fails this attempt.
+                        for (index, _) in pending.drain(..) {
+                            if let Some(item) = slots[index].take() {
+                                self.fail(&item, "the parse helper stopped");
+                            }
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                    self.deliver(std::mem::take(&mut ready));
-                }
-                Err(_) => break,
             }
         }
         self.deliver(ready);
-        let budget = self.config.time_budget.as_millis();
-        for item in slots.into_iter().flatten() {
-            self.stats.abandoned.inc();
-            self.fail(
-                &item,
-                &format!("conversion exceeded its time budget of {budget} ms"),
-            );
+    }
+
+    /// Sends `messages` to a free helper (starting one if none is): the channel its
+    /// outcomes come back on, and the flag that gives up on it.
+    fn start_parses(
+        &self,
+        messages: Vec<(usize, Arc<[u8]>)>,
+    ) -> Result<(Receiver<ParseOutcome>, Arc<AtomicBool>), String> {
+        let mut pool = self.pool.borrow_mut();
+        pool.ensure_free(1)
+            .map_err(|e| format!("cannot start a parse thread: {e}"))?;
+        let (done, results) = bounded(messages.len());
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let job = ParseJob {
+            messages,
+            done,
+            abandoned: abandoned.clone(),
+        };
+        // Never waits (see `ParsePool::new`). Should that ever be wrong, the messages
+        // are deferred (a failed attempt), not waited for: a worker must not block
+        // behind its own helpers.
+        match pool.jobs.as_ref().map(|jobs| jobs.try_send(job)) {
+            Some(Ok(())) => Ok((results, abandoned)),
+            _ => Err("no parse helper was free to take it".to_string()),
         }
     }
 
@@ -623,15 +692,23 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
 
+    fn job(bodies: &[&[u8]]) -> (ParseJob, Receiver<ParseOutcome>) {
+        let (done, results) = bounded(bodies.len().max(1));
+        let job = ParseJob {
+            messages: bodies
+                .iter()
+                .enumerate()
+                .map(|(i, body)| (i, Arc::from(*body)))
+                .collect(),
+            done,
+            abandoned: Arc::new(AtomicBool::new(false)),
+        };
+        (job, results)
+    }
+
     fn run(pool: &ParsePool, bodies: &[&[u8]]) -> Vec<ParseOutcome> {
-        let (done, results) = bounded(bodies.len());
-        for (i, body) in bodies.iter().enumerate() {
-            let _ = pool
-                .jobs
-                .as_ref()
-                .unwrap()
-                .send((i, Arc::from(*body), done.clone()));
-        }
+        let (job, results) = job(bodies);
+        let _ = pool.jobs.as_ref().unwrap().send(job);
         (0..bodies.len())
             .map(|_| results.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect()
@@ -654,12 +731,8 @@ mod tests {
         assert_eq!(pool.helpers.len(), 3, "no new thread for the next batch");
 
         // One helper sticks in a parse; the next batch of three gets a fourth helper.
-        let (done, _results) = bounded(1);
-        let _ =
-            pool.jobs
-                .as_ref()
-                .unwrap()
-                .send((0, Arc::from(&b"X-Stuck: yes\r\n\r\n"[..]), done));
+        let (stuck_job, _results) = job(&[b"X-Stuck: yes\r\n\r\n"]);
+        let _ = pool.jobs.as_ref().unwrap().send(stuck_job);
         let deadline = Instant::now() + Duration::from_secs(10);
         while pool.busy.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
             std::thread::yield_now();
@@ -677,5 +750,118 @@ mod tests {
         assert_eq!(pool.helpers.len(), 4);
         pool.stop();
         assert!(pool.helpers.is_empty());
+    }
+
+    /// One batch, four messages, the second stuck in its parse: the other three are
+    /// delivered while it is still stuck (the two after it by another helper), and it
+    /// is deferred with the reason, its helper counted as abandoned.
+    #[test]
+    fn a_message_over_its_budget_is_deferred_while_its_batch_mates_are_delivered() {
+        use mailroom_directory::{RecipientFields, RecipientKind, SiteConfig};
+        use mailroom_store::{QueueName, SpoolEntry, SqliteStore, Topology};
+        let folder = tempfile::tempdir().unwrap();
+        let store: Arc<dyn MailStore> =
+            Arc::new(SqliteStore::open(&folder.path().join("store.db")).unwrap());
+        let topology = Topology {
+            organization: "Test".into(),
+            site: "Site".into(),
+            server: "convert".into(),
+        };
+        let (directory, _writer) = Directory::start(
+            store.clone(),
+            &["example.test".to_string()],
+            &topology,
+            SiteConfig::default(),
+        )
+        .unwrap();
+        directory
+            .apply_blocking(mailroom_directory::Change::CreateRecipient(
+                RecipientFields {
+                    kind: Some(RecipientKind::Mailbox),
+                    alias: Some("ann".into()),
+                    addresses: Some(vec!["ann@example.test".into()]),
+                    ..RecipientFields::default()
+                },
+            ))
+            .unwrap();
+        let ann = directory
+            .snapshot()
+            .by_address("ann@example.test")
+            .unwrap()
+            .id;
+        let (release, stuck) = bounded::<()>(0);
+        let hook: ConversionHook = Arc::new(move |body: &[u8]| {
+            if body.windows(7).any(|w| w == b"X-Stuck") {
+                let _ = stuck.recv_timeout(Duration::from_secs(30));
+            }
+        });
+        let entry = |n: usize, header: &str| SpoolEntry {
+            queue_id: format!("Q{n}"),
+            mail_from: "sender@remote.example".into(),
+            recipients: vec!["ann@example.test".into()],
+            body: format!("Subject: m{n}\r\n{header}\r\nbody\r\n").into_bytes(),
+            received_at_ms: now_ms(),
+            client: "127.0.0.1".into(),
+            ..SpoolEntry::default()
+        };
+        // One spool commit before the workers start: the first claim takes all four.
+        store
+            .spool(&[
+                entry(1, ""),
+                entry(2, "X-Stuck: yes\r\n"),
+                entry(3, ""),
+                entry(4, ""),
+            ])
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let stats = ConversionStats::default();
+        let workers = Workers::start(
+            store.clone(),
+            directory.clone(),
+            Doorbell::default(),
+            ConversionConfig {
+                workers: 1,
+                time_budget: Duration::from_millis(300),
+                retry_delay: Duration::from_secs(600),
+                idle_poll: Duration::from_millis(50),
+                ..ConversionConfig::default()
+            },
+            Some(hook),
+            cancel.clone(),
+            stats.clone(),
+            mailroom_watch::Probe::new("conversion"),
+        )
+        .unwrap();
+        let subjects = || -> Vec<String> {
+            store
+                .mailbox_messages(ann, "INBOX")
+                .unwrap()
+                .into_iter()
+                .filter_map(|m| m.subject)
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while subjects().len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            subjects(),
+            ["m1", "m3", "m4"],
+            "delivered while m2 is stuck"
+        );
+        let waiting = store
+            .queue_items(Some(QueueName::Inbound), None, 10)
+            .unwrap();
+        assert_eq!(waiting.len(), 1, "{waiting:?}");
+        assert_eq!(waiting[0].queue_id, "Q2");
+        let reason = waiting[0].last_error.clone().unwrap_or_default();
+        assert!(
+            reason.contains("exceeded its time budget of 300 ms"),
+            "{reason}"
+        );
+        assert_eq!(stats.abandoned.get(), 1);
+        release.send(()).unwrap();
+        cancel.cancel();
+        workers.join();
     }
 }

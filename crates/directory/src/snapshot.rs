@@ -60,8 +60,12 @@ pub struct Snapshot {
     generation: u64,
     next_id: RecipientId,
     recipients: imbl::HashMap<RecipientId, Arc<Recipient>>,
-    by_address: imbl::HashMap<String, RecipientId>,
-    by_alias: imbl::HashMap<String, RecipientId>,
+    /// Keys are `Arc<str>`, not `String`: a change copies the map's nodes on its path
+    /// (the published snapshot still shares them), and a copied node clones every key in
+    /// it, up to 64; with `String` keys that was a heap allocation and a copy each, most
+    /// of the directory writer's time during an import (docs/benchmarks.md).
+    by_address: imbl::HashMap<Arc<str>, RecipientId>,
+    by_alias: imbl::HashMap<Arc<str>, RecipientId>,
     /// Recipient -> the lists that name it as a member or owner (so deleting it does not
     /// scan the directory).
     referenced_by: imbl::HashMap<RecipientId, imbl::OrdSet<RecipientId>>,
@@ -165,14 +169,14 @@ impl Snapshot {
     /// The recipient owning this address, compared case-insensitively.
     pub fn by_address(&self, address: &str) -> Option<&Arc<Recipient>> {
         self.by_address
-            .get(&address_key(address))
+            .get(address_key(address).as_str())
             .and_then(|id| self.recipients.get(id))
     }
 
     /// The recipient with this alias, compared case-insensitively.
     pub fn by_alias(&self, alias: &str) -> Option<&Arc<Recipient>> {
         self.by_alias
-            .get(&alias.to_lowercase())
+            .get(alias.to_lowercase().as_str())
             .and_then(|id| self.recipients.get(id))
     }
 
@@ -403,10 +407,10 @@ impl Snapshot {
         }
         for address in &recipient.addresses {
             self.by_address
-                .insert(address_key(&address.address), recipient.id);
+                .insert(Arc::from(address_key(&address.address)), recipient.id);
         }
         self.by_alias
-            .insert(recipient.alias.to_lowercase(), recipient.id);
+            .insert(Arc::from(recipient.alias.to_lowercase()), recipient.id);
         for referenced in recipient
             .members
             .iter()
@@ -423,9 +427,10 @@ impl Snapshot {
 
     fn forget(&mut self, old: &Recipient) {
         for address in &old.addresses {
-            self.by_address.remove(&address_key(&address.address));
+            self.by_address
+                .remove(address_key(&address.address).as_str());
         }
-        self.by_alias.remove(&old.alias.to_lowercase());
+        self.by_alias.remove(old.alias.to_lowercase().as_str());
         for referenced in old
             .members
             .iter()

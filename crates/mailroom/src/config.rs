@@ -891,7 +891,8 @@ time_budget_ms = 30000
 attempts_max = 5
 # Delay before the first retry of a failed conversion; doubles with every attempt.
 retry_delay_ms = 10000
-# Messages one worker claims, parses in parallel and delivers in one transaction.
+# Messages one worker claims, parses (one after another, on a helper thread) and
+# delivers in one transaction.
 batch_max = 32
 
 [admin]
