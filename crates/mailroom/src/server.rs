@@ -449,6 +449,8 @@ impl Pipeline {
             batch_messages_max: config.spool.batch_messages_max,
             batch_bytes_max: config.spool.batch_bytes_max,
             disk: Some(foundation.disk.clone()),
+            commit_delay: Duration::from_micros(config.spool.commit_delay_us),
+            commit_siblings: config.spool.commit_siblings,
             ..SpoolConfig::default()
         };
         let (spool, spool_thread) =

@@ -475,11 +475,9 @@ async fn messages_being_received_share_a_memory_budget() {
     .await
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), async || gauge(
-            &server,
-            "mailroom_smtp_data_in_memory_bytes"
-        )
-        .await
+        eventually(Duration::from_secs(10), async || server
+            .gauge("mailroom_smtp_data_in_memory_bytes")
+            .await
             >= 1_400_000)
         .await,
         "the server counts what A holds"
@@ -514,30 +512,14 @@ async fn messages_being_received_share_a_memory_budget() {
     );
     // Every share was given back.
     assert!(
-        eventually(Duration::from_secs(10), async || gauge(
-            &server,
-            "mailroom_smtp_data_in_memory_bytes"
-        )
-        .await
+        eventually(Duration::from_secs(10), async || server
+            .gauge("mailroom_smtp_data_in_memory_bytes")
+            .await
             == 0)
         .await,
         "the budget is released"
     );
     all_greet(&server).await;
-}
-
-/// A gauge from the admin API's /metrics.
-async fn gauge(server: &TestServer, name: &str) -> i64 {
-    let url = format!("http://{}/metrics", server.server.admin_addr);
-    let text =
-        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
-            .await
-            .unwrap();
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not exported"))
 }
 
 /// IMAP's counterpart of the SMTP budget: large APPEND literals of all sessions share
@@ -576,7 +558,7 @@ async fn large_append_literals_share_a_memory_budget() {
     .unwrap();
     assert!(
         eventually(Duration::from_secs(10), async || {
-            gauge(&server, "mailroom_imap_literals_in_memory_bytes").await >= size as i64
+            server.gauge("mailroom_imap_literals_in_memory_bytes").await >= size as i64
         })
         .await
     );
@@ -610,7 +592,7 @@ async fn large_append_literals_share_a_memory_budget() {
     drop(message);
     assert!(
         eventually(Duration::from_secs(10), async || {
-            gauge(&server, "mailroom_imap_literals_in_memory_bytes").await == 0
+            server.gauge("mailroom_imap_literals_in_memory_bytes").await == 0
         })
         .await,
         "the budget is given back"

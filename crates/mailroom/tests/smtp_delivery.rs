@@ -461,3 +461,70 @@ async fn a_secondary_address_delivers_to_the_same_mailbox_once() {
     assert_eq!(health["server"], "mx.example.test");
     server.server.shutdown().await;
 }
+
+/// The spool writer waits a moment for messages under way in other sessions to share
+/// its commit (`[spool] commit_delay_us`), so the count of messages under way must be
+/// exact: a message is under way from MAIL FROM until it is submitted, reset or its
+/// session ends however it ends, and a count that leaked would make every later commit
+/// wait. Checked through the gauge an administrator reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_under_way_are_counted_until_submitted_reset_or_abandoned() {
+    let server = TestServer::start().await;
+    server.add_recipients(&["ann@example.test"]).await;
+    let addr = server.smtp();
+    let under_way = async || server.gauge("mailroom_spool_messages_under_way").await;
+    assert_eq!(under_way().await, 0);
+
+    // A: MAIL FROM, then waits. B: in the middle of DATA. C: a whole message.
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let mut a = RawSmtp::connect(addr);
+        a.send(b"EHLO a.test\r\nMAIL FROM:<a@remote.test>\r\n");
+        assert_eq!(a.codes(2), ["250", "250"]);
+        let mut b = RawSmtp::connect(addr);
+        b.send(
+            b"EHLO b.test\r\nMAIL FROM:<b@remote.test>\r\nRCPT TO:<ann@example.test>\r\nDATA\r\n",
+        );
+        assert_eq!(b.codes(4), ["250", "250", "250", "354"]);
+        b.send(b"Subject: half\r\n\r\nthe first half\r\n");
+        (a, b)
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || under_way().await == 2).await,
+        "A and B each have a message under way"
+    );
+    let c = tokio::task::spawn_blocking(move || {
+        let mut c = RawSmtp::connect(addr);
+        c.send(
+            b"EHLO c.test\r\nMAIL FROM:<c@remote.test>\r\nRCPT TO:<ann@example.test>\r\nDATA\r\n",
+        );
+        assert_eq!(c.codes(4), ["250", "250", "250", "354"]);
+        c.send(b"Subject: whole\r\n\r\nall of it\r\n.\r\n");
+        c.reply()
+    })
+    .await
+    .unwrap();
+    assert!(c.starts_with("250"), "{c}");
+    assert_eq!(under_way().await, 2, "C's message is no longer under way");
+
+    // A resets: no longer under way; B's client vanishes mid-DATA: neither is B's.
+    let a_reset = tokio::task::spawn_blocking(move || {
+        let mut a = a;
+        a.send(b"RSET\r\n");
+        let reply = a.reply();
+        (a, reply)
+    });
+    let (a, reply) = a_reset.await.unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    assert_eq!(under_way().await, 1, "only B's message is under way");
+    drop(b);
+    assert!(
+        eventually(Duration::from_secs(10), async || under_way().await == 0).await,
+        "an abandoned message is no longer under way"
+    );
+    drop(a);
+    // B's half message was never accepted; C's was delivered.
+    let messages = server.wait_for_messages("ann@example.test", 1).await;
+    assert_eq!(messages.len(), 1);
+}

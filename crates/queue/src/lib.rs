@@ -19,5 +19,5 @@ mod spool;
 mod transfer;
 
 pub use doorbell::Doorbell;
-pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats};
+pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats, UnderWay};
 pub use transfer::{Transfer, TransferMode};

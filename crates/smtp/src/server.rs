@@ -613,9 +613,18 @@ impl SmtpServer {
             total: &self.stats.data_in_memory,
             held: 0,
         };
+        // Held while this session has a message under way (MAIL FROM accepted, not yet
+        // submitted or abandoned): the spool writer waits a moment for such messages to
+        // share its next commit (`[spool] commit_delay_us`).
+        let mut under_way: Option<mailroom_queue::UnderWay> = None;
         loop {
             if !session.in_transaction() {
                 snapshot = self.directory.snapshot();
+            }
+            if session.in_transaction() != under_way.is_some() {
+                under_way = session
+                    .in_transaction()
+                    .then(|| self.spool.message_under_way());
             }
             let policy = QuotaPolicy {
                 snapshot: snapshot.as_ref(),
@@ -631,6 +640,8 @@ impl SmtpServer {
                     reply.render(&mut out);
                 }
                 Step::Submit(mut submission) => {
+                    // No longer "under way": the writer must not wait for this one.
+                    under_way = None;
                     // The message now belongs to the spool (its queue is bounded).
                     charge.set(session.message_bytes(), usize::MAX);
                     self.write(&mut stream, &mut out).await?;

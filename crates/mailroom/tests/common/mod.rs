@@ -81,6 +81,21 @@ impl TestServer {
         self.server.smtp_addr
     }
 
+    /// A gauge from the admin API's /metrics.
+    pub async fn gauge(&self, name: &str) -> i64 {
+        let url = format!("http://{}/metrics", self.server.admin_addr);
+        let text = tokio::task::spawn_blocking(move || {
+            ureq::get(&url).call().unwrap().into_string().unwrap()
+        })
+        .await
+        .unwrap();
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not exported"))
+    }
+
     pub fn client(&self) -> AdminClient {
         AdminClient::new(
             &format!("http://{}", self.server.admin_addr),
