@@ -374,18 +374,7 @@ mod tests {
         let tasks: Vec<_> = (0..100)
             .map(|i| {
                 let spool = spool.clone();
-                tokio::spawn(async move {
-                    spool
-                        .submit(SpoolEntry {
-                            queue_id: format!("q{i}"),
-                            mail_from: "a@b".into(),
-                            recipients: vec!["c@d".into()],
-                            body: format!("Subject: {i}\r\n\r\nbody\r\n").into_bytes(),
-                            received_at_ms: 1,
-                            ..Default::default()
-                        })
-                        .await
-                })
+                tokio::spawn(async move { spool.submit(entry(i)).await })
             })
             .collect();
         for task in tasks {
