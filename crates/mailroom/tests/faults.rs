@@ -66,9 +66,10 @@ fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
     // Room to give back later, as an operator deleting old logs would.
     let ballast = disk.path().join("ballast");
     std::fs::write(&ballast, vec![1u8; 8 << 20]).unwrap();
-    // No reserve: the database meets the wall mid-transaction (the worst case; the
-    // reserve's own test is below), and the log, on the same filesystem, cannot be
-    // written either.
+    // No reserve (the reserve's own test is below): the spool admits mail until the
+    // disk holds just what the WAL owes the database file, so what meets the wall
+    // mid-transaction is the rest (conversion's deliveries, and the log on the same
+    // filesystem); about half the runs see a disk-full fault, the others refusals only.
     let server = Spawn {
         data: disk.path().join("data"),
         config: Some("[storage]\nfree_space_reserve_bytes = 0\n".into()),

@@ -10,9 +10,16 @@
 //! finish and the database rarely meets the wall at all. `/health` names the disk and
 //! its free space while either lasts (the `disk` condition), and an I/O error raises the
 //! `storage` condition until a later write commits.
+//!
+//! Admission also keeps room for what the mail database owes its file: frames in the
+//! WAL not yet copied back take new pages in the database file at the next checkpoint.
+//! A disk filled to the last byte by WAL frames leaves nothing for that checkpoint, and
+//! then nothing recovers until the operator frees more than the whole debt (issue 16's
+//! full-disk race, docs/storage.md). Near full, readings are taken afresh for every
+//! admission, so a quarter second of commits cannot slip past a stale one.
 
 use crate::{Fault, StoreError};
-use mailroom_watch::{Condition, now_ms};
+use mailroom_watch::{Condition, RankedMutex, now_ms, rank};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,6 +35,12 @@ const FULL_FLOOR_BYTES: u64 = 1 << 20;
 /// need not.
 const MEASURE_EVERY_MS: i64 = 250;
 
+/// Free space under which the disk counts as nearly full: every admission then takes a
+/// fresh reading (a statvfs, about a microsecond) instead of one up to a quarter second
+/// old, and the store's checkpointer runs ten times as often. Above it a quarter second
+/// of the heaviest load cannot reach the wall.
+pub const NEAR_FULL_BYTES: u64 = 256 << 20;
+
 /// After a disk-full error, new mail stays refused (and `/health` red) at least this
 /// long, even if a reading shows room: the reading may predate the error.
 const FULL_HOLD_MS: i64 = 2_000;
@@ -41,6 +54,9 @@ pub struct NoSpace {
     pub reserve_bytes: u64,
     /// The disk was full moments ago (a write met `SQLITE_FULL`).
     pub was_full: bool,
+    /// Of the free bytes, those the mail database's next checkpoint will take (see
+    /// [`Disk::set_owed`]).
+    pub owed_bytes: u64,
 }
 
 impl std::fmt::Display for NoSpace {
@@ -50,6 +66,14 @@ impl std::fmt::Display for NoSpace {
                 f,
                 "the mail store's disk is full ({} free)",
                 human(self.free_bytes)
+            )
+        } else if self.owed_bytes > 0 {
+            write!(
+                f,
+                "the mail store's disk has {} free, {} of it owed to the database's next checkpoint, leaving less than the reserve of {}",
+                human(self.free_bytes),
+                human(self.owed_bytes),
+                human(self.reserve_bytes)
             )
         } else {
             write!(
@@ -91,6 +115,10 @@ pub struct Disk {
     measured_ms: AtomicI64,
     full_at_ms: AtomicI64,
     io_error_at_ms: AtomicI64,
+    /// The latest reading of what the database owes its file: (reading ticket, bytes).
+    owed: RankedMutex<(u64, u64)>,
+    /// Tickets for readings of the debt, in the order they were started.
+    owed_tickets: AtomicU64,
     stats: DiskStats,
     disk_condition: OnceLock<Arc<Condition>>,
     storage_condition: OnceLock<Arc<Condition>>,
@@ -116,6 +144,8 @@ impl Disk {
             measured_ms: AtomicI64::new(0),
             full_at_ms: AtomicI64::new(0),
             io_error_at_ms: AtomicI64::new(0),
+            owed: RankedMutex::new(rank::DISK_OWED, "disk owed", (0, 0)),
+            owed_tickets: AtomicU64::new(1),
             stats: DiskStats::default(),
             disk_condition: OnceLock::new(),
             storage_condition: OnceLock::new(),
@@ -159,12 +189,39 @@ impl Disk {
         self.reserve_bytes
     }
 
-    /// Bytes free for the server, from a reading at most a quarter second old.
+    /// Bytes free for the server, from a reading at most a quarter second old, or a
+    /// fresh one when the last showed less than [`NEAR_FULL_BYTES`].
     pub fn free_bytes(&self) -> u64 {
-        if now_ms() - self.measured_ms.load(Ordering::Relaxed) >= MEASURE_EVERY_MS {
-            self.measure();
+        let last = self.free_bytes.load(Ordering::Relaxed);
+        if last < NEAR_FULL_BYTES
+            || now_ms() - self.measured_ms.load(Ordering::Relaxed) >= MEASURE_EVERY_MS
+        {
+            return self.measure();
         }
-        self.free_bytes.load(Ordering::Relaxed)
+        last
+    }
+
+    /// Starts a reading of what the mail database owes its file: take the ticket
+    /// *before* reading the database's size, and hand both to [`Disk::set_owed`].
+    pub fn owed_reading(&self) -> u64 {
+        self.owed_tickets.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Records what the mail database's next checkpoint will add to its file: the
+    /// database's size as its newest commit sees it, less the file's length. A reading
+    /// started before the one already recorded is ignored, so a slow reader cannot put
+    /// back a debt that a later one (after more commits) measured.
+    pub fn set_owed(&self, ticket: u64, bytes: u64) {
+        let mut owed = self.owed.lock();
+        if ticket >= owed.0 {
+            *owed = (ticket, bytes);
+        }
+    }
+
+    /// What the mail database's next checkpoint will add to its file, at the latest
+    /// reading.
+    pub fn owed_bytes(&self) -> u64 {
+        self.owed.lock().1
     }
 
     fn measure(&self) -> u64 {
@@ -178,17 +235,24 @@ impl Disk {
     }
 
     /// Whether new mail of `incoming` bytes may be accepted: refused while the disk is
-    /// below the reserve (counting the message), or was full moments ago.
+    /// below the reserve (counting the message and what the database owes its file),
+    /// or was full moments ago.
     pub fn admit(&self, incoming: u64) -> Result<(), NoSpace> {
         let free = self.free_bytes();
+        let owed = self.owed_bytes();
         let recently_full = now_ms() - self.full_at_ms.load(Ordering::Relaxed) < FULL_HOLD_MS;
-        if recently_full || free < self.reserve_bytes.saturating_add(incoming) {
+        let needed = self
+            .reserve_bytes
+            .saturating_add(incoming)
+            .saturating_add(owed);
+        if recently_full || free < needed {
             self.stats.refusals.inc();
             self.refresh();
             return Err(NoSpace {
                 free_bytes: free,
                 reserve_bytes: self.reserve_bytes,
                 was_full: recently_full,
+                owed_bytes: owed,
             });
         }
         Ok(())
@@ -247,13 +311,24 @@ impl Disk {
         };
         let full_at = self.full_at_ms.load(Ordering::Relaxed);
         let recently_full = now_ms() - full_at < FULL_HOLD_MS;
-        if free < self.reserve_bytes.max(FULL_FLOOR_BYTES) || recently_full {
+        // What the next checkpoint takes is not free for mail.
+        let owed = self.owed_bytes();
+        let usable = free.saturating_sub(owed);
+        if usable < self.reserve_bytes.max(FULL_FLOOR_BYTES) || recently_full {
             let detail = format!(
-                "data folder {}: {} free, reserve {} (storage.free_space_reserve_bytes){}; new mail is refused with 452 4.3.1 / NO [LIMIT] until space is freed, accepted mail waits",
+                "data folder {}: {} free{}, reserve {} (storage.free_space_reserve_bytes){}; new mail is refused with 452 4.3.1 / NO [LIMIT] until space is freed, accepted mail waits",
                 self.dir.display(),
                 human(free),
+                if owed > 0 {
+                    format!(
+                        " ({} of it owed to the database's next checkpoint)",
+                        human(owed)
+                    )
+                } else {
+                    String::new()
+                },
                 human(self.reserve_bytes),
-                if recently_full || free < FULL_FLOOR_BYTES {
+                if recently_full || usable < FULL_FLOOR_BYTES {
                     "; the disk is full"
                 } else {
                     ""
@@ -317,6 +392,23 @@ mod tests {
         assert_eq!(refused.reserve_bytes, u64::MAX / 2);
         assert!(refused.to_string().contains("below the reserve"));
         assert_eq!(strict.stats().refusals.get(), 1);
+    }
+
+    #[test]
+    fn the_debt_of_the_wal_counts_against_admission_and_stale_readings_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path(), 0);
+        let free = disk.free_bytes();
+        let early = disk.owed_reading();
+        let late = disk.owed_reading();
+        disk.set_owed(late, free);
+        let refused = disk.admit(1).unwrap_err();
+        assert_eq!(refused.owed_bytes, free);
+        // A reading started before the recorded one cannot replace it.
+        disk.set_owed(early, 0);
+        assert_eq!(disk.owed_bytes(), free);
+        disk.set_owed(disk.owed_reading(), 0);
+        assert!(disk.admit(1).is_ok());
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub const STORE_WRITER_CONNECTION: u32 = 96;
 pub const WATCHED_TASKS: u32 = 96;
 /// One APPEND's outcome.
 pub const APPEND_OUTCOME: u32 = 97;
+/// The latest reading of what the mail database owes its file (`store::Disk`); taken
+/// alone or inside the mail database's write turn and writer connection, for one copy.
+pub const DISK_OWED: u32 = 97;
 /// Runtime heartbeats (`watch::Tasks`).
 pub const RUNTIME_HEARTBEATS: u32 = 97;
 /// A session's current command label.

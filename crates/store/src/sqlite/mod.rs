@@ -16,6 +16,7 @@ mod track;
 
 pub use backup::{BACKUP_DATABASE, BACKUP_DIRECTORY, BACKUP_MANIFEST, BackupManifest};
 
+use crate::disk::NEAR_FULL_BYTES;
 use crate::migrations::migrate;
 use crate::*;
 use mailroom_watch::{RankedMutex, TicketLock};
@@ -133,19 +134,13 @@ impl Drop for Checkpointer {
 /// How often the checkpointer copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// How often it does so while the disk has less than [`NEAR_FULL_BYTES`] free. Why: the
-/// frames not yet copied owe the database file their pages, and a disk that fills
-/// leaves no room to pay: the checkpoint then fails until the operator frees more than
-/// that debt. The full-disk fault test (48 MiB, 100 KiB messages from four senders)
-/// fills the disk in about a second; with a commit delay making the spool faster, a
-/// quarter second of frames was at times over 9 MiB, more than the 8 MiB the test
-/// then frees, and `/health` stayed red (about one run in seven). A passive
-/// checkpoint of a short WAL costs little, and only a nearly full disk pays it.
+/// How often it does so while the disk has less than [`NEAR_FULL_BYTES`] free. Why:
+/// the frames not yet copied owe the database file their pages, and the spool admits
+/// new mail only while the disk has room for that debt as well (`Disk::set_owed`,
+/// measured after every spool commit and every checkpoint); a debt paid off more often
+/// refuses less mail near the wall. A passive checkpoint of a short WAL costs little,
+/// and only a nearly full disk pays it.
 const CHECKPOINT_EVERY_NEAR_FULL: Duration = Duration::from_millis(25);
-
-/// Free space under which checkpoints run every [`CHECKPOINT_EVERY_NEAR_FULL`] (the
-/// WAL is then also kept to a quarter of the free space, see [`SqliteStore::checkpoint`]).
-const NEAR_FULL_BYTES: u64 = 256 << 20;
 
 /// A WAL longer than this (frames, one 4 KiB page each) is started over from its
 /// beginning (`wal_checkpoint(RESTART)` in the write turn). Why: under continuous load
@@ -422,6 +417,9 @@ impl SqliteStore {
                     if let Err(e) = store.checkpoint() {
                         tracing::warn!(error = %e, "the WAL checkpoint failed; it is retried");
                     }
+                    if let Err(e) = store.with_conn(|conn| store.measure_owed(conn)) {
+                        tracing::debug!(error = %e, "cannot measure the database's size");
+                    }
                     let near_full = store
                         .disk
                         .get()
@@ -508,6 +506,28 @@ impl SqliteStore {
             .wal_restarts
             .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
             .inc();
+        Ok(())
+    }
+
+    /// Tells the disk what the mail database's next checkpoint will add to its file:
+    /// the database's size as its newest commit sees it, less the file's length (WAL
+    /// frames for pages beyond the file's end; pages within it are overwritten in
+    /// place). The spool admits mail only while that much is left free besides
+    /// (`Disk::admit`). Why: a disk filled by WAL frames to the last byte has no room
+    /// for the checkpoint that would free them, and stays full until the operator frees
+    /// more than the debt (the full-disk fault test, docs/storage.md).
+    fn measure_owed(&self, conn: &Connection) -> Result<()> {
+        let Some(disk) = self.disk.get() else {
+            return Ok(());
+        };
+        let ticket = disk.owed_reading();
+        let size: i64 = conn
+            .prepare_cached(
+                "SELECT c.page_count * s.page_size FROM pragma_page_count() c, pragma_page_size() s",
+            )?
+            .query_row([], |r| r.get(0))?;
+        let file = std::fs::metadata(&self.mail.path).map_or(0, |m| m.len());
+        disk.set_owed(ticket, (size.max(0) as u64).saturating_sub(file));
         Ok(())
     }
 
@@ -1250,6 +1270,12 @@ impl MailStore for SqliteStore {
                 }
                 track::record_prepared(&tx, &received)?;
                 tx.commit()?;
+                // Before the next batch is admitted, and still in the turn, so that
+                // the reading includes this batch. Committed is committed: a failed
+                // reading leaves the last one (the checkpointer takes another).
+                if let Err(e) = self.measure_owed(conn) {
+                    tracing::debug!(error = %e, "cannot measure the database's size");
+                }
                 Ok(ids)
             })();
             if switch {
@@ -3070,6 +3096,42 @@ mod tests {
             .with_conn(|c| Ok(c.query_row("SELECT COUNT(*) FROM blob_search", [], |r| r.get(0))?))
             .unwrap();
         assert_eq!(rows, 0, "the cache goes with the body");
+    }
+
+    /// WAL frames for pages beyond the database file's end owe the file that much at
+    /// the next checkpoint; the spool measures the debt after its commit, a checkpoint
+    /// pays it, and admission keeps room for it (a disk filled to the last byte by
+    /// frames could never be checkpointed).
+    #[test]
+    fn the_spool_measures_what_the_wal_owes_the_database_file_and_admission_keeps_room_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailroom.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.wal_pages_max = i64::MAX; // only the explicit checkpoint below
+        let store = Arc::new(store);
+        let disk = crate::Disk::new(dir.path(), 0);
+        store.attach_disk(disk.clone());
+        assert_eq!(disk.owed_bytes(), 0);
+        let body = vec![b'x'; 1 << 20];
+        store.spool(&[entry(&body, &["a@x"])]).unwrap();
+        let owed = disk.owed_bytes();
+        assert!(
+            owed >= body.len() as u64,
+            "a 1 MiB body in the WAL owes the file at least 1 MiB, measured {owed}"
+        );
+        let file = std::fs::metadata(&path).unwrap().len();
+        // Admission counts the debt: with everything else free but the debt, refused.
+        let free = disk.free_bytes();
+        let strict = crate::Disk::new(dir.path(), free - owed / 2);
+        strict.set_owed(strict.owed_reading(), owed);
+        let refused = strict.admit(1).unwrap_err();
+        assert_eq!(refused.owed_bytes, owed);
+        assert!(refused.to_string().contains("owed"), "{refused}");
+        // A checkpoint pays it: the file grew by the debt and nothing is owed.
+        store.checkpoint().unwrap();
+        store.with_conn(|conn| store.measure_owed(conn)).unwrap();
+        assert_eq!(disk.owed_bytes(), 0);
+        assert!(std::fs::metadata(&path).unwrap().len() >= file + owed);
     }
 
     /// Under continuous writes with a reader that always holds some snapshot, SQLite
