@@ -182,7 +182,29 @@ fn a_full_disk_is_a_transient_fault_that_loses_nothing() {
     ids.sort();
     expected.sort();
     assert!(delivered, "{} of {} delivered", ids.len(), expected.len());
-    assert_eq!(ids, expected, "{full} accepted while filling");
+    if ids != expected {
+        // What the tracking trail says of the first message doubled and the first one
+        // missing (queue ids, the UIDs delivered), so that a failure explains itself.
+        let doubled = ids.windows(2).find(|w| w[0] == w[1]).map(|w| w[0].clone());
+        let missing = expected.iter().find(|id| !ids.contains(id)).cloned();
+        let mut trails = String::new();
+        for id in doubled.iter().chain(missing.iter()) {
+            let trail: serde_json::Value = client
+                .get(&format!("/track?message_id={}", id.replace('@', "%40")))
+                .unwrap_or_default();
+            trails += &format!("\n{id}: {trail}");
+        }
+        let uids: Vec<String> = listing
+            .iter()
+            .map(|m| format!("{}={}", m["uid"], m["message_id"]))
+            .collect();
+        panic!(
+            "{full} accepted while filling; delivered {} of {}, doubled {doubled:?}, missing {missing:?}\ntrails:{trails}\nmailbox: {}",
+            ids.len(),
+            expected.len(),
+            uids.join(" ")
+        );
+    }
 }
 
 /// The free space and each file's size under `dir`, on one line: what the failure of

@@ -38,21 +38,23 @@ impl Reply {
     }
 
     /// Appends the wire form (CRLF line endings, `-` on every line but the last).
+    /// Written straight into `out` (no string per line: a session renders several
+    /// replies for every message).
     pub fn render(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
         let count = self.lines.len().max(1);
         for index in 0..count {
             let line = self.lines.get(index).map_or("", |l| l.as_ref());
             let separator = if index + 1 == count { ' ' } else { '-' };
-            let text = match self.status {
-                Some((class, subject, detail)) => {
-                    format!(
-                        "{}{separator}{class}.{subject}.{detail} {line}\r\n",
-                        self.code
-                    )
-                }
-                None => format!("{}{separator}{line}\r\n", self.code),
+            // Writing into a Vec cannot fail.
+            let _ = match self.status {
+                Some((class, subject, detail)) => write!(
+                    out,
+                    "{}{separator}{class}.{subject}.{detail} {line}\r\n",
+                    self.code
+                ),
+                None => write!(out, "{}{separator}{line}\r\n", self.code),
             };
-            out.extend_from_slice(text.as_bytes());
         }
     }
 }

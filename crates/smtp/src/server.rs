@@ -602,7 +602,8 @@ impl SmtpServer {
                     .is_some_and(|logins| logins.plaintext.allows(peer.ip(), tls)),
             });
         }
-        let mut out = Vec::new();
+        // Replies are rendered here and written at once; its capacity lasts the session.
+        let mut out = Vec::with_capacity(1024);
         session.greeting().render(&mut out);
         let deadline = Instant::now() + self.config.session_duration_max;
         let mut snapshot = self.directory.snapshot();

@@ -1109,9 +1109,10 @@ impl Session {
         }
         self.messages += 1;
         let queue_id = format!("{:014X}{:04X}", self.connection_id, self.messages);
-        let mut body = self
-            .received_header(&transaction, &queue_id, self.now_ms)
-            .into_bytes();
+        // Sized once: the trace field and what submission may add (a Message-ID and a
+        // Date: under 1 KiB together), and the message.
+        let mut body = Vec::with_capacity(1024 + transaction.data.len());
+        self.received_header(&mut body, &transaction, &queue_id, self.now_ms);
         if self.authenticated.is_some() {
             // Submission completes what a client left out (RFC 6409 8.2, 8.3).
             let header_end =
@@ -1163,7 +1164,15 @@ impl Session {
         None
     }
 
-    fn received_header(&self, transaction: &Transaction, queue_id: &str, now_ms: i64) -> String {
+    /// Appends the `Received:` trace field (RFC 5321 4.4) to `out`.
+    fn received_header(
+        &self,
+        out: &mut Vec<u8>,
+        transaction: &Transaction,
+        queue_id: &str,
+        now_ms: i64,
+    ) {
+        use std::io::Write;
         let (helo, extended) = self
             .helo
             .as_ref()
@@ -1174,26 +1183,25 @@ impl Session {
             (true, false) => "ESMTP",
             (false, _) => "SMTP",
         };
-        let protocol = format!(
-            "{base}{}{}",
-            if self.tls && extended { "S" } else { "" },
-            if self.authenticated.is_some() && extended {
-                "A"
-            } else {
-                ""
-            }
-        );
-        let for_clause = match transaction.recipients.as_slice() {
-            [one] => format!("\r\n\tfor <{one}>"),
-            _ => String::new(),
+        let tls = if self.tls && extended { "S" } else { "" };
+        let auth = if self.authenticated.is_some() && extended {
+            "A"
+        } else {
+            ""
         };
         let date = mail_builder::headers::date::Date::new(now_ms / 1000).to_rfc822();
-        format!(
-            "Received: from {helo} ([{ip}])\r\n\tby {host} (Mailroom) with {protocol} id {queue_id}{for_clause};\r\n\t{date}\r\n",
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            "Received: from {helo} ([{ip}])\r\n\tby {host} (Mailroom) with {base}{tls}{auth} id {queue_id}",
             helo = sanitize(helo),
             ip = self.peer.ip(),
             host = self.limits.hostname,
-        )
+        );
+        if let [one] = transaction.recipients.as_slice() {
+            let _ = write!(out, "\r\n\tfor <{one}>");
+        }
+        let _ = write!(out, ";\r\n\t{date}\r\n");
     }
 }
 

@@ -894,15 +894,36 @@ fn spool_blob_key(queue_id: &str, hash: &blake3::Hash) -> Vec<u8> {
 /// reference to the body already stored under it.
 fn put_keyed_blob(tx: &rusqlite::Transaction<'_>, body: &[u8], key: &[u8]) -> Result<i64> {
     // Cached: the spool runs this for every message, and planning the upsert anew each
-    // time was most of the spool writer's SQLite time.
-    let id = tx
+    // time was most of the spool writer's SQLite time. An insert that may be ignored,
+    // then the rowid, rather than an upsert with `RETURNING id`: RETURNING opens a
+    // temporary B-tree for its rows on every run, and the spool's keys (queue id and
+    // hash) are new for every message but a repeated submission.
+    let inserted = tx
         .prepare_cached(
-            "INSERT INTO blobs (hash, refcount, size, data) VALUES (?1, 1, ?2, ?3)
-             ON CONFLICT (hash) DO UPDATE SET refcount = refcount + 1
-             RETURNING id",
+            "INSERT OR IGNORE INTO blobs (hash, refcount, size, data) VALUES (?1, 1, ?2, ?3)",
         )?
-        .query_row(params![key, body.len() as i64, body], |r| r.get(0))?;
-    Ok(id)
+        .execute(params![key, body.len() as i64, body])?;
+    if inserted == 1 {
+        return Ok(tx.last_insert_rowid());
+    }
+    tx.prepare_cached("UPDATE blobs SET refcount = refcount + 1 WHERE hash = ?1")?
+        .execute([key])?;
+    Ok(tx
+        .prepare_cached("SELECT id FROM blobs WHERE hash = ?1")?
+        .query_row([key], |r| r.get(0))?)
+}
+
+/// Takes the next UID (and modification sequence) of `folder` for a new message.
+/// (An update and a read rather than `UPDATE ... RETURNING`: see [`put_keyed_blob`].)
+fn next_uid(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<(u32, i64)> {
+    tx.prepare_cached(
+        "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
+         WHERE id = ?1",
+    )?
+    .execute([folder])?;
+    Ok(tx
+        .prepare_cached("SELECT uidnext - 1, highestmodseq FROM folders WHERE id = ?1")?
+        .query_row([folder], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
 /// Changes a body's reference count, deleting the body when nothing references it.
@@ -1802,25 +1823,27 @@ fn deliver_one(
     now_ms: UnixMillis,
 ) -> Result<Vec<Delivered>> {
     // Removing the inbound entry first proves the claim is still ours: if it is gone,
-    // another delivery already happened and this one must not.
-    let removed: Option<(i64, String)> = tx
+    // another delivery already happened and this one must not. (A read and a delete
+    // rather than `DELETE ... RETURNING`: every RETURNING statement opens a temporary
+    // B-tree for its rows, a handful of allocations each time; in the write turn
+    // nothing can change the row between the two.)
+    let found: Option<(i64, String, i64)> = tx
         .prepare_cached(
-            "DELETE FROM queue_items WHERE id = ?1 AND queue = 'inbound' AND claimed = 1
-             RETURNING blob_id, client",
+            "SELECT q.blob_id, q.client, b.size FROM queue_items q JOIN blobs b ON b.id = q.blob_id
+             WHERE q.id = ?1 AND q.queue = 'inbound' AND q.claimed = 1",
         )?
-        .query_row([item.id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([item.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((blob_id, client)) = removed else {
+    let Some((blob_id, client, blob_size)) = found else {
         return Err(StoreError::NotFound(format!(
             "inbound queue entry {} ({}) is no longer claimed (already delivered?)",
             item.id, item.queue_id
         )));
     };
+    tx.prepare_cached("DELETE FROM queue_items WHERE id = ?1")?
+        .execute([item.id])?;
     tx.prepare_cached("INSERT OR IGNORE INTO blob_facts (blob_id, facts) VALUES (?1, ?2)")?
         .execute(params![blob_id, facts])?;
-    let blob_size: i64 = tx
-        .prepare_cached("SELECT size FROM blobs WHERE id = ?1")?
-        .query_row([blob_id], |r| r.get(0))?;
     let size = blob_size + return_path_header(&item.mail_from).len() as i64;
     let mut delivered = Vec::with_capacity(plan.local.len());
     for &recipient in &plan.local {
@@ -1828,12 +1851,7 @@ fn deliver_one(
             None => inbox_id(tx, recipient, now_ms)?,
             Some(_) => junk_id(tx, recipient, now_ms)?,
         };
-        let (uid, modseq): (u32, i64) = tx
-            .prepare_cached(
-                "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
-                 WHERE id = ?1 RETURNING uidnext - 1, highestmodseq",
-            )?
-            .query_row([folder], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (uid, modseq) = next_uid(tx, folder)?;
         tx.prepare_cached(
             "INSERT INTO messages (folder_id, uid, blob_id, return_path, received_at_ms, size,
                                    modseq)
