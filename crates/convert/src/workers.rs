@@ -618,7 +618,7 @@ impl Worker {
         self.probe.progressed(1);
         tracing::warn!(queue_id = %item.queue_id, attempt = item.attempts, %reason, "conversion deferred");
         if let Some(Err(e)) = self.persist("deferring a message", || {
-            self.store.defer_inbound(item.id, reason, retry_at)
+            self.store.defer_inbound(item, reason, retry_at)
         }) {
             tracing::error!(queue_id = %item.queue_id, error = %e, "cannot defer; the claim is released at restart");
         }
@@ -629,7 +629,7 @@ impl Worker {
         self.stats.quarantined.inc();
         tracing::error!(queue_id = %item.queue_id, %reason, "message quarantined");
         if let Some(Err(e)) = self.persist("quarantining a message", || {
-            self.store.quarantine_inbound(item.id, reason)
+            self.store.quarantine_inbound(item, reason)
         }) {
             tracing::error!(queue_id = %item.queue_id, error = %e, "cannot quarantine; the claim is released at restart");
         }

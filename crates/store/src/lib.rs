@@ -475,11 +475,16 @@ pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
         now_ms: UnixMillis,
     ) -> Result<Vec<Vec<Delivered>>>;
 
-    /// Returns a claimed entry to the queue, to be tried again at `retry_at_ms`.
-    fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()>;
+    /// Returns a claimed entry to the queue, to be tried again at `retry_at_ms`. The
+    /// entry is named by its row id and its message's queue id: row ids are reused once
+    /// the rows above them are gone, and a claim that outlived its entry must not touch
+    /// the message that took the id (nothing happens then).
+    fn defer_inbound(&self, item: &ClaimedItem, error: &str, retry_at_ms: UnixMillis)
+    -> Result<()>;
 
-    /// Moves a claimed entry to the quarantine queue with the reason.
-    fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()>;
+    /// Moves a claimed entry to the quarantine queue with the reason (the entry named
+    /// as in [`MailStore::defer_inbound`]).
+    fn quarantine_inbound(&self, item: &ClaimedItem, reason: &str) -> Result<()>;
 
     /// Inbound entries due now (claimed ones included: they are work in progress) and
     /// when the oldest of them was accepted; what the stall watchdog watches.

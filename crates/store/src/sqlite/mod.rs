@@ -1410,15 +1410,21 @@ impl MailStore for SqliteStore {
         Ok(results)
     }
 
-    fn defer_inbound(&self, id: i64, error: &str, retry_at_ms: UnixMillis) -> Result<()> {
+    fn defer_inbound(
+        &self,
+        item: &ClaimedItem,
+        error: &str,
+        retry_at_ms: UnixMillis,
+    ) -> Result<()> {
         let now = mailroom_watch::now_ms();
         self.write("defer", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let deferred: Option<(String, i64)> = tx
                 .query_row(
                     "UPDATE queue_items SET claimed = 0, last_error = ?2, next_attempt_at_ms = ?3
-                     WHERE id = ?1 AND queue = 'inbound' RETURNING queue_id, attempts",
-                    params![id, error, retry_at_ms],
+                     WHERE id = ?1 AND queue_id = ?4 AND queue = 'inbound'
+                     RETURNING queue_id, attempts",
+                    params![item.id, error, retry_at_ms, item.queue_id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -1436,15 +1442,17 @@ impl MailStore for SqliteStore {
         })
     }
 
-    fn quarantine_inbound(&self, id: i64, reason: &str) -> Result<()> {
+    fn quarantine_inbound(&self, item: &ClaimedItem, reason: &str) -> Result<()> {
         let now = mailroom_watch::now_ms();
+        let id = item.id;
         self.write("quarantine", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let moved: Option<(String, String)> = tx
                 .query_row(
                     "UPDATE queue_items SET queue = 'quarantine', claimed = 0, last_error = ?2
-                     WHERE id = ?1 AND queue = 'inbound' RETURNING queue_id, recipients",
-                    params![id, reason],
+                     WHERE id = ?1 AND queue_id = ?3 AND queue = 'inbound'
+                     RETURNING queue_id, recipients",
+                    params![id, reason, item.queue_id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -1823,16 +1831,21 @@ fn deliver_one(
     now_ms: UnixMillis,
 ) -> Result<Vec<Delivered>> {
     // Removing the inbound entry first proves the claim is still ours: if it is gone,
-    // another delivery already happened and this one must not. (A read and a delete
-    // rather than `DELETE ... RETURNING`: every RETURNING statement opens a temporary
-    // B-tree for its rows, a handful of allocations each time; in the write turn
-    // nothing can change the row between the two.)
+    // another delivery already happened and this one must not. The entry must also be
+    // the same message (its queue id): row ids are reused once the rows above them are
+    // gone, and a claim that outlived its entry must not deliver its message with the
+    // body of whatever took the id. (A read and a delete rather than `DELETE ...
+    // RETURNING`: every RETURNING statement opens a temporary B-tree for its rows, a
+    // handful of allocations each time; in the write turn nothing can change the row
+    // between the two.)
     let found: Option<(i64, String, i64)> = tx
         .prepare_cached(
             "SELECT q.blob_id, q.client, b.size FROM queue_items q JOIN blobs b ON b.id = q.blob_id
-             WHERE q.id = ?1 AND q.queue = 'inbound' AND q.claimed = 1",
+             WHERE q.id = ?1 AND q.queue_id = ?2 AND q.queue = 'inbound' AND q.claimed = 1",
         )?
-        .query_row([item.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(params![item.id, item.queue_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((blob_id, client, blob_size)) = found else {
         return Err(StoreError::NotFound(format!(
@@ -2234,6 +2247,45 @@ mod tests {
         );
     }
 
+    /// Inbound row ids are reused once the rows above them are delivered. A claim that
+    /// outlived its entry (delivered already) must not deliver its message again with
+    /// the body of the message that took the id, nor defer or quarantine that message:
+    /// the entry must be the same message.
+    #[test]
+    fn a_stale_claim_does_not_deliver_the_message_that_reused_its_row_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let a = recipient(&store, "a");
+        let first = SpoolEntry {
+            queue_id: "FIRST".into(),
+            ..entry(b"Message-ID: <first@x>\r\n\r\none", &["a@example.test"])
+        };
+        store.spool(&[first]).unwrap();
+        let stale = store.claim_inbound(2000, 10).unwrap().remove(0);
+        let plan = DeliveryPlan {
+            local: vec![a],
+            ..Default::default()
+        };
+        store.deliver_inbound(&[(&stale, &plan)], 3000).unwrap();
+        let second = SpoolEntry {
+            queue_id: "SECOND".into(),
+            ..entry(b"Message-ID: <second@x>\r\n\r\ntwo", &["a@example.test"])
+        };
+        store.spool(&[second]).unwrap();
+        let fresh = store.claim_inbound(2000, 10).unwrap().remove(0);
+        assert_eq!(fresh.id, stale.id, "the row id was reused (the premise)");
+        let err = store.deliver_inbound(&[(&stale, &plan)], 3000).unwrap_err();
+        assert!(err.to_string().contains("no longer claimed"), "{err}");
+        // Nor may it defer or quarantine the message that took its id (either would
+        // take the claim from under its worker: delivered twice, or never).
+        store.defer_inbound(&stale, "4.3.0 stale", 9_000).unwrap();
+        store.quarantine_inbound(&stale, "stale").unwrap();
+        // The second message is delivered once, by its own claim.
+        store.deliver_inbound(&[(&fresh, &plan)], 3000).unwrap();
+        assert_eq!(store.mailbox_messages(a, "INBOX").unwrap().len(), 2);
+        assert_eq!(store.queue_summaries().unwrap()[0].depth, 0);
+    }
+
     #[test]
     fn a_batch_with_one_stale_entry_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -2321,12 +2373,10 @@ mod tests {
         });
         assert_eq!(kinds(&q2), [TrackKind::Received]);
 
-        store
-            .defer_inbound(items[1].id, "4.3.0 busy", 9_000)
-            .unwrap();
+        store.defer_inbound(&items[1], "4.3.0 busy", 9_000).unwrap();
         let again = store.claim_inbound(10_000, 10).unwrap();
         store
-            .quarantine_inbound(again[0].id, "conversion failed 5 times")
+            .quarantine_inbound(&again[0], "conversion failed 5 times")
             .unwrap();
         let q2 = query(TrackQuery {
             sender: Some("OTHER@b".into()),
@@ -2473,7 +2523,7 @@ mod tests {
         assert_eq!(again.id, item.id);
         assert_eq!(again.attempts, 2);
         store
-            .quarantine_inbound(again.id, "conversion panicked")
+            .quarantine_inbound(&again, "conversion panicked")
             .unwrap();
         let items = store
             .queue_items(Some(QueueName::Quarantine), None, 10)
