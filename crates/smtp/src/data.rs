@@ -49,11 +49,6 @@ impl DataReceiver {
     /// Takes message bytes from `input`, appending them (unstuffed) to `sink` unless it
     /// is `None` (a message being discarded). Stops at the end marker.
     pub fn ingest(&mut self, input: &[u8], mut sink: Option<&mut Vec<u8>>) -> Ingested {
-        // Room for all of this read at once: appended line by line, the message would
-        // otherwise grow (and be copied) a dozen times on its way to a few KiB.
-        if let Some(sink) = sink.as_deref_mut() {
-            sink.reserve(input.len());
-        }
         let mut at = 0;
         loop {
             if self.line_start {
