@@ -1,6 +1,6 @@
 //! [`Mailboxes`] for the SQLite store.
 
-use super::{SqliteStore, adjust_blob_refs, folder_id, put_blob};
+use super::{SqliteStore, adjust_blob_refs, folder_id, next_uid, put_blob};
 use crate::mailbox::*;
 use crate::{RecipientId, Result, StoreError, UnixMillis};
 use mailroom_watch::now_ms;
@@ -197,16 +197,6 @@ pub(crate) fn record_expunged_keeping(
         }
     }
     Ok(())
-}
-
-/// Takes the next UID of a folder (and a new MODSEQ for the message).
-fn next_uid(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<(u32, i64)> {
-    Ok(tx
-        .prepare_cached(
-            "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
-             WHERE id = ?1 RETURNING uidnext - 1, highestmodseq",
-        )?
-        .query_row([folder], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
 fn uidvalidity_of(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<u32> {

@@ -913,8 +913,9 @@ fn put_keyed_blob(tx: &rusqlite::Transaction<'_>, body: &[u8], key: &[u8]) -> Re
         .query_row([key], |r| r.get(0))?)
 }
 
-/// Takes the next UID (and modification sequence) of `folder` for a new message.
-/// (An update and a read rather than `UPDATE ... RETURNING`: see [`put_keyed_blob`].)
+/// Takes the next UID (and modification sequence) of `folder` for a new message:
+/// delivery, APPEND, COPY and MOVE. (An update and a read rather than `UPDATE ...
+/// RETURNING`: see [`put_keyed_blob`].)
 fn next_uid(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<(u32, i64)> {
     tx.prepare_cached(
         "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1
