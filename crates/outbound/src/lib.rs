@@ -365,6 +365,7 @@ impl OutboundHandle {
         events.append(&mut dsn_events);
         let spooled = self.shared.store.finish_outbound(
             item.id,
+            &item.queue_id,
             &OutboundOutcome {
                 envelope,
                 next_attempt_at_ms: None,
@@ -413,7 +414,7 @@ async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
             continue;
         }
         for item in claimed {
-            let id = item.id;
+            let (id, queue_id) = (item.id, Arc::<str>::from(item.queue_id.as_str()));
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
                 outcome = attempt(&shared, item) => outcome,
@@ -424,9 +425,12 @@ async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
             let outcome = Arc::new(outcome);
             let mut pause = Duration::from_millis(100);
             let result = loop {
-                let (store, outcome) = (shared.store.clone(), outcome.clone());
-                let result =
-                    tokio::task::spawn_blocking(move || store.finish_outbound(id, &outcome)).await;
+                let (store, outcome, queue_id) =
+                    (shared.store.clone(), outcome.clone(), queue_id.clone());
+                let result = tokio::task::spawn_blocking(move || {
+                    store.finish_outbound(id, &queue_id, &outcome)
+                })
+                .await;
                 match result {
                     Ok(Err(e)) if e.fault().is_some() => {
                         tracing::warn!(id, error = %e, "recording a delivery outcome waits for the storage fault to end");

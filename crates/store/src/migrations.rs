@@ -309,6 +309,25 @@ const MIGRATIONS: &[&str] = &[
         WHERE id = NEW.folder_id;
     END;
     "#,
+    // Version 17: tracking's Message-ID index is kept in the background, in batches
+    // (`track_message_ids`, filled up to the event id in `store_counters`
+    // 'track_indexed_upto'; a query searches the index and scans the few events past
+    // it). Why: Message-IDs are random, so indexing each with its `received` event
+    // dirtied a random leaf page of the index in every spool commit: 5 of the 21 WAL
+    // frames of an average commit during ingestion (docs/benchmarks.md, eleventh
+    // session of issue 16), each written and fsynced while SMTP clients waited.
+    r#"
+    CREATE TABLE track_message_ids (
+        message_id TEXT NOT NULL,
+        event_id INTEGER NOT NULL,
+        PRIMARY KEY (message_id, event_id)
+    ) WITHOUT ROWID;
+    INSERT INTO track_message_ids (message_id, event_id)
+        SELECT message_id, id FROM track_events WHERE message_id IS NOT NULL;
+    INSERT OR REPLACE INTO store_counters (name, value)
+        VALUES ('track_indexed_upto', COALESCE((SELECT max(id) FROM track_events), 0));
+    DROP INDEX track_events_message_id;
+    "#,
 ];
 
 /// The mail database's version that moves the directory out (see `move_directory`).

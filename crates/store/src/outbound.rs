@@ -305,7 +305,12 @@ pub trait OutboundQueue: Send + Sync {
 
     /// Records a claimed entry's outcome: recipient states, the next attempt or removal,
     /// and any DSNs to spool, in one transaction. Returns how many DSNs were spooled.
-    fn finish_outbound(&self, id: i64, outcome: &OutboundOutcome) -> Result<usize>;
+    ///
+    /// The entry is named by its row id *and* its queue id, and must still be claimed:
+    /// row ids are reused once the rows above them are gone, and an outcome retried
+    /// after a storage fault must never delete or reschedule the message that took the
+    /// id meanwhile. An entry that is no longer this claim's records nothing (0).
+    fn finish_outbound(&self, id: i64, queue_id: &str, outcome: &OutboundOutcome) -> Result<usize>;
 
     /// The earliest next attempt of an unclaimed, unheld outbound or undeliverable entry.
     fn next_outbound_due(&self) -> Result<Option<UnixMillis>>;

@@ -92,16 +92,21 @@ impl OutboundQueue for SqliteStore {
         })
     }
 
-    fn finish_outbound(&self, id: i64, outcome: &OutboundOutcome) -> Result<usize> {
+    fn finish_outbound(&self, id: i64, queue_id: &str, outcome: &OutboundOutcome) -> Result<usize> {
         self.write("outbound", |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let exists: Option<i64> = tx
-                .query_row("SELECT blob_id FROM queue_items WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT blob_id FROM queue_items
+                     WHERE id = ?1 AND queue_id = ?2 AND claimed = 1",
+                    params![id, queue_id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             let Some(blob_id) = exists else {
-                // Deleted meanwhile (an administrator); nothing to record, no DSN twice.
+                // Finished already (an outcome retried after a fault that had in fact
+                // committed), or the row id now belongs to another message: nothing to
+                // record, no DSN twice, and the other message left alone.
                 return Ok(0);
             };
             let tracking = self.tracking();

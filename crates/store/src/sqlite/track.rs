@@ -90,8 +90,16 @@ pub(crate) fn track(conn: &rusqlite::Connection, query: &TrackQuery) -> Result<V
         let id = id.strip_prefix('<').unwrap_or(id);
         let id = id.strip_suffix('>').unwrap_or(id);
         let n = bind(id.to_string().into(), &mut values);
+        // The index holds events up to its mark; the few past it (a quarter second's,
+        // see `index_message_ids`) are scanned by rowid. One statement, one snapshot:
+        // an event is found exactly once, whether or not the indexer has passed it.
         conditions.push(format!(
-            "queue_id IN (SELECT queue_id FROM track_events WHERE message_id = ?{n})"
+            "queue_id IN (SELECT e.queue_id FROM track_message_ids i
+                            JOIN track_events e ON e.id = i.event_id
+                          WHERE i.message_id = ?{n}
+                          UNION ALL
+                          SELECT queue_id FROM track_events
+                          WHERE id > {INDEXED_UPTO} AND message_id = ?{n})"
         ));
     }
     if let Some(sender) = &query.sender {
@@ -188,6 +196,11 @@ pub(crate) fn track(conn: &rusqlite::Connection, query: &TrackQuery) -> Result<V
     Ok(events)
 }
 
+/// The Message-ID index's mark as an SQL expression: every event with an id up to it
+/// is in `track_message_ids`, none after it.
+const INDEXED_UPTO: &str = "COALESCE((SELECT value FROM store_counters
+                                       WHERE name = 'track_indexed_upto'), 0)";
+
 /// Deletes up to `max` of the oldest events older than `before_ms`; how many.
 pub(crate) fn prune(
     tx: &rusqlite::Transaction<'_>,
@@ -195,10 +208,74 @@ pub(crate) fn prune(
     max: u32,
 ) -> Result<u64> {
     // Oldest first by rowid (rows are appended in time order); the time check keeps an
-    // event with a clock that went backwards.
-    Ok(tx.execute(
+    // event with a clock that went backwards. Their Message-ID index entries go first,
+    // while the events still say which they are.
+    tx.execute(
+        "DELETE FROM track_message_ids WHERE (message_id, event_id) IN
+             (SELECT message_id, id FROM track_events
+              WHERE id IN (SELECT id FROM track_events ORDER BY id LIMIT ?2)
+                AND at_ms < ?1 AND message_id IS NOT NULL)",
+        params![before_ms, max],
+    )?;
+    let removed = tx.execute(
         "DELETE FROM track_events WHERE id IN
              (SELECT id FROM track_events ORDER BY id LIMIT ?2) AND at_ms < ?1",
         params![before_ms, max],
-    )? as u64)
+    )? as u64;
+    // Event ids are row ids: once the newest events are gone too, SQLite hands their
+    // ids out again. The mark comes down with them, so that a new event is never taken
+    // for one the index already holds.
+    tx.execute(
+        "UPDATE store_counters SET value = COALESCE((SELECT max(id) FROM track_events), 0)
+         WHERE name = 'track_indexed_upto'
+           AND value > COALESCE((SELECT max(id) FROM track_events), 0)",
+        [],
+    )?;
+    Ok(removed)
+}
+
+/// Whether events past the Message-ID index's mark wait to be indexed (a read).
+pub(crate) fn unindexed(conn: &rusqlite::Connection) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM track_events WHERE id > {INDEXED_UPTO})"
+        ))?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Indexes the Message-IDs of up to `max` events past the mark, in Message-ID order,
+/// and moves the mark past them; how many events it passed.
+///
+/// Why in batches, after the fact: Message-IDs are random, so indexing each with its
+/// `received` event put a random leaf page of the index into every spool commit (the
+/// commit SMTP clients wait for). A batch is written in key order in one transaction
+/// that nobody waits for (relaxed: no fsync of its own; a power loss that undoes it
+/// undoes the mark with it, and the batch is indexed again). Queries stay exact
+/// meanwhile: they scan the events past the mark.
+pub(crate) fn index_message_ids(tx: &rusqlite::Transaction<'_>, max: u32) -> Result<u64> {
+    let from: i64 = tx
+        .prepare_cached(&format!("SELECT {INDEXED_UPTO}"))?
+        .query_row([], |r| r.get(0))?;
+    let (to, count): (Option<i64>, i64) = tx
+        .prepare_cached(
+            "SELECT max(id), count(*) FROM
+                 (SELECT id FROM track_events WHERE id > ?1 ORDER BY id LIMIT ?2)",
+        )?
+        .query_row(params![from, max], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let Some(to) = to else {
+        return Ok(0);
+    };
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO track_message_ids (message_id, event_id)
+         SELECT message_id, id FROM track_events
+         WHERE id > ?1 AND id <= ?2 AND message_id IS NOT NULL
+         ORDER BY message_id, id",
+    )?
+    .execute(params![from, to])?;
+    tx.prepare_cached(
+        "INSERT INTO store_counters (name, value) VALUES ('track_indexed_upto', ?1)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([to])?;
+    Ok(count as u64)
 }
