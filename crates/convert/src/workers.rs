@@ -27,7 +27,7 @@
 use crate::{delivery_plan, message_facts};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use mailroom_directory::Directory;
-use mailroom_queue::Doorbell;
+use mailroom_queue::{Doorbell, Handoff};
 use mailroom_store::{ClaimedItem, DeliveryPlan, MailStore, MessageFacts};
 use mailroom_watch::now_ms;
 use mailroom_watch::{Activity, Probe};
@@ -164,6 +164,9 @@ struct Worker {
     /// `PEER_PATIENCE`.
     converting: Arc<AtomicUsize>,
     batch_done: Doorbell,
+    /// Entries the spool writer committed already claimed and passed on (see
+    /// `mailroom_queue::Handoff`); `None`: every entry is claimed from the store.
+    handoff: Option<Handoff>,
 }
 
 /// How long a worker that was woken lets a peer that is converting finish first. The
@@ -301,6 +304,7 @@ impl Workers {
         cancel: CancellationToken,
         stats: ConversionStats,
         probe: Arc<Probe>,
+        handoff: Option<Handoff>,
     ) -> std::io::Result<Workers> {
         let mut threads = Vec::new();
         let mut activities = Vec::new();
@@ -325,6 +329,7 @@ impl Workers {
                 stats: stats.clone(),
                 converting: converting.clone(),
                 batch_done: batch_done.clone(),
+                handoff: handoff.clone(),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -367,7 +372,32 @@ impl Worker {
         while !self.cancel.is_cancelled() {
             // Rings up to here are answered by this claim (see `Doorbell::drain`).
             self.doorbell.drain();
-            match self.store.claim_inbound(now_ms(), batch_max) {
+            // What the spool writer handed off first; then, with the room left in the
+            // batch, what waits in the store (retries falling due, entries the hand-off
+            // had no room for). The store is asked every time there is room, so that a
+            // steady stream of hand-offs never starves those. Asking costs a read when
+            // nothing is due there (`claim_inbound` takes no write turn then).
+            let handed = self
+                .handoff
+                .as_ref()
+                .map_or_else(Vec::new, |handoff| handoff.take(batch_max));
+            let claimed = if handed.len() < batch_max {
+                self.store.claim_inbound(now_ms(), batch_max - handed.len())
+            } else {
+                Ok(Vec::new())
+            };
+            let claimed = match claimed {
+                Ok(mut items) => {
+                    items.extend(handed);
+                    Ok(items)
+                }
+                Err(e) if !handed.is_empty() => {
+                    tracing::warn!(error = %e, "cannot claim from the inbound queue; converting what was handed over");
+                    Ok(handed)
+                }
+                Err(e) => Err(e),
+            };
+            match claimed {
                 Ok(items) if items.is_empty() => {
                     self.activity.idle();
                     self.doorbell.wait(self.config.idle_poll);
@@ -830,6 +860,7 @@ mod tests {
             cancel.clone(),
             stats.clone(),
             mailroom_watch::Probe::new("conversion"),
+            None,
         )
         .unwrap();
         let subjects = || -> Vec<String> {

@@ -411,6 +411,14 @@ fn spawn_tracking_pruner(
     });
 }
 
+/// Messages the spool writer may have handed to conversion and not yet taken, at
+/// least (four conversion batches if that is more).
+const HANDOFF_MESSAGES_MAX: usize = 128;
+
+/// Body bytes it may hold so: what a slow conversion can make the server keep in
+/// memory beyond the store. Larger messages are claimed from the store.
+const HANDOFF_BYTES_MAX: usize = 16 << 20;
+
 /// The middle layer: the mail's path between the listeners and the mailboxes. The
 /// spool writer, the inbound conversion workers and outbound delivery, with the
 /// doorbell that wakes them. Started before any listener accepts work for it, stopped
@@ -444,6 +452,13 @@ impl Pipeline {
         conversion_stats.register(registry);
 
         let doorbell = Doorbell::default();
+        // Room for a few commits' worth of new mail between the spool writer and the
+        // conversion workers (mailroom_queue::Handoff); beyond it, entries wait in the
+        // store for a worker to claim them, as they always could.
+        let handoff = mailroom_queue::Handoff::new(
+            HANDOFF_MESSAGES_MAX.max(4 * config.conversion.batch_max),
+            HANDOFF_BYTES_MAX,
+        );
         let spool_config = SpoolConfig {
             group_commit: config.spool.group_commit,
             batch_messages_max: config.spool.batch_messages_max,
@@ -451,6 +466,7 @@ impl Pipeline {
             disk: Some(foundation.disk.clone()),
             commit_delay: Duration::from_micros(config.spool.commit_delay_us),
             commit_siblings: config.spool.commit_siblings,
+            handoff: Some(handoff.clone()),
             ..SpoolConfig::default()
         };
         let (spool, spool_thread) =
@@ -503,6 +519,7 @@ impl Pipeline {
             cancel.clone(),
             conversion_stats,
             conversion_probe,
+            Some(handoff),
         )?;
         for activity in workers.activities() {
             watch.add_activity(activity.clone());

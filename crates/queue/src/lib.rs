@@ -15,9 +15,11 @@
 //! client retries).
 
 mod doorbell;
+mod handoff;
 mod spool;
 mod transfer;
 
 pub use doorbell::Doorbell;
+pub use handoff::Handoff;
 pub use spool::{Spool, SpoolConfig, SpoolError, SpoolStats, UnderWay};
 pub use transfer::{Transfer, TransferMode};

@@ -6,8 +6,8 @@
 //! sessions have a message under way, and never applies to a lone sender, whose latency
 //! it would only add to.
 
-use crate::Doorbell;
-use mailroom_store::{Disk, Fault, MailStore, SpoolEntry};
+use crate::{Doorbell, Handoff};
+use mailroom_store::{ClaimedItem, Disk, Fault, MailStore, SpoolEntry};
 use mailroom_watch::{Activity, Probe, now_ms};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -43,6 +43,9 @@ pub struct SpoolConfig {
     /// before the writer waits [`SpoolConfig::commit_delay`]: with fewer, nobody would
     /// join the batch in time and the wait would only delay the sender.
     pub commit_siblings: usize,
+    /// Where committed messages go straight to inbound conversion (see [`Handoff`]);
+    /// `None`: conversion claims every entry from the database.
+    pub handoff: Option<Handoff>,
 }
 
 impl Default for SpoolConfig {
@@ -55,6 +58,7 @@ impl Default for SpoolConfig {
             disk: None,
             commit_delay: Duration::from_micros(100),
             commit_siblings: 2,
+            handoff: None,
         }
     }
 }
@@ -307,18 +311,24 @@ impl Writer {
         let started = Instant::now();
         // A panic in the store (a bug) fails this batch, not the writer: the transaction
         // was dropped, so nothing of it was committed, and the next batch starts clean.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.store.spool(&entries)))
-                .unwrap_or_else(|panic| {
-                    Err(mailroom_store::StoreError::Conflict(format!(
-                        "the spool commit panicked: {}",
-                        panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default()
-                    )))
-                });
+        // Those that fit the hand-off are inserted claimed, for the workers to take from
+        // it after the commit instead of claiming them back from the database.
+        let handed = self.config.handoff.as_ref().map_or(0, |handoff| {
+            handoff.room(entries.iter().map(|e| e.body.len()))
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.store.spool_claimed(&entries, handed)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(mailroom_store::StoreError::Conflict(format!(
+                "the spool commit panicked: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            )))
+        });
         self.stats
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -327,16 +337,25 @@ impl Writer {
             Ok(ids) => {
                 debug_assert_eq!(ids.len(), replies.len());
                 self.stats.messages.inc_by(ids.len() as u64);
-                for (reply, id) in replies.into_iter().zip(ids) {
+                for (reply, &id) in replies.into_iter().zip(&ids) {
                     let _ = reply.send(Ok(id));
                 }
-                // One ring per commit: the worker it wakes claims the whole commit (up
+                if let Some(handoff) = &self.config.handoff {
+                    for (entry, &id) in entries.into_iter().zip(&ids).take(handed) {
+                        if let Err(queue_id) = handoff.send(claimed(entry, id)) {
+                            // The workers have stopped (shutdown): the entry stays
+                            // claimed until the next start releases it.
+                            tracing::debug!(%queue_id, "conversion has stopped; the entry waits for the next start");
+                        }
+                    }
+                }
+                // One ring per commit: the worker it wakes takes the whole commit (up
                 // to its batch size) and wakes a peer itself when there is more.
                 self.doorbell.ring(1);
             }
             Err(e) => {
                 self.stats.failures.inc();
-                tracing::error!(error = %e, messages = entries.len(), "spool commit failed");
+                tracing::error!(error = %e, messages = count, "spool commit failed");
                 let error = match e.fault() {
                     Some(Fault::DiskFull) => {
                         SpoolError::NoSpace(format!("the mail store's disk is full: {e}"))
@@ -351,6 +370,20 @@ impl Writer {
         self.probe.finished(count);
         self.probe.working_on(None);
         self.activity.idle();
+    }
+}
+
+/// A committed entry as the claim of a handed-off entry reads it: first attempt.
+fn claimed(entry: SpoolEntry, id: i64) -> ClaimedItem {
+    ClaimedItem {
+        id,
+        queue_id: entry.queue_id,
+        mail_from: entry.mail_from,
+        recipients: entry.recipients,
+        body: entry.body,
+        received_at_ms: entry.received_at_ms,
+        attempts: 1,
+        envelope: entry.envelope,
     }
 }
 
@@ -384,6 +417,69 @@ mod tests {
         assert!(stats.batches.get() <= 100);
         let depth = store.queue_summaries().unwrap()[0].depth;
         assert_eq!(depth, 100);
+    }
+
+    /// What fits the hand-off is committed claimed and handed over with its body and
+    /// first attempt; what does not fit waits unclaimed in the store, where a claim
+    /// finds it. Every message is one or the other, never both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committed_mail_is_handed_to_conversion_or_left_for_a_claim_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        let handoff = Handoff::new(3, 1 << 20);
+        let doorbell = Doorbell::default();
+        let (spool, _t) = Spool::start(
+            store.clone(),
+            SpoolConfig {
+                handoff: Some(handoff.clone()),
+                ..SpoolConfig::default()
+            },
+            doorbell.clone(),
+            SpoolStats::default(),
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            doorbell.drain();
+            ids.push(spool.submit(entry(i)).await.unwrap());
+            // Handed over (or not) before the next commit asks for room: the writer
+            // rings once it has.
+            doorbell.wait(Duration::from_secs(10));
+        }
+        let handed = handoff.take(10);
+        assert_eq!(handed.len(), 3, "the hand-off holds three");
+        for (item, i) in handed.iter().zip(0..) {
+            assert_eq!(item.id, ids[i]);
+            assert_eq!(item.queue_id, format!("q{i}"));
+            assert_eq!(item.body, entry(i).body);
+            assert_eq!(item.attempts, 1);
+        }
+        let claimed = store.claim_inbound(i64::MAX, 10).unwrap();
+        assert_eq!(
+            claimed
+                .iter()
+                .map(|c| c.queue_id.as_str())
+                .collect::<Vec<_>>(),
+            ["q3", "q4"],
+            "only what was not handed over is claimable"
+        );
+        assert_eq!(store.queue_summaries().unwrap()[0].depth, 5);
+        // The handed-over entries are claimed in the store: delivering one by its
+        // hand-off works once, as for a claim.
+        let plan = mailroom_store::DeliveryPlan::default();
+        store.deliver_inbound(&[(&handed[0], &plan)], 2).unwrap();
+        assert!(store.deliver_inbound(&[(&handed[0], &plan)], 2).is_err());
+        // With room again, the next message is handed over. (The writer answers the
+        // session first and hands over after: the doorbell rings once it has.)
+        doorbell.drain();
+        ids.push(spool.submit(entry(5)).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut taken = handoff.take(10);
+        while taken.is_empty() && Instant::now() < deadline {
+            doorbell.wait(Duration::from_millis(100));
+            taken = handoff.take(10);
+        }
+        assert_eq!(taken.iter().map(|i| i.id).collect::<Vec<_>>(), [ids[5]]);
     }
 
     fn entry(i: usize) -> SpoolEntry {

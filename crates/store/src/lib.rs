@@ -438,7 +438,16 @@ pub enum DirectoryWrite {
 pub trait MailStore: Mailboxes + OutboundQueue + Send + Sync + 'static {
     /// Makes a batch of accepted messages durable (one transaction, full fsync), each as
     /// an inbound queue entry; returns their row identities in order.
-    fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>>;
+    fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
+        self.spool_claimed(entries, 0)
+    }
+
+    /// [`MailStore::spool`], with the first `claimed` entries inserted already claimed
+    /// for conversion, their first attempt counted, exactly as
+    /// [`MailStore::claim_inbound`] would leave them: the spool writer hands those to a
+    /// conversion worker itself (`mailroom_queue::Handoff`) instead of the worker
+    /// claiming them back from the store.
+    fn spool_claimed(&self, entries: &[SpoolEntry], claimed: usize) -> Result<Vec<i64>>;
 
     /// Whether new mail of `bytes` (an APPEND) may be stored now: refused while the
     /// data folder's disk is below its free-space reserve (see [`Disk`]). Backends

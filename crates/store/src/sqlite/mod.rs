@@ -1007,10 +1007,20 @@ fn junk_id(tx: &rusqlite::Transaction<'_>, recipient: RecipientId, now_ms: i64) 
     Ok(tx.last_insert_rowid())
 }
 
+/// How a new queue entry starts.
+#[derive(Clone, Copy)]
+enum NewItem {
+    /// Due in `queue`, for whoever claims it.
+    Unclaimed(QueueName),
+    /// An inbound entry already claimed for conversion, its first attempt counted
+    /// (`MailStore::spool_claimed`).
+    Claimed,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn insert_queue_item(
     tx: &rusqlite::Transaction<'_>,
-    queue: QueueName,
+    new: NewItem,
     queue_id: &str,
     blob_id: i64,
     mail_from: &str,
@@ -1023,11 +1033,16 @@ fn insert_queue_item(
 ) -> Result<i64> {
     let recipients = serde_json::to_string(recipients).expect("strings serialise");
     let envelope = serde_json::to_string(envelope).expect("envelopes serialise");
+    let (queue, claimed) = match new {
+        NewItem::Unclaimed(queue) => (queue, false),
+        NewItem::Claimed => (QueueName::Inbound, true),
+    };
     tx.prepare_cached(
         "INSERT INTO queue_items
            (queue, queue_id, blob_id, mail_from, recipients, received_at_ms,
-            next_attempt_at_ms, last_error, client, connector, generation, envelope)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+            next_attempt_at_ms, last_error, client, connector, generation, envelope,
+            claimed, attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
     )?
     .execute(params![
         queue.as_str(),
@@ -1040,7 +1055,8 @@ fn insert_queue_item(
         client,
         route.map(|r| r.0),
         route.map(|r| r.1 as i64),
-        envelope
+        envelope,
+        claimed
     ])?;
     Ok(tx.last_insert_rowid())
 }
@@ -1276,7 +1292,7 @@ impl MailStore for SqliteStore {
         }
     }
 
-    fn spool(&self, entries: &[SpoolEntry]) -> Result<Vec<i64>> {
+    fn spool_claimed(&self, entries: &[SpoolEntry], claimed: usize) -> Result<Vec<i64>> {
         // Hashed before the write turn: everything done inside it is time that delivery
         // and the next spool commit wait for.
         let keys: Vec<Vec<u8>> = entries
@@ -1301,11 +1317,15 @@ impl MailStore for SqliteStore {
             let result = (|| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let mut ids = Vec::with_capacity(entries.len());
-                for (entry, key) in entries.iter().zip(&keys) {
+                for (index, (entry, key)) in entries.iter().zip(&keys).enumerate() {
                     let blob_id = put_keyed_blob(&tx, &entry.body, key)?;
                     ids.push(insert_queue_item(
                         &tx,
-                        QueueName::Inbound,
+                        if index < claimed {
+                            NewItem::Claimed
+                        } else {
+                            NewItem::Unclaimed(QueueName::Inbound)
+                        },
                         &entry.queue_id,
                         blob_id,
                         &entry.mail_from,
@@ -1920,7 +1940,7 @@ fn deliver_one(
     for route in &plan.remote {
         insert_queue_item(
             tx,
-            QueueName::Outbound,
+            NewItem::Unclaimed(QueueName::Outbound),
             &item.queue_id,
             blob_id,
             &item.mail_from,
@@ -1942,7 +1962,7 @@ fn deliver_one(
             .collect();
         insert_queue_item(
             tx,
-            QueueName::Undeliverable,
+            NewItem::Unclaimed(QueueName::Undeliverable),
             &item.queue_id,
             blob_id,
             &item.mail_from,

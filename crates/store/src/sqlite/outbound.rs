@@ -2,8 +2,8 @@
 //! they cause, in the same transaction), and the administrator's queue actions.
 
 use super::{
-    ITEM_COLUMNS, SqliteStore, adjust_blob_refs, insert_queue_item, item_info, parse_envelope,
-    put_blob,
+    ITEM_COLUMNS, NewItem, SqliteStore, adjust_blob_refs, insert_queue_item, item_info,
+    parse_envelope, put_blob,
 };
 use crate::outbound::{
     OutboundItem, OutboundOutcome, OutboundQueue, QueueActionError, QueueFilter,
@@ -122,7 +122,7 @@ impl OutboundQueue for SqliteStore {
                 let notice_blob = put_blob(&tx, &notice.body)?;
                 insert_queue_item(
                     &tx,
-                    QueueName::Inbound,
+                    NewItem::Unclaimed(QueueName::Inbound),
                     &notice.queue_id,
                     notice_blob,
                     &notice.mail_from,
