@@ -2295,6 +2295,20 @@ mod tests {
         );
     }
 
+    /// Spools one message (queue id `queue_id`, to `rcpt`) and claims it.
+    fn spool_and_claim(store: &SqliteStore, queue_id: &str, rcpt: &str) -> ClaimedItem {
+        let body = format!("Message-ID: <{queue_id}@x>\r\n\r\n{queue_id}");
+        store
+            .spool(&[SpoolEntry {
+                queue_id: queue_id.into(),
+                ..entry(body.as_bytes(), &[rcpt])
+            }])
+            .unwrap();
+        let mut claimed = store.claim_inbound(2000, 10).unwrap();
+        assert_eq!(claimed.len(), 1, "one entry due");
+        claimed.remove(0)
+    }
+
     /// Inbound row ids are reused once the rows above them are delivered. A claim that
     /// outlived its entry (delivered already) must not deliver its message again with
     /// the body of the message that took the id, nor defer or quarantine that message:
@@ -2304,23 +2318,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let a = recipient(&store, "a");
-        let first = SpoolEntry {
-            queue_id: "FIRST".into(),
-            ..entry(b"Message-ID: <first@x>\r\n\r\none", &["a@example.test"])
-        };
-        store.spool(&[first]).unwrap();
-        let stale = store.claim_inbound(2000, 10).unwrap().remove(0);
+        let stale = spool_and_claim(&store, "FIRST", "a@example.test");
         let plan = DeliveryPlan {
             local: vec![a],
             ..Default::default()
         };
         store.deliver_inbound(&[(&stale, &plan)], 3000).unwrap();
-        let second = SpoolEntry {
-            queue_id: "SECOND".into(),
-            ..entry(b"Message-ID: <second@x>\r\n\r\ntwo", &["a@example.test"])
-        };
-        store.spool(&[second]).unwrap();
-        let fresh = store.claim_inbound(2000, 10).unwrap().remove(0);
+        let fresh = spool_and_claim(&store, "SECOND", "a@example.test");
         assert_eq!(fresh.id, stale.id, "the row id was reused (the premise)");
         let err = store.deliver_inbound(&[(&stale, &plan)], 3000).unwrap_err();
         assert!(err.to_string().contains("no longer claimed"), "{err}");
@@ -2343,12 +2347,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
         let a = recipient(&store, "a");
-        let first = SpoolEntry {
-            queue_id: "FIRST".into(),
-            ..entry(b"Message-ID: <first@x>\r\n\r\none", &["x@remote.example"])
-        };
-        store.spool(&[first]).unwrap();
-        let inbound = store.claim_inbound(2000, 10).unwrap().remove(0);
+        let inbound = spool_and_claim(&store, "FIRST", "x@remote.example");
         let remote = DeliveryPlan {
             remote: vec![RemoteRoute {
                 connector: "internet".into(),
@@ -2371,12 +2370,7 @@ mod tests {
             .finish_outbound(out.id, &out.queue_id, &relayed)
             .unwrap();
         // The next message takes the row id, claimed by conversion, then unclaimed.
-        let second = SpoolEntry {
-            queue_id: "SECOND".into(),
-            ..entry(b"Message-ID: <second@x>\r\n\r\ntwo", &["a@example.test"])
-        };
-        store.spool(&[second]).unwrap();
-        let fresh = store.claim_inbound(2000, 10).unwrap().remove(0);
+        let fresh = spool_and_claim(&store, "SECOND", "a@example.test");
         assert_eq!(fresh.id, out.id, "the row id was reused (the premise)");
         let later = OutboundOutcome {
             next_attempt_at_ms: Some(9_000),
